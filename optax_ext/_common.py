@@ -1,0 +1,232 @@
+"""Small helpers shared by every transform: leaf paths, path rules, validation, bytes.
+
+Path rules
+----------
+Parameters are chosen by regular expressions searched (``re.search``) in each leaf's
+``/``-joined path, e.g. ``"params/encoder/layer_0/attention/kernel"``. One mechanism
+serves weight-decay masks, Tiger's per-parameter scales, lazy rows and parameter-wise
+learning rates::
+
+    >>> import jax.numpy as jnp
+    >>> params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+    >>> path_labels(params, {r"bias$": "no_decay"}, default="decay")
+    {'dense': {'bias': 'no_decay', 'kernel': 'decay'}}
+    >>> path_mask(exclude=NORM_AND_BIAS)(params)
+    {'dense': {'bias': False, 'kernel': True}}
+
+Validation
+----------
+Hyperparameters that are concrete Python (or NumPy) numbers are checked when a
+transform is built and raise ``ValueError`` naming the argument, its value and the
+valid range. Traced values (``optax.inject_hyperparams``) and schedules pass through:
+they cannot be checked without a Python ``if`` on a tracer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+V = TypeVar("V")
+PathRules = Mapping[str, Any] | Sequence[tuple[str, Any]]
+
+#: Flax names of parameters that get no weight decay by default: biases and the
+#: ``scale`` of LayerNorm / RMSNorm (Keras: ``bias|beta|gamma``).
+NORM_AND_BIAS = r"(^|/)(bias|scale)$"
+#: Flax name of embedding tables (``nn.Embed``), shape ``(vocab, features)``.
+EMBEDDING = r"(^|/)embedding$"
+#: Flax name of the norm gain, whose natural centre is 1 rather than 0.
+NORM_SCALE = r"(^|/)scale$"
+
+
+# ------------------------------------------------------------------------- paths
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+    """Joins a JAX key path (``DictKey``, ``GetAttrKey``, ``SequenceKey``...) with ``/``."""
+    return "/".join(_key_str(k) for k in path)
+
+
+def tree_paths(tree: Any) -> Any:
+    """A tree of the same structure whose leaves are their ``/``-joined paths."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: path_to_str(p), tree)
+
+
+def _rule_items(rules: PathRules | None) -> list[tuple[re.Pattern, Any]]:
+    if rules is None:
+        return []
+    items = rules.items() if isinstance(rules, Mapping) else rules
+    compiled = []
+    for item in items:
+        try:
+            pattern, value = item
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"path rules must be a mapping {{regex: value}} or (regex, value) pairs, "
+                f"got the item {item!r}"
+            ) from None
+        try:
+            compiled.append((re.compile(pattern), value))
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {pattern!r} in path rules: {e}") from e
+    return compiled
+
+
+def first_match(path: str, rules: PathRules | None, default: Any = None) -> Any:
+    """The value of the first rule whose regex is found in ``path``, else ``default``."""
+    for pattern, value in _rule_items(rules):
+        if pattern.search(path):
+            return value
+    return default
+
+
+def path_labels(tree: Any, rules: PathRules | None, default: Any = None) -> Any:
+    """Maps every leaf to the value of the first rule matching its path (else ``default``).
+
+    The result can serve as ``optax.multi_transform``/``optax.partition`` labels.
+    """
+    items = _rule_items(rules)
+
+    def label(path, _):
+        s = path_to_str(path)
+        return next((v for p, v in items if p.search(s)), default)
+
+    return jax.tree_util.tree_map_with_path(label, tree)
+
+
+def path_multipliers(tree: Any, rules: PathRules) -> Any:
+    """Maps every leaf to the product of the multipliers of ALL rules matching its path.
+
+    Leaves that match no rule get 1.0 (bert4keras's parameter-wise learning rate, with
+    regex search instead of substrings).
+    """
+    items = _rule_items(rules)
+
+    def product(path, _):
+        s = path_to_str(path)
+        return math.prod(float(v) for p, v in items if p.search(s))
+
+    return jax.tree_util.tree_map_with_path(product, tree)
+
+
+def path_mask(include: str | None = None, exclude: str | None = None) -> Callable[[Any], Any]:
+    """An optax-style mask function: True where the path matches ``include`` (default:
+    every leaf) and does not match ``exclude``.
+
+    Example: ``optax.add_decayed_weights(1e-2, mask=path_mask(exclude=NORM_AND_BIAS))``
+    decays everything but biases and norm scales.
+    """
+    inc = re.compile(include) if include is not None else None
+    exc = re.compile(exclude) if exclude is not None else None
+
+    def mask(tree):
+        def keep(path, _):
+            s = path_to_str(path)
+            return (inc is None or bool(inc.search(s))) and not (exc and exc.search(s))
+
+        return jax.tree_util.tree_map_with_path(keep, tree)
+
+    return mask
+
+
+# -------------------------------------------------------------------- validation
+
+
+def is_concrete_number(value: Any) -> bool:
+    """True for a Python/NumPy number or a concrete (non-traced) scalar array."""
+    if isinstance(value, jax.core.Tracer) or callable(value):
+        return False
+    try:
+        return np.ndim(value) == 0 and np.isscalar(np.asarray(value).item())
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        return False
+
+
+def _interval(low, high, low_open, high_open) -> str:
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    return f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
+    """Raises ``ValueError`` if a concrete ``value`` lies outside the interval.
+
+    Traced values and schedules (callables) are returned unchecked. NaN is always
+    rejected. Returns ``value`` so checks can be written inline.
+    """
+    if not is_concrete_number(value):
+        return value
+    v = float(np.asarray(value))
+    bad = math.isnan(v)
+    if low is not None:
+        bad |= v <= low if low_open else v < low
+    if high is not None:
+        bad |= v >= high if high_open else v > high
+    if bad:
+        raise ValueError(
+            f"{name} must be in {_interval(low, high, low_open, high_open)}, got {value!r}"
+        )
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """Checks a structural (static) integer argument such as an accumulation count."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be a Python int (it is static), got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)!r}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------- numbers, bytes
+
+
+def schedule_value(value_or_schedule: Any, index: jax.Array) -> jax.Array:
+    """Evaluates a schedule at ``index``, or returns a constant unchanged."""
+    return value_or_schedule(index) if callable(value_or_schedule) else value_or_schedule
+
+
+def canonical_dtype(dtype: Any) -> Any:
+    return None if dtype is None else jnp.dtype(dtype)
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes held by the array leaves of a tree, scalars (counters) excluded.
+
+    Works on real arrays and on ``jax.ShapeDtypeStruct`` leaves from abstract init
+    (``jax.eval_shape(tx.init, params)``), so memory can be counted without allocating.
+    """
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        shape = getattr(leaf, "shape", ())
+        if len(shape) == 0:
+            continue
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total

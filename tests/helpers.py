@@ -1,0 +1,235 @@
+"""Helpers for the test suite: Flax-shaped parameter trees and float64 comparisons.
+
+Every optimizer is checked against a float64 NumPy re-implementation of the spec written
+in its test file. These helpers only make trees and compare them; they contain no
+optimizer arithmetic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_ext._common import path_to_str
+
+
+def flax_like_params(seed: int = 0, *, vocab=37, width=16, heads=2, layers=2, dtype=jnp.float32):
+    """A parameter tree shaped like a small Flax transformer, with Flax's names.
+
+    Paths include ``embedding`` (vocab, width), ``kernel`` (2-D and 3-D attention
+    kernels), ``bias`` and LayerNorm ``scale``; values are random (norm scales near 1,
+    biases small, some leaves exactly zero as Flax initialises them).
+    """
+    rng = np.random.default_rng(seed)
+    n = lambda *shape, s=1.0: (s * rng.standard_normal(shape)).astype(np.float32)
+    head_dim = width // heads
+    p = {"embed": {"embedding": n(vocab, width)}}
+    for i in range(layers):
+        p[f"layer_{i}"] = {
+            "attention": {
+                name: {"kernel": n(width, heads, head_dim, s=width**-0.5), "bias": n(heads, head_dim, s=0.1)}
+                for name in ("query", "key", "value")
+            }
+            | {"out": {"kernel": n(heads, head_dim, width, s=width**-0.5), "bias": np.zeros(width, np.float32)}},
+            "LayerNorm_0": {"scale": 1 + n(width, s=0.1), "bias": n(width, s=0.1)},
+            "mlp": {
+                "Dense_0": {"kernel": n(width, 2 * width, s=width**-0.5), "bias": n(2 * width, s=0.1)},
+                "Dense_1": {"kernel": n(2 * width, width, s=(2 * width) ** -0.5), "bias": n(width, s=0.1)},
+            },
+        }
+    p["final_norm"] = {"scale": 1 + n(width, s=0.1)}
+    p["head"] = {"kernel": n(width, vocab, s=width**-0.5), "bias": np.zeros(vocab, np.float32)}
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), {"params": p})
+
+
+def random_tree(seed: int, *, max_leaves: int = 6, dtype=jnp.float32):
+    """A random nested tree with Flax-like leaf names and random shapes (1-D to 3-D)."""
+    rng = np.random.default_rng(seed)
+    names = ["kernel", "bias", "scale", "embedding", "kernel"]
+    tree = {}
+    for i in range(int(rng.integers(2, max_leaves + 1))):
+        name = names[int(rng.integers(len(names)))]
+        ndim = {"bias": 1, "scale": 1, "embedding": 2}.get(name, int(rng.integers(2, 4)))
+        shape = tuple(int(d) for d in rng.integers(1, 9, size=ndim))
+        centre = 1.0 if name == "scale" else 0.0
+        value = centre + rng.standard_normal(shape).astype(np.float32)
+        tree[f"module_{i}"] = {"sub": {name: jnp.asarray(value, dtype)}} if i % 2 else {name: jnp.asarray(value, dtype)}
+    return tree
+
+
+def random_grads_like(tree, seed: int, scale: float = 1.0):
+    """Random normal gradients with the tree's structure, shapes and dtypes."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), tree
+    )
+
+
+def to_f64(tree):
+    """A copy of the tree as float64 NumPy arrays (the reference's working precision)."""
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def leaf_paths(tree):
+    """List of (path string, leaf) in flatten order."""
+    return [(path_to_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def assert_trees_close(actual, expected, *, rtol=1e-6, atol=1e-6, err=""):
+    """Asserts two trees have the same structure and allclose leaves (with paths in errors)."""
+    a_leaves = leaf_paths(actual)
+    e_leaves = leaf_paths(expected)
+    assert [p for p, _ in a_leaves] == [p for p, _ in e_leaves], "tree structures differ"
+    for (path, a), (_, e) in zip(a_leaves, e_leaves, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
+            err_msg=f"{err} at {path}",
+        )
+
+
+@contextlib.contextmanager
+def x64():
+    """Runs JAX in float64 inside the block, so a float64 reference can be matched to 1e-12
+    without sign flips from float32 rounding."""
+    with jax.enable_x64(True):
+        yield
+
+
+# ------------------------------------------------------------------ device paths
+
+DEVICE_PATHS = ("eager", "jit", "pmap", "sharded")
+
+
+def _apply(tx, params, state, grads, extra):
+    updates, state = tx.update(grads, state, params, **extra)
+    return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), state
+
+
+def _per_device_grads(grads, seed, n):
+    """n per-device gradients whose mean is exactly ``grads`` (noise with zero mean)."""
+    rng = np.random.default_rng(seed)
+
+    def split(g):
+        noise = rng.standard_normal((n, *g.shape)).astype(np.float32)
+        noise -= noise.mean(axis=0, keepdims=True)
+        return jnp.asarray(np.asarray(g, np.float32)[None] + noise, g.dtype)
+
+    return jax.tree.map(split, grads)
+
+
+def _data_sharding(mesh, x):
+    """Shards a leaf along its first axis divisible by the mesh size, else replicates it."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    n = mesh.devices.size
+    for axis, d in enumerate(x.shape):
+        if d % n == 0 and d > 0:
+            spec = [None] * x.ndim
+            spec[axis] = "data"
+            return NamedSharding(mesh, PartitionSpec(*spec))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def run_path(tx, params, grads_seq, path: str, extra_args=None):
+    """Runs ``tx`` over a list of gradient trees along one device path.
+
+    - ``eager``: op by op, no jit.
+    - ``jit``: one jitted step.
+    - ``pmap``: params and state replicated on all devices; each device gets a different
+      gradient whose mean over devices is the step's gradient, averaged with
+      ``lax.pmean`` before the optimizer (as a data-parallel step does).
+    - ``sharded``: ``jit`` with params and state sharded over an 8-device
+      ``NamedSharding`` mesh; asserts that the state keeps the params' shardings.
+
+    Returns ``(params, state)`` as host-side trees (first replica under pmap).
+    """
+    extra = dict(extra_args or {})
+    if path == "eager":
+        state = tx.init(params)
+        with jax.disable_jit():
+            for g in grads_seq:
+                params, state = _apply(tx, params, state, g, extra)
+        return params, state
+    if path == "jit":
+        state = tx.init(params)
+        step = jax.jit(lambda p, s, g: _apply(tx, p, s, g, extra))
+        for g in grads_seq:
+            params, state = step(params, state, g)
+        return params, state
+    if path == "pmap":
+        n = jax.device_count()
+        state = tx.init(params)
+        rep = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), t)
+        p, s = rep(params), rep(state)
+
+        def step(p, s, g):
+            g = jax.lax.pmean(g, "devices")
+            return _apply(tx, p, s, g, extra)
+
+        pstep = jax.pmap(step, axis_name="devices")
+        for i, g in enumerate(grads_seq):
+            p, s = pstep(p, s, _per_device_grads(g, 1000 + i, n))
+        first = lambda t: jax.tree.map(lambda x: x[0], t)
+        return first(p), first(s)
+    if path == "sharded":
+        from jax.sharding import Mesh
+
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, _data_sharding(mesh, x)), t)
+        params = shard(params)
+        state = jax.jit(tx.init)(params)
+        step = jax.jit(lambda p, s, g: _apply(tx, p, s, g, extra))
+        for g in grads_seq:
+            params, state = step(params, state, shard(g))
+        _assert_state_keeps_shardings(params, state)
+        return params, state
+    raise ValueError(f"unknown device path {path!r}, expected one of {DEVICE_PATHS}")
+
+
+def _assert_state_keeps_shardings(params, state):
+    """Every state leaf shaped like a param leaf carries that param's sharding."""
+    by_shape = {}
+    for x in jax.tree.leaves(params):
+        by_shape.setdefault((x.shape, x.dtype.itemsize), x.sharding)
+    for x in jax.tree.leaves(state):
+        if getattr(x, "ndim", 0) and (x.shape, x.dtype.itemsize) in by_shape:
+            want = by_shape[(x.shape, x.dtype.itemsize)]
+            assert x.sharding.is_equivalent_to(want, x.ndim), (
+                f"state leaf {x.shape} lost the params' sharding: {x.sharding} vs {want}"
+            )
+
+
+def assert_same_on_all_paths(tx, params, grads_seq, *, rtol=1e-5, atol=1e-6, extra_args=None):
+    """Runs every device path and checks params and state agree with plain ``jit``."""
+    ref_p, ref_s = run_path(tx, params, grads_seq, "jit", extra_args)
+    for path in ("eager", "pmap", "sharded"):
+        p, s = run_path(tx, params, grads_seq, path, extra_args)
+        assert_trees_close(p, ref_p, rtol=rtol, atol=atol, err=f"params on {path}")
+        assert_trees_close(
+            jax.tree.map(np.asarray, s), jax.tree.map(np.asarray, ref_s),
+            rtol=rtol, atol=atol, err=f"state on {path}",
+        )
+
+
+def assert_no_recompile(tx, params, grads_seq, extra_args=None):
+    """The jitted update compiles once: the second and later steps reuse it."""
+    extra = dict(extra_args or {})
+    step = jax.jit(lambda p, s, g: _apply(tx, p, s, g, extra))
+    state = tx.init(params)
+    for g in grads_seq:
+        params, state = step(params, state, g)
+    assert step._cache_size() == 1, f"update compiled {step._cache_size()} times"
+
+
+def abstract_init_matches(tx, params):
+    """``init`` on ``jax.ShapeDtypeStruct`` leaves gives the same shapes/dtypes as on arrays."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    a = jax.eval_shape(tx.init, abstract)
+    c = tx.init(params)
+    sd = lambda t: jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), t)
+    assert jax.tree.structure(a) == jax.tree.structure(c)
+    assert sd(a) == sd(c)
+    return a

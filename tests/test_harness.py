@@ -1,0 +1,95 @@
+"""The harness itself: device paths agree for a plain optax optimizer, helpers behave."""
+
+import jax.numpy as jnp
+import optax
+import pytest
+from helpers import (
+    abstract_init_matches,
+    assert_no_recompile,
+    assert_same_on_all_paths,
+    flax_like_params,
+    random_grads_like,
+    random_tree,
+    run_path,
+)
+
+from optax_ext import _common as c
+
+
+def test_device_paths_agree_for_optax_adamw():
+    params = flax_like_params(0)
+    grads = [random_grads_like(params, s) for s in range(3)]
+    assert_same_on_all_paths(optax.adamw(1e-2), params, grads)
+    assert_no_recompile(optax.adamw(1e-2), params, grads)
+    abstract_init_matches(optax.adamw(1e-2), params)
+
+
+def test_run_path_rejects_unknown_path():
+    with pytest.raises(ValueError, match="unknown device path"):
+        run_path(optax.sgd(1.0), {"a": jnp.ones(2)}, [], "gpu")
+
+
+def test_random_tree_is_reproducible_and_flax_named():
+    a, b = random_tree(3), random_tree(3)
+    assert c.tree_paths(a) == c.tree_paths(b)
+    assert all(p.split("/")[-1] in {"kernel", "bias", "scale", "embedding"}
+               for p in jax_leaves(c.tree_paths(a)))
+
+
+def jax_leaves(t):
+    import jax
+    return jax.tree.leaves(t)
+
+
+def test_path_rules():
+    params = flax_like_params(0)
+    labels = c.path_labels(params, [(c.NORM_AND_BIAS, "nd"), (c.EMBEDDING, "emb")], "k")
+    assert labels["params"]["embed"]["embedding"] == "emb"
+    assert labels["params"]["final_norm"]["scale"] == "nd"
+    assert labels["params"]["layer_0"]["attention"]["query"]["bias"] == "nd"
+    assert labels["params"]["head"]["kernel"] == "k"
+    mult = c.path_multipliers(params, {"layer_0": 0.5, "kernel": 3.0})
+    assert mult["params"]["layer_0"]["mlp"]["Dense_0"]["kernel"] == 1.5
+    assert mult["params"]["layer_1"]["mlp"]["Dense_0"]["kernel"] == 3.0
+    assert mult["params"]["final_norm"]["scale"] == 1.0
+    mask = c.path_mask(include="layer_", exclude=c.NORM_AND_BIAS)(params)
+    assert mask["params"]["layer_1"]["mlp"]["Dense_0"]["kernel"] is True
+    assert mask["params"]["layer_1"]["mlp"]["Dense_0"]["bias"] is False
+    assert mask["params"]["head"]["kernel"] is False
+
+
+def test_path_rules_bad_input():
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        c.path_labels({"a": 1.0}, {"(": 1})
+    with pytest.raises(TypeError, match="path rules"):
+        c.path_labels({"a": 1.0}, ["kernel"])
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
+def test_check_range_rejects(value):
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\), got"):
+        c.check_range("beta", value, 0, 1, high_open=True)
+
+
+def test_check_range_passes_traced_and_schedules():
+    import jax
+
+    c.check_range("lr", lambda t: -1.0, 0)
+    jax.jit(lambda x: c.check_range("lr", x, 0))(-1.0)
+    assert c.check_range("lr", 0.5, 0) == 0.5
+
+
+def test_check_int():
+    with pytest.raises(ValueError, match="accumulation_steps must be an int >= 1, got 0"):
+        c.check_int("accumulation_steps", 0)
+    with pytest.raises(TypeError, match="static"):
+        c.check_int("accumulation_steps", 2.0)
+
+
+def test_tree_bytes_counts_arrays_not_scalars():
+    import jax
+
+    tree = {"w": jnp.zeros((3, 4)), "count": jnp.zeros([], jnp.int32), "h": jnp.zeros(5, jnp.bfloat16)}
+    assert c.tree_bytes(tree) == 48 + 10
+    abstract = jax.eval_shape(lambda: tree)
+    assert c.tree_bytes(abstract) == 58
