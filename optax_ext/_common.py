@@ -190,13 +190,46 @@ def check_range(
     return value
 
 
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    """Checks a structural (static) integer argument such as an accumulation count."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be a Python int (it is static), got {value!r}")
-    if value < minimum:
+def check_int(name: str, value: Any, minimum: int = 1) -> Any:
+    """Checks an integer argument such as an accumulation count.
+
+    Python ints and concrete integer arrays are checked; traced values pass through
+    (``optax.inject_hyperparams`` injects ints as arrays unless named in ``static_args``).
+    """
+    if isinstance(value, jax.core.Tracer):
+        return value
+    is_int_array = hasattr(value, "dtype") and np.ndim(value) == 0 and jnp.issubdtype(
+        value.dtype, jnp.integer
+    )
+    if isinstance(value, bool) or not (isinstance(value, int | np.integer) or is_int_array):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if int(value) < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+    return value
+
+
+def is_static_int(value: Any, expected: int) -> bool:
+    """True if ``value`` is a Python int equal to ``expected`` (enables a static fast path)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value == expected
+
+
+def resolve_mask(mask: Any, params: Any, default: Callable[[Any], Any] | None) -> Any:
+    """A tree of bools shaped like ``params`` from an optax-style mask.
+
+    ``None`` takes ``default`` (a mask function; ``None`` default means every leaf), a
+    callable is called on ``params``, a bool or a prefix tree of bools is broadcast.
+    """
+    if mask is None:
+        mask = default if default is not None else True
+    if callable(mask):
+        mask = mask(params)
+    try:
+        return jax.tree.map(lambda m, p: jax.tree.map(lambda _: bool(m), p), mask, params)
+    except ValueError as e:
+        raise ValueError(
+            "mask must be a bool, a tree of bools with the params' structure (or a prefix "
+            f"of it), or a function of the params returning one: {e}"
+        ) from None
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:

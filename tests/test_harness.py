@@ -82,7 +82,7 @@ def test_check_range_passes_traced_and_schedules():
 def test_check_int():
     with pytest.raises(ValueError, match="accumulation_steps must be an int >= 1, got 0"):
         c.check_int("accumulation_steps", 0)
-    with pytest.raises(TypeError, match="static"):
+    with pytest.raises(TypeError, match="must be an int"):
         c.check_int("accumulation_steps", 2.0)
 
 
