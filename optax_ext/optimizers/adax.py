@@ -1,0 +1,219 @@
+"""AdaX: Adam whose second moment accumulates, so its memory grows with training.
+
+References: Li, Lan, Wang, Chen, "AdaX: Adaptive Gradient Descent with Exponential
+Long Term Memory", https://arxiv.org/abs/2004.09740; Su Jianlin, "AdaX optimizer",
+https://kexue.fm/archives/7387; https://github.com/bojone/adax.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ext._common import NORM_AND_BIAS, canonical_dtype, check_range, path_mask
+
+
+class ScaleByAdaxState(NamedTuple):
+    """State of AdaX: step counter, first moment ``mu`` and normalised second moment ``nu``."""
+
+    count: jax.Array  # int32, number of updates done
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def adax_nu_weight(count: jax.Array, b2: Any) -> jax.Array:
+    r"""Weight ``1 - β̂_τ = β2 / ((1+β2)^τ - 1)`` of the new ``g²`` at step τ = count + 1.
+
+    Evaluated as ``β2 / expm1(τ·log1p(β2))``: the power ``(1+β2)^τ`` is never formed,
+    so nothing overflows (for huge τ the weight underflows to 0, which is its value to
+    working precision). At τ = 1 the weight is exactly 1 (``β̂_1 = 0``): the rounding
+    of ``expm1(log1p(β2))`` is not allowed to leave a residue of the zero initial state.
+    """
+    # the default float dtype: float32, or float64 when x64 is enabled
+    b2 = jnp.asarray(b2, float)
+    tau = count.astype(b2.dtype) + 1.0
+    weight = b2 / jnp.expm1(tau * jnp.log1p(b2))
+    return jnp.where(count == 0, jnp.ones_like(weight), weight)
+
+
+def scale_by_adax(
+    b1: float = 0.9,
+    b2: float = 1e-4,
+    eps: float = 1e-6,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaX's direction: an un-debiased momentum over the root of a growing-memory average.
+
+    With τ = t + 1 the 1-based step:
+
+    .. math::
+
+        m &\leftarrow \beta_1 m + (1-\beta_1) g \\
+        \hat v &\leftarrow \hat\beta_\tau \hat v + (1-\hat\beta_\tau) g^2,\qquad
+        \hat\beta_\tau = 1 - \frac{\beta_2}{(1+\beta_2)^\tau - 1}\quad(\hat\beta_1 = 0) \\
+        u &= m / (\sqrt{\hat v} + \epsilon)
+
+    This is the paper's ``v ← (1+β2) v + β2 g²``, ``v̂ = v / ((1+β2)^τ - 1)`` rewritten
+    on the normalised ``v̂`` so that it never overflows, however long training runs.
+
+    Where it differs from Adam:
+
+    * ``m`` gets **no bias correction** (the paper drops it; early steps are smaller).
+    * ``v̂`` is not an exponential moving average with a fixed horizon: ``β̂_τ`` rises
+      toward 1 as τ grows (``1 - β̂_τ ≈ 1/τ`` while ``β2·τ ≪ 1``, then ≈ ``β2·(1+β2)^{-τ}``),
+      so the second moment remembers ever more of the past and the effective step size
+      stops oscillating with recent gradients. ``β2`` is therefore small (1e-4), not 0.999.
+
+    Args:
+      b1: momentum coefficient β1 in [0, 1).
+      b2: growth rate β2 > 0 of the second-moment memory (paper default 1e-4).
+      eps: ε ≥ 0 added to ``sqrt(v̂)``.
+      mu_dtype: dtype of the first moment (default: the gradients'); ``v̂`` has the
+        params' dtype, as in ``optax.scale_by_adam``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose updates have the gradients' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = optax.chain(scale_by_adax(), optax.scale(-1e-3))
+      >>> state = tx.init(jnp.zeros(2))
+      >>> updates, state = tx.update(jnp.array([0.5, -2.0]), state)
+      >>> [round(float(u), 8) for u in updates]  # step 1: m = 0.1 g, v̂ = g²: u ≈ 0.1·sign(g)
+      [-0.0001, 0.0001]
+
+    References:
+      Li et al., `AdaX <https://arxiv.org/abs/2004.09740>`_, 2020;
+      Su, `AdaX <https://kexue.fm/archives/7387>`_, 2020.
+    """
+    check_range("b1", b1, 0, 1, high_open=True)
+    check_range("b2", b2, 0, low_open=True)
+    check_range("eps", eps, 0)
+    mu_dtype = canonical_dtype(mu_dtype)
+
+    def init_fn(params):
+        return ScaleByAdaxState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            nu=optax.tree.zeros_like(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        w = adax_nu_weight(state.count, b2)
+
+        def leaf(g, m, v):
+            work = jnp.promote_types(g.dtype, jnp.float32)
+            g = g.astype(work)
+            m = b1 * m.astype(work) + (1.0 - b1) * g
+            v = (1.0 - w) * v.astype(work) + w * jnp.square(g)
+            return m / (jnp.sqrt(v) + eps), m, v
+
+        out = jax.tree.map(leaf, updates, state.mu, state.nu)
+        leaves = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
+        new_updates = optax.tree.cast_like(leaves(0), updates)
+        mu = optax.tree.cast_like(leaves(1), state.mu)
+        nu = optax.tree.cast_like(leaves(2), state.nu)
+        count = optax.safe_increment(state.count)
+        return new_updates, ScaleByAdaxState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adax(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 1e-4,
+    eps: float = 1e-6,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""The AdaX optimizer: ``θ ← θ - lr · m / (sqrt(v̂) + ε)`` (see :func:`scale_by_adax`).
+
+    Args:
+      learning_rate: a float or an optax schedule of the step (default 1e-3).
+      b1: momentum coefficient β1 in [0, 1).
+      b2: growth rate β2 > 0 of the second-moment memory.
+      eps: ε ≥ 0 added to ``sqrt(v̂)``.
+      mu_dtype: dtype of the first moment.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = adax(1e-3)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([1.0, 0.0, -1.0])}, state, params)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Li et al., `AdaX <https://arxiv.org/abs/2004.09740>`_, 2020.
+    """
+    check_range("learning_rate", learning_rate, 0)
+    return optax.chain(
+        scale_by_adax(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adaxw(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 1e-4,
+    eps: float = 1e-6,
+    mu_dtype: Any = None,
+    weight_decay: float = 1e-4,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaX with decoupled weight decay (multiplied by the learning rate, as ``optax.adamw``).
+
+    .. math::
+
+        \theta \leftarrow \theta - \mathrm{lr}_t\,\big(m/(\sqrt{\hat v}+\epsilon)
+        + \lambda\,\mathrm{mask}\odot\theta\big)
+
+    Args:
+      learning_rate: a float or an optax schedule of the step (default 1e-3).
+      b1: momentum coefficient β1 in [0, 1).
+      b2: growth rate β2 > 0 of the second-moment memory.
+      eps: ε ≥ 0 added to ``sqrt(v̂)``.
+      mu_dtype: dtype of the first moment.
+      weight_decay: λ ≥ 0; the step shrinks θ by ``lr·λ·θ``.
+      mask: which leaves decay: a tree of booleans or a function of the params
+        returning one. ``None`` (default) decays every leaf except biases and norm
+        scales (``path_mask(exclude=NORM_AND_BIAS)``); pass
+        ``lambda p: jax.tree.map(lambda _: True, p)`` to decay everything. With
+        ``optax.inject_hyperparams`` give a callable mask in ``static_args=("mask",)``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+      >>> tx = adaxw(1e-3, weight_decay=0.1)
+      >>> state = tx.init(params)
+      >>> zero = jax.tree.map(jnp.zeros_like, params)
+      >>> updates, state = tx.update(zero, state, params)
+      >>> round(float(updates["dense"]["kernel"][0, 0]), 10)  # -lr·λ·θ
+      -0.0001
+      >>> bool(jnp.all(updates["dense"]["bias"] == 0))  # biases are not decayed
+      True
+
+    References:
+      Li et al., `AdaX <https://arxiv.org/abs/2004.09740>`_, 2020; Loshchilov & Hutter,
+      `Decoupled weight decay <https://arxiv.org/abs/1711.05101>`_, 2019.
+    """
+    check_range("learning_rate", learning_rate, 0)
+    check_range("weight_decay", weight_decay, 0)
+    if mask is None:
+        mask = path_mask(exclude=NORM_AND_BIAS)
+    return optax.chain(
+        scale_by_adax(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
