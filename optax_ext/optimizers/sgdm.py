@@ -1,0 +1,217 @@
+"""SGD with momentum that accumulates micro-batches inside its momentum buffer.
+
+Reference: Su Jianlin, "Gradient accumulation hidden in momentum",
+https://kexue.fm/archives/8634.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ext._common import (
+    canonical_dtype,
+    check_int,
+    check_range,
+    is_static_int,
+    schedule_value,
+)
+
+
+class SgdmState(NamedTuple):
+    """State of :func:`scale_by_sgdm`.
+
+    Attributes:
+      count: int32, micro-steps taken (calls to ``update``).
+      mu: the momentum; between cycles it equals ``optax.trace``'s after the same updates.
+      acc: ``()``, except for Nesterov with k > 1: the cycle's running mean gradient.
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    acc: Any = ()
+
+
+class ScaleByUpdateScheduleState(NamedTuple):
+    count: jax.Array  # int32, micro-steps
+
+
+def scale_by_sgdm(
+    momentum: float = 0.9,
+    *,
+    accumulation_steps: int = 1,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Heavy-ball momentum whose buffer also accumulates k micro-batches.
+
+    With micro-step t, k = ``accumulation_steps`` and β = ``momentum``:
+
+    .. math::
+
+        m \leftarrow b_1 m + g / k,\quad
+        b_1 = \beta \text{ if } t \bmod k = 0 \text{ else } 1;\qquad
+        u = m \text{ if } (t+1) \bmod k = 0 \text{ else } 0.
+
+    After a cycle m = β·m_prev + mean(g): ``optax.trace(β)`` fed the mean gradient, with
+    no buffer besides the momentum. With ``nesterov=True`` the update on the last
+    micro-step is mean(g) + β·m (``optax.trace(β, nesterov=True)`` on the mean); with
+    k = 1 the gradient is the mean and one buffer suffices, but with k > 1 the mean and
+    the previous momentum are both needed and no single buffer holds both, so Nesterov
+    with k > 1 keeps the running mean in a second buffer (``acc``) and updates the
+    momentum on the last micro-step only.
+
+    Args:
+      momentum: β in [0, 1).
+      accumulation_steps: k ≥ 1 micro-batches per update.
+      nesterov: use Nesterov's momentum.
+      mu_dtype: dtype of the momentum (default: the params'); arithmetic is at least f32.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`SgdmState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = scale_by_sgdm(0.9, accumulation_steps=2)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> u, state = tx.update(jnp.array([1.0, 2.0]), state)
+      >>> u, state = tx.update(jnp.array([3.0, 4.0]), state)
+      >>> u  # the mean gradient: the momentum started at zero
+      Array([2., 3.], dtype=float32)
+
+    References:
+      Su, `accumulation inside the momentum <https://kexue.fm/archives/8634>`_, 2021.
+    """
+    check_range("momentum", momentum, 0, 1, high_open=True)
+    k = check_int("accumulation_steps", accumulation_steps)
+    mu_dtype = canonical_dtype(mu_dtype)
+    single_step = is_static_int(k, 1)
+    needs_acc = nesterov and not single_step
+
+    def init_fn(params):
+        mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+        acc = optax.tree.zeros_like(params, dtype=mu_dtype) if needs_acc else ()
+        return SgdmState(count=jnp.zeros([], jnp.int32), mu=mu, acc=acc)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        first, last = (True, True) if single_step else (
+            state.count % k == 0, (state.count + 1) % k == 0)
+        count = optax.safe_increment(state.count)
+        if needs_acc:
+            out = jax.tree.map(
+                lambda g, m, a: _nesterov_accumulating(g, m, a, momentum, k, first, last),
+                updates, state.mu, state.acc)
+            u, mu, acc = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(3))
+            return u, SgdmState(count=count, mu=mu, acc=acc)
+        out = jax.tree.map(
+            lambda g, m: _heavy_ball(g, m, momentum, k, first, last, nesterov),
+            updates, state.mu)
+        u, mu = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(2))
+        return u, SgdmState(count=count, mu=mu, acc=())
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sgdm(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float = 0.9,
+    *,
+    accumulation_steps: int = 1,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""SGD with momentum and gradient accumulation at no extra memory.
+
+    .. math::
+
+        m \leftarrow b_1 m + g / k,\quad
+        b_1 = \beta \text{ if } t \bmod k = 0 \text{ else } 1;\qquad
+        \Delta\theta = -\mathrm{lr}(\lfloor t/k \rfloor)\, m
+            \text{ if } (t+1) \bmod k = 0 \text{ else } 0.
+
+    Equals ``optax.sgd(learning_rate, momentum, nesterov=nesterov)`` fed the mean of each
+    k micro-batch gradients (and exactly it with k = 1), where ``optax.MultiSteps`` would
+    keep an accumulator beside the momentum: the state is one buffer the size of the
+    params whatever k is (two for Nesterov with k > 1, see :func:`scale_by_sgdm`).
+    Parameters move only on the last micro-step of each cycle. A learning-rate schedule
+    is indexed by the update (t // k), the optax convention; under
+    ``optax.inject_hyperparams`` a schedule passed as a hyperparameter is evaluated by
+    the wrapper at the micro-step instead, so pass schedules to ``sgdm`` directly.
+
+    Args:
+      learning_rate: a float ≥ 0 or an optax schedule of the update index.
+      momentum: β in [0, 1).
+      accumulation_steps: k ≥ 1 micro-batches per update.
+      nesterov: Nesterov's momentum (``optax.sgd``'s form).
+      mu_dtype: momentum dtype (default: the params').
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = sgdm(0.1, momentum=0.9, accumulation_steps=4)
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = tx.init(params)
+      >>> for _ in range(4):
+      ...     updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> params["w"]
+      Array([0.9, 0.9, 0.9], dtype=float32)
+
+    References:
+      Su, `accumulation inside the momentum <https://kexue.fm/archives/8634>`_, 2021.
+    """
+    check_range("learning_rate", learning_rate, 0)
+    return optax.chain(
+        scale_by_sgdm(momentum, accumulation_steps=accumulation_steps, nesterov=nesterov,
+                      mu_dtype=mu_dtype),
+        _scale_by_update_learning_rate(learning_rate, accumulation_steps),
+    )
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _heavy_ball(g, m, beta, k, first, last, nesterov):
+    """One micro-step of the single-buffer momentum; returns (update, new momentum)."""
+    work = jnp.promote_types(m.dtype, jnp.float32)
+    b1 = beta if first is True else jnp.where(first, beta, 1.0)
+    new_m = b1 * m.astype(work) + g.astype(work) / k
+    # Nesterov only reaches here with k == 1, where g is the mean gradient
+    u = g.astype(work) + beta * new_m if nesterov else new_m
+    if last is not True:
+        u = jnp.where(last, u, 0.0)
+    return u.astype(g.dtype), new_m.astype(m.dtype)
+
+
+def _nesterov_accumulating(g, m, a, beta, k, first, last):
+    """Nesterov with k > 1: mean in ``a``, momentum frozen until the cycle's last step."""
+    work = jnp.promote_types(m.dtype, jnp.float32)
+    mean = jnp.where(first, 0.0, a.astype(work)) + g.astype(work) / k
+    m_work = m.astype(work)
+    new_m = jnp.where(last, beta * m_work + mean, m_work)
+    u = jnp.where(last, mean + beta * new_m, 0.0)
+    return u.astype(g.dtype), new_m.astype(m.dtype), mean.astype(a.dtype)
+
+
+def _scale_by_update_learning_rate(learning_rate, k) -> optax.GradientTransformationExtraArgs:
+    """Multiplies by ``-learning_rate(count // k)``: a schedule indexed by update."""
+    if not callable(learning_rate):
+        return optax.with_extra_args_support(optax.scale(-learning_rate))
+
+    def init_fn(params):
+        del params
+        return ScaleByUpdateScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        lr = schedule_value(learning_rate, state.count // k)
+        updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+        return updates, ScaleByUpdateScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

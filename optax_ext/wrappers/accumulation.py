@@ -1,0 +1,218 @@
+"""Gradient accumulation for any optax optimizer, safe under pmap, shard_map and bf16.
+
+Reference: Su Jianlin, "用时间换取效果：Keras梯度累积优化器" (gradient accumulation),
+https://kexue.fm/archives/6794, and on accumulating inside the momentum,
+https://kexue.fm/archives/8634 (see :mod:`optax_ext.optimizers.sgdm` and Tiger).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ext._common import canonical_dtype, check_int
+
+
+class AccumulationState(NamedTuple):
+    """State of :func:`accumulate_gradients`.
+
+    Attributes:
+      mini_step: int32 in [0, k), micro-steps already taken in the current cycle.
+      gradient_step: int32, updates the inner optimizer has made (its schedules'
+        index); a cycle whose micro-batches were all skipped does not count.
+      n_accumulated: int32, micro-batches in the running mean of this cycle
+        (skipped ones are not).
+      skipped_micro_batches: int32, non-finite micro-batches skipped so far.
+      skipped_updates: int32, cycles that ended with every micro-batch skipped.
+      grad_sq_norm_sum: float32, sum over this cycle's accumulated micro-batches of
+        each micro-batch gradient's squared global L2 norm.
+      acc_grads: running mean of this cycle's micro-batch gradients (``acc_dtype``).
+      inner_state: the wrapped optimizer's state, unchanged between its updates.
+    """
+
+    mini_step: jax.Array
+    gradient_step: jax.Array
+    n_accumulated: jax.Array
+    skipped_micro_batches: jax.Array
+    skipped_updates: jax.Array
+    grad_sq_norm_sum: jax.Array
+    acc_grads: Any
+    inner_state: Any
+
+
+def accumulate_gradients(
+    inner: optax.GradientTransformation,
+    k: int,
+    *,
+    skip_nonfinite: bool = False,
+    acc_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Feeds ``inner`` the mean gradient of every ``k`` micro-batches (``optax.MultiSteps``).
+
+    With micro-step :math:`t` and the cycle's micro-batch gradients
+    :math:`g_1, \dots, g_k`:
+
+    .. math::
+
+        \bar g &= \tfrac{1}{n}\textstyle\sum_{i \in A} g_i
+            \quad (A: \text{accumulated micro-batches},\ n = |A|) \\
+        u_t, s &= \begin{cases}
+            \text{inner.update}(\bar g, s, \theta) & (t+1) \bmod k = 0 \text{ and } n > 0 \\
+            (0, s) & \text{otherwise}
+        \end{cases}
+
+    The semantics of ``optax.MultiSteps(inner, k)``: zeros are emitted on the other
+    micro-steps, the inner state is exactly unchanged between updates, and schedules
+    inside ``inner`` count updates, not micro-steps. The running mean is Welford's
+    (``acc += (g - acc) / n``), as in ``MultiSteps``.
+
+    **Why no** ``lax.cond``. ``MultiSteps`` chooses between "update" and "accumulate"
+    with ``lax.cond``, which has needed both branches to return identical dtypes (bf16
+    params with f32 gradients broke it: optax#377, #1038) and had no replication rule
+    under ``shard_map`` (jax#23693). Here the inner update runs on *every* micro-step,
+    on the running mean, and ``jnp.where`` keeps its result only on the last one, where
+    the running mean is the real mean of the cycle; elsewhere the inner state and the
+    zero updates are selected exactly. The price is one inner update's elementwise work
+    per micro-step instead of per cycle (a few passes over the parameters, usually small
+    beside a micro-batch's forward and backward pass; ``benchmarks/bench_accumulation.py``
+    measures it). In exchange the step is one straight-line program that works the same
+    under ``jit``, ``pmap``, ``shard_map`` and ``vmap`` and keeps every state dtype fixed
+    (the inner state is cast back to its own dtype, so ``jit`` compiles once). Side
+    effects inside ``inner`` (``jax.debug.print``, callbacks) run on every micro-step.
+
+    **Extra arguments** are forwarded to ``inner``, together with
+    ``micro_grad_sq_norm`` (float32 scalar: the mean over the accumulated micro-batches
+    of each one's squared global L2 norm, as gradient-noise-scale estimators need) and
+    ``accumulation_steps=k``. A plain ``optax.GradientTransformation`` inner ignores them.
+
+    **Non-finite micro-batches** (``skip_nonfinite=True``): a micro-batch with any NaN or
+    ±inf does not enter the mean nor the squared-norm sum; the cycle still lasts k
+    micro-steps and the mean is over the n finite ones. If all k are skipped the cycle
+    makes no update: zeros are emitted, the inner state is unchanged, ``gradient_step``
+    does not advance and ``skipped_updates`` counts it. ``accumulation_steps`` passed to
+    ``inner`` stays the nominal k. Gradients must be all-reduced across devices first
+    (``lax.pmean``), so every replica makes the same choice.
+
+    Args:
+      inner: the optimizer to feed (any optax transform, with extra args or not).
+      k: micro-batches per update, a Python int ≥ 1 (static).
+      skip_nonfinite: leave non-finite micro-batches out of the mean.
+      acc_dtype: dtype of the running mean; ``None`` gives each leaf at least float32
+        (bf16 params → f32 accumulator, f64 stays f64).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`AccumulationState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = accumulate_gradients(optax.sgd(0.1), k=2)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> u, state = tx.update(jnp.array([1.0, 2.0]), state, params)  # accumulate
+      >>> u
+      Array([0., 0.], dtype=float32)
+      >>> u, state = tx.update(jnp.array([3.0, 4.0]), state, params)  # update on the mean
+      >>> u
+      Array([-0.2, -0.3], dtype=float32)
+
+    References:
+      Su, `gradient accumulation <https://kexue.fm/archives/6794>`_, 2019;
+      ``optax.MultiSteps``; jax#23693, optax#377, optax#1038.
+    """
+    k = _check_static_k(k)
+    acc_dtype = canonical_dtype(acc_dtype)
+    inner = optax.with_extra_args_support(inner)
+
+    def acc_like(x):
+        dtype = acc_dtype or jnp.promote_types(x.dtype, jnp.float32)
+        return jnp.zeros_like(x, dtype=dtype)
+
+    def init_fn(params):
+        zero = jnp.zeros([], jnp.int32)
+        return AccumulationState(
+            mini_step=zero,
+            gradient_step=zero,
+            n_accumulated=zero,
+            skipped_micro_batches=zero,
+            skipped_updates=zero,
+            grad_sq_norm_sum=jnp.zeros([], jnp.float32),
+            acc_grads=jax.tree.map(acc_like, params),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        sq_norm = _global_sq_norm(updates)
+        ok = _all_finite(updates) if skip_nonfinite else jnp.asarray(True)
+        n = state.n_accumulated + ok.astype(jnp.int32)
+        # Welford's mean; a skipped micro-batch leaves it untouched (n unchanged)
+        denom = jnp.maximum(n, 1)
+        acc = jax.tree.map(
+            lambda g, a: jnp.where(ok, a + (g - a) / denom, a).astype(a.dtype),
+            updates, state.acc_grads,
+        )
+        sq_sum = state.grad_sq_norm_sum + jnp.where(ok, sq_norm, 0.0)
+        last = state.mini_step == k - 1
+        apply = jnp.logical_and(last, n > 0) if skip_nonfinite else last
+
+        inner_updates, new_inner = inner.update(
+            optax.tree.cast_like(acc, updates), state.inner_state, params,
+            **{
+                **extra_args,
+                "micro_grad_sq_norm": sq_sum / denom.astype(jnp.float32),
+                "accumulation_steps": k,
+            },
+        )
+        out = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), inner_updates)
+        new_state = AccumulationState(
+            mini_step=jnp.where(last, 0, state.mini_step + 1).astype(jnp.int32),
+            gradient_step=_increment_if(apply, state.gradient_step),
+            n_accumulated=jnp.where(last, 0, n).astype(jnp.int32),
+            skipped_micro_batches=_increment_if(~ok, state.skipped_micro_batches),
+            skipped_updates=_increment_if(last & ~apply, state.skipped_updates),
+            grad_sq_norm_sum=jnp.where(last, 0.0, sq_sum).astype(jnp.float32),
+            acc_grads=jax.tree.map(
+                lambda a: jnp.where(last, jnp.zeros_like(a), a), acc),
+            inner_state=_select(apply, new_inner, state.inner_state),
+        )
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _check_static_k(k: Any) -> int:
+    if isinstance(k, jax.core.Tracer):
+        raise TypeError("k must be a Python int: the accumulation count is static")
+    return int(check_int("k", k))
+
+
+def _global_sq_norm(tree: Any) -> jax.Array:
+    """Squared global L2 norm, summed in float32 whatever the leaves' dtype."""
+    leaves = jax.tree.leaves(tree)
+    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves),
+               jnp.zeros([], jnp.float32))
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else (
+        jnp.asarray(True))
+
+
+def _increment_if(cond: jax.Array, counter: jax.Array) -> jax.Array:
+    return jnp.where(cond, optax.safe_increment(counter), counter)
+
+
+def _select(cond: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``cond`` else ``old``, leaf by leaf, in ``old``'s dtypes.
+
+    Casting to the old dtype keeps the state's types fixed across steps even when the
+    inner update promotes (bf16 state with f32 arithmetic), so ``jit`` compiles once.
+    """
+    return jax.tree.map(
+        lambda n, o: jnp.where(cond, n, o).astype(jnp.result_type(o)), new, old)

@@ -1,0 +1,165 @@
+"""Tiger's NaN strategy for any optimizer: skip the step, shrink the offending leaves.
+
+Reference: Su Jianlin, "Tiger: an extremely tight-fisted optimizer",
+https://kexue.fm/archives/9512 (its NaN handling), and https://github.com/bojone/tiger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ext._common import NORM_SCALE, check_range, is_concrete_number, path_labels
+
+
+class NanGuardState(NamedTuple):
+    """State of :func:`nan_guard`.
+
+    Attributes:
+      count: int32, steps seen (calls to ``update``).
+      skipped_steps: int32, steps on which the inner optimizer did not step.
+      shrunk_leaves: int32, leaf shrinks so far (a step with 3 bad leaves adds 3).
+      inner_state: the wrapped optimizer's state, kept exactly on skipped steps.
+    """
+
+    count: jax.Array
+    skipped_steps: jax.Array
+    shrunk_leaves: jax.Array
+    inner_state: Any
+
+
+#: Default shrink centres by path: norm gains (Flax ``scale``) shrink toward 1.
+DEFAULT_CENTRES: tuple[tuple[str, float], ...] = ((NORM_SCALE, 1.0),)
+
+
+def nan_guard(
+    inner: optax.GradientTransformation,
+    shrink_ratio: float = 0.99,
+    *,
+    catch_inf: bool = True,
+    centre: float | Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Guards any optimizer against non-finite gradients the way Tiger does.
+
+    For each gradient leaf, bad = any NaN (any non-finite value with ``catch_inf``):
+
+    .. math::
+
+        u, s' &= \begin{cases}
+            \text{inner.update}(g, s, \theta) & \text{no leaf is bad} \\
+            (0, s) & \text{otherwise}
+        \end{cases} \\
+        \Delta\theta_\ell &= (r - 1)(\theta_\ell - c_\ell) \quad\text{for a bad leaf } \ell
+            \qquad(\theta_\ell \leftarrow (\theta_\ell - c_\ell)\, r + c_\ell)
+
+    Tiger decides per leaf because its state is per leaf. A general optimizer's state
+    cannot be split by leaf (a global ``count``, Adam's bias correction, a global norm
+    clip), so here one bad leaf means **the inner optimizer does not step at all**: its
+    state is kept exactly, the bad leaves shrink toward their centre and the good leaves
+    get a zero update. ``skipped_steps`` and ``shrunk_leaves`` in the state count what
+    happened. Compare ``optax.apply_if_finite``, which only skips (and eventually gives up
+    and applies a non-finite update after ``max_consecutive_errors``); the shrink pulls
+    an exploding layer back toward its initial scale, as weight decay would.
+
+    The choice is made with ``jnp.where``, not ``lax.cond``: the inner update is always
+    computed (on gradients whose bad leaves are zeroed) and its result discarded when
+    needed, so the step is one straight-line program under ``jit``, ``pmap`` and
+    ``shard_map``. Gradients must be all-reduced across devices **before** this
+    transform (``lax.pmean``): a NaN on one device then reaches every replica, and all
+    make the same choice.
+
+    Args:
+      inner: the optimizer to guard (any optax transform).
+      shrink_ratio: r in (0, 1]; 1 only skips.
+      catch_inf: treat ±inf like NaN (False: only NaN is caught).
+      centre: the shrink centre c. ``None``: 1 for norm gains (path rule
+        ``NORM_SCALE``, Flax ``scale``), 0 otherwise; a number for every leaf; or path
+        rules ``{regex: centre}`` (first match wins, unmatched leaves 0).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`NanGuardState`; its
+      ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"kernel": jnp.ones(2), "scale": jnp.full(2, 3.0)}
+      >>> tx = nan_guard(optax.adam(1e-3), shrink_ratio=0.5)
+      >>> state = tx.init(params)
+      >>> grads = {"kernel": jnp.ones(2), "scale": jnp.array([jnp.nan, 0.0])}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> optax.apply_updates(params, updates)["scale"]  # (3 - 1) * 0.5 + 1
+      Array([2., 2.], dtype=float32)
+      >>> int(state.skipped_steps), int(state.shrunk_leaves)
+      (1, 1)
+
+    References:
+      Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023; ``optax.apply_if_finite``.
+    """
+    check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True)
+    rules = _centre_rules(centre)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        zero = jnp.zeros([], jnp.int32)
+        return NanGuardState(count=zero, skipped_steps=zero, shrunk_leaves=zero,
+                             inner_state=inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("nan_guard needs the current params: call "
+                             "tx.update(grads, state, params)")
+        bad = jax.tree.map(lambda g: _is_bad(g, catch_inf), updates)
+        n_bad = sum(jax.tree.leaves(jax.tree.map(lambda b: b.astype(jnp.int32), bad)),
+                    jnp.zeros([], jnp.int32))
+        skip = n_bad > 0
+        clean = jax.tree.map(lambda g, b: jnp.where(b, jnp.zeros_like(g), g), updates, bad)
+        inner_updates, new_inner = inner.update(clean, state.inner_state, params,
+                                                **extra_args)
+        centres = path_labels(params, rules, default=0.0)
+
+        def leaf(u, b, p, c):
+            work = jnp.promote_types(p.dtype, jnp.float32)
+            shrink = (shrink_ratio - 1.0) * (p.astype(work) - c)
+            return jnp.where(b, shrink, jnp.where(skip, 0.0, u)).astype(u.dtype)
+
+        out = jax.tree.map(leaf, inner_updates, bad, params, centres)
+        new_state = NanGuardState(
+            count=optax.safe_increment(state.count),
+            skipped_steps=jnp.where(skip, optax.safe_increment(state.skipped_steps),
+                                    state.skipped_steps),
+            shrunk_leaves=_saturating_add(state.shrunk_leaves, n_bad),
+            inner_state=jax.tree.map(
+                lambda n, o: jnp.where(skip, o, n).astype(jnp.result_type(o)),
+                new_inner, state.inner_state),
+        )
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _is_bad(g: jax.Array, catch_inf: bool) -> jax.Array:
+    return jnp.any(~jnp.isfinite(g)) if catch_inf else jnp.any(jnp.isnan(g))
+
+
+def _centre_rules(centre: Any) -> Any:
+    if centre is None:
+        return DEFAULT_CENTRES
+    if is_concrete_number(centre):
+        return ((r"", float(centre)),)
+    if isinstance(centre, Mapping | Sequence) and not isinstance(centre, str):
+        return centre
+    raise TypeError(
+        f"centre must be None, a number or path rules {{regex: centre}}, got {centre!r}")
+
+
+def _saturating_add(counter: jax.Array, n: jax.Array) -> jax.Array:
+    """counter + n in int32, held at the int32 maximum instead of wrapping around."""
+    room = jnp.iinfo(jnp.int32).max - counter
+    return jnp.where(n > room, jnp.iinfo(jnp.int32).max, counter + n).astype(jnp.int32)
