@@ -158,7 +158,9 @@ def is_concrete_number(value: Any) -> bool:
 def _interval(low, high, low_open, high_open) -> str:
     lo = "-inf" if low is None else f"{low:g}"
     hi = "inf" if high is None else f"{high:g}"
-    return f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    return f"{left}{lo}, {hi}{right}"
 
 
 def check_range(
@@ -198,8 +200,8 @@ def check_int(name: str, value: Any, minimum: int = 1) -> Any:
     """
     if isinstance(value, jax.core.Tracer):
         return value
-    is_int_array = hasattr(value, "dtype") and np.ndim(value) == 0 and jnp.issubdtype(
-        value.dtype, jnp.integer
+    is_int_array = (
+        hasattr(value, "dtype") and np.ndim(value) == 0 and jnp.issubdtype(value.dtype, jnp.integer)
     )
     if isinstance(value, bool) or not (isinstance(value, int | np.integer) or is_int_array):
         raise TypeError(f"{name} must be an int, got {value!r}")

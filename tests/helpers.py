@@ -30,14 +30,28 @@ def flax_like_params(seed: int = 0, *, vocab=37, width=16, heads=2, layers=2, dt
     for i in range(layers):
         p[f"layer_{i}"] = {
             "attention": {
-                name: {"kernel": n(width, heads, head_dim, s=width**-0.5), "bias": n(heads, head_dim, s=0.1)}
+                name: {
+                    "kernel": n(width, heads, head_dim, s=width**-0.5),
+                    "bias": n(heads, head_dim, s=0.1),
+                }
                 for name in ("query", "key", "value")
             }
-            | {"out": {"kernel": n(heads, head_dim, width, s=width**-0.5), "bias": np.zeros(width, np.float32)}},
+            | {
+                "out": {
+                    "kernel": n(heads, head_dim, width, s=width**-0.5),
+                    "bias": np.zeros(width, np.float32),
+                }
+            },
             "LayerNorm_0": {"scale": 1 + n(width, s=0.1), "bias": n(width, s=0.1)},
             "mlp": {
-                "Dense_0": {"kernel": n(width, 2 * width, s=width**-0.5), "bias": n(2 * width, s=0.1)},
-                "Dense_1": {"kernel": n(2 * width, width, s=(2 * width) ** -0.5), "bias": n(width, s=0.1)},
+                "Dense_0": {
+                    "kernel": n(width, 2 * width, s=width**-0.5),
+                    "bias": n(2 * width, s=0.1),
+                },
+                "Dense_1": {
+                    "kernel": n(2 * width, width, s=(2 * width) ** -0.5),
+                    "bias": n(width, s=0.1),
+                },
             },
         }
     p["final_norm"] = {"scale": 1 + n(width, s=0.1)}
@@ -56,16 +70,18 @@ def random_tree(seed: int, *, max_leaves: int = 6, dtype=jnp.float32):
         shape = tuple(int(d) for d in rng.integers(1, 9, size=ndim))
         centre = 1.0 if name == "scale" else 0.0
         value = centre + rng.standard_normal(shape).astype(np.float32)
-        tree[f"module_{i}"] = {"sub": {name: jnp.asarray(value, dtype)}} if i % 2 else {name: jnp.asarray(value, dtype)}
+        tree[f"module_{i}"] = (
+            {"sub": {name: jnp.asarray(value, dtype)}}
+            if i % 2
+            else {name: jnp.asarray(value, dtype)}
+        )
     return tree
 
 
 def random_grads_like(tree, seed: int, scale: float = 1.0):
     """Random normal gradients with the tree's structure, shapes and dtypes."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), tree
-    )
+    return jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), tree)
 
 
 def to_f64(tree):
@@ -85,7 +101,10 @@ def assert_trees_close(actual, expected, *, rtol=1e-6, atol=1e-6, err=""):
     assert [p for p, _ in a_leaves] == [p for p, _ in e_leaves], "tree structures differ"
     for (path, a), (_, e) in zip(a_leaves, e_leaves, strict=True):
         np.testing.assert_allclose(
-            np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
+            np.asarray(a, np.float64),
+            np.asarray(e, np.float64),
+            rtol=rtol,
+            atol=atol,
             err_msg=f"{err} at {path}",
         )
 
@@ -209,8 +228,11 @@ def assert_same_on_all_paths(tx, params, grads_seq, *, rtol=1e-5, atol=1e-6, ext
         p, s = run_path(tx, params, grads_seq, path, extra_args)
         assert_trees_close(p, ref_p, rtol=rtol, atol=atol, err=f"params on {path}")
         assert_trees_close(
-            jax.tree.map(np.asarray, s), jax.tree.map(np.asarray, ref_s),
-            rtol=rtol, atol=atol, err=f"state on {path}",
+            jax.tree.map(np.asarray, s),
+            jax.tree.map(np.asarray, ref_s),
+            rtol=rtol,
+            atol=atol,
+            err=f"state on {path}",
         )
 
 

@@ -32,12 +32,15 @@ def test_run_path_rejects_unknown_path():
 def test_random_tree_is_reproducible_and_flax_named():
     a, b = random_tree(3), random_tree(3)
     assert c.tree_paths(a) == c.tree_paths(b)
-    assert all(p.split("/")[-1] in {"kernel", "bias", "scale", "embedding"}
-               for p in jax_leaves(c.tree_paths(a)))
+    assert all(
+        p.split("/")[-1] in {"kernel", "bias", "scale", "embedding"}
+        for p in jax_leaves(c.tree_paths(a))
+    )
 
 
 def jax_leaves(t):
     import jax
+
     return jax.tree.leaves(t)
 
 
@@ -89,7 +92,11 @@ def test_check_int():
 def test_tree_bytes_counts_arrays_not_scalars():
     import jax
 
-    tree = {"w": jnp.zeros((3, 4)), "count": jnp.zeros([], jnp.int32), "h": jnp.zeros(5, jnp.bfloat16)}
+    tree = {
+        "w": jnp.zeros((3, 4)),
+        "count": jnp.zeros([], jnp.int32),
+        "h": jnp.zeros(5, jnp.bfloat16),
+    }
     assert c.tree_bytes(tree) == 48 + 10
     abstract = jax.eval_shape(lambda: tree)
     assert c.tree_bytes(abstract) == 58

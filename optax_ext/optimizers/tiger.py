@@ -1,0 +1,337 @@
+"""Tiger, the "tight-fisted optimizer": Lion with one β and one buffer, even when accumulating.
+
+Reference: Su Jianlin, "Tiger: an extremely tight-fisted optimizer",
+https://kexue.fm/archives/9512, and https://github.com/bojone/tiger.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ext._common import (
+    EMBEDDING,
+    NORM_AND_BIAS,
+    NORM_SCALE,
+    PathRules,
+    canonical_dtype,
+    check_choice,
+    check_int,
+    check_range,
+    is_static_int,
+    path_labels,
+    path_mask,
+    resolve_mask,
+    schedule_value,
+)
+
+#: Tiger's per-parameter learning-rate scales, by Flax path (first match wins):
+#: biases and norm scales get 0.5, embedding tables the RMS of each row, every other
+#: tensor (kernels) its own RMS.
+TIGER_SCALE_RULES: tuple[tuple[str, Any], ...] = (
+    (NORM_AND_BIAS, 0.5),
+    (EMBEDDING, "row_rms"),
+    (r"", "rms"),
+)
+_SCALE_RULE_NAMES = ("rms", "row_rms")
+
+
+class TigerState(NamedTuple):
+    """State of Tiger: the micro-step counter and the single momentum buffer."""
+
+    count: jax.Array  # int32, counts micro-steps (calls to update)
+    mu: optax.Updates
+
+
+# ---------------------------------------------------------------- per-leaf pieces
+
+
+def is_bad(g: jax.Array, catch_inf: bool) -> jax.Array:
+    """Whether a gradient leaf must be discarded: any NaN (or any non-finite value)."""
+    return jnp.any(~jnp.isfinite(g)) if catch_inf else jnp.any(jnp.isnan(g))
+
+
+def tiger_momentum(g, m, *, beta, first, k, bad=None):
+    """One micro-step of the momentum with accumulation inside it.
+
+    ``m = b1*m + (1-β)/k * g`` with ``b1 = β`` on the first micro-step of a cycle and 1
+    on the others (and 1 for a discarded leaf, whose gradient counts as zero): after k
+    micro-batches m is an EMA of their mean gradient, with no extra buffer.
+    """
+    b1 = jnp.where(first, beta, 1.0) if first is not True else beta
+    if bad is not None:
+        g = jnp.where(bad, jnp.zeros_like(g), g)
+        b1 = jnp.where(bad, 1.0, b1)
+    work = _work_dtype(m)
+    return (b1 * m.astype(work) + ((1.0 - beta) / k) * g.astype(work)).astype(m.dtype)
+
+
+def param_scale(param: jax.Array, rule: Any, min_rms: Any) -> jax.Array:
+    """Tiger's per-parameter scale s(θ): a constant, the tensor's RMS, or each row's RMS.
+
+    RMS values are floored at ``min_rms`` so a zero-initialised kernel still moves
+    (the sources use no floor; ``min_rms=0`` reproduces them exactly).
+    """
+    work = _work_dtype(param)
+    if rule == "rms":
+        rms = jnp.sqrt(jnp.mean(jnp.square(param.astype(work))))
+    elif rule == "row_rms":
+        rms = jnp.sqrt(jnp.mean(jnp.square(param.astype(work)), axis=-1, keepdims=True))
+    else:
+        return jnp.asarray(rule, work)
+    return jnp.maximum(rms, min_rms)
+
+
+def _scale_rules(param_scaling: Any) -> PathRules | None:
+    if param_scaling is None:
+        return None
+    if isinstance(param_scaling, str):
+        check_choice("param_scaling", param_scaling, ("tiger",))
+        return TIGER_SCALE_RULES
+    rules = list(param_scaling.items() if isinstance(param_scaling, dict) else param_scaling)
+    for pattern, rule in rules:
+        if isinstance(rule, str):
+            check_choice(f"param_scaling rule for {pattern!r}", rule, _SCALE_RULE_NAMES)
+        else:
+            check_range(f"param_scaling multiplier for {pattern!r}", rule, 0, low_open=True)
+    return rules
+
+
+def _check_params(params: Any, name: str) -> None:
+    if params is None:
+        raise ValueError(f"{name} needs the current params: call tx.update(grads, state, params)")
+
+
+# -------------------------------------------------------------------- transforms
+
+
+def scale_by_tiger(
+    beta: float = 0.965,
+    *,
+    accumulation_steps: int = 1,
+    guard_nan: bool = True,
+    catch_inf: bool = False,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Tiger's direction: the sign of a momentum that also accumulates micro-batches.
+
+    .. math::
+
+        m \leftarrow b_1 m + \tfrac{1-\beta}{k} g,\quad
+        b_1 = \beta \text{ on the first of } k \text{ micro-steps, else } 1;\qquad
+        u = \operatorname{sign}(m) \text{ on the last micro-step, else } 0.
+
+    A gradient leaf containing NaN (any non-finite value with ``catch_inf=True``) is
+    treated as zero and leaves that leaf's momentum unchanged; its update is 0. The
+    full :func:`tiger` also shrinks such leaves toward their centre, which needs the
+    parameters and is not a direction, so it lives there.
+
+    Args:
+      beta: momentum coefficient β in [0, 1).
+      accumulation_steps: k ≥ 1 micro-batches per parameter update.
+      guard_nan: discard gradient leaves with NaN (False: fastest path, no check).
+      catch_inf: with ``guard_nan``, discard leaves with ±inf too.
+      mu_dtype: dtype of the momentum (default: the gradients').
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = optax.chain(scale_by_tiger(0.9), optax.scale(-1e-2))
+      >>> state = tx.init(jnp.zeros(3))
+      >>> updates, state = tx.update(jnp.array([1.0, -2.0, 3.0]), state)
+      >>> updates
+      Array([-0.01,  0.01, -0.01], dtype=float32)
+
+    References:
+      Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023.
+    """
+    check_range("beta", beta, 0, 1, high_open=True)
+    k = check_int("accumulation_steps", accumulation_steps)
+    mu_dtype = canonical_dtype(mu_dtype)
+
+    def init_fn(params):
+        mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+        return TigerState(count=jnp.zeros([], jnp.int32), mu=mu)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        first, apply = _cycle_flags(state.count, k)
+
+        def leaf(g, m):
+            bad = is_bad(g, catch_inf) if guard_nan else None
+            m = tiger_momentum(g, m, beta=beta, first=first, k=k, bad=bad)
+            u = jnp.sign(m)
+            if bad is not None:
+                u = jnp.where(bad, 0, u)
+            if apply is not True:
+                u = jnp.where(apply, u, 0)
+            return u.astype(g.dtype), m
+
+        out = jax.tree.map(leaf, updates, state.mu)
+        u, mu = _unzip(updates, out)
+        return u, TigerState(count=optax.safe_increment(state.count), mu=mu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def tiger(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    beta: float = 0.965,
+    weight_decay: float = 0.01,
+    *,
+    accumulation_steps: int = 1,
+    param_scaling: str | PathRules | None = "tiger",
+    min_rms: float = 1e-3,
+    guard_nan: bool = True,
+    shrink_ratio: float = 0.99,
+    catch_inf: bool = False,
+    mu_dtype: Any = None,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""The Tiger optimizer: sign of an accumulating momentum, per-parameter scales, NaN shrink.
+
+    With t the micro-step, k = ``accumulation_steps``, s(θ) the per-parameter scale and
+    λ_leaf the leaf's weight decay (0 where ``mask`` is False):
+
+    .. math::
+
+        m &\leftarrow b_1 m + \tfrac{1-\beta}{k} g, \qquad
+            b_1 = \beta \text{ if } t \bmod k = 0 \text{ else } 1 \\
+        \Delta\theta &= -\,\mathrm{lr}(\lfloor t/k \rfloor)\, s(\theta)
+            \left(\operatorname{sign}(m) + \lambda_{\text{leaf}}\,\theta\right)
+            \quad\text{if } (t+1) \bmod k = 0,\ \text{else } 0 \\
+        \Delta\theta &= (r - 1)(\theta - c) \quad\text{for a leaf whose gradient has NaN}
+
+    - **Accumulation inside the momentum**: after k micro-batches m equals
+      β·m + (1-β)·mean(g), exactly Tiger fed the mean gradient; the state is one buffer
+      the size of the params whatever k is. Parameters move only on the last micro-step
+      (zeros are emitted on the others).
+    - **Learning-rate schedules are indexed by update** (t // k), the optax convention.
+      Tiger's own ``lr_schedule`` counts micro-steps: its ``{40000: 1}`` with k=4 is
+      ``{10000: 1}`` here.
+    - **Per-parameter scales** (``param_scaling="tiger"``, Flax names): ``bias`` and norm
+      ``scale`` get s = 0.5; ``embedding`` tables the RMS of each row; every other
+      tensor its RMS, floored at ``min_rms`` (the sources use no floor, so a
+      zero-initialised kernel never moves; ``min_rms=0`` reproduces them). Pass your own
+      ``{regex: "rms" | "row_rms" | number}`` rules (first match wins, unmatched → 1),
+      or ``None`` for s ≡ 1.
+    - **Weight decay** is decoupled and multiplied by the same scaled learning rate.
+      ``mask=None`` decays everything but biases and norm scales; pass ``mask=True`` to
+      decay every leaf, or any optax mask (tree of bools or function of params).
+    - **NaN guard** (``guard_nan``): a leaf whose gradient has a NaN (any non-finite
+      value with ``catch_inf=True``) keeps its momentum and shrinks toward its centre c
+      (1 for norm scales, 0 otherwise) by ``shrink_ratio`` r, on any micro-step; other
+      leaves proceed. ``guard_nan=False`` removes the per-leaf check for the fastest
+      path.
+
+    Tiger is one fused transform rather than an ``optax.chain``: the shrink is not
+    scaled by the learning rate, decay and learning rate must both vanish on
+    non-update micro-steps and be indexed by update, and one elementwise pass over the
+    parameters is the fastest. :func:`scale_by_tiger` is its direction alone.
+
+    With k = 1, s ≡ 1, ``mask=True`` and finite gradients, Tiger equals
+    ``optax.lion(learning_rate, b1=beta, b2=beta, weight_decay=weight_decay)``.
+
+    Args:
+      learning_rate: a float or an optax schedule of the update index.
+      beta: momentum coefficient in [0, 1); 0.965 (Tiger's default), 0.945 suits vision.
+      weight_decay: decoupled decay λ ≥ 0, multiplied by the scaled learning rate.
+      accumulation_steps: micro-batches per update, k ≥ 1.
+      param_scaling: ``"tiger"``, ``None`` or path rules, see above.
+      min_rms: floor of the RMS scales, ≥ 0.
+      guard_nan: check each gradient leaf for NaN and shrink instead of stepping.
+      shrink_ratio: r in (0, 1].
+      catch_inf: treat ±inf like NaN.
+      mu_dtype: momentum dtype (default: the params').
+      mask: which leaves get weight decay, see above.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
+      >>> tx = tiger(learning_rate=1e-2, accumulation_steps=2)
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = tx.update(grads, state, params)  # micro-step 1: no move
+      >>> float(jnp.abs(updates["dense"]["kernel"]).max())
+      0.0
+      >>> updates, state = tx.update(grads, state, params)  # micro-step 2: update
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Su, `Tiger: an extremely tight-fisted optimizer <https://kexue.fm/archives/9512>`_,
+      2023; `bojone/tiger <https://github.com/bojone/tiger>`_; accumulation inside the
+      momentum: `kexue.fm/archives/8634 <https://kexue.fm/archives/8634>`_.
+    """
+    check_range("learning_rate", learning_rate, 0)
+    check_range("beta", beta, 0, 1, high_open=True)
+    check_range("weight_decay", weight_decay, 0)
+    k = check_int("accumulation_steps", accumulation_steps)
+    check_range("min_rms", min_rms, 0)
+    check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True)
+    rules = _scale_rules(param_scaling)
+    mu_dtype = canonical_dtype(mu_dtype)
+
+    def init_fn(params):
+        mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+        return TigerState(count=jnp.zeros([], jnp.int32), mu=mu)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _check_params(params, "tiger")
+        first, apply = _cycle_flags(state.count, k)
+        lr = schedule_value(learning_rate, state.count // k)
+        scale_rules = path_labels(params, rules, default=1.0)
+        decays = resolve_mask(mask, params, path_mask(exclude=NORM_AND_BIAS))
+        centres = path_labels(params, [(NORM_SCALE, 1.0)], default=0.0)
+
+        def leaf(g, m, p, rule, decay, centre):
+            bad = is_bad(g, catch_inf) if guard_nan else None
+            m = tiger_momentum(g, m, beta=beta, first=first, k=k, bad=bad)
+            eta = lr * param_scale(p, rule, min_rms)
+            work = _work_dtype(p)
+            direction = jnp.sign(m).astype(work)
+            if decay:
+                direction = direction + weight_decay * p.astype(work)
+            step = -eta * direction
+            if apply is not True:
+                step = jnp.where(apply, step, 0.0)
+            if bad is not None:
+                step = jnp.where(bad, (shrink_ratio - 1.0) * (p.astype(work) - centre), step)
+            return step.astype(g.dtype), m
+
+        out = jax.tree.map(leaf, updates, state.mu, params, scale_rules, decays, centres)
+        u, mu = _unzip(updates, out)
+        return u, TigerState(count=optax.safe_increment(state.count), mu=mu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _work_dtype(x: jax.Array) -> Any:
+    """At least float32 for the arithmetic, whatever the storage dtype (bf16 stays honest)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _cycle_flags(count: jax.Array, k: Any) -> tuple[Any, Any]:
+    """(first micro-step of a cycle, last micro-step of a cycle); True when k == 1."""
+    if is_static_int(k, 1):
+        return True, True
+    return count % k == 0, (count + 1) % k == 0
+
+
+def _unzip(like: Any, pairs: Any) -> tuple[Any, Any]:
+    """Splits a tree of (a, b) leaf pairs, shaped like ``like``, into two trees."""
+    return (
+        jax.tree.map(lambda _, p: p[0], like, pairs),
+        jax.tree.map(lambda _, p: p[1], like, pairs),
+    )

@@ -1,0 +1,417 @@
+"""Tiger against a float64 NumPy implementation of spec §1, optax.lion, and every device path."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import (
+    abstract_init_matches,
+    assert_no_recompile,
+    assert_same_on_all_paths,
+    assert_trees_close,
+    flax_like_params,
+    leaf_paths,
+    random_grads_like,
+    random_tree,
+    to_f64,
+    x64,
+)
+
+from optax_ext._common import tree_bytes
+from optax_ext.optimizers.tiger import TigerState, scale_by_tiger, tiger
+
+# ------------------------------------------------------------ float64 reference
+
+
+def ref_scale(path, theta, min_rms):
+    """Spec §1 per-parameter scale and decay/centre rules, written from the spec."""
+    name = path.split("/")[-1]
+    if name in ("bias", "scale"):
+        return 0.5, False, (1.0 if name == "scale" else 0.0)
+    if name == "embedding":
+        return np.maximum(np.sqrt(np.mean(theta**2, axis=-1, keepdims=True)), min_rms), True, 0.0
+    return max(np.sqrt(np.mean(theta**2)), min_rms), True, 0.0
+
+
+def ref_tiger(
+    params,
+    grads_seq,
+    *,
+    lr,
+    beta,
+    wd,
+    k,
+    min_rms=1e-3,
+    shrink=0.99,
+    scaling=True,
+    catch_inf=False,
+    guard=True,
+):
+    """Runs spec §1 in float64 NumPy. ``lr`` is a function of the update index."""
+    paths = [p for p, _ in leaf_paths(params)]
+    theta = {p: np.asarray(x, np.float64) for p, x in leaf_paths(params)}
+    m = {p: np.zeros_like(x) for p, x in theta.items()}
+    history = []
+    for t, grads in enumerate(grads_seq):
+        g_all = {p: np.asarray(x, np.float64) for p, x in leaf_paths(grads)}
+        for p in paths:
+            g = g_all[p]
+            bad = guard and (not np.all(np.isfinite(g)) if catch_inf else np.any(np.isnan(g)))
+            if bad:
+                g = np.zeros_like(g)
+            b1 = 1.0 if bad else (beta if t % k == 0 else 1.0)
+            m[p] = b1 * m[p] + (1 - beta) / k * g
+            if scaling:
+                s, decays, centre = ref_scale(p, theta[p], min_rms)
+            else:
+                s, decays, centre = 1.0, True, 0.0
+            if bad:
+                theta[p] = theta[p] + (shrink - 1) * (theta[p] - centre)
+            elif (t + 1) % k == 0:
+                eta = lr(t // k) * s
+                theta[p] = theta[p] - eta * (np.sign(m[p]) + (wd if decays else 0.0) * theta[p])
+        history.append({p: theta[p].copy() for p in paths})
+    return theta, m, history
+
+
+def grads_with_nans(params, steps, seed, *, nan_every=5, value=np.nan):
+    """Random gradients; every ``nan_every``-th step poisons one leaf (cycling through leaves)."""
+    out = []
+    n_leaves = len(jax.tree.leaves(params))
+    for t in range(steps):
+        g = random_grads_like(params, seed * 1000 + t)
+        if nan_every and t % nan_every == nan_every - 1:
+            leaves, treedef = jax.tree.flatten(g)
+            i = (t // nan_every * 7) % n_leaves
+            leaves[i] = leaves[i].at[(0,) * leaves[i].ndim].set(value)
+            g = jax.tree.unflatten(treedef, leaves)
+        out.append(g)
+    return out
+
+
+def run(tx, params, grads_seq, jit=True):
+    state = tx.init(params)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(step) if jit else step
+    for g in grads_seq:
+        params, state = step(params, state, g)
+    return params, state
+
+
+def schedule(i):
+    return 1e-2 / (1.0 + 0.1 * i)
+
+
+# ---------------------------------------------------------------- the spec
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_float64_reference_with_nans(k, seed):
+    with x64():
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(seed))
+        grads = grads_with_nans(params, 24, seed)
+        got, state = run(tiger(schedule, 0.9, 0.05, accumulation_steps=k), params, grads)
+    want, m, _ = ref_tiger(params, grads, lr=schedule, beta=0.9, wd=0.05, k=k)
+    assert_trees_close(got, _tree_like(params, want), rtol=1e-12, atol=1e-12)
+    assert_trees_close(state.mu, _tree_like(params, m), rtol=1e-12, atol=1e-12)
+    assert int(state.count) == 24
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_random_trees_float32_and_inf_caught(seed):
+    params = random_tree(seed)
+    grads = grads_with_nans(params, 20, seed, nan_every=4, value=np.inf)
+    tx = tiger(3e-3, 0.95, 0.1, accumulation_steps=2, catch_inf=True, min_rms=0.0)
+    got, _ = run(tx, params, grads)
+    want, _, _ = ref_tiger(
+        params, grads, lr=lambda i: 3e-3, beta=0.95, wd=0.1, k=2, catch_inf=True, min_rms=0.0
+    )
+    assert_trees_close(got, _tree_like(params, want), rtol=2e-5, atol=2e-6)
+
+
+def test_bf16_params_follow_the_reference_to_bf16_rounding():
+    params = flax_like_params(5, dtype=jnp.bfloat16)
+    grads = grads_with_nans(params, 12, 5, nan_every=6)
+    got, state = run(tiger(1e-2, 0.9, 0.01), params, grads)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.mu))
+    want, _, _ = ref_tiger(params, grads, lr=lambda i: 1e-2, beta=0.9, wd=0.01, k=1)
+    # 12 steps, each rounded to bf16 (8 bits): a few ulps of the largest entries
+    assert_trees_close(got, _tree_like(params, want), rtol=3e-2, atol=2e-2)
+
+
+def test_mu_dtype_float32_with_bf16_params():
+    params = flax_like_params(6, dtype=jnp.bfloat16)
+    _, state = run(
+        tiger(1e-2, mu_dtype=jnp.float32), params, grads_with_nans(params, 3, 6, nan_every=0)
+    )
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.mu))
+
+
+def test_equals_optax_lion_with_the_extras_off():
+    with x64():
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(7))
+        grads = grads_with_nans(params, 20, 7, nan_every=0)
+        ours = tiger(2e-3, 0.9, 0.03, param_scaling=None, mask=True)
+        theirs = optax.lion(2e-3, b1=0.9, b2=0.9, weight_decay=0.03)
+        p1, s1 = run(ours, params, grads)
+        p2, s2 = run(theirs, params, grads)
+    assert_trees_close(p1, p2, rtol=1e-13, atol=1e-13)
+    assert_trees_close(s1.mu, s2[0].mu, rtol=1e-13, atol=1e-13)
+
+
+def test_tiger_is_chain_of_its_direction_decay_and_lr():
+    with x64():
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(8))
+        grads = grads_with_nans(params, 10, 8, nan_every=0)
+        ours = tiger(2e-3, 0.9, 0.03, param_scaling=None)
+        chained = optax.chain(
+            scale_by_tiger(0.9),
+            optax.add_decayed_weights(
+                0.03,
+                mask=lambda p: jax.tree_util.tree_map_with_path(
+                    lambda path, _: not re.search(r"(bias|scale)'\]$", jax.tree_util.keystr(path)),
+                    p,
+                ),
+            ),
+            optax.scale(-2e-3),
+        )
+        assert_trees_close(
+            run(ours, params, grads)[0], run(chained, params, grads)[0], rtol=1e-13, atol=1e-13
+        )
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_accumulation_equals_k1_fed_the_mean_gradient(k):
+    with x64():
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(9))
+        micro = grads_with_nans(params, 4 * k, 9, nan_every=0)
+        means = [jax.tree.map(lambda *g: sum(g) / k, *micro[i * k : (i + 1) * k]) for i in range(4)]
+        p_acc, s_acc = run(tiger(schedule, accumulation_steps=k), params, micro)
+        p_one, s_one = run(tiger(schedule), params, means)
+    assert_trees_close(p_acc, p_one, rtol=1e-12, atol=1e-13)
+    assert_trees_close(s_acc.mu, s_one.mu, rtol=1e-12, atol=1e-13)
+
+
+def test_parameters_do_not_move_between_updates():
+    params = flax_like_params(10)
+    tx = tiger(1e-2, accumulation_steps=3)
+    state = tx.init(params)
+    for t, g in enumerate(grads_with_nans(params, 9, 10, nan_every=0)):
+        updates, state = tx.update(g, state, params)
+        moved = any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
+        assert moved == (t % 3 == 2), f"micro-step {t}"
+        params = optax.apply_updates(params, updates)
+
+
+def test_nan_leaf_keeps_momentum_and_shrinks_toward_centre():
+    params = flax_like_params(11)
+    tx = tiger(1e-2)
+    state = tx.init(params)
+    g = random_grads_like(params, 0)
+    _, state = tx.update(g, state, params)
+    bad = jax.tree.map(lambda x: x, g)
+    bad["params"]["final_norm"]["scale"] = bad["params"]["final_norm"]["scale"].at[3].set(jnp.nan)
+    updates, new_state = tx.update(bad, state, params)
+    scale = params["params"]["final_norm"]["scale"]
+    np.testing.assert_allclose(
+        updates["params"]["final_norm"]["scale"], -0.01 * (scale - 1.0), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_array_equal(
+        new_state.mu["params"]["final_norm"]["scale"], state.mu["params"]["final_norm"]["scale"]
+    )
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    # the other leaves stepped normally
+    assert bool(jnp.any(updates["params"]["head"]["kernel"] != 0))
+
+
+def test_without_guard_nan_propagates():
+    params = {"kernel": jnp.ones((2, 2))}
+    tx = tiger(1e-2, guard_nan=False)
+    updates, _ = tx.update({"kernel": jnp.full((2, 2), jnp.nan)}, tx.init(params), params)
+    assert bool(jnp.all(jnp.isnan(updates["kernel"])))
+
+
+def test_inf_is_not_caught_by_default_but_with_catch_inf():
+    params = {"kernel": jnp.ones((2, 2))}
+    g = {"kernel": jnp.array([[jnp.inf, 1.0], [1.0, 1.0]])}
+    u, _ = tiger(1e-2).update(g, tiger(1e-2).init(params), params)
+    assert float(u["kernel"][0, 0]) == pytest.approx(-1e-2 * (1 + 0.01))  # sign(inf) = 1
+    u, _ = tiger(1e-2, catch_inf=True).update(g, tiger(1e-2).init(params), params)
+    np.testing.assert_allclose(u["kernel"], -0.01 * np.ones((2, 2)), rtol=1e-6)  # shrink to 0
+
+
+def test_min_rms_zero_reproduces_the_sources_zero_kernel_never_moves():
+    params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+    grads = [{"dense": {"kernel": jnp.ones((4, 3))}}] * 3
+    p0, _ = run(tiger(1e-2, min_rms=0.0), params, grads)
+    assert bool(jnp.all(p0["dense"]["kernel"] == 0))
+    p1, _ = run(tiger(1e-2), params, grads)
+    np.testing.assert_allclose(p1["dense"]["kernel"], -3 * 1e-2 * 1e-3, rtol=1e-5)
+
+
+def test_custom_scale_rules_and_mask():
+    params = {"emb": {"embedding": jnp.full((3, 2), 2.0)}, "k": {"kernel": jnp.full((2, 2), 4.0)}}
+    g = jax.tree.map(jnp.ones_like, params)
+    tx = tiger(0.1, weight_decay=0.0, param_scaling={r"embedding": 3.0})
+    u, _ = tx.update(g, tx.init(params), params)
+    np.testing.assert_allclose(u["emb"]["embedding"], -0.3)
+    np.testing.assert_allclose(u["k"]["kernel"], -0.1)  # unmatched: scale 1
+    tx = tiger(0.1, weight_decay=0.5, param_scaling=None, mask={"emb": False, "k": True})
+    u, _ = tx.update(g, tx.init(params), params)
+    np.testing.assert_allclose(u["emb"]["embedding"], -0.1)
+    np.testing.assert_allclose(u["k"]["kernel"], -0.1 * (1 + 0.5 * 4.0))
+
+
+def test_default_mask_skips_bias_and_norm_scale():
+    params = {"d": {"bias": jnp.ones(2), "kernel": jnp.ones((2, 2))}, "ln": {"scale": jnp.ones(2)}}
+    g = jax.tree.map(jnp.ones_like, params)
+    tx = tiger(0.1, weight_decay=0.5, min_rms=0.0)
+    u, _ = tx.update(g, tx.init(params), params)
+    np.testing.assert_allclose(u["d"]["bias"], -0.05)
+    np.testing.assert_allclose(u["ln"]["scale"], -0.05)
+    np.testing.assert_allclose(u["d"]["kernel"], -0.1 * 1.5)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_state_bytes_equal_param_bytes(k):
+    params = flax_like_params(12)
+    state = jax.eval_shape(tiger(1e-3, accumulation_steps=k).init, params)
+    assert tree_bytes(state) == tree_bytes(params)
+    bf = flax_like_params(12, dtype=jnp.bfloat16)
+    assert tree_bytes(tiger(accumulation_steps=k).init(bf)) == tree_bytes(bf)
+
+
+# ------------------------------------------------------- optax integration
+
+
+def test_inject_hyperparams_matches_constants():
+    params = flax_like_params(13)
+    grads = grads_with_nans(params, 8, 13, nan_every=3)
+    injected = optax.inject_hyperparams(tiger)(
+        learning_rate=3e-3,
+        beta=0.9,
+        weight_decay=0.02,
+        shrink_ratio=0.9,
+        min_rms=1e-3,
+        accumulation_steps=2,
+    )
+    plain = tiger(3e-3, 0.9, 0.02, shrink_ratio=0.9, accumulation_steps=2)
+    p1, s1 = run(injected, params, grads)
+    p2, _ = run(plain, params, grads)
+    assert_trees_close(p1, p2, rtol=1e-6, atol=1e-7)
+    # a hyperparameter can be changed between steps without recompiling
+    s1.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    u, _ = injected.update(grads[0], s1, p1)
+    u, _ = injected.update(grads[1], _, p1)
+    assert all(not bool(jnp.any(x != 0)) for x in jax.tree.leaves(u))
+
+
+def test_inside_chain_masked_and_partition():
+    params = flax_like_params(14)
+    grads = grads_with_nans(params, 6, 14, nan_every=0)
+    is_kernel = lambda p: jax.tree_util.tree_map_with_path(
+        lambda path, _: "kernel" in jax.tree_util.keystr(path), p
+    )
+    clip = optax.clip_by_global_norm(1.0)
+    # masked: tiger on kernels, the other leaves pass their (clipped) gradients through
+    masked = optax.chain(clip, optax.masked(tiger(1e-2), is_kernel))
+    alone = optax.chain(clip, tiger(1e-2))
+    p_masked, _ = run(masked, params, grads[:1])
+    p_alone, _ = run(alone, params, grads[:1])
+    g0 = clip.update(grads[0], clip.init(params))[0]
+    for (path, a), (_, b), (_, p0), (_, g) in zip(
+        leaf_paths(p_masked), leaf_paths(p_alone), leaf_paths(params), leaf_paths(g0), strict=True
+    ):
+        want = b if "kernel" in path else p0 + g
+        np.testing.assert_allclose(a, want, rtol=1e-6, atol=1e-7, err_msg=path)
+    # partition: tiger on kernels, everything else frozen
+    labels = lambda p: jax.tree.map(lambda k: "tiger" if k else "frozen", is_kernel(p))
+    part = optax.partition({"tiger": tiger(1e-2), "frozen": optax.set_to_zero()}, labels)
+    new, _ = run(part, params, grads)
+    for (path, a), (_, b) in zip(leaf_paths(new), leaf_paths(params), strict=True):
+        assert bool(jnp.any(a != b)) == ("kernel" in path), path
+
+
+def test_abstract_init_and_no_recompile():
+    params = flax_like_params(15)
+    state = abstract_init_matches(tiger(accumulation_steps=3), params)
+    assert isinstance(state, TigerState) and state.count.dtype == jnp.int32
+    assert_no_recompile(
+        tiger(schedule, accumulation_steps=3), params, grads_with_nans(params, 4, 15, nan_every=2)
+    )
+
+
+def test_device_paths_agree():
+    params = flax_like_params(16, width=16, vocab=40)
+    grads = grads_with_nans(params, 6, 16, nan_every=3)
+    assert_same_on_all_paths(
+        tiger(schedule, 0.9, 0.01, accumulation_steps=2), params, grads, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_scale_by_tiger_direction():
+    with x64():
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), random_tree(17))
+        grads = grads_with_nans(params, 12, 17, nan_every=4)
+        got, _ = run(
+            optax.chain(scale_by_tiger(0.9, accumulation_steps=2), optax.scale(-0.1)), params, grads
+        )
+    want, _, _ = ref_tiger(
+        params, grads, lr=lambda i: 0.1, beta=0.9, wd=0.0, k=2, scaling=False, shrink=1.0
+    )
+    assert_trees_close(got, _tree_like(params, want), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"beta": 1.0}, r"beta must be in \[0, 1\), got 1.0"),
+        ({"beta": -0.1}, r"beta must be in \[0, 1\)"),
+        ({"learning_rate": -1e-3}, r"learning_rate must be in \[0, inf\), got -0.001"),
+        ({"weight_decay": -0.1}, r"weight_decay must be in \[0, inf\)"),
+        ({"accumulation_steps": 0}, r"accumulation_steps must be an int >= 1, got 0"),
+        ({"shrink_ratio": 0.0}, r"shrink_ratio must be in \(0, 1\], got 0.0"),
+        ({"shrink_ratio": 1.5}, r"shrink_ratio must be in \(0, 1\]"),
+        ({"min_rms": -1.0}, r"min_rms must be in \[0, inf\)"),
+        ({"param_scaling": "lion"}, r"param_scaling must be one of \['tiger'\]"),
+        ({"param_scaling": {"kernel": "max"}}, r"rule for 'kernel' must be one of"),
+        ({"param_scaling": {"kernel": -1.0}}, r"multiplier for 'kernel' must be in \(0, inf\)"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiger(**kwargs)
+
+
+def test_bad_calls_have_clear_errors():
+    tx = tiger()
+    params = {"kernel": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match="needs the current params"):
+        tx.update(params, tx.init(params))
+    with pytest.raises(TypeError, match="accumulation_steps must be an int"):
+        tiger(accumulation_steps=2.5)
+    with pytest.raises(ValueError, match="mask must be"):
+        tx = tiger(mask={"other": True})
+        tx.update(params, tx.init(params), params)
+
+
+def _tree_like(params, by_path):
+    leaves = [by_path[p] for p, _ in leaf_paths(params)]
+    return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+
+def test_reference_helpers_are_consistent():
+    params = flax_like_params(0)
+    assert_trees_close(_tree_like(params, dict(leaf_paths(to_f64(params)))), params)
