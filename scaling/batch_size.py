@@ -1,0 +1,642 @@
+r"""Learning-rate rules when the batch size changes.
+
+Notation: per-sample gradient mean :math:`g` (= G), covariance :math:`\Sigma`, Hessian
+:math:`H`; a batch of :math:`B` samples has gradient covariance :math:`\Sigma/B`.
+
+- Simple rules: square root (variance view) and linear (SDE view, Goyal et al.).
+- SGD (second-order view, McCandlish et al. 2018; Su, kexue.fm/archives/10542):
+  :math:`\eta^*(B) = \eta_{max}/(1 + B_{noise}/B)`, with momentum the noise term shrinks by
+  :math:`(1-\beta_1)/(1+\beta_1)` (kexue.fm/archives/11301).
+- Sign updates (SignSGD, Lion, Tiger): the optimal learning rate rises, peaks and *falls*
+  as the batch grows (the "surge"), in Su's form (archives/10542), the mean-field form
+  from g and H (archives/11280) and Li et al.'s peak form (arXiv 2405.14578).
+- Adam, mean field with momentum (archives/11301), its peak, and Malladi et al.'s SDE
+  rule (arXiv 2205.10287); beta2 by token half-life (Marek et al. 2025).
+
+Every function computing an optimal learning rate from a curve returns an
+:class:`OptimalLR` ``(lr, peak_batch, has_peak)``: ``peak_batch`` is ``None`` and
+``has_peak`` is ``False`` where the theory says the curve has no interior maximum
+(it then rises monotonically towards its large-batch limit).
+
+Inputs may be Python floats or NumPy arrays (a grid of batch sizes); scalar inputs give
+Python floats. Arguments are checked: a ``ValueError`` names the argument, the value and
+the valid range.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from scaling import _validate as v
+
+__all__ = [
+    "OptimalLR",
+    "SGDNoiseStats",
+    "AdamPeak",
+    "AdamSDE",
+    "sqrt_rule",
+    "linear_rule",
+    "sgd_noise_stats",
+    "momentum_factor",
+    "sgd_optimal_lr",
+    "sgd_loss_decrease",
+    "sgd_transfer",
+    "sign_beta",
+    "sign_beta_noise",
+    "sign_peak_batch",
+    "sign_optimal_lr",
+    "sign_optimal_lr_mean_field",
+    "sign_transfer",
+    "li_optimal_lr",
+    "adam_peak",
+    "adam_optimal_lr",
+    "adam_transfer",
+    "adam_eps_b_simple",
+    "adam_sde_rule",
+    "beta2_by_half_life",
+    "half_life_tokens",
+    "SU_C",
+    "MEAN_FIELD_C",
+]
+
+#: Su's erf approximation constant in :math:`\beta(B) = (1 + c\,\kappa^2/B)^{-1/2}`.
+SU_C = math.pi / 2
+#: The mean-field constant (archives/11280).
+MEAN_FIELD_C = 1.0
+
+
+class OptimalLR(NamedTuple):
+    """An optimal learning rate at a batch size, and where its curve peaks.
+
+    Attributes:
+      lr: the learning rate (float, or an array for an array of batch sizes).
+      peak_batch: batch size of the curve's maximum; ``None`` when there is none.
+      has_peak: ``True`` when the lr rises then falls with the batch size (beyond
+        ``peak_batch`` a larger batch needs a *smaller* lr).
+    """
+
+    lr: Any
+    peak_batch: float | None
+    has_peak: bool
+
+
+class SGDNoiseStats(NamedTuple):
+    """SGD's second-order quantities from g, H and Sigma (McCandlish et al. 2018)."""
+
+    lr_max: float
+    b_noise: float
+    b_simple: float
+    loss_decrease_max: float
+
+
+class AdamPeak(NamedTuple):
+    """Where Adam's mean-field lr curve peaks (archives/11301).
+
+    Attributes:
+      beta: the peak's :math:`\\beta^* = \\sqrt{(1-\\beta_1)/(2\\beta_1)}` (``None`` if no peak).
+      batch_ratio: peak batch / B_simple, :math:`(1-\\beta_1)/(3\\beta_1-1)` (``None`` if none).
+      peak_batch: ``batch_ratio * b_simple`` when ``b_simple`` is given, else ``None``.
+      has_peak: ``beta1 > 1/3``.
+    """
+
+    beta: float | None
+    batch_ratio: float | None
+    peak_batch: float | None
+    has_peak: bool
+
+
+class AdamSDE(NamedTuple):
+    """Adam's hyperparameters after Malladi et al.'s SDE scaling rule."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+
+
+# ------------------------------------------------------------------ simple rules
+
+
+def sqrt_rule(lr, batch, new_batch):
+    r"""Square-root rule: :math:`\eta' = \eta\sqrt{B'/B}` (keeps the update variance).
+
+    Args:
+      lr: learning rate at ``batch``.
+      batch: current batch size.
+      new_batch: target batch size.
+
+    Returns:
+      The learning rate at ``new_batch``.
+
+    Example:
+      >>> round(sqrt_rule(5e-4, 128, 1024), 8)
+      0.00141421
+
+    References:
+      Su, "How should the learning rate change with the batch size?",
+      https://kexue.fm/archives/10542 (variance view); Krizhevsky 2014, arXiv 1404.5997.
+    """
+    v.positive("lr", lr)
+    v.positive("batch", batch)
+    v.positive("new_batch", new_batch)
+    return v.scalar(lr * (new_batch / batch) ** 0.5)
+
+
+def linear_rule(lr, batch, new_batch):
+    r"""Linear rule: :math:`\eta' = \eta B'/B` (SDE view; Goyal et al.'s 0.1·B/256).
+
+    Example:
+      >>> round(linear_rule(0.1, 256, 8192), 12)
+      3.2
+
+    References:
+      Goyal et al. 2017, "Accurate, Large Minibatch SGD", arXiv 1706.02677;
+      https://kexue.fm/archives/10542.
+    """
+    v.positive("lr", lr)
+    v.positive("batch", batch)
+    v.positive("new_batch", new_batch)
+    return v.scalar(lr * (new_batch / batch))
+
+
+# ------------------------------------------------------------------------- SGD
+
+
+def _as_vector(name, x):
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D vector, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite")
+    return a
+
+
+def _as_matrix(name, x, n):
+    a = np.asarray(x, dtype=np.float64)
+    if a.shape != (n, n):
+        raise ValueError(f"{name} must have shape ({n}, {n}), got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite")
+    return a
+
+
+def sgd_noise_stats(g, hessian, sigma) -> SGDNoiseStats:
+    r"""SGD's :math:`\eta_{max}`, :math:`B_{noise}`, :math:`B_{simple}`, :math:`\Delta L_{max}`.
+
+    .. math::
+      \eta_{max} = \frac{g^\top g}{g^\top H g},\quad
+      B_{noise} = \frac{\mathrm{tr}(\Sigma H)}{g^\top H g},\quad
+      B_{simple} = \frac{\mathrm{tr}\,\Sigma}{g^\top g},\quad
+      \Delta L_{max} = \frac{(g^\top g)^2}{2\,g^\top H g}
+
+    Args:
+      g: mean gradient, shape (n,).
+      hessian: Hessian H, shape (n, n); needs :math:`g^\top H g > 0`.
+      sigma: per-sample gradient covariance, shape (n, n).
+
+    Example:
+      >>> s = sgd_noise_stats([1, 2], [[1, 0], [0, 4]], [[4, 0], [0, 1]])
+      >>> round(s.lr_max, 6), round(s.b_noise, 6), s.b_simple
+      (0.294118, 0.470588, 1.0)
+
+    References:
+      McCandlish et al. 2018, "An Empirical Model of Large-Batch Training",
+      arXiv 1812.06162; https://kexue.fm/archives/10542 (second-order approximation).
+    """
+    g = _as_vector("g", g)
+    h = _as_matrix("hessian", hessian, g.size)
+    s = _as_matrix("sigma", sigma, g.size)
+    gg = float(g @ g)
+    ghg = float(g @ h @ g)
+    if not ghg > 0:
+        raise ValueError(f"g^T H g must be > 0 (curvature along g), got {ghg!r}")
+    if not gg > 0:
+        raise ValueError("g must be non-zero")
+    return SGDNoiseStats(
+        lr_max=gg / ghg,
+        b_noise=float(np.trace(s @ h)) / ghg,
+        b_simple=float(np.trace(s)) / gg,
+        loss_decrease_max=gg**2 / (2 * ghg),
+    )
+
+
+def momentum_factor(beta1):
+    r"""The factor :math:`r = (1-\beta_1)/(1+\beta_1)` by which momentum shrinks the noise.
+
+    Momentum acts like a batch :math:`\times (1+\beta_1)/(1-\beta_1)`.
+
+    Example:
+      >>> round(momentum_factor(0.9), 6)
+      0.052632
+
+    References:
+      https://kexue.fm/archives/11301.
+    """
+    v.beta("beta1", beta1)
+    return v.scalar((1 - beta1) / (1 + beta1))
+
+
+def sgd_optimal_lr(batch, lr_max, b_noise, beta1=0.0) -> OptimalLR:
+    r"""SGD(M)'s optimal learning rate at a batch size.
+
+    .. math:: \eta^*(B) = \frac{\eta_{max}}{1 + r\,B_{noise}/B},\qquad
+              r = \frac{1-\beta_1}{1+\beta_1}\ (r = 1\text{ without momentum})
+
+    The curve rises monotonically to :math:`\eta_{max}`: no peak.
+
+    Args:
+      batch: batch size (or an array of them).
+      lr_max: the large-batch limit :math:`\eta_{max} = g^\top g / g^\top H g`.
+      b_noise: :math:`B_{noise} = \mathrm{tr}(\Sigma H)/g^\top H g`.
+      beta1: heavy-ball momentum in [0, 1) (0: plain SGD).
+
+    Example:
+      >>> round(sgd_optimal_lr(100, 0.1, 1000).lr, 7)
+      0.0090909
+
+    References:
+      McCandlish et al. 2018, arXiv 1812.06162; https://kexue.fm/archives/10542 and
+      https://kexue.fm/archives/11301 (momentum).
+    """
+    v.positive("batch", batch)
+    v.positive("lr_max", lr_max)
+    v.nonnegative("b_noise", b_noise)
+    r = momentum_factor(beta1)
+    return OptimalLR(v.scalar(lr_max / (1 + r * b_noise / batch)), None, False)
+
+
+def sgd_loss_decrease(batch, loss_decrease_max, b_noise):
+    r"""Best one-step loss decrease :math:`\Delta L(B) = \Delta L_{max}/(1 + B_{noise}/B)`.
+
+    References:
+      McCandlish et al. 2018, arXiv 1812.06162, eq. 2.9; https://kexue.fm/archives/10542.
+    """
+    v.positive("batch", batch)
+    v.nonnegative("loss_decrease_max", loss_decrease_max)
+    v.nonnegative("b_noise", b_noise)
+    return v.scalar(loss_decrease_max / (1 + b_noise / batch))
+
+
+def sgd_transfer(lr, batch, new_batch, b_noise, beta1=0.0) -> OptimalLR:
+    r"""Moves a tuned SGD(M) learning rate to a new batch size through :math:`B_{noise}`.
+
+    .. math:: \eta(B_2) = \eta(B_1)\,\frac{1 + r B_{noise}/B_1}{1 + r B_{noise}/B_2},
+              \qquad r = \frac{1-\beta_1}{1+\beta_1}
+
+    Example:
+      >>> round(sgd_transfer(0.05, 1000, 10000, 1000).lr, 6)
+      0.090909
+
+    References:
+      McCandlish et al. 2018, arXiv 1812.06162; https://kexue.fm/archives/10542,
+      https://kexue.fm/archives/11301.
+    """
+    v.positive("lr", lr)
+    v.positive("batch", batch)
+    v.positive("new_batch", new_batch)
+    v.nonnegative("b_noise", b_noise)
+    r = momentum_factor(beta1)
+    return OptimalLR(v.scalar(lr * (1 + r * b_noise / batch) / (1 + r * b_noise / new_batch)),
+                     None, False)
+
+
+# ----------------------------------------------------------------- sign updates
+
+
+def sign_beta(batch, b_simple, c=SU_C):
+    r""":math:`\beta(B) = (1 + c\,\kappa^2/B)^{-1/2}`, the mean of sign(batch gradient)
+    along the true gradient, with :math:`\kappa^2 \approx B_{simple}`.
+
+    ``c`` is :math:`\pi/2` (Su's erf approximation, archives/10542) or 1 (mean field,
+    archives/11280).
+    """
+    v.positive("batch", batch)
+    v.nonnegative("b_simple", b_simple)
+    v.positive("c", c)
+    return v.scalar((1 + c * b_simple / batch) ** -0.5)
+
+
+def sign_beta_noise(g, hessian) -> float:
+    r""":math:`\beta_{noise} = \sqrt{\sum_i H_{ii} / \sum_{i\neq j}\mathrm{sign}(g_ig_j)H_{ij}}`.
+
+    Returns ``inf`` when the signed off-diagonal sum is not positive (no surge at all).
+
+    Example:
+      >>> import numpy as np
+      >>> round(sign_beta_noise([1, 1, 1], 0.25 * np.eye(3) + 0.75), 6)
+      0.816497
+
+    References:
+      https://kexue.fm/archives/10542, https://kexue.fm/archives/11280.
+    """
+    g = _as_vector("g", g)
+    h = _as_matrix("hessian", hessian, g.size)
+    diag, off = _sign_sums(g, h)
+    if not diag > 0:
+        raise ValueError(f"the Hessian's trace must be > 0, got {diag!r}")
+    return math.sqrt(diag / off) if off > 0 else math.inf
+
+
+def _sign_sums(g, h):
+    s = np.sign(g)
+    diag = float(np.trace(h))
+    off = float(s @ h @ s) - float(np.sum(np.diag(h) * s * s))
+    return diag, off
+
+
+def sign_peak_batch(b_simple, beta_noise, c=SU_C):
+    r"""Batch size of the surge peak, :math:`B_{peak} = c\kappa^2\beta_n^2/(1-\beta_n^2)`.
+
+    ``None`` when :math:`\beta_{noise} \ge 1` (no surge: the lr rises monotonically).
+
+    Example:
+      >>> round(sign_peak_batch(1000, 0.5), 3)
+      523.599
+
+    References:
+      https://kexue.fm/archives/10542.
+    """
+    v.nonnegative("b_simple", b_simple)
+    v.positive("beta_noise", beta_noise)
+    v.positive("c", c)
+    bn = float(beta_noise)
+    if bn >= 1:
+        return None
+    return float(c * b_simple * bn**2 / (1 - bn**2))
+
+
+def sign_optimal_lr(batch, b_simple, beta_noise=1.0, c=SU_C, lr_max=1.0) -> OptimalLR:
+    r"""Optimal learning rate of a sign update (SignSGD, Lion, Tiger), Su's form.
+
+    .. math::
+      \beta = (1 + c\kappa^2/B)^{-1/2},\qquad
+      \eta^*(B) = \frac{\eta_{max}}{\tfrac12(\beta_{noise}/\beta + \beta/\beta_{noise})}
+
+    The curve peaks at :math:`\beta = \beta_{noise}` (where :math:`\eta^* = \eta_{max}`),
+    i.e. at :math:`B_{peak} = c\kappa^2\beta_n^2/(1-\beta_n^2)`; beyond it the optimal lr
+    *falls* as the batch grows. With :math:`\beta_{noise} \ge 1` there is no surge.
+
+    Args:
+      batch: batch size (or array).
+      b_simple: :math:`\kappa^2 \approx B_{simple}`.
+      beta_noise: :math:`\beta_{noise} > 0` (1: no peak).
+      c: :math:`\pi/2` (Su 2024, default) or 1 (mean field).
+      lr_max: the learning rate at the peak (1.0 gives :math:`\eta^*/\eta_{max}`).
+
+    Example:
+      >>> r = sign_optimal_lr(1000, 1000, beta_noise=0.5)
+      >>> round(r.lr, 5), round(r.peak_batch, 3), r.has_peak
+      (0.97606, 523.599, True)
+
+    References:
+      Su, https://kexue.fm/archives/10542; https://kexue.fm/archives/11280 (c = 1).
+    """
+    v.positive("lr_max", lr_max)
+    v.finite_positive("beta_noise", beta_noise)
+    b = sign_beta(batch, b_simple, c)
+    lr = lr_max / (0.5 * (beta_noise / b + b / beta_noise))
+    peak = sign_peak_batch(b_simple, beta_noise, c)
+    return OptimalLR(v.scalar(lr), peak, peak is not None)
+
+
+def sign_optimal_lr_mean_field(batch, g, hessian, b_simple) -> OptimalLR:
+    r"""Sign update's optimal lr from g and H (mean-field general form, c = 1).
+
+    .. math::
+      \eta^*(B) \approx \frac{\sum_i|g_i|}{\beta^{-1}\sum_i H_{ii}
+        + \beta\sum_{i\neq j}H_{ij}\,\mathrm{sign}(g_ig_j)},\qquad
+      \beta = (1 + B_{simple}/B)^{-1/2}
+
+    Example:
+      >>> import numpy as np
+      >>> r = sign_optimal_lr_mean_field(200, [1, 1, 1], 0.25 * np.eye(3) + 0.75, 100)
+      >>> round(r.lr, 6), round(r.peak_batch, 6)
+      (0.408248, 200.0)
+
+    References:
+      Su, https://kexue.fm/archives/11280.
+    """
+    g = _as_vector("g", g)
+    h = _as_matrix("hessian", hessian, g.size)
+    b = sign_beta(batch, b_simple, MEAN_FIELD_C)
+    diag, off = _sign_sums(g, h)
+    if not diag > 0:
+        raise ValueError(f"the Hessian's trace must be > 0, got {diag!r}")
+    lr = float(np.sum(np.abs(g))) / (diag / b + b * off)
+    peak = sign_peak_batch(b_simple, math.sqrt(diag / off), MEAN_FIELD_C) if off > 0 else None
+    return OptimalLR(v.scalar(lr), peak, peak is not None)
+
+
+def sign_transfer(lr, batch, new_batch, b_simple, beta_noise=1.0, c=SU_C) -> OptimalLR:
+    r"""Moves a sign optimizer's tuned lr to a new batch size along Su's curve.
+
+    .. math:: \eta(B_2) = \eta(B_1)\,
+      \frac{\beta_n/\beta_1 + \beta_1/\beta_n}{\beta_n/\beta_2 + \beta_2/\beta_n},
+      \qquad \beta_k = (1 + c\kappa^2/B_k)^{-1/2}
+
+    With the default ``beta_noise=1`` there is no peak: the lr rises with the batch and
+    saturates (:math:`\eta \propto 2\beta/(1+\beta^2)`).
+
+    References:
+      https://kexue.fm/archives/10542.
+    """
+    v.positive("lr", lr)
+    v.positive("new_batch", new_batch)
+    old = sign_optimal_lr(batch, b_simple, beta_noise, c)
+    new = sign_optimal_lr(new_batch, b_simple, beta_noise, c)
+    return OptimalLR(v.scalar(lr * new.lr / old.lr), new.peak_batch, new.has_peak)
+
+
+def li_optimal_lr(batch, lr_peak, peak_batch) -> OptimalLR:
+    r"""Li et al.'s peak-parameterised surge curve for Adam-style/sign optimizers.
+
+    .. math:: \eta^*(B) = \frac{\eta_{peak}}{\tfrac12\left(\sqrt{B_{peak}/B}
+              + \sqrt{B/B_{peak}}\right)}
+
+    Example:
+      >>> round(li_optimal_lr(250, 1e-3, 1000).lr, 12)
+      0.0008
+
+    References:
+      Li et al. 2024, "Surge Phenomenon in Optimal Learning Rate and Batch Size Scaling",
+      arXiv 2405.14578.
+    """
+    v.positive("batch", batch)
+    v.positive("lr_peak", lr_peak)
+    v.finite_positive("peak_batch", peak_batch)
+    lr = lr_peak / (0.5 * ((peak_batch / batch) ** 0.5 + (batch / peak_batch) ** 0.5))
+    return OptimalLR(v.scalar(lr), float(peak_batch), True)
+
+
+# ------------------------------------------------------------------------- Adam
+
+
+def adam_peak(beta1, b_simple=None) -> AdamPeak:
+    r"""Peak of Adam's mean-field lr curve with momentum.
+
+    With :math:`r = (1-\beta_1)/(1+\beta_1)` the curve
+    :math:`\eta^* \propto 1/(r/\beta + \beta(1-r))` peaks at
+    :math:`\beta^{*2} = r/(1-r) = (1-\beta_1)/(2\beta_1)`, an interior point iff
+    :math:`\beta_1 > 1/3`; the lr must fall for
+    :math:`B > (1-\beta_1)/(3\beta_1-1)\cdot B_{simple}`.
+
+    Example:
+      >>> p = adam_peak(0.9)
+      >>> round(p.batch_ratio, 7), round(p.beta, 6), p.has_peak
+      (0.0588235, 0.235702, True)
+
+    References:
+      Su, https://kexue.fm/archives/11301.
+    """
+    v.beta("beta1", beta1)
+    if b_simple is not None:
+        v.nonnegative("b_simple", b_simple)
+    beta1 = float(beta1)
+    if not beta1 > 1 / 3:
+        return AdamPeak(None, None, None, False)
+    ratio = (1 - beta1) / (3 * beta1 - 1)
+    peak = None if b_simple is None else float(ratio * b_simple)
+    return AdamPeak(math.sqrt((1 - beta1) / (2 * beta1)), ratio, peak, True)
+
+
+def adam_optimal_lr(batch, b_simple, beta1=0.9, scale=1.0) -> OptimalLR:
+    r"""Adam's optimal lr at a batch size (mean field, diagonal H, momentum β1).
+
+    .. math::
+      \eta^*(B) = \frac{s}{r/\beta + \beta(1-r)},\quad
+      r = \frac{1-\beta_1}{1+\beta_1},\quad \beta = (1 + B_{simple}/B)^{-1/2},\quad
+      s = \frac{\sum_i|g_i|}{\sum_i H_{ii}}
+
+    Args:
+      batch: batch size (or array).
+      b_simple: the simple noise scale (use :func:`adam_eps_b_simple` to include ε).
+      beta1: Adam's first-moment decay in [0, 1).
+      scale: :math:`s` (1.0 gives the curve's shape; only ratios matter for transfer).
+
+    References:
+      Su, https://kexue.fm/archives/11301.
+    """
+    v.positive("scale", scale)
+    r = momentum_factor(beta1)
+    b = sign_beta(batch, b_simple, MEAN_FIELD_C)
+    peak = adam_peak(beta1, b_simple)
+    return OptimalLR(v.scalar(scale / (r / b + b * (1 - r))), peak.peak_batch, peak.has_peak)
+
+
+def adam_transfer(lr, batch, new_batch, b_simple, beta1=0.9) -> OptimalLR:
+    r"""Moves a tuned Adam lr to a new batch size along the mean-field curve.
+
+    :math:`\eta(B_2) = \eta(B_1)\,\eta^*(B_2)/\eta^*(B_1)` with :func:`adam_optimal_lr`.
+    Beyond ``peak_batch`` the result is *smaller* than ``lr``.
+
+    Example:
+      >>> r = adam_transfer(3e-4, 256, 4096, b_simple=1000, beta1=0.9)
+      >>> r.has_peak, round(r.peak_batch, 4)
+      (True, 58.8235)
+
+    References:
+      Su, https://kexue.fm/archives/11301.
+    """
+    v.positive("lr", lr)
+    v.positive("new_batch", new_batch)
+    old = adam_optimal_lr(batch, b_simple, beta1)
+    new = adam_optimal_lr(new_batch, b_simple, beta1)
+    return OptimalLR(v.scalar(lr * new.lr / old.lr), new.peak_batch, new.has_peak)
+
+
+def adam_eps_b_simple(trace_sigma, g2, n_params, eps):
+    r"""Adam's effective noise scale with ε: :math:`\mathrm{tr}\Sigma/(g^\top g + N\epsilon^2)`.
+
+    Replacing sign by softsign(x, ε) = x/√(x²+ε²) shrinks the effective B_simple and
+    weakens the surge.
+
+    References:
+      Su, https://kexue.fm/archives/10563.
+    """
+    v.nonnegative("trace_sigma", trace_sigma)
+    v.nonnegative("g2", g2)
+    v.positive("n_params", n_params)
+    v.nonnegative("eps", eps)
+    den = g2 + n_params * eps**2
+    if np.ndim(den) == 0 and not den > 0:
+        raise ValueError("g2 + n_params * eps**2 must be > 0")
+    return v.scalar(trace_sigma / den)
+
+
+def adam_sde_rule(lr, beta1, beta2, eps, kappa) -> AdamSDE:
+    r"""Malladi et al.'s SDE scaling rule for Adam when the batch grows by ``kappa``.
+
+    .. math:: \eta' = \eta\sqrt\kappa,\quad 1-\beta_1' = \kappa(1-\beta_1),\quad
+              1-\beta_2' = \kappa(1-\beta_2),\quad \epsilon' = \epsilon/\sqrt\kappa
+
+    Valid only while :math:`\kappa(1-\beta) < 1` for both betas.
+
+    Example:
+      >>> r = adam_sde_rule(3e-4, 0.9, 0.999, 1e-8, kappa=4)
+      >>> [round(x, 12) for x in r]
+      [0.0006, 0.6, 0.996, 5e-09]
+
+    Raises:
+      ValueError: if ``kappa * (1 - beta) >= 1`` (the rule would give beta <= 0).
+
+    References:
+      Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+      Algorithms", arXiv 2205.10287.
+    """
+    v.positive("lr", lr)
+    v.beta("beta1", beta1)
+    v.beta("beta2", beta2)
+    v.nonnegative("eps", eps)
+    v.finite_positive("kappa", kappa)
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if kappa * (1 - b) >= 1:
+            raise ValueError(
+                f"the SDE rule needs kappa*(1-{name}) < 1, got kappa={kappa!r}, {name}={b!r} "
+                f"(kappa must be < {1 / (1 - b):g})"
+            )
+    root = math.sqrt(kappa)
+    return AdamSDE(
+        float(lr * root), float(1 - kappa * (1 - beta1)), float(1 - kappa * (1 - beta2)),
+        float(eps / root),
+    )
+
+
+def beta2_by_half_life(beta2, batch, new_batch):
+    r"""β2 keeping the second moment's half-life constant in tokens (examples).
+
+    .. math:: \beta_2' = \beta_2^{B'/B}
+
+    Example:
+      >>> round(beta2_by_half_life(0.999, 512, 64), 7)
+      0.9998749
+
+    References:
+      Marek et al. 2025, "Small Batch Size Training for Language Models" (β2 by token
+      half-life), arXiv 2507.07101.
+    """
+    v.beta("beta2", beta2)
+    v.positive("batch", batch)
+    v.positive("new_batch", new_batch)
+    return v.scalar(beta2 ** (new_batch / batch))
+
+
+def half_life_tokens(beta, batch):
+    r"""Half-life of an EMA with decay β, in examples (tokens): :math:`B\ln\tfrac12/\ln\beta`.
+
+    β = 0 forgets at once (half-life 0).
+
+    Example:
+      >>> round(half_life_tokens(0.999, 512))
+      354714
+
+    References:
+      Marek et al. 2025, arXiv 2507.07101.
+    """
+    v.beta("beta", beta)
+    v.positive("batch", batch)
+    if np.ndim(beta) == 0 and float(beta) == 0:
+        return 0.0
+    return v.scalar(batch * math.log(0.5) / np.log(beta))

@@ -1,0 +1,270 @@
+r"""Weight decay as an EMA timescale, and how to move it with the batch size and lr.
+
+With decoupled decay :math:`\theta \leftarrow (1-\eta\lambda)\theta - \eta u` (optax
+``add_decayed_weights`` before the learning rate, PyTorch AdamW) the weights are an
+exponential moving average of the updates with timescale :math:`\tau_{iter} = 1/(\eta\lambda)`
+steps (Wang & Aitchison 2024; Su, kexue.fm/archives/11459). Keeping it constant in *epochs*
+(:math:`\tau_{iter}B/N`) when the batch size and lr change gives
+:math:`\lambda' = \lambda\,(\eta/\eta')(B'/B)`.
+
+Also: Power Lines' τ (Bergsma et al. 2025), coupled ↔ independent decay, the equilibrium
+weight RMS, Su's optimal lr / decay schedules, AdamW → Lion transfer and Amos-derived
+(η, λ) for sign optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from scaling import _validate as v
+
+__all__ = [
+    "LrAndDecay",
+    "DecaySchedules",
+    "ema_timescale",
+    "ema_timescale_epochs",
+    "transfer_weight_decay",
+    "power_lines_tau",
+    "power_lines_weight_decay",
+    "coupled_to_independent",
+    "independent_to_coupled",
+    "equilibrium_weight_rms",
+    "su_constant_decay_lr_schedule",
+    "su_coupled_decay_schedules",
+    "lion_from_adamw",
+    "amos_sign_hyperparams",
+]
+
+
+class LrAndDecay(NamedTuple):
+    """A learning rate and a weight decay."""
+
+    lr: float
+    weight_decay: float
+
+
+class DecaySchedules(NamedTuple):
+    """A learning-rate schedule and a weight-decay schedule (step -> value), jnp-friendly."""
+
+    learning_rate: Callable[[Any], Any]
+    weight_decay: Callable[[Any], Any]
+
+
+def ema_timescale(lr, weight_decay):
+    r"""EMA timescale of the weights in steps, :math:`\tau_{iter} = 1/(\eta\lambda)`.
+
+    Example:
+      >>> round(ema_timescale(3e-4, 0.1))
+      33333
+
+    References:
+      Wang & Aitchison 2024, "How to set AdamW's weight decay as you scale model and
+      dataset size", arXiv 2405.13698; Su, https://kexue.fm/archives/11459.
+    """
+    v.positive("lr", lr)
+    v.positive("weight_decay", weight_decay)
+    return v.scalar(1 / (lr * weight_decay))
+
+
+def ema_timescale_epochs(lr, weight_decay, batch_size, dataset_size):
+    r"""EMA timescale in epochs, :math:`\tau_{epoch} = \tau_{iter}\,B/N`.
+
+    Example:
+      >>> round(ema_timescale_epochs(1e-3, 0.1, 256, 1_000_000), 6)
+      2.56
+
+    References:
+      Wang & Aitchison 2024, arXiv 2405.13698.
+    """
+    v.positive("batch_size", batch_size)
+    v.positive("dataset_size", dataset_size)
+    return v.scalar(ema_timescale(lr, weight_decay) * batch_size / dataset_size)
+
+
+def transfer_weight_decay(weight_decay, lr, new_lr, batch, new_batch):
+    r"""Weight decay keeping the EMA timescale in epochs when (B, η) → (B', η').
+
+    .. math:: \lambda' = \lambda\,\frac{\eta}{\eta'}\,\frac{B'}{B}
+
+    Example:
+      >>> round(transfer_weight_decay(0.1, 1e-3, 2e-3, 256, 1024), 12)
+      0.2
+
+    References:
+      Wang & Aitchison 2024, arXiv 2405.13698; Su, https://kexue.fm/archives/11459.
+    """
+    v.nonnegative("weight_decay", weight_decay)
+    v.positive("lr", lr)
+    v.positive("new_lr", new_lr)
+    v.positive("batch", batch)
+    v.positive("new_batch", new_batch)
+    return v.scalar(weight_decay * (lr / new_lr) * (new_batch / batch))
+
+
+def power_lines_tau(lr, weight_decay, batch_tokens, dataset_tokens):
+    r"""Power Lines' normalised timescale :math:`\tau = B/(\eta\lambda D)` (fraction of
+    training; B and D in tokens).
+
+    Example:
+      >>> round(power_lines_tau(3e-4, 0.1, 4e6, 2e12), 7)
+      0.0666667
+
+    References:
+      Bergsma et al. 2025, "Power Lines: Scaling Laws for Weight Decay and Batch Size in
+      LLM Pre-training", arXiv 2505.13738.
+    """
+    v.positive("batch_tokens", batch_tokens)
+    v.positive("dataset_tokens", dataset_tokens)
+    return v.scalar(ema_timescale(lr, weight_decay) * batch_tokens / dataset_tokens)
+
+
+def power_lines_weight_decay(lr, tau, batch_tokens, dataset_tokens):
+    r"""Weight decay for a target Power Lines τ: :math:`\lambda = B/(\eta\tau D)`.
+
+    Example:
+      >>> round(power_lines_weight_decay(3e-4, 1 / 15, 4e6, 2e12), 10)
+      0.1
+
+    References:
+      Bergsma et al. 2025, arXiv 2505.13738.
+    """
+    v.positive("lr", lr)
+    v.positive("tau", tau)
+    v.positive("batch_tokens", batch_tokens)
+    v.positive("dataset_tokens", dataset_tokens)
+    return v.scalar(batch_tokens / (lr * tau * dataset_tokens))
+
+
+def coupled_to_independent(weight_decay, peak_lr):
+    r"""Coupled decay :math:`\theta \mathrel{-}= \eta_t(u + \lambda\theta)` (optax, PyTorch) to
+    independent decay :math:`\theta \mathrel{-}= s_t(\eta u + \hat\lambda\theta)` (schedule
+    multiplier :math:`s_t`): :math:`\hat\lambda = \eta_{peak}\lambda`.
+
+    Example:
+      >>> round(coupled_to_independent(0.1, 1e-3), 12)
+      0.0001
+
+    References:
+      Loshchilov & Hutter 2019, arXiv 1711.05101; https://kexue.fm/archives/11459.
+    """
+    v.nonnegative("weight_decay", weight_decay)
+    v.positive("peak_lr", peak_lr)
+    return v.scalar(peak_lr * weight_decay)
+
+
+def independent_to_coupled(independent_decay, peak_lr):
+    r"""Inverse of :func:`coupled_to_independent`: :math:`\lambda = \hat\lambda/\eta_{peak}`."""
+    v.nonnegative("independent_decay", independent_decay)
+    v.positive("peak_lr", peak_lr)
+    return v.scalar(independent_decay / peak_lr)
+
+
+def equilibrium_weight_rms(lr, weight_decay):
+    r"""Equilibrium weight RMS under AdamW, :math:`\approx\sqrt{\eta/(2\lambda)}`.
+
+    Example:
+      >>> round(equilibrium_weight_rms(3e-4, 0.1), 7)
+      0.0387298
+
+    References:
+      Su, https://kexue.fm/archives/11307.
+    """
+    v.positive("lr", lr)
+    v.positive("weight_decay", weight_decay)
+    return v.scalar((lr / (2 * weight_decay)) ** 0.5)
+
+
+def su_constant_decay_lr_schedule(lr_max, weight_decay) -> Callable[[Any], Any]:
+    r"""Su's optimal lr schedule under a constant weight decay λ.
+
+    .. math:: \eta_s = \frac{\eta_{max}}{\lambda\eta_{max}s + 1}
+
+    Returns a schedule ``step -> lr`` built from arithmetic only, so it works on Python
+    numbers and inside ``jax.jit`` (use it as an optax schedule).
+
+    Example:
+      >>> float(su_constant_decay_lr_schedule(1e-3, 0.1)(10_000))
+      0.0005
+
+    References:
+      Su, https://kexue.fm/archives/11459.
+    """
+    v.positive("lr_max", lr_max)
+    v.nonnegative("weight_decay", weight_decay)
+
+    def schedule(step):
+        return lr_max / (weight_decay * lr_max * step + 1)
+
+    return schedule
+
+
+def su_coupled_decay_schedules(lr_max, weight_decay_max) -> DecaySchedules:
+    r"""Su's optimal schedules when the decay follows the lr, :math:`\lambda_s =
+    (\lambda_{max}/\eta_{max})\eta_s`.
+
+    .. math:: \eta_s = \frac{\eta_{max}}{\sqrt{2\lambda_{max}\eta_{max}s + 1}},\qquad
+              \lambda_s = \frac{\lambda_{max}}{\eta_{max}}\eta_s
+
+    Returns:
+      :class:`DecaySchedules` ``(learning_rate, weight_decay)``, each ``step -> value``,
+      jnp-friendly (``optax.inject_hyperparams`` or any optax schedule argument).
+
+    Example:
+      >>> s = su_coupled_decay_schedules(1e-3, 0.1)
+      >>> round(float(s.learning_rate(10_000)), 9), round(float(s.weight_decay(10_000)), 6)
+      (0.00057735, 0.057735)
+
+    References:
+      Su, https://kexue.fm/archives/11459.
+    """
+    v.positive("lr_max", lr_max)
+    v.nonnegative("weight_decay_max", weight_decay_max)
+
+    def learning_rate(step):
+        return lr_max / (2 * weight_decay_max * lr_max * step + 1) ** 0.5
+
+    def weight_decay(step):
+        return weight_decay_max / lr_max * learning_rate(step)
+
+    return DecaySchedules(learning_rate, weight_decay)
+
+
+def lion_from_adamw(lr, weight_decay, k=3.0) -> LrAndDecay:
+    r"""Lion's (lr, weight decay) from a tuned AdamW: lr ÷ k, λ × k (ηλ kept), k ∈ [3, 10].
+
+    Example:
+      >>> r = lion_from_adamw(3e-4, 0.1, k=3)
+      >>> round(r.lr, 12), round(r.weight_decay, 12)
+      (0.0001, 0.3)
+
+    References:
+      Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms" (Lion),
+      arXiv 2302.06675, section 5.
+    """
+    v.positive("lr", lr)
+    v.nonnegative("weight_decay", weight_decay)
+    v.check("k", k, 3.0, 10.0)
+    return LrAndDecay(v.scalar(lr / k), v.scalar(weight_decay * k))
+
+
+def amos_sign_hyperparams(init_std, alpha0) -> LrAndDecay:
+    r"""Amos-derived (η, λ) for a sign optimizer: :math:`\eta \approx \alpha_0\sigma`,
+    :math:`\lambda = \alpha_0/(2\sigma)` (σ: the parameter's initial standard deviation).
+
+    Example:
+      >>> r = amos_sign_hyperparams(1 / math.sqrt(768), 1.11e-3)
+      >>> round(r.lr, 9), round(r.weight_decay, 6)
+      (4.0054e-05, 0.015381)
+
+    References:
+      Su, https://kexue.fm/archives/9473 (Tiger), https://kexue.fm/archives/9344 (Amos).
+    """
+    v.finite_positive("init_std", init_std)
+    v.positive("alpha0", alpha0)
+    return LrAndDecay(v.scalar(alpha0 * init_std), v.scalar(alpha0 / (2 * init_std)))
+
+
+# Keeps `math` used in the doctest namespace.
+_ = math
