@@ -86,12 +86,15 @@ def _checked_rules(rules: PathRules) -> PathRules:
                 f"pairs, got the item {item!r}"
             )
         pattern, value = item
-        if not is_concrete_number(value):
+        try:
+            if isinstance(value, str) or not is_concrete_number(value):
+                raise TypeError
+            v = float(value)
+        except (TypeError, ValueError):
             raise TypeError(
                 f"the multiplier for pattern {pattern!r} must be a concrete number (it is "
                 f"fixed per parameter at trace time), got {value!r}"
-            )
-        v = float(value)
+            ) from None
         if not math.isfinite(v) or v < 0:
             raise ValueError(
                 f"the multiplier for pattern {pattern!r} must be finite and >= 0, got {value!r}"
