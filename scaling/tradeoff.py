@@ -89,7 +89,9 @@ def steps_and_examples(batch, s_min, e_min) -> StepsAndExamples:
     v.positive("s_min", s_min)
     v.positive("e_min", e_min)
     b_crit = e_min / s_min
-    return StepsAndExamples(steps_needed(batch, s_min, b_crit), examples_needed(batch, e_min, b_crit))
+    return StepsAndExamples(
+        steps_needed(batch, s_min, b_crit), examples_needed(batch, e_min, b_crit)
+    )
 
 
 def fit_tradeoff(steps, examples) -> TradeoffFit:

@@ -1,0 +1,321 @@
+r"""One call from a tuned recipe to the hyperparameters at a new batch size.
+
+:func:`recommend` chooses the rule for the optimizer family and explains every number:
+
+=============  ===========================================================================
+family         learning-rate rule (with a noise scale)
+=============  ===========================================================================
+sgd            :func:`~scaling.batch_size.sgd_transfer` through B_noise
+sgdm           the same with the momentum factor (1-β1)/(1+β1)
+adam, adamw    :func:`~scaling.batch_size.adam_transfer` (mean field with β1, B_simple)
+lion, tiger    :func:`~scaling.batch_size.sign_transfer` (Su's surge form; β_noise = 1
+               unless given, i.e. no peak)
+=============  ===========================================================================
+
+Without a noise scale it **falls back** to a simple rule, labelled as such in the
+reason: linear for sgd/sgdm, square root for adam/adamw/lion/tiger. Pass ``strict=True``
+to raise ``ValueError`` instead. Weight decay keeps the EMA timescale in epochs
+(:func:`~scaling.weight_decay.transfer_weight_decay`); β2 of adam/adamw keeps its
+half-life in examples (:func:`~scaling.batch_size.beta2_by_half_life`); steps and
+examples follow the tradeoff law with B_crit ≈ the noise scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from optax_ext._common import check_choice
+from scaling import _validate as v
+from scaling import batch_size as bs
+from scaling import weight_decay as wd
+
+__all__ = ["FAMILIES", "Recommendation", "recommend"]
+
+FAMILIES = ("sgd", "sgdm", "adam", "adamw", "lion", "tiger")
+_SIGN = ("lion", "tiger")
+_ADAM = ("adam", "adamw")
+_DEFAULT_BETA1 = {"sgd": 0.0, "sgdm": 0.9, "adam": 0.9, "adamw": 0.9, "lion": 0.9, "tiger": 0.965}
+_DEFAULT_BETA2 = {"adam": 0.999, "adamw": 0.999, "lion": 0.99}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendation:
+    """Recommended hyperparameters at ``new_batch`` and why.
+
+    ``reasons`` maps each quantity (``lr``, ``weight_decay``, ``beta1``, ``beta2``,
+    ``steps``) to a one-line explanation. ``steps_ratio`` / ``examples_ratio`` are the
+    tradeoff law's new/old steps and examples to the same loss (``None`` without a
+    noise scale); ``new_steps`` / ``new_examples`` need the current ``steps``.
+    """
+
+    optimizer: str
+    batch: float
+    new_batch: float
+    rule: str
+    noise_scale: float | None
+    lr: float
+    new_lr: float
+    weight_decay: float | None
+    new_weight_decay: float | None
+    beta1: float | None
+    new_beta1: float | None
+    beta2: float | None
+    new_beta2: float | None
+    peak_batch: float | None
+    has_peak: bool
+    steps_ratio: float | None
+    examples_ratio: float | None
+    steps: float | None
+    new_steps: float | None
+    new_examples: float | None
+    reasons: dict[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        rows = [("batch", self.batch, self.new_batch, f"rule: {self.rule}")]
+        rows.append(("lr", self.lr, self.new_lr, self.reasons["lr"]))
+        if self.weight_decay is not None:
+            rows.append(("weight_decay", self.weight_decay, self.new_weight_decay,
+                         self.reasons["weight_decay"]))
+        if self.beta1 is not None:
+            rows.append(("beta1", self.beta1, self.new_beta1, self.reasons["beta1"]))
+        if self.beta2 is not None:
+            rows.append(("beta2", self.beta2, self.new_beta2, self.reasons["beta2"]))
+        if self.steps_ratio is not None:
+            rows.append(("steps", self.steps if self.steps is not None else 1.0,
+                         self.new_steps if self.new_steps is not None else self.steps_ratio,
+                         self.reasons["steps"]))
+            rows.append(("examples", None if self.steps is None else self.steps * self.batch,
+                         self.new_examples if self.new_examples is not None
+                         else self.examples_ratio, "examples = steps x batch"
+                         if self.steps is not None else "relative to the current run"))
+        else:
+            rows.append(("steps", self.steps, None, self.reasons["steps"]))
+        return format_table(
+            ["quantity", "current", "recommended", "reason"],
+            [[name, fmt(a), fmt(b), why] for name, a, b, why in rows],
+            title=f"{self.optimizer}: batch {fmt(self.batch)} -> {fmt(self.new_batch)}",
+        )
+
+
+def fmt(x) -> str:
+    """Compact number formatting for tables ('-' for None)."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int | float):
+        return f"{x:.6g}"
+    return str(x)
+
+
+def format_table(header, rows, title=None) -> str:
+    """A plain-text table with aligned columns (the last column is left free)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    line = lambda r: "  ".join(
+        [str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=True)] + [str(r[-1])]
+    ).rstrip()
+    out = [title] if title else []
+    out += [line(header), line(["-" * w for w in widths] + ["-" * len(header[-1])])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _ratio(b_crit, batch, new_batch):
+    steps = (1 + b_crit / new_batch) / (1 + b_crit / batch)
+    examples = (1 + new_batch / b_crit) / (1 + batch / b_crit)
+    return steps, examples
+
+
+def recommend(
+    optimizer: str,
+    lr: float,
+    batch: float,
+    new_batch: float,
+    *,
+    b_noise: float | None = None,
+    b_simple: float | None = None,
+    weight_decay: float | None = None,
+    beta1: float | None = None,
+    beta2: float | None = None,
+    beta_noise: float = 1.0,
+    c: float = bs.SU_C,
+    steps: float | None = None,
+    strict: bool = False,
+) -> Recommendation:
+    r"""Recommends lr, weight decay, betas, steps and examples at a new batch size.
+
+    Args:
+      optimizer: one of ``sgd, sgdm, adam, adamw, lion, tiger``.
+      lr: the tuned learning rate at ``batch``.
+      batch: the current batch size (examples or tokens; same unit as the noise scale).
+      new_batch: the target batch size.
+      b_noise: measured or estimated :math:`B_{noise}` (SGD's rule), optional.
+      b_simple: measured :math:`B_{simple}` (Adam / sign rules), optional. When only one
+        of the two is given it stands in for the other (exact when H ∝ I), as the reason
+        says.
+      weight_decay: current decoupled weight decay λ (update θ ← θ − η(u + λθ)), optional.
+      beta1: momentum / Adam β1 (family default if None: sgd 0, sgdm 0.9, adam 0.9,
+        lion 0.9, tiger 0.965).
+      beta2: Adam's β2 (default 0.999 for adam/adamw; lion's β2 is kept).
+      beta_noise: β_noise of the sign surge form (lion/tiger); 1 means no peak.
+      c: the sign form's constant, π/2 (Su 2024) or 1 (mean field).
+      steps: steps the current run needs (to a target loss or total); gives absolute
+        predicted steps and examples.
+      strict: raise ``ValueError`` instead of falling back to a simple rule when no
+        noise scale is given.
+
+    Returns:
+      A :class:`Recommendation` (``print`` it for a table, ``.as_dict()`` for JSON).
+
+    Example:
+      >>> r = recommend("adamw", 3e-4, 256, 1024, b_simple=2000, weight_decay=0.1)
+      >>> round(r.new_lr / 3e-4, 4), round(r.peak_batch, 2)  # past the peak: lr falls
+      (0.7408, 117.65)
+      >>> print(r)  # doctest: +ELLIPSIS
+      adamw: batch 256 -> 1024
+      ...
+
+    References:
+      Su, https://kexue.fm/archives/10542, https://kexue.fm/archives/11301,
+      https://kexue.fm/archives/11459; McCandlish et al. 2018, arXiv 1812.06162;
+      Marek et al. 2025, arXiv 2507.07101.
+    """
+    check_choice("optimizer", optimizer, FAMILIES)
+    v.positive("lr", lr)
+    v.positive("batch", batch)
+    v.positive("new_batch", new_batch)
+    for name, value in (("b_noise", b_noise), ("b_simple", b_simple)):
+        if value is not None:
+            v.finite_positive(name, value)
+    if weight_decay is not None:
+        v.nonnegative("weight_decay", weight_decay)
+    if steps is not None:
+        v.positive("steps", steps)
+    b1 = _DEFAULT_BETA1[optimizer] if beta1 is None else beta1
+    v.beta("beta1", b1)
+    if beta2 is not None:
+        v.beta("beta2", beta2)
+    b2 = _DEFAULT_BETA2.get(optimizer) if beta2 is None else beta2
+    lr, batch, new_batch = float(lr), float(batch), float(new_batch)
+    reasons: dict[str, str] = {}
+    kappa = new_batch / batch
+
+    # --- learning rate
+    needs = "b_noise" if optimizer in ("sgd", "sgdm") else "b_simple"
+    given = b_noise if needs == "b_noise" else b_simple
+    other = b_simple if needs == "b_noise" else b_noise
+    stand_in = ""
+    if given is None and other is not None:
+        given = other
+        used = "B_simple" if needs == "b_noise" else "B_noise"
+        stand_in = f" ({used} used as {needs}: exact if H is a multiple of I)"
+    peak, has_peak = None, False
+    if given is None:
+        if strict:
+            raise ValueError(
+                f"the {optimizer} rule needs a noise scale: give {needs} (or the other of "
+                "b_noise/b_simple), or strict=False for the simple fallback rule"
+            )
+        if optimizer in ("sgd", "sgdm"):
+            rule, new_lr = "linear (fallback)", bs.linear_rule(lr, batch, new_batch)
+            reasons["lr"] = "fallback, no noise scale given: linear rule lr x B'/B (Goyal et al.)"
+        else:
+            rule, new_lr = "sqrt (fallback)", bs.sqrt_rule(lr, batch, new_batch)
+            reasons["lr"] = "fallback, no noise scale given: square-root rule lr x sqrt(B'/B)"
+    elif optimizer in ("sgd", "sgdm"):
+        res = bs.sgd_transfer(lr, batch, new_batch, given, b1)
+        new_lr = res.lr
+        rule = "sgd B_noise transfer" + (" with momentum" if b1 > 0 else "")
+        reasons["lr"] = (
+            f"lr x (1+r*Bn/B)/(1+r*Bn/B'), Bn={given:.6g}, r=(1-b1)/(1+b1)="
+            f"{bs.momentum_factor(b1):.4g}; no peak{stand_in}"
+        )
+    elif optimizer in _ADAM:
+        res = bs.adam_transfer(lr, batch, new_batch, given, b1)
+        new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
+        rule = "adam mean-field curve"
+        tail = (f"lr falls beyond B={peak:.6g}" if has_peak else "no peak (beta1 <= 1/3)")
+        reasons["lr"] = (
+            f"mean-field Adam curve with beta1={b1:g}, B_simple={given:.6g}; {tail}{stand_in}"
+        )
+    else:
+        res = bs.sign_transfer(lr, batch, new_batch, given, beta_noise, c)
+        new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
+        rule = "sign surge (Su)"
+        tail = (f"peak at B={peak:.6g}, lr falls beyond" if has_peak
+                else f"beta_noise={beta_noise:g}: no peak")
+        reasons["lr"] = (
+            f"Su's sign curve, kappa^2=B_simple={given:.6g}, c={c:.4g}; {tail}{stand_in}"
+        )
+
+    # --- weight decay
+    new_wd = None
+    if weight_decay is not None:
+        new_wd = wd.transfer_weight_decay(weight_decay, lr, new_lr, batch, new_batch)
+        reasons["weight_decay"] = (
+            "wd x (lr/lr')(B'/B): keeps the EMA timescale 1/(lr*wd) constant in epochs"
+        )
+
+    # --- betas
+    new_b1 = b1
+    if optimizer == "sgd":
+        reasons["beta1"] = "plain SGD: no momentum"
+    elif optimizer == "sgdm":
+        reasons["beta1"] = (
+            f"kept; momentum acts like a batch x{(1 + b1) / (1 - b1):.3g} on the noise term"
+        )
+    elif optimizer in _ADAM:
+        sde = ""
+        if kappa * (1 - b1) < 1 and kappa * (1 - b2) < 1:
+            alt = bs.adam_sde_rule(lr, b1, b2, 1e-8, kappa)
+            sde = f" (Malladi's SDE rule instead: beta1={alt.beta1:.4g}, lr={alt.lr:.4g})"
+        reasons["beta1"] = "kept: the lr curve above assumes this beta1" + sde
+    else:
+        reasons["beta1"] = "kept: the sign curve has no momentum term"
+    new_b2 = b2
+    if optimizer in _ADAM:
+        new_b2 = bs.beta2_by_half_life(b2, batch, new_batch)
+        reasons["beta2"] = (
+            "beta2^(B'/B): keeps its half-life in examples"
+            + (" (beta2 not given: 0.999 assumed)" if beta2 is None else "")
+        )
+    elif b2 is not None:
+        reasons["beta2"] = "kept"
+
+    # --- steps and examples
+    b_crit = b_noise if b_noise is not None else b_simple
+    steps_ratio = examples_ratio = new_steps = new_examples = None
+    if b_crit is None:
+        reasons["steps"] = "no prediction: needs a noise scale (B_crit ~ B_noise)"
+    else:
+        steps_ratio, examples_ratio = _ratio(float(b_crit), batch, new_batch)
+        reasons["steps"] = (
+            f"tradeoff law S=S_min(1+B_crit/B), B_crit~{b_crit:.6g}"
+            + ("" if steps is not None else "; ratio to the current run")
+        )
+        if steps is not None:
+            new_steps = float(steps) * steps_ratio
+            new_examples = new_steps * new_batch
+
+    return Recommendation(
+        optimizer=optimizer, batch=batch, new_batch=new_batch, rule=rule,
+        noise_scale=None if given is None else float(given),
+        lr=lr, new_lr=float(new_lr),
+        weight_decay=None if weight_decay is None else float(weight_decay),
+        new_weight_decay=None if new_wd is None else float(new_wd),
+        beta1=float(b1), new_beta1=float(new_b1),
+        beta2=None if b2 is None else float(b2),
+        new_beta2=None if new_b2 is None else float(new_b2),
+        peak_batch=peak, has_peak=has_peak, steps_ratio=steps_ratio,
+        examples_ratio=examples_ratio, steps=None if steps is None else float(steps),
+        new_steps=new_steps, new_examples=new_examples, reasons=reasons,
+    )
+
+
+_ = math
