@@ -79,7 +79,7 @@ def _reference(params, micro_grads, k):
                 mean = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *cycle)
                 m = jax.tree.map(lambda m_, g_: BETA * m_ + g_, m, mean)
                 lr = LR0 / (1.0 + update)
-                theta = jax.tree.map(lambda p, m_: p - lr * m_, theta, m)
+                theta = jax.tree.map(lambda p, m_, lr=lr: p - lr * m_, theta, m)
                 update += 1
             cycle = []
         history.append(theta)
