@@ -153,7 +153,7 @@ def test_inject_hyperparams_matches_direct():
 
 
 def test_chain_masked_and_abstract_init():
-    params = random_tree(11)
+    params = random_tree(12)
     abstract_init_matches(sgdm(0.1, accumulation_steps=3, nesterov=True), params)
     mask = jax.tree.map(lambda x: x.ndim > 1, params)
     assert 0 < sum(jax.tree.leaves(mask)) < len(jax.tree.leaves(mask))
