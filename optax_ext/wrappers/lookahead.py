@@ -57,7 +57,8 @@ def lookahead(
 
     Args:
       inner: the fast optimizer (any optax transform; extra args are forwarded).
-      sync_period: k, an int >= 1 (static). k = 1 with α = 1 is the inner optimizer.
+      sync_period: k, an int >= 1 (may be injected). k = 1 with α = 1 is the inner
+        optimizer.
       slow_step_size: α in [0, 1]; may be injected with ``optax.inject_hyperparams``.
 
     Returns:
@@ -93,7 +94,7 @@ def lookahead(
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
+            raise ValueError("lookahead needs params in update (it moves them to the slow weights)")
         updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         sync = (state.count % sync_period) == (sync_period - 1)
         alpha = slow_step_size
