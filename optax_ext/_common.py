@@ -55,9 +55,19 @@ def _key_str(key: Any) -> str:
     return str(key)
 
 
+def _is_nnx_value(key: Any) -> bool:
+    # NNX Variables flatten to their ``.value`` attribute; dropping it gives NNX params
+    # the same paths as Linen's ("dense/bias", not "dense/bias/value").
+    return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
+
+
 def path_to_str(path: Sequence[Any]) -> str:
-    """Joins a JAX key path (``DictKey``, ``GetAttrKey``, ``SequenceKey``...) with ``/``."""
-    return "/".join(_key_str(k) for k in path)
+    """Joins a JAX key path (``DictKey``, ``GetAttrKey``, ``SequenceKey``...) with ``/``.
+
+    The ``.value`` attribute of Flax NNX variables is left out, so ``nnx.Param`` leaves
+    get the same paths as Linen parameters.
+    """
+    return "/".join(_key_str(k) for k in path if not _is_nnx_value(k))
 
 
 def tree_paths(tree: Any) -> Any:
