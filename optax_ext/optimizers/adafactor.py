@@ -1,0 +1,391 @@
+"""AdaFactor as Su Jianlin reads it (bert4keras AdaFactorV1): factored second moment,
+update clipping, momentum before the parameter scale, and a 1/√τ default learning rate.
+
+Reference: Su Jianlin, "AdaFactor optimizer analysis", https://kexue.fm/archives/7302;
+Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
+https://arxiv.org/abs/1804.04235.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_ext._common import canonical_dtype, check_int, check_range
+from optax_ext.optimizers.lion import decay_mask
+
+#: The threshold of ``min_dim_size_to_factor=None``.
+DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128
+
+
+class FactoredMoment(NamedTuple):
+    """The factored second moment of one tensor, each kept with its reduced axis as size 1.
+
+    ``row`` is the mean of g² over the largest axis, ``col`` over the second-largest.
+    """
+
+    row: jax.Array
+    col: jax.Array
+
+
+class ScaleByAdafactorState(NamedTuple):
+    """State of :func:`scale_by_adafactor`.
+
+    ``nu`` has the params' structure; each leaf is either the full second moment or a
+    :class:`FactoredMoment` (m + n numbers for an m×n matrix). ``mu`` is the momentum
+    (the params' structure) or ``None`` without momentum.
+    """
+
+    count: jax.Array  # int32: the 0-based step t; τ = t + 1
+    nu: Any
+    mu: Any
+
+
+# ----------------------------------------------------------------------- factoring
+
+
+def factored_axes(shape: tuple[int, ...], min_dim_size_to_factor: int) -> tuple[int, int] | None:
+    """(largest axis, second-largest axis) if the tensor's second moment is factored, else None.
+
+    Factored when the tensor has ≥ 2 axes and its second-largest axis has at least
+    ``min_dim_size_to_factor`` entries. Ties: the later axis counts as the larger (as in
+    ``optax.adafactor``), so a square matrix reduces its columns (axis 1) for ``row``.
+    """
+    axes = _two_largest(shape)
+    if axes is None or shape[axes[1]] < min_dim_size_to_factor:
+        return None
+    return axes
+
+
+def _two_largest(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    if len(shape) < 2:
+        return None
+    order = np.argsort(shape, kind="stable")
+    return int(order[-1]), int(order[-2])
+
+
+def _work_dtype(dtype: Any) -> Any:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _zeros_reduced(param: Any, axis: int, dtype: Any) -> jax.Array:
+    # eval_shape keeps the param's sharding in the reduced shape (abstract leaves too)
+    target = jax.eval_shape(lambda x: jnp.mean(x, axis=axis, keepdims=True), param)
+    return jnp.zeros_like(target, dtype=dtype)
+
+
+def _init_nu(param: Any, min_dim: int) -> Any:
+    dtype = _work_dtype(param.dtype)
+    axes = factored_axes(param.shape, min_dim)
+    if axes is None:
+        return jnp.zeros_like(param, dtype=dtype)
+    largest, second = axes
+    return FactoredMoment(
+        row=_zeros_reduced(param, largest, dtype), col=_zeros_reduced(param, second, dtype)
+    )
+
+
+# ----------------------------------------------------------------------- per leaf
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def _second_moment(g, nu, beta2, eps1):
+    """(factors of v, new state leaf): v, the EMA of g² + ε1, is the product of the
+    (broadcast) factors; a factored v is never materialised at full size."""
+    if not isinstance(nu, FactoredMoment):
+        new = beta2 * nu + (1.0 - beta2) * (jnp.square(g) + eps1)
+        return (new,), new
+    largest, second = _two_largest(g.shape)
+    # mean(g²) + ε1 rather than mean(g² + ε1): the same number, but XLA's CPU reduction
+    # would otherwise materialise a full-size broadcast of ε1.
+    row_mean = jnp.mean(jnp.square(g), axis=largest, keepdims=True) + eps1
+    # Without the barrier XLA fuses the row and column means into one multi-output
+    # reduction that runs ~5x slower than the two apart on CPU.
+    row_mean, g = jax.lax.optimization_barrier((row_mean, g))
+    col_mean = jnp.mean(jnp.square(g), axis=second, keepdims=True) + eps1
+    row = beta2 * nu.row + (1.0 - beta2) * row_mean
+    col = beta2 * nu.col + (1.0 - beta2) * col_mean
+    return (row, col / jnp.mean(row, axis=second, keepdims=True)), FactoredMoment(row, col)
+
+
+def _normalised(g, factors, eps1):
+    """u = g / sqrt(v + ε1) with v the product of ``factors``."""
+    if len(factors) == 1:
+        return g * jax.lax.rsqrt(factors[0] + eps1)
+    # rsqrt(r·c + ε1) = rsqrt(r)·rsqrt(c + ε1/r): ε1 joins a small factor, so XLA's CPU
+    # reductions need no full-size broadcast of it (they materialise one otherwise).
+    row, col = factors
+    return g * jax.lax.rsqrt(row) * jax.lax.rsqrt(col + eps1 / row)
+
+
+def _adafactor_leaf(g, nu, m, p, *, beta2, eps1, clip, momentum, eps2):
+    """One leaf: (direction in g's dtype, new second-moment leaf, new momentum or None)."""
+    work = _work_dtype(g.dtype)
+    gw = g.astype(work)
+    factors, new_nu = _second_moment(gw, nu, beta2, eps1)
+    u = _normalised(gw, factors, eps1)
+    if clip is not None:
+        shrink = jnp.maximum(1.0, _rms(u) / clip)
+        # Recompute u after the reduction instead of storing it: the barrier keeps XLA
+        # from merging the two computations of u into one full-size temporary.
+        gw, factors = jax.lax.optimization_barrier((gw, factors))
+        u = _normalised(gw, factors, eps1) / shrink
+    new_m = None
+    if m is not None:
+        u = momentum * m.astype(work) + (1.0 - momentum) * u
+        new_m = u.astype(m.dtype)
+    if p is not None:
+        u = u * jnp.maximum(_rms(p.astype(work)), eps2)
+    return u.astype(g.dtype), new_nu, new_m
+
+
+def _float_dtype() -> Any:
+    # float32, or float64 when JAX runs in x64: counters become floats at full precision
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _beta2(decay_rate: Any, count: jax.Array) -> jax.Array:
+    """β2_τ: 1 - τ^(-0.8) with τ = t + 1 when ``decay_rate`` is None, else the constant."""
+    if decay_rate is None:
+        return 1.0 - (count.astype(_float_dtype()) + 1.0) ** -0.8
+    return decay_rate
+
+
+def _static_min_dim(value: Any) -> int:
+    if value is None:
+        return DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            "min_dim_size_to_factor decides the state's shapes and must be static: under "
+            "optax.inject_hyperparams name it in static_args=('min_dim_size_to_factor',) "
+            "(or leave it None, which means 128)"
+        )
+    return int(value)
+
+
+# -------------------------------------------------------------------- transforms
+
+
+def scale_by_adafactor(
+    decay_rate: float | None = None,
+    *,
+    min_dim_size_to_factor: int | None = None,
+    factored: bool = True,
+    eps1: float = 1e-30,
+    clipping_threshold: float | None = 1.0,
+    momentum: float | None = None,
+    multiply_by_parameter_scale: bool = True,
+    eps2: float = 1e-3,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaFactor's direction (Su's reading): factored RMS scaling, clipping, momentum, θ-scale.
+
+    With τ = t + 1 and β2_τ = 1 - τ^(-0.8) (or the constant ``decay_rate``):
+
+    .. math::
+
+        G &= g^2 + \epsilon_1 \\
+        v_r &\leftarrow \beta_{2,\tau} v_r + (1-\beta_{2,\tau})\,\mathrm{mean}_{\text{largest}}(G),
+        \quad v_c \leftarrow \beta_{2,\tau} v_c
+            + (1-\beta_{2,\tau})\,\mathrm{mean}_{\text{second}}(G) \\
+        v &= v_r v_c / \mathrm{mean}_{\text{second}}(v_r)
+            \quad(\text{unfactored: } v \leftarrow \beta_{2,\tau} v + (1-\beta_{2,\tau}) G) \\
+        u &= g/\sqrt{v + \epsilon_1}, \qquad u \leftarrow u / \max(1, \mathrm{RMS}(u)/d) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) u,\quad u = m
+            \qquad(\text{only with momentum}) \\
+        u &\leftarrow u \cdot \max(\mathrm{RMS}(\theta), \epsilon_2)
+            \qquad(\text{with multiply\_by\_parameter\_scale})
+
+    A tensor is factored over its two largest axes (other axes kept) when its
+    second-largest axis has ≥ ``min_dim_size_to_factor`` entries; vectors are never
+    factored. The momentum averages the clipped direction *before* the parameter scale.
+
+    Args:
+      decay_rate: ``None`` for β2_τ = 1 - τ^(-0.8); a float in [0, 1] for a constant β2.
+        (Not ``optax.adafactor``'s ``decay_rate``, which is the exponent 0.8.)
+      min_dim_size_to_factor: static int ≥ 1; ``None`` means 128. Kept ``None`` by default
+        so that ``optax.inject_hyperparams`` leaves it static.
+      factored: ``False`` keeps the full second moment for every tensor.
+      eps1: ε1 ≥ 0, added to g² and inside the square root.
+      clipping_threshold: d > 0 of the update clipping; ``None`` disables it.
+      momentum: β1 in [0, 1]; ``None`` keeps no momentum buffer.
+      multiply_by_parameter_scale: scale by max(RMS(θ), ε2); needs ``params``.
+      eps2: ε2 ≥ 0, the floor of the parameter scale.
+      mu_dtype: momentum dtype (default: the params'). The second moment is kept in at
+        least float32.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with a :class:`ScaleByAdafactorState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"w": jnp.ones((256, 128)), "b": jnp.zeros(128)}
+      >>> tx = scale_by_adafactor()
+      >>> state = tx.init(params)
+      >>> state.nu["w"].row.shape, state.nu["w"].col.shape, state.nu["b"].shape
+      ((1, 128), (256, 1), (128,))
+      >>> u, state = tx.update(params, state, params)
+
+    References:
+      Su, `AdaFactor optimizer analysis <https://kexue.fm/archives/7302>`_, 2020;
+      Shazeer & Stern, `Adafactor <https://arxiv.org/abs/1804.04235>`_, 2018.
+    """
+    if decay_rate is not None:
+        check_range("decay_rate", decay_rate, 0, 1)
+    if min_dim_size_to_factor is not None:
+        check_int("min_dim_size_to_factor", min_dim_size_to_factor)
+    check_range("eps1", eps1, 0)
+    if clipping_threshold is not None:
+        check_range("clipping_threshold", clipping_threshold, 0, low_open=True)
+    if momentum is not None:
+        check_range("momentum", momentum, 0, 1)
+    check_range("eps2", eps2, 0)
+    mu_dtype = canonical_dtype(mu_dtype)
+
+    def init_fn(params):
+        min_dim = _static_min_dim(min_dim_size_to_factor) if factored else np.inf
+        nu = jax.tree.map(lambda p: _init_nu(p, min_dim), params)
+        mu = None if momentum is None else optax.tree.zeros_like(params, dtype=mu_dtype)
+        return ScaleByAdafactorState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if multiply_by_parameter_scale and params is None:
+            raise ValueError(
+                "adafactor with multiply_by_parameter_scale needs the params: "
+                "tx.update(grads, state, params)"
+            )
+        beta2 = _beta2(decay_rate, state.count)
+        leaves, treedef = jax.tree.flatten(updates)
+        nus = treedef.flatten_up_to(state.nu)
+        mus = [None] * len(leaves) if state.mu is None else treedef.flatten_up_to(state.mu)
+        ps = treedef.flatten_up_to(params) if multiply_by_parameter_scale else [None] * len(leaves)
+        out = [
+            _adafactor_leaf(
+                g, nu, m, p, beta2=beta2, eps1=eps1, clip=clipping_threshold,
+                momentum=momentum, eps2=eps2,
+            )
+            for g, nu, m, p in zip(leaves, nus, mus, ps, strict=True)
+        ]
+        direction = treedef.unflatten([o[0] for o in out])
+        nu = treedef.unflatten([o[1] for o in out])
+        mu = None if state.mu is None else treedef.unflatten([o[2] for o in out])
+        count = optax.safe_increment(state.count)
+        return direction, ScaleByAdafactorState(count=count, nu=nu, mu=mu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def relative_step_size(multiply_by_parameter_scale: bool = True) -> optax.Schedule:
+    """AdaFactor's default learning rate: min(1e-2, 1/√τ) with τ = t + 1, ×0.05 without
+    the parameter scale (an absolute step must be smaller than a relative one)."""
+    factor = 1.0 if multiply_by_parameter_scale else 0.05
+
+    def schedule(count):
+        tau = jnp.asarray(count, _float_dtype()) + 1.0
+        return factor * jnp.minimum(1e-2, jax.lax.rsqrt(tau))
+
+    return schedule
+
+
+def adafactor(
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    decay_rate: float | None = None,
+    momentum: float | None = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    *,
+    mask: Any = None,
+    min_dim_size_to_factor: int | None = None,
+    factored: bool = True,
+    eps1: float = 1e-30,
+    clipping_threshold: float | None = 1.0,
+    multiply_by_parameter_scale: bool = True,
+    eps2: float = 1e-3,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaFactor as in Su's reading (bert4keras ``AdaFactorV1``), with decoupled weight decay.
+
+    .. math::
+
+        \theta \leftarrow \theta - \mathrm{lr}_\tau\,(u + \lambda_{\text{leaf}}\,\theta),
+        \qquad \mathrm{lr}_\tau = \texttt{learning\_rate}
+            \ \text{or}\ \min(10^{-2}, 1/\sqrt{\tau})\,(\times 0.05
+            \text{ without the parameter scale})
+
+    where u is :func:`scale_by_adafactor`'s direction. Differences from ``optax.adafactor``:
+
+    - ``learning_rate=None`` means the relative step min(1e-2, 1/√τ) (optax: no learning
+      rate at all, i.e. 1).
+    - The momentum averages the clipped direction *before* the parameter scale and the
+      learning rate (optax averages lr·scale·u).
+    - ε1 also sits inside the square root: u = g/√(v + ε1) (optax: g/√v).
+    - Weight decay is multiplied by the learning rate (optax: added after it, unscaled);
+      ``mask=None`` decays all but biases and norm scales, ``mask=True`` every leaf.
+    - ε2 (floor of the parameter scale) is an argument (optax: fixed 1e-3).
+    - ``decay_rate`` is the constant β2, ``None`` for 1 - τ^(-0.8) (optax: the exponent).
+    - The state holds m + n numbers per factored m×n matrix (+ m·n with momentum) and no
+      placeholders; the second moment is kept in at least float32.
+    - Works under ``optax.inject_hyperparams``: no Python branch on a numeric argument,
+      and ``min_dim_size_to_factor`` defaults to ``None`` (128) so it stays static.
+
+    With a constant ``learning_rate``, no momentum, no weight decay and gradients far
+    above ε1, the update equals ``optax.adafactor(learning_rate)``'s.
+
+    Args:
+      learning_rate: a float, an optax schedule, or ``None`` for the relative step.
+      decay_rate: constant β2 in [0, 1], or ``None`` for 1 - τ^(-0.8).
+      momentum: β1 in [0, 1], or ``None`` for no momentum buffer.
+      weight_decay: λ ≥ 0 (float or schedule), multiplied by the learning rate.
+      mask: which leaves get weight decay: ``None`` (not biases and norm scales), ``True``
+        (all), or an optax mask.
+      min_dim_size_to_factor: see :func:`scale_by_adafactor` (``None`` means 128).
+      factored: ``False`` never factors.
+      eps1: ε1 ≥ 0 (1e-30).
+      clipping_threshold: d > 0 (1.0), ``None`` for no clipping.
+      multiply_by_parameter_scale: scale the step by max(RMS(θ), ε2).
+      eps2: ε2 ≥ 0 (1e-3).
+      mu_dtype: momentum dtype (default: the params').
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {"dense": {"kernel": jnp.ones((256, 128)), "bias": jnp.zeros(128)}}
+      >>> tx = adafactor()  # lr = min(1e-2, 1/sqrt(t+1)) × max(RMS(θ), 1e-3)
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Su, `AdaFactor optimizer analysis <https://kexue.fm/archives/7302>`_, 2020;
+      bojone/bert4keras ``optimizers.py``; Shazeer & Stern, `Adafactor
+      <https://arxiv.org/abs/1804.04235>`_, 2018.
+    """
+    if learning_rate is not None:
+        check_range("learning_rate", learning_rate, 0)
+    check_range("weight_decay", weight_decay, 0)
+    lr = relative_step_size(multiply_by_parameter_scale) if learning_rate is None else learning_rate
+    return optax.chain(
+        scale_by_adafactor(
+            decay_rate,
+            min_dim_size_to_factor=min_dim_size_to_factor,
+            factored=factored,
+            eps1=eps1,
+            clipping_threshold=clipping_threshold,
+            momentum=momentum,
+            multiply_by_parameter_scale=multiply_by_parameter_scale,
+            eps2=eps2,
+            mu_dtype=mu_dtype,
+        ),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask(mask)),
+        optax.scale_by_learning_rate(lr),
+    )
