@@ -592,7 +592,8 @@ def adam_sde_rule(lr, beta1, beta2, eps, kappa) -> AdamSDE:
     v.nonnegative("eps", eps)
     v.finite_positive("kappa", kappa)
     for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if kappa * (1 - b) >= 1:
+        # The tolerance rejects the boundary kappa*(1-beta) = 1 also when 1-beta rounds low.
+        if kappa * (1 - b) >= 1 - 1e-12:
             raise ValueError(
                 f"the SDE rule needs kappa*(1-{name}) < 1, got kappa={kappa!r}, {name}={b!r} "
                 f"(kappa must be < {1 / (1 - b):g})"

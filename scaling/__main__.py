@@ -1,0 +1,331 @@
+"""Command line: ``python -m scaling {lr,wd,laws,noise} ...`` (``--help`` on each).
+
+Examples::
+
+    python -m scaling lr --optimizer adamw --lr 3e-4 --batch 256 --to 1024 --b-simple 2000
+    python -m scaling wd --lr 3e-4 --weight-decay 0.1 --batch 256 --dataset-size 1e6
+    python -m scaling laws --compute 1e20 --params 1e9 --tokens 1e11 --loss 3.0
+    python -m scaling noise train_noise.jsonl --ema 0.99
+
+Every subcommand prints a readable table, or JSON with ``--json``. Bad input prints one
+line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from scaling import batch_size as bs
+from scaling import laws, noise, recommendation, weight_decay
+from scaling.recommendation import fmt, format_table
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(val) for k, val in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(val) for val in x]
+    return x
+
+
+def _emit(args, data, text):
+    if args.json:
+        print(json.dumps(_jsonable(data), indent=2, allow_nan=False))
+    else:
+        print(text)
+
+
+# ------------------------------------------------------------------------- lr
+
+
+_RULES = ("sqrt", "linear", "sgd", "sgdm", "sign", "adam", "sde")
+
+
+def _rule_rows(a, b_noise, b_simple):
+    """All batch-size rules that apply to the inputs: (name, lr or None, note)."""
+    kappa = a.to / a.batch
+    b1 = a.beta1 if a.beta1 is not None else 0.9
+    rows = {
+        "sqrt": (bs.sqrt_rule(a.lr, a.batch, a.to), "lr x sqrt(B'/B)"),
+        "linear": (bs.linear_rule(a.lr, a.batch, a.to), "lr x B'/B"),
+    }
+    bn = b_noise if b_noise is not None else b_simple
+    if bn is not None:
+        rows["sgd"] = (bs.sgd_transfer(a.lr, a.batch, a.to, bn).lr, f"B_noise={bn:.6g}")
+        rows["sgdm"] = (bs.sgd_transfer(a.lr, a.batch, a.to, bn, b1).lr,
+                        f"B_noise={bn:.6g}, beta1={b1:g}")
+    else:
+        rows["sgd"] = rows["sgdm"] = (None, "needs --b-noise or --b-simple")
+    bsim = b_simple if b_simple is not None else b_noise
+    if bsim is not None:
+        r = bs.sign_transfer(a.lr, a.batch, a.to, bsim, a.beta_noise, a.c)
+        rows["sign"] = (r.lr, f"peak at B={fmt(r.peak_batch)}" if r.has_peak else "no peak")
+        r = bs.adam_transfer(a.lr, a.batch, a.to, bsim, b1)
+        rows["adam"] = (r.lr, f"beta1={b1:g}, " + (f"lr falls beyond B={r.peak_batch:.6g}"
+                                                  if r.has_peak else "no peak"))
+    else:
+        rows["sign"] = rows["adam"] = (None, "needs --b-simple or --b-noise")
+    b2 = a.beta2 if a.beta2 is not None else 0.999
+    try:
+        r = bs.adam_sde_rule(a.lr, b1, b2, 1e-8, kappa)
+        rows["sde"] = (r.lr, f"Malladi: beta1={r.beta1:.6g}, beta2={r.beta2:.6g}")
+    except ValueError as e:
+        rows["sde"] = (None, f"invalid: {e}")
+    return rows
+
+
+def _cmd_lr(a):
+    b_noise, b_simple = a.b_noise, a.b_simple
+    rows = _rule_rows(a, b_noise, b_simple)
+    if a.rule is not None:
+        value, note = rows[a.rule]
+        if value is None:
+            raise ValueError(f"rule {a.rule!r}: {note}")
+        _emit(a, {"rule": a.rule, "lr": value, "note": note},
+              format_table(["rule", "lr", "note"], [[a.rule, fmt(value), note]]))
+        return
+    rec = recommendation.recommend(
+        a.optimizer, a.lr, a.batch, a.to, b_noise=b_noise, b_simple=b_simple,
+        weight_decay=a.weight_decay, beta1=a.beta1, beta2=a.beta2, beta_noise=a.beta_noise,
+        c=a.c, steps=a.steps, strict=a.strict,
+    )
+    data = {
+        "recommendation": rec.as_dict(),
+        "rules": {k: {"lr": val, "note": note} for k, (val, note) in rows.items()},
+    }
+    table = format_table(["rule", "lr", "note"],
+                         [[k, fmt(val), note] for k, (val, note) in rows.items()],
+                         title=f"learning-rate rules, batch {fmt(a.batch)} -> {fmt(a.to)}")
+    _emit(a, data, f"{rec}\n\n{table}")
+
+
+# ------------------------------------------------------------------------- wd
+
+
+def _cmd_wd(a):
+    rows, data = [], {}
+
+    def add(key, value, note):
+        data[key] = value
+        rows.append([key, fmt(value), note])
+
+    add("tau_iter", weight_decay.ema_timescale(a.lr, a.weight_decay), "1/(lr*wd) steps")
+    if a.dataset_size is not None:
+        if a.batch is None:
+            raise ValueError("--dataset-size needs --batch")
+        add("tau_epochs",
+            weight_decay.ema_timescale_epochs(a.lr, a.weight_decay, a.batch, a.dataset_size),
+            "tau_iter*B/N (Power Lines' tau when B, N are tokens)")
+    add("equilibrium_rms", weight_decay.equilibrium_weight_rms(a.lr, a.weight_decay),
+        "sqrt(lr/(2 wd)) under AdamW")
+    add("independent_decay", weight_decay.coupled_to_independent(a.weight_decay, a.lr),
+        "lr_peak*wd (decay not multiplied by the lr)")
+    lion = weight_decay.lion_from_adamw(a.lr, a.weight_decay, a.lion_k)
+    add("lion_lr", lion.lr, f"AdamW -> Lion: lr/{a.lion_k:g}")
+    add("lion_weight_decay", lion.weight_decay, f"AdamW -> Lion: wd x {a.lion_k:g}")
+    if a.to is not None:
+        if a.batch is None:
+            raise ValueError("--to needs --batch")
+        new_lr = a.new_lr if a.new_lr is not None else bs.sqrt_rule(a.lr, a.batch, a.to)
+        note = "" if a.new_lr is not None else " (new lr by the sqrt rule; give --new-lr)"
+        add("new_lr", new_lr, "given" if a.new_lr is not None else "sqrt rule")
+        add("new_weight_decay",
+            weight_decay.transfer_weight_decay(a.weight_decay, a.lr, new_lr, a.batch, a.to),
+            "wd x (lr/lr')(B'/B): same timescale in epochs" + note)
+    _emit(a, data, format_table(["quantity", "value", "note"], rows,
+                                title=f"weight decay {fmt(a.weight_decay)} at lr {fmt(a.lr)}"))
+
+
+# ----------------------------------------------------------------------- laws
+
+
+def _cmd_laws(a):
+    if a.compute is None and a.tokens is None and a.loss is None:
+        raise ValueError("give --compute, --params with --tokens, and/or --loss")
+    rows, data = [], {}
+    if a.compute is not None:
+        r = laws.deepseek_law(a.compute)
+        data["deepseek"] = r._asdict()
+        rows.append(["DeepSeek LLM", fmt(r.lr), fmt(r.batch_tokens), f"C={a.compute:g} FLOPs"])
+    if a.tokens is not None or a.params is not None:
+        if a.tokens is None or a.params is None:
+            raise ValueError("the Step Law needs both --params and --tokens")
+        r = laws.step_law(a.params, a.tokens)
+        data["step_law"] = r._asdict()
+        rows.append(["Step Law", fmt(r.lr), fmt(r.batch_tokens), f"N={a.params:g}, D={a.tokens:g}"])
+    if a.loss is not None:
+        b = laws.kaplan_critical_batch(a.loss)
+        data["kaplan_b_crit"] = b
+        rows.append(["Kaplan B_crit", "-", fmt(b), f"L={a.loss:g} nats"])
+    _emit(a, data, format_table(["law", "lr", "batch (tokens)", "inputs"], rows))
+
+
+# ---------------------------------------------------------------------- noise
+
+
+def _cmd_noise(a):
+    if a.log == "-":
+        entries = noise.read_noise_log(sys.stdin, a.ema)
+    else:
+        with open(a.log, encoding="utf-8") as f:
+            entries = noise.read_noise_log(f, a.ema)
+    every = a.every if a.every is not None else max(1, len(entries) // 10)
+    shown = [e for i, e in enumerate(entries) if i % every == 0]
+    if shown[-1] is not entries[-1]:
+        shown.append(entries[-1])
+    last = entries[-1]
+    data = {
+        "b_simple": last.b_simple_ema, "g2": last.g2_ema, "trace_sigma": last.trace_sigma_ema,
+        "steps": len(entries), "last_step": last.step, "ema": a.ema,
+        "entries": [e._asdict() for e in shown],
+    }
+    rows = [[str(e.step), fmt(e.b_simple_raw), fmt(e.b_simple_ema)] for e in shown]
+    text = format_table(["step", "b_simple (raw)", "b_simple (EMA)"], rows,
+                        title=f"noise scale from {a.log} ({len(entries)} entries, ema {a.ema:g})")
+    text += f"\nB_simple = {fmt(last.b_simple_ema)}"
+    _emit(a, data, text)
+
+
+# --------------------------------------------------------------------- parser
+
+
+def _positive(text):
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not x > 0 or not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return x
+
+
+def _beta(text):
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= x < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return x
+
+
+def _count(text):
+    try:
+        x = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if x < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m scaling",
+                description="Learning rate and weight decay when the batch size changes.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(q):
+        q.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+    q = sub.add_parser("lr", help="learning-rate rules and the recommendation at a new batch",
+                       description="Learning-rate rules and the full recommendation "
+                       "(lr, weight decay, betas, steps) at a new batch size.")
+    q.add_argument("--optimizer", required=True, choices=recommendation.FAMILIES)
+    q.add_argument("--lr", required=True, type=_positive, help="tuned learning rate")
+    q.add_argument("--batch", required=True, type=_positive, help="current batch size")
+    q.add_argument("--to", required=True, type=_positive, help="new batch size")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--b-noise", type=_positive, help="B_noise (SGD's rule)")
+    g.add_argument("--b-simple", type=_positive, help="B_simple (Adam / sign rules)")
+    q.add_argument("--beta1", type=_beta, help="momentum / Adam beta1")
+    q.add_argument("--beta2", type=_beta, help="Adam beta2")
+    q.add_argument("--weight-decay", type=_nonneg, help="decoupled weight decay")
+    q.add_argument("--steps", type=_positive, help="steps of the current run (for predictions)")
+    q.add_argument("--beta-noise", type=_positive, default=1.0,
+                   help="beta_noise of the sign surge form (default 1: no peak)")
+    q.add_argument("--c", type=_positive, default=bs.SU_C,
+                   help="constant of the sign form: pi/2 (default) or 1 (mean field)")
+    q.add_argument("--rule", choices=_RULES,
+                   help="print only this rule (error if it needs a missing noise scale)")
+    q.add_argument("--strict", action="store_true",
+                   help="error instead of the simple fallback when no noise scale is given")
+    common(q)
+    q.set_defaults(func=_cmd_lr)
+
+    q = sub.add_parser("wd", help="weight decay as an EMA timescale",
+                       description="EMA timescale, equilibrium RMS, independent decay, "
+                       "AdamW->Lion transfer and the weight decay at a new batch size.")
+    q.add_argument("--lr", required=True, type=_positive)
+    q.add_argument("--weight-decay", required=True, type=_positive)
+    q.add_argument("--batch", type=_positive, help="current batch size")
+    q.add_argument("--to", type=_positive, help="new batch size")
+    q.add_argument("--new-lr", type=_positive, help="lr at the new batch (default: sqrt rule)")
+    q.add_argument("--dataset-size", type=_positive, help="examples (tokens) per epoch")
+    q.add_argument("--lion-k", type=_positive, default=3.0, help="AdamW->Lion factor in [3, 10]")
+    common(q)
+    q.set_defaults(func=_cmd_wd)
+
+    q = sub.add_parser("laws", help="published fitted laws (DeepSeek, Step Law, Kaplan)",
+                       description="Learning rate and batch size from published fits.")
+    q.add_argument("--compute", type=_positive, help="training FLOPs (DeepSeek LLM)")
+    q.add_argument("--params", type=_positive, help="non-vocabulary parameters (Step Law)")
+    q.add_argument("--tokens", type=_positive, help="training tokens (Step Law)")
+    q.add_argument("--loss", type=_positive, help="target loss in nats (Kaplan B_crit)")
+    common(q)
+    q.set_defaults(func=_cmd_laws)
+
+    q = sub.add_parser("noise", help="average a JSON-lines log of noise statistics",
+                       description="Reads a JSON-lines log (one object per line with 'step' "
+                       "and either 'g2' and 'trace_sigma' or 'b_simple') and prints the "
+                       "EMA'd B_simple.")
+    q.add_argument("log", help="path of the log, or - for stdin")
+    q.add_argument("--ema", type=_beta, default=0.99, help="EMA decay (default 0.99)")
+    q.add_argument("--every", type=_count, help="print every N-th entry (default: ~10 rows)")
+    common(q)
+    q.set_defaults(func=_cmd_noise)
+    return p
+
+
+def _nonneg(text):
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not x >= 0 or not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return x
+
+
+def main(argv=None) -> int:
+    """Runs the command line; returns the exit status (0, or 2 on bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        args.func(args)
+    except _UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        print(f"python -m scaling: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

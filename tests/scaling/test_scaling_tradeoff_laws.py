@@ -1,0 +1,93 @@
+"""Steps-vs-examples law and published laws (spec/scaling.md §5, §8)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scaling import laws, tradeoff
+
+close = lambda a, b, rtol=1e-5: np.testing.assert_allclose(a, b, rtol=rtol)
+FAST = settings(max_examples=60, deadline=None)
+
+
+def test_tradeoff_worked():
+    for batch, steps, examples in ((10, 11000, 1.1e5), (100, 2000, 2e5), (1000, 1100, 1.1e6)):
+        r = tradeoff.steps_and_examples(batch, 1000, 1e5)
+        close(r.steps, steps)
+        close(r.examples, examples)
+        # the hyperbola (S/S_min - 1)(E/E_min - 1) = 1
+        close((r.steps / 1000 - 1) * (r.examples / 1e5 - 1), 1.0, rtol=1e-12)
+
+
+def test_fit_recovers_worked_parameters():
+    f = tradeoff.fit_tradeoff([11000, 2000, 1100], [1.1e5, 2e5, 1.1e6])
+    close([f.s_min, f.e_min, f.b_crit], [1000, 1e5, 100], rtol=1e-9)
+    assert f.rms_residual < 1e-12
+
+
+def test_fit_with_noise_is_close():
+    rng = np.random.default_rng(0)
+    batch = np.geomspace(8, 4096, 12)
+    s = tradeoff.steps_needed(batch, 5000, 300) * np.exp(0.01 * rng.standard_normal(12))
+    f = tradeoff.fit_tradeoff(s, s * batch)
+    close([f.s_min, f.b_crit], [5000, 300], rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "steps, examples, match",
+    [
+        ([1000], [1e5], "at least 2"),
+        ([], [], "at least 2"),
+        ([1000, 2000], [1e5], "same length"),
+        ([1000, 2000], [1e5, 1e5], "degenerate"),
+        ([1000, -5], [1e5, 2e5], "steps must be finite and > 0"),
+        ([1000, 2000], [1e5, 2e5], "do not follow the tradeoff law"),  # more steps AND examples
+    ],
+)
+def test_fit_rejects_bad_data(steps, examples, match):
+    with pytest.raises(ValueError, match=match):
+        tradeoff.fit_tradeoff(steps, examples)
+
+
+def test_adaptive_batch():
+    close(tradeoff.adaptive_batch_size(1000, 10), 100.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(s_min=st.floats(1, 1e6), b_crit=st.floats(1e-2, 1e6),
+       batches=st.lists(st.floats(1, 1e6), min_size=2, max_size=6, unique=True))
+def test_fit_recovers_exact_data(s_min, b_crit, batches):
+    b = np.asarray(batches)
+    if np.ptp(1 / (s_min * (b + b_crit))) < 1e-6 * np.max(1 / (s_min * (b + b_crit))):
+        return  # batches too close together in 1/E to identify a slope
+    s = tradeoff.steps_needed(b, s_min, b_crit)
+    f = tradeoff.fit_tradeoff(s, s * b)
+    close([f.s_min, f.b_crit], [s_min, b_crit], rtol=1e-4)
+
+
+@FAST
+@given(b1=st.floats(1, 1e7), b2=st.floats(1, 1e7), b_crit=st.floats(1e-2, 1e6))
+def test_steps_fall_and_examples_rise_with_batch(b1, b2, b_crit):
+    lo, hi = sorted((b1, b2))
+    assert tradeoff.steps_needed(hi, 1.0, b_crit) <= tradeoff.steps_needed(lo, 1.0, b_crit)
+    assert tradeoff.examples_needed(hi, 1.0, b_crit) >= tradeoff.examples_needed(lo, 1.0, b_crit)
+
+
+def test_laws_worked():
+    r = laws.deepseek_law(1e17)
+    close([r.lr, r.batch_tokens], [2.33817e-3, 1.06190e5])
+    r = laws.deepseek_law(1e20)
+    close([r.lr, r.batch_tokens], [9.85998e-4, 1.01714e6])
+    r = laws.step_law(1e9, 1e11)
+    close([r.lr, r.batch_tokens], [1.63250e-3, 1.10771e6])
+    close(laws.kaplan_critical_batch(3.0), 1.0691e6, rtol=5e-5)  # 5 digits given
+
+
+def test_laws_reject_bad_input():
+    with pytest.raises(ValueError, match=r"compute must be in \(0, inf\)"):
+        laws.deepseek_law(0)
+    with pytest.raises(ValueError, match="loss"):
+        laws.kaplan_critical_batch(-1.0)
+    with pytest.raises(ValueError, match="n_tokens"):
+        laws.step_law(1e9, float("inf"))
