@@ -151,9 +151,11 @@ def _is_bad(g: jax.Array, catch_inf: bool) -> jax.Array:
 def _centre_rules(centre: Any) -> Any:
     if centre is None:
         return DEFAULT_CENTRES
-    if is_concrete_number(centre):
+    if isinstance(centre, str | bytes):
+        pass
+    elif is_concrete_number(centre):
         return ((r"", float(centre)),)
-    if isinstance(centre, Mapping | Sequence) and not isinstance(centre, str):
+    elif isinstance(centre, Mapping | Sequence):
         return centre
     raise TypeError(
         f"centre must be None, a number or path rules {{regex: centre}}, got {centre!r}")

@@ -1,0 +1,261 @@
+"""nan_guard: skip the inner step and shrink non-finite leaves, for any optimizer."""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import (
+    abstract_init_matches,
+    assert_no_recompile,
+    assert_same_on_all_paths,
+    assert_trees_close,
+    leaf_paths,
+    random_grads_like,
+    random_tree,
+    to_f64,
+    x64,
+)
+
+from optax_ext.optimizers.tiger import tiger
+from optax_ext.wrappers.nan_guard import nan_guard
+
+
+def _apply(params, updates):
+    return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+
+
+def _poison(tree, which: dict[int, float]):
+    """A copy of ``tree`` whose leaf number i (flatten order) gets one element set to v."""
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [x.at[(0,) * x.ndim].set(which[i]) if i in which else x
+              for i, x in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# -------------------------------------------------------------- float64 reference
+
+
+def _adam_reference(params, grads_seq, *, lr, r, catch_inf, b1=0.9, b2=0.999, eps=1e-8):
+    """NumPy float64 Adam wrapped in the guard: a bad leaf (NaN, or any non-finite value
+    with catch_inf) skips Adam for the whole tree and shrinks that leaf toward c (1 for
+    norm scales, else 0); returns params after each step and the counters."""
+    paths = [p for p, _ in leaf_paths(params)]
+    theta = [np.asarray(x, np.float64) for x in jax.tree.leaves(to_f64(params))]
+    m = [np.zeros_like(x) for x in theta]
+    v = [np.zeros_like(x) for x in theta]
+    n, skipped, shrunk, history = 0, 0, 0, []
+    for grads in grads_seq:
+        g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+        bad = [bool(np.any(~np.isfinite(x)) if catch_inf else np.any(np.isnan(x))) for x in g]
+        if any(bad):
+            skipped += 1
+            shrunk += sum(bad)
+            for i, b in enumerate(bad):
+                if b:
+                    c = 1.0 if re.search(r"(^|/)scale$", paths[i]) else 0.0
+                    theta[i] = (theta[i] - c) * r + c
+        else:
+            n += 1
+            for i in range(len(theta)):
+                m[i] = b1 * m[i] + (1 - b1) * g[i]
+                v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
+                mhat, vhat = m[i] / (1 - b1**n), v[i] / (1 - b2**n)
+                theta[i] = theta[i] - lr * mhat / (np.sqrt(vhat) + eps)
+        history.append([x.copy() for x in theta])
+    return history, skipped, shrunk, n
+
+
+def test_float64_reference_with_nan_and_inf_leaves():
+    params = random_tree(3)  # has kernels, embeddings, a bias and a norm scale
+    n_leaves = len(jax.tree.leaves(params))
+    grads = [random_grads_like(params, s) for s in range(8)]
+    grads[1] = _poison(grads[1], {0: np.nan})
+    grads[3] = _poison(grads[3], {n_leaves - 1: np.inf, 2: -np.inf})  # the last is a scale
+    grads[4] = _poison(grads[4], {1: np.nan, n_leaves - 1: np.nan})
+    expected, skipped, shrunk, n = _adam_reference(params, grads, lr=1e-2, r=0.9,
+                                                   catch_inf=True)
+    with x64():
+        tx = nan_guard(optax.adam(1e-2), 0.9)
+        p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+        state = tx.init(p)
+        step = jax.jit(tx.update)
+        for t, g in enumerate(grads):
+            inner_before = state.inner_state
+            u, state = step(jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), g), state, p)
+            p = _apply(p, u)
+            for (path, a), e in zip(leaf_paths(p), expected[t], strict=True):
+                np.testing.assert_allclose(np.asarray(a), e, rtol=1e-12, atol=1e-13,
+                                           err_msg=f"step {t} at {path}")
+            if t in (1, 3, 4):
+                jax.tree.map(np.testing.assert_array_equal, state.inner_state, inner_before)
+    assert (int(state.skipped_steps), int(state.shrunk_leaves)) == (skipped, shrunk) == (3, 5)
+    assert int(state.inner_state[0].count) == n == 5 and int(state.count) == 8
+
+
+def test_catch_inf_false_lets_inf_through():
+    params = {"w": jnp.ones(2)}
+    tx = nan_guard(optax.sgd(1.0), catch_inf=False)
+    u, state = tx.update({"w": jnp.array([np.inf, 1.0])}, tx.init(params), params)
+    assert np.isneginf(np.asarray(u["w"][0])) and int(state.skipped_steps) == 0
+    u, state = tx.update({"w": jnp.array([np.nan, 1.0])}, state, params)
+    np.testing.assert_allclose(np.asarray(u["w"]), (0.99 - 1) * np.ones(2))
+    assert int(state.skipped_steps) == 1
+
+
+def test_centre_override():
+    params = {"norm": {"scale": jnp.full(2, 3.0)}, "dense": {"kernel": jnp.full(2, 3.0)}}
+    grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+    for centre, want in [(None, (1.5, 2.0)), (0.5, (1.75, 1.75)),
+                         ({"kernel": 2.0}, (2.5, 1.5))]:
+        tx = nan_guard(optax.sgd(0.1), 0.5, centre=centre)
+        u, _ = tx.update(grads, tx.init(params), params)
+        new = _apply(params, u)
+        np.testing.assert_allclose(np.asarray(new["dense"]["kernel"]), want[0])
+        np.testing.assert_allclose(np.asarray(new["norm"]["scale"]), want[1])
+
+
+# ------------------------------------------- other inner optimizers, black-box checks
+
+
+INNERS = {
+    "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
+    "adamw": lambda: optax.adamw(1e-2),
+    "tiger": lambda: tiger(1e-2, accumulation_steps=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INNERS))
+def test_bad_step_keeps_inner_state_good_steps_are_the_inner_update(name):
+    params = random_tree(4)
+    grads = [random_grads_like(params, 30 + s) for s in range(6)]
+    grads[2] = _poison(grads[2], {0: np.nan})
+    inner, guarded = INNERS[name](), nan_guard(INNERS[name](), 0.95, centre=0.0)
+    p, s = params, guarded.init(params)
+    p_ref, s_ref = params, inner.init(params)
+    for t, g in enumerate(grads):
+        u, s = guarded.update(g, s, p)
+        p = _apply(p, u)
+        if t == 2:  # the reference skips it by hand: shrink leaf 0, keep the state
+            leaves, treedef = jax.tree.flatten(p_ref)
+            p_ref = jax.tree.unflatten(treedef, [leaves[0] * 0.95, *leaves[1:]])
+            others = jax.tree.leaves(u)[1:]
+            assert all(float(jnp.max(jnp.abs(x))) == 0 for x in others)
+        else:
+            u_ref, s_ref = inner.update(g, s_ref, p_ref)
+            p_ref = _apply(p_ref, u_ref)
+        assert_trees_close(p, p_ref, rtol=1e-6, atol=1e-7, err=f"params at step {t}")
+        jax.tree.map(np.testing.assert_array_equal, s.inner_state, s_ref)
+
+
+# ------------------------------------------------------------------ device paths
+
+
+def test_same_on_all_device_paths():
+    params = random_tree(5)
+    grads = [random_grads_like(params, s) for s in range(3)]
+    grads[1] = _poison(grads[1], {1: np.nan})
+    tx = nan_guard(optax.adamw(1e-2))
+    assert_same_on_all_paths(tx, params, grads)
+    assert_no_recompile(tx, params, grads)
+
+
+# ------------------------------------------------- a Flax model with injected NaN/Inf
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32)(x))
+        x = nn.LayerNorm()(x)
+        return nn.Dense(4)(x)
+
+
+def _train(tx, poison, x, y, batches):
+    """Trains the MLP for len(batches) steps in one jitted scan; the poison (steps,
+    leaves) of 0/NaN/inf is added to the gradient leaves. Returns the final full-data
+    loss, whether every parameter stayed finite at every step, and the last state."""
+    model = _MLP()
+    params = model.init(jax.random.key(0), x[:1])
+    loss = lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(p, xb), yb).mean()
+
+    def step(carry, inp):
+        p, s, finite = carry
+        idx, bad = inp
+        g = jax.grad(loss)(p, x[idx], y[idx])
+        leaves, treedef = jax.tree.flatten(g)
+        g = jax.tree.unflatten(treedef, [leaf + bad[i] for i, leaf in enumerate(leaves)])
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(p)]))
+        return (p, s, finite & ok), None
+
+    @jax.jit
+    def run(params):
+        (p, s, finite), _ = jax.lax.scan(step, (params, tx.init(params), jnp.array(True)),
+                                         (batches, poison))
+        return loss(p, x, y), finite, s
+
+    final, finite, state = run(params)
+    return float(final), bool(finite), state
+
+
+def test_flax_training_with_injected_nan_and_inf():
+    steps, n_leaves = 500, 6
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 8)).astype(np.float32)
+    teacher = rng.standard_normal((8, 4)).astype(np.float32)
+    y = np.argmax(np.tanh(x @ teacher) + 0.1 * rng.standard_normal((512, 4)), -1)
+    batches = rng.integers(0, 512, size=(steps, 64))
+    poison = np.zeros((steps, n_leaves), np.float32)
+    bad_steps = rng.choice(steps, size=steps // 20, replace=False)  # 5%
+    poison[bad_steps, rng.integers(0, n_leaves, size=bad_steps.size)] = np.where(
+        rng.random(bad_steps.size) < 0.5, np.nan, np.inf)
+    data = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(batches))
+    make = lambda: optax.adamw(3e-3, weight_decay=1e-4)
+
+    clean, clean_finite, _ = _train(make(), jnp.zeros_like(poison), *data)
+    guarded, finite, state = _train(nan_guard(make()), jnp.asarray(poison), *data)
+    skip_only, skip_finite, skip_state = _train(
+        optax.apply_if_finite(make(), max_consecutive_errors=steps), jnp.asarray(poison), *data)
+    print(f"final loss: clean {clean:.4f}, nan_guard {guarded:.4f}, "
+          f"apply_if_finite {skip_only:.4f}")
+
+    assert clean_finite and finite and skip_finite
+    assert clean < 0.5 * float(np.log(4))  # the model learned something
+    assert abs(guarded - clean) <= 0.1 * clean
+    assert int(state.skipped_steps) == int(state.shrunk_leaves) == bad_steps.size
+    # apply_if_finite keeps the params finite too, but only by skipping
+    assert int(skip_state.total_notfinite) == bad_steps.size
+    assert abs(skip_only - clean) <= 0.1 * clean
+    # without a guard the first poisoned step ruins the model
+    unguarded, unguarded_finite, _ = _train(make(), jnp.asarray(poison), *data)
+    assert not unguarded_finite and not np.isfinite(unguarded)
+
+
+# ------------------------------------------------------------- init, validation
+
+
+def test_abstract_init_and_params_required():
+    params = random_tree(6, dtype=jnp.bfloat16)
+    abstract_init_matches(nan_guard(optax.adamw(1e-3)), params)
+    tx = nan_guard(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="needs the current params"):
+        tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5, float("nan")])
+def test_bad_shrink_ratio(ratio):
+    with pytest.raises(ValueError, match=r"shrink_ratio must be in \(0, 1\]"):
+        nan_guard(optax.sgd(0.1), ratio)
+
+
+def test_bad_centre():
+    with pytest.raises(TypeError, match="centre must be"):
+        nan_guard(optax.sgd(0.1), centre="one")
