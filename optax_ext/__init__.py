@@ -16,6 +16,7 @@ from optax_ext._common import (
     tree_bytes,
     tree_paths,
 )
+from optax_ext.optimizers.tiger import TIGER_SCALE_RULES, TigerState, scale_by_tiger, tiger
 
 __version__ = "0.1.0"
 
@@ -23,9 +24,13 @@ __all__ = [
     "EMBEDDING",
     "NORM_AND_BIAS",
     "NORM_SCALE",
+    "TIGER_SCALE_RULES",
+    "TigerState",
     "path_labels",
     "path_mask",
     "path_multipliers",
+    "scale_by_tiger",
+    "tiger",
     "tree_bytes",
     "tree_paths",
 ]
