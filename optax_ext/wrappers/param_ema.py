@@ -118,8 +118,14 @@ def param_ema(
             return mu * e + (1 - mu) * new
 
         def average(e, p, u):
-            new_p = optax.apply_updates(p, u)  # exactly the params the caller will hold
-            return blend(e, new_p.astype(e.dtype))
+            # Exactly the params the caller will hold after optax.apply_updates.
+            new_p = optax.apply_updates(p, u).astype(e.dtype)
+            if jnp.issubdtype(p.dtype, jnp.floating) and p.dtype.itemsize < e.dtype.itemsize:
+                # XLA drops a down-cast followed by an up-cast inside one fusion; this
+                # keeps the rounding to the params' dtype that apply_updates performs.
+                fi = jnp.finfo(p.dtype)
+                new_p = jax.lax.reduce_precision(new_p, fi.nexp, fi.nmant)
+            return blend(e, new_p)
 
         ema = jax.tree.map(average, state.ema, params, updates)
         # Without debiasing the weight stays exactly 1 (e started as a copy of θ0).
