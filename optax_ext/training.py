@@ -1,0 +1,164 @@
+"""Flax glue: a TrainState that forwards extra arguments, and data-parallel train steps.
+
+Three ways to run the same step on several devices, all giving the single-device result:
+
+- ``"jit"``: one device (or whatever ``jax.jit`` does with the inputs' shardings).
+- ``"pmap"``: ``jax.pmap`` over the local devices; state replicated, batch split on its
+  leading axis; gradients averaged with ``lax.pmean`` over ``axis_name`` — unless
+  ``average_grads=False``, for an optimizer that averages them itself (the noise-scale
+  transform ``scaling.measure_noise_scale(axis_name=...)`` reads the local gradients
+  first).
+- ``"sharded"``: ``jax.jit`` over a ``NamedSharding`` mesh: the batch is split over the
+  ``"data"`` axis (:func:`shard_batch`), params and optimizer state are replicated or
+  sharded by path rules (:func:`shard_params`); XLA inserts the gradient all-reduce.
+
+Example::
+
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=ox.tiger(1e-3))
+    step = make_train_step(loss_fn, mode="pmap")
+    state, metrics = step(replicate(state), split_batch(batch))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from optax_ext._common import check_choice, first_match, tree_paths
+
+MODES = ("jit", "pmap", "sharded")
+
+
+class TrainState(train_state.TrainState):
+    """``flax.training.train_state.TrainState`` whose ``apply_gradients`` forwards
+    ``extra_args`` to ``tx.update`` (Linen's drops them).
+
+    Extra arguments reach every ``GradientTransformationExtraArgs`` in the chain, e.g.
+    a loss value for a line search or micro-batch statistics for a noise measurement.
+    """
+
+    def apply_gradients(self, *, grads, extra_args: Mapping[str, Any] | None = None, **kwargs):
+        """Like Linen's, plus ``extra_args`` passed as keywords to ``tx.update``."""
+        owg = train_state.OVERWRITE_WITH_GRADIENT in grads
+        grads_opt = grads["params"] if owg else grads
+        params_opt = self.params["params"] if owg else self.params
+        updates, opt_state = self.tx.update(
+            grads_opt, self.opt_state, params_opt, **dict(extra_args or {})
+        )
+        params = optax.apply_updates(params_opt, updates)
+        if owg:
+            owg_key = train_state.OVERWRITE_WITH_GRADIENT
+            params = {"params": params, owg_key: grads[owg_key]}
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)
+
+
+def make_train_step(
+    loss_fn: Callable[..., Any],
+    *,
+    mode: str = "jit",
+    axis_name: str = "batch",
+    average_grads: bool = True,
+    donate: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds ``step(state, batch) -> (state, {"loss": ...})`` for one of :data:`MODES`.
+
+    Args:
+      loss_fn: ``loss_fn(params, apply_fn, batch) -> scalar`` (mean over the batch).
+      mode: ``"jit"``, ``"pmap"`` or ``"sharded"`` (see the module docstring).
+      axis_name: the pmap axis name (``"pmap"`` mode).
+      average_grads: under ``"pmap"``, average gradients with ``lax.pmean``; set False
+        when the optimizer averages them itself (``scaling.measure_noise_scale``).
+      donate: donate the state's buffers to the step (updates in place).
+
+    Returns:
+      The compiled step. Under ``"pmap"`` the state must be replicated
+      (:func:`replicate`) and the batch split (:func:`split_batch`); the loss is
+      averaged over devices.
+    """
+    check_choice("mode", mode, MODES)
+
+    def step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, state.apply_fn, batch)
+        if mode == "pmap":
+            loss = jax.lax.pmean(loss, axis_name)
+            if average_grads:
+                grads = jax.lax.pmean(grads, axis_name)
+        return state.apply_gradients(grads=grads), {"loss": loss}
+
+    donate_argnums = (0,) if donate else ()
+    if mode == "pmap":
+        return jax.pmap(step, axis_name=axis_name, donate_argnums=donate_argnums)
+    return jax.jit(step, donate_argnums=donate_argnums)
+
+
+# ------------------------------------------------------------------------ pmap
+
+
+def replicate(tree: Any, n: int | None = None) -> Any:
+    """Adds a leading device axis of size ``n`` (default: local devices), for ``pmap``."""
+    n = n or jax.local_device_count()
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first replica of a ``pmap``-replicated tree."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def split_batch(batch: Any, n: int | None = None) -> Any:
+    """Reshapes a batch's leading axis ``B`` into ``(n, B // n)`` for ``pmap``."""
+    n = n or jax.local_device_count()
+
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by {n} devices")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+# -------------------------------------------------------------- NamedSharding
+
+
+def data_parallel_mesh(devices: list[Any] | None = None, axis: str = "data") -> Mesh:
+    """A 1-D mesh over all devices with the given axis name."""
+    return Mesh(np.array(devices or jax.devices()), (axis,))
+
+
+def shard_batch(mesh: Mesh, batch: Any, axis: str = "data") -> Any:
+    """Places a batch split over the mesh's data axis (leading dimension)."""
+
+    def put(x):
+        spec = PartitionSpec(axis, *([None] * (np.ndim(x) - 1)))
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(put, batch)
+
+
+def shard_params(mesh: Mesh, tree: Any, rules: Mapping[str, PartitionSpec] | None = None) -> Any:
+    """Places a params (or train-state) tree on the mesh by path rules.
+
+    ``rules`` maps regexes on leaf paths to ``PartitionSpec``s (first match wins); leaves
+    that match none are replicated. For example, to shard every kernel's output
+    dimension over a ``"model"`` axis of a 2-D mesh::
+
+        shard_params(mesh, state, {r"kernel$": PartitionSpec(None, "model")})
+
+    Optimizer states of optax-ext keep their params' shardings (they are built with
+    ``zeros_like``), so placing the whole ``TrainState`` is enough.
+    """
+    specs = jax.tree.map(
+        lambda path, x: (
+            first_match(path, rules, PartitionSpec()) if np.ndim(x) else PartitionSpec()
+        ),
+        tree_paths(tree),
+        tree,
+    )
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)

@@ -1,0 +1,125 @@
+"""Train steps under jit, pmap and a NamedSharding mesh give the single-device result."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_trees_close
+from jax.sharding import PartitionSpec
+
+from optax_ext.optimizers.tiger import tiger
+from optax_ext.training import (
+    TrainState,
+    data_parallel_mesh,
+    make_train_step,
+    replicate,
+    shard_batch,
+    shard_params,
+    split_batch,
+    unreplicate,
+)
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm()(nn.relu(nn.Dense(32)(x)))
+        return nn.Dense(3)(x)
+
+
+def loss_fn(params, apply_fn, batch):
+    logits = apply_fn({"params": params}, batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
+def make_state(tx):
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def batches(n=6, size=32):
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "x": jnp.asarray(rng.standard_normal((size, 8)), jnp.float32),
+            "y": jnp.asarray(rng.integers(0, 3, size)),
+        }
+        for _ in range(n)
+    ]
+
+
+def run_jit(tx):
+    state, step = make_state(tx), make_train_step(loss_fn, mode="jit", donate=False)
+    losses = []
+    for b in batches():
+        state, m = step(state, b)
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_jit(tiger(1e-2, accumulation_steps=2))
+
+
+def test_pmap_equals_single_device(reference):
+    state = replicate(make_state(tiger(1e-2, accumulation_steps=2)))
+    step = make_train_step(loss_fn, mode="pmap")
+    losses = []
+    for b in batches():
+        state, m = step(state, split_batch(b))
+        losses.append(float(m["loss"][0]))
+    ref_state, ref_losses = reference
+    assert_trees_close(unreplicate(state).params, ref_state.params, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+def test_sharded_mesh_equals_single_device(reference):
+    mesh = data_parallel_mesh()
+    state = shard_params(mesh, make_state(tiger(1e-2, accumulation_steps=2)))
+    step = make_train_step(loss_fn, mode="sharded")
+    for b in batches():
+        state, _ = step(state, shard_batch(mesh, b))
+    assert_trees_close(state.params, reference[0].params, rtol=2e-5, atol=2e-6)
+
+
+def test_params_sharded_by_path_rules_keep_shardings(reference):
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    state = make_state(tiger(1e-2, accumulation_steps=2))
+    state = shard_params(mesh, state, {r"Dense_0/kernel$": PartitionSpec(None, "model")})
+    step = make_train_step(loss_fn, mode="sharded")
+    for b in batches():
+        state, _ = step(state, shard_batch(mesh, b))
+    kernel = state.params["Dense_0"]["kernel"]
+    assert kernel.sharding.spec == PartitionSpec(None, "model")
+    assert state.opt_state.mu["Dense_0"]["kernel"].sharding.spec == PartitionSpec(None, "model")
+    assert_trees_close(state.params, reference[0].params, rtol=2e-5, atol=2e-6)
+
+
+def test_extra_args_reach_the_optimizer():
+    seen = {}
+
+    def update(updates, state, params=None, **extra):
+        seen.update(extra)
+        return updates, state
+
+    tx = optax.chain(
+        optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update), optax.sgd(0.1)
+    )
+    state = make_state(tx)
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    new = state.apply_gradients(grads=grads, extra_args={"loss": 1.5})
+    assert seen == {"loss": 1.5} and int(new.step) == 1
+    assert_trees_close(new.params, jax.tree.map(lambda p: p - 0.1, state.params))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_train_step(loss_fn, mode="tpu")
+    with pytest.raises(ValueError, match="not divisible by 8 devices"):
+        split_batch({"x": jnp.zeros((12, 2))})
