@@ -165,6 +165,31 @@ def test_recovers_b_simple_with_accumulation_extra_args():
     assert abs(float(est.b_simple) / true - 1) < 0.10, (float(est.b_simple), true)
 
 
+def test_axis_name_and_accumulation_together():
+    """Under pmap with accumulation: small = one micro-batch (its norm averaged over the
+    devices), big = k micro-batches on every device."""
+    k = 4
+    rng = np.random.default_rng(5)
+    local = rng.standard_normal((N_DEV, D)).astype(np.float32)
+    micro_sq = (np.sum(local.astype(np.float64) ** 2, 1) + rng.uniform(1, 3, N_DEV))
+    tx = noise.measure_noise_scale(B_SMALL, axis_name="i", ema=0.5)
+
+    def step(grads, m):
+        return tx.update(_as_tree(grads), tx.init(_params()), micro_grad_sq_norm=m,
+                         accumulation_steps=k)
+
+    out, state = jax.pmap(step, axis_name="i")(jnp.asarray(local),
+                                                jnp.asarray(micro_sq, jnp.float32))
+    mean = local.astype(np.float64).mean(0)
+    np.testing.assert_allclose(np.concatenate([out["w"][3].ravel(), out["b"][3]]), mean,
+                               rtol=1e-5, atol=1e-6)
+    small, big, bb = micro_sq.mean(), mean @ mean, k * B_SMALL * N_DEV
+    np.testing.assert_allclose(state.last_g2[0], (bb * big - B_SMALL * small) / (bb - B_SMALL),
+                               rtol=1e-5)
+    np.testing.assert_allclose(state.last_trace_sigma[0],
+                               (small - big) / (1 / B_SMALL - 1 / bb), rtol=1e-5)
+
+
 def test_needs_two_batch_sizes():
     tx = noise.measure_noise_scale(8)
     with pytest.raises(ValueError, match="needs two batch sizes"):
