@@ -15,6 +15,7 @@ from helpers import (
     flax_like_params,
     random_grads_like,
     random_tree,
+    run_path,
     to_f64,
     x64,
 )
@@ -221,6 +222,8 @@ def test_device_paths_and_compilation():
     tx = amos(0.1, momentum=0.9, clip_value=2.0, beta=0.99)
     assert_same_on_all_paths(tx, params, grads)
     assert_no_recompile(tx, params, grads)
+    # per-entry statistics (v, b shaped like the params) keep the params' shardings
+    run_path(amos(0.1, shape_fn=lambda path, shape: shape), params, grads[:2], "sharded")
 
 
 def test_inject_hyperparams():
