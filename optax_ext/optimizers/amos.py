@@ -173,7 +173,7 @@ def scale_by_amos(
     with t, the optax convention (the reference code passes t + 1).
 
     Args:
-      learning_rate: ξ, a float or an optax schedule of the step. The paper suggests
+      learning_rate: ξ, a float or an optax schedule of the step; the authors suggest
         about ``1/sqrt(number of batches in the training data)``.
       eta_fn: ``(path, shape) -> η ≥ 0``, the expected scale of the leaf's entries;
         default :func:`amos_default_eta`. Negative or non-finite values are rejected.

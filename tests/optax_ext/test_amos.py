@@ -259,6 +259,13 @@ def test_abstract_init_and_chain():
     a, _ = _run(optax.chain(optax.clip(1.0), amos(0.1)), _tiny_params(0), grads)
     b, _ = _run(amos(0.1, clip_value=1.0), _tiny_params(0), grads)
     assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
+    # under optax.masked the chosen leaves get exactly the unmasked Amos update
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
+    masked = optax.masked(amos(0.1, momentum=0.9), {"dense": {"kernel": True, "bias": False}})
+    u, _ = masked.update(params, masked.init(params), params)
+    full, _ = amos(0.1, momentum=0.9).update(params, amos(0.1, momentum=0.9).init(params), params)
+    np.testing.assert_array_equal(u["dense"]["kernel"], full["dense"]["kernel"])
+    np.testing.assert_array_equal(u["dense"]["bias"], params["dense"]["bias"])
 
 
 def test_bf16_params():
