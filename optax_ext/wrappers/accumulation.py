@@ -29,7 +29,9 @@ class AccumulationState(NamedTuple):
       skipped_updates: int32, cycles that ended with every micro-batch skipped.
       grad_sq_norm_sum: float32, sum over this cycle's accumulated micro-batches of
         each micro-batch gradient's squared global L2 norm.
-      acc_grads: running mean of this cycle's micro-batch gradients (``acc_dtype``).
+      acc_grads: running mean of this cycle's micro-batch gradients (``acc_dtype``);
+        after an update it still holds that cycle's mean, ignored by the next cycle
+        (``n_accumulated == 0``).
       inner_state: the wrapped optimizer's state, unchanged between its updates.
     """
 
@@ -131,13 +133,14 @@ def accumulate_gradients(
         return jnp.zeros_like(x, dtype=dtype)
 
     def init_fn(params):
-        zero = jnp.zeros([], jnp.int32)
+        # a fresh array per counter: a donated state must not hold one buffer twice
+        zero = lambda: jnp.zeros([], jnp.int32)
         return AccumulationState(
-            mini_step=zero,
-            gradient_step=zero,
-            n_accumulated=zero,
-            skipped_micro_batches=zero,
-            skipped_updates=zero,
+            mini_step=zero(),
+            gradient_step=zero(),
+            n_accumulated=zero(),
+            skipped_micro_batches=zero(),
+            skipped_updates=zero(),
             grad_sq_norm_sum=jnp.zeros([], jnp.float32),
             acc_grads=jax.tree.map(acc_like, params),
             inner_state=inner.init(params),
@@ -147,12 +150,10 @@ def accumulate_gradients(
         sq_norm = _global_sq_norm(updates)
         ok = _all_finite(updates) if skip_nonfinite else jnp.asarray(True)
         n = state.n_accumulated + ok.astype(jnp.int32)
-        # Welford's mean; a skipped micro-batch leaves it untouched (n unchanged)
         denom = jnp.maximum(n, 1)
-        acc = jax.tree.map(
-            lambda g, a: jnp.where(ok, a + (g - a) / denom, a).astype(a.dtype),
-            updates, state.acc_grads,
-        )
+        fresh = state.n_accumulated == 0
+        acc = jax.tree.map(lambda g, a: _welford(g, a, fresh, ok, denom),
+                           updates, state.acc_grads)
         sq_sum = state.grad_sq_norm_sum + jnp.where(ok, sq_norm, 0.0)
         last = state.mini_step == k - 1
         apply = jnp.logical_and(last, n > 0) if skip_nonfinite else last
@@ -173,8 +174,7 @@ def accumulate_gradients(
             skipped_micro_batches=_increment_if(~ok, state.skipped_micro_batches),
             skipped_updates=_increment_if(last & ~apply, state.skipped_updates),
             grad_sq_norm_sum=jnp.where(last, 0.0, sq_sum).astype(jnp.float32),
-            acc_grads=jax.tree.map(
-                lambda a: jnp.where(last, jnp.zeros_like(a), a), acc),
+            acc_grads=acc,
             inner_state=_select(apply, new_inner, state.inner_state),
         )
         return out, new_state
@@ -189,6 +189,17 @@ def _check_static_k(k: Any) -> int:
     if isinstance(k, jax.core.Tracer):
         raise TypeError("k must be a Python int: the accumulation count is static")
     return int(check_int("k", k))
+
+
+def _welford(g, a, fresh, ok, n):
+    """The running mean after one more micro-batch (unchanged if it is skipped).
+
+    A new cycle starts from zero here rather than by zeroing the buffer after an update:
+    the buffer then has one writer reading it once, so XLA updates it in place in the
+    same pass as the inner update instead of copying the donated buffer first.
+    """
+    base = jnp.where(fresh, jnp.zeros_like(a), a)
+    return jnp.where(ok, base + (g - base) / n, base).astype(a.dtype)
 
 
 def _global_sq_norm(tree: Any) -> jax.Array:

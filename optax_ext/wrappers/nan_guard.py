@@ -104,8 +104,9 @@ def nan_guard(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        zero = jnp.zeros([], jnp.int32)
-        return NanGuardState(count=zero, skipped_steps=zero, shrunk_leaves=zero,
+        # a fresh array per counter: a donated state must not hold one buffer twice
+        zero = lambda: jnp.zeros([], jnp.int32)
+        return NanGuardState(count=zero(), skipped_steps=zero(), shrunk_leaves=zero(),
                              inner_state=inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):

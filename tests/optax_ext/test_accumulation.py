@@ -185,8 +185,10 @@ def test_bf16_params_keep_every_dtype(inner):
     state0 = tx.init(params)
     dtypes = lambda t: jax.tree.map(lambda x: jnp.result_type(x), t)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state0.acc_grads))
-    step = jax.jit(lambda p, s, g: (lambda u, s: (_apply(p, u), u, s))(*tx.update(g, s, p)))
-    p, s = params, state0
+    # params and state donated, as a training loop does: no buffer may appear twice
+    step = jax.jit(lambda p, s, g: (lambda u, s: (_apply(p, u), u, s))(*tx.update(g, s, p)),
+                   donate_argnums=(0, 1))
+    p, s = jax.tree.map(jnp.copy, params), tx.init(params)
     for g in grads:
         p, u, s = step(p, s, g)
         assert dtypes(s) == dtypes(state0) and dtypes(p) == dtypes(params)

@@ -246,6 +246,12 @@ def test_abstract_init_and_params_required():
     params = random_tree(6, dtype=jnp.bfloat16)
     abstract_init_matches(nan_guard(optax.adamw(1e-3)), params)
     tx = nan_guard(optax.sgd(0.1))
+    step = jax.jit(lambda p, s, g: (lambda u, s: (_apply(p, u), s))(*tx.update(g, s, p)),
+                   donate_argnums=(0, 1))
+    p, s = jax.tree.map(jnp.copy, params), tx.init(params)
+    for _ in range(2):  # a donated state must not hold one buffer twice
+        p, s = step(p, s, params)
+    assert int(s.count) == 2
     with pytest.raises(ValueError, match="needs the current params"):
         tx.update(params, tx.init(params))
 
