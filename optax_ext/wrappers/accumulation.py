@@ -88,14 +88,17 @@ def accumulate_gradients(
     **Extra arguments** are forwarded to ``inner``, together with
     ``micro_grad_sq_norm`` (float32 scalar: the mean over the accumulated micro-batches
     of each one's squared global L2 norm, as gradient-noise-scale estimators need) and
-    ``accumulation_steps=k``. A plain ``optax.GradientTransformation`` inner ignores them.
+    ``accumulation_steps``: k (a Python int), or with ``skip_nonfinite`` the number n of
+    micro-batches in the mean (an int32 array). A plain ``optax.GradientTransformation``
+    inner ignores them; :func:`scaling.measure_noise_scale` placed first in ``inner``
+    uses them to measure the gradient noise scale from micro-batches.
 
     **Non-finite micro-batches** (``skip_nonfinite=True``): a micro-batch with any NaN or
     ±inf does not enter the mean nor the squared-norm sum; the cycle still lasts k
     micro-steps and the mean is over the n finite ones. If all k are skipped the cycle
     makes no update: zeros are emitted, the inner state is unchanged, ``gradient_step``
-    does not advance and ``skipped_updates`` counts it. ``accumulation_steps`` passed to
-    ``inner`` stays the nominal k. Gradients must be all-reduced across devices first
+    does not advance and ``skipped_updates`` counts it. Gradients must be all-reduced
+    across devices first
     (``lax.pmean``), so every replica makes the same choice.
 
     Args:
@@ -163,7 +166,7 @@ def accumulate_gradients(
             **{
                 **extra_args,
                 "micro_grad_sq_norm": sq_sum / denom.astype(jnp.float32),
-                "accumulation_steps": k,
+                "accumulation_steps": n if skip_nonfinite else k,
             },
         )
         out = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), inner_updates)

@@ -251,6 +251,41 @@ def test_extra_args_reach_the_inner_transform():
         assert int(rec.steps) == k and float(rec.tag) == t
 
 
+def test_skipping_passes_the_number_of_accumulated_micro_batches():
+    params = {"w": jnp.zeros(2)}
+    tx = accumulate_gradients(optax.chain(_recorder(), optax.sgd(0.1)), 3, skip_nonfinite=True)
+    state = tx.init(params)
+    for g in ([3.0, 4.0], [np.nan, 0.0], [0.0, 0.0]):
+        _, state = tx.update({"w": jnp.array(g)}, state, params, tag=0.0)
+    rec = state.inner_state[0]
+    assert int(rec.steps) == 2
+    np.testing.assert_allclose(float(rec.sq_norm), 25.0 / 2)
+
+
+def test_noise_scale_measured_from_micro_batches():
+    from scaling.noise import measure_noise_scale
+
+    k, b = 4, 16
+    params = random_tree(7)
+    signal = random_grads_like(params, 39, scale=2.0)  # |G|² well above the noise
+    grads = [jax.tree.map(jnp.add, signal, random_grads_like(params, 40 + s))
+             for s in range(2 * k)]
+    tx = accumulate_gradients(
+        optax.chain(measure_noise_scale(batch_size=b), optax.sgd(0.1)), k)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for g in grads:
+        _, state = step(g, state, params)
+    noise = state.inner_state[0]
+    assert int(noise.count) == 2
+    cycle = [to_f64(g) for g in grads[k:]]
+    sq = lambda t: sum(float(np.sum(x**2)) for x in jax.tree.leaves(t))
+    g2_small = np.mean([sq(g) for g in cycle])
+    g2_big = sq(jax.tree.map(lambda *xs: np.mean(xs, axis=0), *cycle))
+    expected = (k * b * g2_big - b * g2_small) / (k * b - b)
+    np.testing.assert_allclose(float(noise.last_g2), expected, rtol=1e-5)
+
+
 def test_plain_gradient_transformation_inner():
     plain = optax.GradientTransformation(
         lambda p: optax.EmptyState(), lambda u, s, p=None: (jax.tree.map(lambda x: -x, u), s))
