@@ -159,8 +159,8 @@ def two_batch_estimates(g2_small, g2_big, b_small, b_big) -> NoiseEstimate:
 
 def noise_ema_init(dtype=jnp.float32) -> NoiseEMA:
     """A zero :class:`NoiseEMA` (JAX scalars). ``NoiseEMA(0.0, 0.0, 0.0)`` works too."""
-    z = jnp.zeros([], dtype)
-    return NoiseEMA(z, z, z)
+    # Separate buffers: a shared one could not be donated (jit donate_argnums).
+    return NoiseEMA(*(jnp.zeros([], dtype) for _ in range(3)))
 
 
 def noise_ema_update(ema: NoiseEMA, g2, trace_sigma, decay) -> NoiseEMA:
@@ -203,7 +203,9 @@ def noise_ema_read(ema: NoiseEMA) -> NoiseScale:
 
 
 def _sq_norm(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
+    # The barrier keeps XLA from merging this g * g with the g² of a following Adam, which
+    # would materialise g² for both users (an extra write and read of the gradients' size).
+    leaves = lax.optimization_barrier(jax.tree_util.tree_leaves(tree))
     return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0))
 
 
@@ -258,8 +260,8 @@ def measure_noise_scale(
 
     def init_fn(params):
         del params
-        z = jnp.zeros([], jnp.float32)
-        return NoiseScaleState(jnp.zeros([], jnp.int32), noise_ema_init(), z, z)
+        return NoiseScaleState(jnp.zeros([], jnp.int32), noise_ema_init(),
+                               jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
 
     def update_fn(
         updates, state, params=None, *, micro_grad_sq_norm=None, accumulation_steps=None,

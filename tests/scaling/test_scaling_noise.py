@@ -236,6 +236,23 @@ def test_bad_hyperparameters():
         noise.measure_noise_scale(8, ema=1.0)
 
 
+def test_state_can_be_donated_and_does_not_recompile():
+    tx = optax.chain(noise.measure_noise_scale(8), optax.adamw(1e-3))
+
+    def step(params, state, grads, m):
+        updates, state = tx.update(grads, state, params, micro_grad_sq_norm=m,
+                                   accumulation_steps=2)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    params, state = _params(), tx.init(_params())
+    grads = jax.tree.map(jnp.ones_like, params)
+    for m in (70.0, 80.0, 90.0):  # init's buffers are distinct, so donation works
+        params, state = step(params, state, grads, jnp.float32(m))
+    assert step._cache_size() == 1
+    assert int(state[0].count) == 3
+
+
 def test_abstract_init():
     tx = noise.measure_noise_scale(8, axis_name="i")
     abstract = jax.eval_shape(tx.init, jax.tree.map(

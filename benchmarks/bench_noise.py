@@ -1,0 +1,193 @@
+"""Overhead of measuring the gradient noise scale: chain(measure_noise_scale, adamw) vs adamw.
+
+``scaling.measure_noise_scale`` adds one squared-norm reduction over the gradients (and a
+few scalar EMAs) to the step. Two pairs are timed on the same ~10M-float tree:
+
+- ``accum`` (plain ``jit``, one device): the gradient-accumulation path, where the step
+  receives ``micro_grad_sq_norm`` and ``accumulation_steps`` as extra arguments, against
+  ``optax.adamw`` alone.
+- ``pmap`` (when more than one local device): ``chain(measure(axis_name), adamw)``
+  (which averages the gradients itself) against ``lax.pmean`` + ``optax.adamw``.
+
+Each step (update + apply) is jitted (pmapped) with params and state donated, warmed up,
+then the two candidates alternate step by step; the median step time and the ratio are
+reported, with the copy bandwidth of a donated ``x * 1.0001`` over the params as a floor::
+
+    python benchmarks/bench_noise.py                       # ~10M floats
+    python benchmarks/bench_noise.py --size 100000 --steps 5   # quick check
+
+Prints a table and writes JSON to benchmarks/results/noise.json (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from optax_ext._common import tree_bytes  # noqa: E402
+from scaling.noise import measure_noise_scale  # noqa: E402
+
+
+def make_params(n_floats: int, seed: int = 0):
+    """A transformer-like tree of about ``n_floats`` float32 values (Flax names)."""
+    width = max(8, int(math.sqrt(n_floats / 13)) // 8 * 8)
+    layers = max(1, round((n_floats - width * width) / (12 * width * width)))
+    rng = np.random.default_rng(seed)
+    n = lambda *shape: jnp.asarray(0.02 * rng.standard_normal(shape, np.float32))
+    params = {"embed": {"embedding": n(width, width)}}
+    for i in range(layers):
+        params[f"layer_{i}"] = {
+            "attn": {"kernel": n(width, 4 * width), "bias": jnp.zeros(4 * width)},
+            "mlp_in": {"kernel": n(width, 4 * width), "bias": jnp.zeros(4 * width)},
+            "mlp_out": {"kernel": n(4 * width, width), "bias": jnp.zeros(width)},
+            "norm": {"scale": jnp.ones(width), "bias": jnp.zeros(width)},
+        }
+    return {"params": params}
+
+
+def copy_seconds(nbytes: int, repeats: int) -> float:
+    """Median seconds of a donated in-place ``x * 1.0001`` over ``nbytes`` of float32."""
+    x = jnp.ones(max(1, nbytes // 4), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
+    x = jax.block_until_ready(f(x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def accum_steps(lr: float, batch: int, k: int):
+    """Jitted donated steps: adamw alone, and measure (accumulation extra args) + adamw."""
+    base = optax.adamw(lr)
+    measured = optax.chain(measure_noise_scale(batch), optax.adamw(lr))
+
+    def plain(params, state, grads, micro_sq):
+        del micro_sq
+        updates, state = base.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    def with_noise(params, state, grads, micro_sq):
+        updates, state = measured.update(grads, state, params, micro_grad_sq_norm=micro_sq,
+                                         accumulation_steps=k)
+        return optax.apply_updates(params, updates), state
+
+    jit = lambda f: jax.jit(f, donate_argnums=(0, 1))
+    return {"adamw": (base, jit(plain)), "measure+adamw": (measured, jit(with_noise))}
+
+
+def pmap_steps(lr: float, batch: int):
+    """Pmapped donated steps: pmean + adamw, and measure(axis_name) + adamw."""
+    base = optax.adamw(lr)
+    measured = optax.chain(measure_noise_scale(batch, axis_name="d"), optax.adamw(lr))
+
+    def plain(params, state, grads, micro_sq):
+        del micro_sq
+        grads = jax.lax.pmean(grads, "d")
+        updates, state = base.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    def with_noise(params, state, grads, micro_sq):
+        del micro_sq
+        updates, state = measured.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    pm = lambda f: jax.pmap(f, axis_name="d", donate_argnums=(0, 1))
+    return {"pmean+adamw": (base, pm(plain)), "measure+adamw": (measured, pm(with_noise))}
+
+
+def time_pair(candidates: dict, params, grads, micro_sq, steps: int, replicate: int = 0):
+    rep = (lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (replicate, *x.shape)), t)
+           ) if replicate else (lambda t: t)
+    runs = {}
+    for name, (tx, step) in candidates.items():
+        p = rep(jax.tree.map(jnp.copy, params))
+        state = rep(tx.init(params))
+        for _ in range(2):  # compile + warm-up
+            p, state = jax.block_until_ready(step(p, state, grads, micro_sq))
+        runs[name] = {"step": step, "p": p, "state": state, "times": []}
+    for _ in range(steps):  # interleaved, step by step
+        for run in runs.values():
+            t0 = time.perf_counter()
+            run["p"], run["state"] = jax.block_until_ready(
+                run["step"](run["p"], run["state"], grads, micro_sq))
+            run["times"].append(time.perf_counter() - t0)
+    out = {}
+    for name, run in runs.items():
+        cache = getattr(run["step"], "_cache_size", None)
+        out[name] = {"median_step_s": statistics.median(run["times"]),
+                     "compilations": cache() if cache else None}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=10_000_000, help="about this many floats")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per candidate")
+    ap.add_argument("--batch", type=int, default=32, help="per-device / micro batch size")
+    ap.add_argument("--k", type=int, default=8, help="accumulation steps (accum pair)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results", "noise.json"))
+    args = ap.parse_args(argv)
+
+    params = make_params(args.size)
+    rng = np.random.default_rng(1)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
+    param_bytes = tree_bytes(params)
+    micro_sq = jnp.float32(2.0 * sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)))
+    copy_s = copy_seconds(param_bytes, 15)
+    results = {
+        "device": str(jax.devices()[0].device_kind),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "params": sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        "param_bytes": param_bytes,
+        "steps": args.steps,
+        "copy_s": copy_s,
+        "pairs": {},
+    }
+    print(f"{results['params'] / 1e6:.2f}M floats ({param_bytes / 1e6:.1f} MB) on "
+          f"{results['device']}, donated copy {1e3 * copy_s:.2f} ms, median of {args.steps}")
+    pairs = {"accum": (accum_steps(1e-3, args.batch, args.k), grads, micro_sq, 0)}
+    n_dev = jax.local_device_count()
+    if n_dev > 1:
+        dev_grads = jax.tree.map(lambda g: jnp.broadcast_to(g, (n_dev, *g.shape)), grads)
+        pairs["pmap"] = (pmap_steps(1e-3, args.batch), dev_grads,
+                         jnp.zeros((n_dev,), jnp.float32), n_dev)
+    print(f"{'pair':<7}{'impl':<15}{'ms/step':>10}{'copies of floor':>17}{'ratio':>8}")
+    for pair, (cands, g, m, rep) in pairs.items():
+        timing = time_pair(cands, params, g, m, args.steps, rep)
+        base, ours = list(timing)
+        ratio = timing[ours]["median_step_s"] / timing[base]["median_step_s"]
+        results["pairs"][pair] = {"measure_over_base_time": ratio, "devices": max(rep, 1),
+                                  **timing}
+        for impl, r in timing.items():
+            shown = f"{ratio:.3f}x" if impl == ours else ""
+            print(f"{pair:<7}{impl:<15}{1e3 * r['median_step_s']:>10.3f}"
+                  f"{r['median_step_s'] / copy_s:>17.2f}{shown:>8}")
+            if r["compilations"] not in (None, 1):
+                print(f"  warning: {pair}/{impl} compiled {r['compilations']} times")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
