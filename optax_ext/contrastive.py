@@ -89,6 +89,10 @@ def contrastive_value_and_grad(
 
     Without ``rng`` the encoders receive ``None`` (deterministic mode).
 
+    **Sharding.** Under ``jit`` with params and batch sharded over a mesh the result is the
+    same gradient; its layout is left to XLA (an embedding table's gradient may come out
+    replicated): pass ``out_shardings`` to ``jax.jit`` to give ``grads`` the params' own.
+
     **What breaks exactness.** Anything in the encoder that couples rows of a chunk, above
     all batch statistics (``BatchNorm`` in training mode): each chunk would be normalised
     by its own statistics. ``params`` holding a ``batch_stats`` collection, or an encoder

@@ -287,6 +287,13 @@ def test_sharded_params_and_batch_give_the_same_gradient():
     np.testing.assert_allclose(value, want, rtol=1e-6)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
     assert_trees_close(grads, want_grads, rtol=1e-5, atol=1e-6 * scale)
+    # The gradient's layout is jit's to choose; out_shardings makes it the params' own.
+    like_params = jax.tree.map(lambda x: x.sharding, sharded)
+    pinned = jax.jit(vg, out_shardings=(NamedSharding(mesh, PartitionSpec()), like_params))
+    _, grads = pinned(sharded, data, rng=rng)
+    assert_trees_close(grads, want_grads, rtol=1e-5, atol=1e-6 * scale)
+    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded), strict=True):
+        assert g.sharding.is_equivalent_to(p.sharding, g.ndim), (g.sharding, p.sharding)
 
 
 def test_training_on_synthetic_retrieval_raises_accuracy():
