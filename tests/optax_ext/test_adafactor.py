@@ -1,0 +1,441 @@
+"""AdaFactor (Su's reading, spec §3) against a float64 NumPy reference, optax.adafactor where
+they coincide, each documented difference, and every device path."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import (
+    abstract_init_matches,
+    assert_no_recompile,
+    assert_same_on_all_paths,
+    assert_trees_close,
+    flax_like_params,
+    leaf_paths,
+    random_grads_like,
+    x64,
+)
+
+from optax_ext._common import path_to_str, tree_bytes
+from optax_ext.optimizers.adafactor import (
+    FactoredMoment,
+    adafactor,
+    relative_step_size,
+    scale_by_adafactor,
+)
+
+# ------------------------------------------------------------ float64 reference
+
+
+def rms(x):
+    return np.sqrt(np.mean(np.square(x)))
+
+
+def ref_adafactor(params, grads_seq, *, lr=None, decay_rate=None, momentum=None, wd=0.0,
+                  decays=lambda p: True, mbps=True, clip=1.0, eps1=1e-30, eps2=1e-3,
+                  min_dim=128):
+    """Spec §3 in float64 NumPy, step by step. Returns (θ, second moments, momentum)."""
+    theta = {p: np.asarray(x, np.float64) for p, x in leaf_paths(params)}
+    nu, mu = {}, {p: np.zeros_like(x) for p, x in theta.items()}
+    for t, grads in enumerate(grads_seq):
+        tau = t + 1
+        beta2 = 1 - tau**-0.8 if decay_rate is None else decay_rate
+        if lr is None:
+            lr_t = min(1e-2, 1 / math.sqrt(tau)) * (1.0 if mbps else 0.05)
+        else:
+            lr_t = lr(t)
+        for p, g in leaf_paths(grads):
+            g = np.asarray(g, np.float64)
+            g2 = g**2 + eps1
+            shape = g.shape
+            order = sorted(range(len(shape)), key=lambda i: (shape[i], i))  # ties: later = larger
+            if len(shape) >= 2 and shape[order[-2]] >= min_dim:
+                largest, second = order[-1], order[-2]
+                vr, vc = nu.get(p, (0.0, 0.0))
+                vr = beta2 * vr + (1 - beta2) * g2.mean(axis=largest, keepdims=True)
+                vc = beta2 * vc + (1 - beta2) * g2.mean(axis=second, keepdims=True)
+                nu[p] = (vr, vc)
+                v = vr * vc / vr.mean(axis=second, keepdims=True)
+            else:
+                v = beta2 * nu.get(p, 0.0) + (1 - beta2) * g2
+                nu[p] = v
+            u = g / np.sqrt(v + eps1)
+            if clip is not None:
+                u = u / max(1.0, rms(u) / clip)
+            if momentum is not None:
+                mu[p] = momentum * mu[p] + (1 - momentum) * u
+                u = mu[p]
+            if mbps:
+                u = u * max(rms(theta[p]), eps2)
+            theta[p] = theta[p] - lr_t * (u + (wd if decays(p) else 0.0) * theta[p])
+    return theta, nu, mu
+
+
+def mixed_params(seed=0, dtype=jnp.float32):
+    """Flax-like leaves plus tensors that exercise every factoring case at min_dim=4:
+    3-D tensors whose two largest axes are not the last two, ties, and small matrices."""
+    rng = np.random.default_rng(seed)
+    tree = flax_like_params(seed, layers=1)
+    extra = {
+        "conv": {"kernel": rng.standard_normal((6, 2, 5))},  # factors axes 0, 2, keeps 1
+        "tie": {"kernel": rng.standard_normal((5, 5))},  # a tie: axis 1 counts as largest
+        "thin": {"kernel": rng.standard_normal((3, 9))},  # second-largest 3 < 4: full
+        "deep": {"kernel": rng.standard_normal((4, 3, 2, 7))},  # 4-D: axes 3, 0
+    }
+    tree["params"].update(jax.tree.map(lambda x: jnp.asarray(x, dtype), extra))
+    return tree
+
+
+def nu_by_path(nu):
+    """{path: full second moment or FactoredMoment}."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        nu, is_leaf=lambda x: isinstance(x, FactoredMoment))
+    return {path_to_str(p): x for p, x in flat}
+
+
+def f64(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+def run(tx, params, grads_seq):
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for g in grads_seq:
+        params, state = step(params, state, g)
+    return params, state
+
+
+def not_norm_or_bias(path):
+    return path.split("/")[-1] not in ("bias", "scale")
+
+
+def schedule(t):
+    return 3e-2 / (1.0 + 0.2 * t)
+
+
+CASES = {
+    # name: (adafactor kwargs, reference kwargs); all at min_dim_size_to_factor=4
+    "defaults": (dict(), dict()),
+    "momentum_constant_beta2_schedule_decay": (
+        dict(learning_rate=schedule, decay_rate=0.95, momentum=0.9, weight_decay=0.1,
+             clipping_threshold=0.5, eps2=1e-2),
+        dict(lr=schedule, decay_rate=0.95, momentum=0.9, wd=0.1, decays=not_norm_or_bias,
+             clip=0.5, eps2=1e-2)),
+    "absolute_step_no_clipping": (
+        dict(multiply_by_parameter_scale=False, clipping_threshold=None, momentum=0.5,
+             weight_decay=0.05, mask=True),
+        dict(mbps=False, clip=None, momentum=0.5, wd=0.05)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_float64_reference(case):
+    kwargs, ref_kwargs = CASES[case]
+    with x64():
+        params = f64(mixed_params(1))
+        grads = [f64(random_grads_like(params, 10 + t, scale=0.1 + t % 3)) for t in range(20)]
+        tx = adafactor(**kwargs, min_dim_size_to_factor=4)
+        got, state = run(tx, params, grads)
+        want, want_nu, want_mu = ref_adafactor(params, grads, min_dim=4, **ref_kwargs)
+        for p, x in leaf_paths(got):
+            np.testing.assert_allclose(x, want[p], rtol=1e-11, atol=1e-14, err_msg=p)
+        inner = state[0]
+        nu = nu_by_path(inner.nu)
+        for p, v in want_nu.items():
+            got_v = (nu[p].row, nu[p].col) if isinstance(nu[p], FactoredMoment) else nu[p]
+            assert isinstance(v, tuple) == isinstance(got_v, tuple), p
+            for a, b in zip(got_v if isinstance(v, tuple) else [got_v],
+                            v if isinstance(v, tuple) else [v], strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-12, err_msg=p)
+        if "momentum" in kwargs:
+            for p, m in leaf_paths(inner.mu):
+                np.testing.assert_allclose(m, want_mu[p], rtol=1e-11, atol=1e-14, err_msg=p)
+
+
+def test_factoring_keeps_the_other_axes():
+    params = {"a": jnp.zeros((6, 2, 5)), "b": jnp.zeros((5, 5)), "c": jnp.zeros((3, 9)),
+              "d": jnp.zeros((4, 3, 2, 7)), "e": jnp.zeros(11)}
+    nu = scale_by_adafactor(min_dim_size_to_factor=4).init(params).nu
+    assert (nu["a"].row.shape, nu["a"].col.shape) == ((1, 2, 5), (6, 2, 1))
+    assert (nu["b"].row.shape, nu["b"].col.shape) == ((5, 1), (1, 5))
+    assert nu["c"].shape == (3, 9) and nu["e"].shape == (11,)
+    assert (nu["d"].row.shape, nu["d"].col.shape) == ((4, 3, 2, 1), (1, 3, 2, 7))
+
+
+def test_relative_step_size():
+    """min(1e-2, 1/√τ): 1e-2 up to τ = 10⁴, then 1/√τ; ×0.05 without the parameter scale."""
+    f, g = relative_step_size(True), relative_step_size(False)
+    for count, want in [(0, 1e-2), (9_999, 1e-2), (39_999, 5e-3), (999_999, 1e-3)]:
+        np.testing.assert_allclose(float(f(jnp.asarray(count))), want, rtol=1e-6)
+        np.testing.assert_allclose(float(g(jnp.asarray(count))), 0.05 * want, rtol=1e-6)
+
+
+# ------------------------------------------------- vs optax.adafactor: where they agree
+
+
+def big_params(seed=0):
+    """Leaves large enough to be factored at the default min_dim_size_to_factor=128."""
+    rng = np.random.default_rng(seed)
+    n = lambda *s: jnp.asarray(0.05 * rng.standard_normal(s), jnp.float32)
+    return {"dense": {"kernel": n(128, 136), "bias": n(136)},
+            "conv": {"kernel": n(3, 130, 128)},
+            "small": {"kernel": n(5, 140)}}
+
+
+def test_equals_optax_adafactor_with_matching_settings():
+    params = big_params(0)
+    grads = [random_grads_like(params, t) for t in range(6)]
+    ours, _ = run(adafactor(1e-2), params, grads)
+    theirs, _ = run(optax.adafactor(1e-2), params, grads)
+    assert_trees_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------ the documented differences, one each
+
+
+def first_updates(tx, params, grads_seq):
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    out = []
+    for g in grads_seq:
+        u, state = update(g, state, params)
+        out.append(u)
+    return out, state
+
+
+def test_difference_learning_rate_none_is_the_relative_step():
+    params = big_params(1)
+    g = random_grads_like(params, 0)
+    ours, theirs = adafactor(), optax.adafactor(learning_rate=None)
+    s_ours, s_theirs = ours.init(params), theirs.init(params)
+    # jump to τ = 40000, where min(1e-2, 1/√τ) = 5e-3 (optax: a step of 1)
+    s_ours = (s_ours[0]._replace(count=jnp.asarray(39_999)), s_ours[1],
+              s_ours[2]._replace(count=jnp.asarray(39_999)))
+    s_theirs = (s_theirs[0]._replace(count=jnp.asarray(39_999)),) + tuple(s_theirs[1:])
+    u_ours, _ = jax.jit(ours.update)(g, s_ours, params)
+    u_theirs, _ = jax.jit(theirs.update)(g, s_theirs, params)
+    assert_trees_close(u_ours, jax.tree.map(lambda u: 5e-3 * u, u_theirs), rtol=1e-5)
+
+
+def test_difference_momentum_before_the_parameter_scale():
+    with x64():
+        params1 = f64(big_params(2))
+        params2 = jax.tree.map(lambda p: 3.0 * p, params1)  # RMS(θ) changes between steps
+        g1, g2 = (f64(random_grads_like(params1, s)) for s in (1, 2))
+        lr, b1 = 1e-2, 0.9
+        plain = scale_by_adafactor(multiply_by_parameter_scale=False)
+        (d1, d2), _ = first_updates(plain, params1, [g1, g2])  # clipped normalised û1, û2
+        ours = adafactor(lr, momentum=b1)
+        theirs = optax.adafactor(lr, momentum=b1, dtype_momentum=jnp.float64)
+        s_o, s_t = ours.init(params1), theirs.init(params1)
+        step_o, step_t = jax.jit(ours.update), jax.jit(theirs.update)
+        _, s_o = step_o(g1, s_o, params1)
+        _, s_t = step_t(g1, s_t, params1)
+        u_o, _ = step_o(g2, s_o, params2)
+        u_t, _ = step_t(g2, s_t, params2)
+        for p, uo in leaf_paths(u_o):
+            r1 = max(rms(dict(leaf_paths(params1))[p]), 1e-3)
+            r2 = max(rms(dict(leaf_paths(params2))[p]), 1e-3)
+            a, b = np.asarray(dict(leaf_paths(d1))[p]), np.asarray(dict(leaf_paths(d2))[p])
+            want_ours = -lr * (b1 * (1 - b1) * a + (1 - b1) * b) * r2
+            want_optax = -(b1 * (1 - b1) * lr * r1 * a + (1 - b1) * lr * r2 * b)
+            np.testing.assert_allclose(uo, want_ours, rtol=1e-10, err_msg=p)
+            # optax computes β2 in float32: agreement to ~1e-7 of the update's scale
+            np.testing.assert_allclose(dict(leaf_paths(u_t))[p], want_optax, rtol=1e-6,
+                                       atol=1e-6 * np.abs(want_optax).max(), err_msg=p)
+            assert not np.allclose(want_ours, want_optax, rtol=1e-3)
+        # where the parameter scale is constant the two orders coincide
+        ours = adafactor(lr, momentum=b1, multiply_by_parameter_scale=False)
+        theirs = optax.adafactor(lr, momentum=b1, multiply_by_parameter_scale=False,
+                                 dtype_momentum=jnp.float64)
+        (_, uo2), _ = first_updates(ours, params1, [g1, g2])
+        (_, ut2), _ = first_updates(theirs, params1, [g1, g2])
+        assert_trees_close(uo2, ut2, rtol=1e-6)
+
+
+def test_difference_eps1_inside_the_square_root():
+    with x64():
+        params = {"b": jnp.zeros(5, jnp.float64)}
+        g = {"b": jnp.full(5, 1e-16, jnp.float64)}  # g² = 1e-32, far below ε1 = 1e-30
+        (u_ours,), _ = first_updates(adafactor(1.0, multiply_by_parameter_scale=False),
+                                     params, [g])
+        (u_theirs,), _ = first_updates(optax.adafactor(1.0, multiply_by_parameter_scale=False),
+                                       params, [g])
+        # ours: g/√(g² + 2ε1), optax: g/√(g² + ε1)
+        np.testing.assert_allclose(u_ours["b"], -1e-16 / np.sqrt(1e-32 + 2e-30), rtol=1e-12)
+        np.testing.assert_allclose(u_theirs["b"], -1e-16 / np.sqrt(1e-32 + 1e-30), rtol=1e-6)
+
+
+def test_difference_weight_decay_is_multiplied_by_the_learning_rate():
+    params = big_params(3)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    lr, wd = 0.1, 0.5
+    (u_ours,), _ = first_updates(adafactor(lr, weight_decay=wd, mask=True), params, [zero])
+    (u_theirs,), _ = first_updates(optax.adafactor(lr, weight_decay_rate=wd), params, [zero])
+    assert_trees_close(u_ours, jax.tree.map(lambda p: -lr * wd * p, params), rtol=1e-6)
+    assert_trees_close(u_theirs, jax.tree.map(lambda p: -wd * p, params), rtol=1e-6)
+    # the default mask spares biases
+    (u_default,), _ = first_updates(adafactor(lr, weight_decay=wd), params, [zero])
+    assert float(jnp.abs(u_default["dense"]["bias"]).max()) == 0.0
+    assert float(jnp.abs(u_default["dense"]["kernel"]).max()) > 0.0
+
+
+def test_difference_eps2_is_an_argument():
+    params = jax.tree.map(jnp.zeros_like, big_params(4))  # RMS(θ) = 0: the scale is ε2
+    g = [random_grads_like(params, 5)]
+    (u_default,), _ = first_updates(adafactor(1e-2), params, g)
+    (u_theirs,), _ = first_updates(optax.adafactor(1e-2), params, g)
+    (u_big,), _ = first_updates(adafactor(1e-2, eps2=1e-2), params, g)
+    assert_trees_close(u_default, u_theirs, rtol=1e-5, atol=1e-12)
+    assert_trees_close(u_big, jax.tree.map(lambda u: 10 * u, u_default), rtol=1e-5)
+
+
+def test_difference_decay_rate_is_the_constant_beta2():
+    params = big_params(5)
+    grads = [random_grads_like(params, 6 + t) for t in range(2)]
+    (_, u_none), _ = first_updates(adafactor(1e-2, decay_rate=None), params, grads)
+    (_, u_optax), _ = first_updates(optax.adafactor(1e-2, decay_rate=0.8), params, grads)
+    (_, u_const), s = first_updates(adafactor(1e-2, decay_rate=0.8), params, grads)
+    assert_trees_close(u_none, u_optax, rtol=1e-5)
+    with pytest.raises(AssertionError):
+        assert_trees_close(u_const, u_optax, rtol=1e-3)
+    # constant β2 = 0.8 on the unfactored bias: v = 0.8·0.2·G1 + 0.2·G2
+    g1, g2 = (np.asarray(g["dense"]["bias"], np.float64) for g in grads)
+    np.testing.assert_allclose(s[0].nu["dense"]["bias"], 0.16 * g1**2 + 0.2 * g2**2, rtol=1e-5)
+
+
+def test_state_is_m_plus_n_per_factored_matrix():
+    params = {"w": jax.ShapeDtypeStruct((300, 200), jnp.float32),
+              "t": jax.ShapeDtypeStruct((4, 200, 300), jnp.float32),
+              "s": jax.ShapeDtypeStruct((100, 300), jnp.float32),
+              "b": jax.ShapeDtypeStruct((300,), jnp.float32)}
+    factored = (300 + 200) + 4 * (200 + 300)
+    unfactored = 100 * 300 + 300
+    n_params = 300 * 200 + 4 * 200 * 300 + 100 * 300 + 300
+    ours = jax.eval_shape(adafactor().init, params)
+    assert tree_bytes(ours) == 4 * (factored + unfactored)
+    with_momentum = jax.eval_shape(adafactor(momentum=0.9).init, params)
+    assert tree_bytes(with_momentum) == 4 * (factored + unfactored + n_params)
+    # optax keeps 1-element placeholders: v per factored leaf, v_row and v_col otherwise
+    theirs = jax.eval_shape(optax.adafactor().init, params)
+    assert tree_bytes(theirs) == 4 * (factored + unfactored + 2 * 1 + 2 * 2)
+
+
+# --------------------------------------------------------------------- optax glue
+
+
+def test_device_paths_with_factored_matrices():
+    params = big_params(6)
+    grads = [random_grads_like(params, 30 + t) for t in range(2)]
+    tx = adafactor(momentum=0.9, weight_decay=0.1)
+    assert_same_on_all_paths(tx, params, grads)
+
+
+def test_inject_hyperparams():
+    params = big_params(7)
+    grads = [random_grads_like(params, 40 + t) for t in range(4)]
+    hp = dict(decay_rate=0.9, momentum=0.8, weight_decay=0.1, eps1=1e-30,
+              clipping_threshold=0.7, eps2=2e-3)
+    for lr in (None, 1e-2):  # None is the structural relative-step rule
+        tx = optax.inject_hyperparams(adafactor)(learning_rate=lr, **hp)
+        state = jax.jit(tx.init)(params)
+        assert set(hp) <= set(state.hyperparams)
+        assert ("learning_rate" in state.hyperparams) == (lr is not None)
+        step = jax.jit(tx.update)
+        p = params
+        for g in grads:
+            u, state = step(g, state, p)
+            p = optax.apply_updates(p, u)
+        want, _ = run(adafactor(lr, **hp), params, grads)
+        assert_trees_close(p, want, rtol=1e-5, atol=1e-7)
+    # an injected decay_rate drives β2
+    state.hyperparams["decay_rate"] = jnp.asarray(0.0)
+    _, state = step(grads[0], state, p)
+    g = np.asarray(grads[0]["dense"]["bias"], np.float64)
+    np.testing.assert_allclose(state.inner_state[0].nu["dense"]["bias"], g**2 + 1e-30, rtol=1e-6)
+
+
+def test_min_dim_size_to_factor_under_inject_hyperparams():
+    params = big_params(8)
+    g = random_grads_like(params, 0)
+    injected = optax.inject_hyperparams(adafactor)(learning_rate=1e-2, min_dim_size_to_factor=64)
+    state = injected.init(params)  # eager init sees a concrete value
+    assert isinstance(state.inner_state[0].nu["small"]["kernel"], jnp.ndarray)
+    jax.jit(injected.update)(g, state, params)
+    with pytest.raises(ValueError, match="static_args"):
+        jax.jit(injected.init)(params)
+    static = optax.inject_hyperparams(adafactor, static_args="min_dim_size_to_factor")(
+        learning_rate=1e-2, min_dim_size_to_factor=4)
+    state = jax.jit(static.init)(params)
+    assert isinstance(state.inner_state[0].nu["small"]["kernel"], FactoredMoment)
+
+
+def test_chain_and_masked():
+    params = big_params(9)
+    grads = [random_grads_like(params, 50 + t) for t in range(2)]
+    mask = {"dense": True, "conv": False, "small": True}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.masked(adafactor(1e-2), mask))
+    sub = {"dense": params["dense"], "small": params["small"]}
+    ref = adafactor(1e-2)
+    s, s_ref = tx.init(params), ref.init(sub)
+    step, ref_step = jax.jit(tx.update), jax.jit(ref.update)
+    clip = jax.jit(lambda g: optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())[0])
+    for g in grads:
+        clipped = clip(g)
+        u, s = step(g, s, params)
+        u_ref, s_ref = ref_step({k: clipped[k] for k in sub}, s_ref, sub)
+        assert_trees_close({k: u[k] for k in sub}, u_ref, rtol=1e-6)
+        assert_trees_close(u["conv"], clipped["conv"], rtol=1e-6)
+
+
+def test_abstract_init_and_no_recompile():
+    params = big_params(10)
+    tx = adafactor(momentum=0.9)
+    abstract_init_matches(tx, params)
+    assert_no_recompile(tx, params, [random_grads_like(params, t) for t in range(3)])
+
+
+@pytest.mark.parametrize("mu_dtype", [None, jnp.float32])
+def test_bf16_params_and_mu_dtype(mu_dtype):
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), big_params(11))
+    grads = [random_grads_like(params, 60 + t) for t in range(3)]
+    tx = adafactor(1e-2, momentum=0.9, mu_dtype=mu_dtype)
+    got, state = run(tx, params, grads)
+    assert {x.dtype for x in jax.tree.leaves(got)} == {jnp.dtype(jnp.bfloat16)}
+    want_mu = jnp.bfloat16 if mu_dtype is None else mu_dtype
+    assert {x.dtype for x in jax.tree.leaves(state[0].mu)} == {jnp.dtype(want_mu)}
+    assert {x.dtype for x in jax.tree.leaves(state[0].nu)} == {jnp.dtype(jnp.float32)}
+    f32, _ = run(adafactor(1e-2, momentum=0.9), jax.tree.map(lambda x: x.astype(jnp.float32),
+                                                              params),
+                 [jax.tree.map(lambda x: x.astype(jnp.float32), g) for g in grads])
+    assert_trees_close(got, f32, rtol=2e-2, atol=2e-3)
+
+
+def test_update_needs_params():
+    tx = adafactor()
+    with pytest.raises(ValueError, match="needs the params"):
+        tx.update({"w": jnp.ones(3)}, tx.init({"w": jnp.ones(3)}))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(learning_rate=-1.0), ValueError, r"learning_rate must be in \[0, inf\), got -1.0"),
+    (dict(decay_rate=1.5), ValueError, r"decay_rate must be in \[0, 1\], got 1.5"),
+    (dict(momentum=-0.1), ValueError, r"momentum must be in \[0, 1\], got -0.1"),
+    (dict(weight_decay=-0.1), ValueError, r"weight_decay must be in \[0, inf\), got -0.1"),
+    (dict(eps1=-1e-30), ValueError, r"eps1 must be in \[0, inf\)"),
+    (dict(eps2=-1.0), ValueError, r"eps2 must be in \[0, inf\), got -1.0"),
+    (dict(clipping_threshold=0.0), ValueError, r"clipping_threshold must be in \(0, inf\)"),
+    (dict(min_dim_size_to_factor=0), ValueError, r"min_dim_size_to_factor must be an int >= 1"),
+    (dict(min_dim_size_to_factor=2.5), TypeError, r"min_dim_size_to_factor must be an int"),
+])
+def test_bad_hyperparameters(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        adafactor(**kwargs)
