@@ -13,6 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import (
+    abstract_init_matches,
+    assert_no_recompile,
+    assert_same_on_all_paths,
+    random_grads_like,
+    random_tree,
+)
 
 from scaling import noise
 
@@ -251,6 +258,27 @@ def test_state_can_be_donated_and_does_not_recompile():
         params, state = step(params, state, grads, jnp.float32(m))
     assert step._cache_size() == 1
     assert int(state[0].count) == 3
+
+
+def test_every_device_path_agrees_with_accumulation_args():
+    params = random_tree(0, max_leaves=3)
+    grads = [random_grads_like(params, seed) for seed in range(2)]
+    extra = {"micro_grad_sq_norm": jnp.float32(5e3), "accumulation_steps": 4}
+    tx = optax.chain(noise.measure_noise_scale(16), optax.adamw(1e-2))
+    assert_same_on_all_paths(tx, params, grads, extra_args=extra)
+    assert_no_recompile(tx, params, grads, extra_args=extra)
+    abstract_init_matches(tx, params)
+
+
+def test_numeric_hyperparameters_can_be_injected():
+    tx = optax.inject_hyperparams(noise.measure_noise_scale)(batch_size=8.0, ema=0.5)
+    state = tx.init(_params())
+    grads = jax.tree.map(jnp.ones_like, _params())
+    step = jax.jit(lambda s, b: tx.update(grads, s, micro_grad_sq_norm=D + 8.0,
+                                          accumulation_steps=3)[1])
+    state = step(state, 0)
+    np.testing.assert_allclose(noise.noise_scale(state).trace_sigma, 8.0 / (1 / 8 - 1 / 24),
+                               rtol=1e-5)
 
 
 def test_abstract_init():
