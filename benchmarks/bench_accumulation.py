@@ -8,6 +8,8 @@ Pairs (k = 8 micro-batches per update by default):
 - ``sgdm(accumulation_steps=k)`` vs ``MultiSteps(optax.sgd(momentum), k)`` and
   ``tiger(accumulation_steps=k)`` vs ``MultiSteps(optax.lion(b1=β, b2=β), k)``:
   accumulation inside the momentum, one buffer instead of two.
+- ``nan_guard(adamw)`` vs ``optax.apply_if_finite(adamw)`` on finite gradients: the cost
+  of selecting the skip with ``jnp.where`` instead of ``lax.cond``.
 
 Every micro-step (update + apply) is jitted with params and state donated, warmed up for a
 whole cycle, then cycles of ours and optax's alternate; each micro-step is timed alone.
@@ -41,6 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from optax_ext._common import tree_bytes  # noqa: E402
 from optax_ext.optimizers.sgdm import sgdm  # noqa: E402
 from optax_ext.wrappers.accumulation import accumulate_gradients  # noqa: E402
+from optax_ext.wrappers.nan_guard import nan_guard  # noqa: E402
 
 try:
     from optax_ext.optimizers.tiger import tiger  # noqa: E402
@@ -149,6 +152,9 @@ def main(argv=None):
         "sgdm": {"ours": sgdm(1e-2, 0.9, accumulation_steps=k),
                  "optax": optax.MultiSteps(optax.sgd(1e-2, momentum=0.9), k)},
     }
+    # not accumulation, but the same trade-off: a where-selected skip vs optax's lax.cond
+    pairs["guard"] = {"ours": nan_guard(optax.adamw(1e-3)),
+                      "optax": optax.apply_if_finite(optax.adamw(1e-3), 10)}
     if tiger is not None:
         pairs["tiger"] = {
             "ours": tiger(1e-3, beta, 0.0, accumulation_steps=k, param_scaling=None),
