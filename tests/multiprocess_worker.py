@@ -6,19 +6,27 @@ collectives), trains a small Flax MLP with ``jax.pmap`` over every device of eve
 noise-scale readings with ``np.savez``. Imported, it gives the test the same model, data
 and step for the single-process reference run.
 
-Usage::
+Usage (from the repository root, one command per process)::
 
+    JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=1 \
     python tests/multiprocess_worker.py --process-id 0 --num-processes 2 --port 12345 \
-        --out result.npz
+        --out result0.npz
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+from optax_ext.optimizers.tiger import tiger
+from optax_ext.training import TrainState, make_train_step, replicate
+from scaling.noise import NoiseScaleState, measure_noise_scale, noise_scale
 
 AXIS = "batch"
 GLOBAL_BATCH = 16  # examples per micro-step, over all devices
@@ -27,6 +35,16 @@ ACCUMULATION_STEPS = 2
 FEATURES = 5
 HIDDEN = 8
 SEED = 0
+
+
+class MLP(nn.Module):
+    """Dense → tanh → LayerNorm → Dense: kernels, biases and a norm scale for Tiger's rules."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(HIDDEN)(x))
+        x = nn.LayerNorm()(x)
+        return nn.Dense(1)(x)
 
 
 def global_batches() -> list[dict[str, np.ndarray]]:
@@ -47,28 +65,12 @@ def device_rows(batch: dict[str, np.ndarray], positions: list[int], n_devices: i
     return {k: v.reshape(n_devices, -1, *v.shape[1:])[positions] for k, v in batch.items()}
 
 
-def create_state(n_devices: int, replicas: int | None = None):
+def create_state(n_devices: int, replicas: int | None = None) -> TrainState:
     """A TrainState of the MLP with ``measure_noise_scale`` first, then Tiger accumulating.
 
     ``n_devices`` is the size of the pmap axis; with ``replicas`` the state comes
     replicated that many times on a leading axis (for ``jax.pmap``).
     """
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from optax_ext.optimizers.tiger import tiger
-    from optax_ext.training import TrainState, replicate
-    from scaling.noise import measure_noise_scale
-
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.tanh(nn.Dense(HIDDEN)(x))
-            x = nn.LayerNorm()(x)
-            return nn.Dense(1)(x)
-
     model = MLP()
     tx = optax.chain(
         measure_noise_scale(GLOBAL_BATCH // n_devices, axis_name=AXIS, ema=0.8),
@@ -86,20 +88,16 @@ def create_state(n_devices: int, replicas: int | None = None):
 
 def loss_fn(params, apply_fn, batch):
     """Mean squared error over the (local) batch."""
-    import jax.numpy as jnp
-
     return jnp.mean(jnp.square(apply_fn(params, batch["x"]) - batch["y"]))
 
 
-def train(positions: list[int], n_devices: int):
+def train(positions: list[int], n_devices: int) -> tuple[TrainState, np.ndarray]:
     """Runs every micro-step with ``make_train_step(mode="pmap")``; the noise transform
     averages the gradients itself (``average_grads=False``).
 
     ``positions`` are this process's devices' places on the pmap axis of ``n_devices``.
     Returns the final (replicated) state and the losses.
     """
-    from optax_ext.training import make_train_step
-
     step = make_train_step(loss_fn, mode="pmap", axis_name=AXIS, average_grads=False)
     state = create_state(n_devices, replicas=len(positions))
     losses = []
@@ -112,46 +110,32 @@ def train(positions: list[int], n_devices: int):
 def local_replica(tree):
     """This process's first replica of a pmap output, as NumPy (the output is a global
     array of which only this process's shards are addressable)."""
-    import jax
-
-    def first(x):
-        return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
-
-    return jax.tree.map(first, tree)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]),
+                        tree)
 
 
 def flat_params(params) -> dict[str, np.ndarray]:
     """``{"param:<path>": array}`` for every leaf."""
-    import jax
-
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     return {f"param:{jax.tree_util.keystr(path)}": np.asarray(x) for path, x in leaves}
 
 
-def results(state, losses) -> dict[str, np.ndarray]:
+def results(state: TrainState, losses: np.ndarray) -> dict[str, np.ndarray]:
     """Flat arrays to save: ``param:<path>`` leaves, the noise estimates, the losses."""
-    import jax
-
-    from scaling.noise import NoiseScaleState, noise_scale
-
     local = local_replica(state)
-    out = flat_params(local.params)
     est = noise_scale(local.opt_state)
-    (raw,) = [
-        s
-        for s in jax.tree.leaves(local.opt_state, is_leaf=lambda s: isinstance(s, NoiseScaleState))
-        if isinstance(s, NoiseScaleState)
-    ]
-    out.update(
-        b_simple=np.asarray(est.b_simple),
-        g2=np.asarray(est.g2),
-        trace_sigma=np.asarray(est.trace_sigma),
-        last_g2=raw.last_g2,
-        last_trace_sigma=raw.last_trace_sigma,
-        noise_count=raw.count,
-        losses=losses,
-    )
-    return out
+    is_noise = lambda s: isinstance(s, NoiseScaleState)  # noqa: E731
+    (raw,) = [s for s in jax.tree.leaves(local.opt_state, is_leaf=is_noise) if is_noise(s)]
+    return {
+        **flat_params(local.params),
+        "b_simple": np.asarray(est.b_simple),
+        "g2": np.asarray(est.g2),
+        "trace_sigma": np.asarray(est.trace_sigma),
+        "last_g2": raw.last_g2,
+        "last_trace_sigma": raw.last_trace_sigma,
+        "noise_count": raw.count,
+        "losses": losses,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,13 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-processes", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--init-timeout", type=int, default=60)
+    parser.add_argument("--init-timeout", type=int, default=60,
+                        help="seconds to wait for the other processes to join")
     args = parser.parse_args(argv)
 
-    # The package lives one directory up when this file is run as a script.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import jax
-
+    # Before the CPU backend starts: it picks its cross-process collectives then.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{args.port}",
@@ -178,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         devices = jax.devices()
         positions = [devices.index(d) for d in jax.local_devices()]
         state, losses = train(positions, len(devices))
-        np.savez(args.out, process_index=jax.process_index(),
-                 device_count=len(devices), **results(state, losses))
+        np.savez(args.out, process_index=jax.process_index(), device_count=len(devices),
+                 **results(state, losses))
     finally:
         jax.distributed.shutdown()
     return 0

@@ -50,8 +50,10 @@ def _free_port() -> int:
 
 
 def _worker_env() -> dict[str, str]:
-    """This environment with CPU only and one device per process (the test process has 8)."""
+    """This environment with CPU only, one device per process (the test process has 8) and
+    this checkout importable."""
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}=1"])
     env["JAX_PLATFORMS"] = "cpu"
@@ -67,7 +69,8 @@ def _report(procs, logs, why: str) -> str:
     for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
         log.seek(0)
         err = log.read().decode(errors="replace")[-4000:]
-        parts.append(f"--- worker {i} (exit status {p.returncode}) stderr:\n{err}")
+        status = "still running" if p.returncode is None else f"exit status {p.returncode}"
+        parts.append(f"--- worker {i} ({status}), stdout and stderr:\n{err}")
     return "\n".join(parts)
 
 
@@ -94,8 +97,9 @@ def run_workers(tmp_path, *, process_ids=(0, 1), num_processes=2, timeout=TIMEOU
                                           stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout
         extra = meanwhile() if meanwhile is not None else None
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs):
+        # Poll every worker each time (``any`` over ``poll()`` would stop at the first).
+        while None in (codes := [p.poll() for p in procs]):
+            if any(code not in (None, 0) for code in codes):
                 raise WorkersFailed(_report(procs, logs, "a worker failed"))
             if time.monotonic() > deadline:
                 why = f"workers still running after {timeout} s"
@@ -124,7 +128,9 @@ def test_two_processes_match_one_process(tmp_path):
         assert jax.local_device_count() >= 2
         return worker.results(*worker.train([0, 1], 2))
 
-    results, ref = run_workers(tmp_path, meanwhile=reference)
+    started = []
+    results, ref = run_workers(tmp_path, meanwhile=reference, started=started)
+    assert [p.returncode for p in started] == [0, 0]
     init = worker.flat_params(worker.create_state(2).params)
 
     assert [int(r["process_index"]) for r in results] == [0, 1]
@@ -154,9 +160,24 @@ def test_workers_are_killed_and_reaped_on_timeout(tmp_path):
     started = []
     with pytest.raises(WorkersFailed, match="still running after"):
         run_workers(tmp_path, process_ids=(0,), timeout=3.0, started=started)
-    (proc,) = started
-    assert proc.returncode is not None  # waited for: no zombie left
-    assert not Path(f"/proc/{proc.pid}").exists() or _state(proc.pid) != "Z"
+    _assert_reaped(started)
+
+
+def test_a_failing_worker_stops_the_job_and_its_output_is_shown(tmp_path):
+    # Process id 7 of 2 is rejected at start-up; process 0 would wait for its peer.
+    started = []
+    with pytest.raises(WorkersFailed, match="a worker failed") as failure:
+        run_workers(tmp_path, process_ids=(0, 7), timeout=TIMEOUT_S, started=started)
+    assert "process_id < num_processes" in str(failure.value)
+    assert started[1].returncode == 1
+    assert started[0].returncode < 0  # killed, not left waiting for the time limit
+    _assert_reaped(started)
+
+
+def _assert_reaped(procs):
+    for p in procs:
+        assert p.returncode is not None  # waited for
+        assert not Path(f"/proc/{p.pid}").exists() or _state(p.pid) != "Z", p.pid
 
 
 def _state(pid: int) -> str:
