@@ -124,15 +124,14 @@ def sparse_grads(tree, seed):
     rng = np.random.default_rng(seed)
 
     def one(x):
-        g = rng.standard_normal(x.shape)
-        if x.ndim:
-            g[rng.random(x.shape[0]) < 0.5] = 0.0
-            g[(rng.random(x.shape) < 0.2)] = 0.0  # partly zero rows are still touched
+        g = np.array(rng.standard_normal(x.shape))
+        if x.ndim == 0:
+            return jnp.asarray(g if rng.random() < 0.5 else 0.0, x.dtype)
+        g[rng.random(x.shape[0]) < 0.5] = 0.0
+        g[(rng.random(x.shape) < 0.2)] = 0.0  # partly zero rows are still touched
         if x.ndim == 3:  # a row x[0] touched only in x[0, 1, :] still moves as a whole
             g[0] = 0.0
             g[0, 1, 0] = 1.0
-        elif rng.random() < 0.5:
-            g = np.zeros(())
         return jnp.asarray(g, x.dtype)
 
     return jax.tree.map(one, tree)
@@ -143,6 +142,7 @@ def test_matches_float64_reference(include):
     with x64():
         params = sparse_tree(0, jnp.float64)
         grads = [sparse_grads(params, s) for s in range(6)]
+        assert jax.tree.map(jnp.shape, grads[0]) == jax.tree.map(jnp.shape, params)
         tx = lazy(optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.05, momentum=0.9)),
                   include=include)
         state = tx.init(params)
