@@ -271,6 +271,10 @@ def sgd_optimal_lr(batch, lr_max, b_noise, beta1=0.0) -> OptimalLR:
 def sgd_loss_decrease(batch, loss_decrease_max, b_noise):
     r"""Best one-step loss decrease :math:`\Delta L(B) = \Delta L_{max}/(1 + B_{noise}/B)`.
 
+    Example:
+      >>> round(sgd_loss_decrease(1000, 0.5, 1000), 12)
+      0.25
+
     References:
       McCandlish et al. 2018, arXiv 1812.06162, eq. 2.9; https://kexue.fm/archives/10542.
     """
@@ -312,6 +316,13 @@ def sign_beta(batch, b_simple, c=SU_C):
 
     ``c`` is :math:`\pi/2` (Su's erf approximation, archives/10542) or 1 (mean field,
     archives/11280).
+
+    Example:
+      >>> round(sign_beta(300, 100, c=1.0), 6)
+      0.866025
+
+    References:
+      https://kexue.fm/archives/10542, https://kexue.fm/archives/11280.
     """
     v.positive("batch", batch)
     v.nonnegative("b_simple", b_simple)
@@ -440,6 +451,11 @@ def sign_transfer(lr, batch, new_batch, b_simple, beta_noise=1.0, c=SU_C) -> Opt
     With the default ``beta_noise=1`` there is no peak: the lr rises with the batch and
     saturates (:math:`\eta \propto 2\beta/(1+\beta^2)`).
 
+    Example:
+      >>> r = sign_transfer(1e-4, 128, 2048, b_simple=1000)
+      >>> round(r.lr, 8), r.has_peak
+      (0.0001882, False)
+
     References:
       https://kexue.fm/archives/10542.
     """
@@ -516,6 +532,11 @@ def adam_optimal_lr(batch, b_simple, beta1=0.9, scale=1.0) -> OptimalLR:
       beta1: Adam's first-moment decay in [0, 1).
       scale: :math:`s` (1.0 gives the curve's shape; only ratios matter for transfer).
 
+    Example:
+      >>> r = adam_optimal_lr(1000, 1000, beta1=0.5)  # at the peak: beta = 1/sqrt(2)
+      >>> round(r.lr, 6), r.peak_batch, r.has_peak
+      (1.06066, 1000.0, True)
+
     References:
       Su, https://kexue.fm/archives/11301.
     """
@@ -552,6 +573,10 @@ def adam_eps_b_simple(trace_sigma, g2, n_params, eps):
 
     Replacing sign by softsign(x, ε) = x/√(x²+ε²) shrinks the effective B_simple and
     weakens the surge.
+
+    Example:
+      >>> adam_eps_b_simple(100.0, 4.0, n_params=1000, eps=0.0)
+      25.0
 
     References:
       Su, https://kexue.fm/archives/10563.

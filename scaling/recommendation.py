@@ -23,7 +23,6 @@ examples follow the tradeoff law with B_crit ≈ the noise scale.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from optax_ext._common import check_choice
@@ -260,6 +259,7 @@ def recommend(
         new_wd = wd.transfer_weight_decay(weight_decay, lr, new_lr, batch, new_batch)
         reasons["weight_decay"] = (
             "wd x (lr/lr')(B'/B): keeps the EMA timescale 1/(lr*wd) constant in epochs"
+            + (" (decoupled decay; approximate for an L2 penalty)" if optimizer == "adam" else "")
         )
 
     # --- betas
@@ -317,5 +317,3 @@ def recommend(
         new_steps=new_steps, new_examples=new_examples, reasons=reasons,
     )
 
-
-_ = math

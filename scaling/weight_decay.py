@@ -14,7 +14,6 @@ weight RMS, Su's optimal lr / decay schedules, AdamW → Lion transfer and Amos-
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -254,7 +253,7 @@ def amos_sign_hyperparams(init_std, alpha0) -> LrAndDecay:
     :math:`\lambda = \alpha_0/(2\sigma)` (σ: the parameter's initial standard deviation).
 
     Example:
-      >>> r = amos_sign_hyperparams(1 / math.sqrt(768), 1.11e-3)
+      >>> r = amos_sign_hyperparams(768**-0.5, 1.11e-3)
       >>> round(r.lr, 9), round(r.weight_decay, 6)
       (4.0054e-05, 0.015381)
 
@@ -265,6 +264,3 @@ def amos_sign_hyperparams(init_std, alpha0) -> LrAndDecay:
     v.positive("alpha0", alpha0)
     return LrAndDecay(v.scalar(alpha0 * init_std), v.scalar(alpha0 / (2 * init_std)))
 
-
-# Keeps `math` used in the doctest namespace.
-_ = math
