@@ -1,8 +1,8 @@
 """Gradient accumulation for any optax optimizer, safe under pmap, shard_map and bf16.
 
-Reference: Su Jianlin, "用时间换取效果：Keras梯度累积优化器" (gradient accumulation),
-https://kexue.fm/archives/6794, and on accumulating inside the momentum,
-https://kexue.fm/archives/8634 (see :mod:`optax_ext.optimizers.sgdm` and Tiger).
+References: Su Jianlin's "derived optimizers" (bert4keras ``extend_with_*``, gradient
+accumulation among them), https://kexue.fm/archives/7094; accumulating inside the
+momentum instead, https://kexue.fm/archives/8634 (:mod:`optax_ext.optimizers.sgdm`, Tiger).
 """
 
 from __future__ import annotations
@@ -71,19 +71,26 @@ def accumulate_gradients(
     inside ``inner`` count updates, not micro-steps. The running mean is Welford's
     (``acc += (g - acc) / n``), as in ``MultiSteps``.
 
-    **Why no** ``lax.cond``. ``MultiSteps`` chooses between "update" and "accumulate"
-    with ``lax.cond``, which has needed both branches to return identical dtypes (bf16
-    params with f32 gradients broke it: optax#377, #1038) and had no replication rule
-    under ``shard_map`` (jax#23693). Here the inner update runs on *every* micro-step,
-    on the running mean, and ``jnp.where`` keeps its result only on the last one, where
-    the running mean is the real mean of the cycle; elsewhere the inner state and the
-    zero updates are selected exactly. The price is one inner update's elementwise work
-    per micro-step instead of per cycle (a few passes over the parameters, usually small
-    beside a micro-batch's forward and backward pass; ``benchmarks/bench_accumulation.py``
-    measures it). In exchange the step is one straight-line program that works the same
-    under ``jit``, ``pmap``, ``shard_map`` and ``vmap`` and keeps every state dtype fixed
-    (the inner state is cast back to its own dtype, so ``jit`` compiles once). Side
-    effects inside ``inner`` (``jax.debug.print``, callbacks) run on every micro-step.
+    **Why no** ``lax.cond``. Choosing between "update" and "accumulate" with
+    ``lax.cond`` has needed both branches to return identical dtypes (bf16 params with
+    f32 gradients broke ``MultiSteps``: optax#377, #1038) and had no replication rule
+    under ``shard_map`` (jax#23693); ``MultiSteps``'s ``should_skip_update_fn`` still
+    goes through ``lax.cond``. Here the inner update runs on *every* micro-step, on the
+    running mean, and ``jnp.where`` keeps its result only on the last one, where the
+    running mean is the real mean of the cycle; elsewhere the inner state and the zero
+    updates are selected exactly. The price is one inner update's elementwise work per
+    micro-step instead of per cycle, and XLA copies a donated inner-state buffer that is
+    both read by the update and selected (a few passes over the parameters, usually
+    small beside a micro-batch's forward and backward pass;
+    ``benchmarks/bench_accumulation.py`` measures it against ``MultiSteps``). The
+    accumulator itself is updated in place: a cycle starts from zero when
+    ``n_accumulated == 0`` instead of zeroing the buffer after an update. In exchange
+    the step is one straight-line program, the same under ``jit``, ``pmap``,
+    ``shard_map`` and ``vmap``, whose state dtypes never change (the inner state is cast
+    back to its own dtypes, so ``jit`` compiles once). Side effects inside ``inner``
+    (``jax.debug.print``, callbacks) run on every micro-step. Optimizers that can hold
+    the sum in their own momentum (:func:`optax_ext.optimizers.sgdm.sgdm`, Tiger) need
+    neither the accumulator nor the selection.
 
     **Extra arguments** are forwarded to ``inner``, together with
     ``micro_grad_sq_norm`` (float32 scalar: the mean over the accumulated micro-batches
@@ -98,8 +105,7 @@ def accumulate_gradients(
     micro-steps and the mean is over the n finite ones. If all k are skipped the cycle
     makes no update: zeros are emitted, the inner state is unchanged, ``gradient_step``
     does not advance and ``skipped_updates`` counts it. Gradients must be all-reduced
-    across devices first
-    (``lax.pmean``), so every replica makes the same choice.
+    across devices first (``lax.pmean``), so every replica makes the same choice.
 
     Args:
       inner: the optimizer to feed (any optax transform, with extra args or not).
@@ -124,7 +130,7 @@ def accumulate_gradients(
       Array([-0.2, -0.3], dtype=float32)
 
     References:
-      Su, `gradient accumulation <https://kexue.fm/archives/6794>`_, 2019;
+      Su, `derived optimizers <https://kexue.fm/archives/7094>`_, 2019;
       ``optax.MultiSteps``; jax#23693, optax#377, optax#1038.
     """
     k = _check_static_k(k)

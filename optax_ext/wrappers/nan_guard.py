@@ -68,7 +68,9 @@ def nan_guard(
     The choice is made with ``jnp.where``, not ``lax.cond``: the inner update is always
     computed (on gradients whose bad leaves are zeroed) and its result discarded when
     needed, so the step is one straight-line program under ``jit``, ``pmap`` and
-    ``shard_map``. Gradients must be all-reduced across devices **before** this
+    ``shard_map``; the cost, on every step, is that XLA copies each donated inner-state
+    buffer before the select (``benchmarks/bench_accumulation.py`` compares it with
+    ``apply_if_finite``). Gradients must be all-reduced across devices **before** this
     transform (``lax.pmean``): a NaN on one device then reaches every replica, and all
     make the same choice.
 
