@@ -436,7 +436,11 @@ def sign_optimal_lr_mean_field(batch, g, hessian, b_simple) -> OptimalLR:
     diag, off = _sign_sums(g, h)
     if not diag > 0:
         raise ValueError(f"the Hessian's trace must be > 0, got {diag!r}")
-    lr = float(np.sum(np.abs(g))) / (diag / b + b * off)
+    den = diag / b + b * off
+    if np.any(np.asarray(den) <= 0):
+        raise ValueError("hessian gives a non-positive curvature along the sign update "
+                         "(is it positive semi-definite?)")
+    lr = float(np.sum(np.abs(g))) / den
     peak = sign_peak_batch(b_simple, math.sqrt(diag / off), MEAN_FIELD_C) if off > 0 else None
     return OptimalLR(v.scalar(lr), peak, peak is not None)
 
