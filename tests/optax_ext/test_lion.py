@@ -50,6 +50,15 @@ def ref_lion(params, grads_seq, *, lr, b1, b2, wd, decays, scaling=False, min_rm
     return theta, m
 
 
+def small_params(seed, dtype=jnp.float32):
+    """One leaf per path rule: embedding, kernel, bias, norm scale (few leaves: fast tests)."""
+    rng = np.random.default_rng(seed)
+    n = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
+    return {"params": {"embed": {"embedding": n(16, 8)},
+                       "dense": {"kernel": n(8, 24), "bias": n(24)},
+                       "norm": {"scale": 1 + n(8)}}}
+
+
 def not_norm_or_bias(path):
     return path.split("/")[-1] not in ("bias", "scale")
 
@@ -96,22 +105,23 @@ CASES = {
 def test_matches_float64_reference(case):
     kwargs, ref_kwargs = CASES[case]
     with x64():
-        trees = [f64(flax_like_params(1)), f64(random_tree(7, max_leaves=6))]
-        for i, params in enumerate(trees):
-            grads = [f64(random_grads_like(params, 100 * i + t)) for t in range(22)]
-            lr = kwargs.get("learning_rate", 1e-2)
-            tx = lion(**{"learning_rate": lr, **kwargs})
-            ref = dict(ref_kwargs)
-            ref.setdefault("lr", lambda t: 1e-2)
-            if ref["decays"] is None:  # the callable mask: decay exactly the 2-D leaves
-                ndim = {p: np.ndim(x) for p, x in leaf_paths(params)}
-                ref["decays"] = lambda p, ndim=ndim: ndim[p] == 2
-            want_theta, want_m = ref_lion(params, grads, **ref)
-            got, state = run(tx, params, grads)
-            for p, x in leaf_paths(got):
-                np.testing.assert_allclose(x, want_theta[p], rtol=1e-12, atol=1e-13, err_msg=p)
-            for p, x in leaf_paths(state[0].mu):
-                np.testing.assert_allclose(x, want_m[p], rtol=1e-12, atol=1e-14, err_msg=p)
+        i = sorted(CASES).index(case)
+        # alternate Flax-shaped and random trees (one compilation per case)
+        params = f64(flax_like_params(i, layers=1) if i % 2 else random_tree(i, max_leaves=6))
+        grads = [f64(random_grads_like(params, 100 * i + t)) for t in range(22)]
+        lr = kwargs.get("learning_rate", 1e-2)
+        tx = lion(**{"learning_rate": lr, **kwargs})
+        ref = dict(ref_kwargs)
+        ref.setdefault("lr", lambda t: 1e-2)
+        if ref["decays"] is None:  # the callable mask: decay exactly the 2-D leaves
+            ndim = {p: np.ndim(x) for p, x in leaf_paths(params)}
+            ref["decays"] = lambda p: ndim[p] == 2
+        want_theta, want_m = ref_lion(params, grads, **ref)
+        got, state = run(tx, params, grads)
+        for p, x in leaf_paths(got):
+            np.testing.assert_allclose(x, want_theta[p], rtol=1e-12, atol=1e-13, err_msg=p)
+        for p, x in leaf_paths(state[0].mu):
+            np.testing.assert_allclose(x, want_m[p], rtol=1e-12, atol=1e-14, err_msg=p)
 
 
 def test_zero_kernel_moves_only_with_a_floor():
@@ -128,7 +138,7 @@ def test_zero_kernel_moves_only_with_a_floor():
 
 def test_scale_by_lion_equals_optax_exactly_in_float64():
     with x64():
-        params = f64(flax_like_params(3))
+        params = f64(flax_like_params(3, layers=1))
         ours, theirs = scale_by_lion(0.9, 0.99), optax.scale_by_lion(0.9, 0.99)
         s_ours, s_theirs = ours.init(params), theirs.init(params)
         step_ours, step_theirs = jax.jit(ours.update), jax.jit(theirs.update)
@@ -147,7 +157,7 @@ def test_scale_by_lion_equals_optax_exactly_in_float64():
 def test_equals_optax_lion_in_float32_up_to_rounding_level_signs():
     """With the extras off: same update as optax.lion, except where |c| is at rounding level."""
     b1, b2, wd, lr = 0.9, 0.99, 0.1, 1e-2
-    params = flax_like_params(4)
+    params = flax_like_params(4, layers=1)
     ours, theirs = lion(lr, b1, b2, wd, mask=True), optax.lion(lr, b1, b2, weight_decay=wd)
     s_ours, s_theirs = ours.init(params), theirs.init(params)
     step_ours, step_theirs = jax.jit(ours.update), jax.jit(theirs.update)
@@ -208,7 +218,7 @@ def test_donated_step_reads_the_momentum_once_and_never_copies_it():
 
 def test_bf16_params_work_in_f32_and_store_bf16():
     b1, b2, lr, wd = 0.9, 0.99, 1e-2, 0.1
-    params = flax_like_params(5, dtype=jnp.bfloat16)
+    params = small_params(5, dtype=jnp.bfloat16)
     tx = lion(lr, b1, b2, wd, mask=True)
     state = tx.init(params)
     step = jax.jit(tx.update)
@@ -233,7 +243,7 @@ def test_bf16_params_work_in_f32_and_store_bf16():
 @pytest.mark.parametrize("param_dtype,mu_dtype", [(jnp.bfloat16, jnp.float32),
                                                    (jnp.float32, jnp.bfloat16)])
 def test_mu_dtype(param_dtype, mu_dtype):
-    params = flax_like_params(6, dtype=param_dtype)
+    params = small_params(6, dtype=param_dtype)
     tx = lion(1e-2, mu_dtype=mu_dtype, param_scaling="tiger")
     state = tx.init(params)
     u, state = jax.jit(tx.update)(random_grads_like(params, 0), state, params)
@@ -256,13 +266,13 @@ def test_static_b2_zero_uses_the_textbook_form():
 
 
 def test_device_paths():
-    params = flax_like_params(8, layers=1)
+    params = small_params(8)
     grads = [random_grads_like(params, 200 + t) for t in range(2)]
     assert_same_on_all_paths(lion(1e-2, weight_decay=0.3, param_scaling="tiger"), params, grads)
 
 
 def test_inject_hyperparams():
-    params = flax_like_params(9)
+    params = small_params(9)
     grads = [random_grads_like(params, 300 + t) for t in range(6)]
     hp = dict(learning_rate=1e-2, b1=0.9, b2=0.99, weight_decay=0.3, min_rms=1e-3)
     tx = optax.inject_hyperparams(lion)(**hp, param_scaling="tiger")
@@ -289,14 +299,14 @@ def test_inject_hyperparams():
 
 
 def test_masked_and_chained():
-    params = flax_like_params(10)
+    params = small_params(10)
     grads = [random_grads_like(params, 400 + t) for t in range(3)]
-    only_layer0 = lambda ps: jax.tree_util.tree_map_with_path(
-        lambda path, _: "layer_0" in jax.tree_util.keystr(path), ps)
+    only_dense = lambda ps: jax.tree_util.tree_map_with_path(
+        lambda path, _: "dense" in jax.tree_util.keystr(path), ps)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.masked(lion(1e-2, weight_decay=0.2, param_scaling="tiger"),
-                                  only_layer0))
-    sub = {"params": {"layer_0": params["params"]["layer_0"]}}
+                                  only_dense))
+    sub = {"params": {"dense": params["params"]["dense"]}}
     ref_tx = lion(1e-2, weight_decay=0.2, param_scaling="tiger")
     s, s_ref = tx.init(params), ref_tx.init(sub)
     step, ref_step = jax.jit(tx.update), jax.jit(ref_tx.update)
@@ -304,15 +314,15 @@ def test_masked_and_chained():
     for g in grads:
         clipped = clip(g)
         u, s = step(g, s, params)
-        u_ref, s_ref = ref_step({"params": {"layer_0": clipped["params"]["layer_0"]}}, s_ref, sub)
-        assert_trees_close(u["params"]["layer_0"], u_ref["params"]["layer_0"], rtol=1e-6)
-        assert_trees_close(u["params"]["head"], clipped["params"]["head"], rtol=1e-6)
+        u_ref, s_ref = ref_step({"params": {"dense": clipped["params"]["dense"]}}, s_ref, sub)
+        assert_trees_close(u["params"]["dense"], u_ref["params"]["dense"], rtol=1e-6)
+        assert_trees_close(u["params"]["embed"], clipped["params"]["embed"], rtol=1e-6)
         params = optax.apply_updates(params, u)
-        sub = {"params": {"layer_0": params["params"]["layer_0"]}}
+        sub = {"params": {"dense": params["params"]["dense"]}}
 
 
 def test_abstract_init_and_no_recompile():
-    params = flax_like_params(11)
+    params = small_params(11)
     tx = lion(1e-2, param_scaling="tiger")
     abstract_init_matches(tx, params)
     assert_no_recompile(tx, params, [random_grads_like(params, t) for t in range(3)])
