@@ -157,7 +157,7 @@ def path_mask(include: str | None = None, exclude: str | None = None) -> Callabl
 
 def is_concrete_number(value: Any) -> bool:
     """True for a Python/NumPy number or a concrete (non-traced) scalar array."""
-    if isinstance(value, jax.core.Tracer) or callable(value):
+    if isinstance(value, jax.core.Tracer | str | bytes) or callable(value):
         return False
     try:
         return np.ndim(value) == 0 and np.isscalar(np.asarray(value).item())

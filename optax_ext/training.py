@@ -31,7 +31,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from optax_ext._common import check_choice, first_match, tree_paths
+from optax_ext._common import check_choice, check_int, first_match, tree_paths
 
 MODES = ("jit", "pmap", "sharded")
 
@@ -118,7 +118,7 @@ def split_batch(batch: Any, n: int | None = None) -> Any:
 
     def split(x):
         if x.shape[0] % n:
-            raise ValueError(f"batch size {x.shape[0]} is not divisible by {n} devices")
+            raise ValueError(f"batch size {x.shape[0]} is not divisible into {n} equal parts")
         return x.reshape(n, x.shape[0] // n, *x.shape[1:])
 
     return jax.tree.map(split, batch)
@@ -162,3 +162,49 @@ def shard_params(mesh: Mesh, tree: Any, rules: Mapping[str, PartitionSpec] | Non
         tree,
     )
     return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
+
+
+# -------------------------------------------------------- noise on one device
+
+
+def split_value_and_grad(loss_fn: Callable[..., Any], splits: int = 2) -> Callable[..., Any]:
+    """``value_and_grad`` over a batch cut into ``splits`` equal parts, plus noise statistics.
+
+    The gradient is the mean of the parts' gradients (the full-batch gradient for a mean
+    loss), computed with one ``vmap`` so the cost is that of the whole batch. The mean of
+    the parts' squared norms is what ``scaling.measure_noise_scale`` needs to compare a
+    small batch (one part) with the big one (the batch) on a single device::
+
+        grad_fn = split_value_and_grad(loss_fn, splits=2)
+        loss, grads, extra = grad_fn(state.params, state.apply_fn, batch)
+        state = state.apply_gradients(grads=grads, extra_args=extra)
+
+    with ``tx = optax.chain(scaling.measure_noise_scale(batch_size=B // 2), ...)``.
+
+    Args:
+      loss_fn: ``loss_fn(params, apply_fn, batch) -> scalar`` mean over the batch.
+      splits: number of equal parts (≥ 2); the batch's leading axis must divide.
+
+    Returns:
+      ``f(params, apply_fn, batch) -> (loss, grads, extra_args)`` with ``extra_args`` =
+      ``{"micro_grad_sq_norm": ..., "accumulation_steps": splits}``.
+    """
+    check_int("splits", splits, minimum=2)
+
+    def part_value_and_grad(params, apply_fn, part):
+        return jax.value_and_grad(loss_fn)(params, apply_fn, part)
+
+    def f(params, apply_fn, batch):
+        parts = split_batch(batch, splits)
+        losses, grads = jax.vmap(part_value_and_grad, in_axes=(None, None, 0))(
+            params, apply_fn, parts
+        )
+        sq_norms = sum(
+            jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+            for g in jax.tree.leaves(grads)
+        )
+        mean_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0).astype(g.dtype), grads)
+        extra = {"micro_grad_sq_norm": jnp.mean(sq_norms), "accumulation_steps": splits}
+        return jnp.mean(losses), mean_grads, extra
+
+    return f

@@ -121,5 +121,5 @@ def test_extra_args_reach_the_optimizer():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="mode must be one of"):
         make_train_step(loss_fn, mode="tpu")
-    with pytest.raises(ValueError, match="not divisible by 8 devices"):
+    with pytest.raises(ValueError, match="not divisible into 8 equal parts"):
         split_batch({"x": jnp.zeros((12, 2))})

@@ -1,0 +1,98 @@
+"""The main job end to end: a short run of every optimizer, its log, plot and errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from optax_ext import demo
+
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+
+
+def run_demo(*args, timeout=240):
+    return subprocess.run(
+        [sys.executable, "-m", "optax_ext.demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
+
+
+def test_short_run_writes_log_and_plot_and_recommends(tmp_path):
+    log, png = tmp_path / "noise.jsonl", tmp_path / "loss.png"
+    out = run_demo(
+        "--steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "32",
+        "--accumulation-steps",
+        "2",
+        "--no-progress",
+        "--log",
+        str(log),
+        "--plot",
+        str(png),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "held-out loss" in out.stdout and "recommended tiger settings" in out.stdout
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert {"loss", "g2", "trace_sigma", "b_simple_ema"} <= set(records[-1])
+    assert png.stat().st_size > 10_000
+    # the scaling CLI reads the demo's log
+    noise = subprocess.run(
+        [sys.executable, "-m", "scaling", "noise", str(log), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+    )
+    assert noise.returncode == 0, noise.stderr
+
+
+@pytest.mark.parametrize("name", sorted(demo.RECIPES))
+def test_every_optimizer_learns_a_little(name):
+    history = demo.train(
+        steps=12, batch_size=8, seq_len=16, optimizer=name, width=32, layers=1, progress=False
+    )
+    assert history.losses[-1] < history.losses[0], history.losses
+    assert history.valid_loss_end < history.valid_loss_start
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "expected a positive integer"),
+        (["--batch-size", "7"], "expected an even number"),
+        (["--optimizer", "sgd"], "invalid choice"),
+        (["--lr", "-1"], "expected a positive number"),
+        (["--log", "/nonexistent/dir/log.jsonl"], "cannot write --log"),
+    ],
+)
+def test_bad_flags_give_one_line_errors(args, message):
+    out = run_demo(*args, timeout=60)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_help_explains_every_flag():
+    text = demo.build_parser().format_help()
+    for flag in (
+        "--optimizer",
+        "--steps",
+        "--batch-size",
+        "--accumulation-steps",
+        "--lr",
+        "--log",
+        "--plot",
+        "--seed",
+        "--seq-len",
+    ):
+        assert flag in text
