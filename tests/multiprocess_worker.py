@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-processes", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--init-timeout", type=int, default=60,
-                        help="seconds to wait for the other processes to join")
+    parser.add_argument("--timeout", type=int, default=60,
+                        help="seconds to wait for the other processes to join, to notice a "
+                        "dead one, and to shut down: a lone worker does not linger")
     args = parser.parse_args(argv)
 
     # Before the CPU backend starts: it picks its cross-process collectives then.
@@ -154,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         coordinator_address=f"127.0.0.1:{args.port}",
         num_processes=args.num_processes,
         process_id=args.process_id,
-        initialization_timeout=args.init_timeout,
+        initialization_timeout=args.timeout,
+        heartbeat_timeout_seconds=args.timeout,
+        shutdown_timeout_seconds=args.timeout,
     )
     try:
         devices = jax.devices()
