@@ -64,13 +64,13 @@ class WorkersFailed(AssertionError):
     """A worker exited with an error, or the job ran past its time limit."""
 
 
-def _report(procs, logs, why: str) -> str:
+def _report(ids, procs, logs, why: str) -> str:
     parts = [why]
-    for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
+    for i, p, log in zip(ids, procs, logs, strict=True):
         log.seek(0)
         err = log.read().decode(errors="replace")[-4000:]
         status = "still running" if p.returncode is None else f"exit status {p.returncode}"
-        parts.append(f"--- worker {i} ({status}), stdout and stderr:\n{err}")
+        parts.append(f"--- process {i} ({status}), stdout and stderr:\n{err}")
     return "\n".join(parts)
 
 
@@ -100,13 +100,13 @@ def run_workers(tmp_path, *, process_ids=(0, 1), num_processes=2, timeout=TIMEOU
         # Poll every worker each time (``any`` over ``poll()`` would stop at the first).
         while None in (codes := [p.poll() for p in procs]):
             if any(code not in (None, 0) for code in codes):
-                raise WorkersFailed(_report(procs, logs, "a worker failed"))
+                raise WorkersFailed(_report(process_ids, procs, logs, "a worker failed"))
             if time.monotonic() > deadline:
                 why = f"workers still running after {timeout} s"
-                raise WorkersFailed(_report(procs, logs, why))
+                raise WorkersFailed(_report(process_ids, procs, logs, why))
             time.sleep(0.05)
         if any(p.returncode for p in procs):
-            raise WorkersFailed(_report(procs, logs, "a worker failed"))
+            raise WorkersFailed(_report(process_ids, procs, logs, "a worker failed"))
         return [dict(np.load(out)) for out in outs], extra
     finally:
         for p in procs:
