@@ -143,8 +143,10 @@ def main(argv=None):
         # (candidates, bytes a perfect step moves in units of the param bytes)
         "lion": ({"ours": lion(1e-4, 0.9, 0.99, mask=True),
                   "optax": optax.lion(1e-4, 0.9, 0.99)}, 5),  # read θ g m, write θ m
+        # read θ g, write θ; AdamW is the yardstick AdaFactor should not be slower than
         "adafactor": ({"ours": adafactor(1e-3, mask=True),
-                       "optax": optax.adafactor(1e-3)}, 3),  # read θ g, write θ
+                       "optax": optax.adafactor(1e-3),
+                       "adamw": optax.adamw(1e-3)}, 3),
     }
     bandwidth = copy_bandwidth(param_bytes, args.repeats)
     results = {

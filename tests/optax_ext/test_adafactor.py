@@ -169,6 +169,8 @@ def test_factoring_keeps_the_other_axes():
     assert (nu["b"].row.shape, nu["b"].col.shape) == ((5, 1), (1, 5))
     assert nu["c"].shape == (3, 9) and nu["e"].shape == (11,)
     assert (nu["d"].row.shape, nu["d"].col.shape) == ((4, 3, 2, 1), (1, 3, 2, 7))
+    full = scale_by_adafactor(min_dim_size_to_factor=4, factored=False).init(params).nu
+    assert jax.tree.map(jnp.shape, full) == jax.tree.map(jnp.shape, params)
 
 
 def test_relative_step_size():
