@@ -185,11 +185,8 @@ def contrastive_value_and_grad(
             _, vjp = jax.vjp(lambda p: encode_chunk(p, c, x), params)
             return jax.tree.map(lambda a, d: a + d.astype(a.dtype), acc, vjp(g_c)[0]), None
 
-        acc0 = jax.tree.map(
-            lambda p, lg: (lg if loss_uses_params else jnp.zeros_like(p)).astype(_acc_dtype(p)),
-            params,
-            loss_grads,
-        )
+        # loss_grads is the loss's own dependence on params (zeros unless loss_uses_params).
+        acc0 = jax.tree.map(lambda lg: lg.astype(_acc_dtype(lg)), loss_grads)
         acc, _ = lax.scan(step, acc0, (index, chunks, g))
         grads = jax.tree.map(lambda a, p: a.astype(jnp.result_type(p)), acc, params)
         return ((loss, aux) if has_aux else loss), grads

@@ -100,7 +100,7 @@ def test_masked_losses_have_finite_exact_gradients():
     with x64():
         fns = [lambda x: simcse_loss(x, 0.3), lambda x: cosent_loss(x, x[::-1] + 0.5, y, 4.0)]
         for fn in fns:
-            g = np.asarray(jax.grad(fn)(jnp.asarray(h)))
+            g = np.asarray(jax.jit(jax.grad(fn))(jnp.asarray(h)))
             assert np.all(np.isfinite(g))
             steps = 1e-6 * np.eye(h.size).reshape(h.size, *h.shape)
             values = jax.jit(jax.vmap(fn))(jnp.asarray(np.concatenate([h + steps, h - steps])))
@@ -251,12 +251,12 @@ def test_without_rng_is_deterministic_and_exact():
 def test_plain_accumulation_would_be_wrong():
     """Why the method exists: the mean of per-chunk gradients is not the full-batch one."""
     params, batch = init_encoder(0), jnp.repeat(tokens(1, 8), 2, axis=0)
-    loss = lambda p, x: simcse_loss(encode(p, x, None), 0.05)
-    full = jax.grad(loss)(params, batch)
-    naive = jax.tree.map(lambda *g: sum(g) / 4,
-                         *[jax.grad(loss)(params, batch[4 * c:4 * c + 4]) for c in range(4)])
-    _, exact = contrastive_value_and_grad(encode, partial(simcse_loss, temperature=0.05),
-                                          4)(params, batch)
+    grad = jax.jit(jax.grad(lambda p, x: simcse_loss(encode(p, x, None), 0.05)))
+    full = grad(params, batch)
+    chunks = batch.reshape(4, 4, LENGTH)
+    naive = jax.tree.map(lambda g: g.mean(0), jax.jit(jax.vmap(grad, (None, 0)))(params, chunks))
+    _, exact = jax.jit(contrastive_value_and_grad(encode, partial(simcse_loss, temperature=0.05),
+                                                  4))(params, batch)
     gap = lambda a, b: max(float(jnp.max(jnp.abs(x - y)))
                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     assert gap(naive, full) > 100 * gap(exact, full)
@@ -283,14 +283,12 @@ def test_sharded_params_and_batch_give_the_same_gradient():
     data = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("model"))),
                         batch)
     assert len(sharded["q"]["params"]["Embed_0"]["embedding"].sharding.device_set) == 8
-    (value, _), grads = vg(sharded, data, rng=rng)
-    np.testing.assert_allclose(value, want, rtol=1e-6)
-    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
-    assert_trees_close(grads, want_grads, rtol=1e-5, atol=1e-6 * scale)
     # The gradient's layout is jit's to choose; out_shardings makes it the params' own.
     like_params = jax.tree.map(lambda x: x.sharding, sharded)
     pinned = jax.jit(vg, out_shardings=(NamedSharding(mesh, PartitionSpec()), like_params))
-    _, grads = pinned(sharded, data, rng=rng)
+    (value, _), grads = pinned(sharded, data, rng=rng)
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
     assert_trees_close(grads, want_grads, rtol=1e-5, atol=1e-6 * scale)
     for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded), strict=True):
         assert g.sharding.is_equivalent_to(p.sharding, g.ndim), (g.sharding, p.sharding)
