@@ -103,7 +103,7 @@ def assert_matches_reference(params, ref):
 )
 def test_decay_weights_matches_float64_reference(kwargs, decayed):
     with x64():
-        params = flax_like_params(1, dtype=jnp.float64, layers=2)
+        params = flax_like_params(1, dtype=jnp.float64, layers=1)
         grads = [random_grads_like(params, s) for s in range(4)]
         tx = optax.chain(decay_weights(0.1, **kwargs), optax.scale_by_learning_rate(0.05))
         got, _ = run(tx, params, grads)
@@ -126,7 +126,7 @@ def ref_mask(tree):
 
 
 def test_decay_weights_in_adam_chain_equals_optax_adamw_with_mask():
-    params = flax_like_params(2)
+    params = flax_like_params(2, layers=1)
     grads = [random_grads_like(params, s) for s in range(3)]
     mask = ref_mask(params)
     ours = optax.chain(
@@ -196,13 +196,14 @@ def test_scale_by_path_wraps_any_optimizer(inner):
     params = flax_like_params(4, layers=1)
     plain, scaled = inner(), optax.chain(inner(), scale_by_path(RULES))
     s_plain, s_scaled = plain.init(params), scaled.init(params)
+    plain_step, scaled_step = jax.jit(plain.update), jax.jit(scaled.update)
     for seed in range(3):
         g = random_grads_like(params, seed)
-        u_plain, s_plain = plain.update(g, s_plain, params)
-        u_scaled, s_scaled = scaled.update(g, s_scaled, params)
+        u_plain, s_plain = plain_step(g, s_plain, params)
+        u_scaled, s_scaled = scaled_step(g, s_scaled, params)
         for (path, a), (_, b) in zip(leaf_paths(u_scaled), leaf_paths(u_plain), strict=True):
             np.testing.assert_allclose(a, ref_multiplier(path, RULES) * np.asarray(b),
-                                       rtol=1e-7, atol=0, err_msg=path)
+                                       rtol=3e-7, atol=0, err_msg=path)  # 2 ulp: XLA fuses lr·m·k
         params = optax.apply_updates(params, u_scaled)
 
 
