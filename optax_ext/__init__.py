@@ -16,19 +16,60 @@ from optax_ext._common import (
     tree_bytes,
     tree_paths,
 )
-from optax_ext.optimizers.tiger import TIGER_SCALE_RULES, TigerState, scale_by_tiger, tiger
+from optax_ext.optimizers.adax import (
+    ScaleByAdaxState,
+    adax,
+    adaxw,
+    scale_by_adax,
+)
+from optax_ext.optimizers.amos import (
+    ScaleByAmosState,
+    amos,
+    amos_default_eta,
+    amos_default_shape,
+    scale_by_amos,
+)
+from optax_ext.optimizers.tiger import (
+    TIGER_SCALE_RULES,
+    TigerState,
+    scale_by_tiger,
+    tiger,
+)
+from optax_ext.schedules import (
+    DecaySchedules,
+    amos_lr_schedule,
+    amos_weight_decay_schedule,
+    constant_decay_lr_schedule,
+    coupled_decay_schedules,
+    piecewise_linear,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecaySchedules",
     "EMBEDDING",
     "NORM_AND_BIAS",
     "NORM_SCALE",
+    "ScaleByAdaxState",
+    "ScaleByAmosState",
     "TIGER_SCALE_RULES",
     "TigerState",
+    "adax",
+    "adaxw",
+    "amos",
+    "amos_default_eta",
+    "amos_default_shape",
+    "amos_lr_schedule",
+    "amos_weight_decay_schedule",
+    "constant_decay_lr_schedule",
+    "coupled_decay_schedules",
     "path_labels",
     "path_mask",
     "path_multipliers",
+    "piecewise_linear",
+    "scale_by_adax",
+    "scale_by_amos",
     "scale_by_tiger",
     "tiger",
     "tree_bytes",
