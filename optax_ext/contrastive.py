@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from optax_ext._common import check_int, check_range, path_to_str
+from optax_ext._common import check_int, check_range, tree_paths
 
 __all__ = [
     "am_softmax_loss",
@@ -196,13 +196,9 @@ def contrastive_value_and_grad(
 
 def _two_towers(encode_fn: EncodeFn, key_encode_fn: EncodeFn) -> EncodeFn:
     def both(params, inputs, rng):
+        tower_rng = lambda i: None if rng is None else jax.random.fold_in(rng, i)
         q_in, k_in = inputs
-        if rng is None:
-            return encode_fn(params, q_in, None), key_encode_fn(params, k_in, None)
-        return (
-            encode_fn(params, q_in, jax.random.fold_in(rng, 0)),
-            key_encode_fn(params, k_in, jax.random.fold_in(rng, 1)),
-        )
+        return encode_fn(params, q_in, tower_rng(0)), key_encode_fn(params, k_in, tower_rng(1))
 
     return both
 
@@ -217,8 +213,9 @@ def _as_pair(batch: Any) -> tuple[Any, Any]:
 
 
 def _num_chunks(batch: Any, chunk_size: int) -> int:
-    sizes = {(path_to_str(p), x.shape[0] if x.ndim else None)
-             for p, x in jax.tree_util.tree_flatten_with_path(batch)[0]}
+    sizes = set(zip(jax.tree.leaves(tree_paths(batch)),
+                    [x.shape[0] if x.ndim else None for x in jax.tree.leaves(batch)],
+                    strict=True))
     rows = {n for _, n in sizes}
     if not sizes:
         raise ValueError("the batch has no array leaves")
@@ -237,8 +234,7 @@ def _num_chunks(batch: Any, chunk_size: int) -> int:
 
 
 def _reject_batch_stats(tree: Any, what: str) -> None:
-    paths = [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    found = [p for p in paths if _BATCH_STATS.search(p)]
+    found = [p for p in jax.tree.leaves(tree_paths(tree)) if _BATCH_STATS.search(p)]
     if found:
         raise ValueError(
             f"{what} contain batch statistics ({found[0]!r}, ...): a BatchNorm that "
@@ -250,11 +246,11 @@ def _reject_batch_stats(tree: Any, what: str) -> None:
 
 def _check_embeddings(h: Any, chunk_size: int) -> None:
     _reject_batch_stats(h, "the encoder's outputs")
-    for p, x in jax.tree_util.tree_flatten_with_path(h)[0]:
+    for path, x in zip(jax.tree.leaves(tree_paths(h)), jax.tree.leaves(h), strict=True):
         if x.ndim < 2 or x.shape[1] != chunk_size:
             raise ValueError(
                 f"encode_fn must return arrays with {chunk_size} (chunk_size) leading rows; "
-                f"output {path_to_str(p)!r} has shape {x.shape[1:]} per chunk"
+                f"output {path!r} has shape {x.shape[1:]} per chunk"
             )
 
 
