@@ -101,7 +101,7 @@ def _second_moment(g, nu, beta2, eps1):
     (broadcast) factors; a factored v is never materialised at full size."""
     if not isinstance(nu, FactoredMoment):
         new = beta2 * nu + (1.0 - beta2) * (jnp.square(g) + eps1)
-        return (new,), new
+        return (new,), new.astype(nu.dtype)
     largest, second = _two_largest(g.shape)
     # mean(g²) + ε1 rather than mean(g² + ε1): the same number, but XLA's CPU reduction
     # would otherwise materialise a full-size broadcast of ε1.
@@ -112,7 +112,8 @@ def _second_moment(g, nu, beta2, eps1):
     col_mean = jnp.mean(jnp.square(g), axis=second, keepdims=True) + eps1
     row = beta2 * nu.row + (1.0 - beta2) * row_mean
     col = beta2 * nu.col + (1.0 - beta2) * col_mean
-    return (row, col / jnp.mean(row, axis=second, keepdims=True)), FactoredMoment(row, col)
+    new = FactoredMoment(row.astype(nu.row.dtype), col.astype(nu.col.dtype))
+    return (row, col / jnp.mean(row, axis=second, keepdims=True)), new
 
 
 def _normalised(g, factors, eps1):
@@ -332,8 +333,10 @@ def adafactor(
     - ``decay_rate`` is the constant β2, ``None`` for 1 - τ^(-0.8) (optax: the exponent).
     - The state holds m + n numbers per factored m×n matrix (+ m·n with momentum) and no
       placeholders; the second moment is kept in at least float32.
-    - Works under ``optax.inject_hyperparams``: no Python branch on a numeric argument,
-      and ``min_dim_size_to_factor`` defaults to ``None`` (128) so it stays static.
+    - Works under ``optax.inject_hyperparams`` as it is: no Python branch on a numeric
+      argument, and ``min_dim_size_to_factor`` defaults to ``None`` (128) so it stays
+      static (optax injects its int 128 and fails unless it is named in ``static_args``).
+      The factoring is read from the state's structure, never from a traced number.
 
     With a constant ``learning_rate``, no momentum, no weight decay and gradients far
     above ε1, the update equals ``optax.adafactor(learning_rate)``'s.
