@@ -141,8 +141,9 @@ def gradient_penalty_loss(
         \tilde L(\theta) = L(\theta) + \frac{\epsilon}{2}
             \sum_{E} \Big\lVert \frac{\partial L}{\partial E} \Big\rVert_F^2
 
-    Su's reading: to first order, FGM's perturbed loss with ``Δ = ε∇_E L`` is this
-    penalised loss, which asks for a loss surface that is flat around the embeddings.
+    Su's reading: with the unnormalised perturbation ``Δ = ε∇_E L`` held constant, the
+    gradient of the perturbed loss is, to first order in ε, the gradient of this penalised
+    loss; it asks for a loss surface that is flat around the embeddings.
     Differentiate it with ``jax.value_and_grad`` (a second-order derivative, about two
     to three times a plain step's cost).
 
