@@ -36,9 +36,12 @@ def rms(x):
 def ref_adafactor(params, grads_seq, *, lr=None, decay_rate=None, momentum=None, wd=0.0,
                   decays=lambda p: True, mbps=True, clip=1.0, eps1=1e-30, eps2=1e-3,
                   min_dim=128):
-    """Spec §3 in float64 NumPy, step by step. Returns (θ, second moments, momentum)."""
+    """Spec §3 in float64 NumPy, step by step.
+
+    Returns (θ, second moments, momentum, number of leaf-steps the clipping shrank)."""
     theta = {p: np.asarray(x, np.float64) for p, x in leaf_paths(params)}
     nu, mu = {}, {p: np.zeros_like(x) for p, x in theta.items()}
+    clipped = 0
     for t, grads in enumerate(grads_seq):
         tau = t + 1
         beta2 = 1 - tau**-0.8 if decay_rate is None else decay_rate
@@ -63,6 +66,7 @@ def ref_adafactor(params, grads_seq, *, lr=None, decay_rate=None, momentum=None,
                 nu[p] = v
             u = g / np.sqrt(v + eps1)
             if clip is not None:
+                clipped += int(rms(u) > clip)
                 u = u / max(1.0, rms(u) / clip)
             if momentum is not None:
                 mu[p] = momentum * mu[p] + (1 - momentum) * u
@@ -70,7 +74,7 @@ def ref_adafactor(params, grads_seq, *, lr=None, decay_rate=None, momentum=None,
             if mbps:
                 u = u * max(rms(theta[p]), eps2)
             theta[p] = theta[p] - lr_t * (u + (wd if decays(p) else 0.0) * theta[p])
-    return theta, nu, mu
+    return theta, nu, mu, clipped
 
 
 def mixed_params(seed=0):
@@ -145,7 +149,9 @@ def test_matches_float64_reference(case):
         grads = [f64(random_grads_like(params, 10 + t, scale=0.1 + t % 3)) for t in range(20)]
         tx = adafactor(**kwargs, min_dim_size_to_factor=4)
         got, state = run(tx, params, grads)
-        want, want_nu, want_mu = ref_adafactor(params, grads, min_dim=4, **ref_kwargs)
+        want, want_nu, want_mu, clipped = ref_adafactor(params, grads, min_dim=4, **ref_kwargs)
+        if ref_kwargs.get("clip", 1.0) is not None:
+            assert clipped > 0, "the update clipping never acted: the case tests nothing"
         for p, x in leaf_paths(got):
             np.testing.assert_allclose(x, want[p], rtol=1e-11, atol=1e-14, err_msg=p)
         inner = state[0]

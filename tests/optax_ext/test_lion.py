@@ -124,6 +124,17 @@ def test_matches_float64_reference(case):
             np.testing.assert_allclose(x, want_m[p], rtol=1e-12, atol=1e-14, err_msg=p)
 
 
+def test_custom_scale_rules():
+    params = {"enc": {"kernel": jnp.full((2, 3), 4.0), "bias": jnp.ones(3)}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = lion(1e-2, weight_decay=0.0, param_scaling={r"enc/kernel$": 2.0, r"bias$": "rms"})
+    u, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(u["enc"]["kernel"], -2e-2, rtol=1e-6)
+    np.testing.assert_allclose(u["enc"]["bias"], -1e-2, rtol=1e-6)
+    with pytest.raises(ValueError, match="param_scaling rule"):
+        lion(param_scaling={"kernel": "max"})
+
+
 def test_zero_kernel_moves_only_with_a_floor():
     params = {"dense": {"kernel": jnp.zeros((3, 4))}}
     grads = {"dense": {"kernel": jnp.ones((3, 4))}}
