@@ -65,14 +65,14 @@ def lazy(
       An ``optax.GradientTransformationExtraArgs`` whose state is the inner state.
 
     Example:
-      >>> import jax.numpy as jnp, optax
+      >>> import jax.numpy as jnp, numpy as np, optax
       >>> from optax_ext.wrappers.lazy import lazy
       >>> tx = lazy(optax.adamw(0.1, weight_decay=0.1))
       >>> params = {"embed": {"embedding": jnp.ones((3, 2))}}
       >>> grads = {"embed": {"embedding": jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])}}
       >>> u, _ = tx.update(grads, tx.init(params), params)
       >>> new = optax.apply_updates(params, u)["embed"]["embedding"]
-      >>> print(new.round(3))  # only row 1 moved
+      >>> print(np.asarray(new, np.float64).round(3))  # only row 1 moved
       [[1.   1.  ]
        [0.89 0.99]
        [1.   1.  ]]
