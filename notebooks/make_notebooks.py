@@ -25,7 +25,7 @@ def write(name, cells):
 
 
 QUICKSTART = [
-    """md:# Quickstart: Tiger in a Flax TrainState
+    """md:# Quickstart: Tiger, accumulation, a NaN guard and a parameter EMA in a Flax TrainState
 
 [Tiger](https://kexue.fm/archives/9512) is Lion with a single β: one momentum buffer and
 nothing else. Its update is
@@ -34,13 +34,23 @@ $$m \\leftarrow b_1 m + \\tfrac{1-\\beta}{k} g,\\qquad
 \\Delta\\theta = -\\eta\\, s(\\theta)\\,(\\operatorname{sign}(m) + \\lambda\\theta)$$
 
 where $b_1=\\beta$ on the first of $k$ micro-batches and $1$ on the others: gradient
-accumulation happens **inside the momentum**, so accumulating 8 micro-batches costs no
-extra memory. $s(\\theta)$ is a per-parameter scale chosen by the parameter's path (RMS of
-each kernel, of each embedding row, 0.5 for biases and norm scales).
+accumulation happens **inside the momentum** ([kexue.fm/archives/8634](https://kexue.fm/archives/8634)),
+so accumulating 4 micro-batches costs no extra memory. $s(\\theta)$ is a per-parameter
+scale chosen by the parameter's path (RMS of each kernel, of each embedding row, 0.5
+for biases and norm scales).
 
-We train a small character-level transformer on the docstrings of Python's standard
-library (no download) with `optax_ext.tiger` inside a plain `flax.training.train_state.TrainState`.""",
-    """import jax, jax.numpy as jnp, optax
+We chain three pieces of optax-ext into a plain `flax.training.train_state.TrainState`:
+
+- `ox.nan_guard(...)`: a leaf whose gradient is not finite shrinks toward its centre
+  instead of stepping, and the inner optimizer skips the step (Tiger's strategy, for any
+  optimizer; [kexue.fm/archives/9512](https://kexue.fm/archives/9512));
+- `ox.tiger(..., accumulation_steps=4)`;
+- `ox.param_ema(0.99)`, last in the chain: an average of the weights, read back with
+  `ox.ema_params` ([kexue.fm/archives/7094](https://kexue.fm/archives/7094)).
+
+The model is a small character-level transformer on the docstrings of Python's standard
+library (no download).""",
+    """import jax, jax.numpy as jnp, numpy as np, optax
 import matplotlib.pyplot as plt
 from flax.training import train_state
 from tqdm.auto import tqdm
@@ -51,47 +61,72 @@ from optax_ext.demo import CharData, CharTransformer, lm_loss, load_corpus
 data = CharData.from_text(load_corpus())
 model = CharTransformer(vocab=len(data.vocab), width=64, layers=2, max_len=64)
 params = model.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32))["params"]
-print(f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, vocabulary {len(data.vocab)}")""",
-    """md:Chain Tiger with 4-step accumulation into the train state. The learning-rate schedule
-counts **updates** (every 4th micro-step), as in `optax.MultiSteps`.""",
+n_params = sum(x.size for x in jax.tree.leaves(params))
+print(f"{n_params:,} parameters, vocabulary {len(data.vocab)}")""",
+    """md:The learning-rate schedule counts **updates** (every 4th micro-step), as in
+`optax.MultiSteps`. To show the guard at work, every 50th micro-batch gets a NaN
+gradient in the attention of the first block.""",
     """k = 4
 schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 10, 100, 3e-4)
-state = train_state.TrainState.create(
-    apply_fn=model.apply, params=params, tx=ox.tiger(schedule, accumulation_steps=k))
+tx = optax.chain(
+    ox.nan_guard(ox.tiger(schedule, accumulation_steps=k)),
+    ox.param_ema(0.99),
+)
+state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+def poison(grads):
+    attn = grads["block_0"]["MultiHeadDotProductAttention_0"]["query"]
+    attn["kernel"] = attn["kernel"].at[0, 0, 0].set(jnp.nan)
+    return grads
 
 @jax.jit
-def step(state, batch):
+def step(state, batch, bad):
     loss, grads = jax.value_and_grad(lm_loss)(state.params, state.apply_fn, batch)
+    grads = jax.lax.cond(bad, poison, lambda g: g, grads)
     return state.apply_gradients(grads=grads), loss
 
 batches = data.batches(16, 64, seed=0)
 losses = []
-for _ in tqdm(range(100 * k), desc="micro-steps"):
-    state, loss = step(state, jnp.asarray(next(batches)))
+for t in tqdm(range(100 * k), desc="micro-steps"):
+    state, loss = step(state, jnp.asarray(next(batches)), t % 50 == 49)
     losses.append(float(loss))
-print(f"loss {losses[0]:.3f} -> {sum(losses[-k:]) / k:.3f}")""",
+finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params))
+print(f"loss {losses[0]:.3f} -> {np.mean(losses[-k:]):.3f}; params finite: {finite}")
+assert finite""",
+    """md:The guard counts what it did, and the EMA weights are read from the same state:""",
+    """guard = state.opt_state[0]  # the chain's first element: ox.NanGuardState
+print(f"micro-steps seen {int(guard.count)}, skipped {int(guard.skipped_steps)}, "
+      f"leaves shrunk {int(guard.shrunk_leaves)}")
+assert int(guard.skipped_steps) == 100 * k // 50
+ema = ox.ema_params(state.opt_state, state.params)
+valid = jnp.asarray(data.valid_batch(64, 64))
+print(f"held-out loss: weights {float(lm_loss(state.params, model.apply, valid)):.3f}, "
+      f"EMA weights {float(lm_loss(ema, model.apply, valid)):.3f}")""",
     """plt.figure(figsize=(6, 3.5))
 plt.plot(range(len(losses)), losses, lw=0.8)
+for t in range(49, len(losses), 50):
+    plt.axvline(t, color="red", alpha=0.2)
 plt.xlabel("micro-step"); plt.ylabel("cross-entropy (nats/char)")
-plt.title("Tiger, 4 micro-batches per update"); plt.grid(alpha=0.3); plt.show()""",
+plt.title("Tiger, 4 micro-batches per update; red: NaN gradients"); plt.grid(alpha=0.3); plt.show()""",
     """md:## Memory of the optimizer state
 
-Tiger keeps one buffer the size of the parameters whatever $k$ is. AdamW with
-`optax.MultiSteps` keeps two moments **and** an accumulation buffer. `ox.tree_bytes`
-counts the bytes of a state, and `jax.eval_shape` gets it without allocating.""",
+Tiger keeps one buffer the size of the parameters whatever $k$ is; the EMA adds one
+copy of the weights. AdamW with `optax.MultiSteps` keeps two moments **and** an
+accumulation buffer. `ox.tree_bytes` counts the bytes of a state, and `jax.eval_shape`
+gets it without allocating.""",
     """def state_bytes(tx):
     return ox.tree_bytes(jax.eval_shape(tx.init, params))
 
 param_bytes = ox.tree_bytes(params)
 rows = {
     "tiger, k=4": state_bytes(ox.tiger(1e-3, accumulation_steps=k)),
+    "tiger, k=4 + nan_guard + param_ema": state_bytes(tx),
     "adamw + MultiSteps(4)": state_bytes(optax.MultiSteps(optax.adamw(1e-3), k)),
 }
 for name, b in rows.items():
-    print(f"{name:24s} {b / param_bytes:.1f} x the parameters ({b / 1e6:.2f} MB)")
+    print(f"{name:36s} {b / param_bytes:.1f} x the parameters ({b / 1e6:.2f} MB)")
 assert rows["tiger, k=4"] == param_bytes""",
 ]
-
 
 TOUR = [
     """md:# Optimizer tour: Tiger, Lion, AdaFactor, AdaX, Amos and AdamW

@@ -16,6 +16,12 @@ from optax_ext._common import (
     tree_bytes,
     tree_paths,
 )
+from optax_ext.optimizers.tiger import (
+    TIGER_SCALE_RULES,
+    TigerState,
+    scale_by_tiger,
+    tiger,
+)
 from optax_ext.optimizers.adax import (
     ScaleByAdaxState,
     adax,
@@ -29,12 +35,6 @@ from optax_ext.optimizers.amos import (
     amos_default_shape,
     scale_by_amos,
 )
-from optax_ext.optimizers.tiger import (
-    TIGER_SCALE_RULES,
-    TigerState,
-    scale_by_tiger,
-    tiger,
-)
 from optax_ext.schedules import (
     DecaySchedules,
     amos_lr_schedule,
@@ -43,18 +43,51 @@ from optax_ext.schedules import (
     coupled_decay_schedules,
     piecewise_linear,
 )
+from optax_ext.optimizers.sgdm import (
+    SgdmState,
+    scale_by_sgdm,
+    sgdm,
+)
+from optax_ext.wrappers.accumulation import (
+    AccumulationState,
+    accumulate_gradients,
+)
+from optax_ext.wrappers.nan_guard import (
+    NanGuardState,
+    nan_guard,
+)
+from optax_ext.wrappers.param_ema import (
+    ema_params,
+    param_ema,
+)
+from optax_ext.training import (
+    TrainState,
+    data_parallel_mesh,
+    make_train_step,
+    replicate,
+    shard_batch,
+    shard_params,
+    split_batch,
+    split_value_and_grad,
+    unreplicate,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulationState",
     "DecaySchedules",
     "EMBEDDING",
     "NORM_AND_BIAS",
     "NORM_SCALE",
+    "NanGuardState",
     "ScaleByAdaxState",
     "ScaleByAmosState",
+    "SgdmState",
     "TIGER_SCALE_RULES",
     "TigerState",
+    "TrainState",
+    "accumulate_gradients",
     "adax",
     "adaxw",
     "amos",
@@ -64,14 +97,27 @@ __all__ = [
     "amos_weight_decay_schedule",
     "constant_decay_lr_schedule",
     "coupled_decay_schedules",
+    "data_parallel_mesh",
+    "ema_params",
+    "make_train_step",
+    "nan_guard",
+    "param_ema",
     "path_labels",
     "path_mask",
     "path_multipliers",
     "piecewise_linear",
+    "replicate",
     "scale_by_adax",
     "scale_by_amos",
+    "scale_by_sgdm",
     "scale_by_tiger",
+    "sgdm",
+    "shard_batch",
+    "shard_params",
+    "split_batch",
+    "split_value_and_grad",
     "tiger",
     "tree_bytes",
     "tree_paths",
+    "unreplicate",
 ]
