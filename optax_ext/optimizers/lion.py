@@ -23,7 +23,7 @@ from optax_ext._common import (
     path_mask,
     resolve_mask,
 )
-from optax_ext.optimizers.tiger import _scale_rules, param_scale
+from optax_ext.optimizers.tiger import scale_rules, param_scale
 
 #: The state of :func:`scale_by_lion` is optax's: a step counter and the momentum.
 ScaleByLionState = optax.ScaleByLionState
@@ -145,7 +145,7 @@ def scale_by_param_scale(
     References:
       Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023.
     """
-    rules = _scale_rules(param_scaling)
+    rules = scale_rules(param_scaling)
     check_range("min_rms", min_rms, 0)
 
     def update_fn(updates, state, params=None, **extra_args):

@@ -85,7 +85,8 @@ def param_scale(param: jax.Array, rule: Any, min_rms: Any) -> jax.Array:
     return jnp.maximum(rms, min_rms)
 
 
-def _scale_rules(param_scaling: Any) -> PathRules | None:
+def scale_rules(param_scaling: Any) -> PathRules | None:
+    """Validated per-parameter scale rules from ``param_scaling`` ("tiger", None or rules)."""
     if param_scaling is None:
         return None
     if isinstance(param_scaling, str):
@@ -276,7 +277,7 @@ def tiger(
     k = check_int("accumulation_steps", accumulation_steps)
     check_range("min_rms", min_rms, 0)
     check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True)
-    rules = _scale_rules(param_scaling)
+    rules = scale_rules(param_scaling)
     mu_dtype = canonical_dtype(mu_dtype)
 
     def init_fn(params):
