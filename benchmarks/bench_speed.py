@@ -1,0 +1,149 @@
+"""Update speed of every optimizer against its closest optax counterpart, same run, same tree.
+
+For each pair, the jitted update + apply (params and state donated) is warmed up and then
+timed round-robin with its counterpart; the median of ``--repeats`` is reported with the
+ratio ours/optax (lower is better). For the large tree the bytes a perfect update must
+move (each input read once, each output written once) divided by the time give the
+achieved bandwidth, reported as a fraction of a donated in-place copy measured in the
+same run. Accumulation pairs are timed over whole cycles of k micro-steps. Compile time
+is measured on the many-leaf tree::
+
+    python benchmarks/bench_speed.py                      # GPT-2 small (124M) + 512 leaves
+    python benchmarks/bench_speed.py --tree small --repeats 3   # a quick check
+
+Prints a table and writes benchmarks/results/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import jax
+import optax
+from benchlib import (
+    GPT2_SMALL,
+    compile_seconds,
+    copy_bandwidth,
+    gpt2_like_params,
+    machine,
+    many_leaf_params,
+    n_params,
+    random_like,
+    table,
+    time_interleaved,
+    write_json,
+)
+
+import optax_ext as ox
+
+BETA = 0.965
+K = 8
+
+# name: (ours, optax counterpart, param-sized passes a perfect update moves, target ratio)
+PAIRS = {
+    "tiger (scaling and guard off) vs optax.lion(β, β)": (
+        lambda: ox.tiger(1e-3, BETA, 0.01, param_scaling=None, guard_nan=False, mask=True),
+        lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01), 5, 1.05),
+    "tiger (defaults) vs optax.lion(β, β)": (
+        lambda: ox.tiger(1e-3, BETA, 0.01),
+        lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01), 7, 1.45),
+    "lion vs optax.lion": (
+        lambda: ox.lion(1e-4, 0.9, 0.99, mask=True),
+        lambda: optax.lion(1e-4, 0.9, 0.99), 5, 1.05),
+    "adafactor vs optax.adafactor": (
+        lambda: ox.adafactor(1e-3, mask=True), lambda: optax.adafactor(1e-3), 3, 1.10),
+    "adax vs optax.adamw": (lambda: ox.adax(1e-3), lambda: optax.adamw(1e-3), 7, None),
+    "amos vs optax.adamw": (lambda: ox.amos(1e-2), lambda: optax.adamw(1e-3), None, None),
+    f"accumulate_gradients(adamw, {K}) vs optax.MultiSteps(adamw, {K})": (
+        lambda: ox.accumulate_gradients(optax.adamw(1e-3), K),
+        lambda: optax.MultiSteps(optax.adamw(1e-3), K), None, 1.05),
+}
+
+
+def cycle(tx, k):
+    """Runs k micro-steps per call, so an accumulation cycle is timed as one unit."""
+    def update(g, s, p=None):
+        total = None
+        for _ in range(k):
+            u, s = tx.update(g, s, p)
+            total = u if total is None else jax.tree.map(lambda a, b: a + b, total, u)
+        return total, s
+
+    return optax.GradientTransformation(tx.init, update)
+
+
+def run_tree(label, params, repeats, names, with_bandwidth):
+    grads = random_like(params)
+    nbytes = ox.tree_bytes(params)
+    copy = copy_bandwidth(nbytes, repeats) if with_bandwidth else None
+    rows = []
+    for name in names:
+        make_ours, make_theirs, passes, target = PAIRS[name]
+        ours, theirs = make_ours(), make_theirs()
+        if "accumulate" in name:
+            ours, theirs = cycle(ours, K), cycle(theirs, K)
+        t = time_interleaved({"ours": ours, "optax": theirs}, params, grads, repeats)
+        ms = {k: v["median_s"] * 1e3 / (K if "accumulate" in name else 1) for k, v in t.items()}
+        row = {"tree": label, "pair": name, "ours_ms": ms["ours"], "optax_ms": ms["optax"],
+               "ratio": ms["ours"] / ms["optax"], "target": target,
+               "compilations": max(v["compilations"] for v in t.values())}
+        if with_bandwidth and passes:
+            gbps = passes * nbytes / (ms["ours"] / 1e3) / 1e9
+            row.update(ours_GBps=gbps, fraction_of_copy=gbps / copy)
+        rows.append(row)
+        print(f"  {label}: {name}: {ms['ours']:.2f} ms vs {ms['optax']:.2f} ms", flush=True)
+        del t
+        gc.collect()
+    return rows, copy
+
+
+def compile_rows(params, names):
+    grads = random_like(params)
+    rows = []
+    for name in names:
+        make_ours, make_theirs, *_ = PAIRS[name]
+        a, b = compile_seconds(make_ours(), params, grads), compile_seconds(make_theirs(), params, grads)
+        rows.append({"pair": name, "ours_s": a, "optax_s": b, "ratio": a / b})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tree", choices=["gpt2", "small"], default="gpt2",
+                    help="gpt2: GPT-2 small (124M); small: a 3M-parameter check")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--only", default=None, help="run only pairs whose name contains this")
+    args = ap.parse_args(argv)
+    names = [n for n in PAIRS if args.only is None or args.only in n]
+
+    shape = GPT2_SMALL if args.tree == "gpt2" else dict(width=256, layers=2, vocab=4096, context=256)
+    large = gpt2_like_params(**shape)
+    many = many_leaf_params()
+    results = {"machine": machine(), "repeats": args.repeats,
+               "trees": {"large": dict(shape, params=n_params(large)),
+                         "many_leaf": {"leaves": len(jax.tree.leaves(many)), "params": n_params(many)}}}
+    print(f"large tree {n_params(large) / 1e6:.1f}M params; many-leaf tree "
+          f"{len(jax.tree.leaves(many))} leaves; median of {args.repeats}", flush=True)
+    rows_large, copy = run_tree("large", large, args.repeats, names, True)
+    del large
+    gc.collect()
+    rows_many, _ = run_tree("many-leaf", many, args.repeats, names, False)
+    results.update(copy_GBps=copy, speed=rows_large + rows_many,
+                   compile=compile_rows(many, names))
+    fmt2 = lambda x: f"{x:.2f}"
+    print(f"\ndonated copy: {copy:.1f} GB/s")
+    print(table(results["speed"], [
+        ("tree", "tree", str), ("pair", "pair", str), ("ours_ms", "ours ms", fmt2),
+        ("optax_ms", "optax ms", fmt2), ("ratio", "ratio", fmt2),
+        ("target", "target", lambda x: f"<= {x:.2f}"),
+        ("fraction_of_copy", "of copy BW", lambda x: f"{x:.0%}")]))
+    print("\ncompile time, many-leaf tree")
+    print(table(results["compile"], [("pair", "pair", str), ("ours_s", "ours s", fmt2),
+                                     ("optax_s", "optax s", fmt2), ("ratio", "ratio", fmt2)]))
+    print("wrote", write_json("speed", results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
