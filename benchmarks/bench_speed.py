@@ -44,25 +44,42 @@ K = 8
 PAIRS = {
     "tiger (scaling and guard off) vs optax.lion(β, β)": (
         lambda: ox.tiger(1e-3, BETA, 0.01, param_scaling=None, guard_nan=False, mask=True),
-        lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01), 5, 1.05),
+        lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01),
+        5,
+        1.05,
+    ),
     "tiger (defaults) vs optax.lion(β, β)": (
         lambda: ox.tiger(1e-3, BETA, 0.01),
-        lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01), 7, 1.45),
+        lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01),
+        7,
+        1.45,
+    ),
     "lion vs optax.lion": (
         lambda: ox.lion(1e-4, 0.9, 0.99, mask=True),
-        lambda: optax.lion(1e-4, 0.9, 0.99), 5, 1.05),
+        lambda: optax.lion(1e-4, 0.9, 0.99),
+        5,
+        1.05,
+    ),
     "adafactor vs optax.adafactor": (
-        lambda: ox.adafactor(1e-3, mask=True), lambda: optax.adafactor(1e-3), 3, 1.10),
+        lambda: ox.adafactor(1e-3, mask=True),
+        lambda: optax.adafactor(1e-3),
+        3,
+        1.10,
+    ),
     "adax vs optax.adamw": (lambda: ox.adax(1e-3), lambda: optax.adamw(1e-3), 7, None),
     "amos vs optax.adamw": (lambda: ox.amos(1e-2), lambda: optax.adamw(1e-3), None, None),
     f"accumulate_gradients(adamw, {K}) vs optax.MultiSteps(adamw, {K})": (
         lambda: ox.accumulate_gradients(optax.adamw(1e-3), K),
-        lambda: optax.MultiSteps(optax.adamw(1e-3), K), None, 1.05),
+        lambda: optax.MultiSteps(optax.adamw(1e-3), K),
+        None,
+        1.05,
+    ),
 }
 
 
 def cycle(tx, k):
     """Runs k micro-steps per call, so an accumulation cycle is timed as one unit."""
+
     def update(g, s, p=None):
         total = None
         for _ in range(k):
@@ -85,9 +102,15 @@ def run_tree(label, params, repeats, names, with_bandwidth):
             ours, theirs = cycle(ours, K), cycle(theirs, K)
         t = time_interleaved({"ours": ours, "optax": theirs}, params, grads, repeats)
         ms = {k: v["median_s"] * 1e3 / (K if "accumulate" in name else 1) for k, v in t.items()}
-        row = {"tree": label, "pair": name, "ours_ms": ms["ours"], "optax_ms": ms["optax"],
-               "ratio": ms["ours"] / ms["optax"], "target": target,
-               "compilations": max(v["compilations"] for v in t.values())}
+        row = {
+            "tree": label,
+            "pair": name,
+            "ours_ms": ms["ours"],
+            "optax_ms": ms["optax"],
+            "ratio": ms["ours"] / ms["optax"],
+            "target": target,
+            "compilations": max(v["compilations"] for v in t.values()),
+        }
         if with_bandwidth and passes:
             gbps = passes * nbytes / (ms["ours"] / 1e3) / 1e9
             row.update(ours_GBps=gbps, fraction_of_copy=gbps / copy)
@@ -103,44 +126,78 @@ def compile_rows(params, names):
     rows = []
     for name in names:
         make_ours, make_theirs, *_ = PAIRS[name]
-        a, b = compile_seconds(make_ours(), params, grads), compile_seconds(make_theirs(), params, grads)
+        a, b = (
+            compile_seconds(make_ours(), params, grads),
+            compile_seconds(make_theirs(), params, grads),
+        )
         rows.append({"pair": name, "ours_s": a, "optax_s": b, "ratio": a / b})
     return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tree", choices=["gpt2", "small"], default="gpt2",
-                    help="gpt2: GPT-2 small (124M); small: a 3M-parameter check")
+    ap.add_argument(
+        "--tree",
+        choices=["gpt2", "small"],
+        default="gpt2",
+        help="gpt2: GPT-2 small (124M); small: a 3M-parameter check",
+    )
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--only", default=None, help="run only pairs whose name contains this")
     args = ap.parse_args(argv)
     names = [n for n in PAIRS if args.only is None or args.only in n]
 
-    shape = GPT2_SMALL if args.tree == "gpt2" else dict(width=256, layers=2, vocab=4096, context=256)
+    shape = (
+        GPT2_SMALL if args.tree == "gpt2" else dict(width=256, layers=2, vocab=4096, context=256)
+    )
     large = gpt2_like_params(**shape)
     many = many_leaf_params()
-    results = {"machine": machine(), "repeats": args.repeats,
-               "trees": {"large": dict(shape, params=n_params(large)),
-                         "many_leaf": {"leaves": len(jax.tree.leaves(many)), "params": n_params(many)}}}
-    print(f"large tree {n_params(large) / 1e6:.1f}M params; many-leaf tree "
-          f"{len(jax.tree.leaves(many))} leaves; median of {args.repeats}", flush=True)
+    results = {
+        "machine": machine(),
+        "repeats": args.repeats,
+        "trees": {
+            "large": dict(shape, params=n_params(large)),
+            "many_leaf": {"leaves": len(jax.tree.leaves(many)), "params": n_params(many)},
+        },
+    }
+    print(
+        f"large tree {n_params(large) / 1e6:.1f}M params; many-leaf tree "
+        f"{len(jax.tree.leaves(many))} leaves; median of {args.repeats}",
+        flush=True,
+    )
     rows_large, copy = run_tree("large", large, args.repeats, names, True)
     del large
     gc.collect()
     rows_many, _ = run_tree("many-leaf", many, args.repeats, names, False)
-    results.update(copy_GBps=copy, speed=rows_large + rows_many,
-                   compile=compile_rows(many, names))
+    results.update(copy_GBps=copy, speed=rows_large + rows_many, compile=compile_rows(many, names))
     fmt2 = lambda x: f"{x:.2f}"
     print(f"\ndonated copy: {copy:.1f} GB/s")
-    print(table(results["speed"], [
-        ("tree", "tree", str), ("pair", "pair", str), ("ours_ms", "ours ms", fmt2),
-        ("optax_ms", "optax ms", fmt2), ("ratio", "ratio", fmt2),
-        ("target", "target", lambda x: f"<= {x:.2f}"),
-        ("fraction_of_copy", "of copy BW", lambda x: f"{x:.0%}")]))
+    print(
+        table(
+            results["speed"],
+            [
+                ("tree", "tree", str),
+                ("pair", "pair", str),
+                ("ours_ms", "ours ms", fmt2),
+                ("optax_ms", "optax ms", fmt2),
+                ("ratio", "ratio", fmt2),
+                ("target", "target", lambda x: f"<= {x:.2f}"),
+                ("fraction_of_copy", "of copy BW", lambda x: f"{x:.0%}"),
+            ],
+        )
+    )
     print("\ncompile time, many-leaf tree")
-    print(table(results["compile"], [("pair", "pair", str), ("ours_s", "ours s", fmt2),
-                                     ("optax_s", "optax s", fmt2), ("ratio", "ratio", fmt2)]))
+    print(
+        table(
+            results["compile"],
+            [
+                ("pair", "pair", str),
+                ("ours_s", "ours s", fmt2),
+                ("optax_s", "optax s", fmt2),
+                ("ratio", "ratio", fmt2),
+            ],
+        )
+    )
     print("wrote", write_json("speed", results))
     return results
 

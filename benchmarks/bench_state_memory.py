@@ -32,14 +32,18 @@ def candidates(k: int = 8) -> dict[str, tuple[str, optax.GradientTransformation]
         "sgdm": ("optax-ext", ox.sgdm(1e-2, 0.9)),
         f"sgdm, accumulation_steps={k}": ("optax-ext", ox.sgdm(1e-2, 0.9, accumulation_steps=k)),
         f"accumulate_gradients(adamw, {k})": (
-            "optax-ext", ox.accumulate_gradients(optax.adamw(1e-3), k)),
+            "optax-ext",
+            ox.accumulate_gradients(optax.adamw(1e-3), k),
+        ),
         "optax.adamw": ("optax", optax.adamw(1e-3)),
         "optax.lion": ("optax", optax.lion(1e-4)),
         "optax.adafactor": ("optax", optax.adafactor(1e-3)),
         f"optax.MultiSteps(adamw, {k})": ("optax", optax.MultiSteps(optax.adamw(1e-3), k)),
         f"optax.MultiSteps(lion, {k})": ("optax", optax.MultiSteps(optax.lion(1e-4), k)),
         f"optax.MultiSteps(sgd momentum, {k})": (
-            "optax", optax.MultiSteps(optax.sgd(1e-2, 0.9), k)),
+            "optax",
+            optax.MultiSteps(optax.sgd(1e-2, 0.9), k),
+        ),
     }
 
 
@@ -49,20 +53,37 @@ def measure(params) -> list[dict]:
     for name, (library, tx) in candidates().items():
         state = jax.eval_shape(tx.init, params)
         nbytes = ox.tree_bytes(state)
-        rows.append({"optimizer": name, "library": library, "state_bytes": nbytes,
-                     "bytes_per_param": nbytes / count})
+        rows.append(
+            {
+                "optimizer": name,
+                "library": library,
+                "state_bytes": nbytes,
+                "bytes_per_param": nbytes / count,
+            }
+        )
     return rows
 
 
 def main() -> dict:
     params = gpt2_like_params(**GPT2_SMALL, abstract=True)
     rows = measure(params)
-    results = {"machine": machine(), "tree": dict(GPT2_SMALL, params=n_params(params)),
-               "rows": rows}
+    results = {
+        "machine": machine(),
+        "tree": dict(GPT2_SMALL, params=n_params(params)),
+        "rows": rows,
+    }
     print(f"float32 GPT-2 small, {n_params(params) / 1e6:.1f}M parameters")
-    print(table(rows, [("optimizer", "optimizer", str), ("library", "library", str),
-                       ("bytes_per_param", "bytes/param", lambda x: f"{x:.3f}"),
-                       ("state_bytes", "state MB", lambda x: f"{x / 1e6:,.1f}")]))
+    print(
+        table(
+            rows,
+            [
+                ("optimizer", "optimizer", str),
+                ("library", "library", str),
+                ("bytes_per_param", "bytes/param", lambda x: f"{x:.3f}"),
+                ("state_bytes", "state MB", lambda x: f"{x / 1e6:,.1f}"),
+            ],
+        )
+    )
     print("wrote", write_json("state_memory", results))
     return results
 

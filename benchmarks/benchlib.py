@@ -33,8 +33,9 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 GPT2_SMALL = dict(width=768, layers=12, vocab=50257, context=1024)
 
 
-def gpt2_like_params(width=768, layers=12, vocab=50257, context=1024, *, abstract=False,
-                     dtype=jnp.float32, seed=0):
+def gpt2_like_params(
+    width=768, layers=12, vocab=50257, context=1024, *, abstract=False, dtype=jnp.float32, seed=0
+):
     """A GPT-2-shaped parameter tree with Flax names (embeddings, attention, MLP, norms).
 
     ``abstract=True`` returns ``jax.ShapeDtypeStruct`` leaves (for memory counting
@@ -67,17 +68,22 @@ def many_leaf_params(n_blocks=128, width=64, *, dtype=jnp.float32, seed=0):
     """≥500 small leaves: ``n_blocks`` blocks of (kernel, bias, norm scale, norm bias)."""
     rng = np.random.default_rng(seed)
     n = lambda *s: jnp.asarray(0.05 * rng.standard_normal(s, np.float32), dtype)
-    return {"params": {
-        f"block_{i}": {"dense": {"kernel": n(width, width), "bias": n(width)},
-                       "norm": {"scale": 1 + n(width), "bias": n(width)}}
-        for i in range(n_blocks)
-    }}
+    return {
+        "params": {
+            f"block_{i}": {
+                "dense": {"kernel": n(width, width), "bias": n(width)},
+                "norm": {"scale": 1 + n(width), "bias": n(width)},
+            }
+            for i in range(n_blocks)
+        }
+    }
 
 
 def random_like(tree, seed=1):
     rng = np.random.default_rng(seed)
     return jax.tree.map(
-        lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32), x.dtype), tree)
+        lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32), x.dtype), tree
+    )
 
 
 def n_params(tree) -> int:
@@ -86,6 +92,7 @@ def n_params(tree) -> int:
 
 def make_step(tx):
     """A jitted update + apply with params and state donated."""
+
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
@@ -175,7 +182,12 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Callable[[An
         [fmt(r.get(k)) if r.get(k) is not None else "" for k, _, fmt in columns] for r in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
