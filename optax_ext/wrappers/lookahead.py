@@ -49,8 +49,11 @@ def lookahead(
 
     Unlike ``optax.lookahead``, which takes and returns ``optax.LookaheadParams`` (fast
     and slow), this transform takes plain params, so it drops into
-    ``flax.training.train_state.TrainState`` unchanged; its numbers equal
-    ``optax.lookahead``'s fast params step for step. The sync is selected elementwise
+    ``flax.training.train_state.TrainState`` unchanged; its params equal
+    ``optax.lookahead``'s fast params step for step (to float rounding: on a sync step
+    the update is ``φ' - θ``, so θ' lands on φ', where optax subtracts a correction
+    from ``u``). Computing the update from φ' also lets XLA update the donated θ and φ
+    in place in one pass each, with no copy of either. The sync is selected elementwise
     with ``jnp.where`` (no ``lax.cond``), so it behaves the same under ``jit``, ``pmap``
     and sharded ``jit``. The slow weights are at ``opt_state.slow`` (evaluate with them
     if you want the lookahead average between syncs; after a sync they equal θ).
@@ -99,18 +102,18 @@ def lookahead(
         sync = (state.count % sync_period) == (sync_period - 1)
         alpha = slow_step_size
 
-        # Same arithmetic as optax.lookahead, so the two agree to the last bit:
-        # diff = θ + u - φ;  φ' = φ + α·diff;  u' = u - (1-α)·diff  (on sync steps).
-        def fast_update(p, u, s):
-            diff = p + u - s
-            return jnp.where(sync, u - (1 - alpha) * diff, u).astype(u.dtype)
-
+        # φ' = φ + α(θ + u - φ), then on sync steps the update takes θ to φ' (θ' = φ').
+        # The update is computed from φ' rather than from φ, so that XLA can write φ'
+        # in place over the donated φ: a second pass over the old φ would force a copy.
         def slow_update(p, u, s):
-            diff = p + u - s
-            return jnp.where(sync, s + alpha * diff, s).astype(s.dtype)
+            return jnp.where(sync, s + alpha * (p + u - s), s).astype(s.dtype)
 
-        new_updates = jax.tree.map(fast_update, params, updates, state.slow)
         new_slow = jax.tree.map(slow_update, params, updates, state.slow)
+
+        def fast_update(p, u, s_new):
+            return jnp.where(sync, s_new - p, u).astype(u.dtype)
+
+        new_updates = jax.tree.map(fast_update, params, updates, new_slow)
         count = optax.safe_increment(state.count)
         return new_updates, LookaheadState(count, inner_state, new_slow)
 
