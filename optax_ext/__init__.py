@@ -57,8 +57,24 @@ from optax_ext.wrappers.nan_guard import (
     nan_guard,
 )
 from optax_ext.wrappers.param_ema import (
+    ParamEMAState,
     ema_params,
     param_ema,
+)
+from optax_ext.wrappers.param_rules import (
+    decay_weights,
+    scale_by_path,
+)
+from optax_ext.wrappers.layer_adaptation import (
+    layer_adapted,
+)
+from optax_ext.wrappers.lazy import (
+    lazy,
+    touched_rows,
+)
+from optax_ext.wrappers.lookahead import (
+    LookaheadState,
+    lookahead,
 )
 from optax_ext.optimizers.lion import (
     lion,
@@ -102,9 +118,11 @@ __all__ = [
     "DecaySchedules",
     "EMBEDDING",
     "FactoredMoment",
+    "LookaheadState",
     "NORM_AND_BIAS",
     "NORM_SCALE",
     "NanGuardState",
+    "ParamEMAState",
     "ScaleByAdafactorState",
     "ScaleByAdaxState",
     "ScaleByAmosState",
@@ -127,11 +145,15 @@ __all__ = [
     "cosent_loss",
     "coupled_decay_schedules",
     "data_parallel_mesh",
+    "decay_weights",
     "ema_params",
     "fgm_value_and_grad",
     "gradient_penalty_loss",
     "info_nce_loss",
+    "layer_adapted",
+    "lazy",
     "lion",
+    "lookahead",
     "make_train_step",
     "nan_guard",
     "param_ema",
@@ -146,6 +168,7 @@ __all__ = [
     "scale_by_amos",
     "scale_by_lion",
     "scale_by_param_scale",
+    "scale_by_path",
     "scale_by_sgdm",
     "scale_by_tiger",
     "sgdm",
@@ -155,6 +178,7 @@ __all__ = [
     "split_batch",
     "split_value_and_grad",
     "tiger",
+    "touched_rows",
     "tree_bytes",
     "tree_paths",
     "unreplicate",

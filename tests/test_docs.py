@@ -29,3 +29,26 @@ def test_public_api_is_declared():
     for package in (optax_ext, scaling):
         for name in package.__all__:
             assert hasattr(package, name), f"{package.__name__}.__all__ names missing {name}"
+
+
+def test_readme_names_exist():
+    """Every `ox.name` and `scaling.name` the README shows is public API."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    for prefix, package in (("ox", optax_ext), ("scaling", scaling)):
+        for name in set(re.findall(rf"\b{prefix}\.([A-Za-z_]\w*)", text)):
+            assert name in package.__all__, f"README uses {prefix}.{name}, not in __all__"
+
+
+def test_readme_commands_match_ci():
+    """The README's test command is exactly what .ci/run runs."""
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1]
+    readme, ci = (root / "README.md").read_text(), (root / ".ci/run").read_text()
+    assert "python -m optax_ext.demo" in readme
+    assert 'pip install -e ".[test]" && python -m pytest -n 2 --nbmake' in readme
+    assert "python -m pip install --quiet -e \".[test]\"" in ci
+    assert "python -m pytest -n 2 --nbmake" in ci
