@@ -1,0 +1,289 @@
+"""Resumes training runs from Orbax checkpoints in a fresh process (launched by
+test_checkpoint.py), and the checkpoint helpers the test exercises.
+
+Imported, it gives the test the model, the data, the optimizers and the step. Run as a
+script, it restores each named optimizer's ``TrainState`` from ``<root>/<name>`` into an
+abstract target (``jax.eval_shape`` of the same constructor), trains it from step
+``SAVE_AT`` to ``TOTAL_STEPS`` and saves every leaf of the final states with ``np.savez``.
+
+Usage (from the repository root)::
+
+    python tests/checkpoint_worker.py CHECKPOINT_ROOT OUT.npz tiger_acc3 lion ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from optax_ext.optimizers.adafactor import adafactor
+from optax_ext.optimizers.adax import adax, adaxw
+from optax_ext.optimizers.amos import amos
+from optax_ext.optimizers.lion import lion
+from optax_ext.optimizers.sgdm import sgdm
+from optax_ext.optimizers.tiger import tiger
+from optax_ext.training import TrainState, make_train_step
+from optax_ext.wrappers.accumulation import accumulate_gradients
+from optax_ext.wrappers.layer_adaptation import layer_adapted
+from optax_ext.wrappers.lazy import lazy
+from optax_ext.wrappers.lookahead import lookahead
+from optax_ext.wrappers.nan_guard import nan_guard
+from optax_ext.wrappers.param_ema import param_ema
+from optax_ext.wrappers.param_rules import scale_by_path
+from scaling.noise import measure_noise_scale
+
+FEATURES = 4
+HIDDEN = 8
+VOCAB = 16
+USED_TOKENS = 10  # rows VOCAB - USED_TOKENS.. of the embedding never get a gradient (lazy)
+BATCH = 8
+TOTAL_STEPS = 13
+# Not a multiple of any cycle below (accumulation 2, 3, 4; lookahead 5): every
+# checkpoint is written in the middle of a cycle.
+SAVE_AT = 7
+NAN_STEP = 3  # a NaN label on this step, for the optimizers that guard against it
+SEED = 0
+
+
+# ------------------------------------------------------------------ optimizers
+
+# Every optimizer-state type of optax-ext appears at least once, wrapped the ways
+# users wrap them (accumulation, lookahead, NaN guard, EMA, inject_hyperparams).
+OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "tiger_acc3": lambda: tiger(3e-3, weight_decay=0.01, accumulation_steps=3),
+    "lion": lambda: lion(1e-3, weight_decay=0.01),
+    # min_dim_size_to_factor=4: the (4, 8) kernel and the (16, 8) embedding are factored.
+    "adafactor_momentum": lambda: adafactor(1e-2, momentum=0.9, min_dim_size_to_factor=4),
+    "adaxw": lambda: adaxw(1e-2, weight_decay=1e-3),
+    "amos_momentum": lambda: amos(1e-2, momentum=0.9),
+    "sgdm_nesterov_acc3": lambda: sgdm(0.05, accumulation_steps=3, nesterov=True),
+    "accumulate_adamw4": lambda: accumulate_gradients(optax.adamw(1e-2), 4),
+    "lookahead_tiger5": lambda: lookahead(tiger(3e-3), sync_period=5),
+    "nan_guard_tiger": lambda: nan_guard(tiger(3e-3, guard_nan=False)),
+    "noise_adax_acc2": lambda: accumulate_gradients(
+        optax.chain(measure_noise_scale(batch_size=BATCH), adax(1e-2)), 2
+    ),
+    "lazy_lamb_ema": lambda: optax.chain(
+        lazy(optax.chain(
+            layer_adapted(optax.scale_by_adam(), 1e-2, weight_decay=0.01),
+            scale_by_path({"bias$": 0.5}),
+        )),
+        param_ema(0.9),
+    ),
+    "inject_tiger_acc2": lambda: optax.inject_hyperparams(
+        tiger, static_args=("accumulation_steps",)
+    )(learning_rate=3e-3, weight_decay=0.01, accumulation_steps=2),
+}
+# Runs whose data has a NaN label at NAN_STEP (the guard's counters are in the checkpoint).
+WITH_NAN = ("nan_guard_tiger",)
+
+
+class Model(nn.Module):
+    """Dense features plus a token embedding → tanh → LayerNorm → Dense: kernels, biases,
+    a norm scale and an embedding, so path rules, factoring and lazy rows all act."""
+
+    @nn.compact
+    def __call__(self, x, tokens):
+        h = nn.Dense(HIDDEN)(x) + nn.Embed(VOCAB, HIDDEN)(tokens)
+        h = nn.LayerNorm()(nn.tanh(h))
+        return nn.Dense(1)(h)[:, 0]
+
+
+def batches(name: str) -> list[dict[str, np.ndarray]]:
+    """The deterministic data stream of run ``name`` (seeded NumPy), one batch per step."""
+    rng = np.random.default_rng(SEED)
+    w = rng.standard_normal(FEATURES)
+    out = []
+    for i in range(TOTAL_STEPS):
+        x = rng.standard_normal((BATCH, FEATURES)).astype(np.float32)
+        tokens = rng.integers(0, USED_TOKENS, BATCH).astype(np.int32)
+        y = (np.sin(x @ w) + 0.1 * tokens + 0.1 * rng.standard_normal(BATCH)).astype(np.float32)
+        if name in WITH_NAN and i == NAN_STEP:
+            y[0] = np.nan
+        out.append({"x": x, "tokens": tokens, "y": y})
+    return out
+
+
+def create_state(tx: optax.GradientTransformation) -> TrainState:
+    """The freshly initialised TrainState of the model with optimizer ``tx``."""
+    model = Model()
+    params = model.init(
+        jax.random.key(SEED), jnp.zeros((1, FEATURES), jnp.float32), jnp.zeros((1,), jnp.int32)
+    )
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def abstract_state(tx: optax.GradientTransformation) -> TrainState:
+    """Restore target: shapes and dtypes of :func:`create_state`, on this process's first
+    device (no arrays are allocated)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        jax.eval_shape(lambda: create_state(tx)),
+    )
+
+
+def loss_fn(params, apply_fn, batch):
+    """Mean squared error."""
+    return jnp.mean(jnp.square(apply_fn(params, batch["x"], batch["tokens"]) - batch["y"]))
+
+
+def make_step():
+    """The jitted train step (one compilation per optimizer: ``tx`` is static)."""
+    return make_train_step(loss_fn, mode="jit")
+
+
+def state_leaves(state: TrainState) -> dict[str, np.ndarray]:
+    """``{path: array}`` for every leaf of the state: step, params and optimizer state."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+
+# ------------------------------------------------ checkpoint helpers (for training.py)
+
+_METADATA_KEY = "optax_ext"
+
+
+def _opt_state_signature(opt_state: Any) -> str:
+    """The nesting of state types in an optimizer state, e.g. ``"TigerState"`` or
+    ``"(ScaleByAdamState, EmptyState, EmptyState)"`` for ``optax.adamw``.
+
+    NamedTuple states appear by class name with their nested states in brackets, chains
+    (tuples) in parentheses; the distinct states inside a dict (``optax.partition``'s
+    labels, per-leaf states) in braces. Arrays add nothing, so the signature names the
+    optimizer, not the model.
+    """
+    if isinstance(opt_state, optax.MaskedNode):
+        return ""  # a masked-out leaf of a parameter-shaped subtree
+    if isinstance(opt_state, Mapping):
+        # Distinct types only: a parameter-shaped subtree of per-leaf states (AdaFactor's
+        # FactoredMoment) reads the same for any model.
+        inner = ", ".join(sorted(_types_in_dict(opt_state)))
+        return f"{{{inner}}}" if inner else ""
+    if isinstance(opt_state, tuple | list):
+        inner = ", ".join(s for s in map(_opt_state_signature, opt_state) if s)
+        if hasattr(opt_state, "_fields"):  # a NamedTuple: an optimizer's state
+            return type(opt_state).__name__ + (f"[{inner}]" if inner else "")
+        return f"({inner})" if inner else ""
+    return ""
+
+
+def _types_in_dict(tree: Mapping) -> set[str]:
+    """The distinct non-empty signatures of a dict's values, nested dicts merged."""
+    out = set()
+    for value in tree.values():
+        out |= _types_in_dict(value) if isinstance(value, Mapping) else {
+            _opt_state_signature(value)}
+    return out - {""}
+
+
+def _save_train_state(
+    checkpointer: ocp.AbstractCheckpointer, directory: Any, state: TrainState, *,
+    force: bool = False,
+) -> None:
+    """``checkpointer.save(directory, state)`` recording the optimizer-state signature
+    (:func:`_opt_state_signature`) in the checkpoint's custom metadata, so that
+    :func:`_restore_train_state` can tell which optimizer wrote it."""
+    meta = {_METADATA_KEY: {"opt_state": _opt_state_signature(state.opt_state)}}
+    checkpointer.save(directory, state, force=force, custom_metadata=meta)
+
+
+def _first(keys: set, n: int = 3) -> str:
+    shown = ", ".join("/".join(k) for k in sorted(keys)[:n])
+    return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _tree_mismatch(saved: Mapping[tuple, Any], target: Mapping[tuple, Any]) -> str:
+    """What differs between two flat ``{path: leaf}`` trees (paths, then shapes), or ""."""
+    missing, unexpected = set(target) - set(saved), set(saved) - set(target)
+    problems = []
+    if missing:
+        problems.append(f"the checkpoint lacks {_first(missing)}")
+    if unexpected:
+        problems.append(f"the checkpoint has {_first(unexpected)} that the target lacks")
+    shape = lambda x: tuple(getattr(x, "shape", np.shape(x)))
+    for path in sorted(set(saved) & set(target)):
+        if shape(saved[path]) != shape(target[path]):
+            problems.append(
+                f"{'/'.join(path)} has shape {shape(saved[path])} in the checkpoint, "
+                f"{shape(target[path])} in the target"
+            )
+            break
+    return "; ".join(problems)
+
+
+def _restore_train_state(
+    checkpointer: ocp.AbstractCheckpointer, directory: Any, target: TrainState
+) -> TrainState:
+    """Restores a TrainState into ``target`` (real or ``jax.eval_shape`` abstract), first
+    checking that the checkpoint was written by the same optimizer.
+
+    Raises:
+      ValueError: the checkpoint's optimizer-state signature (recorded by
+        :func:`_save_train_state`) differs from the target's, naming both; or, for a
+        checkpoint saved without it, its tree paths or shapes differ from the target's.
+    """
+    meta = checkpointer.metadata(directory)
+    expected = _opt_state_signature(target.opt_state)
+    saved = (meta.custom_metadata or {}).get(_METADATA_KEY, {}).get("opt_state")
+    if saved is not None and saved != expected:
+        raise ValueError(
+            f"checkpoint at {directory} holds an optimizer state of type {saved}, but the "
+            f"train state expects {expected}: was it written by another optimizer?"
+        )
+    if meta.item_metadata is not None:
+        mismatch = _tree_mismatch(
+            ocp.tree.to_flat_dict(meta.item_metadata), ocp.tree.to_flat_dict(target)
+        )
+        if mismatch:
+            raise ValueError(
+                f"checkpoint at {directory} does not fit the train state, whose optimizer "
+                f"state is of type {expected}: {mismatch}. Was it written by another "
+                "optimizer or model?"
+            )
+    return checkpointer.restore(directory, target)
+
+
+# ------------------------------------------------------------------------ main
+
+
+def resume(checkpointer: ocp.AbstractCheckpointer, root: str, name: str) -> TrainState:
+    """Restores run ``name`` from ``<root>/<name>`` and trains it to ``TOTAL_STEPS``."""
+    state = _restore_train_state(
+        checkpointer, os.path.join(root, name), abstract_state(OPTIMIZERS[name]())
+    )
+    if int(state.step) != SAVE_AT:
+        raise RuntimeError(f"{name}: restored step {int(state.step)}, expected {SAVE_AT}")
+    step = make_step()
+    for batch in batches(name)[SAVE_AT:]:
+        state, _ = step(state, batch)
+    return state
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="directory holding one checkpoint per run name")
+    parser.add_argument("out", help=".npz file for the final states' leaves")
+    parser.add_argument("names", nargs="+", choices=sorted(OPTIMIZERS))
+    args = parser.parse_args(argv)
+    checkpointer = ocp.StandardCheckpointer()
+    arrays = {}
+    for name in args.names:
+        leaves = state_leaves(resume(checkpointer, args.root, name))
+        arrays.update({f"{name}|{path}": x for path, x in leaves.items()})
+    np.savez(args.out, **arrays)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,202 @@
+"""Orbax checkpoints of a TrainState resume bit-identically in a fresh process.
+
+For every optimizer of ``checkpoint_worker.OPTIMIZERS`` (together they hold every
+optimizer-state type of optax-ext) this process trains ``TOTAL_STEPS`` steps without
+interruption, saving the whole TrainState (step, params, optimizer state) with
+``orbax.checkpoint.StandardCheckpointer`` after ``SAVE_AT`` steps, in the middle of every
+accumulation cycle and lookahead period. One worker process (``checkpoint_worker.py``)
+restores all of them into abstract targets (``jax.eval_shape``), trains the remaining
+steps and returns its final states, which must equal this process's bit for bit: same
+machine, same compiled programs, same inputs. A checkpoint restored into a train state
+of another optimizer fails with a message naming both optimizer-state types.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import checkpoint_worker as worker
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from optax_ext.optimizers.adafactor import adafactor
+from optax_ext.optimizers.sgdm import sgdm
+from optax_ext.optimizers.tiger import tiger
+
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+REPO = WORKER.parent.parent
+NAMES = list(worker.OPTIMIZERS)
+TIMEOUT_S = 180
+
+
+def _worker_env() -> dict[str, str]:
+    """This environment (same XLA flags and devices, so the same compiled programs) with
+    this checkout importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Uninterrupted runs here (checkpointed at SAVE_AT), then the resumed runs in a
+    worker. Returns ``(snapshots, finals, resumed, root)``: the states at the save,
+    the final states' leaves here and in the worker, and the checkpoints' directory."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    checkpointer = ocp.StandardCheckpointer()
+    step = worker.make_step()
+    snapshots, finals = {}, {}
+    for name in NAMES:
+        state = worker.create_state(worker.OPTIMIZERS[name]())
+        for i, batch in enumerate(worker.batches(name)):
+            if i == worker.SAVE_AT:
+                snapshots[name] = jax.tree.map(np.asarray, state)
+                worker._save_train_state(checkpointer, root / name, state)
+                # The step donates the state's buffers: the save must have read them.
+                checkpointer.wait_until_finished()
+            state, _ = step(state, batch)
+        finals[name] = worker.state_leaves(state)
+    # The same snapshot written by plain Orbax, without the optimizer signature.
+    checkpointer.save(root / "plain_tiger_acc3", snapshots["tiger_acc3"])
+    checkpointer.wait_until_finished()
+
+    out = root / "resumed.npz"
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(root), str(out), *NAMES],
+        cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    with np.load(out) as f:
+        resumed = {name: {} for name in NAMES}
+        for key in f.files:
+            name, path = key.split("|", 1)
+            resumed[name][path] = f[key]
+    return snapshots, finals, resumed, root
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resumed_run_equals_uninterrupted_run(runs, name):
+    snapshots, finals, resumed, _ = runs
+    assert sorted(resumed[name]) == sorted(finals[name])
+    assert int(resumed[name][".step"]) == worker.TOTAL_STEPS
+    for path, expected in finals[name].items():
+        np.testing.assert_array_equal(resumed[name][path], expected, err_msg=f"{name}: {path}")
+    # The resumed part did train: every run's params moved after the checkpoint.
+    saved = worker.state_leaves(snapshots[name])
+    assert any(not np.array_equal(saved[k], v) for k, v in finals[name].items()
+               if k.startswith(".params"))
+
+
+def test_checkpoints_are_mid_cycle(runs):
+    """The saved states hold work in progress, which a resume must not lose."""
+    snapshots = runs[0]
+    acc = snapshots["accumulate_adamw4"].opt_state
+    assert int(acc.mini_step) == worker.SAVE_AT % 4 != 0
+    assert any(np.any(g != 0) for g in jax.tree.leaves(acc.acc_grads))
+    assert int(snapshots["tiger_acc3"].opt_state.count) % 3 == worker.SAVE_AT % 3 != 0
+    look = snapshots["lookahead_tiger5"].opt_state
+    assert int(look.count) % 5 == worker.SAVE_AT % 5 != 0
+    # Between syncs the fast weights have left the slow ones.
+    fast = jax.tree.leaves(snapshots["lookahead_tiger5"].params)
+    assert any(not np.array_equal(s, p)
+               for s, p in zip(jax.tree.leaves(look.slow), fast, strict=True))
+    assert int(snapshots["nan_guard_tiger"].opt_state.skipped_steps) == 1
+
+
+def _signature_of(name):
+    return worker._opt_state_signature(worker.create_state(worker.OPTIMIZERS[name]()).opt_state)
+
+
+def test_signature_names_the_state_types():
+    assert _signature_of("tiger_acc3") == "TigerState"
+    assert _signature_of("lookahead_tiger5") == "LookaheadState[TigerState]"
+    assert _signature_of("accumulate_adamw4") == (
+        "AccumulationState[(ScaleByAdamState, EmptyState, EmptyState)]"
+    )
+    assert _signature_of("inject_tiger_acc2") == "InjectStatefulHyperparamsState[TigerState]"
+    # Per-leaf states inside parameter-shaped dicts appear once, whatever the model.
+    assert _signature_of("adafactor_momentum") == (
+        "(ScaleByAdafactorState[{FactoredMoment}], MaskedState[EmptyState], EmptyState)"
+    )
+    params = {"a": {"kernel": np.zeros((2, 3))}, "b": np.zeros(4)}
+    assert worker._opt_state_signature(tiger(1e-3).init(params)) == "TigerState"
+    # optax.partition's labelled states: the distinct ones, in braces.
+    tx = optax.partition({"a": tiger(1e-3), "b": optax.sgd(0.1)}, {"a": "a", "b": "b"})
+    assert worker._opt_state_signature(tx.init(params)) == (
+        "PartitionState[{MaskedState[(EmptyState, EmptyState)], MaskedState[TigerState]}]"
+    )
+
+
+@pytest.mark.parametrize(
+    "make_tx, expected_type",
+    [
+        (lambda: optax.adamw(1e-3), "ScaleByAdamState"),
+        (lambda: adafactor(1e-2, momentum=0.9, min_dim_size_to_factor=4),
+         "ScaleByAdafactorState"),
+    ],
+    ids=["adamw", "adafactor"],
+)
+def test_restore_into_another_optimizer_names_both_states(runs, make_tx, expected_type):
+    root = runs[3]
+    checkpointer = ocp.StandardCheckpointer()
+    target = worker.abstract_state(make_tx())
+    with pytest.raises(ValueError, match="another optimizer") as err:
+        worker._restore_train_state(checkpointer, root / "tiger_acc3", target)
+    message = str(err.value)
+    assert "holds an optimizer state of type TigerState" in message
+    assert expected_type in message
+    assert str(root / "tiger_acc3") in message
+
+
+def test_same_tree_paths_but_another_optimizer_is_caught(runs):
+    """Lion's and SGDM's chains have the same paths and shapes ((state, empty, ...) with
+    ``count`` and ``mu``): only the recorded signature tells them apart."""
+    root = runs[3]
+    checkpointer = ocp.StandardCheckpointer()
+    target = worker.abstract_state(sgdm(0.05))
+    saved = ocp.tree.to_flat_dict(checkpointer.metadata(root / "lion").item_metadata)
+    assert worker._tree_mismatch(saved, ocp.tree.to_flat_dict(target)) == ""
+    with pytest.raises(ValueError, match="ScaleByLionState.*SgdmState"):
+        worker._restore_train_state(checkpointer, root / "lion", target)
+
+
+def test_plain_orbax_checkpoint_restores_and_mismatch_is_explained(runs):
+    """A checkpoint written by ``checkpointer.save`` (no signature) still restores, and a
+    wrong target is reported by path, naming the target's state type."""
+    snapshots, _, _, root = runs
+    checkpointer = ocp.StandardCheckpointer()
+    path = root / "plain_tiger_acc3"
+    restored = worker._restore_train_state(
+        checkpointer, path, worker.abstract_state(worker.OPTIMIZERS["tiger_acc3"]())
+    )
+    expected = worker.state_leaves(snapshots["tiger_acc3"])
+    for key, value in worker.state_leaves(restored).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+
+    with pytest.raises(ValueError, match="does not fit the train state") as err:
+        worker._restore_train_state(checkpointer, path, worker.abstract_state(optax.adamw(1e-3)))
+    message = str(err.value)
+    assert "ScaleByAdamState" in message
+    assert "opt_state/0/count" in message  # a path the checkpoint lacks
+    assert "opt_state/mu/" in message  # a path the target lacks
+
+
+def test_shape_mismatch_is_explained(runs):
+    """Same optimizer, another model width: the message names the leaf and both shapes."""
+    root = runs[3]
+    checkpointer = ocp.StandardCheckpointer()
+    target = worker.abstract_state(worker.OPTIMIZERS["tiger_acc3"]())
+    kernel = target.params["params"]["Dense_0"]["kernel"]
+    wide = jax.ShapeDtypeStruct((kernel.shape[0], kernel.shape[1] + 1), kernel.dtype,
+                                sharding=kernel.sharding)
+    target = target.replace(params={"params": {**target.params["params"],
+                                               "Dense_0": {**target.params["params"]["Dense_0"],
+                                                           "kernel": wide}}})
+    with pytest.raises(ValueError, match=r"params/params/Dense_0/kernel has shape \(4, 8\)"):
+        worker._restore_train_state(checkpointer, root / "tiger_acc3", target)
