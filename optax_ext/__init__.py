@@ -16,11 +16,23 @@ from optax_ext._common import (
     tree_bytes,
     tree_paths,
 )
-from optax_ext.optimizers.tiger import (
-    TIGER_SCALE_RULES,
-    TigerState,
-    scale_by_tiger,
-    tiger,
+from optax_ext.adversarial import (
+    fgm_value_and_grad,
+    gradient_penalty_loss,
+)
+from optax_ext.contrastive import (
+    am_softmax_loss,
+    contrastive_value_and_grad,
+    cosent_loss,
+    info_nce_loss,
+    simcse_loss,
+)
+from optax_ext.optimizers.adafactor import (
+    FactoredMoment,
+    ScaleByAdafactorState,
+    adafactor,
+    relative_step_size,
+    scale_by_adafactor,
 )
 from optax_ext.optimizers.adax import (
     ScaleByAdaxState,
@@ -35,6 +47,22 @@ from optax_ext.optimizers.amos import (
     amos_default_shape,
     scale_by_amos,
 )
+from optax_ext.optimizers.lion import (
+    lion,
+    scale_by_lion,
+    scale_by_param_scale,
+)
+from optax_ext.optimizers.sgdm import (
+    SgdmState,
+    scale_by_sgdm,
+    sgdm,
+)
+from optax_ext.optimizers.tiger import (
+    TIGER_SCALE_RULES,
+    TigerState,
+    scale_by_tiger,
+    tiger,
+)
 from optax_ext.schedules import (
     DecaySchedules,
     amos_lr_schedule,
@@ -43,14 +71,31 @@ from optax_ext.schedules import (
     coupled_decay_schedules,
     piecewise_linear,
 )
-from optax_ext.optimizers.sgdm import (
-    SgdmState,
-    scale_by_sgdm,
-    sgdm,
+from optax_ext.training import (
+    TrainState,
+    data_parallel_mesh,
+    make_train_step,
+    replicate,
+    shard_batch,
+    shard_params,
+    split_batch,
+    split_value_and_grad,
+    unreplicate,
 )
 from optax_ext.wrappers.accumulation import (
     AccumulationState,
     accumulate_gradients,
+)
+from optax_ext.wrappers.layer_adaptation import (
+    layer_adapted,
+)
+from optax_ext.wrappers.lazy import (
+    lazy,
+    touched_rows,
+)
+from optax_ext.wrappers.lookahead import (
+    LookaheadState,
+    lookahead,
 )
 from optax_ext.wrappers.nan_guard import (
     NanGuardState,
@@ -64,51 +109,6 @@ from optax_ext.wrappers.param_ema import (
 from optax_ext.wrappers.param_rules import (
     decay_weights,
     scale_by_path,
-)
-from optax_ext.wrappers.layer_adaptation import (
-    layer_adapted,
-)
-from optax_ext.wrappers.lazy import (
-    lazy,
-    touched_rows,
-)
-from optax_ext.wrappers.lookahead import (
-    LookaheadState,
-    lookahead,
-)
-from optax_ext.optimizers.lion import (
-    lion,
-    scale_by_lion,
-    scale_by_param_scale,
-)
-from optax_ext.optimizers.adafactor import (
-    FactoredMoment,
-    ScaleByAdafactorState,
-    adafactor,
-    relative_step_size,
-    scale_by_adafactor,
-)
-from optax_ext.contrastive import (
-    am_softmax_loss,
-    contrastive_value_and_grad,
-    cosent_loss,
-    info_nce_loss,
-    simcse_loss,
-)
-from optax_ext.adversarial import (
-    fgm_value_and_grad,
-    gradient_penalty_loss,
-)
-from optax_ext.training import (
-    TrainState,
-    data_parallel_mesh,
-    make_train_step,
-    replicate,
-    shard_batch,
-    shard_params,
-    split_batch,
-    split_value_and_grad,
-    unreplicate,
 )
 
 __version__ = "0.1.0"

@@ -184,21 +184,25 @@ def check_range(
 ) -> Any:
     """Raises ``ValueError`` if a concrete ``value`` lies outside the interval.
 
-    Traced values and schedules (callables) are returned unchecked. NaN is always
-    rejected. Returns ``value`` so checks can be written inline.
+    Scalars and concrete arrays (checked element-wise, e.g. a grid of batch sizes) are
+    checked; traced values and schedules (callables) are returned unchecked. NaN is
+    always rejected. Returns ``value`` so checks can be written inline.
     """
-    if not is_concrete_number(value):
+    if isinstance(value, jax.core.Tracer | str | bytes) or callable(value):
         return value
-    v = float(np.asarray(value))
-    bad = math.isnan(v)
+    try:
+        v = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        return value
+    bad = np.isnan(v)
     if low is not None:
         bad |= v <= low if low_open else v < low
     if high is not None:
         bad |= v >= high if high_open else v > high
-    if bad:
-        raise ValueError(
-            f"{name} must be in {_interval(low, high, low_open, high_open)}, got {value!r}"
-        )
+    if np.any(bad):
+        shown = repr(value) if v.ndim == 0 else f"{v[bad].flat[0]!r} (in an array)"
+        interval = _interval(low, high, low_open, high_open)
+        raise ValueError(f"{name} must be in {interval}, got {shown}")
     return value
 
 

@@ -16,14 +16,6 @@ import numpy as np
 from optax_ext._common import check_range
 
 
-def _interval(low, high, low_open, high_open) -> str:
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None else f"{high:g}"
-    left = "(" if low_open or low is None else "["
-    right = ")" if high_open or high is None else "]"
-    return f"{left}{lo}, {hi}{right}"
-
-
 def check(
     name: str,
     value: Any,
@@ -33,24 +25,8 @@ def check(
     low_open: bool = False,
     high_open: bool = False,
 ) -> Any:
-    """``check_range`` for scalars, extended to concrete arrays; returns ``value``."""
-    if isinstance(value, jax.core.Tracer) or callable(value):
-        return value
-    if np.ndim(value) == 0:
-        return check_range(name, value, low, high, low_open=low_open, high_open=high_open)
-    v = np.asarray(value, dtype=np.float64)
-    bad = np.isnan(v)
-    if low is not None:
-        bad |= v <= low if low_open else v < low
-    if high is not None:
-        bad |= v >= high if high_open else v > high
-    if bad.any():
-        first = v[bad].flat[0]
-        raise ValueError(
-            f"{name} must be in {_interval(low, high, low_open, high_open)}, "
-            f"got {first!r} (in an array)"
-        )
-    return value
+    """``check_range``: scalars and concrete arrays element-wise; returns ``value``."""
+    return check_range(name, value, low, high, low_open=low_open, high_open=high_open)
 
 
 def positive(name: str, value: Any) -> Any:

@@ -14,10 +14,15 @@ weight RMS, Su's optimal lr / decay schedules, AdamW → Lion transfer and Amos-
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from optax_ext.schedules import DecaySchedules
+from optax_ext.schedules import constant_decay_lr_schedule as su_constant_decay_lr_schedule
+from optax_ext.schedules import coupled_decay_schedules as su_coupled_decay_schedules
 from scaling import _validate as v
+
+# Su's optimal lr / weight-decay schedules (kexue.fm/archives/11459) are optax schedules
+# and live in optax_ext.schedules; scaling re-exports them under these names.
 
 __all__ = [
     "LrAndDecay",
@@ -42,13 +47,6 @@ class LrAndDecay(NamedTuple):
 
     lr: float
     weight_decay: float
-
-
-class DecaySchedules(NamedTuple):
-    """A learning-rate schedule and a weight-decay schedule (step -> value), jnp-friendly."""
-
-    learning_rate: Callable[[Any], Any]
-    weight_decay: Callable[[Any], Any]
 
 
 def ema_timescale(lr, weight_decay):
@@ -173,61 +171,6 @@ def equilibrium_weight_rms(lr, weight_decay):
     v.positive("lr", lr)
     v.positive("weight_decay", weight_decay)
     return v.scalar((lr / (2 * weight_decay)) ** 0.5)
-
-
-def su_constant_decay_lr_schedule(lr_max, weight_decay) -> Callable[[Any], Any]:
-    r"""Su's optimal lr schedule under a constant weight decay λ.
-
-    .. math:: \eta_s = \frac{\eta_{max}}{\lambda\eta_{max}s + 1}
-
-    Returns a schedule ``step -> lr`` built from arithmetic only, so it works on Python
-    numbers and inside ``jax.jit`` (use it as an optax schedule).
-
-    Example:
-      >>> float(su_constant_decay_lr_schedule(1e-3, 0.1)(10_000))
-      0.0005
-
-    References:
-      Su, https://kexue.fm/archives/11459.
-    """
-    v.positive("lr_max", lr_max)
-    v.nonnegative("weight_decay", weight_decay)
-
-    def schedule(step):
-        return lr_max / (weight_decay * lr_max * step + 1)
-
-    return schedule
-
-
-def su_coupled_decay_schedules(lr_max, weight_decay_max) -> DecaySchedules:
-    r"""Su's optimal schedules when the decay follows the lr, :math:`\lambda_s =
-    (\lambda_{max}/\eta_{max})\eta_s`.
-
-    .. math:: \eta_s = \frac{\eta_{max}}{\sqrt{2\lambda_{max}\eta_{max}s + 1}},\qquad
-              \lambda_s = \frac{\lambda_{max}}{\eta_{max}}\eta_s
-
-    Returns:
-      :class:`DecaySchedules` ``(learning_rate, weight_decay)``, each ``step -> value``,
-      jnp-friendly (``optax.inject_hyperparams`` or any optax schedule argument).
-
-    Example:
-      >>> s = su_coupled_decay_schedules(1e-3, 0.1)
-      >>> round(float(s.learning_rate(10_000)), 9), round(float(s.weight_decay(10_000)), 6)
-      (0.00057735, 0.057735)
-
-    References:
-      Su, https://kexue.fm/archives/11459.
-    """
-    v.positive("lr_max", lr_max)
-    v.nonnegative("weight_decay_max", weight_decay_max)
-
-    def learning_rate(step):
-        return lr_max / (2 * weight_decay_max * lr_max * step + 1) ** 0.5
-
-    def weight_decay(step):
-        return weight_decay_max / lr_max * learning_rate(step)
-
-    return DecaySchedules(learning_rate, weight_decay)
 
 
 def lion_from_adamw(lr, weight_decay, k=3.0) -> LrAndDecay:

@@ -23,7 +23,7 @@ from optax_ext._common import (
     path_mask,
     resolve_mask,
 )
-from optax_ext.optimizers.tiger import scale_rules, param_scale
+from optax_ext.optimizers.tiger import param_scale, scale_rules
 
 #: The state of :func:`scale_by_lion` is optax's: a step counter and the momentum.
 ScaleByLionState = optax.ScaleByLionState
