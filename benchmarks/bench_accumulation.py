@@ -13,6 +13,7 @@ Pairs (k = 8 micro-batches per update by default):
 
 Every micro-step (update + apply) is jitted with params and state donated, warmed up for a
 whole cycle, then cycles of ours and optax's alternate; each micro-step is timed alone.
+The ``copy`` instructions in each compiled step (a donated buffer copied) are counted.
 The copy bandwidth of a donated ``x * 1.0001`` over the params is measured in the same run
 for reference::
 
@@ -25,68 +26,36 @@ Prints a table and writes JSON to benchmarks/results/accumulation.json (``--out`
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from benchlib import (
+    copy_bandwidth,
+    gpt2_like_params,
+    machine,
+    make_step,
+    n_params,
+    random_like,
+    table,
+    write_json,
+)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from optax_ext._common import tree_bytes  # noqa: E402
-from optax_ext.optimizers.sgdm import sgdm  # noqa: E402
-from optax_ext.wrappers.accumulation import accumulate_gradients  # noqa: E402
-from optax_ext.wrappers.nan_guard import nan_guard  # noqa: E402
-
-try:
-    from optax_ext.optimizers.tiger import tiger  # noqa: E402
-except ImportError:  # pragma: no cover - Tiger is optional for this benchmark
-    tiger = None
-
-
-def make_params(n_floats: int, seed: int = 0):
-    """A transformer-like tree of about ``n_floats`` float32 values (Flax names)."""
-    width = max(8, int(math.sqrt(n_floats / 13)) // 8 * 8)  # 12 w² per layer + embedding
-    layers = max(1, round((n_floats - width * width) / (12 * width * width)))
-    rng = np.random.default_rng(seed)
-    n = lambda *shape: jnp.asarray(0.02 * rng.standard_normal(shape, np.float32))
-    params = {"embed": {"embedding": n(width, width)}}
-    for i in range(layers):
-        params[f"layer_{i}"] = {
-            "attn": {"kernel": n(width, 4 * width), "bias": jnp.zeros(4 * width)},
-            "mlp_in": {"kernel": n(width, 4 * width), "bias": jnp.zeros(4 * width)},
-            "mlp_out": {"kernel": n(4 * width, width), "bias": jnp.zeros(width)},
-            "norm": {"scale": jnp.ones(width), "bias": jnp.zeros(width)},
-        }
-    return {"params": params}
+from optax_ext._common import tree_bytes
+from optax_ext.optimizers.sgdm import sgdm
+from optax_ext.optimizers.tiger import tiger
+from optax_ext.wrappers.accumulation import accumulate_gradients
+from optax_ext.wrappers.nan_guard import nan_guard
 
 
-def make_step(tx):
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
-def copy_seconds(nbytes: int, repeats: int) -> float:
-    """Median seconds of a donated in-place ``x * 1.0001`` over ``nbytes`` of float32."""
-    x = jnp.ones(max(1, nbytes // 4), jnp.float32)
-    f = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
-    x = jax.block_until_ready(f(x))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x = jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def sized_params(n_floats: int):
+    """A GPT-2-shaped tree of about ``n_floats`` float32 values: 14·width² + biases per layer."""
+    width = max(8, int(math.sqrt(n_floats / 14)) // 8 * 8)
+    layers = max(1, round((n_floats - 2 * width * width) / (12 * width * width)))
+    return gpt2_like_params(width, layers, vocab=width, context=width)
 
 
 def hlo_copies(step, params, state, grads) -> int:
@@ -130,69 +99,72 @@ def time_cycles(candidates: dict, params, grads, k: int, cycles: int) -> dict:
     return out
 
 
+def pairs(k: int, beta: float = 0.965) -> dict:
+    """pair name -> {"ours": transform, "optax": its optax counterpart}."""
+    return {
+        "adamw": {"ours": accumulate_gradients(optax.adamw(1e-3), k),
+                  "optax": optax.MultiSteps(optax.adamw(1e-3), k)},
+        "sgdm": {"ours": sgdm(1e-2, 0.9, accumulation_steps=k),
+                 "optax": optax.MultiSteps(optax.sgd(1e-2, momentum=0.9), k)},
+        # not accumulation, but the same trade-off: a where-selected skip vs optax's lax.cond
+        "guard": {"ours": nan_guard(optax.adamw(1e-3)),
+                  "optax": optax.apply_if_finite(optax.adamw(1e-3), 10)},
+        "tiger": {"ours": tiger(1e-3, beta, 0.0, accumulation_steps=k, param_scaling=None),
+                  "optax": optax.MultiSteps(optax.lion(1e-3, beta, beta), k)},
+    }
+
+
+COLUMNS = [
+    ("pair", "pair", str),
+    ("impl", "impl", str),
+    ("median_micro_step_s", "ms/micro", lambda s: f"{1e3 * s:.3f}"),
+    ("median_cycle_s", "ms/cycle", lambda s: f"{1e3 * s:.3f}"),
+    ("state_over_params", "state/params", lambda x: f"{x:.2f}"),
+    ("hlo_copies", "copies", str),
+    ("ours_over_optax_time", "time ratio", lambda x: f"{x:.2f}x"),
+]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=16_000_000, help="about this many floats")
     ap.add_argument("--k", type=int, default=8, help="micro-batches per update")
     ap.add_argument("--cycles", type=int, default=5, help="timed cycles per candidate")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "accumulation.json"))
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/accumulation.json)")
     args = ap.parse_args(argv)
     k = args.k
 
-    params = make_params(args.size)
-    grads = jax.tree.map(
-        lambda x: jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), x.dtype),
-        params)
+    params = sized_params(args.size)
+    grads = random_like(params)
     param_bytes = tree_bytes(params)
-    beta = 0.965
-    pairs = {
-        "adamw": {"ours": accumulate_gradients(optax.adamw(1e-3), k),
-                  "optax": optax.MultiSteps(optax.adamw(1e-3), k)},
-        "sgdm": {"ours": sgdm(1e-2, 0.9, accumulation_steps=k),
-                 "optax": optax.MultiSteps(optax.sgd(1e-2, momentum=0.9), k)},
-    }
-    # not accumulation, but the same trade-off: a where-selected skip vs optax's lax.cond
-    pairs["guard"] = {"ours": nan_guard(optax.adamw(1e-3)),
-                      "optax": optax.apply_if_finite(optax.adamw(1e-3), 10)}
-    if tiger is not None:
-        pairs["tiger"] = {
-            "ours": tiger(1e-3, beta, 0.0, accumulation_steps=k, param_scaling=None),
-            "optax": optax.MultiSteps(optax.lion(1e-3, beta, beta), k)}
-
-    copy_s = copy_seconds(param_bytes, 15)
+    copy_gbps = copy_bandwidth(param_bytes)
+    copy_s = 2 * param_bytes / (copy_gbps * 1e9)
     results = {
-        "device": str(jax.devices()[0].device_kind),
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "optax": optax.__version__,
-        "params": sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        "machine": machine(),
+        "params": n_params(params),
         "param_bytes": param_bytes,
         "k": k,
         "cycles": args.cycles,
         "copy_s": copy_s,
+        "copy_GBps": copy_gbps,
         "pairs": {},
     }
     print(f"{results['params'] / 1e6:.2f}M floats ({param_bytes / 1e6:.1f} MB) on "
-          f"{results['device']}, k={k}, donated copy {1e3 * copy_s:.2f} ms, "
+          f"{results['machine']['device']}, k={k}, donated copy {1e3 * copy_s:.2f} ms, "
           f"median over {args.cycles} cycles")
-    print(f"{'pair':<7}{'impl':<7}{'ms/micro':>10}{'ms/cycle':>10}{'state/params':>14}"
-          f"{'copies':>8}{'time ratio':>12}")
-    for name, candidates in pairs.items():
+    rows = []
+    for name, candidates in pairs(k).items():
         timing = time_cycles(candidates, params, grads, k, args.cycles)
         ratio = timing["ours"]["median_micro_step_s"] / timing["optax"]["median_micro_step_s"]
         results["pairs"][name] = {"ours_over_optax_time": ratio, **timing}
         for impl, r in timing.items():
-            shown = f"{ratio:.2f}x" if impl == "ours" else ""
-            print(f"{name:<7}{impl:<7}{1e3 * r['median_micro_step_s']:>10.3f}"
-                  f"{1e3 * r['median_cycle_s']:>10.3f}{r['state_bytes'] / param_bytes:>14.2f}"
-                  f"{r['hlo_copies']:>8}{shown:>12}")
+            rows.append({"pair": name, "impl": impl, **r,
+                         "state_over_params": r["state_bytes"] / param_bytes,
+                         "ours_over_optax_time": ratio if impl == "ours" else None})
             if r["compilations"] != 1:
                 print(f"  warning: {name}/{impl} compiled {r['compilations']} times")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    print(table(rows, COLUMNS))
+    print("wrote", write_json("accumulation", results, args.out))
     return results
 
 
