@@ -22,53 +22,32 @@ Prints a table and writes JSON to benchmarks/results/noise.json (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from benchlib import (
+    copy_bandwidth,
+    gpt2_like_params,
+    machine,
+    n_params,
+    random_like,
+    table,
+    write_json,
+)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from optax_ext._common import tree_bytes  # noqa: E402
-from scaling.noise import measure_noise_scale  # noqa: E402
-
-
-def make_params(n_floats: int, seed: int = 0):
-    """A transformer-like tree of about ``n_floats`` float32 values (Flax names)."""
-    width = max(8, int(math.sqrt(n_floats / 13)) // 8 * 8)
-    layers = max(1, round((n_floats - width * width) / (12 * width * width)))
-    rng = np.random.default_rng(seed)
-    n = lambda *shape: jnp.asarray(0.02 * rng.standard_normal(shape, np.float32))
-    params = {"embed": {"embedding": n(width, width)}}
-    for i in range(layers):
-        params[f"layer_{i}"] = {
-            "attn": {"kernel": n(width, 4 * width), "bias": jnp.zeros(4 * width)},
-            "mlp_in": {"kernel": n(width, 4 * width), "bias": jnp.zeros(4 * width)},
-            "mlp_out": {"kernel": n(4 * width, width), "bias": jnp.zeros(width)},
-            "norm": {"scale": jnp.ones(width), "bias": jnp.zeros(width)},
-        }
-    return {"params": params}
+from optax_ext._common import tree_bytes
+from scaling.noise import measure_noise_scale
 
 
-def copy_seconds(nbytes: int, repeats: int) -> float:
-    """Median seconds of a donated in-place ``x * 1.0001`` over ``nbytes`` of float32."""
-    x = jnp.ones(max(1, nbytes // 4), jnp.float32)
-    f = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
-    x = jax.block_until_ready(f(x))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x = jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def sized_params(n_floats: int):
+    """A GPT-2-shaped tree of about ``n_floats`` float32 values: 14·width² + biases per layer."""
+    width = max(8, int(math.sqrt(n_floats / 14)) // 8 * 8)
+    layers = max(1, round((n_floats - 2 * width * width) / (12 * width * width)))
+    return gpt2_like_params(width, layers, vocab=width, context=width)
 
 
 def accum_steps(lr: float, batch: int, k: int):
@@ -134,42 +113,49 @@ def time_pair(candidates: dict, params, grads, micro_sq, steps: int, replicate: 
     return out
 
 
+COLUMNS = [
+    ("pair", "pair", str),
+    ("impl", "impl", str),
+    ("median_step_s", "ms/step", lambda s: f"{1e3 * s:.3f}"),
+    ("copies_of_floor", "copies of floor", lambda x: f"{x:.2f}"),
+    ("ratio", "ratio", lambda x: f"{x:.3f}x"),
+]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=10_000_000, help="about this many floats")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per candidate")
     ap.add_argument("--batch", type=int, default=32, help="per-device / micro batch size")
     ap.add_argument("--k", type=int, default=8, help="accumulation steps (accum pair)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "noise.json"))
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/noise.json)")
     args = ap.parse_args(argv)
 
-    params = make_params(args.size)
-    rng = np.random.default_rng(1)
-    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
+    params = sized_params(args.size)
+    grads = random_like(params)
     param_bytes = tree_bytes(params)
     micro_sq = jnp.float32(2.0 * sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)))
-    copy_s = copy_seconds(param_bytes, 15)
+    copy_gbps = copy_bandwidth(param_bytes)
+    copy_s = 2 * param_bytes / (copy_gbps * 1e9)
     results = {
-        "device": str(jax.devices()[0].device_kind),
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "optax": optax.__version__,
-        "params": sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+        "machine": machine(),
+        "params": n_params(params),
         "param_bytes": param_bytes,
         "steps": args.steps,
         "copy_s": copy_s,
+        "copy_GBps": copy_gbps,
         "pairs": {},
     }
     print(f"{results['params'] / 1e6:.2f}M floats ({param_bytes / 1e6:.1f} MB) on "
-          f"{results['device']}, donated copy {1e3 * copy_s:.2f} ms, median of {args.steps}")
+          f"{results['machine']['device']}, donated copy {1e3 * copy_s:.2f} ms, "
+          f"median of {args.steps}")
     pairs = {"accum": (accum_steps(1e-3, args.batch, args.k), grads, micro_sq, 0)}
     n_dev = jax.local_device_count()
     if n_dev > 1:
         dev_grads = jax.tree.map(lambda g: jnp.broadcast_to(g, (n_dev, *g.shape)), grads)
         pairs["pmap"] = (pmap_steps(1e-3, args.batch), dev_grads,
                          jnp.zeros((n_dev,), jnp.float32), n_dev)
-    print(f"{'pair':<7}{'impl':<15}{'ms/step':>10}{'copies of floor':>17}{'ratio':>8}")
+    rows = []
     for pair, (cands, g, m, rep) in pairs.items():
         timing = time_pair(cands, params, g, m, args.steps, rep)
         base, ours = list(timing)
@@ -177,15 +163,13 @@ def main(argv=None):
         results["pairs"][pair] = {"measure_over_base_time": ratio, "devices": max(rep, 1),
                                   **timing}
         for impl, r in timing.items():
-            shown = f"{ratio:.3f}x" if impl == ours else ""
-            print(f"{pair:<7}{impl:<15}{1e3 * r['median_step_s']:>10.3f}"
-                  f"{r['median_step_s'] / copy_s:>17.2f}{shown:>8}")
+            rows.append({"pair": pair, "impl": impl, **r,
+                         "copies_of_floor": r["median_step_s"] / copy_s,
+                         "ratio": ratio if impl == ours else None})
             if r["compilations"] not in (None, 1):
                 print(f"  warning: {pair}/{impl} compiled {r['compilations']} times")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    print(table(rows, COLUMNS))
+    print("wrote", write_json("noise", results, args.out))
     return results
 
 
