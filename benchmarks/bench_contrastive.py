@@ -10,20 +10,19 @@ for a given XLA build) and the median wall time of a jitted step.
     python benchmarks/bench_contrastive.py --repeats 0     # memory only (compiles, no runs)
     python benchmarks/bench_contrastive.py --small         # a quick check that it works
 
-Writes benchmarks/results/contrastive.json (or ``--out``).
+Prints a table and writes JSON to benchmarks/results/contrastive.json (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import statistics
 import time
 from functools import partial
 
 import flax.linen as nn
 import jax
+from benchlib import machine, table, write_json
 
 from optax_ext.contrastive import contrastive_value_and_grad, simcse_loss
 
@@ -70,6 +69,15 @@ def median_ms(compiled, inputs, repeats):
     return statistics.median(times)
 
 
+COLUMNS = [
+    ("method", "method", str),
+    ("chunk_size", "chunk", str),
+    ("temp_bytes", "temp MiB", lambda b: f"{b / 2**20:.1f}"),
+    ("ratio_to_full", "vs full", lambda x: f"{x:.3f}"),
+    ("median_ms", "median ms", lambda ms: f"{ms:.1f}"),
+]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=512)
@@ -80,8 +88,8 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=256, help="embedding size")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per method; 0 skips")
     ap.add_argument("--small", action="store_true", help="tiny sizes, to check the script")
-    ap.add_argument("--json", default=str(pathlib.Path(__file__).parent / "results" /
-                                          "contrastive.json"))
+    ap.add_argument("--out", "--json", dest="out",
+                    help="JSON path (default benchmarks/results/contrastive.json)")
     args = ap.parse_args(argv)
     if args.small:
         args.batch, args.length, args.width, args.embed, args.dim = 64, 16, 128, 32, 32
@@ -102,29 +110,22 @@ def main(argv=None):
 
     print(f"batch {args.batch}, length {args.length}, width {args.width}, "
           f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    print(f"{'method':<12} {'chunk':>6} {'temp MiB':>10} {'vs full':>8} {'median ms':>10}")
-    for r in rows:
-        ms = "-" if r["median_ms"] is None else f"{r['median_ms']:.1f}"
-        print(f"{r['method']:<12} {r['chunk_size']:>6} {r['temp_bytes'] / 2**20:>10.1f} "
-              f"{r['ratio_to_full']:>8.3f} {ms:>10}")
+    print(table(rows, COLUMNS))
     at8 = rows[1]["ratio_to_full"]
     print(f"chunk = batch/8 uses {at8:.3f} of the full batch's temporary memory "
           f"(target <= {TARGET_RATIO_AT_8}): {'met' if at8 <= TARGET_RATIO_AT_8 else 'MISSED'}")
 
-    out = pathlib.Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: getattr(args, k) for k in ("batch", "length", "vocab", "embed", "width", "dim",
                                             "repeats")}
-    out.write_text(json.dumps({
+    results = {
         "benchmark": "contrastive_value_and_grad temporary memory and step time",
+        "machine": dict(machine(), backend=jax.default_backend()),
         "config": config,
-        "device": jax.devices()[0].device_kind,
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
         "results": rows,
         "target_ratio_at_batch_over_8": TARGET_RATIO_AT_8,
-    }, indent=2) + "\n")
-    print(f"wrote {out}")
+    }
+    print("wrote", write_json("contrastive", results, args.out))
+    return results
 
 
 if __name__ == "__main__":
