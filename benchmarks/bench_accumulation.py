@@ -51,11 +51,22 @@ from optax_ext.wrappers.accumulation import accumulate_gradients
 from optax_ext.wrappers.nan_guard import nan_guard
 
 
-def sized_params(n_floats: int):
-    """A GPT-2-shaped tree of about ``n_floats`` float32 values: 14·width² + biases per layer."""
+def sized_params(n_floats: int, **kwargs):
+    """A GPT-2-shaped tree of about ``n_floats`` values: as many layers of one width as fit.
+
+    Token and position embeddings are width × width each (2·width²), a layer 12·width².
+    """
     width = max(8, int(math.sqrt(n_floats / 14)) // 8 * 8)
     layers = max(1, round((n_floats - 2 * width * width) / (12 * width * width)))
-    return gpt2_like_params(width, layers, vocab=width, context=width)
+    return gpt2_like_params(width, layers, vocab=width, context=width, **kwargs)
+
+
+def run_header(params) -> dict:
+    """Machine, tree size and a donated in-place copy over the params' bytes (GB/s and s)."""
+    nbytes = tree_bytes(params)
+    gbps = copy_bandwidth(nbytes)
+    return {"machine": machine(), "params": n_params(params), "param_bytes": nbytes,
+            "copy_GBps": gbps, "copy_s": 2 * nbytes / (gbps * 1e9)}
 
 
 def hlo_copies(step, params, state, grads) -> int:
@@ -136,19 +147,8 @@ def main(argv=None):
 
     params = sized_params(args.size)
     grads = random_like(params)
-    param_bytes = tree_bytes(params)
-    copy_gbps = copy_bandwidth(param_bytes)
-    copy_s = 2 * param_bytes / (copy_gbps * 1e9)
-    results = {
-        "machine": machine(),
-        "params": n_params(params),
-        "param_bytes": param_bytes,
-        "k": k,
-        "cycles": args.cycles,
-        "copy_s": copy_s,
-        "copy_GBps": copy_gbps,
-        "pairs": {},
-    }
+    results = dict(run_header(params), k=k, cycles=args.cycles, pairs={})
+    param_bytes, copy_s = results["param_bytes"], results["copy_s"]
     print(f"{results['params'] / 1e6:.2f}M floats ({param_bytes / 1e6:.1f} MB) on "
           f"{results['machine']['device']}, k={k}, donated copy {1e3 * copy_s:.2f} ms, "
           f"median over {args.cycles} cycles")

@@ -43,11 +43,22 @@ from optax_ext._common import tree_bytes
 from scaling.noise import measure_noise_scale
 
 
-def sized_params(n_floats: int):
-    """A GPT-2-shaped tree of about ``n_floats`` float32 values: 14·width² + biases per layer."""
+def sized_params(n_floats: int, **kwargs):
+    """A GPT-2-shaped tree of about ``n_floats`` values: as many layers of one width as fit.
+
+    Token and position embeddings are width × width each (2·width²), a layer 12·width².
+    """
     width = max(8, int(math.sqrt(n_floats / 14)) // 8 * 8)
     layers = max(1, round((n_floats - 2 * width * width) / (12 * width * width)))
-    return gpt2_like_params(width, layers, vocab=width, context=width)
+    return gpt2_like_params(width, layers, vocab=width, context=width, **kwargs)
+
+
+def run_header(params) -> dict:
+    """Machine, tree size and a donated in-place copy over the params' bytes (GB/s and s)."""
+    nbytes = tree_bytes(params)
+    gbps = copy_bandwidth(nbytes)
+    return {"machine": machine(), "params": n_params(params), "param_bytes": nbytes,
+            "copy_GBps": gbps, "copy_s": 2 * nbytes / (gbps * 1e9)}
 
 
 def accum_steps(lr: float, batch: int, k: int):
@@ -133,19 +144,9 @@ def main(argv=None):
 
     params = sized_params(args.size)
     grads = random_like(params)
-    param_bytes = tree_bytes(params)
     micro_sq = jnp.float32(2.0 * sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)))
-    copy_gbps = copy_bandwidth(param_bytes)
-    copy_s = 2 * param_bytes / (copy_gbps * 1e9)
-    results = {
-        "machine": machine(),
-        "params": n_params(params),
-        "param_bytes": param_bytes,
-        "steps": args.steps,
-        "copy_s": copy_s,
-        "copy_GBps": copy_gbps,
-        "pairs": {},
-    }
+    results = dict(run_header(params), steps=args.steps, pairs={})
+    param_bytes, copy_s = results["param_bytes"], results["copy_s"]
     print(f"{results['params'] / 1e6:.2f}M floats ({param_bytes / 1e6:.1f} MB) on "
           f"{results['machine']['device']}, donated copy {1e3 * copy_s:.2f} ms, "
           f"median of {args.steps}")
