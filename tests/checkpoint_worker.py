@@ -1,19 +1,27 @@
-"""Resumes training runs from Orbax checkpoints in a fresh process (launched by
-test_checkpoint.py), and the checkpoint helpers the test exercises.
+"""Trains and resumes runs with Orbax checkpoints, one fresh process per phase (launched
+by test_checkpoint.py), and the checkpoint helpers the test exercises.
 
 Imported, it gives the test the model, the data, the optimizers and the step. Run as a
-script, it restores each named optimizer's ``TrainState`` from ``<root>/<name>`` into an
-abstract target (``jax.eval_shape`` of the same constructor), trains it from step
-``SAVE_AT`` to ``TOTAL_STEPS`` and saves every leaf of the final states with ``np.savez``.
+script, in one of two modes, for each named optimizer:
+
+- ``train``: trains ``TOTAL_STEPS`` steps without interruption, saving the TrainState to
+  ``<root>/<name>`` after ``SAVE_AT`` steps (and going on);
+- ``resume``: restores ``<root>/<name>`` into an abstract target (``jax.eval_shape`` of
+  the same constructor) and trains the remaining steps;
+
+then saves every leaf of the final states with ``np.savez``. With ``--cache`` both
+processes share XLA's persistent compilation cache: the second loads the programs the
+first compiled instead of compiling them again.
 
 Usage (from the repository root)::
 
-    python tests/checkpoint_worker.py CHECKPOINT_ROOT OUT.npz tiger_acc3 lion ...
+    python tests/checkpoint_worker.py train ROOT OUT.npz tiger_acc3 lion ... --cache DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -114,13 +122,18 @@ def batches(name: str) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def create_state(tx: optax.GradientTransformation) -> TrainState:
-    """The freshly initialised TrainState of the model with optimizer ``tx``."""
-    model = Model()
-    params = model.init(
+@functools.cache
+def _initial_params() -> Any:
+    return Model().init(
         jax.random.key(SEED), jnp.zeros((1, FEATURES), jnp.float32), jnp.zeros((1,), jnp.int32)
     )
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def create_state(tx: optax.GradientTransformation) -> TrainState:
+    """The freshly initialised TrainState of the model with optimizer ``tx``."""
+    # A copy: the train step donates the state's buffers, the cached params must survive.
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), _initial_params())
+    return TrainState.create(apply_fn=Model().apply, params=params, tx=tx)
 
 
 def abstract_state(tx: optax.GradientTransformation) -> TrainState:
@@ -257,6 +270,22 @@ def _restore_train_state(
 # ------------------------------------------------------------------------ main
 
 
+def train(checkpointer: ocp.AbstractCheckpointer, root: str, name: str) -> TrainState:
+    """Trains run ``name`` from scratch to ``TOTAL_STEPS``, checkpointing it to
+    ``<root>/<name>`` after ``SAVE_AT`` steps."""
+    # Committed to the device a restored state lands on (:func:`abstract_state`): the
+    # two processes then lower the step to the same program and share its compilation.
+    state = jax.device_put(create_state(OPTIMIZERS[name]()), jax.devices()[0])
+    step = make_step()
+    for i, batch in enumerate(batches(name)):
+        if i == SAVE_AT:
+            _save_train_state(checkpointer, os.path.join(root, name), state)
+            # The step donates the state's buffers: the save must have read them first.
+            checkpointer.wait_until_finished()
+        state, _ = step(state, batch)
+    return state
+
+
 def resume(checkpointer: ocp.AbstractCheckpointer, root: str, name: str) -> TrainState:
     """Restores run ``name`` from ``<root>/<name>`` and trains it to ``TOTAL_STEPS``."""
     state = _restore_train_state(
@@ -272,14 +301,21 @@ def resume(checkpointer: ocp.AbstractCheckpointer, root: str, name: str) -> Trai
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["train", "resume"])
     parser.add_argument("root", help="directory holding one checkpoint per run name")
     parser.add_argument("out", help=".npz file for the final states' leaves")
     parser.add_argument("names", nargs="+", choices=sorted(OPTIMIZERS))
+    parser.add_argument("--cache", help="XLA persistent compilation cache directory")
     args = parser.parse_args(argv)
+    if args.cache:
+        jax.config.update("jax_compilation_cache_dir", args.cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    run = train if args.mode == "train" else resume
     checkpointer = ocp.StandardCheckpointer()
     arrays = {}
     for name in args.names:
-        leaves = state_leaves(resume(checkpointer, args.root, name))
+        leaves = state_leaves(run(checkpointer, args.root, name))
         arrays.update({f"{name}|{path}": x for path, x in leaves.items()})
     np.savez(args.out, **arrays)
     return 0

@@ -1,14 +1,16 @@
 """Orbax checkpoints of a TrainState resume bit-identically in a fresh process.
 
 For every optimizer of ``checkpoint_worker.OPTIMIZERS`` (together they hold every
-optimizer-state type of optax-ext) this process trains ``TOTAL_STEPS`` steps without
-interruption, saving the whole TrainState (step, params, optimizer state) with
-``orbax.checkpoint.StandardCheckpointer`` after ``SAVE_AT`` steps, in the middle of every
-accumulation cycle and lookahead period. One worker process (``checkpoint_worker.py``)
-restores all of them into abstract targets (``jax.eval_shape``), trains the remaining
-steps and returns its final states, which must equal this process's bit for bit: same
-machine, same compiled programs, same inputs. A checkpoint restored into a train state
-of another optimizer fails with a message naming both optimizer-state types.
+optimizer-state type of optax-ext) one worker process (``checkpoint_worker.py train``)
+trains ``TOTAL_STEPS`` steps without interruption, saving the whole TrainState (step,
+params, optimizer state) with ``orbax.checkpoint.StandardCheckpointer`` after ``SAVE_AT``
+steps, in the middle of every accumulation cycle and lookahead period. A second, fresh
+process (``checkpoint_worker.py resume``) restores all of them into abstract targets
+(``jax.eval_shape``), trains the remaining steps, and its final states must equal the
+uninterrupted ones bit for bit: same machine, same programs (the second process loads
+the first one's compilations from XLA's persistent cache), same inputs. A checkpoint
+restored into a train state of another optimizer fails with a message naming both
+optimizer-state types.
 """
 
 from __future__ import annotations
@@ -43,46 +45,53 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Uninterrupted runs here (checkpointed at SAVE_AT), then the resumed runs in a
-    worker. Returns ``(snapshots, finals, resumed, root)``: the states at the save,
-    the final states' leaves here and in the worker, and the checkpoints' directory."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    checkpointer = ocp.StandardCheckpointer()
-    step = worker.make_step()
-    snapshots, finals = {}, {}
-    for name in NAMES:
-        state = worker.create_state(worker.OPTIMIZERS[name]())
-        for i, batch in enumerate(worker.batches(name)):
-            if i == worker.SAVE_AT:
-                snapshots[name] = jax.tree.map(np.asarray, state)
-                worker._save_train_state(checkpointer, root / name, state)
-                # The step donates the state's buffers: the save must have read them.
-                checkpointer.wait_until_finished()
-            state, _ = step(state, batch)
-        finals[name] = worker.state_leaves(state)
-    # The same snapshot written by plain Orbax, without the optimizer signature.
-    checkpointer.save(root / "plain_tiger_acc3", snapshots["tiger_acc3"])
-    checkpointer.wait_until_finished()
-
-    out = root / "resumed.npz"
+def _run_worker(mode: str, root: Path, out: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Runs ``checkpoint_worker.py MODE`` on every optimizer; returns ``{name: {path: leaf}}``
+    of the final states."""
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(root), str(out), *NAMES],
+        [sys.executable, str(WORKER), mode, str(root), str(out), *NAMES,
+         "--cache", str(root / "xla_cache")],
         cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
     )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"{mode} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    leaves = {name: {} for name in NAMES}
     with np.load(out) as f:
-        resumed = {name: {} for name in NAMES}
         for key in f.files:
             name, path = key.split("|", 1)
-            resumed[name][path] = f[key]
+            leaves[name][path] = f[key]
+    return leaves
+
+
+def _target(name: str):
+    return worker.abstract_state(worker.OPTIMIZERS[name]())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The uninterrupted runs (checkpointed at SAVE_AT), then the resumed runs, each in
+    its own process. Returns ``(snapshots, finals, resumed, root)``: the states restored
+    here from the checkpoints, the final states' leaves of both runs, and the checkpoints'
+    directory."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    finals = _run_worker("train", root, root / "uninterrupted.npz")
+    resumed = _run_worker("resume", root, root / "resumed.npz")
+    checkpointer = ocp.StandardCheckpointer()
+    snapshots = {
+        name: worker._restore_train_state(checkpointer, root / name, _target(name))
+        for name in NAMES
+    }
+    # The same state written by plain Orbax, without the optimizer signature.
+    checkpointer.save(root / "plain_tiger_acc3", snapshots["tiger_acc3"])
+    checkpointer.wait_until_finished()
     return snapshots, finals, resumed, root
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_resumed_run_equals_uninterrupted_run(runs, name):
     snapshots, finals, resumed, _ = runs
+    assert int(snapshots[name].step) == worker.SAVE_AT
     assert sorted(resumed[name]) == sorted(finals[name])
     assert int(resumed[name][".step"]) == worker.TOTAL_STEPS
     for path, expected in finals[name].items():
@@ -110,7 +119,7 @@ def test_checkpoints_are_mid_cycle(runs):
 
 
 def _signature_of(name):
-    return worker._opt_state_signature(worker.create_state(worker.OPTIMIZERS[name]()).opt_state)
+    return worker._opt_state_signature(_target(name).opt_state)
 
 
 def test_signature_names_the_state_types():
@@ -124,11 +133,12 @@ def test_signature_names_the_state_types():
     assert _signature_of("adafactor_momentum") == (
         "(ScaleByAdafactorState[{FactoredMoment}], MaskedState[EmptyState], EmptyState)"
     )
-    params = {"a": {"kernel": np.zeros((2, 3))}, "b": np.zeros(4)}
-    assert worker._opt_state_signature(tiger(1e-3).init(params)) == "TigerState"
+    params = {"a": {"kernel": jax.ShapeDtypeStruct((2, 3), np.float32)},
+              "b": jax.ShapeDtypeStruct((4,), np.float32)}
+    assert worker._opt_state_signature(jax.eval_shape(tiger(1e-3).init, params)) == "TigerState"
     # optax.partition's labelled states: the distinct ones, in braces.
     tx = optax.partition({"a": tiger(1e-3), "b": optax.sgd(0.1)}, {"a": "a", "b": "b"})
-    assert worker._opt_state_signature(tx.init(params)) == (
+    assert worker._opt_state_signature(jax.eval_shape(tx.init, params)) == (
         "PartitionState[{MaskedState[(EmptyState, EmptyState)], MaskedState[TigerState]}]"
     )
 
@@ -172,9 +182,7 @@ def test_plain_orbax_checkpoint_restores_and_mismatch_is_explained(runs):
     snapshots, _, _, root = runs
     checkpointer = ocp.StandardCheckpointer()
     path = root / "plain_tiger_acc3"
-    restored = worker._restore_train_state(
-        checkpointer, path, worker.abstract_state(worker.OPTIMIZERS["tiger_acc3"]())
-    )
+    restored = worker._restore_train_state(checkpointer, path, _target("tiger_acc3"))
     expected = worker.state_leaves(snapshots["tiger_acc3"])
     for key, value in worker.state_leaves(restored).items():
         np.testing.assert_array_equal(value, expected[key], err_msg=key)
@@ -191,7 +199,7 @@ def test_shape_mismatch_is_explained(runs):
     """Same optimizer, another model width: the message names the leaf and both shapes."""
     root = runs[3]
     checkpointer = ocp.StandardCheckpointer()
-    target = worker.abstract_state(worker.OPTIMIZERS["tiger_acc3"]())
+    target = _target("tiger_acc3")
     kernel = target.params["params"]["Dense_0"]["kernel"]
     wide = jax.ShapeDtypeStruct((kernel.shape[0], kernel.shape[1] + 1), kernel.dtype,
                                 sharding=kernel.sharding)
