@@ -26,7 +26,6 @@ Prints a table and writes JSON to benchmarks/results/accumulation.json (``--out`
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -34,12 +33,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from benchlib import (
-    copy_bandwidth,
-    gpt2_like_params,
-    machine,
     make_step,
-    n_params,
     random_like,
+    run_header,
+    sized_params,
     table,
     write_json,
 )
@@ -49,24 +46,6 @@ from optax_ext.optimizers.sgdm import sgdm
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.accumulation import accumulate_gradients
 from optax_ext.wrappers.nan_guard import nan_guard
-
-
-def sized_params(n_floats: int, **kwargs):
-    """A GPT-2-shaped tree of about ``n_floats`` values: as many layers of one width as fit.
-
-    Token and position embeddings are width × width each (2·width²), a layer 12·width².
-    """
-    width = max(8, int(math.sqrt(n_floats / 14)) // 8 * 8)
-    layers = max(1, round((n_floats - 2 * width * width) / (12 * width * width)))
-    return gpt2_like_params(width, layers, vocab=width, context=width, **kwargs)
-
-
-def run_header(params) -> dict:
-    """Machine, tree size and a donated in-place copy over the params' bytes (GB/s and s)."""
-    nbytes = tree_bytes(params)
-    gbps = copy_bandwidth(nbytes)
-    return {"machine": machine(), "params": n_params(params), "param_bytes": nbytes,
-            "copy_GBps": gbps, "copy_s": 2 * nbytes / (gbps * 1e9)}
 
 
 def hlo_copies(step, params, state, grads) -> int:
@@ -85,8 +64,14 @@ def time_cycles(candidates: dict, params, grads, k: int, cycles: int) -> dict:
         copies = hlo_copies(step, p, state, grads)
         for _ in range(k):  # compile + one warm-up cycle (both kinds of micro-step)
             p, state = jax.block_until_ready(step(p, state, grads))
-        runs[name] = {"step": step, "p": p, "state": state, "times": [], "cycle_times": [],
-                      "copies": copies}
+        runs[name] = {
+            "step": step,
+            "p": p,
+            "state": state,
+            "times": [],
+            "cycle_times": [],
+            "copies": copies,
+        }
     for _ in range(cycles):
         for run in runs.values():
             p, state, total = run["p"], run["state"], 0.0
@@ -113,15 +98,23 @@ def time_cycles(candidates: dict, params, grads, k: int, cycles: int) -> dict:
 def pairs(k: int, beta: float = 0.965) -> dict:
     """pair name -> {"ours": transform, "optax": its optax counterpart}."""
     return {
-        "adamw": {"ours": accumulate_gradients(optax.adamw(1e-3), k),
-                  "optax": optax.MultiSteps(optax.adamw(1e-3), k)},
-        "sgdm": {"ours": sgdm(1e-2, 0.9, accumulation_steps=k),
-                 "optax": optax.MultiSteps(optax.sgd(1e-2, momentum=0.9), k)},
+        "adamw": {
+            "ours": accumulate_gradients(optax.adamw(1e-3), k),
+            "optax": optax.MultiSteps(optax.adamw(1e-3), k),
+        },
+        "sgdm": {
+            "ours": sgdm(1e-2, 0.9, accumulation_steps=k),
+            "optax": optax.MultiSteps(optax.sgd(1e-2, momentum=0.9), k),
+        },
         # not accumulation, but the same trade-off: a where-selected skip vs optax's lax.cond
-        "guard": {"ours": nan_guard(optax.adamw(1e-3)),
-                  "optax": optax.apply_if_finite(optax.adamw(1e-3), 10)},
-        "tiger": {"ours": tiger(1e-3, beta, 0.0, accumulation_steps=k, param_scaling=None),
-                  "optax": optax.MultiSteps(optax.lion(1e-3, beta, beta), k)},
+        "guard": {
+            "ours": nan_guard(optax.adamw(1e-3)),
+            "optax": optax.apply_if_finite(optax.adamw(1e-3), 10),
+        },
+        "tiger": {
+            "ours": tiger(1e-3, beta, 0.0, accumulation_steps=k, param_scaling=None),
+            "optax": optax.MultiSteps(optax.lion(1e-3, beta, beta), k),
+        },
     }
 
 
@@ -149,18 +142,26 @@ def main(argv=None):
     grads = random_like(params)
     results = dict(run_header(params), k=k, cycles=args.cycles, pairs={})
     param_bytes, copy_s = results["param_bytes"], results["copy_s"]
-    print(f"{results['params'] / 1e6:.2f}M floats ({param_bytes / 1e6:.1f} MB) on "
-          f"{results['machine']['device']}, k={k}, donated copy {1e3 * copy_s:.2f} ms, "
-          f"median over {args.cycles} cycles")
+    print(
+        f"{results['params'] / 1e6:.2f}M floats ({param_bytes / 1e6:.1f} MB) on "
+        f"{results['machine']['device']}, k={k}, donated copy {1e3 * copy_s:.2f} ms, "
+        f"median over {args.cycles} cycles"
+    )
     rows = []
     for name, candidates in pairs(k).items():
         timing = time_cycles(candidates, params, grads, k, args.cycles)
         ratio = timing["ours"]["median_micro_step_s"] / timing["optax"]["median_micro_step_s"]
         results["pairs"][name] = {"ours_over_optax_time": ratio, **timing}
         for impl, r in timing.items():
-            rows.append({"pair": name, "impl": impl, **r,
-                         "state_over_params": r["state_bytes"] / param_bytes,
-                         "ours_over_optax_time": ratio if impl == "ours" else None})
+            rows.append(
+                {
+                    "pair": name,
+                    "impl": impl,
+                    **r,
+                    "state_over_params": r["state_bytes"] / param_bytes,
+                    "ours_over_optax_time": ratio if impl == "ours" else None,
+                }
+            )
             if r["compilations"] != 1:
                 print(f"  warning: {name}/{impl} compiled {r['compilations']} times")
     print(table(rows, COLUMNS))

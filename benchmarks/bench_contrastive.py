@@ -88,8 +88,12 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=256, help="embedding size")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per method; 0 skips")
     ap.add_argument("--small", action="store_true", help="tiny sizes, to check the script")
-    ap.add_argument("--out", "--json", dest="out",
-                    help="JSON path (default benchmarks/results/contrastive.json)")
+    ap.add_argument(
+        "--out",
+        "--json",
+        dest="out",
+        help="JSON path (default benchmarks/results/contrastive.json)",
+    )
     args = ap.parse_args(argv)
     if args.small:
         args.batch, args.length, args.width, args.embed, args.dim = 64, 16, 128, 32, 32
@@ -102,21 +106,26 @@ def main(argv=None):
         compiled = jax.jit(fn).lower(*inputs).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes
         ms = median_ms(compiled, inputs, args.repeats) if args.repeats > 0 else None
-        rows.append({"method": name, "chunk_size": chunk, "temp_bytes": int(temp),
-                     "median_ms": ms})
+        rows.append({"method": name, "chunk_size": chunk, "temp_bytes": int(temp), "median_ms": ms})
     full_bytes = rows[0]["temp_bytes"]
     for r in rows:
         r["ratio_to_full"] = r["temp_bytes"] / full_bytes
 
-    print(f"batch {args.batch}, length {args.length}, width {args.width}, "
-          f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    print(
+        f"batch {args.batch}, length {args.length}, width {args.width}, "
+        f"device {jax.devices()[0].device_kind}, jax {jax.__version__}"
+    )
     print(table(rows, COLUMNS))
     at8 = rows[1]["ratio_to_full"]
-    print(f"chunk = batch/8 uses {at8:.3f} of the full batch's temporary memory "
-          f"(target <= {TARGET_RATIO_AT_8}): {'met' if at8 <= TARGET_RATIO_AT_8 else 'MISSED'}")
+    print(
+        f"chunk = batch/8 uses {at8:.3f} of the full batch's temporary memory "
+        f"(target <= {TARGET_RATIO_AT_8}): {'met' if at8 <= TARGET_RATIO_AT_8 else 'MISSED'}"
+    )
 
-    config = {k: getattr(args, k) for k in ("batch", "length", "vocab", "embed", "width", "dim",
-                                            "repeats")}
+    config = {
+        k: getattr(args, k)
+        for k in ("batch", "length", "vocab", "embed", "width", "dim", "repeats")
+    }
     results = {
         "benchmark": "contrastive_value_and_grad temporary memory and step time",
         "machine": dict(machine(), backend=jax.default_backend()),

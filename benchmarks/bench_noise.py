@@ -22,7 +22,6 @@ Prints a table and writes JSON to benchmarks/results/noise.json (``--out``).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -30,35 +29,14 @@ import jax
 import jax.numpy as jnp
 import optax
 from benchlib import (
-    copy_bandwidth,
-    gpt2_like_params,
-    machine,
-    n_params,
     random_like,
+    run_header,
+    sized_params,
     table,
     write_json,
 )
 
-from optax_ext._common import tree_bytes
 from scaling.noise import measure_noise_scale
-
-
-def sized_params(n_floats: int, **kwargs):
-    """A GPT-2-shaped tree of about ``n_floats`` values: as many layers of one width as fit.
-
-    Token and position embeddings are width × width each (2·width²), a layer 12·width².
-    """
-    width = max(8, int(math.sqrt(n_floats / 14)) // 8 * 8)
-    layers = max(1, round((n_floats - 2 * width * width) / (12 * width * width)))
-    return gpt2_like_params(width, layers, vocab=width, context=width, **kwargs)
-
-
-def run_header(params) -> dict:
-    """Machine, tree size and a donated in-place copy over the params' bytes (GB/s and s)."""
-    nbytes = tree_bytes(params)
-    gbps = copy_bandwidth(nbytes)
-    return {"machine": machine(), "params": n_params(params), "param_bytes": nbytes,
-            "copy_GBps": gbps, "copy_s": 2 * nbytes / (gbps * 1e9)}
 
 
 def accum_steps(lr: float, batch: int, k: int):
@@ -72,8 +50,9 @@ def accum_steps(lr: float, batch: int, k: int):
         return optax.apply_updates(params, updates), state
 
     def with_noise(params, state, grads, micro_sq):
-        updates, state = measured.update(grads, state, params, micro_grad_sq_norm=micro_sq,
-                                         accumulation_steps=k)
+        updates, state = measured.update(
+            grads, state, params, micro_grad_sq_norm=micro_sq, accumulation_steps=k
+        )
         return optax.apply_updates(params, updates), state
 
     jit = lambda f: jax.jit(f, donate_argnums=(0, 1))
@@ -101,8 +80,11 @@ def pmap_steps(lr: float, batch: int):
 
 
 def time_pair(candidates: dict, params, grads, micro_sq, steps: int, replicate: int = 0):
-    rep = (lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (replicate, *x.shape)), t)
-           ) if replicate else (lambda t: t)
+    rep = (
+        (lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (replicate, *x.shape)), t))
+        if replicate
+        else (lambda t: t)
+    )
     runs = {}
     for name, (tx, step) in candidates.items():
         p = rep(jax.tree.map(jnp.copy, params))
@@ -114,13 +96,16 @@ def time_pair(candidates: dict, params, grads, micro_sq, steps: int, replicate: 
         for run in runs.values():
             t0 = time.perf_counter()
             run["p"], run["state"] = jax.block_until_ready(
-                run["step"](run["p"], run["state"], grads, micro_sq))
+                run["step"](run["p"], run["state"], grads, micro_sq)
+            )
             run["times"].append(time.perf_counter() - t0)
     out = {}
     for name, run in runs.items():
         cache = getattr(run["step"], "_cache_size", None)
-        out[name] = {"median_step_s": statistics.median(run["times"]),
-                     "compilations": cache() if cache else None}
+        out[name] = {
+            "median_step_s": statistics.median(run["times"]),
+            "compilations": cache() if cache else None,
+        }
     return out
 
 
@@ -147,26 +132,37 @@ def main(argv=None):
     micro_sq = jnp.float32(2.0 * sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)))
     results = dict(run_header(params), steps=args.steps, pairs={})
     param_bytes, copy_s = results["param_bytes"], results["copy_s"]
-    print(f"{results['params'] / 1e6:.2f}M floats ({param_bytes / 1e6:.1f} MB) on "
-          f"{results['machine']['device']}, donated copy {1e3 * copy_s:.2f} ms, "
-          f"median of {args.steps}")
+    print(
+        f"{results['params'] / 1e6:.2f}M floats ({param_bytes / 1e6:.1f} MB) on "
+        f"{results['machine']['device']}, donated copy {1e3 * copy_s:.2f} ms, "
+        f"median of {args.steps}"
+    )
     pairs = {"accum": (accum_steps(1e-3, args.batch, args.k), grads, micro_sq, 0)}
     n_dev = jax.local_device_count()
     if n_dev > 1:
         dev_grads = jax.tree.map(lambda g: jnp.broadcast_to(g, (n_dev, *g.shape)), grads)
-        pairs["pmap"] = (pmap_steps(1e-3, args.batch), dev_grads,
-                         jnp.zeros((n_dev,), jnp.float32), n_dev)
+        pairs["pmap"] = (
+            pmap_steps(1e-3, args.batch),
+            dev_grads,
+            jnp.zeros((n_dev,), jnp.float32),
+            n_dev,
+        )
     rows = []
     for pair, (cands, g, m, rep) in pairs.items():
         timing = time_pair(cands, params, g, m, args.steps, rep)
         base, ours = list(timing)
         ratio = timing[ours]["median_step_s"] / timing[base]["median_step_s"]
-        results["pairs"][pair] = {"measure_over_base_time": ratio, "devices": max(rep, 1),
-                                  **timing}
+        results["pairs"][pair] = {"measure_over_base_time": ratio, "devices": max(rep, 1), **timing}
         for impl, r in timing.items():
-            rows.append({"pair": pair, "impl": impl, **r,
-                         "copies_of_floor": r["median_step_s"] / copy_s,
-                         "ratio": ratio if impl == ours else None})
+            rows.append(
+                {
+                    "pair": pair,
+                    "impl": impl,
+                    **r,
+                    "copies_of_floor": r["median_step_s"] / copy_s,
+                    "ratio": ratio if impl == ours else None,
+                }
+            )
             if r["compilations"] not in (None, 1):
                 print(f"  warning: {pair}/{impl} compiled {r['compilations']} times")
     print(table(rows, COLUMNS))

@@ -191,3 +191,26 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, Callable[[An
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def sized_params(n_floats: int, **kwargs):
+    """A GPT-2-shaped tree of about ``n_floats`` values: as many layers of one width as fit.
+
+    Token and position embeddings are width × width each (2·width²), a layer 12·width².
+    """
+    width = max(8, int(math.sqrt(n_floats / 14)) // 8 * 8)
+    layers = max(1, round((n_floats - 2 * width * width) / (12 * width * width)))
+    return gpt2_like_params(width, layers, vocab=width, context=width, **kwargs)
+
+
+def run_header(params) -> dict[str, Any]:
+    """Machine, tree size and a donated in-place copy over the params' bytes (GB/s and s)."""
+    nbytes = tree_bytes(params)
+    gbps = copy_bandwidth(nbytes)
+    return {
+        "machine": machine(),
+        "params": n_params(params),
+        "param_bytes": nbytes,
+        "copy_GBps": gbps,
+        "copy_s": 2 * nbytes / (gbps * 1e9),
+    }

@@ -216,6 +216,7 @@ def train(
     measure_noise: bool = True,
     width: int = 64,
     layers: int = 2,
+    param_dtype: Any = None,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], Any] | None = None,
 ) -> History:
@@ -225,14 +226,18 @@ def train(
     of ``batch_size`` windows. With ``measure_noise`` every micro-batch's gradient is
     computed as the mean of its two halves (:func:`~optax_ext.training.split_value_and_grad`,
     same cost) so ``scaling.measure_noise_scale`` compares half a micro-batch with a whole
-    one; ``on_step`` then receives ``{"step", "loss", "g2", "trace_sigma", "b_simple_ema"}``
-    after each update (else ``{"step", "loss"}``).
+    one; ``param_dtype`` casts the parameters (and so the optimizer state) after init,
+    e.g. ``jnp.bfloat16`` for pure bf16 training; ``on_step`` then receives
+    ``{"step", "loss", "g2", "trace_sigma", "b_simple_ema"}`` after each update (else
+    ``{"step", "loss"}``).
     """
     if measure_noise and batch_size % 2:
         raise ValueError(f"batch_size must be even to measure the noise scale, got {batch_size}")
     data = CharData.from_text(load_corpus())
     model = CharTransformer(vocab=len(data.vocab), max_len=seq_len)
     params = model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))["params"]
+    if param_dtype is not None:  # e.g. bf16 everywhere: no float32 master copy
+        params = jax.tree.map(lambda x: x.astype(param_dtype), params)
     tx = make_optimizer(
         optimizer,
         learning_rate,
