@@ -21,7 +21,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -122,18 +121,13 @@ def batches(name: str) -> list[dict[str, np.ndarray]]:
     return out
 
 
-@functools.cache
-def _initial_params() -> Any:
-    return Model().init(
-        jax.random.key(SEED), jnp.zeros((1, FEATURES), jnp.float32), jnp.zeros((1,), jnp.int32)
-    )
-
-
 def create_state(tx: optax.GradientTransformation) -> TrainState:
     """The freshly initialised TrainState of the model with optimizer ``tx``."""
-    # A copy: the train step donates the state's buffers, the cached params must survive.
-    params = jax.tree.map(lambda x: jnp.array(x, copy=True), _initial_params())
-    return TrainState.create(apply_fn=Model().apply, params=params, tx=tx)
+    model = Model()
+    params = model.init(
+        jax.random.key(SEED), jnp.zeros((1, FEATURES), jnp.float32), jnp.zeros((1,), jnp.int32)
+    )
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
 def abstract_state(tx: optax.GradientTransformation) -> TrainState:
