@@ -173,8 +173,6 @@ def _opt_state_signature(opt_state: Any) -> str:
     if isinstance(opt_state, optax.MaskedNode):
         return ""  # a masked-out leaf of a parameter-shaped subtree
     if isinstance(opt_state, Mapping):
-        # Distinct types only: a parameter-shaped subtree of per-leaf states (AdaFactor's
-        # FactoredMoment) reads the same for any model.
         inner = ", ".join(sorted(_types_in_dict(opt_state)))
         return f"{{{inner}}}" if inner else ""
     if isinstance(opt_state, tuple | list):
@@ -194,15 +192,9 @@ def _types_in_dict(tree: Mapping) -> set[str]:
     return out - {""}
 
 
-def _save_train_state(
-    checkpointer: ocp.AbstractCheckpointer, directory: Any, state: TrainState, *,
-    force: bool = False,
-) -> None:
-    """``checkpointer.save(directory, state)`` recording the optimizer-state signature
-    (:func:`_opt_state_signature`) in the checkpoint's custom metadata, so that
-    :func:`_restore_train_state` can tell which optimizer wrote it."""
-    meta = {_METADATA_KEY: {"opt_state": _opt_state_signature(state.opt_state)}}
-    checkpointer.save(directory, state, force=force, custom_metadata=meta)
+def _train_state_metadata(state: TrainState) -> dict[str, Any]:
+    """Custom metadata to save with ``state``: its optimizer-state signature."""
+    return {_METADATA_KEY: {"opt_state": _opt_state_signature(state.opt_state)}}
 
 
 def _first(keys: set, n: int = 3) -> str:
@@ -229,36 +221,61 @@ def _tree_mismatch(saved: Mapping[tuple, Any], target: Mapping[tuple, Any]) -> s
     return "; ".join(problems)
 
 
-def _restore_train_state(
-    checkpointer: ocp.AbstractCheckpointer, directory: Any, target: TrainState
-) -> TrainState:
-    """Restores a TrainState into ``target`` (real or ``jax.eval_shape`` abstract), first
-    checking that the checkpoint was written by the same optimizer.
-
-    Raises:
-      ValueError: the checkpoint's optimizer-state signature (recorded by
-        :func:`_save_train_state`) differs from the target's, naming both; or, for a
-        checkpoint saved without it, its tree paths or shapes differ from the target's.
-    """
-    meta = checkpointer.metadata(directory)
+def _check_train_state_checkpoint(metadata: Any, target: TrainState, where: str) -> None:
+    """Raises ``ValueError`` unless a checkpoint (its Orbax ``StepMetadata``) fits
+    ``target``: the optimizer-state signature recorded by :func:`_save_train_state`
+    equals the target's (the message names both), and the tree paths and shapes agree
+    (which also covers checkpoints saved without the signature)."""
     expected = _opt_state_signature(target.opt_state)
-    saved = (meta.custom_metadata or {}).get(_METADATA_KEY, {}).get("opt_state")
+    saved = (metadata.custom_metadata or {}).get(_METADATA_KEY, {}).get("opt_state")
     if saved is not None and saved != expected:
         raise ValueError(
-            f"checkpoint at {directory} holds an optimizer state of type {saved}, but the "
+            f"checkpoint at {where} holds an optimizer state of type {saved}, but the "
             f"train state expects {expected}: was it written by another optimizer?"
         )
-    if meta.item_metadata is not None:
+    if metadata.item_metadata is not None:
         mismatch = _tree_mismatch(
-            ocp.tree.to_flat_dict(meta.item_metadata), ocp.tree.to_flat_dict(target)
+            ocp.tree.to_flat_dict(metadata.item_metadata), ocp.tree.to_flat_dict(target)
         )
         if mismatch:
             raise ValueError(
-                f"checkpoint at {directory} does not fit the train state, whose optimizer "
+                f"checkpoint at {where} does not fit the train state, whose optimizer "
                 f"state is of type {expected}: {mismatch}. Was it written by another "
                 "optimizer or model?"
             )
-    return checkpointer.restore(directory, target)
+
+
+def _save_train_state(checkpointer: Any, where: Any, state: TrainState, **kwargs) -> None:
+    """Saves ``state`` with its optimizer-state signature in the custom metadata.
+
+    ``checkpointer``: an ``ocp.StandardCheckpointer`` (``where``: a directory) or an
+    ``ocp.CheckpointManager`` (``where``: a step). ``kwargs`` go to its ``save``.
+    """
+    meta = _train_state_metadata(state)
+    if isinstance(checkpointer, ocp.CheckpointManager):
+        checkpointer.save(where, args=ocp.args.StandardSave(state), custom_metadata=meta,
+                          **kwargs)
+    else:
+        checkpointer.save(where, state, custom_metadata=meta, **kwargs)
+
+
+def _restore_train_state(checkpointer: Any, where: Any, target: TrainState) -> TrainState:
+    """Restores a TrainState into ``target`` (real or ``jax.eval_shape`` abstract) after
+    :func:`_check_train_state_checkpoint`.
+
+    ``checkpointer``: an ``ocp.StandardCheckpointer`` (``where``: a directory) or an
+    ``ocp.CheckpointManager`` (``where``: a step).
+
+    Raises:
+      ValueError: the checkpoint was written by another optimizer (the message names
+        both optimizer-state types), or its paths or shapes differ from ``target``'s.
+    """
+    manager = isinstance(checkpointer, ocp.CheckpointManager)
+    label = f"step {where} of {checkpointer.directory}" if manager else str(where)
+    _check_train_state_checkpoint(checkpointer.metadata(where), target, label)
+    if manager:
+        return checkpointer.restore(where, args=ocp.args.StandardRestore(target))
+    return checkpointer.restore(where, target)
 
 
 # ------------------------------------------------------------------------ main

@@ -208,3 +208,24 @@ def test_shape_mismatch_is_explained(runs):
                                                            "kernel": wide}}})
     with pytest.raises(ValueError, match=r"params/params/Dense_0/kernel has shape \(4, 8\)"):
         worker._restore_train_state(checkpointer, root / "tiger_acc3", target)
+
+
+def test_checkpoint_manager_same_checks(runs, tmp_path):
+    """The helpers take an ``ocp.CheckpointManager`` and a step as well."""
+    snapshot = runs[0]["lookahead_tiger5"]
+    manager = ocp.CheckpointManager(tmp_path / "managed")
+    try:
+        worker._save_train_state(manager, worker.SAVE_AT, snapshot)
+        manager.wait_until_finished()
+        restored = worker._restore_train_state(manager, worker.SAVE_AT,
+                                               _target("lookahead_tiger5"))
+        expected = worker.state_leaves(snapshot)
+        for key, value in worker.state_leaves(restored).items():
+            np.testing.assert_array_equal(value, expected[key], err_msg=key)
+        with pytest.raises(ValueError, match=r"type LookaheadState\[TigerState\].*ScaleByAdam") \
+                as err:
+            worker._restore_train_state(manager, worker.SAVE_AT,
+                                        worker.abstract_state(optax.adamw(1e-3)))
+        assert f"step {worker.SAVE_AT} of {tmp_path / 'managed'}" in str(err.value)
+    finally:
+        manager.close()
