@@ -28,8 +28,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from optax_ext.optimizers.adafactor import adafactor
-from optax_ext.optimizers.sgdm import sgdm
 from optax_ext.optimizers.tiger import tiger
+from optax_ext.wrappers.accumulation import accumulate_gradients
+from scaling.noise import measure_noise_scale
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 REPO = WORKER.parent.parent
@@ -164,16 +165,20 @@ def test_restore_into_another_optimizer_names_both_states(runs, make_tx, expecte
     assert str(root / "tiger_acc3") in message
 
 
-def test_same_tree_paths_but_another_optimizer_is_caught(runs):
-    """Lion's and SGDM's chains have the same paths and shapes ((state, empty, ...) with
-    ``count`` and ``mu``): only the recorded signature tells them apart."""
+def test_same_tree_but_another_optimizer_is_caught(runs):
+    """AdaX's state has Adam's fields and shapes (count, mu, nu): with AdaX swapped for
+    Adam inside the same wrappers the trees are identical, and Orbax 0.12 restores one
+    into the other without a word. Only the recorded signature tells them apart."""
     root = runs[3]
     checkpointer = ocp.StandardCheckpointer()
-    target = worker.abstract_state(sgdm(0.05))
-    saved = ocp.tree.to_flat_dict(checkpointer.metadata(root / "lion").item_metadata)
+    target = worker.abstract_state(accumulate_gradients(
+        optax.chain(measure_noise_scale(batch_size=worker.BATCH), optax.adam(1e-2)), 2
+    ))
+    path = root / "noise_adax_acc2"
+    saved = ocp.tree.to_flat_dict(checkpointer.metadata(path).item_metadata)
     assert worker._tree_mismatch(saved, ocp.tree.to_flat_dict(target)) == ""
-    with pytest.raises(ValueError, match="ScaleByLionState.*SgdmState"):
-        worker._restore_train_state(checkpointer, root / "lion", target)
+    with pytest.raises(ValueError, match=r"ScaleByAdaxState.*expects.*ScaleByAdamState"):
+        worker._restore_train_state(checkpointer, path, target)
 
 
 def test_plain_orbax_checkpoint_restores_and_mismatch_is_explained(runs):
