@@ -110,6 +110,12 @@ def test_checkpoints_are_mid_cycle(runs):
     assert int(acc.mini_step) == worker.SAVE_AT % 4 != 0
     assert any(np.any(g != 0) for g in jax.tree.leaves(acc.acc_grads))
     assert int(snapshots["tiger_acc3"].opt_state.count) % 3 == worker.SAVE_AT % 3 != 0
+    inject = snapshots["inject_tiger_acc2"].opt_state.inner_state
+    assert int(inject.count) % 2 == worker.SAVE_AT % 2 != 0
+    assert int(snapshots["noise_adax_acc2"].opt_state.mini_step) == 1
+    sgdm_state = snapshots["sgdm_nesterov_acc3"].opt_state[0]
+    assert int(sgdm_state.count) % 3 == worker.SAVE_AT % 3 != 0
+    assert any(np.any(a != 0) for a in jax.tree.leaves(sgdm_state.acc))
     look = snapshots["lookahead_tiger5"].opt_state
     assert int(look.count) % 5 == worker.SAVE_AT % 5 != 0
     # Between syncs the fast weights have left the slow ones.
