@@ -69,60 +69,106 @@ def _target(name: str):
     return worker.abstract_state(worker.OPTIMIZERS[name]())
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The uninterrupted runs (checkpointed at SAVE_AT), then the resumed runs, each in
-    its own process. Returns ``(snapshots, finals, resumed, root)``: the states restored
-    here from the checkpoints, the final states' leaves of both runs, and the checkpoints'
-    directory."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    finals = _run_worker("train", root, root / "uninterrupted.npz")
-    resumed = _run_worker("resume", root, root / "resumed.npz")
+def _mid_cycle_problems(snapshots) -> list[str]:
+    """Why the saved states would NOT hold work in progress (none: they all do)."""
+    problems = []
+
+    def expect(what, ok):
+        if not ok:
+            problems.append(what)
+
+    acc = snapshots["accumulate_adamw4"].opt_state
+    expect("accumulate_adamw4 mid-cycle", int(acc.mini_step) == worker.SAVE_AT % 4 != 0)
+    expect("accumulate_adamw4 has gradients accumulated",
+           any(np.any(g != 0) for g in jax.tree.leaves(acc.acc_grads)))
+    expect("noise_adax_acc2 mid-cycle", int(snapshots["noise_adax_acc2"].opt_state.mini_step) == 1)
+    tiger_count = int(snapshots["tiger_acc3"].opt_state.count)
+    expect("tiger_acc3 mid-cycle", tiger_count % 3 == worker.SAVE_AT % 3 != 0)
+    inject = snapshots["inject_tiger_acc2"].opt_state.inner_state
+    expect("inject_tiger_acc2 mid-cycle", int(inject.count) % 2 == worker.SAVE_AT % 2 != 0)
+    sgdm_state = snapshots["sgdm_nesterov_acc3"].opt_state[0]
+    expect("sgdm_nesterov_acc3 mid-cycle", int(sgdm_state.count) % 3 == worker.SAVE_AT % 3 != 0)
+    expect("sgdm_nesterov_acc3 has gradients accumulated",
+           any(np.any(a != 0) for a in jax.tree.leaves(sgdm_state.acc)))
+    look = snapshots["lookahead_tiger5"].opt_state
+    expect("lookahead_tiger5 mid-period", int(look.count) % 5 == worker.SAVE_AT % 5 != 0)
+    fast = jax.tree.leaves(snapshots["lookahead_tiger5"].params)
+    expect("lookahead_tiger5 fast weights away from the slow ones",
+           any(not np.array_equal(s, p)
+               for s, p in zip(jax.tree.leaves(look.slow), fast, strict=True)))
+    expect("nan_guard_tiger skipped the NaN step",
+           int(snapshots["nan_guard_tiger"].opt_state.skipped_steps) == 1)
+    return problems
+
+
+def _resume_problems(name, snapshot, final, resumed) -> list[str]:
+    """How run ``name`` resumed from ``snapshot`` differs from its uninterrupted run."""
+    if int(snapshot.step) != worker.SAVE_AT:
+        return [f"{name}: checkpoint at step {int(snapshot.step)}, not {worker.SAVE_AT}"]
+    if sorted(resumed) != sorted(final):
+        return [f"{name}: the resumed state has other leaves than the uninterrupted one"]
+    problems = [f"{name}: {path} differs (max |diff| "
+                f"{np.max(np.abs(resumed[path].astype(float) - x.astype(float)))})"
+                for path, x in final.items() if not np.array_equal(resumed[path], x)]
+    # The resumed part did train: the params moved after the checkpoint.
+    saved = worker.state_leaves(snapshot)
+    if all(np.array_equal(saved[k], x) for k, x in final.items() if k.startswith(".params")):
+        problems.append(f"{name}: the params did not move after the checkpoint")
+    return problems
+
+
+def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
+    """Every optimizer: train with a checkpoint at SAVE_AT in one process, resume from it
+    in a fresh one; final step, params and optimizer state equal to the last bit.
+
+    One test (not one per optimizer) so the two worker processes run once, also under
+    pytest-xdist; the message lists every run that differs."""
+    finals = _run_worker("train", tmp_path, tmp_path / "uninterrupted.npz")
+    resumed = _run_worker("resume", tmp_path, tmp_path / "resumed.npz")
     checkpointer = ocp.StandardCheckpointer()
     snapshots = {
-        name: worker._restore_train_state(checkpointer, root / name, _target(name))
+        name: worker._restore_train_state(checkpointer, tmp_path / name, _target(name))
         for name in NAMES
     }
-    # The same state written by plain Orbax, without the optimizer signature.
-    checkpointer.save(root / "plain_tiger_acc3", snapshots["tiger_acc3"])
+    assert _mid_cycle_problems(snapshots) == []
+    problems = [p for name in NAMES
+                for p in _resume_problems(name, snapshots[name], finals[name], resumed[name])]
+    assert problems == [], "\n".join(problems)
+
+
+def _synthetic_state(name: str):
+    """A TrainState of run ``name`` whose every leaf holds distinct values (so a restore
+    that put a value at the wrong path would show), without compiling anything."""
+    def fill(i, x):
+        values = np.arange(np.prod(x.shape, dtype=int)).reshape(x.shape) + 10 * i
+        return jax.device_put(values.astype(x.dtype), x.sharding)
+
+    target = _target(name)
+    leaves, treedef = jax.tree.flatten(target)
+    return jax.tree.unflatten(treedef, [fill(i, x) for i, x in enumerate(leaves)])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """``(root, states)``: synthetic states of a few runs saved with the signature under
+    ``root/<name>``, and tiger_acc3's also by plain Orbax under ``root/plain_tiger_acc3``."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    checkpointer = ocp.StandardCheckpointer()
+    states = {name: _synthetic_state(name)
+              for name in ("tiger_acc3", "noise_adax_acc2", "lookahead_tiger5")}
+    for name, state in states.items():
+        worker._save_train_state(checkpointer, root / name, state)
+    checkpointer.save(root / "plain_tiger_acc3", states["tiger_acc3"])
     checkpointer.wait_until_finished()
-    return snapshots, finals, resumed, root
+    return root, states
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_resumed_run_equals_uninterrupted_run(runs, name):
-    snapshots, finals, resumed, _ = runs
-    assert int(snapshots[name].step) == worker.SAVE_AT
-    assert sorted(resumed[name]) == sorted(finals[name])
-    assert int(resumed[name][".step"]) == worker.TOTAL_STEPS
-    for path, expected in finals[name].items():
-        np.testing.assert_array_equal(resumed[name][path], expected, err_msg=f"{name}: {path}")
-    # The resumed part did train: every run's params moved after the checkpoint.
-    saved = worker.state_leaves(snapshots[name])
-    assert any(not np.array_equal(saved[k], v) for k, v in finals[name].items()
-               if k.startswith(".params"))
-
-
-def test_checkpoints_are_mid_cycle(runs):
-    """The saved states hold work in progress, which a resume must not lose."""
-    snapshots = runs[0]
-    acc = snapshots["accumulate_adamw4"].opt_state
-    assert int(acc.mini_step) == worker.SAVE_AT % 4 != 0
-    assert any(np.any(g != 0) for g in jax.tree.leaves(acc.acc_grads))
-    assert int(snapshots["tiger_acc3"].opt_state.count) % 3 == worker.SAVE_AT % 3 != 0
-    inject = snapshots["inject_tiger_acc2"].opt_state.inner_state
-    assert int(inject.count) % 2 == worker.SAVE_AT % 2 != 0
-    assert int(snapshots["noise_adax_acc2"].opt_state.mini_step) == 1
-    sgdm_state = snapshots["sgdm_nesterov_acc3"].opt_state[0]
-    assert int(sgdm_state.count) % 3 == worker.SAVE_AT % 3 != 0
-    assert any(np.any(a != 0) for a in jax.tree.leaves(sgdm_state.acc))
-    look = snapshots["lookahead_tiger5"].opt_state
-    assert int(look.count) % 5 == worker.SAVE_AT % 5 != 0
-    # Between syncs the fast weights have left the slow ones.
-    fast = jax.tree.leaves(snapshots["lookahead_tiger5"].params)
-    assert any(not np.array_equal(s, p)
-               for s, p in zip(jax.tree.leaves(look.slow), fast, strict=True))
-    assert int(snapshots["nan_guard_tiger"].opt_state.skipped_steps) == 1
+def _assert_same_state(restored, expected):
+    expected = worker.state_leaves(expected)
+    restored = worker.state_leaves(restored)
+    assert sorted(restored) == sorted(expected)
+    for key, value in restored.items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
 
 
 def _signature_of(name):
@@ -159,8 +205,8 @@ def test_signature_names_the_state_types():
     ],
     ids=["adamw", "adafactor"],
 )
-def test_restore_into_another_optimizer_names_both_states(runs, make_tx, expected_type):
-    root = runs[3]
+def test_restore_into_another_optimizer_names_both_states(checkpoints, make_tx, expected_type):
+    root, states = checkpoints
     checkpointer = ocp.StandardCheckpointer()
     target = worker.abstract_state(make_tx())
     with pytest.raises(ValueError, match="another optimizer") as err:
@@ -171,11 +217,11 @@ def test_restore_into_another_optimizer_names_both_states(runs, make_tx, expecte
     assert str(root / "tiger_acc3") in message
 
 
-def test_same_tree_but_another_optimizer_is_caught(runs):
+def test_same_tree_but_another_optimizer_is_caught(checkpoints):
     """AdaX's state has Adam's fields and shapes (count, mu, nu): with AdaX swapped for
     Adam inside the same wrappers the trees are identical, and Orbax 0.12 restores one
     into the other without a word. Only the recorded signature tells them apart."""
-    root = runs[3]
+    root = checkpoints[0]
     checkpointer = ocp.StandardCheckpointer()
     target = worker.abstract_state(accumulate_gradients(
         optax.chain(measure_noise_scale(batch_size=worker.BATCH), optax.adam(1e-2)), 2
@@ -187,16 +233,15 @@ def test_same_tree_but_another_optimizer_is_caught(runs):
         worker._restore_train_state(checkpointer, path, target)
 
 
-def test_plain_orbax_checkpoint_restores_and_mismatch_is_explained(runs):
+def test_plain_orbax_checkpoint_restores_and_mismatch_is_explained(checkpoints):
     """A checkpoint written by ``checkpointer.save`` (no signature) still restores, and a
     wrong target is reported by path, naming the target's state type."""
-    snapshots, _, _, root = runs
+    root, states = checkpoints
     checkpointer = ocp.StandardCheckpointer()
+    for saved in ("tiger_acc3", "plain_tiger_acc3"):
+        restored = worker._restore_train_state(checkpointer, root / saved, _target("tiger_acc3"))
+        _assert_same_state(restored, states["tiger_acc3"])
     path = root / "plain_tiger_acc3"
-    restored = worker._restore_train_state(checkpointer, path, _target("tiger_acc3"))
-    expected = worker.state_leaves(snapshots["tiger_acc3"])
-    for key, value in worker.state_leaves(restored).items():
-        np.testing.assert_array_equal(value, expected[key], err_msg=key)
 
     with pytest.raises(ValueError, match="does not fit the train state") as err:
         worker._restore_train_state(checkpointer, path, worker.abstract_state(optax.adamw(1e-3)))
@@ -206,9 +251,9 @@ def test_plain_orbax_checkpoint_restores_and_mismatch_is_explained(runs):
     assert "opt_state/mu/" in message  # a path the target lacks
 
 
-def test_shape_mismatch_is_explained(runs):
+def test_shape_mismatch_is_explained(checkpoints):
     """Same optimizer, another model width: the message names the leaf and both shapes."""
-    root = runs[3]
+    root = checkpoints[0]
     checkpointer = ocp.StandardCheckpointer()
     target = _target("tiger_acc3")
     kernel = target.params["params"]["Dense_0"]["kernel"]
@@ -217,22 +262,21 @@ def test_shape_mismatch_is_explained(runs):
     target = target.replace(params={"params": {**target.params["params"],
                                                "Dense_0": {**target.params["params"]["Dense_0"],
                                                            "kernel": wide}}})
-    with pytest.raises(ValueError, match=r"params/params/Dense_0/kernel has shape \(4, 8\)"):
+    with pytest.raises(ValueError, match=r"params/params/Dense_0/kernel has shape \(4, 8\) in the "
+                       r"checkpoint, \(4, 9\) in the target"):
         worker._restore_train_state(checkpointer, root / "tiger_acc3", target)
 
 
-def test_checkpoint_manager_same_checks(runs, tmp_path):
+def test_checkpoint_manager_same_checks(checkpoints, tmp_path):
     """The helpers take an ``ocp.CheckpointManager`` and a step as well."""
-    snapshot = runs[0]["lookahead_tiger5"]
+    snapshot = checkpoints[1]["lookahead_tiger5"]
     manager = ocp.CheckpointManager(tmp_path / "managed")
     try:
         worker._save_train_state(manager, worker.SAVE_AT, snapshot)
         manager.wait_until_finished()
         restored = worker._restore_train_state(manager, worker.SAVE_AT,
                                                _target("lookahead_tiger5"))
-        expected = worker.state_leaves(snapshot)
-        for key, value in worker.state_leaves(restored).items():
-            np.testing.assert_array_equal(value, expected[key], err_msg=key)
+        _assert_same_state(restored, snapshot)
         with pytest.raises(ValueError, match=r"type LookaheadState\[TigerState\].*ScaleByAdam") \
                 as err:
             worker._restore_train_state(manager, worker.SAVE_AT,
