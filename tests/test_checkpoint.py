@@ -107,9 +107,10 @@ def _resume_problems(name, snapshot, final, resumed) -> list[str]:
         return [f"{name}: checkpoint at step {int(snapshot.step)}, not {worker.SAVE_AT}"]
     if sorted(resumed) != sorted(final):
         return [f"{name}: the resumed state has other leaves than the uninterrupted one"]
-    problems = [f"{name}: {path} differs (max |diff| "
-                f"{np.max(np.abs(resumed[path].astype(float) - x.astype(float)))})"
-                for path, x in final.items() if not np.array_equal(resumed[path], x)]
+    differ = [f"{path} (max |diff| {np.max(np.abs(resumed[path] - x.astype(float)))})"
+              for path, x in final.items() if not np.array_equal(resumed[path], x)]
+    problems = [f"{name}: {len(differ)} of {len(final)} leaves differ: "
+                + ", ".join(differ[:3])] if differ else []
     # The resumed part did train: the params moved after the checkpoint.
     saved = worker.state_leaves(snapshot)
     if all(np.array_equal(saved[k], x) for k, x in final.items() if k.startswith(".params")):
