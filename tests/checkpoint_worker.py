@@ -291,7 +291,8 @@ def train(checkpointer: ocp.AbstractCheckpointer, root: str, name: str) -> Train
     for i, batch in enumerate(batches(name)):
         if i == SAVE_AT:
             _save_train_state(checkpointer, os.path.join(root, name), state)
-            # The step donates the state's buffers: the save must have read them first.
+            # Orbax has copied the arrays to the host when save returns (so the step may
+            # donate them); waiting makes the checkpoint complete before the run goes on.
             checkpointer.wait_until_finished()
         state, _ = step(state, batch)
     return state
