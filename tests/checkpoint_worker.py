@@ -327,7 +327,7 @@ def main(argv: list[str]) -> int:
     checkpointer = ocp.StandardCheckpointer()
     arrays = {}
     for name in args.names:
-        leaves = state_leaves(run(checkpointer, args.root, name))
+        leaves = state_leaves(run(checkpointer, os.path.abspath(args.root), name))
         arrays.update({f"{name}|{path}": x for path, x in leaves.items()})
     np.savez(args.out, **arrays)
     return 0
