@@ -21,6 +21,7 @@ from optax_ext._common import (
     check_choice,
     check_int,
     check_range,
+    has_nonfinite,
     is_static_int,
     path_labels,
     path_mask,
@@ -47,11 +48,6 @@ class TigerState(NamedTuple):
 
 
 # ---------------------------------------------------------------- per-leaf pieces
-
-
-def is_bad(g: jax.Array, catch_inf: bool) -> jax.Array:
-    """Whether a gradient leaf must be discarded: any NaN (or any non-finite value)."""
-    return jnp.any(~jnp.isfinite(g)) if catch_inf else jnp.any(jnp.isnan(g))
 
 
 def tiger_momentum(g, m, *, beta, first, k, bad=None):
@@ -164,7 +160,7 @@ def scale_by_tiger(
         first, apply = _cycle_flags(state.count, k)
 
         def leaf(g, m):
-            bad = is_bad(g, catch_inf) if guard_nan else None
+            bad = has_nonfinite(g, catch_inf) if guard_nan else None
             m = tiger_momentum(g, m, beta=beta, first=first, k=k, bad=bad)
             u = jnp.sign(m)
             if bad is not None:
@@ -294,7 +290,7 @@ def tiger(
         centres = path_labels(params, [(NORM_SCALE, 1.0)], default=0.0)
 
         def leaf(g, m, p, rule, decay, centre):
-            bad = is_bad(g, catch_inf) if guard_nan else None
+            bad = has_nonfinite(g, catch_inf) if guard_nan else None
             m = tiger_momentum(g, m, beta=beta, first=first, k=k, bad=bad)
             eta = lr * param_scale(p, rule, min_rms)
             work = _work_dtype(p)

@@ -7,13 +7,14 @@ momentum instead, https://kexue.fm/archives/8634 (:mod:`optax_ext.optimizers.sgd
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import canonical_dtype, check_int
+from optax_ext._common import canonical_dtype, check_int, has_nonfinite
 
 
 class AccumulationState(NamedTuple):
@@ -219,9 +220,9 @@ def _global_sq_norm(tree: Any) -> jax.Array:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else (
-        jnp.asarray(True))
+    return ~functools.reduce(
+        jnp.logical_or, [has_nonfinite(x) for x in jax.tree.leaves(tree)], jnp.zeros([], bool)
+    )
 
 
 def _increment_if(cond: jax.Array, counter: jax.Array) -> jax.Array:

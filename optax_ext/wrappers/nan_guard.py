@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import NORM_SCALE, check_range, is_concrete_number, path_labels
+from optax_ext._common import (
+    NORM_SCALE,
+    check_range,
+    has_nonfinite,
+    is_concrete_number,
+    path_labels,
+)
 
 
 class NanGuardState(NamedTuple):
@@ -115,7 +121,7 @@ def nan_guard(
         if params is None:
             raise ValueError("nan_guard needs the current params: call "
                              "tx.update(grads, state, params)")
-        bad = jax.tree.map(lambda g: _is_bad(g, catch_inf), updates)
+        bad = jax.tree.map(lambda g: has_nonfinite(g, catch_inf), updates)
         n_bad = sum(jax.tree.leaves(jax.tree.map(lambda b: b.astype(jnp.int32), bad)),
                     jnp.zeros([], jnp.int32))
         skip = n_bad > 0
@@ -145,10 +151,6 @@ def nan_guard(
 
 
 # ----------------------------------------------------------------------- helpers
-
-
-def _is_bad(g: jax.Array, catch_inf: bool) -> jax.Array:
-    return jnp.any(~jnp.isfinite(g)) if catch_inf else jnp.any(jnp.isnan(g))
 
 
 def _centre_rules(centre: Any) -> Any:
