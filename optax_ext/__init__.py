@@ -20,6 +20,11 @@ from optax_ext.adversarial import (
     fgm_value_and_grad,
     gradient_penalty_loss,
 )
+from optax_ext.checkpoint import (
+    opt_state_signature,
+    restore_train_state,
+    save_train_state,
+)
 from optax_ext.contrastive import (
     am_softmax_loss,
     contrastive_value_and_grad,
@@ -156,6 +161,7 @@ __all__ = [
     "lookahead",
     "make_train_step",
     "nan_guard",
+    "opt_state_signature",
     "param_ema",
     "path_labels",
     "path_mask",
@@ -163,6 +169,8 @@ __all__ = [
     "piecewise_linear",
     "relative_step_size",
     "replicate",
+    "restore_train_state",
+    "save_train_state",
     "scale_by_adafactor",
     "scale_by_adax",
     "scale_by_amos",

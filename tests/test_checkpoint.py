@@ -27,6 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from optax_ext import checkpoint
 from optax_ext.optimizers.adafactor import adafactor
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.accumulation import accumulate_gradients
@@ -128,7 +129,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     resumed = _run_worker("resume", tmp_path, tmp_path / "resumed.npz")
     checkpointer = ocp.StandardCheckpointer()
     snapshots = {
-        name: worker._restore_train_state(checkpointer, tmp_path / name, _target(name))
+        name: checkpoint.restore_train_state(checkpointer, tmp_path / name, _target(name))
         for name in NAMES
     }
     assert _mid_cycle_problems(snapshots) == []
@@ -158,7 +159,7 @@ def checkpoints(tmp_path_factory):
     states = {name: _synthetic_state(name)
               for name in ("tiger_acc3", "noise_adax_acc2", "lookahead_tiger5")}
     for name, state in states.items():
-        worker._save_train_state(checkpointer, root / name, state)
+        checkpoint.save_train_state(checkpointer, root / name, state)
     checkpointer.save(root / "plain_tiger_acc3", states["tiger_acc3"])
     checkpointer.wait_until_finished()
     return root, states
@@ -173,7 +174,7 @@ def _assert_same_state(restored, expected):
 
 
 def _signature_of(name):
-    return worker._opt_state_signature(_target(name).opt_state)
+    return checkpoint.opt_state_signature(_target(name).opt_state)
 
 
 def test_signature_names_the_state_types():
@@ -189,10 +190,10 @@ def test_signature_names_the_state_types():
     )
     params = {"a": {"kernel": jax.ShapeDtypeStruct((2, 3), np.float32)},
               "b": jax.ShapeDtypeStruct((4,), np.float32)}
-    assert worker._opt_state_signature(jax.eval_shape(tiger(1e-3).init, params)) == "TigerState"
+    assert checkpoint.opt_state_signature(jax.eval_shape(tiger(1e-3).init, params)) == "TigerState"
     # optax.partition's labelled states: the distinct ones, in braces.
     tx = optax.partition({"a": tiger(1e-3), "b": optax.sgd(0.1)}, {"a": "a", "b": "b"})
-    assert worker._opt_state_signature(jax.eval_shape(tx.init, params)) == (
+    assert checkpoint.opt_state_signature(jax.eval_shape(tx.init, params)) == (
         "PartitionState[{MaskedState[(EmptyState, EmptyState)], MaskedState[TigerState]}]"
     )
 
@@ -211,7 +212,7 @@ def test_restore_into_another_optimizer_names_both_states(checkpoints, make_tx, 
     checkpointer = ocp.StandardCheckpointer()
     target = worker.abstract_state(make_tx())
     with pytest.raises(ValueError, match="another optimizer") as err:
-        worker._restore_train_state(checkpointer, root / "tiger_acc3", target)
+        checkpoint.restore_train_state(checkpointer, root / "tiger_acc3", target)
     message = str(err.value)
     assert "holds an optimizer state of type TigerState" in message
     assert expected_type in message
@@ -229,9 +230,9 @@ def test_same_tree_but_another_optimizer_is_caught(checkpoints):
     ))
     path = root / "noise_adax_acc2"
     saved = ocp.tree.to_flat_dict(checkpointer.metadata(path).item_metadata)
-    assert worker._tree_mismatch(saved, ocp.tree.to_flat_dict(target)) == ""
+    assert checkpoint._tree_mismatch(saved, ocp.tree.to_flat_dict(target)) == ""
     with pytest.raises(ValueError, match=r"ScaleByAdaxState.*expects.*ScaleByAdamState"):
-        worker._restore_train_state(checkpointer, path, target)
+        checkpoint.restore_train_state(checkpointer, path, target)
 
 
 def test_plain_orbax_checkpoint_restores_and_mismatch_is_explained(checkpoints):
@@ -240,12 +241,12 @@ def test_plain_orbax_checkpoint_restores_and_mismatch_is_explained(checkpoints):
     root, states = checkpoints
     checkpointer = ocp.StandardCheckpointer()
     for saved in ("tiger_acc3", "plain_tiger_acc3"):
-        restored = worker._restore_train_state(checkpointer, root / saved, _target("tiger_acc3"))
+        restored = checkpoint.restore_train_state(checkpointer, root / saved, _target("tiger_acc3"))
         _assert_same_state(restored, states["tiger_acc3"])
     path = root / "plain_tiger_acc3"
 
     with pytest.raises(ValueError, match="does not fit the train state") as err:
-        worker._restore_train_state(checkpointer, path, worker.abstract_state(optax.adamw(1e-3)))
+        checkpoint.restore_train_state(checkpointer, path, worker.abstract_state(optax.adamw(1e-3)))
     message = str(err.value)
     assert "ScaleByAdamState" in message
     assert "opt_state/0/count" in message  # a path the checkpoint lacks
@@ -265,7 +266,7 @@ def test_shape_mismatch_is_explained(checkpoints):
                                                            "kernel": wide}}})
     with pytest.raises(ValueError, match=r"params/params/Dense_0/kernel has shape \(4, 8\) in the "
                        r"checkpoint, \(4, 9\) in the target"):
-        worker._restore_train_state(checkpointer, root / "tiger_acc3", target)
+        checkpoint.restore_train_state(checkpointer, root / "tiger_acc3", target)
 
 
 def test_checkpoint_manager_same_checks(checkpoints, tmp_path):
@@ -273,14 +274,14 @@ def test_checkpoint_manager_same_checks(checkpoints, tmp_path):
     snapshot = checkpoints[1]["lookahead_tiger5"]
     manager = ocp.CheckpointManager(tmp_path / "managed")
     try:
-        worker._save_train_state(manager, worker.SAVE_AT, snapshot)
+        checkpoint.save_train_state(manager, worker.SAVE_AT, snapshot)
         manager.wait_until_finished()
-        restored = worker._restore_train_state(manager, worker.SAVE_AT,
+        restored = checkpoint.restore_train_state(manager, worker.SAVE_AT,
                                                _target("lookahead_tiger5"))
         _assert_same_state(restored, snapshot)
         with pytest.raises(ValueError, match=r"type LookaheadState\[TigerState\].*ScaleByAdam") \
                 as err:
-            worker._restore_train_state(manager, worker.SAVE_AT,
+            checkpoint.restore_train_state(manager, worker.SAVE_AT,
                                         worker.abstract_state(optax.adamw(1e-3)))
         assert f"step {worker.SAVE_AT} of {tmp_path / 'managed'}" in str(err.value)
     finally:

@@ -1,0 +1,150 @@
+"""Orbax checkpoints of a train state that know which optimizer wrote them.
+
+Every optimizer state of optax-ext is a plain pytree of arrays, so Orbax saves it as it
+is: accumulation cycles, lookahead slow weights, parameter EMAs, NaN-guard counters and
+noise-scale EMAs included, and a run resumed from a checkpoint is bit-identical to an
+uninterrupted one. What Orbax alone does not catch is a checkpoint restored into a train
+state built with *another* optimizer whose state has the same tree (AdaX into Adam, say):
+:func:`save_train_state` records the optimizer state's :func:`opt_state_signature` and
+:func:`restore_train_state` checks it, naming both state types when they differ::
+
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.StandardCheckpointer()
+    save_train_state(checkpointer, "/abs/ckpt/700", state)
+    checkpointer.wait_until_finished()
+    target = jax.eval_shape(make_state)          # the same constructor, abstractly
+    state = restore_train_state(checkpointer, "/abs/ckpt/700", target)
+
+Orbax (``pip install "optax-ext[checkpoint]"``) is imported on use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import optax
+
+_METADATA_KEY = "optax_ext"
+
+
+def opt_state_signature(opt_state: Any) -> str:
+    """The nesting of state types in an optimizer state, e.g. ``"TigerState"`` or
+    ``"(ScaleByAdamState, EmptyState, EmptyState)"`` for ``optax.adamw``.
+
+    NamedTuple states appear by class name with their nested states in brackets, chains
+    (tuples) in parentheses; the distinct states inside a dict (``optax.partition``'s
+    labels, per-leaf states) in braces. Arrays add nothing, so the signature names the
+    optimizer, not the model.
+    """
+    if isinstance(opt_state, optax.MaskedNode):
+        return ""  # a masked-out leaf of a parameter-shaped subtree
+    if isinstance(opt_state, Mapping):
+        inner = ", ".join(sorted(_types_in_dict(opt_state)))
+        return f"{{{inner}}}" if inner else ""
+    if isinstance(opt_state, tuple | list):
+        inner = ", ".join(s for s in map(opt_state_signature, opt_state) if s)
+        if hasattr(opt_state, "_fields"):  # a NamedTuple: an optimizer's state
+            return type(opt_state).__name__ + (f"[{inner}]" if inner else "")
+        return f"({inner})" if inner else ""
+    return ""
+
+
+def _types_in_dict(tree: Mapping) -> set[str]:
+    """The distinct non-empty signatures of a dict's values, nested dicts merged."""
+    out = set()
+    for value in tree.values():
+        out |= _types_in_dict(value) if isinstance(value, Mapping) else {opt_state_signature(value)}
+    return out - {""}
+
+
+def _train_state_metadata(state: Any) -> dict[str, Any]:
+    """Custom metadata to save with ``state``: its optimizer-state signature."""
+    return {_METADATA_KEY: {"opt_state": opt_state_signature(state.opt_state)}}
+
+
+def _first(keys: set, n: int = 3) -> str:
+    shown = ", ".join("/".join(k) for k in sorted(keys)[:n])
+    return shown + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _tree_mismatch(saved: Mapping[tuple, Any], target: Mapping[tuple, Any]) -> str:
+    """What differs between two flat ``{path: leaf}`` trees (paths, then shapes), or ""."""
+    missing, unexpected = set(target) - set(saved), set(saved) - set(target)
+    problems = []
+    if missing:
+        problems.append(f"the checkpoint lacks {_first(missing)}")
+    if unexpected:
+        problems.append(f"the checkpoint has {_first(unexpected)} that the target lacks")
+    shape = lambda x: tuple(getattr(x, "shape", np.shape(x)))
+    for path in sorted(set(saved) & set(target)):
+        if shape(saved[path]) != shape(target[path]):
+            problems.append(
+                f"{'/'.join(path)} has shape {shape(saved[path])} in the checkpoint, "
+                f"{shape(target[path])} in the target"
+            )
+            break
+    return "; ".join(problems)
+
+
+def _check_checkpoint(metadata: Any, target: Any, where: str) -> None:
+    """Raises ``ValueError`` unless a checkpoint (its Orbax ``StepMetadata``) fits
+    ``target``: the optimizer-state signature recorded by :func:`save_train_state`
+    equals the target's (the message names both), and the tree paths and shapes agree
+    (which also covers checkpoints saved without the signature)."""
+    import orbax.checkpoint as ocp  # optional dependency
+
+    expected = opt_state_signature(target.opt_state)
+    saved = (metadata.custom_metadata or {}).get(_METADATA_KEY, {}).get("opt_state")
+    if saved is not None and saved != expected:
+        raise ValueError(
+            f"checkpoint at {where} holds an optimizer state of type {saved}, but the "
+            f"train state expects {expected}: was it written by another optimizer?"
+        )
+    if metadata.item_metadata is not None:
+        mismatch = _tree_mismatch(
+            ocp.tree.to_flat_dict(metadata.item_metadata), ocp.tree.to_flat_dict(target)
+        )
+        if mismatch:
+            raise ValueError(
+                f"checkpoint at {where} does not fit the train state, whose optimizer "
+                f"state is of type {expected}: {mismatch}. Was it written by another "
+                "optimizer or model?"
+            )
+
+
+def save_train_state(checkpointer: Any, where: Any, state: Any, **kwargs) -> None:
+    """Saves ``state`` with its optimizer-state signature in the custom metadata.
+
+    ``checkpointer``: an ``ocp.StandardCheckpointer`` (``where``: a directory) or an
+    ``ocp.CheckpointManager`` (``where``: a step). ``kwargs`` go to its ``save``.
+    """
+    meta = _train_state_metadata(state)
+    import orbax.checkpoint as ocp  # optional dependency
+
+    if isinstance(checkpointer, ocp.CheckpointManager):
+        checkpointer.save(where, args=ocp.args.StandardSave(state), custom_metadata=meta, **kwargs)
+    else:
+        checkpointer.save(where, state, custom_metadata=meta, **kwargs)
+
+
+def restore_train_state(checkpointer: Any, where: Any, target: Any) -> Any:
+    """Restores a TrainState into ``target`` (real or ``jax.eval_shape`` abstract) after
+    :func:`_check_checkpoint`.
+
+    ``checkpointer``: an ``ocp.StandardCheckpointer`` (``where``: a directory) or an
+    ``ocp.CheckpointManager`` (``where``: a step).
+
+    Raises:
+      ValueError: the checkpoint was written by another optimizer (the message names
+        both optimizer-state types), or its paths or shapes differ from ``target``'s.
+    """
+    import orbax.checkpoint as ocp  # optional dependency
+
+    manager = isinstance(checkpointer, ocp.CheckpointManager)
+    label = f"step {where} of {checkpointer.directory}" if manager else str(where)
+    _check_checkpoint(checkpointer.metadata(where), target, label)
+    if manager:
+        return checkpointer.restore(where, args=ocp.args.StandardRestore(target))
+    return checkpointer.restore(where, target)
