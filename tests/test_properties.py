@@ -35,14 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from optax_ext._common import EMBEDDING, path_to_str
 from optax_ext.optimizers.adafactor import adafactor
 from optax_ext.optimizers.adax import adax, adaxw, scale_by_adax
 from optax_ext.optimizers.amos import amos
-from optax_ext.optimizers.lion import lion
+from optax_ext.optimizers.lion import lion, scale_by_lion
 from optax_ext.optimizers.sgdm import sgdm
 from optax_ext.optimizers.tiger import scale_by_tiger, tiger
 from optax_ext.wrappers.accumulation import accumulate_gradients
@@ -55,11 +55,13 @@ from optax_ext.wrappers.param_rules import scale_by_path
 
 settings.register_profile(
     "ci", max_examples=3, deadline=None, derandomize=True, database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                          HealthCheck.filter_too_much],
 )
 settings.register_profile(
     "thorough", max_examples=60, deadline=None, derandomize=True, database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                          HealthCheck.filter_too_much],
 )
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 STEPS = 3
@@ -166,9 +168,12 @@ BETA = floats(0.0, 0.999)
 WD = st.one_of(st.just(0.0), floats(1e-4, 0.1))
 MU_DTYPE = st.sampled_from([None, jnp.float32, jnp.bfloat16])
 
-# inner optimizers for the wrappers: one of each family (Adam-like, sign, factored, SGD)
+# inner optimizers for the wrappers: one of each family (Adam-like, sign, factored, SGD).
+# optax.adamw's default eps=1e-8 rounds to 0 in float16, so a zero gradient entry gives
+# 0/0 = NaN there (optax keeps its second moment in the gradients' dtype); 1e-6 is
+# representable in float16.
 INNER = {
-    "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
+    "adamw": lambda: optax.adamw(1e-2, eps=1e-6, weight_decay=1e-2),
     "tiger": lambda: tiger(1e-2),
     "lion": lambda: lion(1e-3),
     "adafactor": lambda: adafactor(min_dim_size_to_factor=2, momentum=0.9),
@@ -359,6 +364,27 @@ def check_properties(name, kwargs, specs, seed, scale):
     assert_close(p_jit, p_eager, "params, jit vs eager")
 
 
+# ---------------------------------------------------------------- known bugs
+
+# Inputs on which a module is known to fail; each has a minimal xfail(strict=True)
+# reproduction below, and the random cases leave them out so the rest stays covered.
+
+
+def _uses_tiger_scales(name, kwargs):
+    if name == "tiger" or (name == "lion"):
+        return kwargs.get("param_scaling") == "tiger"
+    return kwargs.get("inner") == "tiger"
+
+
+def known_bug(name, kwargs, specs) -> str | None:
+    if _uses_tiger_scales(name, kwargs) and any(
+            s.path[-1] == "embedding" and s.shape == () for s in specs):
+        return "tiger row_rms on a scalar embedding"
+    if name == "amos" and any(0 in s.shape for s in specs):
+        return "amos on a 0-size leaf"
+    return None
+
+
 # --------------------------------------------------------------------- tests
 
 
@@ -377,6 +403,78 @@ def test_properties(name):
     @settings(settings.get_profile(PROFILE))
     @_given_cases(name)
     def prop(kwargs, specs, seed, scale):
+        assume(known_bug(name, kwargs, specs) is None)
         check_properties(name, kwargs, specs, seed, scale)
 
     prop()
+
+
+@settings(settings.get_profile(PROFILE))
+@given(b1=UNIT, b2=st.one_of(st.just(0.0), floats(1e-3, 1.0)), mu_dtype=MU_DTYPE,
+       specs=tree_specs(), seed=st.integers(0, 2**16))
+def test_lion_direction_is_the_sign_of_sign_consistent_gradients(b1, b2, mu_dtype, specs,
+                                                                 seed):
+    # every momentum term has the sign of g, so sign(b1·m + (1-b1)·g) = sign(g) exactly:
+    # an oracle independent of how the direction is computed
+    tx = scale_by_lion(b1, b2, mu_dtype=mu_dtype)
+    params = make_params(specs, seed)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for i, g in enumerate(make_grads(specs, seed + 1, 1.0)):
+        u, state = update(g, state)
+        for (path, x), (_, gx) in zip(_leaves_with_paths(u), _leaves_with_paths(g),
+                                      strict=True):
+            np.testing.assert_array_equal(np.asarray(x, np.float64),
+                                          np.sign(np.asarray(gx, np.float64)),
+                                          err_msg=f"step {i} at {path}")
+
+
+# ------------------------------------------- minimal reproductions of known bugs
+
+
+@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
+    "tiger.param_scale: the 'row_rms' rule (path 'embedding') reduces axis -1, which a "
+    "0-d leaf does not have (IndexError); also lion(param_scaling='tiger')"))
+@pytest.mark.parametrize("make", [lambda: tiger(1e-2),
+                                  lambda: lion(1e-3, param_scaling="tiger")],
+                         ids=["tiger", "lion"])
+def test_known_bug_tiger_scales_on_scalar_embedding(make):
+    tx = make()
+    params = {"embed": {"embedding": jnp.ones(())}}
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert np.isfinite(float(updates["embed"]["embedding"]))
+
+
+@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason=(
+    "amos_default_eta: sqrt(1/fan_in) with fan_in = 0 (a 0-size kernel or embedding) "
+    "raises ZeroDivisionError in init"))
+@pytest.mark.parametrize("leaf", [{"kernel": jnp.zeros((0, 3))},
+                                  {"embedding": jnp.zeros((3, 0))}], ids=["kernel", "embedding"])
+def test_known_bug_amos_zero_size_matrix(leaf):
+    tx = amos(0.1)
+    params = {"Dense_0": leaf}
+    _, state = tx.update(params, tx.init(params), params)
+    assert_finite(state, "amos state")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "amos: a 0-size 1-D leaf has reduced shape (), and the mean of its empty g² is NaN, "
+    "so v and b become NaN"))
+def test_known_bug_amos_zero_size_vector_state():
+    tx = amos(0.1)
+    params = {"Dense_0": {"bias": jnp.zeros((0,))}}
+    _, state = tx.update(params, tx.init(params), params)
+    assert_finite(state, "amos state")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "scale_by_lion computes sign(b1·m + (1-b1)·g) as sign((b1/b2)·m' + ((1-b1) - "
+    "b1(1-b2)/b2)·g): for small b2 the two terms of size b1/b2 cancel and float32 "
+    "rounding (≈ (b1/b2)·1e-7·|g|) decides the sign; every sign is wrong at b2 = 1e-8"))
+def test_known_bug_lion_small_b2():
+    tx = scale_by_lion(b1=0.9, b2=1e-8)
+    g = jnp.array([1.0, -1.0, 0.5, -2.0])
+    state = tx.init(g)
+    for _ in range(2):
+        u, state = tx.update(g, state)
+        np.testing.assert_array_equal(np.asarray(u), np.sign(np.asarray(g)))
