@@ -162,6 +162,7 @@ def machine() -> dict[str, Any]:
         "device": str(jax.devices()[0].device_kind),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine while measuring
         "python": platform.python_version(),
         "jax": jax.__version__,
         "optax": optax.__version__,

@@ -50,15 +50,15 @@ CORPUS_MODULES = (
 def load_corpus(max_chars: int = 400_000) -> str:
     """Concatenates the docstrings of standard-library modules, their classes and functions."""
     parts: list[str] = []
-    for name in CORPUS_MODULES:
-        module = importlib.import_module(name)
-        with warnings.catch_warnings():  # deprecated aliases (typing.re) warn on access
-            warnings.simplefilter("ignore", DeprecationWarning)
+    with warnings.catch_warnings():  # deprecated aliases (typing.re, typing.io) warn on access
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in CORPUS_MODULES:
+            module = importlib.import_module(name)
             members = [getattr(module, a) for a in sorted(dir(module)) if not a.startswith("_")]
-        for obj in [module] + [m for m in members if not inspect.ismodule(m)]:
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str) and len(doc) > 40 and doc not in parts:
-                parts.append(doc)
+            for obj in [module] + [m for m in members if not inspect.ismodule(m)]:
+                doc = getattr(obj, "__doc__", None)
+                if isinstance(doc, str) and len(doc) > 40 and doc not in parts:
+                    parts.append(doc)
     text = "\n\n".join(parts)
     return "".join(c for c in text if c.isascii())[:max_chars]
 
