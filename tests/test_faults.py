@@ -54,19 +54,26 @@ OPTIMIZERS = {
 def make_params(dtype=jnp.float32):
     rng = np.random.default_rng(0)
     n = lambda *shape: jnp.asarray(0.5 * rng.standard_normal(shape), dtype)
-    return {"params": {
-        "embed": {"embedding": n(5, 4)},
-        "Dense_0": {"kernel": n(4, 3), "bias": n(3)},
-        "LayerNorm_0": {"scale": jnp.asarray(1 + 0.1 * rng.standard_normal(3), dtype),
-                        "bias": n(3)},
-    }}
+    return {
+        "params": {
+            "embed": {"embedding": n(5, 4)},
+            "Dense_0": {"kernel": n(4, 3), "bias": n(3)},
+            "LayerNorm_0": {
+                "scale": jnp.asarray(1 + 0.1 * rng.standard_normal(3), dtype),
+                "bias": n(3),
+            },
+        }
+    }
 
 
 def make_grads(params, seed, scale=1.0):
     rng = np.random.default_rng(seed)
     return jax.tree.map(
-        lambda p: jnp.asarray(scale * rng.uniform(0.5, 2, p.shape)
-                              * rng.choice([-1, 1], p.shape), p.dtype), params)
+        lambda p: jnp.asarray(
+            scale * rng.uniform(0.5, 2, p.shape) * rng.choice([-1, 1], p.shape), p.dtype
+        ),
+        params,
+    )
 
 
 def with_bad_entry(grads, value):
@@ -77,8 +84,10 @@ def with_bad_entry(grads, value):
 
 
 def leaves(tree):
-    return {path_to_str(p): np.asarray(x, np.float64)
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        path_to_str(p): np.asarray(x, np.float64)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def all_finite(tree):
@@ -98,6 +107,7 @@ _STEPS: dict = {}
 def stepper(tx):
     """A jitted (params, state, grads) -> (params, state, updates), one per transform."""
     if id(tx) not in _STEPS:
+
         def step(params, state, grads):
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state, updates
@@ -120,11 +130,11 @@ def warm(tx, params, n=2):
 # plus a factored AdaFactor with momentum: its state is not shaped like the params
 GUARDED_INNER = {
     **OPTIMIZERS,
-    "adafactor(factored, momentum)": lambda lr: adafactor(lr, momentum=0.9,
-                                                          min_dim_size_to_factor=2),
+    "adafactor(factored, momentum)": lambda lr: adafactor(
+        lr, momentum=0.9, min_dim_size_to_factor=2
+    ),
 }
-_GUARDED = {name: nan_guard(make(1e-2), shrink_ratio=0.9)
-            for name, make in GUARDED_INNER.items()}
+_GUARDED = {name: nan_guard(make(1e-2), shrink_ratio=0.9) for name, make in GUARDED_INNER.items()}
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
@@ -170,8 +180,9 @@ def test_nan_guard_centre_of_norm_scales_is_one():
     grads = jax.tree_util.tree_map_with_path(bad_scale, make_grads(params, 1))
     p1, s1, _ = stepper(tx)(params, tx.init(params), grads)
     scale = leaves(params)["params/LayerNorm_0/scale"]
-    np.testing.assert_allclose(leaves(p1)["params/LayerNorm_0/scale"], 1 + 0.9 * (scale - 1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        leaves(p1)["params/LayerNorm_0/scale"], 1 + 0.9 * (scale - 1), rtol=1e-6
+    )
 
 
 # ---------------------------------------------------------------- Tiger's own guard
@@ -232,6 +243,15 @@ ZERO_LR = {
 @pytest.mark.parametrize("name", sorted(ZERO_LR))
 def test_zero_learning_rate_leaves_params_unchanged(name, dtype):
     tx = ZERO_LR[name](0.0)
+    check_zero_lr(tx, dtype, name)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_zero_learning_rate_under_nan_guard(name):
+    check_zero_lr(nan_guard(OPTIMIZERS[name](0.0)), jnp.float32, f"nan_guard({name})")
+
+
+def check_zero_lr(tx, dtype, name):
     step = stepper(tx)
     params = make_params(dtype)
     state = tx.init(params)
@@ -254,11 +274,12 @@ def test_amos_extra_l2_decays_even_at_zero_learning_rate():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("guard", [False, True], ids=["plain", "nan_guard"])
 @pytest.mark.parametrize("name", ["tiger", "lion"])
-def test_sign_optimizers_take_their_normal_step_on_huge_gradients(name, dtype):
+def test_sign_optimizers_take_their_normal_step_on_huge_gradients(name, guard, dtype):
     # from init, m = (1-β)·g: the sign of 1e30·g is the sign of g, so the step is
     # exactly the normal one; the momentum (~1e28) stays finite, as do later steps
-    tx = OPTIMIZERS[name](1e-2)
+    tx = nan_guard(OPTIMIZERS[name](1e-2)) if guard else OPTIMIZERS[name](1e-2)
     step = stepper(tx)
     params = make_params(dtype)
     grads = make_grads(params, 3)
