@@ -13,7 +13,7 @@ These back every claim of safety in the fault table (``benchmarks/fault_table.py
 * Gradients of 1e30 (finite in float32 and bfloat16, their squares are not): the
   sign-based optimizers take exactly their normal step; Adam-like ones keep finite
   params but their second moment overflows to Inf and freezes them; SGD with momentum
-  stays finite but takes a 1e29-sized step; Amos produces NaN unless it clips.
+  stays finite but steps by lr·1e30·|g|; Amos produces NaN unless it clips.
 """
 
 from __future__ import annotations
