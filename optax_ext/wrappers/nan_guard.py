@@ -6,6 +6,7 @@ https://kexue.fm/archives/9512 (its NaN handling), and https://github.com/bojone
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -48,6 +49,7 @@ def nan_guard(
     *,
     catch_inf: bool = True,
     centre: float | Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+    check_result: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Guards any optimizer against non-finite gradients the way Tiger does.
 
@@ -87,6 +89,11 @@ def nan_guard(
       centre: the shrink centre c. ``None``: 1 for norm gains (path rule
         ``NORM_SCALE``, Flax ``scale``), 0 otherwise; a number for every leaf; or path
         rules ``{regex: centre}`` (first match wins, unmatched leaves 0).
+      check_result: also skip the step (state kept, zero update, counted in
+        ``skipped_steps``) when the inner step itself would produce a non-finite update
+        or state from finite gradients — e.g. gradients of 1e30 whose square overflows
+        Adam's second moment, which would otherwise freeze or poison the run for good.
+        False saves the extra read of the new state and updates.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`NanGuardState`; its
@@ -114,20 +121,25 @@ def nan_guard(
     def init_fn(params):
         # a fresh array per counter: a donated state must not hold one buffer twice
         zero = lambda: jnp.zeros([], jnp.int32)
-        return NanGuardState(count=zero(), skipped_steps=zero(), shrunk_leaves=zero(),
-                             inner_state=inner.init(params))
+        return NanGuardState(
+            count=zero(), skipped_steps=zero(), shrunk_leaves=zero(), inner_state=inner.init(params)
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
-            raise ValueError("nan_guard needs the current params: call "
-                             "tx.update(grads, state, params)")
+            raise ValueError(
+                "nan_guard needs the current params: call tx.update(grads, state, params)"
+            )
         bad = jax.tree.map(lambda g: has_nonfinite(g, catch_inf), updates)
-        n_bad = sum(jax.tree.leaves(jax.tree.map(lambda b: b.astype(jnp.int32), bad)),
-                    jnp.zeros([], jnp.int32))
-        skip = n_bad > 0
+        n_bad = sum(
+            jax.tree.leaves(jax.tree.map(lambda b: b.astype(jnp.int32), bad)),
+            jnp.zeros([], jnp.int32),
+        )
         clean = jax.tree.map(lambda g, b: jnp.where(b, jnp.zeros_like(g), g), updates, bad)
-        inner_updates, new_inner = inner.update(clean, state.inner_state, params,
-                                                **extra_args)
+        inner_updates, new_inner = inner.update(clean, state.inner_state, params, **extra_args)
+        skip = n_bad > 0
+        if check_result:
+            skip = skip | _any_nonfinite((inner_updates, new_inner))
         centres = path_labels(params, rules, default=0.0)
 
         def leaf(u, b, p, c):
@@ -138,12 +150,15 @@ def nan_guard(
         out = jax.tree.map(leaf, inner_updates, bad, params, centres)
         new_state = NanGuardState(
             count=optax.safe_increment(state.count),
-            skipped_steps=jnp.where(skip, optax.safe_increment(state.skipped_steps),
-                                    state.skipped_steps),
+            skipped_steps=jnp.where(
+                skip, optax.safe_increment(state.skipped_steps), state.skipped_steps
+            ),
             shrunk_leaves=_saturating_add(state.shrunk_leaves, n_bad),
             inner_state=jax.tree.map(
                 lambda n, o: jnp.where(skip, o, n).astype(jnp.result_type(o)),
-                new_inner, state.inner_state),
+                new_inner,
+                state.inner_state,
+            ),
         )
         return out, new_state
 
@@ -151,6 +166,11 @@ def nan_guard(
 
 
 # ----------------------------------------------------------------------- helpers
+
+
+def _any_nonfinite(tree: Any) -> jax.Array:
+    floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return functools.reduce(jnp.logical_or, map(has_nonfinite, floats), jnp.zeros([], bool))
 
 
 def _centre_rules(centre: Any) -> Any:
@@ -163,7 +183,8 @@ def _centre_rules(centre: Any) -> Any:
     elif isinstance(centre, Mapping | Sequence):
         return centre
     raise TypeError(
-        f"centre must be None, a number or path rules {{regex: centre}}, got {centre!r}")
+        f"centre must be None, a number or path rules {{regex: centre}}, got {centre!r}"
+    )
 
 
 def _saturating_add(counter: jax.Array, n: jax.Array) -> jax.Array:

@@ -100,9 +100,14 @@ def test_float64_reference_with_nan_and_inf_leaves():
 
 def test_catch_inf_false_lets_inf_through():
     params = {"w": jnp.ones(2)}
-    tx = nan_guard(optax.sgd(1.0), catch_inf=False)
+    tx = nan_guard(optax.sgd(1.0), catch_inf=False, check_result=False)
     u, state = tx.update({"w": jnp.array([np.inf, 1.0])}, tx.init(params), params)
     assert np.isneginf(np.asarray(u["w"][0])) and int(state.skipped_steps) == 0
+    # with the result check (the default) the infinite update is caught after the step
+    checked = nan_guard(optax.sgd(1.0), catch_inf=False)
+    u2, s2 = checked.update({"w": jnp.array([np.inf, 1.0])}, checked.init(params), params)
+    np.testing.assert_array_equal(np.asarray(u2["w"]), 0.0)
+    assert int(s2.skipped_steps) == 1 and int(s2.shrunk_leaves) == 0
     u, state = tx.update({"w": jnp.array([np.nan, 1.0])}, state, params)
     np.testing.assert_allclose(np.asarray(u["w"]), (0.99 - 1) * np.ones(2))
     assert int(state.skipped_steps) == 1
@@ -265,3 +270,25 @@ def test_bad_shrink_ratio(ratio):
 def test_bad_centre():
     with pytest.raises(TypeError, match="centre must be"):
         nan_guard(optax.sgd(0.1), centre="one")
+
+
+def test_check_result_skips_steps_whose_state_would_overflow():
+    """Finite gradients of 1e30 overflow Adam's g² to inf: the guard keeps the old state."""
+    params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
+    huge = jax.tree.map(lambda p: jnp.full_like(p, 1e30), params)
+    clean = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    for check, finite_after in ((True, True), (False, False)):
+        tx = nan_guard(optax.adam(1e-2), check_result=check)
+        state = tx.init(params)
+        u, state = tx.update(huge, state, params)
+        p1 = optax.apply_updates(params, u)
+        state_finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
+        assert state_finite == finite_after
+        assert int(state.skipped_steps) == (1 if check else 0)
+        if check:
+            assert all(bool(jnp.all(a == b)) for a, b in
+                       zip(jax.tree.leaves(p1), jax.tree.leaves(params), strict=True))
+            u, state = tx.update(clean, state, p1)  # the next clean step trains normally
+            moved = optax.apply_updates(p1, u)
+            assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(moved))
+            assert bool(jnp.any(moved["dense"]["kernel"] != p1["dense"]["kernel"]))
