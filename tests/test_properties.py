@@ -183,12 +183,16 @@ BETA = floats(0.0, 0.999)
 WD = st.one_of(st.just(0.0), floats(1e-4, 0.1))
 MU_DTYPE = st.sampled_from([None, jnp.float32, jnp.bfloat16])
 
-# inner optimizers for the wrappers: one of each family (Adam-like, sign, factored, SGD).
-# optax.adamw's default eps=1e-8 rounds to 0 in float16, so a zero gradient entry gives
-# 0/0 = NaN there (optax keeps its second moment in the gradients' dtype); 1e-6 is
-# representable in float16.
+# inner optimizers for the wrappers: one of each family (Adam-like from optax and ours,
+# sign, factored, SGD). optax.adamw computes and keeps its moments in the params' dtype:
+# in float16 its eps=1e-8 rounds to 0 (a zero gradient entry gives 0/0) and the second
+# moment of gradients below ~1e-2 underflows, so its step is decided by rounding (jit
+# keeps float32 intermediates, eager rounds to float16). Pure float16 is outside what it
+# supports, so it is not given float16 leaves (see ``excluded``); AdaXW computes in
+# float32 and is.
 INNER = {
-    "adamw": lambda: optax.adamw(1e-2, eps=1e-6, weight_decay=1e-2),
+    "optax.adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
+    "adaxw": lambda: adaxw(1e-2, weight_decay=1e-2),
     "tiger": lambda: tiger(1e-2),
     "lion": lambda: lion(1e-3),
     "adafactor": lambda: adafactor(min_dim_size_to_factor=2, momentum=0.9),
@@ -467,6 +471,7 @@ def check_properties(name, kwargs, specs, seed, scale):
 
 # Inputs on which a module is known to fail; each has a minimal xfail(strict=True)
 # reproduction below, and the random cases leave them out so the rest stays covered.
+# Also left out: optax.adamw on float16 leaves (outside what optax supports, see INNER).
 
 
 def _uses_tiger_scales(name, kwargs):
@@ -475,15 +480,21 @@ def _uses_tiger_scales(name, kwargs):
     return kwargs.get("inner") == "tiger"
 
 
-def known_bug(name, kwargs, specs) -> str | None:
+def excluded(name, kwargs, specs) -> str | None:
+    if kwargs.get("inner") == "optax.adamw" and any(s.dtype == "f16" for s in specs):
+        return "optax.adamw on float16"
     if _uses_tiger_scales(name, kwargs) and any(
         s.path[-1] == "embedding" and s.shape == () for s in specs
     ):
         return "tiger row_rms on a scalar embedding"
     if name == "amos" and any(0 in s.shape for s in specs):
         return "amos on a 0-size leaf"
-    if name == "lion" and 0 < kwargs["b2"] < 1e-3:
-        return "lion with a small b2"
+    if name == "lion" and (0 < kwargs["b2"] < 1e-3 or kwargs["b1"] == 1.0):
+        return "lion with a small b2, or b1 = 1"
+    if name == "layer_adapted" and any(s.dtype == "f16" for s in specs):
+        return "layer_adapted on float16"
+    if name == "amos" and kwargs["beta"] > 0.999:
+        return "amos with beta > 0.999"
     return None
 
 
@@ -505,7 +516,7 @@ def test_properties(name):
     @settings(settings.get_profile(PROFILE))
     @_given_cases(name)
     def prop(kwargs, specs, seed, scale):
-        assume(known_bug(name, kwargs, specs) is None)
+        assume(excluded(name, kwargs, specs) is None)
         check_properties(name, kwargs, specs, seed, scale)
 
     prop()
@@ -522,6 +533,8 @@ def test_properties(name):
 def test_lion_direction_is_the_sign_of_sign_consistent_gradients(b1, b2, mu_dtype, specs, seed):
     # every momentum term has the sign of g, so sign(b1·m + (1-b1)·g) = sign(g) exactly:
     # an oracle independent of how the direction is computed
+    # (c = 0 where b1 = 1 and m = 0: on the first step, or for ever when b2 = 1)
+    assume(b1 < 1 or b2 in (0.0, 1.0))  # known bug, see test_known_bug_lion_small_b2
     tx = scale_by_lion(b1, b2, mu_dtype=mu_dtype)
     params = make_params(specs, seed)
     update = jax.jit(tx.update)
@@ -531,7 +544,7 @@ def test_lion_direction_is_the_sign_of_sign_consistent_gradients(b1, b2, mu_dtyp
         for (path, x), (_, gx) in zip(_leaves_with_paths(u), _leaves_with_paths(g), strict=True):
             np.testing.assert_array_equal(
                 np.asarray(x, np.float64),
-                np.sign(np.asarray(gx, np.float64)),
+                np.sign(np.asarray(gx, np.float64)) * (b1 < 1 or (i > 0 and b2 < 1)),
                 err_msg=f"step {i} at {path}",
             )
 
@@ -601,10 +614,50 @@ def test_known_bug_amos_zero_size_vector_state():
         "rounding (≈ (b1/b2)·1e-7·|g|) decides the sign; every sign is wrong at b2 = 1e-8"
     ),
 )
-def test_known_bug_lion_small_b2():
-    tx = scale_by_lion(b1=0.9, b2=1e-8)
-    g = jnp.array([1.0, -1.0, 0.5, -2.0])
+@pytest.mark.parametrize("b1, b2", [(0.9, 1e-8), (1.0, 1e-3)])
+def test_known_bug_lion_small_b2(b1, b2):
+    # b1 = 1: c = m = 0 on the first step, but the two terms of size 1/b2 leave a
+    # rounding residual whose sign becomes the update (random signs under jit)
+    tx = scale_by_lion(b1=b1, b2=b2)
+    g = jnp.linspace(-3.0, 3.0, 13)
     state = tx.init(g)
-    for _ in range(2):
-        u, state = tx.update(g, state)
-        np.testing.assert_array_equal(np.asarray(u), np.sign(np.asarray(g)))
+    update = jax.jit(tx.update)  # under jit the residual of the b1 = 1 case is non-zero
+    for i in range(2):
+        u, state = update(g, state)
+        expected = np.sign(np.asarray(g)) * (b1 < 1 or i > 0)
+        np.testing.assert_array_equal(np.asarray(u), expected)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "layer_adapted uses optax.scale_by_trust_ratio, which takes the norms in the "
+        "params' dtype: in float16 ‖u‖² of a small update (1e-4) underflows to 0, the "
+        "ratio falls back to 1 and the step is 1e4 times smaller than in float32 (jit, "
+        "keeping float32 intermediates, gives the float32 answer)"
+    ),
+)
+def test_known_bug_layer_adapted_float16_norm_underflow():
+    tx = layer_adapted(optax.identity(), learning_rate=0.1, weight_decay=1e-4)
+    params = {"w": jnp.ones(1, jnp.float16)}
+    grads = {"w": jnp.zeros(1, jnp.float16)}  # u = λθ: ratio ‖θ‖/‖λθ‖ = 1e4
+    with jax.disable_jit():
+        updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"], np.float64), [-0.1], rtol=1e-2)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "amos computes the debiasing 1 - β^τ as 1 - power(β, τ): for β near 1 this "
+        "cancels, so its float32 rounding (≈ 1e-7/(1-β^τ)) differs between jit and eager "
+        "by more than 1e-5 relative at β = 0.9999; -expm1(τ·log1p(-β)) is exact to rounding"
+    ),
+)
+def test_known_bug_amos_debias_cancellation():
+    kwargs = dict(learning_rate=0.25, beta=0.9999, momentum=None, clip_value=None)
+    kwargs.update(c=0.0, d=0.0, extra_l2=0.0)
+    specs = (Leaf(("params", "embedding"), (), "bf16", False, False),)
+    check_properties("amos", kwargs, specs, 0, 1.0)
