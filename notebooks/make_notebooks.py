@@ -1,4 +1,4 @@
-"""Writes the notebooks from the cell sources below (run: python notebooks/make_notebooks.py).
+"""Writes notebooks 01 and 03 from the cell sources below (python notebooks/make_notebooks.py).
 
 Keeping the sources here keeps the notebooks reviewable as code; the .ipynb files are
 committed without outputs and executed by the test suite (nbmake).
