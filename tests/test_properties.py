@@ -22,8 +22,8 @@ on both paths. That is a restriction of the input, not of the tolerance.
 
 Examples are derandomized so CI runs the same ones every time; set
 ``HYPOTHESIS_PROFILE=thorough`` for many more (60, or ``HYPOTHESIS_MAX_EXAMPLES``).
-Inputs on which a module is known to fail are kept out of the random cases and
-reproduced, minimally, by the strict xfail tests at the end.
+Bugs these properties found are fixed and
+reproduced, minimally, by the regression tests at the end.
 """
 
 from __future__ import annotations
@@ -467,34 +467,15 @@ def check_properties(name, kwargs, specs, seed, scale):
     assert_close(p_jit, p_eager, "params, jit vs eager")
 
 
-# ---------------------------------------------------------------- known bugs
+# ------------------------------------------------------------ left-out inputs
 
-# Inputs on which a module is known to fail; each has a minimal xfail(strict=True)
-# reproduction below, and the random cases leave them out so the rest stays covered.
-# Also left out: optax.adamw on float16 leaves (outside what optax supports, see INNER).
-
-
-def _uses_tiger_scales(name, kwargs):
-    if name == "tiger" or (name == "lion"):
-        return kwargs.get("param_scaling") == "tiger"
-    return kwargs.get("inner") == "tiger"
+# Left out of the random cases: optax.adamw on float16 leaves (outside what optax
+# supports, see INNER). Bugs these properties found are reproduced minimally at the end.
 
 
 def excluded(name, kwargs, specs) -> str | None:
     if kwargs.get("inner") == "optax.adamw" and any(s.dtype == "f16" for s in specs):
         return "optax.adamw on float16"
-    if _uses_tiger_scales(name, kwargs) and any(
-        s.path[-1] == "embedding" and s.shape == () for s in specs
-    ):
-        return "tiger row_rms on a scalar embedding"
-    if name == "amos" and any(0 in s.shape for s in specs):
-        return "amos on a 0-size leaf"
-    if name == "lion" and (0 < kwargs["b2"] < 1e-3 or kwargs["b1"] == 1.0):
-        return "lion with a small b2, or b1 = 1"
-    if name == "layer_adapted" and any(s.dtype == "f16" for s in specs):
-        return "layer_adapted on float16"
-    if name == "amos" and kwargs["beta"] > 0.999:
-        return "amos with beta > 0.999"
     return None
 
 
@@ -534,7 +515,6 @@ def test_lion_direction_is_the_sign_of_sign_consistent_gradients(b1, b2, mu_dtyp
     # every momentum term has the sign of g, so sign(b1·m + (1-b1)·g) = sign(g) exactly:
     # an oracle independent of how the direction is computed
     # (c = 0 where b1 = 1 and m = 0: on the first step, or for ever when b2 = 1)
-    assume(b1 < 1 or b2 in (0.0, 1.0))  # known bug, see test_known_bug_lion_small_b2
     tx = scale_by_lion(b1, b2, mu_dtype=mu_dtype)
     params = make_params(specs, seed)
     update = jax.jit(tx.update)
@@ -549,73 +529,40 @@ def test_lion_direction_is_the_sign_of_sign_consistent_gradients(b1, b2, mu_dtyp
             )
 
 
-# ------------------------------------------- minimal reproductions of known bugs
+# ------------------- minimal reproductions of bugs these properties found (now fixed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason=(
-        "tiger.param_scale: the 'row_rms' rule (path 'embedding') reduces axis -1, which a "
-        "0-d leaf does not have (IndexError); also lion(param_scaling='tiger')"
-    ),
-)
 @pytest.mark.parametrize(
     "make", [lambda: tiger(1e-2), lambda: lion(1e-3, param_scaling="tiger")], ids=["tiger", "lion"]
 )
-def test_known_bug_tiger_scales_on_scalar_embedding(make):
+def test_regression_tiger_scales_on_scalar_embedding(make):
     tx = make()
     params = {"embed": {"embedding": jnp.ones(())}}
     updates, _ = tx.update(params, tx.init(params), params)
     assert np.isfinite(float(updates["embed"]["embedding"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason=(
-        "amos_default_eta: sqrt(1/fan_in) with fan_in = 0 (a 0-size kernel or embedding) "
-        "raises ZeroDivisionError in init"
-    ),
-)
 @pytest.mark.parametrize(
     "leaf",
     [{"kernel": jnp.zeros((0, 3))}, {"embedding": jnp.zeros((3, 0))}],
     ids=["kernel", "embedding"],
 )
-def test_known_bug_amos_zero_size_matrix(leaf):
+def test_regression_amos_zero_size_matrix(leaf):
     tx = amos(0.1)
     params = {"Dense_0": leaf}
     _, state = tx.update(params, tx.init(params), params)
     assert_finite(state, "amos state")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "amos: a 0-size 1-D leaf has reduced shape (), and the mean of its empty g² is NaN, "
-        "so v and b become NaN"
-    ),
-)
-def test_known_bug_amos_zero_size_vector_state():
+def test_regression_amos_zero_size_vector_state():
     tx = amos(0.1)
     params = {"Dense_0": {"bias": jnp.zeros((0,))}}
     _, state = tx.update(params, tx.init(params), params)
     assert_finite(state, "amos state")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "scale_by_lion computes sign(b1·m + (1-b1)·g) as sign((b1/b2)·m' + ((1-b1) - "
-        "b1(1-b2)/b2)·g): for small b2 the two terms of size b1/b2 cancel and float32 "
-        "rounding (≈ (b1/b2)·1e-7·|g|) decides the sign; every sign is wrong at b2 = 1e-8"
-    ),
-)
 @pytest.mark.parametrize("b1, b2", [(0.9, 1e-8), (1.0, 1e-3)])
-def test_known_bug_lion_small_b2(b1, b2):
+def test_regression_lion_small_b2(b1, b2):
     # b1 = 1: c = m = 0 on the first step, but the two terms of size 1/b2 leave a
     # rounding residual whose sign becomes the update (random signs under jit)
     tx = scale_by_lion(b1=b1, b2=b2)
@@ -628,17 +575,7 @@ def test_known_bug_lion_small_b2(b1, b2):
         np.testing.assert_array_equal(np.asarray(u), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "layer_adapted uses optax.scale_by_trust_ratio, which takes the norms in the "
-        "params' dtype: in float16 ‖u‖² of a small update (1e-4) underflows to 0, the "
-        "ratio falls back to 1 and the step is 1e4 times smaller than in float32 (jit, "
-        "keeping float32 intermediates, gives the float32 answer)"
-    ),
-)
-def test_known_bug_layer_adapted_float16_norm_underflow():
+def test_regression_layer_adapted_float16_norm_underflow():
     tx = layer_adapted(optax.identity(), learning_rate=0.1, weight_decay=1e-4)
     params = {"w": jnp.ones(1, jnp.float16)}
     grads = {"w": jnp.zeros(1, jnp.float16)}  # u = λθ: ratio ‖θ‖/‖λθ‖ = 1e4
@@ -647,16 +584,7 @@ def test_known_bug_layer_adapted_float16_norm_underflow():
     np.testing.assert_allclose(np.asarray(updates["w"], np.float64), [-0.1], rtol=1e-2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "amos computes the debiasing 1 - β^τ as 1 - power(β, τ): for β near 1 this "
-        "cancels, so its float32 rounding (≈ 1e-7/(1-β^τ)) differs between jit and eager "
-        "by more than 1e-5 relative at β = 0.9999; -expm1(τ·log1p(-β)) is exact to rounding"
-    ),
-)
-def test_known_bug_amos_debias_cancellation():
+def test_regression_amos_debias_cancellation():
     kwargs = dict(learning_rate=0.25, beta=0.9999, momentum=None, clip_value=None)
     kwargs.update(c=0.0, d=0.0, extra_l2=0.0)
     specs = (Leaf(("params", "embedding"), (), "bf16", False, False),)

@@ -65,8 +65,8 @@ def amos_default_eta(path: str, shape: Sequence[int]) -> float:
     if len(shape) <= 1:
         return 0.5
     if _is_embedding(path, shape):
-        return math.sqrt(1.0 / shape[-1])
-    return math.sqrt(1.0 / math.prod(shape[:-1]))
+        return math.sqrt(1.0 / max(shape[-1], 1))  # max: 0-size leaves have no entries
+    return math.sqrt(1.0 / max(math.prod(shape[:-1]), 1))
 
 
 def amos_default_shape(path: str, shape: Sequence[int]) -> tuple[int, ...]:
@@ -114,8 +114,12 @@ def _leaf_config(path: str, shape: tuple[int, ...], eta_fn: LeafFn, shape_fn: Le
             f"shape_fn returned {reduced} for {path!r} (shape {shape}); the reduced shape "
             f"must be () or have the leaf's rank with each axis either 1 or kept"
         )
-    axes = tuple(range(len(shape))) if reduced == () else tuple(
-        i for i, (r, n) in enumerate(zip(reduced, shape, strict=True)) if r == 1 and n != 1
+    axes = (
+        tuple(range(len(shape)))
+        if reduced == ()
+        else tuple(
+            i for i, (r, n) in enumerate(zip(reduced, shape, strict=True)) if r == 1 and n != 1
+        )
     )
     return _Leaf(eta_value, reduced, axes)
 
@@ -255,9 +259,13 @@ def scale_by_amos(
             g = g.astype(work)
             if clip_value is not None:
                 g = jnp.clip(g, -clip_value, clip_value)
-            g2 = jnp.mean(jnp.square(g), axis=cfg.axes, keepdims=True).reshape(v.shape)
+            # a sum over the static count, floored at 1: a 0-size leaf gives 0, not NaN
+            n = max(math.prod(g.shape[a] for a in cfg.axes), 1)
+            g2 = (jnp.sum(jnp.square(g), axis=cfg.axes, keepdims=True) / n).reshape(v.shape)
             v = beta * v + (1.0 - beta) * g2
-            rv = (1.0 - jnp.power(jnp.asarray(beta, work), tau)) / jnp.maximum(v, eps)
+            # 1 - β^τ as -expm1(τ·log β): no cancellation for β near 1 (β = 0 gives 1)
+            debias = -jnp.expm1(tau * jnp.log(jnp.asarray(beta, work)))
+            rv = debias / jnp.maximum(v, eps)
             xi_w = jnp.asarray(xi, work)
             gamma = jax.lax.rsqrt(1.0 + c * jnp.sqrt(xi_w) * b) * jnp.square(xi_w) * rv * g2
             lr0 = xi_w * cfg.eta
@@ -316,6 +324,15 @@ def amos(
       Tian & Parikh, `Amos <https://arxiv.org/abs/2210.11693>`_, 2022.
     """
     return scale_by_amos(
-        learning_rate, eta_fn=eta_fn, shape_fn=shape_fn, beta=beta, momentum=momentum,
-        clip_value=clip_value, c=c, d=d, extra_l2=extra_l2, eps=eps, mu_dtype=mu_dtype,
+        learning_rate,
+        eta_fn=eta_fn,
+        shape_fn=shape_fn,
+        beta=beta,
+        momentum=momentum,
+        clip_value=clip_value,
+        c=c,
+        d=d,
+        extra_l2=extra_l2,
+        eps=eps,
+        mu_dtype=mu_dtype,
     )

@@ -75,7 +75,8 @@ def param_scale(param: jax.Array, rule: Any, min_rms: Any) -> jax.Array:
     if rule == "rms":
         rms = jnp.sqrt(jnp.mean(jnp.square(param.astype(work))))
     elif rule == "row_rms":
-        rms = jnp.sqrt(jnp.mean(jnp.square(param.astype(work)), axis=-1, keepdims=True))
+        axis = -1 if param.ndim else None  # a scalar "row" is the whole leaf
+        rms = jnp.sqrt(jnp.mean(jnp.square(param.astype(work)), axis=axis, keepdims=True))
     else:
         return jnp.asarray(rule, work)
     return jnp.maximum(rms, min_rms)

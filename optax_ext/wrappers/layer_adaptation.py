@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from optax_ext._common import check_range
@@ -72,7 +74,7 @@ def layer_adapted(
     """
     check_range("weight_decay", weight_decay, 0.0)
     check_range("learning_rate", learning_rate, 0.0)
-    trust = optax.scale_by_trust_ratio()
+    trust = _in_float32(optax.scale_by_trust_ratio())
     if adaptation_mask is not None:
         trust = optax.masked(trust, adaptation_mask)
     return optax.chain(
@@ -81,3 +83,15 @@ def layer_adapted(
         trust,
         optax.scale_by_learning_rate(learning_rate),
     )
+
+
+def _in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs ``tx`` on float32 (or wider) copies and returns updates in their own dtype:
+    norms of float16 updates underflow (‖1e-4‖² is 0 in float16)."""
+    up = lambda t: jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), t)
+
+    def update(updates, state, params=None):
+        out, state = tx.update(up(updates), state, None if params is None else up(params))
+        return jax.tree.map(lambda o, u: o.astype(u.dtype), out, updates), state
+
+    return optax.GradientTransformation(tx.init, update)
