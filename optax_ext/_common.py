@@ -200,7 +200,7 @@ def check_range(
     if high is not None:
         bad |= v >= high if high_open else v > high
     if np.any(bad):
-        shown = repr(value) if v.ndim == 0 else f"{v[bad].flat[0]!r} (in an array)"
+        shown = repr(value) if v.ndim == 0 else f"{float(v[bad].flat[0])!r} (in an array)"
         interval = _interval(low, high, low_open, high_open)
         raise ValueError(f"{name} must be in {interval}, got {shown}")
     return value

@@ -15,18 +15,8 @@ import numpy as np
 
 from optax_ext._common import check_range
 
-
-def check(
-    name: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> Any:
-    """``check_range``: scalars and concrete arrays element-wise; returns ``value``."""
-    return check_range(name, value, low, high, low_open=low_open, high_open=high_open)
+#: ``check_range`` checks scalars and concrete arrays (element-wise) alike.
+check = check_range
 
 
 def positive(name: str, value: Any) -> Any:
