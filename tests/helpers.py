@@ -12,6 +12,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optax_ext._common import path_to_str
 
@@ -255,3 +256,19 @@ def abstract_init_matches(tx, params):
     assert jax.tree.structure(a) == jax.tree.structure(c)
     assert sd(a) == sd(c)
     return a
+
+
+# ------------------------------------------------- inner optimizers for wrappers
+
+
+def wrapper_inners():
+    """The optimizers every wrapper is tested with: AdamW, SGD with momentum and Tiger."""
+    import pytest
+
+    from optax_ext.optimizers.tiger import tiger
+
+    return [
+        pytest.param(lambda: optax.adamw(1e-2, weight_decay=1e-2), id="adamw"),
+        pytest.param(lambda: optax.sgd(1e-1, momentum=0.9), id="sgdm"),
+        pytest.param(lambda: tiger(1e-2), id="tiger"),
+    ]

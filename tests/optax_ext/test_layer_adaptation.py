@@ -18,22 +18,14 @@ from helpers import (
 )
 
 from optax_ext._common import NORM_AND_BIAS, path_mask
+from optax_ext.optimizers.tiger import scale_by_tiger
 from optax_ext.wrappers.layer_adaptation import layer_adapted
-
-try:
-    from optax_ext.optimizers.tiger import scale_by_tiger
-except ImportError:  # pragma: no cover - Tiger lands separately
-    scale_by_tiger = None
 
 # Directions of the three reference optimizers: AdamW's, SGD-momentum's and Tiger's.
 DIRECTIONS = [
     pytest.param(lambda: optax.scale_by_adam(eps=1e-6), id="adam"),
     pytest.param(lambda: optax.trace(decay=0.9), id="sgdm"),
-    pytest.param(
-        lambda: scale_by_tiger(0.9),
-        id="tiger",
-        marks=pytest.mark.skipif(scale_by_tiger is None, reason="Tiger missing"),
-    ),
+    pytest.param(lambda: scale_by_tiger(0.9), id="tiger"),
 ]
 
 NO_DECAY = ("bias", "scale")  # the reference's own spelling of the default mask

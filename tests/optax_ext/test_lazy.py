@@ -13,25 +13,13 @@ from helpers import (
     leaf_paths,
     run_path,
     to_f64,
+    wrapper_inners,
     x64,
 )
 
 from optax_ext.wrappers.lazy import lazy, touched_rows
 
-try:
-    from optax_ext.optimizers.tiger import tiger
-except ImportError:  # pragma: no cover - Tiger lands separately
-    tiger = None
-
-INNERS = [
-    pytest.param(lambda: optax.adamw(1e-2, weight_decay=1e-2), id="adamw"),
-    pytest.param(lambda: optax.sgd(1e-1, momentum=0.9), id="sgdm"),
-    pytest.param(
-        lambda: tiger(1e-2),
-        id="tiger",
-        marks=pytest.mark.skipif(tiger is None, reason="optax_ext.optimizers.tiger missing"),
-    ),
-]
+INNERS = wrapper_inners()
 
 VOCAB = 12
 
