@@ -152,6 +152,15 @@ def path_mask(include: str | None = None, exclude: str | None = None) -> Callabl
     return mask
 
 
+def decay_mask(mask: Any = None) -> Callable[[Any], Any]:
+    """The weight-decay mask of our optimizer aliases, as an optax mask function.
+
+    ``None`` decays every leaf but biases and norm scales (``NORM_AND_BIAS``), ``True``
+    every leaf; anything else is an optax mask (a tree of bools or a function of params).
+    """
+    return lambda params: resolve_mask(mask, params, path_mask(exclude=NORM_AND_BIAS))
+
+
 # -------------------------------------------------------------------- validation
 
 

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_ext._common import canonical_dtype, check_int, check_range
-from optax_ext.optimizers.lion import decay_mask
+from optax_ext._common import canonical_dtype, check_int, check_range, decay_mask
 
 #: The threshold of ``min_dim_size_to_factor=None``.
 DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import NORM_AND_BIAS, canonical_dtype, check_range, path_mask
+from optax_ext._common import canonical_dtype, check_range, decay_mask
 
 
 class ScaleByAdaxState(NamedTuple):
@@ -185,8 +185,7 @@ def adaxw(
       weight_decay: λ ≥ 0; the step shrinks θ by ``lr·λ·θ``.
       mask: which leaves decay: a tree of booleans or a function of the params
         returning one. ``None`` (default) decays every leaf except biases and norm
-        scales (``path_mask(exclude=NORM_AND_BIAS)``); pass
-        ``lambda p: jax.tree.map(lambda _: True, p)`` to decay everything. With
+        scales (``path_mask(exclude=NORM_AND_BIAS)``); ``True`` decays everything. With
         ``optax.inject_hyperparams`` give a callable mask in ``static_args=("mask",)``.
 
     Returns:
@@ -210,10 +209,8 @@ def adaxw(
     """
     check_range("learning_rate", learning_rate, 0)
     check_range("weight_decay", weight_decay, 0)
-    if mask is None:
-        mask = path_mask(exclude=NORM_AND_BIAS)
     return optax.chain(
         scale_by_adax(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
-        optax.add_decayed_weights(weight_decay, mask),
+        optax.add_decayed_weights(weight_decay, decay_mask(mask)),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -14,14 +14,12 @@ import jax.numpy as jnp
 import optax
 
 from optax_ext._common import (
-    NORM_AND_BIAS,
     PathRules,
     canonical_dtype,
     check_range,
+    decay_mask,
     is_concrete_number,
     path_labels,
-    path_mask,
-    resolve_mask,
 )
 from optax_ext.optimizers.tiger import param_scale, scale_rules
 
@@ -162,13 +160,6 @@ def scale_by_param_scale(
         return jax.tree.map(leaf, updates, params, labels), state
 
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
-
-
-def decay_mask(mask: Any) -> Any:
-    """The optax mask function of our aliases: ``None`` → no decay on biases and norm
-    scales (path rule ``NORM_AND_BIAS``); ``True`` → every leaf; otherwise an optax mask
-    (a tree of bools or a function of the params)."""
-    return lambda params: resolve_mask(mask, params, path_mask(exclude=NORM_AND_BIAS))
 
 
 def lion(

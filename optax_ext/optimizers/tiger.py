@@ -21,11 +21,10 @@ from optax_ext._common import (
     check_choice,
     check_int,
     check_range,
+    decay_mask,
     has_nonfinite,
     is_static_int,
     path_labels,
-    path_mask,
-    resolve_mask,
     schedule_value,
 )
 
@@ -287,7 +286,7 @@ def tiger(
         first, apply = _cycle_flags(state.count, k)
         lr = schedule_value(learning_rate, state.count // k)
         scale_rules = path_labels(params, rules, default=1.0)
-        decays = resolve_mask(mask, params, path_mask(exclude=NORM_AND_BIAS))
+        decays = decay_mask(mask)(params)
         centres = path_labels(params, [(NORM_SCALE, 1.0)], default=0.0)
 
         def leaf(g, m, p, rule, decay, centre):
