@@ -21,7 +21,8 @@ from helpers import (
 )
 
 from optax_ext._common import tree_bytes
-from optax_ext.optimizers.tiger import TigerState, scale_by_tiger, tiger
+from optax_ext.optimizers import tiger as tiger_module
+from optax_ext.optimizers.tiger import TigerState, row_mean_square, scale_by_tiger, tiger
 
 # ------------------------------------------------------------ float64 reference
 
@@ -109,12 +110,24 @@ def schedule(i):
     return 1e-2 / (1.0 + 0.1 * i)
 
 
+@pytest.fixture(params=["one reduction", "row blocks"])
+def row_blocks(request, monkeypatch):
+    """Runs a test with the embedding rows reduced at once and in small blocks of rows.
+
+    The CPU path reduces large tables in blocks of about 2**20 elements; shrinking the
+    block makes the test trees' embeddings take that path too.
+    """
+    if request.param == "row blocks":
+        monkeypatch.setattr(tiger_module, "_ROW_BLOCK_ELEMENTS", 40)
+    return request.param
+
+
 # ---------------------------------------------------------------- the spec
 
 
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_float64_reference_with_nans(k, seed):
+def test_matches_float64_reference_with_nans(k, seed, row_blocks):
     with x64():
         params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(seed))
         grads = grads_with_nans(params, 24, seed)
@@ -350,7 +363,23 @@ def test_abstract_init_and_no_recompile():
     )
 
 
-def test_device_paths_agree():
+@pytest.mark.parametrize(
+    "shape", [(37, 5), (3, 11, 4), (64, 8), (9,), ()], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_row_mean_square_in_blocks_equals_numpy(shape, dtype, monkeypatch):
+    # blocks of 2 or 3 rows: the last block overlaps the one before it
+    monkeypatch.setattr(tiger_module, "_ROW_BLOCK_ELEMENTS", 12)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), dtype)
+    want = np.asarray(x, np.float64) ** 2
+    want = want.mean(axis=-1, keepdims=True) if x.ndim >= 2 else want.mean(keepdims=True)
+    for f in (row_mean_square, jax.jit(row_mean_square, static_argnums=1)):
+        got = f(x, jnp.float32)
+        assert got.dtype == jnp.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_device_paths_agree(row_blocks):
     params = flax_like_params(16, width=16, vocab=40)
     grads = grads_with_nans(params, 6, 16, nan_every=3)
     assert_same_on_all_paths(
