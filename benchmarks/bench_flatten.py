@@ -16,8 +16,15 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import optax
-from benchlib import machine, many_leaf_params, n_params, random_like, table, time_interleaved
-from benchlib import write_json
+from benchlib import (
+    machine,
+    many_leaf_params,
+    n_params,
+    random_like,
+    table,
+    time_interleaved,
+    write_json,
+)
 
 import optax_ext as ox
 

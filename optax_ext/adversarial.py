@@ -45,8 +45,9 @@ def _embedding_split(params: Any, embedding: str) -> tuple[Callable, Callable]:
 
     def put(tree, tables):
         leaves, it = jax.tree.leaves(tree), iter(tables)
-        return jax.tree.unflatten(treedef, [next(it) if f else x for x, f in zip(leaves, flags,
-                                                                                strict=True)])
+        return jax.tree.unflatten(
+            treedef, [next(it) if f else x for x, f in zip(leaves, flags, strict=True)]
+        )
 
     return take, put
 
@@ -115,8 +116,13 @@ def fgm_value_and_grad(
         _, g, take, put = _embedding_value_and_grads(
             loss_fn, params, args, kwargs, embedding, has_aux
         )
-        perturbed = put(params, [e + _fgm_delta(gi, epsilon).astype(e.dtype)
-                                 for e, gi in zip(take(params), g, strict=True)])
+        perturbed = put(
+            params,
+            [
+                e + _fgm_delta(gi, epsilon).astype(e.dtype)
+                for e, gi in zip(take(params), g, strict=True)
+            ],
+        )
         return jax.value_and_grad(loss_fn, has_aux=has_aux)(perturbed, *args, **kwargs)
 
     return value_and_grad
@@ -174,9 +180,7 @@ def gradient_penalty_loss(
     check_range("epsilon", epsilon, 0.0)
 
     def penalised(params, *args, **kwargs):
-        out, g, _, _ = _embedding_value_and_grads(
-            loss_fn, params, args, kwargs, embedding, has_aux
-        )
+        out, g, _, _ = _embedding_value_and_grads(loss_fn, params, args, kwargs, embedding, has_aux)
         penalty = 0.5 * epsilon * sum(jnp.sum(jnp.square(gi)) for gi in g)
         return (out[0] + penalty, out[1]) if has_aux else out + penalty
 

@@ -213,9 +213,13 @@ def _as_pair(batch: Any) -> tuple[Any, Any]:
 
 
 def _num_chunks(batch: Any, chunk_size: int) -> int:
-    sizes = set(zip(jax.tree.leaves(tree_paths(batch)),
-                    [x.shape[0] if x.ndim else None for x in jax.tree.leaves(batch)],
-                    strict=True))
+    sizes = set(
+        zip(
+            jax.tree.leaves(tree_paths(batch)),
+            [x.shape[0] if x.ndim else None for x in jax.tree.leaves(batch)],
+            strict=True,
+        )
+    )
     rows = {n for _, n in sizes}
     if not sizes:
         raise ValueError("the batch has no array leaves")

@@ -81,10 +81,12 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
         optax.chain(measure_noise_scale(batch_size=BATCH), adax(1e-2)), 2
     ),
     "lazy_lamb_ema": lambda: optax.chain(
-        lazy(optax.chain(
-            layer_adapted(optax.scale_by_adam(), 1e-2, weight_decay=0.01),
-            scale_by_path({"bias$": 0.5}),
-        )),
+        lazy(
+            optax.chain(
+                layer_adapted(optax.scale_by_adam(), 1e-2, weight_decay=0.01),
+                scale_by_path({"bias$": 0.5}),
+            )
+        ),
         param_ema(0.9),
     ),
     "inject_tiger_acc2": lambda: optax.inject_hyperparams(

@@ -110,8 +110,9 @@ def train(positions: list[int], n_devices: int) -> tuple[TrainState, np.ndarray]
 def local_replica(tree):
     """This process's first replica of a pmap output, as NumPy (the output is a global
     array of which only this process's shards are addressable)."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]),
-                        tree)
+    return jax.tree.map(
+        lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree
+    )
 
 
 def flat_params(params) -> dict[str, np.ndarray]:
@@ -144,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-processes", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--timeout", type=int, default=60,
-                        help="seconds to wait for the other processes to join, to notice a "
-                        "dead one, and to shut down: a lone worker does not linger")
+    parser.add_argument(
+        "--timeout",
+        type=int,
+        default=60,
+        help="seconds to wait for the other processes to join, to notice a "
+        "dead one, and to shut down: a lone worker does not linger",
+    )
     args = parser.parse_args(argv)
 
     # Before the CPU backend starts: it picks its cross-process collectives then.
@@ -163,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         devices = jax.devices()
         positions = [devices.index(d) for d in jax.local_devices()]
         state, losses = train(positions, len(devices))
-        np.savez(args.out, process_index=jax.process_index(), device_count=len(devices),
-                 **results(state, losses))
+        np.savez(
+            args.out,
+            process_index=jax.process_index(),
+            device_count=len(devices),
+            **results(state, losses),
+        )
     finally:
         jax.distributed.shutdown()
     return 0

@@ -51,9 +51,21 @@ def _run_worker(mode: str, root: Path, out: Path) -> dict[str, dict[str, np.ndar
     """Runs ``checkpoint_worker.py MODE`` on every optimizer; returns ``{name: {path: leaf}}``
     of the final states."""
     proc = subprocess.run(
-        [sys.executable, str(WORKER), mode, str(root), str(out), *NAMES,
-         "--cache", str(root / "xla_cache")],
-        cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+        [
+            sys.executable,
+            str(WORKER),
+            mode,
+            str(root),
+            str(out),
+            *NAMES,
+            "--cache",
+            str(root / "xla_cache"),
+        ],
+        cwd=REPO,
+        env=_worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
     )
     assert proc.returncode == 0, (
         f"{mode} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -80,8 +92,10 @@ def _mid_cycle_problems(snapshots) -> list[str]:
 
     acc = snapshots["accumulate_adamw4"].opt_state
     expect("accumulate_adamw4 mid-cycle", int(acc.mini_step) == worker.SAVE_AT % 4 != 0)
-    expect("accumulate_adamw4 has gradients accumulated",
-           any(np.any(g != 0) for g in jax.tree.leaves(acc.acc_grads)))
+    expect(
+        "accumulate_adamw4 has gradients accumulated",
+        any(np.any(g != 0) for g in jax.tree.leaves(acc.acc_grads)),
+    )
     expect("noise_adax_acc2 mid-cycle", int(snapshots["noise_adax_acc2"].opt_state.mini_step) == 1)
     tiger_count = int(snapshots["tiger_acc3"].opt_state.count)
     expect("tiger_acc3 mid-cycle", tiger_count % 3 == worker.SAVE_AT % 3 != 0)
@@ -89,16 +103,23 @@ def _mid_cycle_problems(snapshots) -> list[str]:
     expect("inject_tiger_acc2 mid-cycle", int(inject.count) % 2 == worker.SAVE_AT % 2 != 0)
     sgdm_state = snapshots["sgdm_nesterov_acc3"].opt_state[0]
     expect("sgdm_nesterov_acc3 mid-cycle", int(sgdm_state.count) % 3 == worker.SAVE_AT % 3 != 0)
-    expect("sgdm_nesterov_acc3 has gradients accumulated",
-           any(np.any(a != 0) for a in jax.tree.leaves(sgdm_state.acc)))
+    expect(
+        "sgdm_nesterov_acc3 has gradients accumulated",
+        any(np.any(a != 0) for a in jax.tree.leaves(sgdm_state.acc)),
+    )
     look = snapshots["lookahead_tiger5"].opt_state
     expect("lookahead_tiger5 mid-period", int(look.count) % 5 == worker.SAVE_AT % 5 != 0)
     fast = jax.tree.leaves(snapshots["lookahead_tiger5"].params)
-    expect("lookahead_tiger5 fast weights away from the slow ones",
-           any(not np.array_equal(s, p)
-               for s, p in zip(jax.tree.leaves(look.slow), fast, strict=True)))
-    expect("nan_guard_tiger skipped the NaN step",
-           int(snapshots["nan_guard_tiger"].opt_state.skipped_steps) == 1)
+    expect(
+        "lookahead_tiger5 fast weights away from the slow ones",
+        any(
+            not np.array_equal(s, p) for s, p in zip(jax.tree.leaves(look.slow), fast, strict=True)
+        ),
+    )
+    expect(
+        "nan_guard_tiger skipped the NaN step",
+        int(snapshots["nan_guard_tiger"].opt_state.skipped_steps) == 1,
+    )
     return problems
 
 
@@ -108,10 +129,16 @@ def _resume_problems(name, snapshot, final, resumed) -> list[str]:
         return [f"{name}: checkpoint at step {int(snapshot.step)}, not {worker.SAVE_AT}"]
     if sorted(resumed) != sorted(final):
         return [f"{name}: the resumed state has other leaves than the uninterrupted one"]
-    differ = [f"{path} (max |diff| {np.max(np.abs(resumed[path] - x.astype(float)))})"
-              for path, x in final.items() if not np.array_equal(resumed[path], x)]
-    problems = [f"{name}: {len(differ)} of {len(final)} leaves differ: "
-                + ", ".join(differ[:3])] if differ else []
+    differ = [
+        f"{path} (max |diff| {np.max(np.abs(resumed[path] - x.astype(float)))})"
+        for path, x in final.items()
+        if not np.array_equal(resumed[path], x)
+    ]
+    problems = (
+        [f"{name}: {len(differ)} of {len(final)} leaves differ: " + ", ".join(differ[:3])]
+        if differ
+        else []
+    )
     # The resumed part did train: the params moved after the checkpoint.
     saved = worker.state_leaves(snapshot)
     if all(np.array_equal(saved[k], x) for k, x in final.items() if k.startswith(".params")):
@@ -133,14 +160,18 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
         for name in NAMES
     }
     assert _mid_cycle_problems(snapshots) == []
-    problems = [p for name in NAMES
-                for p in _resume_problems(name, snapshots[name], finals[name], resumed[name])]
+    problems = [
+        p
+        for name in NAMES
+        for p in _resume_problems(name, snapshots[name], finals[name], resumed[name])
+    ]
     assert problems == [], "\n".join(problems)
 
 
 def _synthetic_state(name: str):
     """A TrainState of run ``name`` whose every leaf holds distinct values (so a restore
     that put a value at the wrong path would show), without compiling anything."""
+
     def fill(i, x):
         values = np.arange(np.prod(x.shape, dtype=int)).reshape(x.shape) + 10 * i
         return jax.device_put(values.astype(x.dtype), x.sharding)
@@ -156,8 +187,10 @@ def checkpoints(tmp_path_factory):
     ``root/<name>``, and tiger_acc3's also by plain Orbax under ``root/plain_tiger_acc3``."""
     root = tmp_path_factory.mktemp("checkpoints")
     checkpointer = ocp.StandardCheckpointer()
-    states = {name: _synthetic_state(name)
-              for name in ("tiger_acc3", "noise_adax_acc2", "lookahead_tiger5")}
+    states = {
+        name: _synthetic_state(name)
+        for name in ("tiger_acc3", "noise_adax_acc2", "lookahead_tiger5")
+    }
     for name, state in states.items():
         checkpoint.save_train_state(checkpointer, root / name, state)
     checkpointer.save(root / "plain_tiger_acc3", states["tiger_acc3"])
@@ -188,8 +221,10 @@ def test_signature_names_the_state_types():
     assert _signature_of("adafactor_momentum") == (
         "(ScaleByAdafactorState[{FactoredMoment}], MaskedState[EmptyState], EmptyState)"
     )
-    params = {"a": {"kernel": jax.ShapeDtypeStruct((2, 3), np.float32)},
-              "b": jax.ShapeDtypeStruct((4,), np.float32)}
+    params = {
+        "a": {"kernel": jax.ShapeDtypeStruct((2, 3), np.float32)},
+        "b": jax.ShapeDtypeStruct((4,), np.float32),
+    }
     assert checkpoint.opt_state_signature(jax.eval_shape(tiger(1e-3).init, params)) == "TigerState"
     # optax.partition's labelled states: the distinct ones, in braces.
     tx = optax.partition({"a": tiger(1e-3), "b": optax.sgd(0.1)}, {"a": "a", "b": "b"})
@@ -202,8 +237,7 @@ def test_signature_names_the_state_types():
     "make_tx, expected_type",
     [
         (lambda: optax.adamw(1e-3), "ScaleByAdamState"),
-        (lambda: adafactor(1e-2, momentum=0.9, min_dim_size_to_factor=4),
-         "ScaleByAdafactorState"),
+        (lambda: adafactor(1e-2, momentum=0.9, min_dim_size_to_factor=4), "ScaleByAdafactorState"),
     ],
     ids=["adamw", "adafactor"],
 )
@@ -225,9 +259,11 @@ def test_same_tree_but_another_optimizer_is_caught(checkpoints):
     into the other without a word. Only the recorded signature tells them apart."""
     root = checkpoints[0]
     checkpointer = ocp.StandardCheckpointer()
-    target = worker.abstract_state(accumulate_gradients(
-        optax.chain(measure_noise_scale(batch_size=worker.BATCH), optax.adam(1e-2)), 2
-    ))
+    target = worker.abstract_state(
+        accumulate_gradients(
+            optax.chain(measure_noise_scale(batch_size=worker.BATCH), optax.adam(1e-2)), 2
+        )
+    )
     path = root / "noise_adax_acc2"
     saved = ocp.tree.to_flat_dict(checkpointer.metadata(path).item_metadata)
     assert checkpoint._tree_mismatch(saved, ocp.tree.to_flat_dict(target)) == ""
@@ -259,13 +295,22 @@ def test_shape_mismatch_is_explained(checkpoints):
     checkpointer = ocp.StandardCheckpointer()
     target = _target("tiger_acc3")
     kernel = target.params["params"]["Dense_0"]["kernel"]
-    wide = jax.ShapeDtypeStruct((kernel.shape[0], kernel.shape[1] + 1), kernel.dtype,
-                                sharding=kernel.sharding)
-    target = target.replace(params={"params": {**target.params["params"],
-                                               "Dense_0": {**target.params["params"]["Dense_0"],
-                                                           "kernel": wide}}})
-    with pytest.raises(ValueError, match=r"params/params/Dense_0/kernel has shape \(4, 8\) in the "
-                       r"checkpoint, \(4, 9\) in the target"):
+    wide = jax.ShapeDtypeStruct(
+        (kernel.shape[0], kernel.shape[1] + 1), kernel.dtype, sharding=kernel.sharding
+    )
+    target = target.replace(
+        params={
+            "params": {
+                **target.params["params"],
+                "Dense_0": {**target.params["params"]["Dense_0"], "kernel": wide},
+            }
+        }
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"params/params/Dense_0/kernel has shape \(4, 8\) in the "
+        r"checkpoint, \(4, 9\) in the target",
+    ):
         checkpoint.restore_train_state(checkpointer, root / "tiger_acc3", target)
 
 
@@ -276,13 +321,16 @@ def test_checkpoint_manager_same_checks(checkpoints, tmp_path):
     try:
         checkpoint.save_train_state(manager, worker.SAVE_AT, snapshot)
         manager.wait_until_finished()
-        restored = checkpoint.restore_train_state(manager, worker.SAVE_AT,
-                                               _target("lookahead_tiger5"))
+        restored = checkpoint.restore_train_state(
+            manager, worker.SAVE_AT, _target("lookahead_tiger5")
+        )
         _assert_same_state(restored, snapshot)
-        with pytest.raises(ValueError, match=r"type LookaheadState\[TigerState\].*ScaleByAdam") \
-                as err:
-            checkpoint.restore_train_state(manager, worker.SAVE_AT,
-                                        worker.abstract_state(optax.adamw(1e-3)))
+        with pytest.raises(
+            ValueError, match=r"type LookaheadState\[TigerState\].*ScaleByAdam"
+        ) as err:
+            checkpoint.restore_train_state(
+                manager, worker.SAVE_AT, worker.abstract_state(optax.adamw(1e-3))
+            )
         assert f"step {worker.SAVE_AT} of {tmp_path / 'managed'}" in str(err.value)
     finally:
         manager.close()

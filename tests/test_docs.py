@@ -50,5 +50,5 @@ def test_readme_commands_match_ci():
     readme, ci = (root / "README.md").read_text(), (root / ".ci/run").read_text()
     assert "python -m optax_ext.demo" in readme
     assert 'pip install -e ".[test]" && python -m pytest -n 2 --nbmake' in readme
-    assert "python -m pip install --quiet -e \".[test]\"" in ci
+    assert 'python -m pip install --quiet -e ".[test]"' in ci
     assert "python -m pytest -n 2 --nbmake" in ci

@@ -74,8 +74,15 @@ def _report(ids, procs, logs, why: str) -> str:
     return "\n".join(parts)
 
 
-def run_workers(tmp_path, *, process_ids=(0, 1), num_processes=2, timeout=TIMEOUT_S,
-                meanwhile=None, started=None):
+def run_workers(
+    tmp_path,
+    *,
+    process_ids=(0, 1),
+    num_processes=2,
+    timeout=TIMEOUT_S,
+    meanwhile=None,
+    started=None,
+):
     """Runs the workers of one job; returns their saved results, in ``process_ids`` order,
     and what ``meanwhile()`` (called here while they run) returned.
 
@@ -90,11 +97,23 @@ def run_workers(tmp_path, *, process_ids=(0, 1), num_processes=2, timeout=TIMEOU
         for i, out in zip(process_ids, outs, strict=True):
             log = open(tmp_path / f"worker{i}.log", "w+b")  # noqa: SIM115 (closed below)
             logs.append(log)
-            cmd = [sys.executable, str(WORKER), "--process-id", str(i),
-                   "--num-processes", str(num_processes), "--port", str(port),
-                   "--out", str(out)]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=_worker_env(),
-                                          stdout=log, stderr=subprocess.STDOUT))
+            cmd = [
+                sys.executable,
+                str(WORKER),
+                "--process-id",
+                str(i),
+                "--num-processes",
+                str(num_processes),
+                "--port",
+                str(port),
+                "--out",
+                str(out),
+            ]
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=REPO, env=_worker_env(), stdout=log, stderr=subprocess.STDOUT
+                )
+            )
         deadline = time.monotonic() + timeout
         extra = meanwhile() if meanwhile is not None else None
         # Poll every worker each time (``any`` over ``poll()`` would stop at the first).

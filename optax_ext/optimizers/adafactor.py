@@ -269,8 +269,15 @@ def scale_by_adafactor(
         ps = treedef.flatten_up_to(params) if multiply_by_parameter_scale else [None] * len(leaves)
         out = [
             _adafactor_leaf(
-                g, nu, m, p, beta2=beta2, eps1=eps1, clip=clipping_threshold,
-                momentum=momentum, eps2=eps2,
+                g,
+                nu,
+                m,
+                p,
+                beta2=beta2,
+                eps1=eps1,
+                clip=clipping_threshold,
+                momentum=momentum,
+                eps2=eps2,
             )
             for g, nu, m, p in zip(leaves, nus, mus, ps, strict=True)
         ]

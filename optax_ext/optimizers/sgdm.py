@@ -98,18 +98,22 @@ def scale_by_sgdm(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        first, last = (True, True) if single_step else (
-            state.count % k == 0, (state.count + 1) % k == 0)
+        first, last = (
+            (True, True) if single_step else (state.count % k == 0, (state.count + 1) % k == 0)
+        )
         count = optax.safe_increment(state.count)
         if needs_acc:
             out = jax.tree.map(
                 lambda g, m, a: _nesterov_accumulating(g, m, a, momentum, k, first, last),
-                updates, state.mu, state.acc)
+                updates,
+                state.mu,
+                state.acc,
+            )
             u, mu, acc = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(3))
             return u, SgdmState(count=count, mu=mu, acc=acc)
         out = jax.tree.map(
-            lambda g, m: _heavy_ball(g, m, momentum, k, first, last, nesterov),
-            updates, state.mu)
+            lambda g, m: _heavy_ball(g, m, momentum, k, first, last, nesterov), updates, state.mu
+        )
         u, mu = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(2))
         return u, SgdmState(count=count, mu=mu, acc=())
 
@@ -168,8 +172,9 @@ def sgdm(
     """
     check_range("learning_rate", learning_rate, 0)
     return optax.chain(
-        scale_by_sgdm(momentum, accumulation_steps=accumulation_steps, nesterov=nesterov,
-                      mu_dtype=mu_dtype),
+        scale_by_sgdm(
+            momentum, accumulation_steps=accumulation_steps, nesterov=nesterov, mu_dtype=mu_dtype
+        ),
         _scale_by_update_learning_rate(learning_rate, accumulation_steps),
     )
 

@@ -162,14 +162,15 @@ def accumulate_gradients(
         n = state.n_accumulated + ok.astype(jnp.int32)
         denom = jnp.maximum(n, 1)
         fresh = state.n_accumulated == 0
-        acc = jax.tree.map(lambda g, a: _welford(g, a, fresh, ok, denom),
-                           updates, state.acc_grads)
+        acc = jax.tree.map(lambda g, a: _welford(g, a, fresh, ok, denom), updates, state.acc_grads)
         sq_sum = state.grad_sq_norm_sum + jnp.where(ok, sq_norm, 0.0)
         last = state.mini_step == k - 1
         apply = jnp.logical_and(last, n > 0) if skip_nonfinite else last
 
         inner_updates, new_inner = inner.update(
-            optax.tree.cast_like(acc, updates), state.inner_state, params,
+            optax.tree.cast_like(acc, updates),
+            state.inner_state,
+            params,
             **{
                 **extra_args,
                 "micro_grad_sq_norm": sq_sum / denom.astype(jnp.float32),
@@ -215,8 +216,9 @@ def _welford(g, a, fresh, ok, n):
 def _global_sq_norm(tree: Any) -> jax.Array:
     """Squared global L2 norm, summed in float32 whatever the leaves' dtype."""
     leaves = jax.tree.leaves(tree)
-    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves),
-               jnp.zeros([], jnp.float32))
+    return sum(
+        (jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.zeros([], jnp.float32)
+    )
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -235,5 +237,4 @@ def _select(cond: jax.Array, new: Any, old: Any) -> Any:
     Casting to the old dtype keeps the state's types fixed across steps even when the
     inner update promotes (bf16 state with f32 arithmetic), so ``jit`` compiles once.
     """
-    return jax.tree.map(
-        lambda n, o: jnp.where(cond, n, o).astype(jnp.result_type(o)), new, old)
+    return jax.tree.map(lambda n, o: jnp.where(cond, n, o).astype(jnp.result_type(o)), new, old)

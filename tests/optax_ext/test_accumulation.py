@@ -44,8 +44,9 @@ def test_equals_multisteps_step_for_step(name):
     params = random_tree(1)
     grads = [random_grads_like(params, s) for s in range(k * cycles)]
     ours, theirs = accumulate_gradients(INNERS[name](), k), optax.MultiSteps(INNERS[name](), k)
-    step = lambda tx: jax.jit(lambda p, s, g: (lambda u, s: (_apply(p, u), u, s))(
-        *tx.update(g, s, p)))
+    step = lambda tx: jax.jit(
+        lambda p, s, g: (lambda u, s: (_apply(p, u), u, s))(*tx.update(g, s, p))
+    )
     ours_step, theirs_step = step(ours), step(theirs)
     p1, s1, p2, s2 = params, ours.init(params), params, theirs.init(params)
     for t, g in enumerate(grads):
@@ -53,8 +54,13 @@ def test_equals_multisteps_step_for_step(name):
         p2, u2, s2 = theirs_step(p2, s2, g)
         assert_trees_close(u1, u2, rtol=1e-6, atol=1e-8, err=f"updates at micro-step {t}")
         assert_trees_close(p1, p2, rtol=1e-6, atol=1e-8, err=f"params at micro-step {t}")
-        assert_trees_close(s1.inner_state, s2.inner_opt_state, rtol=1e-6, atol=1e-8,
-                           err=f"inner state at micro-step {t}")
+        assert_trees_close(
+            s1.inner_state,
+            s2.inner_opt_state,
+            rtol=1e-6,
+            atol=1e-8,
+            err=f"inner state at micro-step {t}",
+        )
         assert int(s1.gradient_step) == int(s2.gradient_step) == (t + 1) // k
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1, params)
     assert min(jax.tree.leaves(moved)) > 0
@@ -91,8 +97,9 @@ def test_float64_reference_with_skipped_micro_batches():
     params = random_tree(2)
     grads = [random_grads_like(params, 10 + s) for s in range(4 * k)]
     first = lambda t: next(iter(jax.tree.leaves(t)))
-    poison = lambda g, v: jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(v) if x is first(g)
-                                       else x, g)
+    poison = lambda g, v: jax.tree.map(
+        lambda x: x.at[(0,) * x.ndim].set(v) if x is first(g) else x, g
+    )
     grads[4] = poison(grads[4], np.nan)  # cycle 1: one of three skipped
     for t in (6, 7, 8):  # cycle 2: all skipped, no update
         grads[t] = poison(grads[t], np.inf if t == 7 else np.nan)
@@ -145,10 +152,17 @@ def test_shard_map_data_parallel_step_matches_jit():
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rng = np.random.default_rng(0)
-    params = {"w": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
-              "b": jnp.zeros(3, jnp.float32)}
-    batches = [(jnp.asarray(rng.standard_normal((16, 5)), jnp.float32),
-                jnp.asarray(rng.standard_normal((16, 3)), jnp.float32)) for _ in range(6)]
+    params = {
+        "w": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
+        "b": jnp.zeros(3, jnp.float32),
+    }
+    batches = [
+        (
+            jnp.asarray(rng.standard_normal((16, 5)), jnp.float32),
+            jnp.asarray(rng.standard_normal((16, 3)), jnp.float32),
+        )
+        for _ in range(6)
+    ]
     loss = lambda p, x, y: jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
     tx = accumulate_gradients(optax.adamw(1e-2), 3, skip_nonfinite=True)
 
@@ -158,10 +172,16 @@ def test_shard_map_data_parallel_step_matches_jit():
         u, s = tx.update(g, s, p)
         return _apply(p, u), s
 
-    sharded = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P("data"),
-                                    P("data")), out_specs=(P(), P())))
-    plain = jax.jit(lambda p, s, x, y: (lambda u, s: (_apply(p, u), s))(
-        *tx.update(jax.grad(loss)(p, x, y), s, p)))
+    sharded = jax.jit(
+        jax.shard_map(
+            local_step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P())
+        )
+    )
+    plain = jax.jit(
+        lambda p, s, x, y: (lambda u, s: (_apply(p, u), s))(
+            *tx.update(jax.grad(loss)(p, x, y), s, p)
+        )
+    )
     p1, s1, p2, s2 = params, tx.init(params), params, tx.init(params)
     for x, y in batches:
         p1, s1 = sharded(p1, s1, x, y)
@@ -179,15 +199,19 @@ def test_shard_map_data_parallel_step_matches_jit():
 def test_bf16_params_keep_every_dtype(inner):
     params = random_tree(4, dtype=jnp.bfloat16)
     grads = [random_grads_like(params, s) for s in range(4)]
-    make = {"adamw_bf16_mu": lambda: optax.adamw(1e-2, mu_dtype=jnp.bfloat16),
-            "adafactor": lambda: optax.adafactor(1e-2)}[inner]
+    make = {
+        "adamw_bf16_mu": lambda: optax.adamw(1e-2, mu_dtype=jnp.bfloat16),
+        "adafactor": lambda: optax.adafactor(1e-2),
+    }[inner]
     tx = accumulate_gradients(make(), 2)
     state0 = tx.init(params)
     dtypes = lambda t: jax.tree.map(lambda x: jnp.result_type(x), t)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state0.acc_grads))
     # params and state donated, as a training loop does: no buffer may appear twice
-    step = jax.jit(lambda p, s, g: (lambda u, s: (_apply(p, u), u, s))(*tx.update(g, s, p)),
-                   donate_argnums=(0, 1))
+    step = jax.jit(
+        lambda p, s, g: (lambda u, s: (_apply(p, u), u, s))(*tx.update(g, s, p)),
+        donate_argnums=(0, 1),
+    )
     p, s = jax.tree.map(jnp.copy, params), tx.init(params)
     for g in grads:
         p, u, s = step(p, s, g)
@@ -218,13 +242,17 @@ def _recorder():
 
     def init(params):
         del params
-        return _RecordState(jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32),
-                            jnp.zeros([], jnp.float32))
+        return _RecordState(
+            jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32)
+        )
 
     def update(updates, state, params=None, *, micro_grad_sq_norm, accumulation_steps, tag):
         del params, state
-        return updates, _RecordState(micro_grad_sq_norm, jnp.asarray(accumulation_steps,
-                                     jnp.int32), jnp.asarray(tag, jnp.float32))
+        return updates, _RecordState(
+            micro_grad_sq_norm,
+            jnp.asarray(accumulation_steps, jnp.int32),
+            jnp.asarray(tag, jnp.float32),
+        )
 
     return optax.GradientTransformationExtraArgs(init, update)
 
@@ -243,9 +271,10 @@ def test_extra_args_reach_the_inner_transform():
         if (t + 1) % k:
             jax.tree.map(np.testing.assert_array_equal, rec, state_before.inner_state[0])
             continue
-        cycle = grads[t + 1 - k: t + 1]
-        sq = [sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(g_))
-              for g_ in cycle]
+        cycle = grads[t + 1 - k : t + 1]
+        sq = [
+            sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(g_)) for g_ in cycle
+        ]
         assert rec.sq_norm.dtype == jnp.float32
         np.testing.assert_allclose(float(rec.sq_norm), np.mean(sq), rtol=1e-6)
         assert int(rec.steps) == k and float(rec.tag) == t
@@ -268,10 +297,8 @@ def test_noise_scale_measured_from_micro_batches():
     k, b = 4, 16
     params = random_tree(7)
     signal = random_grads_like(params, 39, scale=2.0)  # |G|² well above the noise
-    grads = [jax.tree.map(jnp.add, signal, random_grads_like(params, 40 + s))
-             for s in range(2 * k)]
-    tx = accumulate_gradients(
-        optax.chain(measure_noise_scale(batch_size=b), optax.sgd(0.1)), k)
+    grads = [jax.tree.map(jnp.add, signal, random_grads_like(params, 40 + s)) for s in range(2 * k)]
+    tx = accumulate_gradients(optax.chain(measure_noise_scale(batch_size=b), optax.sgd(0.1)), k)
     state = tx.init(params)
     step = jax.jit(tx.update)
     for g in grads:
@@ -288,7 +315,8 @@ def test_noise_scale_measured_from_micro_batches():
 
 def test_plain_gradient_transformation_inner():
     plain = optax.GradientTransformation(
-        lambda p: optax.EmptyState(), lambda u, s, p=None: (jax.tree.map(lambda x: -x, u), s))
+        lambda p: optax.EmptyState(), lambda u, s, p=None: (jax.tree.map(lambda x: -x, u), s)
+    )
     assert not isinstance(plain, optax.GradientTransformationExtraArgs)
     tx = accumulate_gradients(plain, 2)
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
@@ -308,8 +336,10 @@ def test_abstract_init():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract.acc_grads))
 
 
-@pytest.mark.parametrize("k, error", [(0, ValueError), (-2, ValueError), (2.0, TypeError),
-                                      (True, TypeError), ("2", TypeError)])
+@pytest.mark.parametrize(
+    "k, error",
+    [(0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError), ("2", TypeError)],
+)
 def test_bad_k(k, error):
     with pytest.raises(error, match="k must be"):
         accumulate_gradients(optax.sgd(0.1), k)

@@ -33,9 +33,21 @@ def rms(x):
     return np.sqrt(np.mean(np.square(x)))
 
 
-def ref_adafactor(params, grads_seq, *, lr=None, decay_rate=None, momentum=None, wd=0.0,
-                  decays=lambda p: True, mbps=True, clip=1.0, eps1=1e-30, eps2=1e-3,
-                  min_dim=128):
+def ref_adafactor(
+    params,
+    grads_seq,
+    *,
+    lr=None,
+    decay_rate=None,
+    momentum=None,
+    wd=0.0,
+    decays=lambda p: True,
+    mbps=True,
+    clip=1.0,
+    eps1=1e-30,
+    eps2=1e-3,
+    min_dim=128,
+):
     """Spec §3 in float64 NumPy, step by step.
 
     Returns (θ, second moments, momentum, number of leaf-steps the clipping shrank)."""
@@ -83,21 +95,24 @@ def mixed_params(seed=0):
     the threshold, vectors."""
     rng = np.random.default_rng(seed)
     n = lambda *shape, s=1.0: jnp.asarray(s * rng.standard_normal(shape), jnp.float32)
-    return {"params": {
-        "embed": {"embedding": n(12, 6)},
-        # the kernel factors axes 0 and 2; the (2, 5) bias is below the threshold
-        "attention": {"kernel": n(6, 2, 5, s=0.3), "bias": n(2, 5, s=0.1)},
-        "LayerNorm_0": {"scale": 1 + n(6, s=0.1), "bias": jnp.zeros(6)},
-        "tie": {"kernel": n(5, 5, s=0.3)},  # a tie: axis 1 counts as the largest
-        "thin": {"kernel": n(3, 9, s=0.3)},  # second-largest 3 < 4: not factored
-        "deep": {"kernel": n(4, 3, 2, 7, s=0.3)},  # 4-D: axes 3 and 0, keeps 1 and 2
-    }}
+    return {
+        "params": {
+            "embed": {"embedding": n(12, 6)},
+            # the kernel factors axes 0 and 2; the (2, 5) bias is below the threshold
+            "attention": {"kernel": n(6, 2, 5, s=0.3), "bias": n(2, 5, s=0.1)},
+            "LayerNorm_0": {"scale": 1 + n(6, s=0.1), "bias": jnp.zeros(6)},
+            "tie": {"kernel": n(5, 5, s=0.3)},  # a tie: axis 1 counts as the largest
+            "thin": {"kernel": n(3, 9, s=0.3)},  # second-largest 3 < 4: not factored
+            "deep": {"kernel": n(4, 3, 2, 7, s=0.3)},  # 4-D: axes 3 and 0, keeps 1 and 2
+        }
+    }
 
 
 def nu_by_path(nu):
     """{path: full second moment or FactoredMoment}."""
     flat, _ = jax.tree_util.tree_flatten_with_path(
-        nu, is_leaf=lambda x: isinstance(x, FactoredMoment))
+        nu, is_leaf=lambda x: isinstance(x, FactoredMoment)
+    )
     return {path_to_str(p): x for p, x in flat}
 
 
@@ -130,14 +145,34 @@ CASES = {
     # name: (adafactor kwargs, reference kwargs); all at min_dim_size_to_factor=4
     "defaults": (dict(), dict()),
     "momentum_constant_beta2_schedule_decay": (
-        dict(learning_rate=schedule, decay_rate=0.95, momentum=0.9, weight_decay=0.1,
-             clipping_threshold=0.5, eps2=1e-2),
-        dict(lr=schedule, decay_rate=0.95, momentum=0.9, wd=0.1, decays=not_norm_or_bias,
-             clip=0.5, eps2=1e-2)),
+        dict(
+            learning_rate=schedule,
+            decay_rate=0.95,
+            momentum=0.9,
+            weight_decay=0.1,
+            clipping_threshold=0.5,
+            eps2=1e-2,
+        ),
+        dict(
+            lr=schedule,
+            decay_rate=0.95,
+            momentum=0.9,
+            wd=0.1,
+            decays=not_norm_or_bias,
+            clip=0.5,
+            eps2=1e-2,
+        ),
+    ),
     "absolute_step_no_clipping": (
-        dict(multiply_by_parameter_scale=False, clipping_threshold=None, momentum=0.5,
-             weight_decay=0.05, mask=True),
-        dict(mbps=False, clip=None, momentum=0.5, wd=0.05)),
+        dict(
+            multiply_by_parameter_scale=False,
+            clipping_threshold=None,
+            momentum=0.5,
+            weight_decay=0.05,
+            mask=True,
+        ),
+        dict(mbps=False, clip=None, momentum=0.5, wd=0.05),
+    ),
 }
 
 
@@ -159,8 +194,11 @@ def test_matches_float64_reference(case):
         for p, v in want_nu.items():
             got_v = (nu[p].row, nu[p].col) if isinstance(nu[p], FactoredMoment) else nu[p]
             assert isinstance(v, tuple) == isinstance(got_v, tuple), p
-            for a, b in zip(got_v if isinstance(v, tuple) else [got_v],
-                            v if isinstance(v, tuple) else [v], strict=True):
+            for a, b in zip(
+                got_v if isinstance(v, tuple) else [got_v],
+                v if isinstance(v, tuple) else [v],
+                strict=True,
+            ):
                 np.testing.assert_allclose(a, b, rtol=1e-12, err_msg=p)
         if "momentum" in kwargs:
             for p, m in leaf_paths(inner.mu):
@@ -168,8 +206,13 @@ def test_matches_float64_reference(case):
 
 
 def test_factoring_keeps_the_other_axes():
-    params = {"a": jnp.zeros((6, 2, 5)), "b": jnp.zeros((5, 5)), "c": jnp.zeros((3, 9)),
-              "d": jnp.zeros((4, 3, 2, 7)), "e": jnp.zeros(11)}
+    params = {
+        "a": jnp.zeros((6, 2, 5)),
+        "b": jnp.zeros((5, 5)),
+        "c": jnp.zeros((3, 9)),
+        "d": jnp.zeros((4, 3, 2, 7)),
+        "e": jnp.zeros(11),
+    }
     nu = scale_by_adafactor(min_dim_size_to_factor=4).init(params).nu
     assert (nu["a"].row.shape, nu["a"].col.shape) == ((1, 2, 5), (6, 2, 1))
     assert (nu["b"].row.shape, nu["b"].col.shape) == ((5, 1), (1, 5))
@@ -228,8 +271,11 @@ def test_difference_learning_rate_none_is_the_relative_step():
     ours, theirs = adafactor(), optax.adafactor(learning_rate=None)
     s_ours, s_theirs = ours.init(params), theirs.init(params)
     # jump to τ = 40000, where min(1e-2, 1/√τ) = 5e-3 (optax: a step of 1)
-    s_ours = (s_ours[0]._replace(count=jnp.asarray(39_999)), s_ours[1],
-              s_ours[2]._replace(count=jnp.asarray(39_999)))
+    s_ours = (
+        s_ours[0]._replace(count=jnp.asarray(39_999)),
+        s_ours[1],
+        s_ours[2]._replace(count=jnp.asarray(39_999)),
+    )
     s_theirs = (s_theirs[0]._replace(count=jnp.asarray(39_999)),) + tuple(s_theirs[1:])
     u_ours, _ = jax.jit(ours.update)(g, s_ours, params)
     u_theirs, _ = jax.jit(theirs.update)(g, s_theirs, params)
@@ -260,13 +306,19 @@ def test_difference_momentum_before_the_parameter_scale():
             want_optax = -(b1 * (1 - b1) * lr * r1 * a + (1 - b1) * lr * r2 * b)
             np.testing.assert_allclose(uo, want_ours, rtol=1e-10, err_msg=p)
             # optax computes β2 in float32: agreement to ~1e-7 of the update's scale
-            np.testing.assert_allclose(dict(leaf_paths(u_t))[p], want_optax, rtol=1e-6,
-                                       atol=1e-6 * np.abs(want_optax).max(), err_msg=p)
+            np.testing.assert_allclose(
+                dict(leaf_paths(u_t))[p],
+                want_optax,
+                rtol=1e-6,
+                atol=1e-6 * np.abs(want_optax).max(),
+                err_msg=p,
+            )
             assert not np.allclose(want_ours, want_optax, rtol=1e-3)
         # where the parameter scale is constant the two orders coincide
         ours = adafactor(lr, momentum=b1, multiply_by_parameter_scale=False)
-        theirs = optax.adafactor(lr, momentum=b1, multiply_by_parameter_scale=False,
-                                 dtype_momentum=jnp.float64)
+        theirs = optax.adafactor(
+            lr, momentum=b1, multiply_by_parameter_scale=False, dtype_momentum=jnp.float64
+        )
         (_, uo2), _ = first_updates(ours, params1, [g1, g2])
         (_, ut2), _ = first_updates(theirs, params1, [g1, g2])
         assert_trees_close(uo2, ut2, rtol=1e-6)
@@ -276,10 +328,10 @@ def test_difference_eps1_inside_the_square_root():
     with x64():
         params = {"b": jnp.zeros(5, jnp.float64)}
         g = {"b": jnp.full(5, 1e-16, jnp.float64)}  # g² = 1e-32, far below ε1 = 1e-30
-        (u_ours,), _ = first_updates(adafactor(1.0, multiply_by_parameter_scale=False),
-                                     params, [g])
-        (u_theirs,), _ = first_updates(optax.adafactor(1.0, multiply_by_parameter_scale=False),
-                                       params, [g])
+        (u_ours,), _ = first_updates(adafactor(1.0, multiply_by_parameter_scale=False), params, [g])
+        (u_theirs,), _ = first_updates(
+            optax.adafactor(1.0, multiply_by_parameter_scale=False), params, [g]
+        )
         # ours: g/√(g² + 2ε1), optax: g/√(g² + ε1)
         np.testing.assert_allclose(u_ours["b"], -1e-16 / np.sqrt(1e-32 + 2e-30), rtol=1e-12)
         np.testing.assert_allclose(u_theirs["b"], -1e-16 / np.sqrt(1e-32 + 1e-30), rtol=1e-6)
@@ -324,10 +376,12 @@ def test_difference_decay_rate_is_the_constant_beta2():
 
 
 def test_state_is_m_plus_n_per_factored_matrix():
-    params = {"w": jax.ShapeDtypeStruct((300, 200), jnp.float32),
-              "t": jax.ShapeDtypeStruct((4, 200, 300), jnp.float32),
-              "s": jax.ShapeDtypeStruct((100, 300), jnp.float32),
-              "b": jax.ShapeDtypeStruct((300,), jnp.float32)}
+    params = {
+        "w": jax.ShapeDtypeStruct((300, 200), jnp.float32),
+        "t": jax.ShapeDtypeStruct((4, 200, 300), jnp.float32),
+        "s": jax.ShapeDtypeStruct((100, 300), jnp.float32),
+        "b": jax.ShapeDtypeStruct((300,), jnp.float32),
+    }
     factored = (300 + 200) + 4 * (200 + 300)
     unfactored = 100 * 300 + 300
     n_params = 300 * 200 + 4 * 200 * 300 + 100 * 300 + 300
@@ -353,8 +407,14 @@ def test_device_paths_with_factored_matrices():
 def test_inject_hyperparams():
     params = big_params(7, full=False)
     grads = [random_grads_like(params, 40 + t) for t in range(4)]
-    hp = dict(decay_rate=0.9, momentum=0.8, weight_decay=0.1, eps1=1e-30,
-              clipping_threshold=0.7, eps2=2e-3)
+    hp = dict(
+        decay_rate=0.9,
+        momentum=0.8,
+        weight_decay=0.1,
+        eps1=1e-30,
+        clipping_threshold=0.7,
+        eps2=2e-3,
+    )
     for lr in (None, 1e-2):  # None is the structural relative-step rule
         tx = optax.inject_hyperparams(adafactor)(learning_rate=lr, **hp)
         state = jax.jit(tx.init)(params)
@@ -384,7 +444,8 @@ def test_min_dim_size_to_factor_under_inject_hyperparams():
     with pytest.raises(ValueError, match="static_args"):
         jax.jit(injected.init)(params)
     static = optax.inject_hyperparams(adafactor, static_args="min_dim_size_to_factor")(
-        learning_rate=1e-2, min_dim_size_to_factor=4)
+        learning_rate=1e-2, min_dim_size_to_factor=4
+    )
     state = jax.jit(static.init)(params)
     assert isinstance(state.inner_state[0].nu["small"]["kernel"], FactoredMoment)
 
@@ -425,9 +486,11 @@ def test_bf16_params_and_mu_dtype():
     assert {x.dtype for x in jax.tree.leaves(state[0].nu)} == {jnp.dtype(jnp.float32)}
     f32_mu = jax.eval_shape(adafactor(momentum=0.9, mu_dtype=jnp.float32).init, params)
     assert {x.dtype for x in jax.tree.leaves(f32_mu[0].mu)} == {jnp.dtype(jnp.float32)}
-    f32, _ = run(adafactor(1e-2, momentum=0.9), jax.tree.map(lambda x: x.astype(jnp.float32),
-                                                              params),
-                 [jax.tree.map(lambda x: x.astype(jnp.float32), g) for g in grads])
+    f32, _ = run(
+        adafactor(1e-2, momentum=0.9),
+        jax.tree.map(lambda x: x.astype(jnp.float32), params),
+        [jax.tree.map(lambda x: x.astype(jnp.float32), g) for g in grads],
+    )
     assert_trees_close(got, f32, rtol=2e-2, atol=2e-3)
 
 
@@ -437,17 +500,20 @@ def test_update_needs_params():
         tx.update({"w": jnp.ones(3)}, tx.init({"w": jnp.ones(3)}))
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(learning_rate=-1.0), ValueError, r"learning_rate must be in \[0, inf\), got -1.0"),
-    (dict(decay_rate=1.5), ValueError, r"decay_rate must be in \[0, 1\], got 1.5"),
-    (dict(momentum=-0.1), ValueError, r"momentum must be in \[0, 1\], got -0.1"),
-    (dict(weight_decay=-0.1), ValueError, r"weight_decay must be in \[0, inf\), got -0.1"),
-    (dict(eps1=-1e-30), ValueError, r"eps1 must be in \[0, inf\)"),
-    (dict(eps2=-1.0), ValueError, r"eps2 must be in \[0, inf\), got -1.0"),
-    (dict(clipping_threshold=0.0), ValueError, r"clipping_threshold must be in \(0, inf\)"),
-    (dict(min_dim_size_to_factor=0), ValueError, r"min_dim_size_to_factor must be an int >= 1"),
-    (dict(min_dim_size_to_factor=2.5), TypeError, r"min_dim_size_to_factor must be an int"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(learning_rate=-1.0), ValueError, r"learning_rate must be in \[0, inf\), got -1.0"),
+        (dict(decay_rate=1.5), ValueError, r"decay_rate must be in \[0, 1\], got 1.5"),
+        (dict(momentum=-0.1), ValueError, r"momentum must be in \[0, 1\], got -0.1"),
+        (dict(weight_decay=-0.1), ValueError, r"weight_decay must be in \[0, inf\), got -0.1"),
+        (dict(eps1=-1e-30), ValueError, r"eps1 must be in \[0, inf\)"),
+        (dict(eps2=-1.0), ValueError, r"eps2 must be in \[0, inf\), got -1.0"),
+        (dict(clipping_threshold=0.0), ValueError, r"clipping_threshold must be in \(0, inf\)"),
+        (dict(min_dim_size_to_factor=0), ValueError, r"min_dim_size_to_factor must be an int >= 1"),
+        (dict(min_dim_size_to_factor=2.5), TypeError, r"min_dim_size_to_factor must be an int"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, error, match):
     with pytest.raises(error, match=match):
         adafactor(**kwargs)

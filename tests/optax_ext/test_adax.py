@@ -71,8 +71,11 @@ def _tiny_params(seed=0):
     """Four Flax-named leaves whose first axes split over 8 devices (cheap to compile)."""
     rng = np.random.default_rng(seed)
     n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    return {"embed": {"embedding": n(8, 4)}, "dense": {"kernel": n(16, 8), "bias": n(8)},
-            "LayerNorm_0": {"scale": 1 + n(8)}}
+    return {
+        "embed": {"embedding": n(8, 4)},
+        "dense": {"kernel": n(16, 8), "bias": n(8)},
+        "LayerNorm_0": {"scale": 1 + n(8)},
+    }
 
 
 # ------------------------------------------------------------------ correctness
@@ -86,8 +89,9 @@ def test_matches_raw_paper_form_float64(b2):
             grads = [random_grads_like(params, 100 * seed + s) for s in range(24)]
             lr = lambda t: 1e-2 * (1 + 0.1 * np.cos(t))
             neg_lr = lambda t: -1e-2 * (1 + 0.1 * jnp.cos(jnp.asarray(t, float)))
-            tx = optax.chain(scale_by_adax(b1=0.8, b2=b2, eps=1e-6),
-                             optax.scale_by_schedule(neg_lr))
+            tx = optax.chain(
+                scale_by_adax(b1=0.8, b2=b2, eps=1e-6), optax.scale_by_schedule(neg_lr)
+            )
             got, _ = _run(tx, params, grads)
             want = reference_adax(params, grads, lr=lr, b1=0.8, b2=b2, eps=1e-6)
             assert_trees_close(got, want, rtol=1e-10, atol=1e-12, err=f"tree {seed}")
@@ -100,7 +104,12 @@ def test_adaxw_matches_reference_with_default_mask_float64():
         sched = lambda t: 3e-2 - 1e-3 * jnp.asarray(t, float)
         got, _ = _run(adaxw(sched, weight_decay=0.5), params, grads)
         want = reference_adax(
-            params, grads, lr=lambda t: 3e-2 - 1e-3 * t, b1=0.9, b2=1e-4, eps=1e-6,
+            params,
+            grads,
+            lr=lambda t: 3e-2 - 1e-3 * t,
+            b1=0.9,
+            b2=1e-4,
+            eps=1e-6,
             weight_decay=0.5,
         )
         assert_trees_close(got, want, rtol=1e-10, atol=1e-12)
@@ -132,9 +141,11 @@ def test_finite_and_correct_after_ten_million_steps(b2):
     v0 = rng.uniform(0.5, 2.0, shape)
     start = 10_000_000 - 3  # τ runs 1e7-2 .. 1e7
     tx = scale_by_adax(b1=0.9, b2=b2, eps=1e-6)
-    state = tx.init(jnp.zeros(shape)) ._replace(
-        count=jnp.asarray(start, jnp.int32), mu=jnp.asarray(m0, jnp.float32),
-        nu=jnp.asarray(v0, jnp.float32))
+    state = tx.init(jnp.zeros(shape))._replace(
+        count=jnp.asarray(start, jnp.int32),
+        mu=jnp.asarray(m0, jnp.float32),
+        nu=jnp.asarray(v0, jnp.float32),
+    )
     m, v = m0.copy(), v0.copy()
     update = jax.jit(tx.update)
     for i in range(3):
@@ -155,8 +166,10 @@ def test_finite_and_correct_after_ten_million_steps(b2):
 
 
 def test_adaxw_decay_is_multiplied_by_lr():
-    params = {"dense": {"kernel": jnp.full((2, 3), 2.0), "bias": jnp.ones(3)},
-              "LayerNorm_0": {"scale": jnp.ones(3)}}
+    params = {
+        "dense": {"kernel": jnp.full((2, 3), 2.0), "bias": jnp.ones(3)},
+        "LayerNorm_0": {"scale": jnp.ones(3)},
+    }
     zeros = jax.tree.map(jnp.zeros_like, params)
     sched = lambda t: 0.1 * (t + 1.0)
     tx = adaxw(sched, weight_decay=0.25)
@@ -213,13 +226,18 @@ def test_inject_hyperparams_matches_constants():
 def test_chain_and_masked():
     params = _tiny_params(2)
     grads = [random_grads_like(params, 30 + s) for s in range(3)]
-    only_kernels = jax.tree_util.tree_map_with_path(
-        lambda p, _: p[-1].key == "kernel", params)
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.masked(scale_by_adax(), only_kernels), optax.scale(-1e-2))
+    only_kernels = jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key == "kernel", params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.masked(scale_by_adax(), only_kernels),
+        optax.scale(-1e-2),
+    )
     got, _ = _run(tx, params, grads)
-    plain, _ = _run(optax.chain(optax.clip_by_global_norm(1.0), scale_by_adax(),
-                                optax.scale(-1e-2)), params, grads)
+    plain, _ = _run(
+        optax.chain(optax.clip_by_global_norm(1.0), scale_by_adax(), optax.scale(-1e-2)),
+        params,
+        grads,
+    )
     sgd, _ = _run(optax.chain(optax.clip_by_global_norm(1.0), optax.scale(-1e-2)), params, grads)
     pick = lambda t, keep: jax.tree.map(lambda x, k: x if k else jnp.zeros(()), t, keep)
     inverse = jax.tree.map(lambda k: not k, only_kernels)
@@ -240,15 +258,17 @@ def test_bf16_params():
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params32)
     grads = [random_grads_like(params32, 40 + s) for s in range(5)]
     tx = adaxw(1e-2, weight_decay=0.1, mu_dtype=jnp.float32)
-    p16, state = _run(tx, params16, [jax.tree.map(lambda g: g.astype(jnp.bfloat16), g)
-                                     for g in grads])
+    p16, state = _run(
+        tx, params16, [jax.tree.map(lambda g: g.astype(jnp.bfloat16), g) for g in grads]
+    )
     p32, _ = _run(tx, jax.tree.map(lambda x: x.astype(jnp.float32), params16), grads)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].mu))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state[0].nu))
     assert_trees_close(p16, p32, rtol=2e-2, atol=2e-2)
-    u, _ = tx.update(jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads[0]),
-                     tx.init(params16), params16)
+    u, _ = tx.update(
+        jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads[0]), tx.init(params16), params16
+    )
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u))
 
 

@@ -34,8 +34,10 @@ def loss_fn(params, tokens, labels):
 
 def data(seed=0):
     r = np.random.default_rng(seed)
-    return (jnp.asarray(r.integers(0, VOCAB, (BATCH, LENGTH))),
-            jnp.asarray(r.integers(0, CLASSES, BATCH)))
+    return (
+        jnp.asarray(r.integers(0, VOCAB, (BATCH, LENGTH))),
+        jnp.asarray(r.integers(0, CLASSES, BATCH)),
+    )
 
 
 def init(seed=0):
@@ -62,10 +64,12 @@ def np_loss_and_grads(p, tokens, labels):
     dh0 = da @ w1.T / tokens.shape[1]  # every position gets 1/L of the pooled gradient
     dtok = np.zeros_like(tok)
     np.add.at(dtok, tokens, np.broadcast_to(dh0[:, None], (*tokens.shape, WIDTH)))
-    grads = {"tok": {"embedding": dtok},
-             "pos": {"embedding": np.broadcast_to(dh0.sum(axis=0), pos.shape).copy()},
-             "hidden": {"kernel": h0.T @ da, "bias": da.sum(axis=0)},
-             "out": {"kernel": h1.T @ dz, "bias": dz.sum(axis=0)}}
+    grads = {
+        "tok": {"embedding": dtok},
+        "pos": {"embedding": np.broadcast_to(dh0.sum(axis=0), pos.shape).copy()},
+        "hidden": {"kernel": h0.T @ da, "bias": da.sum(axis=0)},
+        "out": {"kernel": h1.T @ dz, "bias": dz.sum(axis=0)},
+    }
     return loss, grads
 
 
@@ -84,28 +88,30 @@ def test_reference_backward_is_autodiff_of_the_flax_model():
     with x64():
         p64 = jax.tree.map(jnp.asarray, to_f64(params))
         loss, grads = jax.jit(jax.value_and_grad(loss_fn))(p64, tokens, labels)
-    want_loss, want = np_loss_and_grads(to_f64(params)["params"], np.asarray(tokens),
-                                        np.asarray(labels))
+    want_loss, want = np_loss_and_grads(
+        to_f64(params)["params"], np.asarray(tokens), np.asarray(labels)
+    )
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-12)
     assert_trees_close(grads["params"], want, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize(
-    "rule, tables", [(None, ("tok", "pos")), (r"tok/embedding$", ("tok",))]
-)
+@pytest.mark.parametrize("rule, tables", [(None, ("tok", "pos")), (r"tok/embedding$", ("tok",))])
 def test_fgm_matches_float64_reference(rule, tables):
     params, (tokens, labels) = init(1), data(1)
     kwargs = {} if rule is None else {"embedding": rule}
     with x64():
         p64 = jax.tree.map(jnp.asarray, to_f64(params))
         loss, grads = jax.jit(fgm_value_and_grad(loss_fn, epsilon=0.7, **kwargs))(
-            p64, tokens, labels)
-    want_loss, want = np_fgm(to_f64(params)["params"], np.asarray(tokens), np.asarray(labels),
-                             0.7, tables)
+            p64, tokens, labels
+        )
+    want_loss, want = np_fgm(
+        to_f64(params)["params"], np.asarray(tokens), np.asarray(labels), 0.7, tables
+    )
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-12)
     assert_trees_close(grads["params"], want, rtol=1e-10, atol=1e-13)
-    clean_loss, _ = np_loss_and_grads(to_f64(params)["params"], np.asarray(tokens),
-                                      np.asarray(labels))
+    clean_loss, _ = np_loss_and_grads(
+        to_f64(params)["params"], np.asarray(tokens), np.asarray(labels)
+    )
     assert want_loss > clean_loss + 1e-3  # the perturbation climbs the loss: the test bites
 
 
@@ -116,9 +122,11 @@ def test_fgm_in_float32_with_default_epsilon_and_aux():
         return loss_fn(p, tokens, labels), {"n": tokens.shape[0]}
 
     (loss, aux), grads = jax.jit(fgm_value_and_grad(with_aux, has_aux=True))(
-        params, tokens, labels=labels)
-    want_loss, want = np_fgm(to_f64(params)["params"], np.asarray(tokens), np.asarray(labels),
-                             1.0, ("tok", "pos"))
+        params, tokens, labels=labels
+    )
+    want_loss, want = np_fgm(
+        to_f64(params)["params"], np.asarray(tokens), np.asarray(labels), 1.0, ("tok", "pos")
+    )
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
     assert_trees_close(grads["params"], want, rtol=1e-4, atol=1e-6)
     assert aux["n"] == BATCH
@@ -147,24 +155,30 @@ def test_gradient_penalty_value_and_gradient():
     with x64():
         p64 = jax.tree.map(jnp.asarray, to_f64(params))
         value, grads = jax.jit(jax.value_and_grad(gradient_penalty_loss(loss_fn, epsilon=0.3)))(
-            p64, tokens, labels)
+            p64, tokens, labels
+        )
     np.testing.assert_allclose(float(value), np_penalised(p_np), rtol=1e-12)
     r = np.random.default_rng(0)
     shift = lambda step, direction: jax.tree.map(lambda a, b: a + step * b, p_np, direction)
     for _ in range(3):
         v = jax.tree.map(lambda a: r.standard_normal(a.shape), p_np)
         fd = (np_penalised(shift(1e-5, v)) - np_penalised(shift(-1e-5, v))) / 2e-5
-        ours = sum(np.sum(np.asarray(g) * d) for g, d in zip(jax.tree.leaves(grads["params"]),
-                                                              jax.tree.leaves(v), strict=True))
+        ours = sum(
+            np.sum(np.asarray(g) * d)
+            for g, d in zip(jax.tree.leaves(grads["params"]), jax.tree.leaves(v), strict=True)
+        )
         np.testing.assert_allclose(ours, fd, rtol=1e-7)
 
 
 def test_gradient_penalty_with_aux():
     params, (tokens, labels) = init(5), data(5)
     with_aux = lambda p, t, y: (loss_fn(p, t, y), jnp.ones(()))
-    (value, aux), _ = jax.jit(jax.value_and_grad(
-        gradient_penalty_loss(with_aux, epsilon=0.5, embedding=r"tok/embedding$", has_aux=True),
-        has_aux=True))(params, tokens, labels)
+    (value, aux), _ = jax.jit(
+        jax.value_and_grad(
+            gradient_penalty_loss(with_aux, epsilon=0.5, embedding=r"tok/embedding$", has_aux=True),
+            has_aux=True,
+        )
+    )(params, tokens, labels)
     plain = jax.jit(gradient_penalty_loss(loss_fn, epsilon=0.5, embedding=r"tok/embedding$"))
     assert float(value) == pytest.approx(float(plain(params, tokens, labels)), rel=1e-6)
     assert float(aux) == 1.0

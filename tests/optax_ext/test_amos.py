@@ -50,8 +50,21 @@ def expected_shape(path, shape):
     return (1,) * (len(shape) - 1) + (shape[-1],)
 
 
-def reference_amos(params, grads_seq, *, lr, eta_fn, shape_fn, beta, c=0.25, d=0.25,
-                   extra_l2=0.0, eps=2.0**-125, momentum=None, clip=None):
+def reference_amos(
+    params,
+    grads_seq,
+    *,
+    lr,
+    eta_fn,
+    shape_fn,
+    beta,
+    c=0.25,
+    d=0.25,
+    extra_l2=0.0,
+    eps=2.0**-125,
+    momentum=None,
+    clip=None,
+):
     """jestimator's ``scale_by_amos`` (+ optional clip before and EMA after) in float64.
 
     ``lr`` is a function of the 0-based step t (the spec's ξ = lr(t)).
@@ -77,7 +90,8 @@ def reference_amos(params, grads_seq, *, lr, eta_fn, shape_fn, beta, c=0.25, d=0
             gamma = xi**2 * rv * g2 / np.sqrt(1 + c * np.sqrt(xi) * b[i])
             lr0 = xi * eta_fn(paths[i], theta[i].shape)
             delta = (-lr0 * np.sqrt(rv) * g - (0.5 * gamma + extra_l2) * theta[i]) / (
-                1 + d * np.sqrt(lr0) * b[i])
+                1 + d * np.sqrt(lr0) * b[i]
+            )
             b[i] = b[i] + gamma * (1 + b[i])
             if momentum is not None:
                 mu[i] = momentum * mu[i] + (1 - momentum) * delta
@@ -108,8 +122,11 @@ def _tiny_params(seed=0):
     """Four Flax-named leaves whose first axes split over 8 devices (cheap to compile)."""
     rng = np.random.default_rng(seed)
     n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    return {"embed": {"embedding": n(8, 4)}, "dense": {"kernel": 0.3 * n(16, 8), "bias": n(8)},
-            "LayerNorm_0": {"scale": 1 + n(8)}}
+    return {
+        "embed": {"embedding": n(8, 4)},
+        "dense": {"kernel": 0.3 * n(16, 8), "bias": n(8)},
+        "LayerNorm_0": {"scale": 1 + n(8)},
+    }
 
 
 # ------------------------------------------------------------------ correctness
@@ -131,11 +148,13 @@ def test_matches_reference_float64(kwargs):
             grads = [random_grads_like(params, 10 * seed + s) for s in range(22)]
             ours = dict(kwargs)
             clip = ours.pop("clip", None)
-            tx = scale_by_amos(lambda t: 0.2 / (1 + 0.05 * jnp.asarray(t, float)),
-                               clip_value=clip, **ours)
+            tx = scale_by_amos(
+                lambda t: 0.2 / (1 + 0.05 * jnp.asarray(t, float)), clip_value=clip, **ours
+            )
             got, state = _run(tx, params, grads)
-            want, v, b = reference_amos(params, grads, lr=lr, eta_fn=expected_eta,
-                                        shape_fn=expected_shape, **kwargs)
+            want, v, b = reference_amos(
+                params, grads, lr=lr, eta_fn=expected_eta, shape_fn=expected_shape, **kwargs
+            )
             assert_trees_close(got, want, rtol=1e-10, atol=1e-12, err=f"params, tree {seed}")
             assert_trees_close(state.v, v, rtol=1e-10, atol=1e-14, err=f"v, tree {seed}")
             assert_trees_close(state.b, b, rtol=1e-10, atol=1e-14, err=f"b, tree {seed}")
@@ -150,8 +169,9 @@ def test_user_eta_and_shape_functions_float64():
         params = _small_params(1, jnp.float64)
         grads = [random_grads_like(params, 70 + s) for s in range(20)]
         got, state = _run(amos(0.1, eta_fn=eta, shape_fn=full_or_scalar), params, grads)
-        want, v, _ = reference_amos(params, grads, lr=lambda t: 0.1, eta_fn=eta,
-                                    shape_fn=full_or_scalar, beta=0.999)
+        want, v, _ = reference_amos(
+            params, grads, lr=lambda t: 0.1, eta_fn=eta, shape_fn=full_or_scalar, beta=0.999
+        )
         assert_trees_close(got, want, rtol=1e-10, atol=1e-12)
         assert_trees_close(state.v, v, rtol=1e-10, atol=1e-14)
 
@@ -163,8 +183,9 @@ def test_default_eta_and_state_shapes():
     shapes = jax.tree.map(jnp.shape, params)
     for name in ("v", "b"):
         got = jax.tree.map(jnp.shape, getattr(state, name))
-        assert got == jax.tree.map(expected_shape, paths, shapes,
-                                   is_leaf=lambda x: isinstance(x, tuple))
+        assert got == jax.tree.map(
+            expected_shape, paths, shapes, is_leaf=lambda x: isinstance(x, tuple)
+        )
     p = params["params"]
     assert state.v["params"]["embed"]["embedding"].shape == (7, 1)
     assert state.b["params"]["layer_0"]["attention"]["query"]["kernel"].shape == (1, 1, 4)
@@ -273,8 +294,11 @@ def test_bf16_params():
     grads = [random_grads_like(params, 40 + s) for s in range(4)]
     tx = amos(0.1, momentum=0.9)
     p16, state = _run(tx, params, grads)
-    p32, _ = _run(tx, jax.tree.map(lambda x: x.astype(jnp.float32), params),
-                  [jax.tree.map(lambda g: g.astype(jnp.float32), g) for g in grads])
+    p32, _ = _run(
+        tx,
+        jax.tree.map(lambda x: x.astype(jnp.float32), params),
+        [jax.tree.map(lambda g: g.astype(jnp.float32), g) for g in grads],
+    )
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((p16, state.mu)))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((state.v, state.b)))
     assert_trees_close(p16, p32, rtol=2e-2, atol=2e-2)

@@ -79,10 +79,14 @@ def test_losses_match_float64_numpy():
         (lambda: info_nce_loss(q, extra, 0.1), np_info_nce(q, extra, 0.1, False)),
         (lambda: simcse_loss(q, 0.05), np_simcse(q, 0.05)),
         (lambda: am_softmax_loss(q, k), np_am_softmax(q, k, None, 0.35, 30.0, False)),
-        (lambda: am_softmax_loss(q, k, margin=0.2, scale=5.0, symmetric=True),
-         np_am_softmax(q, k, None, 0.2, 5.0, True)),
-        (lambda: am_softmax_loss(q, k[:3], labels), np_am_softmax(q, k[:3], labels, 0.35, 30.0,
-                                                                  False)),
+        (
+            lambda: am_softmax_loss(q, k, margin=0.2, scale=5.0, symmetric=True),
+            np_am_softmax(q, k, None, 0.2, 5.0, True),
+        ),
+        (
+            lambda: am_softmax_loss(q, k[:3], labels),
+            np_am_softmax(q, k[:3], labels, 0.35, 30.0, False),
+        ),
         (lambda: cosent_loss(q, k, scores), np_cosent(q, k, scores, 20.0)),
         (lambda: cosent_loss(q, k, labels, scale=3.0), np_cosent(q, k, labels, 3.0)),
     ]
@@ -104,7 +108,7 @@ def test_masked_losses_have_finite_exact_gradients():
             assert np.all(np.isfinite(g))
             steps = 1e-6 * np.eye(h.size).reshape(h.size, *h.shape)
             values = jax.jit(jax.vmap(fn))(jnp.asarray(np.concatenate([h + steps, h - steps])))
-            fd = (values[: h.size] - values[h.size:]).reshape(h.shape) / 2e-6
+            fd = (values[: h.size] - values[h.size :]).reshape(h.shape) / 2e-6
             np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
 
 
@@ -159,11 +163,12 @@ def tokens(seed, n):
     return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (n, LENGTH)), jnp.int32)
 
 
-def reference_loss(params, batch, rng, *, chunk, q_fn, k_fn, loss, loss_args=(),
-                   loss_uses_params=False):
+def reference_loss(
+    params, batch, rng, *, chunk, q_fn, k_fn, loss, loss_args=(), loss_uses_params=False
+):
     """The full-batch loss, with the documented key rule written out row block by row block."""
     n = jax.tree.leaves(batch)[0].shape[0]
-    rows = lambda t, c: jax.tree.map(lambda x: x[c * chunk:(c + 1) * chunk], t)
+    rows = lambda t, c: jax.tree.map(lambda x: x[c * chunk : (c + 1) * chunk], t)
     q_parts, k_parts = [], []
     for c in range(n // chunk):
         key_c = None if rng is None else jax.random.fold_in(rng, c)
@@ -192,22 +197,53 @@ def case(name):
     """(params, batch, loss_args, q_fn, k_fn, loss, loss_uses_params, has_aux) for a layout."""
     n = 16
     if name == "simcse_one_tower":  # two dropout views of each sentence, side by side
-        return (init_encoder(0), jnp.repeat(tokens(1, n // 2), 2, axis=0), (), encode, None,
-                partial(simcse_loss, temperature=0.05), False, False)
+        return (
+            init_encoder(0),
+            jnp.repeat(tokens(1, n // 2), 2, axis=0),
+            (),
+            encode,
+            None,
+            partial(simcse_loss, temperature=0.05),
+            False,
+            False,
+        )
     if name == "clip_two_towers":  # separate towers, learnable temperature, aux metric
         params = {"q": init_encoder(0), "k": init_encoder(1), "log_scale": jnp.asarray(2.0)}
-        return (params, (tokens(2, n), tokens(3, n)), (), tower("q"), tower("k"),
-                learned_temperature_clip, True, True)
+        return (
+            params,
+            (tokens(2, n), tokens(3, n)),
+            (),
+            tower("q"),
+            tower("k"),
+            learned_temperature_clip,
+            True,
+            True,
+        )
     if name == "cosent_shared_tower":  # one tower applied to both sides, graded labels
         labels = jnp.asarray(np.random.default_rng(4).integers(0, 3, n), jnp.float32)
-        return (init_encoder(0), (tokens(5, n), tokens(6, n)), (labels,), encode, encode,
-                partial(cosent_loss, scale=20.0), False, False)
+        return (
+            init_encoder(0),
+            (tokens(5, n), tokens(6, n)),
+            (labels,),
+            encode,
+            encode,
+            partial(cosent_loss, scale=20.0),
+            False,
+            False,
+        )
     if name == "am_softmax_classes":  # Su's form: learnt class centres live in params
-        params = {"enc": init_encoder(0),
-                  "classes": jax.random.normal(jax.random.key(7), (5, DIM))}
+        params = {"enc": init_encoder(0), "classes": jax.random.normal(jax.random.key(7), (5, DIM))}
         labels = jnp.asarray(np.random.default_rng(8).integers(0, 5, n))
-        return (params, tokens(9, n), (labels,), tower("enc"), None, am_softmax_classes,
-                True, False)
+        return (
+            params,
+            tokens(9, n),
+            (labels,),
+            tower("enc"),
+            None,
+            am_softmax_classes,
+            True,
+            False,
+        )
     raise ValueError(name)
 
 
@@ -217,10 +253,18 @@ def case(name):
 def test_chunked_gradient_equals_full_batch_gradient(name):
     params, batch, args, q_fn, k_fn, loss, lup, aux = case(name)
     rng = jax.random.key(42)
-    vg = contrastive_value_and_grad(q_fn, loss, chunk_size=4, key_encode_fn=k_fn,
-                                    loss_uses_params=lup, has_aux=aux)
-    ref = partial(reference_loss, chunk=4, q_fn=q_fn, k_fn=k_fn, loss=loss, loss_args=args,
-                  loss_uses_params=lup)
+    vg = contrastive_value_and_grad(
+        q_fn, loss, chunk_size=4, key_encode_fn=k_fn, loss_uses_params=lup, has_aux=aux
+    )
+    ref = partial(
+        reference_loss,
+        chunk=4,
+        q_fn=q_fn,
+        k_fn=k_fn,
+        loss=loss,
+        loss_args=args,
+        loss_uses_params=lup,
+    )
     value, grads = jax.jit(vg)(params, batch, *args, rng=rng)
     ref_vg = jax.jit(jax.value_and_grad(ref, has_aux=aux))
     want_value, want_grads = ref_vg(params, batch, rng)
@@ -230,12 +274,16 @@ def test_chunked_gradient_equals_full_batch_gradient(name):
         np.testing.assert_allclose(value[1]["top1"], want_value[1]["top1"])
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
     assert_trees_close(grads, want_grads, rtol=1e-5, atol=1e-6 * scale)
-    assert all(g.dtype == p.dtype for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params),
-                                                  strict=True))
+    assert all(
+        g.dtype == p.dtype
+        for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params), strict=True)
+    )
     # The comparison can fail: dropout is on, so other keys give a clearly different gradient.
     _, other = ref_vg(params, batch, jax.random.key(43))
-    diff = max(float(jnp.max(jnp.abs(a - b)))
-               for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(want_grads), strict=True))
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(want_grads), strict=True)
+    )
     assert diff > 1e-3 * scale
 
 
@@ -255,10 +303,13 @@ def test_plain_accumulation_would_be_wrong():
     full = grad(params, batch)
     chunks = batch.reshape(4, 4, LENGTH)
     naive = jax.tree.map(lambda g: g.mean(0), jax.jit(jax.vmap(grad, (None, 0)))(params, chunks))
-    _, exact = jax.jit(contrastive_value_and_grad(encode, partial(simcse_loss, temperature=0.05),
-                                                  4))(params, batch)
-    gap = lambda a, b: max(float(jnp.max(jnp.abs(x - y)))
-                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    _, exact = jax.jit(
+        contrastive_value_and_grad(encode, partial(simcse_loss, temperature=0.05), 4)
+    )(params, batch)
+    gap = lambda a, b: max(
+        float(jnp.max(jnp.abs(x - y)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
     assert gap(naive, full) > 100 * gap(exact, full)
 
 
@@ -266,9 +317,16 @@ def test_sharded_params_and_batch_give_the_same_gradient():
     mesh = Mesh(np.array(jax.devices()), ("model",))
     params = {"q": init_encoder(0), "k": init_encoder(1), "log_scale": jnp.asarray(2.0)}
     batch = (tokens(2, 32), tokens(3, 32))
-    vg = jax.jit(contrastive_value_and_grad(tower("q"), learned_temperature_clip, 8,
-                                            key_encode_fn=tower("k"), loss_uses_params=True,
-                                            has_aux=True))
+    vg = jax.jit(
+        contrastive_value_and_grad(
+            tower("q"),
+            learned_temperature_clip,
+            8,
+            key_encode_fn=tower("k"),
+            loss_uses_params=True,
+            has_aux=True,
+        )
+    )
     rng = jax.random.key(0)
     (want, _), want_grads = vg(params, batch, rng=rng)
 
@@ -280,8 +338,9 @@ def test_sharded_params_and_batch_give_the_same_gradient():
         return PartitionSpec()
 
     sharded = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), params)
-    data = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("model"))),
-                        batch)
+    data = jax.tree.map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("model"))), batch
+    )
     assert len(sharded["q"]["params"]["Embed_0"]["embedding"].sharding.device_set) == 8
     # The gradient's layout is jit's to choose; out_shardings makes it the params' own.
     like_params = jax.tree.map(lambda x: x.sharding, sharded)
@@ -310,12 +369,14 @@ def test_training_on_synthetic_retrieval_raises_accuracy():
 
     def accuracy(params, q, k):
         hq, hk = encode(params, q, None), encode(params, k, None)
-        return float(jnp.mean(jnp.argmax(hq @ hk.T / jnp.linalg.norm(hk, axis=1), 1)
-                              == jnp.arange(len(q))))
+        return float(
+            jnp.mean(jnp.argmax(hq @ hk.T / jnp.linalg.norm(hk, axis=1), 1) == jnp.arange(len(q)))
+        )
 
     tx = optax.adamw(3e-2, weight_decay=1e-4)
-    vg = contrastive_value_and_grad(encode, partial(info_nce_loss, temperature=0.1), 16,
-                                    key_encode_fn=encode)
+    vg = contrastive_value_and_grad(
+        encode, partial(info_nce_loss, temperature=0.1), 16, key_encode_fn=encode
+    )
 
     @jax.jit
     def step(params, opt_state, batch, rng):
@@ -369,12 +430,14 @@ def test_batch_statistics_are_rejected():
     assert "batch_stats" in variables
     loss = partial(simcse_loss, temperature=0.1)
     in_params = contrastive_value_and_grad(
-        lambda v, x, r: model.apply(v, x, mutable=["batch_stats"])[0], loss, 4)
+        lambda v, x, r: model.apply(v, x, mutable=["batch_stats"])[0], loss, 4
+    )
     with pytest.raises(ValueError, match="batch statistics.*'batch_stats/"):
         in_params(variables, tokens(1, 8))
     stats = {"batch_stats": variables["batch_stats"]}
     mutating = contrastive_value_and_grad(
-        lambda p, x, r: model.apply({"params": p} | stats, x, mutable=["batch_stats"]), loss, 4)
+        lambda p, x, r: model.apply({"params": p} | stats, x, mutable=["batch_stats"]), loss, 4
+    )
     with pytest.raises(ValueError, match="encoder's outputs contain batch statistics"):
         mutating(variables["params"], tokens(1, 8))
 
@@ -405,8 +468,9 @@ def test_temporary_memory_is_at_most_a_quarter_at_one_eighth_chunks():
     enc = lambda p, x, rng: model.apply(p, x)
     loss = partial(info_nce_loss, temperature=0.1)
     full = jax.value_and_grad(lambda p, x: loss(enc(p, x, None), enc(p, x[:, ::-1], None)))
-    chunked = contrastive_value_and_grad(enc, loss, n // 8,
-                                         key_encode_fn=lambda p, x, r: enc(p, x[:, ::-1], r))
+    chunked = contrastive_value_and_grad(
+        enc, loss, n // 8, key_encode_fn=lambda p, x, r: enc(p, x[:, ::-1], r)
+    )
     temp = lambda f, *a: jax.jit(f).lower(*a).compile().memory_analysis().temp_size_in_bytes
     full_bytes = temp(full, params, batch)
     chunk_bytes = temp(chunked, params, (batch, batch))

@@ -120,8 +120,9 @@ def test_any_direction_update_is_lr_times_ratio_times_decayed_direction(directio
         g = random_grads_like(params, seed)
         d, s_bare = bare.update(g, s_bare, params)
         u, s_ours = ours.update(g, s_ours, params)
-        for (path, ui), (_, di), (_, p) in zip(leaf_paths(u), leaf_paths(d), leaf_paths(params),
-                                                strict=True):
+        for (path, ui), (_, di), (_, p) in zip(
+            leaf_paths(u), leaf_paths(d), leaf_paths(params), strict=True
+        ):
             dd = np.asarray(di, np.float64) + wd * np.asarray(p, np.float64)
             ratio = np.linalg.norm(np.asarray(p, np.float64)) / np.linalg.norm(dd)
             np.testing.assert_allclose(ui, -lr * ratio * dd, rtol=2e-5, atol=1e-7, err_msg=path)
@@ -139,8 +140,9 @@ def test_adaptation_mask_leaves_excluded_leaves_unscaled():
     u_adam, _ = plain.update(g, plain.init(params), params)
     u_lamb, _ = lamb.update(g, lamb.init(params), params)
     flags = dict(leaf_paths(no_bias(params)))
-    for (path, x), (_, a), (_, b) in zip(leaf_paths(u), leaf_paths(u_adam), leaf_paths(u_lamb),
-                                         strict=True):
+    for (path, x), (_, a), (_, b) in zip(
+        leaf_paths(u), leaf_paths(u_adam), leaf_paths(u_lamb), strict=True
+    ):
         np.testing.assert_allclose(x, b if flags[path] else a, rtol=1e-6, err_msg=path)
     assert not all(flags.values()) and any(flags.values())
 
@@ -153,7 +155,9 @@ def test_device_paths_inject_no_recompile_abstract_init():
     assert_no_recompile(tx, params, grads)
     abstract_init_matches(tx, params)
     inj = optax.inject_hyperparams(layer_adapted, static_args=("direction", "mask"))(
-        optax.scale_by_adam(eps=1e-6), learning_rate=1e-2, weight_decay=0.01,
+        optax.scale_by_adam(eps=1e-6),
+        learning_rate=1e-2,
+        weight_decay=0.01,
         mask=path_mask(exclude=NORM_AND_BIAS),
     )
     s_inj, s = inj.init(params), tx.init(params)
@@ -168,6 +172,7 @@ def test_extra_args_forwarded_to_direction():
     def scale_by_factor():
         def update(u, s, params=None, *, factor):
             return jax.tree.map(lambda x: factor * x, u), s
+
         return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
     params = {"w": jnp.array([3.0, 4.0])}
@@ -178,8 +183,10 @@ def test_extra_args_forwarded_to_direction():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"weight_decay": -1.0}, r"weight_decay must be in \[0, inf\), got -1.0"),
-     ({"learning_rate": -0.1}, r"learning_rate must be in \[0, inf\), got -0.1")],
+    [
+        ({"weight_decay": -1.0}, r"weight_decay must be in \[0, inf\), got -1.0"),
+        ({"learning_rate": -0.1}, r"learning_rate must be in \[0, inf\), got -0.1"),
+    ],
 )
 def test_rejects_bad_hyperparameters(kwargs, message):
     args = {"learning_rate": 0.1} | kwargs

@@ -69,10 +69,12 @@ def test_flax_embed_untouched_rows_frozen_touched_rows_and_state_match_inner(inn
             u_lazy["params"]["Embed_0"]["embedding"][touched],
             u_plain["params"]["Embed_0"]["embedding"][touched],
         )
-        assert_trees_close(u_lazy["params"]["Dense_0"], u_plain["params"]["Dense_0"], rtol=0,
-                           atol=0)
+        assert_trees_close(
+            u_lazy["params"]["Dense_0"], u_plain["params"]["Dense_0"], rtol=0, atol=0
+        )
         untouched_rows_would_move |= bool(
-            np.any(u_plain["params"]["Embed_0"]["embedding"][~touched] != 0))
+            np.any(u_plain["params"]["Embed_0"]["embedding"][~touched] != 0)
+        )
         params = new
     assert untouched_rows_would_move  # the inner optimizer alone moves untouched rows
 
@@ -131,8 +133,10 @@ def test_matches_float64_reference(include):
         params = sparse_tree(0, jnp.float64)
         grads = [sparse_grads(params, s) for s in range(6)]
         assert jax.tree.map(jnp.shape, grads[0]) == jax.tree.map(jnp.shape, params)
-        tx = lazy(optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.05, momentum=0.9)),
-                  include=include)
+        tx = lazy(
+            optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.05, momentum=0.9)),
+            include=include,
+        )
         state = tx.init(params)
         got = params
         for g in grads:
@@ -204,6 +208,7 @@ def test_forwards_extra_args_and_composes_with_inject_hyperparams():
     def scale_by_factor():
         def update(u, s, params=None, *, factor):
             return jax.tree.map(lambda x: -factor * x, u), s
+
         return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
     params = sparse_tree(2, jnp.float32)
@@ -218,6 +223,7 @@ def test_forwards_extra_args_and_composes_with_inject_hyperparams():
     assert_trees_close(s_lazy, s_plain, rtol=0, atol=0)
     assert_trees_close(u_lazy["dense"], u_plain["dense"], rtol=0, atol=0)
     rows = touched_rows(g["embed"]["embedding"])[:, 0]
-    np.testing.assert_array_equal(u_lazy["embed"]["embedding"][rows],
-                                  u_plain["embed"]["embedding"][rows])
+    np.testing.assert_array_equal(
+        u_lazy["embed"]["embedding"][rows], u_plain["embed"]["embedding"][rows]
+    )
     assert np.all(u_lazy["embed"]["embedding"][~rows] == 0) and not np.all(rows)

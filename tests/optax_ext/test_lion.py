@@ -54,9 +54,13 @@ def small_params(seed, dtype=jnp.float32):
     """One leaf per path rule: embedding, kernel, bias, norm scale (few leaves: fast tests)."""
     rng = np.random.default_rng(seed)
     n = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
-    return {"params": {"embed": {"embedding": n(16, 8)},
-                       "dense": {"kernel": n(8, 24), "bias": n(24)},
-                       "norm": {"scale": 1 + n(8)}}}
+    return {
+        "params": {
+            "embed": {"embedding": n(16, 8)},
+            "dense": {"kernel": n(8, 24), "bias": n(24)},
+            "norm": {"scale": 1 + n(8)},
+        }
+    }
 
 
 def not_norm_or_bias(path):
@@ -86,18 +90,27 @@ def schedule(t):
 
 CASES = {
     # name: (lion kwargs, reference kwargs)
-    "default_mask": (dict(b1=0.9, b2=0.99, weight_decay=0.3),
-                     dict(b1=0.9, b2=0.99, wd=0.3, decays=not_norm_or_bias)),
+    "default_mask": (
+        dict(b1=0.9, b2=0.99, weight_decay=0.3),
+        dict(b1=0.9, b2=0.99, wd=0.3, decays=not_norm_or_bias),
+    ),
     "tiger_scale_schedule": (
         dict(learning_rate=schedule, b1=0.95, b2=0.98, weight_decay=0.5, param_scaling="tiger"),
-        dict(lr=schedule, b1=0.95, b2=0.98, wd=0.5, decays=not_norm_or_bias, scaling=True)),
+        dict(lr=schedule, b1=0.95, b2=0.98, wd=0.5, decays=not_norm_or_bias, scaling=True),
+    ),
     "decay_all_no_floor": (
         dict(b1=0.8, b2=0.9, weight_decay=0.2, mask=True, param_scaling="tiger", min_rms=0.0),
-        dict(b1=0.8, b2=0.9, wd=0.2, decays=lambda p: True, scaling=True, min_rms=0.0)),
+        dict(b1=0.8, b2=0.9, wd=0.2, decays=lambda p: True, scaling=True, min_rms=0.0),
+    ),
     "callable_mask": (
-        dict(b1=0.9, b2=0.99, weight_decay=0.4, mask=lambda ps: jax.tree.map(
-            lambda x: x.ndim == 2, ps)),
-        dict(b1=0.9, b2=0.99, wd=0.4, decays=None)),
+        dict(
+            b1=0.9,
+            b2=0.99,
+            weight_decay=0.4,
+            mask=lambda ps: jax.tree.map(lambda x: x.ndim == 2, ps),
+        ),
+        dict(b1=0.9, b2=0.99, wd=0.4, decays=None),
+    ),
 }
 
 
@@ -196,7 +209,7 @@ def test_equals_optax_lion_in_float32_up_to_rounding_level_signs():
 
 def _entry_operand_uses(hlo: str, parameter_index: int) -> tuple[str, int]:
     """(name, number of instructions using it) of ENTRY's parameter ``parameter_index``."""
-    entry = hlo[hlo.index("\nENTRY"):]
+    entry = hlo[hlo.index("\nENTRY") :]
     entry = entry[: entry.index("\n}")]
     name = re.search(rf"(%\S+) = \S+ parameter\({parameter_index}\)", entry).group(1)
     uses = [line for line in entry.splitlines()[1:] if f"{name})" in line or f"{name}," in line]
@@ -204,8 +217,10 @@ def _entry_operand_uses(hlo: str, parameter_index: int) -> tuple[str, int]:
 
 
 def test_donated_step_reads_the_momentum_once_and_never_copies_it():
-    params = {"dense": {"kernel": jnp.ones((256, 64)), "bias": jnp.ones(64)},
-              "embed": {"embedding": jnp.ones((128, 32))}}
+    params = {
+        "dense": {"kernel": jnp.ones((256, 64)), "bias": jnp.ones(64)},
+        "embed": {"embedding": jnp.ones((128, 32))},
+    }
     for tx in (lion(1e-3), lion(1e-3, param_scaling="tiger")):
         state = tx.init(params)
 
@@ -251,8 +266,9 @@ def test_bf16_params_work_in_f32_and_store_bf16():
         assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("param_dtype,mu_dtype", [(jnp.bfloat16, jnp.float32),
-                                                   (jnp.float32, jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "param_dtype,mu_dtype", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)]
+)
 def test_mu_dtype(param_dtype, mu_dtype):
     params = small_params(6, dtype=param_dtype)
     tx = lion(1e-2, mu_dtype=mu_dtype, param_scaling="tiger")
@@ -297,8 +313,12 @@ def test_inject_hyperparams():
         p = optax.apply_updates(p, u)
     assert_trees_close(p, want, rtol=1e-6, atol=1e-6)
     # the injected values drive the update: other b1, b2, decay give the reference of those
-    state.hyperparams.update(learning_rate=jnp.asarray(2e-2), b1=jnp.asarray(0.5),
-                             b2=jnp.asarray(0.7), weight_decay=jnp.asarray(0.0))
+    state.hyperparams.update(
+        learning_rate=jnp.asarray(2e-2),
+        b1=jnp.asarray(0.5),
+        b2=jnp.asarray(0.7),
+        weight_decay=jnp.asarray(0.0),
+    )
     u, _ = step(grads[0], state, p)
     m = state.inner_state[0].mu
     for path, uu in leaf_paths(u):
@@ -313,10 +333,12 @@ def test_masked_and_chained():
     params = small_params(10)
     grads = [random_grads_like(params, 400 + t) for t in range(3)]
     only_dense = lambda ps: jax.tree_util.tree_map_with_path(
-        lambda path, _: "dense" in jax.tree_util.keystr(path), ps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.masked(lion(1e-2, weight_decay=0.2, param_scaling="tiger"),
-                                  only_dense))
+        lambda path, _: "dense" in jax.tree_util.keystr(path), ps
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.masked(lion(1e-2, weight_decay=0.2, param_scaling="tiger"), only_dense),
+    )
     sub = {"params": {"dense": params["params"]["dense"]}}
     ref_tx = lion(1e-2, weight_decay=0.2, param_scaling="tiger")
     s, s_ref = tx.init(params), ref_tx.init(sub)
@@ -345,17 +367,20 @@ def test_scale_by_param_scale_needs_params():
         tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(b1=-0.1), r"b1 must be in \[0, 1\], got -0.1"),
-    (dict(b1=1.1), r"b1 must be in \[0, 1\], got 1.1"),
-    (dict(b2=1.5), r"b2 must be in \[0, 1\], got 1.5"),
-    (dict(b2=-0.5), r"b2 must be in \[0, 1\], got -0.5"),
-    (dict(learning_rate=-1e-3), r"learning_rate must be in \[0, inf\), got -0.001"),
-    (dict(weight_decay=-0.1), r"weight_decay must be in \[0, inf\), got -0.1"),
-    (dict(min_rms=-1.0), r"min_rms must be in \[0, inf\), got -1.0"),
-    (dict(b1=float("nan")), r"b1 must be in"),
-    (dict(param_scaling="adam"), r"param_scaling must be one of \['tiger'\], got 'adam'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(b1=-0.1), r"b1 must be in \[0, 1\], got -0.1"),
+        (dict(b1=1.1), r"b1 must be in \[0, 1\], got 1.1"),
+        (dict(b2=1.5), r"b2 must be in \[0, 1\], got 1.5"),
+        (dict(b2=-0.5), r"b2 must be in \[0, 1\], got -0.5"),
+        (dict(learning_rate=-1e-3), r"learning_rate must be in \[0, inf\), got -0.001"),
+        (dict(weight_decay=-0.1), r"weight_decay must be in \[0, inf\), got -0.1"),
+        (dict(min_rms=-1.0), r"min_rms must be in \[0, inf\), got -1.0"),
+        (dict(b1=float("nan")), r"b1 must be in"),
+        (dict(param_scaling="adam"), r"param_scaling must be one of \['tiger'\], got 'adam'"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lion(**kwargs)

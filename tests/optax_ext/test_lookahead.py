@@ -174,6 +174,7 @@ def test_inject_hyperparams_and_extra_args_forwarded():
     def scale_by_factor():
         def update(u, s, params=None, *, factor):
             return jax.tree.map(lambda x: factor * x, u), s
+
         return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
     tx = lookahead(scale_by_factor(), 3, 0.5)

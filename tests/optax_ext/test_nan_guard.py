@@ -33,8 +33,7 @@ def _apply(params, updates):
 def _poison(tree, which: dict[int, float]):
     """A copy of ``tree`` whose leaf number i (flatten order) gets one element set to v."""
     leaves, treedef = jax.tree.flatten(tree)
-    leaves = [x.at[(0,) * x.ndim].set(which[i]) if i in which else x
-              for i, x in enumerate(leaves)]
+    leaves = [x.at[(0,) * x.ndim].set(which[i]) if i in which else x for i, x in enumerate(leaves)]
     return jax.tree.unflatten(treedef, leaves)
 
 
@@ -78,8 +77,7 @@ def test_float64_reference_with_nan_and_inf_leaves():
     grads[1] = _poison(grads[1], {0: np.nan})
     grads[3] = _poison(grads[3], {n_leaves - 1: np.inf, 2: -np.inf})  # the last is a scale
     grads[4] = _poison(grads[4], {1: np.nan, n_leaves - 1: np.nan})
-    expected, skipped, shrunk, n = _adam_reference(params, grads, lr=1e-2, r=0.9,
-                                                   catch_inf=True)
+    expected, skipped, shrunk, n = _adam_reference(params, grads, lr=1e-2, r=0.9, catch_inf=True)
     with x64():
         tx = nan_guard(optax.adam(1e-2), 0.9)
         p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
@@ -90,8 +88,9 @@ def test_float64_reference_with_nan_and_inf_leaves():
             u, state = step(jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), g), state, p)
             p = _apply(p, u)
             for (path, a), e in zip(leaf_paths(p), expected[t], strict=True):
-                np.testing.assert_allclose(np.asarray(a), e, rtol=1e-12, atol=1e-13,
-                                           err_msg=f"step {t} at {path}")
+                np.testing.assert_allclose(
+                    np.asarray(a), e, rtol=1e-12, atol=1e-13, err_msg=f"step {t} at {path}"
+                )
             if t in (1, 3, 4):
                 jax.tree.map(np.testing.assert_array_equal, state.inner_state, inner_before)
     assert (int(state.skipped_steps), int(state.shrunk_leaves)) == (skipped, shrunk) == (3, 5)
@@ -116,8 +115,7 @@ def test_catch_inf_false_lets_inf_through():
 def test_centre_override():
     params = {"norm": {"scale": jnp.full(2, 3.0)}, "dense": {"kernel": jnp.full(2, 3.0)}}
     grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
-    for centre, want in [(None, (1.5, 2.0)), (0.5, (1.75, 1.75)),
-                         ({"kernel": 2.0}, (2.5, 1.5))]:
+    for centre, want in [(None, (1.5, 2.0)), (0.5, (1.75, 1.75)), ({"kernel": 2.0}, (2.5, 1.5))]:
         tx = nan_guard(optax.sgd(0.1), 0.5, centre=centre)
         u, _ = tx.update(grads, tx.init(params), params)
         new = _apply(params, u)
@@ -188,7 +186,8 @@ def _train(tx, poison, x, y, batches):
     model = _MLP()
     params = model.init(jax.random.key(0), x[:1])
     loss = lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply(p, xb), yb).mean()
+        model.apply(p, xb), yb
+    ).mean()
 
     def step(carry, inp):
         p, s, finite = carry
@@ -203,8 +202,9 @@ def _train(tx, poison, x, y, batches):
 
     @jax.jit
     def run(params):
-        (p, s, finite), _ = jax.lax.scan(step, (params, tx.init(params), jnp.array(True)),
-                                         (batches, poison))
+        (p, s, finite), _ = jax.lax.scan(
+            step, (params, tx.init(params), jnp.array(True)), (batches, poison)
+        )
         return loss(p, x, y), finite, s
 
     final, finite, state = run(params)
@@ -221,16 +221,19 @@ def test_flax_training_with_injected_nan_and_inf():
     poison = np.zeros((steps, n_leaves), np.float32)
     bad_steps = rng.choice(steps, size=steps // 20, replace=False)  # 5%
     poison[bad_steps, rng.integers(0, n_leaves, size=bad_steps.size)] = np.where(
-        rng.random(bad_steps.size) < 0.5, np.nan, np.inf)
+        rng.random(bad_steps.size) < 0.5, np.nan, np.inf
+    )
     data = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(batches))
     make = lambda: optax.adamw(3e-3, weight_decay=1e-4)
 
     clean, clean_finite, _ = _train(make(), jnp.zeros_like(poison), *data)
     guarded, finite, state = _train(nan_guard(make()), jnp.asarray(poison), *data)
     skip_only, skip_finite, skip_state = _train(
-        optax.apply_if_finite(make(), max_consecutive_errors=steps), jnp.asarray(poison), *data)
-    print(f"final loss: clean {clean:.4f}, nan_guard {guarded:.4f}, "
-          f"apply_if_finite {skip_only:.4f}")
+        optax.apply_if_finite(make(), max_consecutive_errors=steps), jnp.asarray(poison), *data
+    )
+    print(
+        f"final loss: clean {clean:.4f}, nan_guard {guarded:.4f}, apply_if_finite {skip_only:.4f}"
+    )
 
     assert clean_finite and finite and skip_finite
     assert clean < 0.5 * float(np.log(4))  # the model learned something
@@ -251,8 +254,9 @@ def test_abstract_init_and_params_required():
     params = random_tree(6, dtype=jnp.bfloat16)
     abstract_init_matches(nan_guard(optax.adamw(1e-3)), params)
     tx = nan_guard(optax.sgd(0.1))
-    step = jax.jit(lambda p, s, g: (lambda u, s: (_apply(p, u), s))(*tx.update(g, s, p)),
-                   donate_argnums=(0, 1))
+    step = jax.jit(
+        lambda p, s, g: (lambda u, s: (_apply(p, u), s))(*tx.update(g, s, p)), donate_argnums=(0, 1)
+    )
     p, s = jax.tree.map(jnp.copy, params), tx.init(params)
     for _ in range(2):  # a donated state must not hold one buffer twice
         p, s = step(p, s, params)
@@ -286,8 +290,10 @@ def test_check_result_skips_steps_whose_state_would_overflow():
         assert state_finite == finite_after
         assert int(state.skipped_steps) == (1 if check else 0)
         if check:
-            assert all(bool(jnp.all(a == b)) for a, b in
-                       zip(jax.tree.leaves(p1), jax.tree.leaves(params), strict=True))
+            assert all(
+                bool(jnp.all(a == b))
+                for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params), strict=True)
+            )
             u, state = tx.update(clean, state, p1)  # the next clean step trains normally
             moved = optax.apply_updates(p1, u)
             assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(moved))

@@ -92,8 +92,9 @@ def test_bf16_params_average_in_float32():
     # Averages the bf16 params actually held, in float32 (no bf16 rounding of the average).
     assert_matches(ema_params(state), ref_ema(history, params, 0.9, True), rtol=1e-6, atol=1e-6)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(ema_params(state, params)))
-    _, state16 = run(optax.chain(optax.sgd(0.05), param_ema(0.9, ema_dtype=jnp.bfloat16)),
-                     params, grads)
+    _, state16 = run(
+        optax.chain(optax.sgd(0.05), param_ema(0.9, ema_dtype=jnp.bfloat16)), params, grads
+    )
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state16[1].ema))
 
 
@@ -115,8 +116,7 @@ def test_accessor_through_nestings():
     params = random_tree(4)
     grads = [random_grads_like(params, s) for s in range(4)]
     history = []
-    _, base_state = run(optax.chain(optax.sgd(0.1), param_ema(0.9)), params, grads,
-                        history=history)
+    _, base_state = run(optax.chain(optax.sgd(0.1), param_ema(0.9)), params, grads, history=history)
     want = ema_params(base_state)
     assert_matches(want, ref_ema(history, params, 0.9, True), rtol=2e-6, atol=1e-6)
 
@@ -151,8 +151,7 @@ def test_accessor_multisteps_averages_updates_only():
 def test_accessor_masked_leaves_come_from_params():
     params = random_tree(6)
     grads = [random_grads_like(params, s) for s in range(3)]
-    kernels = lambda t: jax.tree_util.tree_map_with_path(
-        lambda p, _: str(p[-1].key) == "kernel", t)
+    kernels = lambda t: jax.tree_util.tree_map_with_path(lambda p, _: str(p[-1].key) == "kernel", t)
     history = []
     tx = optax.chain(optax.sgd(0.1), optax.masked(param_ema(0.9), kernels))
     final, state = run(tx, params, grads, history=history)
@@ -168,8 +167,9 @@ def test_accessor_on_flax_train_state():
     x = jnp.ones((3, 4))
     params = model.init(jax.random.key(0), x)
     loss = lambda p: jnp.sum(model.apply(p, x) ** 2)
-    state = TrainState.create(apply_fn=model.apply, params=params,
-                              tx=optax.chain(optax.adamw(0.05), param_ema(0.5)))
+    state = TrainState.create(
+        apply_fn=model.apply, params=params, tx=optax.chain(optax.adamw(0.05), param_ema(0.5))
+    )
     history = []
     step = jax.jit(lambda s: s.apply_gradients(grads=jax.grad(loss)(s.params)))
     for _ in range(3):
@@ -218,8 +218,12 @@ def test_device_paths_no_recompile_abstract_init_inject():
     assert_no_recompile(tx, params, grads)
     assert isinstance(abstract_init_matches(tx, params)[1], ParamEMAState)
     inj = optax.chain(optax.adamw(1e-2), optax.inject_hyperparams(param_ema)(decay=0.9))
-    assert_trees_close(ema_params(run(inj, params, grads)[1]),
-                       ema_params(run(tx, params, grads)[1]), rtol=1e-6, atol=1e-7)
+    assert_trees_close(
+        ema_params(run(inj, params, grads)[1]),
+        ema_params(run(tx, params, grads)[1]),
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_changing_decay_is_debiased_exactly():

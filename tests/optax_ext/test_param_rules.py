@@ -133,8 +133,9 @@ def test_decay_weights_schedule_and_injected():
         optax.add_decayed_weights(sched, mask=ref_mask), optax.scale_by_learning_rate(0.1)
     )
     assert_trees_close(run(a, params, grads)[0], run(b, params, grads)[0], rtol=0, atol=0)
-    inj = optax.chain(optax.inject_hyperparams(decay_weights)(weight_decay=0.1),
-                      optax.scale_by_learning_rate(0.1))
+    inj = optax.chain(
+        optax.inject_hyperparams(decay_weights)(weight_decay=0.1), optax.scale_by_learning_rate(0.1)
+    )
     plain = optax.chain(decay_weights(0.1), optax.scale_by_learning_rate(0.1))
     assert_trees_close(run(inj, params, grads)[0], run(plain, params, grads)[0], rtol=0, atol=0)
 
@@ -190,8 +191,9 @@ def test_scale_by_path_wraps_any_optimizer(inner):
         u_plain, s_plain = plain_step(g, s_plain, params)
         u_scaled, s_scaled = scaled_step(g, s_scaled, params)
         for (path, a), (_, b) in zip(leaf_paths(u_scaled), leaf_paths(u_plain), strict=True):
-            np.testing.assert_allclose(a, ref_multiplier(path, RULES) * np.asarray(b),
-                                       rtol=3e-7, atol=0, err_msg=path)  # 2 ulp: XLA fuses lr·m·k
+            np.testing.assert_allclose(
+                a, ref_multiplier(path, RULES) * np.asarray(b), rtol=3e-7, atol=0, err_msg=path
+            )  # 2 ulp: XLA fuses lr·m·k
         params = optax.apply_updates(params, u_scaled)
 
 

@@ -38,8 +38,8 @@ def test_derived_schedules_match_float64_formulas():
     t = STEPS.astype(np.float64)
     with x64():
         np.testing.assert_allclose(
-            values(constant_decay_lr_schedule(3e-4, 0.05)), 3e-4 / (0.05 * 3e-4 * t + 1),
-            rtol=1e-14)
+            values(constant_decay_lr_schedule(3e-4, 0.05)), 3e-4 / (0.05 * 3e-4 * t + 1), rtol=1e-14
+        )
         s = coupled_decay_schedules(3e-4, 0.05)
         lr = 3e-4 / np.sqrt(2 * 0.05 * 3e-4 * t + 1)
         np.testing.assert_allclose(values(s.learning_rate), lr, rtol=1e-14)
@@ -47,7 +47,8 @@ def test_derived_schedules_match_float64_formulas():
         alpha = 2e-2 / (2 * 2e-2 * 0.3 * t + 1)
         np.testing.assert_allclose(values(amos_lr_schedule(2e-2, 0.3)), alpha, rtol=1e-14)
         np.testing.assert_allclose(
-            values(amos_weight_decay_schedule(2e-2, 0.3)), 0.3 * (alpha / 2e-2) ** 2, rtol=1e-14)
+            values(amos_weight_decay_schedule(2e-2, 0.3)), 0.3 * (alpha / 2e-2) ** 2, rtol=1e-14
+        )
 
 
 def test_amos_pair_keeps_equilibrium_scale():
@@ -66,16 +67,18 @@ def test_piecewise_linear_semantics():
     np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], rtol=1e-6, atol=1e-7)
     # unsorted keys mean the same schedule; base multiplies
     np.testing.assert_array_equal(values(piecewise_linear({2000: 0.1, 1000: 1})), values(sched))
-    np.testing.assert_allclose(values(piecewise_linear({1000: 1, 2000: 0.1}, base=3e-4)),
-                               3e-4 * values(sched), rtol=1e-6)
+    np.testing.assert_allclose(
+        values(piecewise_linear({1000: 1, 2000: 0.1}, base=3e-4)), 3e-4 * values(sched), rtol=1e-6
+    )
 
 
 def test_piecewise_linear_first_key_zero_or_not():
     starts_at_zero = piecewise_linear({0: 0.5, 100: 1.0})
     np.testing.assert_allclose(values(starts_at_zero, [0, 50, 100, 300]), [0.5, 0.75, 1.0, 1.0])
     warmup = piecewise_linear({50: 0.5, 100: 1.0})  # (0, 0.0) prepended
-    np.testing.assert_allclose(values(warmup, [0, 25, 50, 75, 100, 300]),
-                               [0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    np.testing.assert_allclose(
+        values(warmup, [0, 25, 50, 75, 100, 300]), [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    )
     single = piecewise_linear({10: 2.0})
     np.testing.assert_allclose(values(single, [0, 5, 10, 11]), [0.0, 1.0, 2.0, 2.0])
     constant = piecewise_linear({0: 2.0})
@@ -87,8 +90,9 @@ def test_piecewise_linear_is_traceable():
     jitted = jax.jit(sched)
     assert float(jitted(jnp.int32(1500))) == pytest.approx(5.5e-4, rel=1e-6)
     vmapped = jax.vmap(sched)(jnp.arange(0, 3000, 500))
-    np.testing.assert_allclose(vmapped, 1e-3 * np.array([0, 0.5, 1, 0.55, 0.1, 0.1]),
-                               rtol=1e-5, atol=1e-10)
+    np.testing.assert_allclose(
+        vmapped, 1e-3 * np.array([0, 0.5, 1, 0.55, 0.1, 0.1]), rtol=1e-5, atol=1e-10
+    )
 
 
 def test_used_inside_adamw_under_jit():
@@ -109,16 +113,19 @@ def test_used_inside_adamw_under_jit():
     # and the coupled pair drives adamw's injected hyperparameters
     s = coupled_decay_schedules(1e-3, 0.1)
     injected = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=s.learning_rate, weight_decay=s.weight_decay)
+        learning_rate=s.learning_rate, weight_decay=s.weight_decay
+    )
     istate = injected.init(params)
     istep = jax.jit(lambda g, st: injected.update(g, st, params))
     for g in grads[:3]:
         _, istate = istep(g, istate)
     # the values used by the third update, at count t = 2
     assert float(istate.hyperparams["learning_rate"]) == pytest.approx(
-        1e-3 / np.sqrt(2 * 0.1 * 1e-3 * 2 + 1), rel=1e-6)  # float32
+        1e-3 / np.sqrt(2 * 0.1 * 1e-3 * 2 + 1), rel=1e-6
+    )  # float32
     assert float(istate.hyperparams["weight_decay"]) == pytest.approx(
-        100 * 1e-3 / np.sqrt(2 * 0.1 * 1e-3 * 2 + 1), rel=1e-6)  # float32
+        100 * 1e-3 / np.sqrt(2 * 0.1 * 1e-3 * 2 + 1), rel=1e-6
+    )  # float32
 
 
 # ------------------------------------------------------------------ bad input

@@ -38,7 +38,7 @@ def _reference(params, micro_grads, k, beta, nesterov):
     history = []
     for t in range(len(micro_grads)):
         if (t + 1) % k == 0:
-            cycle = [to_f64(g) for g in micro_grads[t + 1 - k: t + 1]]
+            cycle = [to_f64(g) for g in micro_grads[t + 1 - k : t + 1]]
             mean = jax.tree.map(lambda *xs: sum(xs) / k, *cycle)
             m = jax.tree.map(lambda m_, g: beta * m_ + g, m, mean)
             u = jax.tree.map(lambda m_, g: g + beta * m_, m, mean) if nesterov else m
@@ -79,11 +79,12 @@ def test_equals_optax_sgd_fed_mean_gradients_float32(nesterov):
     p1, s1, p2, s2 = params, ours.init(params), params, theirs.init(params)
     step1, step2 = jax.jit(ours.update), jax.jit(theirs.update)
     for c in range(cycles):
-        for g in grads[c * k: (c + 1) * k]:
+        for g in grads[c * k : (c + 1) * k]:
             u1, s1 = step1(g, s1, p1)
             p1 = _apply(p1, u1)
-        mean = jax.tree.map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs) / k,
-                            *grads[c * k: (c + 1) * k])
+        mean = jax.tree.map(
+            lambda *xs: sum(np.asarray(x, np.float64) for x in xs) / k, *grads[c * k : (c + 1) * k]
+        )
         u2, s2 = step2(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), mean), s2, p2)
         p2 = _apply(p2, u2)
         assert_trees_close(p1, p2, rtol=1e-5, atol=1e-6, err=f"cycle {c}")
@@ -137,9 +138,11 @@ def test_inject_hyperparams_matches_direct():
     grads = [random_grads_like(params, s) for s in range(2 * k)]
     direct = sgdm(0.05, 0.7, accumulation_steps=k)
     static_k = optax.inject_hyperparams(sgdm, static_args=("accumulation_steps", "nesterov"))(
-        learning_rate=0.05, momentum=0.7, accumulation_steps=k)
+        learning_rate=0.05, momentum=0.7, accumulation_steps=k
+    )
     traced_k = optax.inject_hyperparams(sgdm, static_args=("nesterov",))(
-        learning_rate=0.05, momentum=0.7, accumulation_steps=k)
+        learning_rate=0.05, momentum=0.7, accumulation_steps=k
+    )
     results = []
     for tx in (direct, static_k, traced_k):
         p, s = params, tx.init(params)
@@ -157,8 +160,9 @@ def test_chain_masked_and_abstract_init():
     abstract_init_matches(sgdm(0.1, accumulation_steps=3, nesterov=True), params)
     mask = jax.tree.map(lambda x: x.ndim > 1, params)
     assert 0 < sum(jax.tree.leaves(mask)) < len(jax.tree.leaves(mask))
-    tx = optax.chain(optax.masked(scale_by_sgdm(0.9, accumulation_steps=2), mask),
-                     optax.scale(-0.1))
+    tx = optax.chain(
+        optax.masked(scale_by_sgdm(0.9, accumulation_steps=2), mask), optax.scale(-0.1)
+    )
     state = tx.init(params)
     g = random_grads_like(params, 0)
     u1, state = tx.update(g, state, params)
@@ -169,13 +173,16 @@ def test_chain_masked_and_abstract_init():
         np.testing.assert_allclose(np.asarray(b), -0.1 * np.asarray(g_), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"learning_rate": -0.1}, "learning_rate must be"),
-    ({"momentum": 1.0}, "momentum must be"),
-    ({"momentum": -0.5}, "momentum must be"),
-    ({"momentum": float("nan")}, "momentum must be"),
-    ({"accumulation_steps": 0}, "accumulation_steps must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"learning_rate": -0.1}, "learning_rate must be"),
+        ({"momentum": 1.0}, "momentum must be"),
+        ({"momentum": -0.5}, "momentum must be"),
+        ({"momentum": float("nan")}, "momentum must be"),
+        ({"accumulation_steps": 0}, "accumulation_steps must be"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sgdm(**{"learning_rate": 0.1, **kwargs})

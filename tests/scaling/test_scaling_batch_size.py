@@ -46,8 +46,11 @@ def test_sgd_from_matrices_worked():
 def test_sgd_momentum_factor_shrinks_noise_term():
     # SGDM at B equals plain SGD at B * (1+b1)/(1-b1).
     b1 = 0.9
-    close(bs.sgd_optimal_lr(100, 0.1, 1000, beta1=b1).lr,
-          bs.sgd_optimal_lr(100 * 1.9 / 0.1, 0.1, 1000).lr, rtol=1e-12)
+    close(
+        bs.sgd_optimal_lr(100, 0.1, 1000, beta1=b1).lr,
+        bs.sgd_optimal_lr(100 * 1.9 / 0.1, 0.1, 1000).lr,
+        rtol=1e-12,
+    )
     close(bs.momentum_factor(0.9), 0.1 / 1.9, rtol=1e-12)
 
 
@@ -103,8 +106,11 @@ def test_li_form_worked():
 
 
 def test_adam_peak_worked():
-    for beta1, ratio, beta in ((0.9, 0.0588235, 0.235702), (0.95, 0.0270270, 0.162221),
-                               (0.5, 1.0, 0.707107)):
+    for beta1, ratio, beta in (
+        (0.9, 0.0588235, 0.235702),
+        (0.95, 0.0270270, 0.162221),
+        (0.5, 1.0, 0.707107),
+    ):
         p = bs.adam_peak(beta1, b_simple=1000)
         close(p.batch_ratio, ratio)
         close(p.beta, beta)
@@ -168,8 +174,14 @@ def test_transfers_to_same_batch_are_identity(lr, batch, b_noise, beta1):
 
 
 @FAST
-@given(lr=lrs, b1=batches, b2=batches, b_noise=noise_scales, beta1=betas,
-       beta_noise=st.floats(0.05, 3.0))
+@given(
+    lr=lrs,
+    b1=batches,
+    b2=batches,
+    b_noise=noise_scales,
+    beta1=betas,
+    beta_noise=st.floats(0.05, 3.0),
+)
 def test_transfers_there_and_back_are_identity(lr, b1, b2, b_noise, beta1, beta_noise):
     there = bs.sgd_transfer(lr, b1, b2, b_noise, beta1).lr
     close(bs.sgd_transfer(there, b2, b1, b_noise, beta1).lr, lr, rtol=1e-10)
@@ -187,8 +199,10 @@ def test_transfers_there_and_back_are_identity(lr, b1, b2, b_noise, beta1, beta_
 @given(b1=batches, b2=batches, b_noise=noise_scales, beta1=betas)
 def test_sgd_lr_increases_with_batch(b1, b2, b_noise, beta1):
     lo, hi = sorted((b1, b2))
-    assert bs.sgd_optimal_lr(lo, 1.0, b_noise, beta1).lr <= bs.sgd_optimal_lr(hi, 1.0, b_noise,
-                                                                               beta1).lr
+    assert (
+        bs.sgd_optimal_lr(lo, 1.0, b_noise, beta1).lr
+        <= bs.sgd_optimal_lr(hi, 1.0, b_noise, beta1).lr
+    )
     assert bs.sgd_optimal_lr(hi, 1.0, b_noise, beta1).lr <= 1.0
 
 

@@ -8,8 +8,9 @@ import scaling
 from scaling import batch_size, laws, noise, recommendation, tradeoff, weight_decay
 
 
-@pytest.mark.parametrize("module", [batch_size, weight_decay, tradeoff, laws, noise,
-                                    recommendation])
+@pytest.mark.parametrize(
+    "module", [batch_size, weight_decay, tradeoff, laws, noise, recommendation]
+)
 def test_docstring_examples(module):
     result = doctest.testmod(module, raise_on_error=False, verbose=False)
     assert result.attempted > 0 and result.failed == 0

@@ -40,7 +40,7 @@ def _problem(seed=0, b_simple=50.0):
 
 
 def _as_tree(flat):
-    return {"w": flat[: 48].reshape(D_W), "b": flat[48:]}
+    return {"w": flat[:48].reshape(D_W), "b": flat[48:]}
 
 
 def _batch_mean(key, g, lo, n):
@@ -82,8 +82,9 @@ def test_ema_tracker_matches_float64_reference_and_debiases():
     py = noise.NoiseEMA(0.0, 0.0, 0.0)
     for a, b in zip(g2s, traces, strict=True):
         py = noise.noise_ema_update(py, float(a), float(b), decay)
-    np.testing.assert_allclose(noise.noise_ema_read(py), (want_tr / want_g2, want_g2, want_tr),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        noise.noise_ema_read(py), (want_tr / want_g2, want_g2, want_tr), rtol=1e-12
+    )
 
 
 def test_ema_read_before_any_update_and_with_nonpositive_signal():
@@ -105,15 +106,23 @@ def test_accumulation_args_match_float64_reference():
     for _ in range(5):
         mean = rng.standard_normal(D).astype(np.float32)
         micro_sq = float(mean @ mean) + rng.uniform(1, 5)
-        out, state = update(_as_tree(jnp.asarray(mean)), state, None,
-                            micro_grad_sq_norm=jnp.float32(micro_sq), accumulation_steps=k)
+        out, state = update(
+            _as_tree(jnp.asarray(mean)),
+            state,
+            None,
+            micro_grad_sq_norm=jnp.float32(micro_sq),
+            accumulation_steps=k,
+        )
         np.testing.assert_array_equal(np.concatenate([out["w"].ravel(), out["b"]]), mean)
         big = float(mean.astype(np.float64) @ mean)
         bb = k * B_SMALL
         g2 = (bb * big - B_SMALL * micro_sq) / (bb - B_SMALL)
         tr = (micro_sq - big) / (1 / B_SMALL - 1 / bb)
-        num, den, wsum = (decay * num + (1 - decay) * tr, decay * den + (1 - decay) * g2,
-                          decay * wsum + (1 - decay))
+        num, den, wsum = (
+            decay * num + (1 - decay) * tr,
+            decay * den + (1 - decay) * g2,
+            decay * wsum + (1 - decay),
+        )
         np.testing.assert_allclose([state.last_g2, state.last_trace_sigma], [g2, tr], rtol=1e-5)
     got = noise.noise_scale(state)
     np.testing.assert_allclose(got, (num / den, den / wsum, num / wsum), rtol=1e-5)
@@ -144,8 +153,9 @@ def test_recovers_b_simple_under_pmap_with_axis_name():
     est = noise.noise_scale(state)  # replicated state: read from the first replica
     assert abs(float(est.b_simple) / true - 1) < 0.10, (float(est.b_simple), true)
     np.testing.assert_allclose(float(est.g2), float(g @ g), rtol=0.10)
-    counts = np.asarray(jax.tree.leaves(state, is_leaf=lambda x: isinstance(
-        x, noise.NoiseScaleState))[0].count)
+    counts = np.asarray(
+        jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, noise.NoiseScaleState))[0].count
+    )
     assert (counts == STEPS).all()
 
 
@@ -161,8 +171,9 @@ def test_recovers_b_simple_with_accumulation_extra_args():
             micro = jax.vmap(lambda kk: _batch_mean(kk, g, lo, B_SMALL))(jax.random.split(key, k))
             micro_sq = jnp.mean(jnp.sum(micro**2, axis=1))
             mean = micro.mean(axis=0)
-            _, s = tx.update(_as_tree(mean), s, _params(), micro_grad_sq_norm=micro_sq,
-                             accumulation_steps=k)
+            _, s = tx.update(
+                _as_tree(mean), s, _params(), micro_grad_sq_norm=micro_sq, accumulation_steps=k
+            )
             return s, None
 
         return jax.lax.scan(step, state, keys)[0]
@@ -178,23 +189,28 @@ def test_axis_name_and_accumulation_together():
     k = 4
     rng = np.random.default_rng(5)
     local = rng.standard_normal((N_DEV, D)).astype(np.float32)
-    micro_sq = (np.sum(local.astype(np.float64) ** 2, 1) + rng.uniform(1, 3, N_DEV))
+    micro_sq = np.sum(local.astype(np.float64) ** 2, 1) + rng.uniform(1, 3, N_DEV)
     tx = noise.measure_noise_scale(B_SMALL, axis_name="i", ema=0.5)
 
     def step(grads, m):
-        return tx.update(_as_tree(grads), tx.init(_params()), micro_grad_sq_norm=m,
-                         accumulation_steps=k)
+        return tx.update(
+            _as_tree(grads), tx.init(_params()), micro_grad_sq_norm=m, accumulation_steps=k
+        )
 
-    out, state = jax.pmap(step, axis_name="i")(jnp.asarray(local),
-                                                jnp.asarray(micro_sq, jnp.float32))
+    out, state = jax.pmap(step, axis_name="i")(
+        jnp.asarray(local), jnp.asarray(micro_sq, jnp.float32)
+    )
     mean = local.astype(np.float64).mean(0)
-    np.testing.assert_allclose(np.concatenate([out["w"][3].ravel(), out["b"][3]]), mean,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.concatenate([out["w"][3].ravel(), out["b"][3]]), mean, rtol=1e-5, atol=1e-6
+    )
     small, big, bb = micro_sq.mean(), mean @ mean, k * B_SMALL * N_DEV
-    np.testing.assert_allclose(state.last_g2[0], (bb * big - B_SMALL * small) / (bb - B_SMALL),
-                               rtol=1e-5)
-    np.testing.assert_allclose(state.last_trace_sigma[0],
-                               (small - big) / (1 / B_SMALL - 1 / bb), rtol=1e-5)
+    np.testing.assert_allclose(
+        state.last_g2[0], (bb * big - B_SMALL * small) / (bb - B_SMALL), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        state.last_trace_sigma[0], (small - big) / (1 / B_SMALL - 1 / bb), rtol=1e-5
+    )
 
 
 def test_needs_two_batch_sizes():
@@ -219,17 +235,20 @@ def test_one_micro_batch_leaves_the_estimate_unchanged():
 
 def test_noise_scale_finds_state_in_nested_optax_states():
     injected = optax.inject_hyperparams(noise.measure_noise_scale, static_args=("batch_size",))(
-        batch_size=8, ema=0.5)
+        batch_size=8, ema=0.5
+    )
     tx = optax.chain(injected, optax.masked(optax.adam(1e-3), {"w": True, "b": False}))
     state = tx.init(_params())
     grads = jax.tree.map(jnp.ones_like, _params())
-    _, state = jax.jit(lambda s: tx.update(grads, s, _params(), micro_grad_sq_norm=D + 8.0,
-                                           accumulation_steps=3))(state)
+    _, state = jax.jit(
+        lambda s: tx.update(grads, s, _params(), micro_grad_sq_norm=D + 8.0, accumulation_steps=3)
+    )(state)
     # |G_small|^2 = D + 8, |G_big|^2 = D, B 8 vs 24
     want_tr = 8.0 / (1 / 8 - 1 / 24)
     want_g2 = (24 * D - 8 * (D + 8.0)) / 16
-    np.testing.assert_allclose(noise.noise_scale(state), (want_tr / want_g2, want_g2, want_tr),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        noise.noise_scale(state), (want_tr / want_g2, want_g2, want_tr), rtol=1e-5
+    )
     with pytest.raises(ValueError, match="found 0"):
         noise.noise_scale(optax.adam(1e-3).init(_params()))
     with pytest.raises(ValueError, match="found 2"):
@@ -247,8 +266,7 @@ def test_state_can_be_donated_and_does_not_recompile():
     tx = optax.chain(noise.measure_noise_scale(8), optax.adamw(1e-3))
 
     def step(params, state, grads, m):
-        updates, state = tx.update(grads, state, params, micro_grad_sq_norm=m,
-                                   accumulation_steps=2)
+        updates, state = tx.update(grads, state, params, micro_grad_sq_norm=m, accumulation_steps=2)
         return optax.apply_updates(params, updates), state
 
     step = jax.jit(step, donate_argnums=(0, 1))
@@ -274,17 +292,20 @@ def test_numeric_hyperparameters_can_be_injected():
     tx = optax.inject_hyperparams(noise.measure_noise_scale)(batch_size=8.0, ema=0.5)
     state = tx.init(_params())
     grads = jax.tree.map(jnp.ones_like, _params())
-    step = jax.jit(lambda s, b: tx.update(grads, s, micro_grad_sq_norm=D + 8.0,
-                                          accumulation_steps=3)[1])
+    step = jax.jit(
+        lambda s, b: tx.update(grads, s, micro_grad_sq_norm=D + 8.0, accumulation_steps=3)[1]
+    )
     state = step(state, 0)
-    np.testing.assert_allclose(noise.noise_scale(state).trace_sigma, 8.0 / (1 / 8 - 1 / 24),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        noise.noise_scale(state).trace_sigma, 8.0 / (1 / 8 - 1 / 24), rtol=1e-5
+    )
 
 
 def test_abstract_init():
     tx = noise.measure_noise_scale(8, axis_name="i")
-    abstract = jax.eval_shape(tx.init, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params()))
+    abstract = jax.eval_shape(
+        tx.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params())
+    )
     assert abstract.count.dtype == jnp.int32 and abstract.ema.g2.shape == ()
 
 
@@ -299,18 +320,21 @@ def test_log_records_reproduce_the_transform_estimate():
     for step in range(40):
         mean = jnp.asarray(rng.standard_normal(D), jnp.float32)
         micro_sq = jnp.float32(float(mean @ mean) + rng.uniform(0.5, 3.0))
-        _, state = tx.update(_as_tree(mean), state, micro_grad_sq_norm=micro_sq,
-                             accumulation_steps=4)
+        _, state = tx.update(
+            _as_tree(mean), state, micro_grad_sq_norm=micro_sq, accumulation_steps=4
+        )
         lines.append(json.dumps(noise.noise_log_record(step, state)))
     entries = noise.read_noise_log(lines, ema=0.95)
     assert len(entries) == 40 and entries[-1].step == 39
-    np.testing.assert_allclose(entries[-1].b_simple_ema, float(noise.noise_scale(state).b_simple),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        entries[-1].b_simple_ema, float(noise.noise_scale(state).b_simple), rtol=1e-4
+    )
 
 
 def test_log_of_ratios_is_averaged():
-    entries = noise.read_noise_log(['{"step": 1, "b_simple": 10}', "",
-                                    '{"step": 2, "b_simple": 20}'], ema=0.5)
+    entries = noise.read_noise_log(
+        ['{"step": 1, "b_simple": 10}', "", '{"step": 2, "b_simple": 20}'], ema=0.5
+    )
     # debiased EMA: (0.5*0.5*10 + 0.5*20) / (0.5*0.5 + 0.5)
     np.testing.assert_allclose(entries[-1].b_simple_ema, (2.5 + 10) / 0.75, rtol=1e-12)
     assert entries[-1].line == 3
@@ -320,14 +344,13 @@ def test_log_of_ratios_is_averaged():
     "lines, match",
     [
         (['{"step": 1, "b_simple": 3}', "{not json"], "line 2: not valid JSON"),
-        (['[1, 2]'], "line 1: expected a JSON object"),
+        (["[1, 2]"], "line 1: expected a JSON object"),
         (['{"b_simple": 3}'], "line 1: 'step' must be an integer"),
         (['{"step": 1}'], "line 1: needs 'b_simple' or both"),
         (['{"step": 1, "g2": 1.0}'], "line 1: 'g2' and 'trace_sigma' must come together"),
         (['{"step": 1, "g2": "x", "trace_sigma": 1}'], "line 1: 'g2' must be a finite number"),
         (['{"step": 1, "b_simple": NaN}'], "line 1: 'b_simple' must be a finite number"),
-        (['{"step": 1, "b_simple": 3}', '{"step": 2, "g2": 1, "trace_sigma": 2}'],
-         "line 2: mixes"),
+        (['{"step": 1, "b_simple": 3}', '{"step": 2, "g2": 1, "trace_sigma": 2}'], "line 2: mixes"),
         ([], "no entries"),
     ],
 )

@@ -41,8 +41,7 @@ def test_adamw_follows_mean_field_curve_and_half_life():
     beta1, bsim = 0.95, 3000.0
     r_ = (1 - beta1) / (1 + beta1)
     f = lambda b: 1 / (r_ * (1 + bsim / b) ** 0.5 + (1 - r_) * (1 + bsim / b) ** -0.5)
-    r = recommend("adamw", 3e-4, 64, 512, b_simple=bsim, beta1=beta1, beta2=0.98,
-                  weight_decay=0.1)
+    r = recommend("adamw", 3e-4, 64, 512, b_simple=bsim, beta1=beta1, beta2=0.98, weight_decay=0.1)
     close(r.new_lr, 3e-4 * f(512) / f(64))
     close(r.new_beta2, 0.98**8)
     close(r.new_weight_decay, 0.1 * (3e-4 / r.new_lr) * 8)
@@ -107,8 +106,13 @@ def test_recommend_rejects_bad_input(kwargs, match):
 
 
 @settings(max_examples=30, deadline=None)
-@given(family=st.sampled_from(FAMILIES), lr=st.floats(1e-6, 1.0), batch=st.floats(1, 1e6),
-       noise=st.floats(1e-2, 1e6), wd=st.floats(0, 1))
+@given(
+    family=st.sampled_from(FAMILIES),
+    lr=st.floats(1e-6, 1.0),
+    batch=st.floats(1, 1e6),
+    noise=st.floats(1e-2, 1e6),
+    wd=st.floats(0, 1),
+)
 def test_recommend_to_the_same_batch_changes_nothing(family, lr, batch, noise, wd):
     r = recommend(family, lr, batch, batch, b_noise=noise, weight_decay=wd, beta2=0.99)
     close([r.new_lr, r.new_weight_decay, r.new_beta2, r.steps_ratio], [lr, wd, 0.99, 1.0])
@@ -118,8 +122,27 @@ def test_recommend_to_the_same_batch_changes_nothing(family, lr, batch, noise, w
 
 
 def test_cli_lr_json(capsys):
-    assert main(["lr", "--optimizer", "adamw", "--lr", "3e-4", "--batch", "256", "--to", "1024",
-                 "--b-simple", "2000", "--weight-decay", "0.1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "lr",
+                "--optimizer",
+                "adamw",
+                "--lr",
+                "3e-4",
+                "--batch",
+                "256",
+                "--to",
+                "1024",
+                "--b-simple",
+                "2000",
+                "--weight-decay",
+                "0.1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     rec = recommend("adamw", 3e-4, 256, 1024, b_simple=2000, weight_decay=0.1)
     assert out["recommendation"]["new_lr"] == rec.new_lr
@@ -133,8 +156,12 @@ def test_cli_tables(capsys, tmp_path):
     assert main(["laws", "--compute", "1e17", "--json"]) == 0
     close(json.loads(capsys.readouterr().out)["deepseek"]["lr"], 2.33817e-3, rtol=1e-5)
     log = tmp_path / "noise.jsonl"
-    log.write_text("".join(json.dumps({"step": i, "g2": 4.0, "trace_sigma": 100.0 + i % 2})
-                           + "\n" for i in range(20)))
+    log.write_text(
+        "".join(
+            json.dumps({"step": i, "g2": 4.0, "trace_sigma": 100.0 + i % 2}) + "\n"
+            for i in range(20)
+        )
+    )
     assert main(["noise", str(log), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 20 and 25.0 < out["b_simple"] < 25.25
@@ -144,12 +171,42 @@ def test_cli_tables(capsys, tmp_path):
     "argv, match",
     [
         (["lr", "--optimizer", "sgd", "--lr", "0.1", "--batch", "0", "--to", "8"], "--batch"),
-        (["lr", "--optimizer", "adam", "--lr", "1e-3", "--batch", "8", "--to", "16",
-          "--beta2", "1"], r"\[0, 1\)"),
-        (["lr", "--optimizer", "adam", "--lr", "1e-3", "--batch", "8", "--to", "16",
-          "--strict"], "needs a noise scale"),
-        (["lr", "--optimizer", "sgd", "--lr", "1e-3", "--batch", "8", "--to", "16",
-          "--rule", "sgd"], "needs --b-noise"),
+        (
+            [
+                "lr",
+                "--optimizer",
+                "adam",
+                "--lr",
+                "1e-3",
+                "--batch",
+                "8",
+                "--to",
+                "16",
+                "--beta2",
+                "1",
+            ],
+            r"\[0, 1\)",
+        ),
+        (
+            ["lr", "--optimizer", "adam", "--lr", "1e-3", "--batch", "8", "--to", "16", "--strict"],
+            "needs a noise scale",
+        ),
+        (
+            [
+                "lr",
+                "--optimizer",
+                "sgd",
+                "--lr",
+                "1e-3",
+                "--batch",
+                "8",
+                "--to",
+                "16",
+                "--rule",
+                "sgd",
+            ],
+            "needs --b-noise",
+        ),
         (["wd", "--lr", "1e-3", "--weight-decay", "0.1", "--lion-k", "20"], "k must be in"),
         (["laws"], "give --compute"),
         (["noise", "/nonexistent/log.jsonl"], "No such file"),
@@ -167,13 +224,32 @@ def test_cli_bad_input_exits_2_with_one_line(argv, match, capsys):
 
 def _run(*argv, stdin=None):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "scaling", *argv], input=stdin,
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "scaling", *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_cli_subprocess_end_to_end(tmp_path):
-    p = _run("lr", "--optimizer", "lion", "--lr", "1e-4", "--batch", "128", "--to", "2048",
-             "--b-simple", "1000", "--json")
+    p = _run(
+        "lr",
+        "--optimizer",
+        "lion",
+        "--lr",
+        "1e-4",
+        "--batch",
+        "128",
+        "--to",
+        "2048",
+        "--b-simple",
+        "1000",
+        "--json",
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["recommendation"]["has_peak"] is False
     p = _run("lr", "--help")

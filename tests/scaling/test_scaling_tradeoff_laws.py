@@ -55,8 +55,11 @@ def test_adaptive_batch():
 
 
 @settings(max_examples=40, deadline=None)
-@given(s_min=st.floats(1, 1e6), b_crit=st.floats(1e-2, 1e6),
-       batches=st.lists(st.floats(1, 1e6), min_size=2, max_size=6, unique=True))
+@given(
+    s_min=st.floats(1, 1e6),
+    b_crit=st.floats(1e-2, 1e6),
+    batches=st.lists(st.floats(1, 1e6), min_size=2, max_size=6, unique=True),
+)
 def test_fit_recovers_exact_data(s_min, b_crit, batches):
     b = np.asarray(batches)
     if np.ptp(1 / (s_min * (b + b_crit))) < 1e-6 * np.max(1 / (s_min * (b + b_crit))):

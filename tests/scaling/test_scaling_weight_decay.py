@@ -20,8 +20,11 @@ pos = st.floats(1e-6, 1e6, allow_nan=False)
 def test_power_lines_and_timescale_worked():
     close(wd.power_lines_tau(3e-4, 0.1, 4e6, 2e12), 0.0666667)
     close(wd.ema_timescale(3e-4, 0.1), 33333.3333)
-    close(wd.power_lines_weight_decay(3e-4, wd.power_lines_tau(3e-4, 0.1, 4e6, 2e12), 4e6, 2e12),
-          0.1, rtol=1e-12)
+    close(
+        wd.power_lines_weight_decay(3e-4, wd.power_lines_tau(3e-4, 0.1, 4e6, 2e12), 4e6, 2e12),
+        0.1,
+        rtol=1e-12,
+    )
     close(wd.ema_timescale_epochs(3e-4, 0.1, 4e6, 2e12), 0.0666667)
 
 
@@ -48,8 +51,7 @@ def test_su_schedules_worked_and_jit_friendly():
 
 def test_su_schedule_drives_an_optax_optimizer():
     sched = wd.su_coupled_decay_schedules(0.5, 0.1)
-    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=sched.learning_rate,
-                                                weight_decay=0.1)
+    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=sched.learning_rate, weight_decay=0.1)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)
     for _ in range(3):
@@ -72,8 +74,9 @@ def test_lion_and_amos_worked():
 @given(lr=pos, lam=pos, b=pos, lr2=pos, b2=pos, n=pos)
 def test_transfer_keeps_epoch_timescale(lr, lam, b, lr2, b2, n):
     new = wd.transfer_weight_decay(lam, lr, lr2, b, b2)
-    close(wd.ema_timescale_epochs(lr2, new, b2, n), wd.ema_timescale_epochs(lr, lam, b, n),
-          rtol=1e-10)
+    close(
+        wd.ema_timescale_epochs(lr2, new, b2, n), wd.ema_timescale_epochs(lr, lam, b, n), rtol=1e-10
+    )
     close(wd.transfer_weight_decay(lam, lr, lr, b, b), lam, rtol=1e-12)
     close(wd.transfer_weight_decay(new, lr2, lr, b2, b), lam, rtol=1e-10)
 
