@@ -3,12 +3,14 @@
 1. Every optimizer of ``optax_ext.demo.RECIPES`` trains the demo model (a character-level
    Flax transformer on the docstrings of Python's standard library) for the same number
    of updates from the same initialisation and batches, at its recommended learning rate
-   times 0.5, 1 and 2; the table gives the held-out loss of each and which won.
+   times 1/4, 1/2, 1, 2 and 4; the table gives the held-out loss of each, which rate was
+   best for each optimizer (flagged when it is an end of the sweep, where a wider sweep
+   could still do better) and which optimizer won.
 2. Su's claim that sign updates (Tiger, Lion) train in pure bf16 — params and optimizer
    state in bf16, no float32 master copy: final loss against the float32 run, next to
    AdamW in pure bf16::
 
-    python benchmarks/bench_quality.py                 # 300 updates each (~10 min on 2 cores)
+    python benchmarks/bench_quality.py                 # 300 updates each (~20 min on 2 cores)
     python benchmarks/bench_quality.py --steps 30      # a quick check
 
 Prints two tables and writes benchmarks/results/quality.json.
@@ -23,7 +25,7 @@ from benchlib import machine, table, write_json
 
 from optax_ext import demo
 
-FACTORS = (0.5, 1.0, 2.0)
+FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 BF16 = ("tiger", "lion", "adamw")
 
 
@@ -56,15 +58,17 @@ def main(argv=None):
     sweep = []
     for name, recipe in demo.RECIPES.items():
         for f in FACTORS:
-            sweep.append(run(name, recipe.lr * f, args.steps, args.batch_size))
+            sweep.append(run(name, recipe.lr * f, args.steps, args.batch_size) | {"factor": f})
             print(f"  {name} lr={recipe.lr * f:.3g}: {sweep[-1]['valid_loss']:.4f}", flush=True)
     best = {}
     for r in sweep:
         if r["optimizer"] not in best or r["valid_loss"] < best[r["optimizer"]]["valid_loss"]:
             best[r["optimizer"]] = r
     winner = min(best.values(), key=lambda r: r["valid_loss"])["optimizer"]
+    edges = {min(FACTORS), max(FACTORS)}
     for r in sweep:
         r["best_lr_for_optimizer"] = r is best[r["optimizer"]]
+        r["best_at_edge"] = r["best_lr_for_optimizer"] and r["factor"] in edges
     bf16 = []
     for name in BF16:
         lr = best[name]["lr"]
@@ -92,7 +96,9 @@ def main(argv=None):
                 ("lr", "lr", lambda x: f"{x:.3g}"),
                 ("valid_loss", "held-out", f4),
                 ("train_loss", "train (last 10)", f4),
+                ("factor", "x recipe", lambda x: f"{x:g}"),
                 ("best_lr_for_optimizer", "best lr", lambda b: "*" if b else ""),
+                ("best_at_edge", "at an edge", lambda b: "yes" if b else ""),
             ],
         )
     )

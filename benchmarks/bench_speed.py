@@ -1,11 +1,14 @@
 """Update speed of every optimizer against its closest optax counterpart, same run, same tree.
 
 For each pair, the jitted update + apply (params and state donated) is warmed up and then
-timed round-robin with its counterpart; the median of ``--repeats`` is reported with the
-ratio ours/optax (lower is better). For the large tree the bytes a perfect update must
-move (each input read once, each output written once) divided by the time give the
-achieved bandwidth, reported as a fraction of a donated in-place copy measured in the
-same run. Accumulation pairs are timed over whole cycles of k micro-steps. Compile time
+timed round-robin with its counterpart; the median of ``--repeats`` is one trial, and
+``--trials`` trials with fresh buffers give the reported median ratio ours/optax (lower is
+better) and its range: this machine's memory bandwidth drifts by up to 1.6x over minutes,
+and an update dominated by reductions gains less from a fast spell than a pure
+elementwise one, so a single trial can mislead. For the large tree the bytes a perfect
+update must move (each input read once, each output written once) divided by the time
+give the achieved bandwidth, reported as a fraction of a donated in-place copy measured
+in the same run. Accumulation pairs are timed over whole cycles of k micro-steps. Compile time
 is measured on the many-leaf tree::
 
     python benchmarks/bench_speed.py                      # GPT-2 small (124M) + 512 leaves
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 
 import jax
 import optax
@@ -90,34 +94,46 @@ def cycle(tx, k):
     return optax.GradientTransformation(tx.init, update)
 
 
-def run_tree(label, params, repeats, names, with_bandwidth):
+def run_tree(label, params, repeats, trials, names, with_bandwidth):
     grads = random_like(params)
     nbytes = ox.tree_bytes(params)
     copy = copy_bandwidth(nbytes, repeats) if with_bandwidth else None
     rows = []
     for name in names:
         make_ours, make_theirs, passes, target = PAIRS[name]
-        ours, theirs = make_ours(), make_theirs()
-        if "accumulate" in name:
-            ours, theirs = cycle(ours, K), cycle(theirs, K)
-        t = time_interleaved({"ours": ours, "optax": theirs}, params, grads, repeats)
-        ms = {k: v["median_s"] * 1e3 / (K if "accumulate" in name else 1) for k, v in t.items()}
+        per_step = K if "accumulate" in name else 1
+        runs = []
+        for _ in range(trials):  # fresh buffers each trial: the machine's speed drifts
+            ours, theirs = make_ours(), make_theirs()
+            if "accumulate" in name:
+                ours, theirs = cycle(ours, K), cycle(theirs, K)
+            t = time_interleaved({"ours": ours, "optax": theirs}, params, grads, repeats)
+            runs.append({k: v["median_s"] * 1e3 / per_step for k, v in t.items()})
+            runs[-1]["compilations"] = max(v["compilations"] for v in t.values())
+            del t
+            gc.collect()
+        ratios = [r["ours"] / r["optax"] for r in runs]
         row = {
             "tree": label,
             "pair": name,
-            "ours_ms": ms["ours"],
-            "optax_ms": ms["optax"],
-            "ratio": ms["ours"] / ms["optax"],
+            "ours_ms": statistics.median(r["ours"] for r in runs),
+            "optax_ms": statistics.median(r["optax"] for r in runs),
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "trial_ratios": ratios,
             "target": target,
-            "compilations": max(v["compilations"] for v in t.values()),
+            "compilations": max(r["compilations"] for r in runs),
         }
         if with_bandwidth and passes:
-            gbps = passes * nbytes / (ms["ours"] / 1e3) / 1e9
+            gbps = passes * nbytes / (row["ours_ms"] / 1e3) / 1e9
             row.update(ours_GBps=gbps, fraction_of_copy=gbps / copy)
         rows.append(row)
-        print(f"  {label}: {name}: {ms['ours']:.2f} ms vs {ms['optax']:.2f} ms", flush=True)
-        del t
-        gc.collect()
+        print(
+            f"  {label}: {name}: {row['ours_ms']:.2f} ms vs {row['optax_ms']:.2f} ms, "
+            f"ratio {row['ratio']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})",
+            flush=True,
+        )
     return rows, copy
 
 
@@ -143,6 +159,9 @@ def main(argv=None):
         help="gpt2: GPT-2 small (124M); small: a 3M-parameter check",
     )
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument(
+        "--trials", type=int, default=3, help="fresh runs per pair; the median ratio is reported"
+    )
     ap.add_argument("--only", default=None, help="run only pairs whose name contains this")
     args = ap.parse_args(argv)
     names = [n for n in PAIRS if args.only is None or args.only in n]
@@ -155,6 +174,7 @@ def main(argv=None):
     results = {
         "machine": machine(),
         "repeats": args.repeats,
+        "trials": args.trials,
         "trees": {
             "large": dict(shape, params=n_params(large)),
             "many_leaf": {"leaves": len(jax.tree.leaves(many)), "params": n_params(many)},
@@ -162,13 +182,13 @@ def main(argv=None):
     }
     print(
         f"large tree {n_params(large) / 1e6:.1f}M params; many-leaf tree "
-        f"{len(jax.tree.leaves(many))} leaves; median of {args.repeats}",
+        f"{len(jax.tree.leaves(many))} leaves; median of {args.repeats}, {args.trials} trials",
         flush=True,
     )
-    rows_large, copy = run_tree("large", large, args.repeats, names, True)
+    rows_large, copy = run_tree("large", large, args.repeats, args.trials, names, True)
     del large
     gc.collect()
-    rows_many, _ = run_tree("many-leaf", many, args.repeats, names, False)
+    rows_many, _ = run_tree("many-leaf", many, args.repeats, args.trials, names, False)
     results.update(copy_GBps=copy, speed=rows_large + rows_many, compile=compile_rows(many, names))
     fmt2 = lambda x: f"{x:.2f}"
     print(f"\ndonated copy: {copy:.1f} GB/s")
@@ -181,6 +201,8 @@ def main(argv=None):
                 ("ours_ms", "ours ms", fmt2),
                 ("optax_ms", "optax ms", fmt2),
                 ("ratio", "ratio", fmt2),
+                ("ratio_min", "min", fmt2),
+                ("ratio_max", "max", fmt2),
                 ("target", "target", lambda x: f"<= {x:.2f}"),
                 ("fraction_of_copy", "of copy BW", lambda x: f"{x:.0%}"),
             ],
