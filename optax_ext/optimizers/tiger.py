@@ -93,7 +93,9 @@ def row_mean_square(param: jax.Array, work: Any) -> jax.Array:
     library fusion that cannot write in place: it materialises the squares and copies
     the donated parameter (an embedding table then costs ~3x Tiger's plain update). A
     loop over blocks of rows keeps the reduction a separate read of the parameter, so
-    the update stays one in-place pass; both give the same numbers.
+    the update stays one in-place pass; both give the same numbers. A table sharded
+    explicitly across devices keeps the one reduction; under automatic (GSPMD)
+    sharding on CPU devices the block loop gathers a row-sharded table first.
     """
     if param.ndim < 2:
         return jnp.mean(jnp.square(param.astype(work)), keepdims=True)
@@ -101,10 +103,16 @@ def row_mean_square(param: jax.Array, work: Any) -> jax.Array:
     width = param.shape[-1]
     rows = param.size // max(width, 1)
     block = max(_ROW_BLOCK_ELEMENTS // max(width, 1), 1)
-    if rows < 2 * block:
+    if rows < 2 * block or _sharded(param):
         return direct(param)
     blocked = lambda x: _blocked_row_mean_square(x, block, work)
     return jax.lax.platform_dependent(param, cpu=blocked, default=direct)
+
+
+def _sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type carries an explicit sharding over some mesh axis."""
+    spec = getattr(jax.typeof(x).sharding, "spec", ())
+    return any(axis is not None for axis in spec)
 
 
 def _blocked_row_mean_square(param: jax.Array, block: int, work: Any) -> jax.Array:

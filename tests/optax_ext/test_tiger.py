@@ -379,6 +379,24 @@ def test_row_mean_square_in_blocks_equals_numpy(shape, dtype, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_explicitly_sharded_embedding_rows(monkeypatch):
+    # an explicitly row-sharded table keeps the one reduction (row blocks would gather it)
+    monkeypatch.setattr(tiger_module, "_ROW_BLOCK_ELEMENTS", 40)
+    params = flax_like_params(17, vocab=64)
+    grads = grads_with_nans(params, 4, 17, nan_every=0)
+    want, _ = run(tiger(1e-2, 0.9, 0.01), params, grads)
+    mesh = jax.make_mesh((8,), ("rows",), axis_types=(jax.sharding.AxisType.Explicit,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows", None))
+    put = lambda tree: {
+        "params": tree["params"]
+        | {"embed": {"embedding": jax.device_put(tree["params"]["embed"]["embedding"], rows)}}
+    }
+    with jax.set_mesh(mesh):
+        got, _ = run(tiger(1e-2, 0.9, 0.01), put(params), [put(g) for g in grads])
+    assert got["params"]["embed"]["embedding"].sharding.spec == rows.spec
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_device_paths_agree(row_blocks):
     params = flax_like_params(16, width=16, vocab=40)
     grads = grads_with_nans(params, 6, 16, nan_every=3)
