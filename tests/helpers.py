@@ -120,7 +120,7 @@ def x64():
 
 # ------------------------------------------------------------------ device paths
 
-DEVICE_PATHS = ("eager", "jit", "pmap", "sharded")
+DEVICE_PATHS = ("eager", "jit", "pmap", "sharded", "explicit")
 
 
 def _apply(tx, params, state, grads, extra):
@@ -163,6 +163,8 @@ def run_path(tx, params, grads_seq, path: str, extra_args=None):
       ``lax.pmean`` before the optimizer (as a data-parallel step does).
     - ``sharded``: ``jit`` with params and state sharded over an 8-device
       ``NamedSharding`` mesh; asserts that the state keeps the params' shardings.
+    - ``explicit``: the same with the mesh's axis explicit (``AxisType.Explicit`` under
+      ``jax.set_mesh``), where shardings are part of every array's type.
 
     Returns ``(params, state)`` as host-side trees (first replica under pmap).
     """
@@ -194,16 +196,18 @@ def run_path(tx, params, grads_seq, path: str, extra_args=None):
             p, s = pstep(p, s, _per_device_grads(g, 1000 + i, n))
         first = lambda t: jax.tree.map(lambda x: x[0], t)
         return first(p), first(s)
-    if path == "sharded":
-        from jax.sharding import Mesh
+    if path in ("sharded", "explicit"):
+        from jax.sharding import AxisType
 
-        mesh = Mesh(np.array(jax.devices()), ("data",))
+        axis_type = AxisType.Explicit if path == "explicit" else AxisType.Auto
+        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(axis_type,))
         shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, _data_sharding(mesh, x)), t)
-        params = shard(params)
-        state = jax.jit(tx.init)(params)
-        step = jax.jit(lambda p, s, g: _apply(tx, p, s, g, extra))
-        for g in grads_seq:
-            params, state = step(params, state, shard(g))
+        with jax.set_mesh(mesh) if path == "explicit" else contextlib.nullcontext():
+            params = shard(params)
+            state = jax.jit(tx.init)(params)
+            step = jax.jit(lambda p, s, g: _apply(tx, p, s, g, extra))
+            for g in grads_seq:
+                params, state = step(params, state, shard(g))
         _assert_state_keeps_shardings(params, state)
         return params, state
     raise ValueError(f"unknown device path {path!r}, expected one of {DEVICE_PATHS}")
@@ -225,7 +229,7 @@ def _assert_state_keeps_shardings(params, state):
 def assert_same_on_all_paths(tx, params, grads_seq, *, rtol=1e-5, atol=1e-6, extra_args=None):
     """Runs every device path and checks params and state agree with plain ``jit``."""
     ref_p, ref_s = run_path(tx, params, grads_seq, "jit", extra_args)
-    for path in ("eager", "pmap", "sharded"):
+    for path in ("eager", "pmap", "sharded", "explicit"):
         p, s = run_path(tx, params, grads_seq, path, extra_args)
         assert_trees_close(p, ref_p, rtol=rtol, atol=atol, err=f"params on {path}")
         assert_trees_close(
