@@ -3,9 +3,9 @@
 1. Every optimizer of ``optax_ext.demo.RECIPES`` trains the demo model (a character-level
    Flax transformer on the docstrings of Python's standard library) for the same number
    of updates from the same initialisation and batches, at its recommended learning rate
-   times 1/4, 1/2, 1, 2 and 4; the table gives the held-out loss of each, which rate was
-   best for each optimizer (flagged when it is an end of the sweep, where a wider sweep
-   could still do better) and which optimizer won.
+   times 1/4, 1/2, 1, 2 and 4, extended by doubling (or halving) while the best rate is
+   at an end of the sweep; the table gives the held-out loss of each, which rate was best
+   for each optimizer (flagged if it is still an end) and which optimizer won.
 2. Su's claim that sign updates (Tiger, Lion) train in pure bf16 — params and optimizer
    state in bf16, no float32 master copy: final loss against the float32 run, next to
    AdamW in pure bf16::
@@ -26,6 +26,7 @@ from benchlib import machine, table, write_json
 from optax_ext import demo
 
 FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+MAX_EXTEND = 4  # extra doublings or halvings while the best rate is at an end
 BF16 = ("tiger", "lion", "adamw")
 
 
@@ -50,6 +51,31 @@ def run(name, lr, steps, batch, dtype=None):
     }
 
 
+def sweep_lr(name, base_lr, steps, batch):
+    """Runs ``base_lr`` x FACTORS, then keeps doubling (or halving) while the best is at
+    the end of the sweep and improving, up to MAX_EXTEND more runs: the best rate ends
+    bracketed by worse ones on both sides, or is flagged as an edge."""
+    rows = {}
+
+    def at(f):
+        if f not in rows:
+            rows[f] = run(name, base_lr * f, steps, batch) | {"factor": f}
+            print(f"  {name} lr={base_lr * f:.3g}: {rows[f]['valid_loss']:.4f}", flush=True)
+        return rows[f]
+
+    for f in FACTORS:
+        at(f)
+    for _ in range(MAX_EXTEND):
+        best = min(rows, key=lambda f: rows[f]["valid_loss"])
+        if best == max(rows):
+            at(best * 2)
+        elif best == min(rows):
+            at(best / 2)
+        else:
+            break
+    return [rows[f] for f in sorted(rows)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -57,18 +83,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sweep = []
     for name, recipe in demo.RECIPES.items():
-        for f in FACTORS:
-            sweep.append(run(name, recipe.lr * f, args.steps, args.batch_size) | {"factor": f})
-            print(f"  {name} lr={recipe.lr * f:.3g}: {sweep[-1]['valid_loss']:.4f}", flush=True)
+        sweep += sweep_lr(name, recipe.lr, args.steps, args.batch_size)
     best = {}
     for r in sweep:
         if r["optimizer"] not in best or r["valid_loss"] < best[r["optimizer"]]["valid_loss"]:
             best[r["optimizer"]] = r
     winner = min(best.values(), key=lambda r: r["valid_loss"])["optimizer"]
-    edges = {min(FACTORS), max(FACTORS)}
     for r in sweep:
         r["best_lr_for_optimizer"] = r is best[r["optimizer"]]
-        r["best_at_edge"] = r["best_lr_for_optimizer"] and r["factor"] in edges
+        ends = [x["factor"] for x in sweep if x["optimizer"] == r["optimizer"]]
+        r["best_at_edge"] = r["best_lr_for_optimizer"] and r["factor"] in (min(ends), max(ends))
     bf16 = []
     for name in BF16:
         lr = best[name]["lr"]
