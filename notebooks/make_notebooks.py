@@ -16,6 +16,8 @@ def write(name, cells):
     nb = new_notebook(
         cells=[new_markdown_cell(c[3:]) if c.startswith("md:") else new_code_cell(c) for c in cells]
     )
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"{Path(name).stem[:2]}-{i:02d}"  # stable ids: regenerating changes nothing
     nb.metadata["kernelspec"] = {
         "name": "python3",
         "display_name": "Python 3",
@@ -187,7 +189,7 @@ plt.bar(list(per_param), list(per_param.values()), color="tab:blue")
 plt.ylabel("state bytes / parameter"); plt.grid(axis="y", alpha=0.3); plt.show()
 per_param""",
     """md:Sign optimizers (Tiger, Lion) take the same step size for every entry, which is why
-their learning rate is 3–10× smaller than AdamW's; Tiger's per-parameter scale makes that
+their learning rate is 2–6× smaller than AdamW's; Tiger's per-parameter scale makes that
 step proportional to each tensor's RMS. `benchmarks/bench_quality.py` sweeps the learning
 rates behind these settings.""",
 ]
