@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: parameter trees, donated steps, interleaved timing.
 
-How we time (see BENCHMARKING notes in benchmarks/RESULTS.md): every step is jitted with
+How we time (benchmarks/RESULTS.md says more): every step is jitted with
 params and state donated (updated in place), warmed up, then all candidates are timed
 round-robin in the same run and the median of many repeats is reported, next to the
 bandwidth of a donated in-place copy measured in the same run.
