@@ -70,6 +70,12 @@ PAIRS = {
         3,
         1.10,
     ),
+    "sgdm vs optax.sgd(momentum)": (
+        lambda: ox.sgdm(1e-2, 0.9),
+        lambda: optax.sgd(1e-2, momentum=0.9),
+        5,
+        1.05,
+    ),
     "adax vs optax.adamw": (lambda: ox.adax(1e-3), lambda: optax.adamw(1e-3), 7, None),
     "amos vs optax.adamw": (lambda: ox.amos(1e-2), lambda: optax.adamw(1e-3), None, None),
     f"accumulate_gradients(adamw, {K}) vs optax.MultiSteps(adamw, {K})": (
