@@ -7,8 +7,9 @@ better) and its range: this machine's memory bandwidth drifts by up to 1.6x over
 and an update dominated by reductions gains less from a fast spell than a pure
 elementwise one, so a single trial can mislead. For the large tree the bytes a perfect
 update must move (each input read once, each output written once) divided by the time
-give the achieved bandwidth, reported as a fraction of a donated in-place copy measured
-in the same run. Accumulation pairs are timed over whole cycles of k micro-steps. Compile time
+give the achieved bandwidth, reported as a fraction of a donated in-place copy timed in
+the same round-robin (each trial against its own copy, then the median). Accumulation
+pairs are timed over whole cycles of k micro-steps. Compile time
 is measured on the many-leaf tree::
 
     python benchmarks/bench_speed.py                      # GPT-2 small (124M) + 512 leaves
@@ -27,8 +28,8 @@ import jax
 import optax
 from benchlib import (
     GPT2_SMALL,
+    CopyStep,
     compile_seconds,
-    copy_bandwidth,
     gpt2_like_params,
     machine,
     many_leaf_params,
@@ -103,8 +104,7 @@ def cycle(tx, k):
 def run_tree(label, params, repeats, trials, names, with_bandwidth):
     grads = random_like(params)
     nbytes = ox.tree_bytes(params)
-    copy = copy_bandwidth(nbytes, repeats) if with_bandwidth else None
-    rows = []
+    rows, copies = [], []
     for name in names:
         make_ours, make_theirs, passes, target = PAIRS[name]
         per_step = K if "accumulate" in name else 1
@@ -113,10 +113,14 @@ def run_tree(label, params, repeats, trials, names, with_bandwidth):
             ours, theirs = make_ours(), make_theirs()
             if "accumulate" in name:
                 ours, theirs = cycle(ours, K), cycle(theirs, K)
-            t = time_interleaved({"ours": ours, "optax": theirs}, params, grads, repeats)
+            copy = CopyStep(nbytes) if with_bandwidth else None
+            t = time_interleaved({"ours": ours, "optax": theirs}, params, grads, repeats, copy)
             runs.append({k: v["median_s"] * 1e3 / per_step for k, v in t.items()})
             runs[-1]["compilations"] = max(v["compilations"] for v in t.values())
-            del t
+            if copy is not None:
+                runs[-1]["copy_GBps"] = copy.gbps()
+                copies.append(copy.gbps())
+            del t, copy
             gc.collect()
         ratios = [r["ours"] / r["optax"] for r in runs]
         row = {
@@ -132,15 +136,20 @@ def run_tree(label, params, repeats, trials, names, with_bandwidth):
             "compilations": max(r["compilations"] for r in runs),
         }
         if with_bandwidth and passes:
-            gbps = passes * nbytes / (row["ours_ms"] / 1e3) / 1e9
-            row.update(ours_GBps=gbps, fraction_of_copy=gbps / copy)
+            # each trial against the copy timed beside it, then the median over trials
+            fractions = [passes * nbytes / (r["ours"] / 1e3) / 1e9 / r["copy_GBps"] for r in runs]
+            row.update(
+                ours_GBps=passes * nbytes / (row["ours_ms"] / 1e3) / 1e9,
+                fraction_of_copy=statistics.median(fractions),
+                trial_fractions=fractions,
+            )
         rows.append(row)
         print(
             f"  {label}: {name}: {row['ours_ms']:.2f} ms vs {row['optax_ms']:.2f} ms, "
             f"ratio {row['ratio']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})",
             flush=True,
         )
-    return rows, copy
+    return rows, (statistics.median(copies) if copies else None)
 
 
 def compile_rows(params, names):
@@ -197,7 +206,7 @@ def main(argv=None):
     rows_many, _ = run_tree("many-leaf", many, args.repeats, args.trials, names, False)
     results.update(copy_GBps=copy, speed=rows_large + rows_many, compile=compile_rows(many, names))
     fmt2 = lambda x: f"{x:.2f}"
-    print(f"\ndonated copy: {copy:.1f} GB/s")
+    print(f"\ndonated copy: {copy:.1f} GB/s (median over trials)")
     print(
         table(
             results["speed"],

@@ -102,22 +102,39 @@ def make_step(tx):
 
 def copy_bandwidth(nbytes: int, repeats: int = 15) -> float:
     """GB/s of a donated in-place ``x * 1.0001`` over ``nbytes`` (counting read + write)."""
-    x = jnp.ones(nbytes // 4, jnp.float32)
-    f = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
-    x = jax.block_until_ready(f(x))
-    times = []
+    copy = CopyStep(nbytes)
     for _ in range(repeats):
+        copy.time_once()
+    return copy.gbps()
+
+
+class CopyStep:
+    """A donated in-place ``x * 1.0001`` over ``nbytes``: the bandwidth floor of an update."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.step = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
+        self.x = jax.block_until_ready(self.step(jnp.ones(nbytes // 4, jnp.float32)))
+        self.times: list[float] = []
+
+    def time_once(self) -> None:
         t0 = time.perf_counter()
-        x = jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times) / 1e9
+        self.x = jax.block_until_ready(self.step(self.x))
+        self.times.append(time.perf_counter() - t0)
+
+    def gbps(self) -> float:
+        return 2 * self.nbytes / statistics.median(self.times) / 1e9
 
 
-def time_interleaved(candidates: dict[str, Any], params, grads, repeats: int = 15) -> dict:
+def time_interleaved(
+    candidates: dict[str, Any], params, grads, repeats: int = 15, copy: CopyStep | None = None
+) -> dict:
     """Median seconds per step of each optimizer, timed round-robin after a warm-up.
 
     Also records the compile time of the first call and how many times each step
-    compiled (it must be once).
+    compiled (it must be once). With ``copy``, a donated copy is timed in the same
+    round-robin (read its ``gbps()`` after), so bandwidth fractions compare moments of
+    the same machine state.
     """
     runs = {}
     for name, tx in candidates.items():
@@ -133,6 +150,8 @@ def time_interleaved(candidates: dict[str, Any], params, grads, repeats: int = 1
             t0 = time.perf_counter()
             run["p"], run["s"] = jax.block_until_ready(run["step"](run["p"], run["s"], grads))
             run["times"].append(time.perf_counter() - t0)
+        if copy is not None:
+            copy.time_once()
     return {
         name: {
             "median_s": statistics.median(r["times"]),
