@@ -6,6 +6,7 @@ https://kexue.fm/archives/9512, and https://github.com/bojone/tiger.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -97,13 +98,12 @@ def row_mean_square(param: jax.Array, work: Any) -> jax.Array:
     explicitly across devices keeps the one reduction; under automatic (GSPMD)
     sharding on CPU devices the block loop gathers a row-sharded table first.
     """
-    if param.ndim < 2:
-        return jnp.mean(jnp.square(param.astype(work)), keepdims=True)
-    direct = lambda x: jnp.mean(jnp.square(x.astype(work)), axis=-1, keepdims=True)
-    width = param.shape[-1]
-    rows = param.size // max(width, 1)
-    block = max(_ROW_BLOCK_ELEMENTS // max(width, 1), 1)
-    if rows < 2 * block or _sharded(param):
+    axis = -1 if param.ndim else None
+    direct = lambda x: jnp.mean(jnp.square(x.astype(work)), axis=axis, keepdims=True)
+    if param.ndim < 2 or _sharded(param):
+        return direct(param)
+    block = max(_ROW_BLOCK_ELEMENTS // max(param.shape[-1], 1), 1)
+    if math.prod(param.shape[:-1]) < 2 * block:
         return direct(param)
     blocked = lambda x: _blocked_row_mean_square(x, block, work)
     return jax.lax.platform_dependent(param, cpu=blocked, default=direct)
