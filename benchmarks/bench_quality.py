@@ -63,16 +63,19 @@ def sweep_lr(name, base_lr, steps, batch):
             print(f"  {name} lr={base_lr * f:.3g}: {rows[f]['valid_loss']:.4f}", flush=True)
         return rows[f]
 
+    best = lambda: min(rows, key=lambda f: rows[f]["valid_loss"])
     for f in FACTORS:
         at(f)
     for _ in range(MAX_EXTEND):
-        best = min(rows, key=lambda f: rows[f]["valid_loss"])
-        if best == max(rows):
-            at(best * 2)
-        elif best == min(rows):
-            at(best / 2)
+        if best() == max(rows):
+            at(best() * 2)
+        elif best() == min(rows):
+            at(best() / 2)
         else:
             break
+    for f, r in rows.items():
+        r["best_lr_for_optimizer"] = f == best()
+        r["best_at_edge"] = f == best() and f in (min(rows), max(rows))
     return [rows[f] for f in sorted(rows)]
 
 
@@ -84,15 +87,8 @@ def main(argv=None):
     sweep = []
     for name, recipe in demo.RECIPES.items():
         sweep += sweep_lr(name, recipe.lr, args.steps, args.batch_size)
-    best = {}
-    for r in sweep:
-        if r["optimizer"] not in best or r["valid_loss"] < best[r["optimizer"]]["valid_loss"]:
-            best[r["optimizer"]] = r
+    best = {r["optimizer"]: r for r in sweep if r["best_lr_for_optimizer"]}
     winner = min(best.values(), key=lambda r: r["valid_loss"])["optimizer"]
-    for r in sweep:
-        r["best_lr_for_optimizer"] = r is best[r["optimizer"]]
-        ends = [x["factor"] for x in sweep if x["optimizer"] == r["optimizer"]]
-        r["best_at_edge"] = r["best_lr_for_optimizer"] and r["factor"] in (min(ends), max(ends))
     bf16 = []
     for name in BF16:
         lr = best[name]["lr"]

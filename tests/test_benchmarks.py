@@ -34,6 +34,8 @@ def test_sweep_extends_until_the_best_rate_is_bracketed(monkeypatch, best_factor
     assert [r["factor"] for r in rows] == pytest.approx(want_factors)
     best = min(rows, key=lambda r: r["valid_loss"])
     assert best["factor"] == pytest.approx(best_factor)
+    assert [r["factor"] for r in rows if r["best_lr_for_optimizer"]] == [best["factor"]]
+    assert not any(r["best_at_edge"] for r in rows)
 
 
 def test_sweep_stops_after_max_extend(monkeypatch):
@@ -41,3 +43,4 @@ def test_sweep_stops_after_max_extend(monkeypatch):
     rows = bench_quality.sweep_lr("opt", 0.01, steps=1, batch=1)
     assert len(rows) == len(bench_quality.FACTORS) + bench_quality.MAX_EXTEND
     assert max(r["factor"] for r in rows) == 4.0 * 2**bench_quality.MAX_EXTEND
+    assert [r["factor"] for r in rows if r["best_at_edge"]] == [4.0 * 2**bench_quality.MAX_EXTEND]
