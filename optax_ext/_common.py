@@ -191,19 +191,20 @@ def check_range(
     low_open: bool = False,
     high_open: bool = False,
 ) -> Any:
-    """Raises ``ValueError`` if a concrete ``value`` lies outside the interval.
+    """Raises ``ValueError`` if a concrete ``value`` is not a real number in the interval.
 
     Scalars and concrete arrays (checked element-wise, e.g. a grid of batch sizes) are
     checked; traced values and schedules (callables) are returned unchecked. NaN is
-    always rejected. Returns ``value`` so checks can be written inline.
+    always rejected, and so is ±inf at an end given as ``None`` (the interval shown is
+    then open there). Strings, complex numbers, dicts and other non-numbers are rejected
+    here rather than failing later inside the update. Returns ``value`` so checks can be
+    written inline.
     """
-    if isinstance(value, jax.core.Tracer | str | bytes) or callable(value):
+    if isinstance(value, jax.core.Tracer) or callable(value):
         return value
-    try:
-        v = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-        return value
-    bad = np.isnan(v)
+    v = _as_real_array(name, value)
+    infinite = ((v == -np.inf) & (low is None)) | ((v == np.inf) & (high is None))
+    bad = np.isnan(v) | infinite
     if low is not None:
         bad |= v <= low if low_open else v < low
     if high is not None:
@@ -211,8 +212,33 @@ def check_range(
     if np.any(bad):
         shown = repr(value) if v.ndim == 0 else f"{float(v[bad].flat[0])!r} (in an array)"
         interval = _interval(low, high, low_open, high_open)
-        raise ValueError(f"{name} must be in {interval}, got {shown}")
+        finite = "finite and " if np.any(infinite) else ""
+        raise ValueError(f"{name} must be {finite}in {interval}, got {shown}")
     return value
+
+
+def _as_real_array(name: str, value: Any) -> np.ndarray:
+    """``value`` as a float64 array, or a ``ValueError`` saying what a number is here."""
+    kind = type(value).__name__
+    if isinstance(value, str | bytes):
+        raise ValueError(
+            f"{name} must be a number or a schedule, got the {kind} {value!r}; "
+            f"write {name}={_number_hint(value)} instead"
+        )
+    try:
+        dtype = np.asarray(value).dtype
+        if np.issubdtype(dtype, np.complexfloating):
+            raise TypeError
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"{name} must be a real number or a schedule, got {value!r}") from None
+
+
+def _number_hint(text: Any) -> str:
+    try:
+        return repr(float(text))
+    except (TypeError, ValueError):
+        return "a float"
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> Any:
@@ -285,8 +311,27 @@ def schedule_value(value_or_schedule: Any, index: jax.Array) -> jax.Array:
     return value_or_schedule(index) if callable(value_or_schedule) else value_or_schedule
 
 
-def canonical_dtype(dtype: Any) -> Any:
-    return None if dtype is None else jnp.dtype(dtype)
+def canonical_dtype(dtype: Any, name: str = "mu_dtype") -> Any:
+    """``jnp.dtype(dtype)`` for a state dtype argument, ``None`` kept (the params' dtype).
+
+    An integer, boolean or complex state would silently truncate the moments (an int32
+    momentum rounds to 0 and the optimizer stops moving), so only real floating dtypes
+    are accepted.
+    """
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(
+            f"{name} must be a floating dtype such as jnp.float32, got {dtype!r}"
+        ) from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(
+            f"{name} must be a floating dtype (float32, bfloat16, float16), got {dt}: an "
+            "integer or complex state truncates the moments"
+        )
+    return dt
 
 
 def tree_bytes(tree: Any) -> int:

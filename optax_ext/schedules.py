@@ -16,7 +16,6 @@ step for planning; these are the versions to train with.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -26,19 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_ext._common import check_range, is_concrete_number
+from optax_ext._common import check_range
 
 
 def _step(count: Any) -> jax.Array:
     # the default float dtype (float64 under x64): exact steps up to 2**24 in float32
     return jnp.asarray(count, dtype=float)
-
-
-def _finite(name: str, value: Any, low: float | None = None, *, low_open=False) -> Any:
-    check_range(name, value, low, low_open=low_open)
-    if is_concrete_number(value) and not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
 
 
 # -------------------------------------------------------------- piecewise linear
@@ -76,10 +68,10 @@ def piecewise_linear(points: Mapping[Any, Any], base: float = 1.0) -> optax.Sche
     for step, value in points.items():
         if isinstance(step, bool) or not isinstance(step, numbers.Real):
             raise ValueError(f"piecewise_linear steps must be numbers, got the key {step!r}")
-        _finite(f"piecewise_linear step {step!r}", step, 0)
-        _finite(f"piecewise_linear multiplier at step {step!r}", value)
+        check_range(f"piecewise_linear step {step!r}", step, 0)
+        check_range(f"piecewise_linear multiplier at step {step!r}", value)
         items.append((float(step), float(value)))
-    _finite("base", base)
+    check_range("base", base)
     items.sort()
     if items[0][0] != 0.0:
         items.insert(0, (0.0, 0.0))
@@ -120,8 +112,8 @@ def amos_lr_schedule(alpha0: float, rho0: float) -> optax.Schedule:
     References:
       Su, https://kexue.fm/archives/9344; Tian & Parikh, https://arxiv.org/abs/2210.11693.
     """
-    _finite("alpha0", alpha0, 0, low_open=True)
-    _finite("rho0", rho0, 0)
+    check_range("alpha0", alpha0, 0, low_open=True)
+    check_range("rho0", rho0, 0)
 
     def schedule(count):
         return alpha0 / (2.0 * alpha0 * rho0 * _step(count) + 1.0)
@@ -152,8 +144,8 @@ def amos_weight_decay_schedule(alpha0: float, rho0: float) -> optax.Schedule:
     References:
       Su, https://kexue.fm/archives/9344.
     """
-    _finite("alpha0", alpha0, 0, low_open=True)
-    _finite("rho0", rho0, 0)
+    check_range("alpha0", alpha0, 0, low_open=True)
+    check_range("rho0", rho0, 0)
 
     def schedule(count):
         return rho0 / jnp.square(2.0 * alpha0 * rho0 * _step(count) + 1.0)
@@ -191,8 +183,8 @@ def constant_decay_lr_schedule(peak_lr: float, weight_decay: float) -> optax.Sch
     References:
       Su, https://kexue.fm/archives/11459.
     """
-    _finite("peak_lr", peak_lr, 0, low_open=True)
-    _finite("weight_decay", weight_decay, 0)
+    check_range("peak_lr", peak_lr, 0, low_open=True)
+    check_range("weight_decay", weight_decay, 0)
 
     def schedule(count):
         return peak_lr / (weight_decay * peak_lr * _step(count) + 1.0)
@@ -223,8 +215,8 @@ def coupled_decay_schedules(peak_lr: float, peak_weight_decay: float) -> DecaySc
     References:
       Su, https://kexue.fm/archives/11459.
     """
-    _finite("peak_lr", peak_lr, 0, low_open=True)
-    _finite("peak_weight_decay", peak_weight_decay, 0)
+    check_range("peak_lr", peak_lr, 0, low_open=True)
+    check_range("peak_weight_decay", peak_weight_decay, 0)
 
     def learning_rate(count):
         return peak_lr * jax.lax.rsqrt(2.0 * peak_weight_decay * peak_lr * _step(count) + 1.0)

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,6 +33,19 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optax_ext._common import check_choice, check_int, first_match, tree_paths
+
+__all__ = [
+    "MODES",
+    "TrainState",
+    "data_parallel_mesh",
+    "make_train_step",
+    "replicate",
+    "shard_batch",
+    "shard_params",
+    "split_batch",
+    "split_value_and_grad",
+    "unreplicate",
+]
 
 MODES = ("jit", "pmap", "sharded")
 
@@ -49,7 +63,10 @@ class TrainState(train_state.TrainState):
         owg = train_state.OVERWRITE_WITH_GRADIENT in grads
         grads_opt = grads["params"] if owg else grads
         params_opt = self.params["params"] if owg else self.params
-        updates, opt_state = self.tx.update(
+        tx = self.tx
+        if extra_args and not isinstance(tx, optax.GradientTransformationExtraArgs):
+            tx = optax.with_extra_args_support(tx)  # a plain transform ignores them
+        updates, opt_state = tx.update(
             grads_opt, self.opt_state, params_opt, **dict(extra_args or {})
         )
         params = optax.apply_updates(params_opt, updates)
@@ -65,7 +82,7 @@ def make_train_step(
     mode: str = "jit",
     axis_name: str = "batch",
     average_grads: bool = True,
-    donate: bool = True,
+    donate: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds ``step(state, batch) -> (state, {"loss": ...})`` for one of :data:`MODES`.
 
@@ -75,7 +92,10 @@ def make_train_step(
       axis_name: the pmap axis name (``"pmap"`` mode).
       average_grads: under ``"pmap"``, average gradients with ``lax.pmean``; set False
         when the optimizer averages them itself (``scaling.measure_noise_scale``).
-      donate: donate the state's buffers to the step (updates in place).
+      donate: donate the state's buffers to the step, so XLA updates params and
+        optimizer state in place (half the memory). The state passed in is then
+        consumed: its arrays are deleted, so keep no other reference to them (off by
+        default, so that two optimizers can start from the same ``params``).
 
     Returns:
       The compiled step. Under ``"pmap"`` the state must be replicated
@@ -83,6 +103,7 @@ def make_train_step(
       averaged over devices.
     """
     check_choice("mode", mode, MODES)
+    _check_loss_signature(loss_fn)
 
     def step(state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, state.apply_fn, batch)
@@ -96,6 +117,20 @@ def make_train_step(
     if mode == "pmap":
         return jax.pmap(step, axis_name=axis_name, donate_argnums=donate_argnums)
     return jax.jit(step, donate_argnums=donate_argnums)
+
+
+def _check_loss_signature(loss_fn: Callable[..., Any]) -> None:
+    """Fails at construction when ``loss_fn`` cannot take ``(params, apply_fn, batch)``."""
+    try:
+        inspect.signature(loss_fn).bind(None, None, None)
+    except TypeError:
+        raise TypeError(
+            "make_train_step calls loss_fn(params, apply_fn, batch); got a loss_fn with "
+            f"signature {inspect.signature(loss_fn)}. For a loss_fn(params, batch) write "
+            "make_train_step(lambda params, apply_fn, batch: loss_fn(params, batch))"
+        ) from None
+    except ValueError:  # no signature to read (a builtin or C function): trust the caller
+        pass
 
 
 # ------------------------------------------------------------------------ pmap
@@ -127,9 +162,25 @@ def split_batch(batch: Any, n: int | None = None) -> Any:
 # -------------------------------------------------------------- NamedSharding
 
 
-def data_parallel_mesh(devices: list[Any] | None = None, axis: str = "data") -> Mesh:
-    """A 1-D mesh over all devices with the given axis name."""
-    return Mesh(np.array(devices or jax.devices()), (axis,))
+def data_parallel_mesh(
+    devices: list[Any] | None = None, axis: str = "data", *, model: int = 1
+) -> Mesh:
+    """A mesh over all devices: 1-D ``(axis,)``, or 2-D ``(axis, "model")`` with ``model > 1``.
+
+    With ``model=m`` the devices form an ``(n // m, m)`` grid: the batch is split over
+    ``axis`` and params can be sharded over ``"model"`` by :func:`shard_params` rules
+    (tensor parallel), e.g. ``data_parallel_mesh(model=2)`` on 8 devices is 4 × 2.
+    """
+    devices = np.array(devices or jax.devices())
+    model = check_int("model", model)
+    if model == 1:
+        return Mesh(devices, (axis,))
+    if devices.size % model:
+        raise ValueError(
+            f"model={model} must divide the number of devices ({devices.size}); "
+            f"valid values: {[m for m in range(1, devices.size + 1) if devices.size % m == 0]}"
+        )
+    return Mesh(devices.reshape(devices.size // model, model), (axis, "model"))
 
 
 def shard_batch(mesh: Mesh, batch: Any, axis: str = "data") -> Any:

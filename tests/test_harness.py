@@ -82,6 +82,42 @@ def test_check_range_passes_traced_and_schedules():
     assert c.check_range("lr", 0.5, 0) == 0.5
 
 
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (float("inf"), r"learning_rate must be finite and in \[0, inf\), got inf"),
+        (
+            "1e-3",
+            r"learning_rate must be a number or a schedule, got the str '1e-3'; "
+            r"write learning_rate=0.001 instead",
+        ),
+        (1e-3 + 1j, r"learning_rate must be a real number or a schedule, got \(0.001\+1j\)"),
+        ({"lr": 1e-3}, r"learning_rate must be a real number or a schedule, got \{'lr'"),
+        ([1e-3, float("nan")], r"learning_rate must be in \[0, inf\), got nan \(in an array\)"),
+    ],
+)
+def test_check_range_rejects_non_numbers_and_infinity(value, message):
+    with pytest.raises(ValueError, match=message):
+        c.check_range("learning_rate", value, 0)
+
+
+def test_check_range_keeps_a_closed_infinite_end():
+    assert c.check_range("clip", float("inf"), 0, float("inf")) == float("inf")
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, "int8", bool, jnp.complex64])
+def test_canonical_dtype_rejects_non_floating_state(dtype):
+    with pytest.raises(ValueError, match="acc_dtype must be a floating dtype"):
+        c.canonical_dtype(dtype, "acc_dtype")
+
+
+def test_canonical_dtype_accepts_floats():
+    assert c.canonical_dtype(None) is None
+    assert c.canonical_dtype("bfloat16") == jnp.bfloat16
+    with pytest.raises(ValueError, match="mu_dtype must be a floating dtype such as"):
+        c.canonical_dtype("float33")
+
+
 def test_check_int():
     with pytest.raises(ValueError, match="accumulation_steps must be an int >= 1, got 0"):
         c.check_int("accumulation_steps", 0)

@@ -118,6 +118,40 @@ def test_extra_args_reach_the_optimizer():
     assert_trees_close(new.params, jax.tree.map(lambda p: p - 0.1, state.params))
 
 
+def test_the_callers_params_survive_a_step_by_default():
+    state = make_state(tiger(1e-2))
+    first = make_train_step(loss_fn)(state, batches(1)[0])[0]
+    second = make_train_step(loss_fn)(state, batches(1)[0])[0]  # the same init again
+    assert_trees_close(first.params, second.params, rtol=0, atol=0)
+    assert not jax.tree.leaves(state.params)[0].is_deleted()
+
+
+def test_donated_step_consumes_its_input():
+    state = make_state(tiger(1e-2))
+    make_train_step(loss_fn, donate=True)(state, batches(1)[0])
+    assert jax.tree.leaves(state.params)[0].is_deleted()
+
+
+def test_a_two_argument_loss_is_rejected_with_the_fix():
+    with pytest.raises(TypeError, match=r"calls loss_fn\(params, apply_fn, batch\).*lambda"):
+        make_train_step(lambda params, batch: 0.0)
+
+
+def test_extra_args_reach_a_plain_transform_too():
+    state = make_state(optax.scale_by_adam())  # a GradientTransformation without extra args
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    new = state.apply_gradients(grads=grads, extra_args={"loss": 1.5})
+    assert int(new.step) == 1
+
+
+def test_two_dimensional_mesh_for_tensor_parallel_rules():
+    mesh = data_parallel_mesh(model=2)
+    assert mesh.axis_names == ("data", "model") and mesh.devices.shape == (4, 2)
+    assert data_parallel_mesh().axis_names == ("data",)
+    with pytest.raises(ValueError, match=r"model=3 must divide the number of devices \(8\)"):
+        data_parallel_mesh(model=3)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="mode must be one of"):
         make_train_step(loss_fn, mode="tpu")
