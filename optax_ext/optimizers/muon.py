@@ -1,0 +1,440 @@
+"""Muon as Su and Moonlight define it: msign of a Nesterov momentum, shape-scaled, routed by path.
+
+References:
+  Su Jianlin, https://kexue.fm/archives/10592 (Muon), https://kexue.fm/archives/10739
+  (weight decay and update-RMS alignment), https://kexue.fm/archives/11416 (scale
+  conventions, which parameters); Liu et al., "Muon is Scalable for LLM Training"
+  (Moonlight), https://arxiv.org/abs/2502.16982; Jordan et al.,
+  https://kellerjordan.github.io/posts/muon/.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ext._common import (
+    NORM_AND_BIAS,
+    PathRules,
+    canonical_dtype,
+    check_choice,
+    check_int,
+    check_range,
+    decay_mask,
+    first_match,
+    has_nonfinite,
+    path_labels,
+    path_to_str,
+)
+from optax_ext.optimizers.msign import msign, newton_schulz_coefficients
+from optax_ext.optimizers.tiger import tiger
+
+__all__ = [
+    "MUON_LAYOUT_RULES",
+    "MUON_RULES",
+    "ScaleByMuonState",
+    "matrix_shape",
+    "muon",
+    "muon_labels",
+    "scale_by_muon",
+]
+
+#: Which optimizer each parameter gets in :func:`muon`, by path (first match wins;
+#: unmatched leaves and every leaf of rank < 2 go to the second optimizer). Muon is
+#: for the kernels of layers with dense inputs only (11416): embedding tables (also
+#: when tied as the output layer), the LM / classifier head, biases and norm scales go
+#: to the second optimizer.
+MUON_RULES: tuple[tuple[str, str], ...] = (
+    (NORM_AND_BIAS, "other"),
+    (r"(^|/)[^/]*embed[^/]*(/|$)", "other"),  # embedding, wte, embed_tokens, pos_embedding
+    (r"(^|/)(lm_head|head|classifier)(/|$)", "other"),
+    (r"(^|/)kernel$", "muon"),
+)
+_LABELS = ("muon", "other")
+
+#: How each Muon leaf is seen as matrices (d_in, d_out), by path (first match wins):
+#:
+#: - ``"conv"``: (…, d_in, d_out) → (prod(…)·d_in, d_out); a 2-D Dense kernel as is, a
+#:   conv kernel (…spatial, d_in, d_out) with its spatial axes folded into the input.
+#: - ``"stacked"``: (…, d_in, d_out) with the leading axes as a batch of independent
+#:   matrices (``nn.scan`` layers, experts).
+#: - ``"heads_in"``: Flax's ``DenseGeneral`` query/key/value kernel (d_in, heads,
+#:   head_dim); ``"heads_out"``: its output kernel (heads, head_dim, d_out). With
+#:   ``attention="fused"`` (default) they are the (d_in, heads·head_dim) and
+#:   (heads·head_dim, d_out) matrices a 2-D Dense of heads·head_dim features would have
+#:   (Moonlight's q/k/v/o projections); with ``attention="per_head"`` each head is
+#:   its own (d_in, head_dim) or (head_dim, d_out) matrix.
+MUON_LAYOUT_RULES: tuple[tuple[str, str], ...] = (
+    (r"(^|/)(query|key|value)/kernel$", "heads_in"),
+    (r"(^|/)out/kernel$", "heads_out"),
+    (r"", "conv"),
+)
+_LAYOUTS = ("conv", "stacked", "heads_in", "heads_out")
+_SCALES = ("moonlight", "keller", "mup", "none")
+_ATTENTION = ("fused", "per_head")
+
+
+class ScaleByMuonState(NamedTuple):
+    """State of :func:`scale_by_muon`: the step counter and the momentum M."""
+
+    count: jax.Array  # int32
+    mu: optax.Updates
+
+
+# ------------------------------------------------------------------ matrix views
+
+
+def _view(shape: tuple[int, ...], layout: str, attention: str):
+    """(axis permutation or None, matrices' shape (*batch, d_in, d_out)) of a leaf."""
+    if len(shape) == 2:
+        return None, shape
+    if layout == "conv":
+        return None, (math.prod(shape[:-1]), shape[-1])
+    if layout == "stacked":
+        return None, shape
+    if len(shape) != 3:
+        raise ValueError(
+            f"layout {layout!r} expects a 3-D attention kernel, got shape {shape}; "
+            "give this path another layout in `layout`"
+        )
+    if layout == "heads_in":  # (d_in, heads, head_dim)
+        d_in, heads, head_dim = shape
+        if attention == "fused":
+            return None, (d_in, heads * head_dim)
+        return (1, 0, 2), (heads, d_in, head_dim)
+    heads, head_dim, d_out = shape  # heads_out
+    if attention == "fused":
+        return None, (heads * head_dim, d_out)
+    return None, shape
+
+
+def matrix_shape(
+    path: str, shape: tuple[int, ...], layout: PathRules = MUON_LAYOUT_RULES, attention="fused"
+) -> tuple[int, ...]:
+    """The (*batch, d_in, d_out) matrices :func:`scale_by_muon` orthogonalises for a leaf."""
+    return _view(tuple(shape), _layout_of(path, layout), attention)[1]
+
+
+def _layout_of(path: str, layout: PathRules) -> str:
+    name = first_match(path, layout, default="conv")
+    check_choice(f"layout for {path!r}", name, _LAYOUTS)
+    return name
+
+
+def _to_matrices(x: jax.Array, perm, shape) -> jax.Array:
+    return (x if perm is None else jnp.transpose(x, perm)).reshape(shape)
+
+
+def _from_matrices(y: jax.Array, perm, like_shape) -> jax.Array:
+    if perm is None:
+        return y.reshape(like_shape)
+    permuted = tuple(like_shape[p] for p in perm)
+    return jnp.transpose(y.reshape(permuted), tuple(sorted(range(len(perm)), key=perm.__getitem__)))
+
+
+def _shape_scale(scale: str, d_in: int, d_out: int, update_rms: Any) -> Any:
+    if scale == "moonlight":
+        return update_rms * math.sqrt(max(d_in, d_out))
+    if scale == "keller":
+        return math.sqrt(max(1.0, d_out / d_in))
+    if scale == "mup":
+        return math.sqrt(d_out / d_in)
+    return 1.0
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+    spec = getattr(jax.typeof(x).sharding, "spec", ())
+    return any(axis is not None for axis in spec)
+
+
+# -------------------------------------------------------------------- transforms
+
+
+def scale_by_muon(
+    beta: float = 0.95,
+    *,
+    nesterov: bool = True,
+    coeffs: Any = "polar_express",
+    steps: int = 5,
+    scale: str = "moonlight",
+    update_rms: float = 0.2,
+    layout: PathRules = MUON_LAYOUT_RULES,
+    attention: str = "fused",
+    guard_nan: bool = True,
+    eps: float = 1e-7,
+    compute_dtype: Any = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Muon's direction: msign of a (Nesterov) momentum, times a shape scale.
+
+    For each leaf, seen as matrices W ∈ R^{d_in × d_out} (Flax layout, see ``layout``):
+
+    .. math::
+
+        M_t = \beta M_{t-1} + G_t, \qquad
+        N_t = \beta M_t + G_t \ (\text{Nesterov; else } N_t = M_t), \qquad
+        u_t = s(W)\, \operatorname{msign}(N_t)
+
+    with s(W) = ``update_rms``·√max(d_in, d_out) (``"moonlight"``: update RMS ≈ 0.2 as
+    AdamW's, so AdamW's lr and weight decay carry over), √max(1, d_out/d_in)
+    (``"keller"``), √(d_out/d_in) (``"mup"``) or 1 (``"none"``). No (1-β) factor: msign
+    is scale-invariant. msign runs by Newton–Schulz (:func:`~optax_ext.optimizers.
+    msign.msign`); its coefficients and steps are a speed knob (Su, 10922).
+
+    **Every leaf it is given is orthogonalised**: route 1-D leaves, embeddings and the
+    head elsewhere (:func:`muon` does, by path). A leaf of rank < 2 raises ValueError.
+
+    **Non-finite gradients** (``guard_nan=True``): a leaf whose gradient holds a NaN or
+    ±inf (msign of it would be NaN everywhere) keeps its momentum unchanged and gets a
+    zero direction for that step; the other leaves step normally. ``guard_nan=False``
+    skips the check (one reduction per leaf) and lets NaN propagate.
+
+    Unlike ``optax.contrib.scale_by_muon`` with ``nesterov=True``, which bias-corrects
+    its EMA and the gradient with different step counts before mixing them, the
+    Nesterov form here is Moonlight's β M_t + G_t; their early steps differ by design.
+    Without Nesterov the two agree (an EMA is a multiple of M_t, which msign removes).
+
+    Args:
+      beta: momentum β in [0, 1).
+      nesterov: use N_t = β M_t + G_t (Moonlight's default).
+      coeffs: Newton–Schulz coefficients: ``"polar_express"``, ``"su"``, ``"keller"``,
+        ``"su_single"`` or explicit ``(a, b, c)`` rows.
+      steps: Newton–Schulz steps (≥ 0; may be injected).
+      scale: ``"moonlight"``, ``"keller"``, ``"mup"`` or ``"none"``.
+      update_rms: the target RMS of the ``"moonlight"`` scale (> 0).
+      layout: path rules naming how each leaf is seen as matrices:
+        ``"conv"``, ``"stacked"``, ``"heads_in"``, ``"heads_out"`` (see
+        :data:`MUON_LAYOUT_RULES`, the default).
+      attention: ``"fused"`` or ``"per_head"`` for the 3-D attention kernels.
+      guard_nan: zero direction and unchanged momentum for non-finite gradient leaves.
+      eps: added to ‖N‖_F before Newton–Schulz.
+      compute_dtype: dtype of the Newton–Schulz iteration (default: at least float32).
+      mu_dtype: dtype of M (default: the gradients').
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with :class:`ScaleByMuonState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = optax.chain(scale_by_muon(steps=8), optax.scale(-0.1))
+      >>> g = jnp.eye(4) * jnp.array([4.0, 3.0, 2.0, 1.0])
+      >>> u, _ = tx.update(g, tx.init(g))
+      >>> round(float(jnp.sqrt(jnp.mean(u**2))), 3)  # 0.1 * 0.2: update RMS lr·0.2
+      0.02
+
+    References:
+      Su, `Muon <https://kexue.fm/archives/10592>`_, `Moonlight's choices
+      <https://kexue.fm/archives/10739>`_, `a practical guide
+      <https://kexue.fm/archives/11416>`_; Liu et al., `Muon is Scalable for LLM
+      Training <https://arxiv.org/abs/2502.16982>`_, 2025.
+    """
+    check_range("beta", beta, 0, 1, high_open=True)
+    newton_schulz_coefficients(coeffs)
+    check_int("steps", steps, minimum=0)
+    check_choice("scale", scale, _SCALES)
+    check_range("update_rms", update_rms, 0, low_open=True)
+    check_choice("attention", attention, _ATTENTION)
+    check_range("eps", eps, 0)
+    for pattern, name in layout.items() if isinstance(layout, dict) else layout:
+        check_choice(f"layout for {pattern!r}", name, _LAYOUTS)
+    mu_dtype = canonical_dtype(mu_dtype)
+
+    def init_fn(params):
+        mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+        return ScaleByMuonState(count=jnp.zeros([], jnp.int32), mu=mu)
+
+    def direction(g, m, path):
+        if g.ndim < 2:
+            raise ValueError(
+                f"scale_by_muon got the rank-{g.ndim} leaf {path!r}: Muon needs matrices; "
+                "route 1-D leaves to another optimizer (muon() does)"
+            )
+        perm, shape = _view(g.shape, _layout_of(path, layout), attention)
+        work = jnp.promote_types(m.dtype, jnp.float32)
+        b = beta
+        g32 = g.astype(work)
+        bad = has_nonfinite(g, catch_inf=True) if guard_nan else None
+        if bad is not None:
+            g32 = jnp.where(bad, 0.0, g32)
+            b = jnp.where(bad, 1.0, beta)
+        m_new = b * m.astype(work) + g32
+        n = b * m_new + g32 if nesterov else m_new
+        o = msign(
+            _to_matrices(n, perm, shape), coeffs=coeffs, steps=steps,
+            compute_dtype=compute_dtype, eps=eps,
+        )  # fmt: skip
+        u = _shape_scale(scale, shape[-2], shape[-1], update_rms) * o.astype(work)
+        u = _from_matrices(u, perm, g.shape)
+        if bad is not None:
+            u = jnp.where(bad, 0.0, u)
+        return u.astype(g.dtype), m_new.astype(m.dtype)
+
+    def leaf(path, g, m):
+        path = path_to_str(path)
+        if _explicitly_sharded(g):
+            # Matmuls of explicitly sharded operands must name their output sharding; let
+            # the partitioner choose inside and hand back the gradient's sharding.
+            shardings = (jax.typeof(g).sharding, jax.typeof(m).sharding)
+            return jax.sharding.auto_axes(
+                lambda g, m: direction(g, m, path), out_sharding=shardings
+            )(g, m)
+        return direction(g, m, path)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        out = jax.tree_util.tree_map_with_path(leaf, updates, state.mu)
+        u = jax.tree.map(lambda _, pair: pair[0], updates, out)
+        mu = jax.tree.map(lambda _, pair: pair[1], updates, out)
+        return u, ScaleByMuonState(count=optax.safe_increment(state.count), mu=mu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def muon_labels(params: Any, rules: PathRules = MUON_RULES) -> Any:
+    """``"muon"`` or ``"other"`` for every leaf: the first matching rule, else ``"other"``;
+    leaves of rank < 2 are always ``"other"``."""
+    labels = path_labels(params, rules, default="other")
+    for label in set(jax.tree.leaves(labels)):
+        check_choice("MUON_RULES label", label, _LABELS)
+    return jax.tree.map(
+        lambda label, p: label if len(getattr(p, "shape", ())) >= 2 else "other", labels, params
+    )
+
+
+def muon(
+    learning_rate: optax.ScalarOrSchedule,
+    beta: float = 0.95,
+    weight_decay: float = 0.1,
+    *,
+    nesterov: bool = True,
+    coeffs: Any = "polar_express",
+    steps: int = 5,
+    scale: str = "moonlight",
+    update_rms: float = 0.2,
+    layout: PathRules = MUON_LAYOUT_RULES,
+    attention: str = "fused",
+    rules: PathRules = MUON_RULES,
+    other: str | optax.GradientTransformation = "tiger",
+    other_learning_rate: optax.ScalarOrSchedule | None = None,
+    other_weight_decay: float | None = None,
+    other_kwargs: dict | None = None,
+    guard_nan: bool = True,
+    eps: float = 1e-7,
+    compute_dtype: Any = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Muon for dense hidden kernels, a second optimizer for everything else (Moonlight's recipe).
+
+    On the leaves labelled ``"muon"`` by ``rules`` (:data:`MUON_RULES`: kernels, but not
+    embeddings or the head), with decoupled weight decay multiplied by the lr:
+
+    .. math::
+
+        W_t = W_{t-1} - \eta_t\left[s(W)\,\operatorname{msign}(N_t) + \lambda W_{t-1}\right]
+
+    (:func:`scale_by_muon`; Moonlight: ``p *= 1 - lr*wd; p -= lr*scale*msign``). Su
+    (10739): Muon needs the decay to keep ‖W‖ bounded. Every other leaf (embeddings,
+    ``lm_head``/``head``, biases, norm scales, any leaf of rank < 2) goes to ``other``:
+    Tiger by default (sign descent is msign of a diagonal matrix, 10592: one family),
+    ``"adamw"`` (``optax.adamw``, no decay on biases and norm scales), or any optax
+    transform. Embeddings and the head never get Muon (11416: "significantly worse");
+    optax's ``contrib.muon`` by default sends every 2-D leaf, embeddings included, to
+    Muon.
+
+    With the ``"moonlight"`` scale the update RMS is about 0.2, AdamW's, so AdamW's
+    learning rate and weight decay carry over. Tiger/Lion usually want a learning rate
+    several times smaller than AdamW's: set ``other_learning_rate`` for them.
+
+    A non-finite gradient leaf gets a zero Muon direction and keeps its momentum (see
+    :func:`scale_by_muon`); only the weight decay moves it that step. The second
+    optimizer applies its own rule (Tiger shrinks a NaN leaf toward its centre).
+
+    Args:
+      learning_rate: η, a float or an optax schedule.
+      beta: Muon's momentum β in [0, 1).
+      weight_decay: λ ≥ 0 for the Muon leaves.
+      nesterov, coeffs, steps, scale, update_rms, layout, attention, guard_nan, eps,
+        compute_dtype, mu_dtype: as in :func:`scale_by_muon`.
+      rules: path rules labelling leaves ``"muon"`` or ``"other"`` (first match wins;
+        unmatched → ``"other"``).
+      other: ``"tiger"``, ``"adamw"`` or an optax transform for the other leaves.
+      other_learning_rate: its learning rate (default: ``learning_rate``).
+      other_weight_decay: its weight decay (default: ``weight_decay``).
+      other_kwargs: extra keyword arguments of ``tiger`` / ``optax.adamw``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (an ``optax.partition``); ``update``
+      needs ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {"embed": {"embedding": jnp.ones((10, 4))},
+      ...           "dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
+      >>> muon_labels(params)
+      {'dense': {'bias': 'other', 'kernel': 'muon'}, 'embed': {'embedding': 'other'}}
+      >>> tx = muon(1e-3)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Su, `Muon <https://kexue.fm/archives/10592>`_, `<https://kexue.fm/archives/10739>`_,
+      `<https://kexue.fm/archives/11416>`_; Liu et al., `Muon is Scalable for LLM
+      Training <https://arxiv.org/abs/2502.16982>`_, 2025.
+    """
+    check_range("learning_rate", learning_rate, 0)
+    check_range("weight_decay", weight_decay, 0)
+    if other_learning_rate is not None:
+        check_range("other_learning_rate", other_learning_rate, 0)
+    if other_weight_decay is not None:
+        check_range("other_weight_decay", other_weight_decay, 0)
+    if isinstance(other, str):
+        check_choice("other", other, ("tiger", "adamw"))
+    elif not isinstance(other, optax.GradientTransformation):
+        raise ValueError(f"other must be 'tiger', 'adamw' or an optax transform, got {other!r}")
+    for _, label in rules.items() if isinstance(rules, dict) else rules:
+        check_choice("rules label", label, _LABELS)
+    direction = scale_by_muon(
+        beta,
+        nesterov=nesterov,
+        coeffs=coeffs,
+        steps=steps,
+        scale=scale,
+        update_rms=update_rms,
+        layout=layout,
+        attention=attention,
+        guard_nan=guard_nan,
+        eps=eps,
+        compute_dtype=compute_dtype,
+        mu_dtype=mu_dtype,
+    )
+    muon_tx = optax.chain(
+        direction,
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+    other_tx = _other_optimizer(
+        other,
+        learning_rate if other_learning_rate is None else other_learning_rate,
+        weight_decay if other_weight_decay is None else other_weight_decay,
+        dict(other_kwargs or {}),
+        mu_dtype,
+    )
+    tx = optax.partition(
+        {"muon": muon_tx, "other": other_tx}, lambda params: muon_labels(params, rules)
+    )
+    return optax.with_extra_args_support(tx)
+
+
+def _other_optimizer(other, lr, wd, kwargs, mu_dtype):
+    if not isinstance(other, str):
+        return other
+    kwargs.setdefault("mu_dtype", mu_dtype)
+    if other == "tiger":
+        return tiger(lr, weight_decay=wd, **kwargs)
+    kwargs.setdefault("mask", decay_mask())
+    return optax.adamw(lr, weight_decay=wd, **kwargs)
