@@ -88,11 +88,18 @@ def _rule_items(rules: PathRules | None) -> list[tuple[re.Pattern, Any]]:
                 f"path rules must be a mapping {{regex: value}} or (regex, value) pairs, "
                 f"got the item {item!r}"
             ) from None
-        try:
-            compiled.append((re.compile(pattern), value))
-        except re.error as e:
-            raise ValueError(f"invalid regular expression {pattern!r} in path rules: {e}") from e
+        compiled.append((compile_path_regex(pattern, "path rules"), value))
     return compiled
+
+
+def compile_path_regex(pattern: Any, name: str) -> re.Pattern:
+    """``re.compile(pattern)`` with a ``ValueError`` naming the argument on a bad regex."""
+    if not isinstance(pattern, str | re.Pattern):
+        raise TypeError(f"{name}: a path rule is a regular expression string, got {pattern!r}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"invalid regular expression {pattern!r} in {name}: {e}") from None
 
 
 def first_match(path: str, rules: PathRules | None, default: Any = None) -> Any:
@@ -139,8 +146,8 @@ def path_mask(include: str | None = None, exclude: str | None = None) -> Callabl
     Example: ``optax.add_decayed_weights(1e-2, mask=path_mask(exclude=NORM_AND_BIAS))``
     decays everything but biases and norm scales.
     """
-    inc = re.compile(include) if include is not None else None
-    exc = re.compile(exclude) if exclude is not None else None
+    inc = compile_path_regex(include, "include") if include is not None else None
+    exc = compile_path_regex(exclude, "exclude") if exclude is not None else None
 
     def mask(tree):
         def keep(path, _):

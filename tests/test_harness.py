@@ -66,6 +66,22 @@ def test_path_rules_bad_input():
         c.path_labels({"a": 1.0}, {"(": 1})
     with pytest.raises(TypeError, match="path rules"):
         c.path_labels({"a": 1.0}, ["kernel"])
+    with pytest.raises(ValueError, match=r"invalid regular expression '\(' in include"):
+        c.path_mask(include="(")
+    with pytest.raises(ValueError, match=r"invalid regular expression '\[' in exclude"):
+        c.path_mask(exclude="[")
+
+
+def test_wrappers_name_a_bad_regular_expression_at_construction():
+    import optax
+
+    from optax_ext.wrappers.lazy import lazy
+    from optax_ext.wrappers.param_rules import decay_weights
+
+    with pytest.raises(ValueError, match=r"invalid regular expression '\(' in include"):
+        lazy(optax.sgd(0.1), include="(")
+    with pytest.raises(ValueError, match=r"invalid regular expression '\)' in exclude"):
+        decay_weights(1e-2, exclude=")")
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, float("nan")])
