@@ -19,19 +19,10 @@ import math
 import sys
 
 from scaling import batch_size as bs
-from scaling import laws, noise, recommendation, weight_decay
+from scaling import cli, laws, noise, recommendation, weight_decay
 from scaling.recommendation import fmt, format_table
 
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump) and exit status 2."""
-
-    def error(self, message):
-        raise _UsageError(f"{self.prog}: error: {message}")
+PROG = "python -m scaling"
 
 
 def _jsonable(x):
@@ -54,39 +45,66 @@ def _emit(args, data, text):
 # ------------------------------------------------------------------------- lr
 
 
-_RULES = ("sqrt", "linear", "sgd", "sgdm", "sign", "adam", "sde")
+_RULES = ("sqrt", "linear", "sgd", "sgdm", "sign", "adam", "muon", "sde")
+
+
+def _row(compute):
+    """(lr, note) from ``compute()``, or (None, why) when the rule cannot apply here."""
+    try:
+        return compute()
+    except ValueError as e:
+        return None, f"invalid: {e}"
 
 
 def _rule_rows(a, b_noise, b_simple):
     """All batch-size rules that apply to the inputs: (name, lr or None, note)."""
-    kappa = a.to / a.batch
     b1 = a.beta1 if a.beta1 is not None else 0.9
     rows = {
-        "sqrt": (bs.sqrt_rule(a.lr, a.batch, a.to), "lr x sqrt(B'/B)"),
-        "linear": (bs.linear_rule(a.lr, a.batch, a.to), "lr x B'/B"),
+        "sqrt": _row(lambda: (bs.sqrt_rule(a.lr, a.batch, a.to), "lr x sqrt(B'/B)")),
+        "linear": _row(lambda: (bs.linear_rule(a.lr, a.batch, a.to), "lr x B'/B")),
     }
     bn = b_noise if b_noise is not None else b_simple
     if bn is not None:
-        rows["sgd"] = (bs.sgd_transfer(a.lr, a.batch, a.to, bn).lr, f"B_noise={bn:.6g}")
-        rows["sgdm"] = (bs.sgd_transfer(a.lr, a.batch, a.to, bn, b1).lr,
-                        f"B_noise={bn:.6g}, beta1={b1:g}")
+        rows["sgd"] = _row(
+            lambda: (bs.sgd_transfer(a.lr, a.batch, a.to, bn).lr, f"B_noise={bn:.6g}")
+        )
+        rows["sgdm"] = _row(
+            lambda: (
+                bs.sgd_transfer(a.lr, a.batch, a.to, bn, b1).lr,
+                f"B_noise={bn:.6g}, beta1={b1:g}",
+            )
+        )
     else:
         rows["sgd"] = rows["sgdm"] = (None, "needs --b-noise or --b-simple")
     bsim = b_simple if b_simple is not None else b_noise
     if bsim is not None:
-        r = bs.sign_transfer(a.lr, a.batch, a.to, bsim, a.beta_noise, a.c)
-        rows["sign"] = (r.lr, f"peak at B={fmt(r.peak_batch)}" if r.has_peak else "no peak")
-        r = bs.adam_transfer(a.lr, a.batch, a.to, bsim, b1)
-        rows["adam"] = (r.lr, f"beta1={b1:g}, " + (f"lr falls beyond B={r.peak_batch:.6g}"
-                                                  if r.has_peak else "no peak"))
+
+        def sign():
+            r = bs.sign_transfer(a.lr, a.batch, a.to, bsim, a.beta_noise, a.c)
+            return r.lr, f"peak at B={fmt(r.peak_batch)}" if r.has_peak else "no peak"
+
+        def adam():
+            r = bs.adam_transfer(a.lr, a.batch, a.to, bsim, b1)
+            return r.lr, f"beta1={b1:g}, " + (
+                f"lr falls beyond B={r.peak_batch:.6g}" if r.has_peak else "no peak"
+            )
+
+        def muon():
+            return bs.muon_transfer(a.lr, a.batch, a.to, bsim).lr, "lr x sqrt((1+Bs/B)/(1+Bs/B'))"
+
+        rows["sign"], rows["adam"], rows["muon"] = _row(sign), _row(adam), _row(muon)
     else:
-        rows["sign"] = rows["adam"] = (None, "needs --b-simple or --b-noise")
+        rows["sign"] = rows["adam"] = rows["muon"] = (None, "needs --b-simple or --b-noise")
     b2 = a.beta2 if a.beta2 is not None else 0.999
-    try:
+
+    def sde():
+        kappa = a.to / a.batch
+        if not 0 < kappa < math.inf:
+            raise ValueError(f"--to/--batch = {kappa:g} is outside float64")
         r = bs.adam_sde_rule(a.lr, b1, b2, 1e-8, kappa)
-        rows["sde"] = (r.lr, f"Malladi: beta1={r.beta1:.6g}, beta2={r.beta2:.6g}")
-    except ValueError as e:
-        rows["sde"] = (None, f"invalid: {e}")
+        return r.lr, f"Malladi: beta1={r.beta1:.6g}, beta2={r.beta2:.6g}"
+
+    rows["sde"] = _row(sde)
     return rows
 
 
@@ -97,21 +115,36 @@ def _cmd_lr(a):
         value, note = rows[a.rule]
         if value is None:
             raise ValueError(f"rule {a.rule!r}: {note}")
-        _emit(a, {"rule": a.rule, "lr": value, "note": note},
-              format_table(["rule", "lr", "note"], [[a.rule, fmt(value), note]]))
+        _emit(
+            a,
+            {"rule": a.rule, "lr": value, "note": note},
+            format_table(["rule", "lr", "note"], [[a.rule, fmt(value), note]]),
+        )
         return
     rec = recommendation.recommend(
-        a.optimizer, a.lr, a.batch, a.to, b_noise=b_noise, b_simple=b_simple,
-        weight_decay=a.weight_decay, beta1=a.beta1, beta2=a.beta2, beta_noise=a.beta_noise,
-        c=a.c, steps=a.steps, strict=a.strict,
+        a.optimizer,
+        a.lr,
+        a.batch,
+        a.to,
+        b_noise=b_noise,
+        b_simple=b_simple,
+        weight_decay=a.weight_decay,
+        beta1=a.beta1,
+        beta2=a.beta2,
+        beta_noise=a.beta_noise,
+        c=a.c,
+        steps=a.steps,
+        strict=a.strict,
     )
     data = {
         "recommendation": rec.as_dict(),
         "rules": {k: {"lr": val, "note": note} for k, (val, note) in rows.items()},
     }
-    table = format_table(["rule", "lr", "note"],
-                         [[k, fmt(val), note] for k, (val, note) in rows.items()],
-                         title=f"learning-rate rules, batch {fmt(a.batch)} -> {fmt(a.to)}")
+    table = format_table(
+        ["rule", "lr", "note"],
+        [[k, fmt(val), note] for k, (val, note) in rows.items()],
+        title=f"learning-rate rules, batch {fmt(a.batch)} -> {fmt(a.to)}",
+    )
     _emit(a, data, f"{rec}\n\n{table}")
 
 
@@ -129,27 +162,59 @@ def _cmd_wd(a):
     if a.dataset_size is not None:
         if a.batch is None:
             raise ValueError("--dataset-size needs --batch")
-        add("tau_epochs",
+        add(
+            "tau_epochs",
             weight_decay.ema_timescale_epochs(a.lr, a.weight_decay, a.batch, a.dataset_size),
-            "tau_iter*B/N (Power Lines' tau when B, N are tokens)")
-    add("equilibrium_rms", weight_decay.equilibrium_weight_rms(a.lr, a.weight_decay),
-        "sqrt(lr/(2 wd)) under AdamW")
-    add("independent_decay", weight_decay.coupled_to_independent(a.weight_decay, a.lr),
-        "lr_peak*wd (decay not multiplied by the lr)")
+            "tau_iter*B/N (Power Lines' tau when B, N are tokens)",
+        )
+    add(
+        "equilibrium_rms",
+        weight_decay.equilibrium_weight_rms(a.lr, a.weight_decay),
+        "sqrt(lr/(2 wd)) under AdamW",
+    )
+    add(
+        "independent_decay",
+        weight_decay.coupled_to_independent(a.weight_decay, a.lr),
+        "lr_peak*wd (decay not multiplied by the lr)",
+    )
     lion = weight_decay.lion_from_adamw(a.lr, a.weight_decay, a.lion_k)
     add("lion_lr", lion.lr, f"AdamW -> Lion: lr/{a.lion_k:g}")
     add("lion_weight_decay", lion.weight_decay, f"AdamW -> Lion: wd x {a.lion_k:g}")
     if a.to is not None:
         if a.batch is None:
             raise ValueError("--to needs --batch")
-        new_lr = a.new_lr if a.new_lr is not None else bs.sqrt_rule(a.lr, a.batch, a.to)
-        note = "" if a.new_lr is not None else " (new lr by the sqrt rule; give --new-lr)"
+        flags = (
+            f"--lr {a.lr:g}, --weight-decay {a.weight_decay:g}, --batch {a.batch:g}, --to {a.to:g}"
+        )
+        if a.new_lr is not None:
+            new_lr, note = a.new_lr, ""
+            flags += f", --new-lr {a.new_lr:g}"
+        else:
+            try:
+                new_lr = bs.sqrt_rule(a.lr, a.batch, a.to)
+            except ValueError:
+                raise ValueError(
+                    f"the new lr by the sqrt rule is outside float64 for {flags}; give --new-lr"
+                ) from None
+            note = " (new lr by the sqrt rule; give --new-lr)"
+            flags += f" (new lr {new_lr:g} by the sqrt rule)"
         add("new_lr", new_lr, "given" if a.new_lr is not None else "sqrt rule")
-        add("new_weight_decay",
-            weight_decay.transfer_weight_decay(a.weight_decay, a.lr, new_lr, a.batch, a.to),
-            "wd x (lr/lr')(B'/B): same timescale in epochs" + note)
-    _emit(a, data, format_table(["quantity", "value", "note"], rows,
-                                title=f"weight decay {fmt(a.weight_decay)} at lr {fmt(a.lr)}"))
+        try:
+            new_wd = weight_decay.transfer_weight_decay(a.weight_decay, a.lr, new_lr, a.batch, a.to)
+        except ValueError:
+            raise ValueError(
+                f"the new weight decay wd x (lr/lr')(B'/B) is outside float64 for {flags}"
+            ) from None
+        add("new_weight_decay", new_wd, "wd x (lr/lr')(B'/B): same timescale in epochs" + note)
+    _emit(
+        a,
+        data,
+        format_table(
+            ["quantity", "value", "note"],
+            rows,
+            title=f"weight decay {fmt(a.weight_decay)} at lr {fmt(a.lr)}",
+        ),
+    )
 
 
 # ----------------------------------------------------------------------- laws
@@ -180,72 +245,78 @@ def _cmd_laws(a):
 
 
 def _cmd_noise(a):
-    if a.log == "-":
-        entries = noise.read_noise_log(sys.stdin, a.ema)
-    else:
-        with open(a.log, encoding="utf-8") as f:
-            entries = noise.read_noise_log(f, a.ema)
+    try:
+        if a.log == "-":
+            entries = noise.read_noise_log(sys.stdin, a.ema)
+        else:
+            with open(a.log, encoding="utf-8") as f:
+                entries = noise.read_noise_log(f, a.ema)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{a.log}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     every = a.every if a.every is not None else max(1, len(entries) // 10)
     shown = [e for i, e in enumerate(entries) if i % every == 0]
     if shown[-1] is not entries[-1]:
         shown.append(entries[-1])
     last = entries[-1]
     data = {
-        "b_simple": last.b_simple_ema, "g2": last.g2_ema, "trace_sigma": last.trace_sigma_ema,
-        "steps": len(entries), "last_step": last.step, "ema": a.ema,
+        "b_simple": last.b_simple_ema,
+        "g2": last.g2_ema,
+        "trace_sigma": last.trace_sigma_ema,
+        "steps": len(entries),
+        "last_step": last.step,
+        "ema": a.ema,
         "entries": [e._asdict() for e in shown],
     }
-    rows = [[str(e.step), fmt(e.b_simple_raw), fmt(e.b_simple_ema)] for e in shown]
-    text = format_table(["step", "b_simple (raw)", "b_simple (EMA)"], rows,
-                        title=f"noise scale from {a.log} ({len(entries)} entries, ema {a.ema:g})")
-    text += f"\nB_simple = {fmt(last.b_simple_ema)}"
+    rows = [[str(e.step), _b_cell(e.b_simple_raw), _b_cell(e.b_simple_ema)] for e in shown]
+    text = format_table(
+        ["step", "b_simple (raw)", "b_simple (EMA)"],
+        rows,
+        title=f"noise scale from {a.log} ({len(entries)} entries, ema {a.ema:g})",
+    )
+    text += f"\nB_simple = {_b_cell(last.b_simple_ema)}"
+    if not math.isfinite(last.b_simple_ema):
+        text += _NOT_MEASURED
     _emit(a, data, text)
+
+
+_NOT_MEASURED = (
+    "\n'-': not measurable: the averaged |G|^2 is <= 0 (the noise swamps the signal) or "
+    "both averages are 0; average over more updates or measure with a larger batch"
+)
+
+
+def _b_cell(x):
+    # inf and nan are the documented "noise swamps the signal" / "no data" answers of
+    # noise_ema_read; a table shows them as '-' and says why once.
+    return fmt(x) if math.isfinite(x) else "-"
 
 
 # --------------------------------------------------------------------- parser
 
 
-def _positive(text):
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not x > 0 or not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return x
-
-
-def _beta(text):
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= x < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return x
-
-
-def _count(text):
-    try:
-        x = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if x < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return x
+_positive, _nonneg, _beta, _count = (
+    cli.positive_float,
+    cli.nonnegative_float,
+    cli.unit_interval,
+    cli.positive_int,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m scaling",
-                description="Learning rate and weight decay when the batch size changes.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = cli.ArgumentParser(
+        prog=PROG, description="Learning rate and weight decay when the batch size changes."
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
 
     def common(q):
         q.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
-    q = sub.add_parser("lr", help="learning-rate rules and the recommendation at a new batch",
-                       description="Learning-rate rules and the full recommendation "
-                       "(lr, weight decay, betas, steps) at a new batch size.")
+    q = sub.add_parser(
+        "lr",
+        help="learning-rate rules and the recommendation at a new batch",
+        description="Learning-rate rules and the full recommendation "
+        "(lr, weight decay, betas, steps) at a new batch size.",
+    )
     q.add_argument("--optimizer", required=True, choices=recommendation.FAMILIES)
     q.add_argument("--lr", required=True, type=_positive, help="tuned learning rate")
     q.add_argument("--batch", required=True, type=_positive, help="current batch size")
@@ -257,20 +328,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--beta2", type=_beta, help="Adam beta2")
     q.add_argument("--weight-decay", type=_nonneg, help="decoupled weight decay")
     q.add_argument("--steps", type=_positive, help="steps of the current run (for predictions)")
-    q.add_argument("--beta-noise", type=_positive, default=1.0,
-                   help="beta_noise of the sign surge form (default 1: no peak)")
-    q.add_argument("--c", type=_positive, default=bs.SU_C,
-                   help="constant of the sign form: pi/2 (default) or 1 (mean field)")
-    q.add_argument("--rule", choices=_RULES,
-                   help="print only this rule (error if it needs a missing noise scale)")
-    q.add_argument("--strict", action="store_true",
-                   help="error instead of the simple fallback when no noise scale is given")
+    q.add_argument(
+        "--beta-noise",
+        type=_positive,
+        default=1.0,
+        help="beta_noise of the sign surge form (default 1: no peak)",
+    )
+    q.add_argument(
+        "--c",
+        type=_positive,
+        default=bs.SU_C,
+        help="constant of the sign form: pi/2 (default) or 1 (mean field)",
+    )
+    q.add_argument(
+        "--rule",
+        choices=_RULES,
+        help="print only this rule (error if it needs a missing noise scale)",
+    )
+    q.add_argument(
+        "--strict",
+        action="store_true",
+        help="error instead of the simple fallback when no noise scale is given",
+    )
     common(q)
     q.set_defaults(func=_cmd_lr)
 
-    q = sub.add_parser("wd", help="weight decay as an EMA timescale",
-                       description="EMA timescale, equilibrium RMS, independent decay, "
-                       "AdamW->Lion transfer and the weight decay at a new batch size.")
+    q = sub.add_parser(
+        "wd",
+        help="weight decay as an EMA timescale",
+        description="EMA timescale, equilibrium RMS, independent decay, "
+        "AdamW->Lion transfer and the weight decay at a new batch size.",
+    )
     q.add_argument("--lr", required=True, type=_positive)
     q.add_argument("--weight-decay", required=True, type=_positive)
     q.add_argument("--batch", type=_positive, help="current batch size")
@@ -281,8 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(q)
     q.set_defaults(func=_cmd_wd)
 
-    q = sub.add_parser("laws", help="published fitted laws (DeepSeek, Step Law, Kaplan)",
-                       description="Learning rate and batch size from published fits.")
+    q = sub.add_parser(
+        "laws",
+        help="published fitted laws (DeepSeek, Step Law, Kaplan)",
+        description="Learning rate and batch size from published fits.",
+    )
     q.add_argument("--compute", type=_positive, help="training FLOPs (DeepSeek LLM)")
     q.add_argument("--params", type=_positive, help="non-vocabulary parameters (Step Law)")
     q.add_argument("--tokens", type=_positive, help="training tokens (Step Law)")
@@ -290,10 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(q)
     q.set_defaults(func=_cmd_laws)
 
-    q = sub.add_parser("noise", help="average a JSON-lines log of noise statistics",
-                       description="Reads a JSON-lines log (one object per line with 'step' "
-                       "and either 'g2' and 'trace_sigma' or 'b_simple') and prints the "
-                       "EMA'd B_simple.")
+    q = sub.add_parser(
+        "noise",
+        help="average a JSON-lines log of noise statistics",
+        description="Reads a JSON-lines log (one object per line with 'step' "
+        "and either 'g2' and 'trace_sigma' or 'b_simple') and prints the "
+        "EMA'd B_simple.",
+    )
     q.add_argument("log", help="path of the log, or - for stdin")
     q.add_argument("--ema", type=_beta, default=0.99, help="EMA decay (default 0.99)")
     q.add_argument("--every", type=_count, help="print every N-th entry (default: ~10 rows)")
@@ -302,29 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _nonneg(text):
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not x >= 0 or not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return x
-
-
 def main(argv=None) -> int:
     """Runs the command line; returns the exit status (0, or 2 on bad input)."""
     parser = build_parser()
-    try:
+
+    def body():
         args = parser.parse_args(argv)
         args.func(args)
-    except _UsageError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as e:
-        print(f"python -m scaling: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run(PROG, body)
 
 
 if __name__ == "__main__":

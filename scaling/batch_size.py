@@ -10,6 +10,8 @@ Notation: per-sample gradient mean :math:`g` (= G), covariance :math:`\Sigma`, H
 - Sign updates (SignSGD, Lion, Tiger): the optimal learning rate rises, peaks and *falls*
   as the batch grows (the "surge"), in Su's form (archives/10542), the mean-field form
   from g and H (archives/11280) and Li et al.'s peak form (arXiv 2405.14578).
+- Muon (archives/11285): the sign form without a surge term,
+  :math:`\eta^*(B) \approx \eta_{max}/\sqrt{1 + B_{simple}/B}`.
 - Adam, mean field with momentum (archives/11301), its peak, and Malladi et al.'s SDE
   rule (arXiv 2205.10287); beta2 by token half-life (Marek et al. 2025).
 
@@ -51,6 +53,8 @@ __all__ = [
     "sign_optimal_lr_mean_field",
     "sign_transfer",
     "li_optimal_lr",
+    "muon_optimal_lr",
+    "muon_transfer",
     "adam_peak",
     "adam_optimal_lr",
     "adam_transfer",
@@ -142,7 +146,11 @@ def sqrt_rule(lr, batch, new_batch):
     v.positive("lr", lr)
     v.positive("batch", batch)
     v.positive("new_batch", new_batch)
-    return v.scalar(lr * (new_batch / batch) ** 0.5)
+    inputs = dict(lr=lr, batch=batch, new_batch=new_batch)
+    with v.arithmetic("the new lr", inputs):
+        # Square roots first: the ratio new_batch/batch itself may leave float64.
+        out = lr * new_batch**0.5 / batch**0.5
+    return v.result("the new lr", v.scalar(out), inputs)
 
 
 def linear_rule(lr, batch, new_batch):
@@ -159,7 +167,10 @@ def linear_rule(lr, batch, new_batch):
     v.positive("lr", lr)
     v.positive("batch", batch)
     v.positive("new_batch", new_batch)
-    return v.scalar(lr * (new_batch / batch))
+    inputs = dict(lr=lr, batch=batch, new_batch=new_batch)
+    with v.arithmetic("the new lr", inputs):
+        out = lr * (new_batch / batch)
+    return v.result("the new lr", v.scalar(out), inputs)
 
 
 # ------------------------------------------------------------------------- SGD
@@ -265,7 +276,10 @@ def sgd_optimal_lr(batch, lr_max, b_noise, beta1=0.0) -> OptimalLR:
     v.positive("lr_max", lr_max)
     v.nonnegative("b_noise", b_noise)
     r = momentum_factor(beta1)
-    return OptimalLR(v.scalar(lr_max / (1 + r * b_noise / batch)), None, False)
+    inputs = dict(batch=batch, lr_max=lr_max, b_noise=b_noise)
+    with v.arithmetic("the optimal lr", inputs):
+        out = lr_max / (1 + r * b_noise / batch)
+    return OptimalLR(v.result("the optimal lr", v.scalar(out), inputs), None, False)
 
 
 def sgd_loss_decrease(batch, loss_decrease_max, b_noise):
@@ -303,8 +317,11 @@ def sgd_transfer(lr, batch, new_batch, b_noise, beta1=0.0) -> OptimalLR:
     v.positive("new_batch", new_batch)
     v.nonnegative("b_noise", b_noise)
     r = momentum_factor(beta1)
-    return OptimalLR(v.scalar(lr * (1 + r * b_noise / batch) / (1 + r * b_noise / new_batch)),
-                     None, False)
+    inputs = dict(lr=lr, batch=batch, new_batch=new_batch, b_noise=b_noise)
+    with v.arithmetic("the new lr", inputs):
+        # (1 + rBn/B1)/(1 + rBn/B2) as (B2/B1)(B1 + rBn)/(B2 + rBn): finite for any Bn.
+        out = lr * (new_batch / batch) * ((batch + r * b_noise) / (new_batch + r * b_noise))
+    return OptimalLR(v.result("the new lr", v.scalar(out), inputs), None, False)
 
 
 # ----------------------------------------------------------------- sign updates
@@ -327,7 +344,12 @@ def sign_beta(batch, b_simple, c=SU_C):
     v.positive("batch", batch)
     v.nonnegative("b_simple", b_simple)
     v.positive("c", c)
-    return v.scalar((1 + c * b_simple / batch) ** -0.5)
+    inputs = dict(batch=batch, b_simple=b_simple, c=c)
+    with v.arithmetic("beta", inputs):
+        # sqrt(B)/sqrt(B + c k2) equals (1 + c k2/B)^(-1/2) and stays > 0 for B = 1e-300,
+        # k2 = 1e300, where c k2/B overflows.
+        out = batch**0.5 / (batch + c * b_simple) ** 0.5
+    return v.result("beta", v.scalar(out), inputs)
 
 
 def sign_beta_noise(g, hessian) -> float:
@@ -376,7 +398,10 @@ def sign_peak_batch(b_simple, beta_noise, c=SU_C):
     bn = float(beta_noise)
     if bn >= 1:
         return None
-    return float(c * b_simple * bn**2 / (1 - bn**2))
+    inputs = dict(b_simple=b_simple, beta_noise=beta_noise, c=c)
+    with v.arithmetic("the peak batch", inputs):
+        out = float(c * b_simple * bn**2 / (1 - bn**2))
+    return v.result("the peak batch", out, inputs, positive=False)
 
 
 def sign_optimal_lr(batch, b_simple, beta_noise=1.0, c=SU_C, lr_max=1.0) -> OptimalLR:
@@ -408,9 +433,11 @@ def sign_optimal_lr(batch, b_simple, beta_noise=1.0, c=SU_C, lr_max=1.0) -> Opti
     v.positive("lr_max", lr_max)
     v.finite_positive("beta_noise", beta_noise)
     b = sign_beta(batch, b_simple, c)
-    lr = lr_max / (0.5 * (beta_noise / b + b / beta_noise))
-    peak = sign_peak_batch(b_simple, beta_noise, c)
-    return OptimalLR(v.scalar(lr), peak, peak is not None)
+    inputs = dict(batch=batch, b_simple=b_simple, beta_noise=beta_noise, c=c, lr_max=lr_max)
+    with v.arithmetic("the optimal lr", inputs):
+        lr = lr_max / (0.5 * (beta_noise / b + b / beta_noise))
+        peak = sign_peak_batch(b_simple, beta_noise, c)
+    return OptimalLR(v.result("the optimal lr", v.scalar(lr), inputs), peak, peak is not None)
 
 
 def sign_optimal_lr_mean_field(batch, g, hessian, b_simple) -> OptimalLR:
@@ -438,8 +465,10 @@ def sign_optimal_lr_mean_field(batch, g, hessian, b_simple) -> OptimalLR:
         raise ValueError(f"the Hessian's trace must be > 0, got {diag!r}")
     den = diag / b + b * off
     if np.any(np.asarray(den) <= 0):
-        raise ValueError("hessian gives a non-positive curvature along the sign update "
-                         "(is it positive semi-definite?)")
+        raise ValueError(
+            "hessian gives a non-positive curvature along the sign update "
+            "(is it positive semi-definite?)"
+        )
     lr = float(np.sum(np.abs(g))) / den
     peak = sign_peak_batch(b_simple, math.sqrt(diag / off), MEAN_FIELD_C) if off > 0 else None
     return OptimalLR(v.scalar(lr), peak, peak is not None)
@@ -467,7 +496,10 @@ def sign_transfer(lr, batch, new_batch, b_simple, beta_noise=1.0, c=SU_C) -> Opt
     v.positive("new_batch", new_batch)
     old = sign_optimal_lr(batch, b_simple, beta_noise, c)
     new = sign_optimal_lr(new_batch, b_simple, beta_noise, c)
-    return OptimalLR(v.scalar(lr * new.lr / old.lr), new.peak_batch, new.has_peak)
+    inputs = dict(lr=lr, batch=batch, new_batch=new_batch, b_simple=b_simple)
+    with v.arithmetic("the new lr", inputs):
+        out = lr * (new.lr / old.lr)
+    return OptimalLR(v.result("the new lr", v.scalar(out), inputs), new.peak_batch, new.has_peak)
 
 
 def li_optimal_lr(batch, lr_peak, peak_batch) -> OptimalLR:
@@ -487,8 +519,67 @@ def li_optimal_lr(batch, lr_peak, peak_batch) -> OptimalLR:
     v.positive("batch", batch)
     v.positive("lr_peak", lr_peak)
     v.finite_positive("peak_batch", peak_batch)
-    lr = lr_peak / (0.5 * ((peak_batch / batch) ** 0.5 + (batch / peak_batch) ** 0.5))
-    return OptimalLR(v.scalar(lr), float(peak_batch), True)
+    inputs = dict(batch=batch, lr_peak=lr_peak, peak_batch=peak_batch)
+    with v.arithmetic("the optimal lr", inputs):
+        x = batch**0.5 / peak_batch**0.5
+        lr = lr_peak / (0.5 * (1 / x + x))
+    return OptimalLR(v.result("the optimal lr", v.scalar(lr), inputs), float(peak_batch), True)
+
+
+# ------------------------------------------------------------------------- Muon
+
+
+def muon_optimal_lr(batch, b_simple, lr_max=1.0) -> OptimalLR:
+    r"""Muon's optimal learning rate at a batch size (Su, archives/11285).
+
+    The mean of msign of the batch momentum along the true direction shrinks like
+    :math:`(1 + B_{simple}/B)^{-1/2}`, the same form as the sign update's β (mean field,
+    c = 1), which gives
+
+    .. math:: \eta^*(B) \approx \frac{\eta_{max}}{\sqrt{1 + B_{simple}/B}}
+
+    rising monotonically to :math:`\eta_{max}`: no peak in this form. (A surge is possible
+    for a general Hessian; Su's advice when one shows up is to change the optimizer, not
+    the rule.)
+
+    Args:
+      batch: batch size (or array).
+      b_simple: the simple noise scale, in the batch's units.
+      lr_max: the large-batch limit (1.0 gives :math:`\eta^*/\eta_{max}`).
+
+    Example:
+      >>> round(muon_optimal_lr(1000, 1000).lr, 6)  # B = B_simple: 1/sqrt(2)
+      0.707107
+
+    References:
+      Su, https://kexue.fm/archives/11285.
+    """
+    v.positive("lr_max", lr_max)
+    b = sign_beta(batch, b_simple, MEAN_FIELD_C)
+    inputs = dict(batch=batch, b_simple=b_simple, lr_max=lr_max)
+    return OptimalLR(v.result("the optimal lr", v.scalar(lr_max * b), inputs), None, False)
+
+
+def muon_transfer(lr, batch, new_batch, b_simple) -> OptimalLR:
+    r"""Moves a tuned Muon lr to a new batch size along Su's curve (archives/11285).
+
+    .. math:: \eta(B_2) = \eta(B_1)\sqrt{\frac{1 + B_{simple}/B_1}{1 + B_{simple}/B_2}}
+
+    Example:
+      >>> round(muon_transfer(0.02, 128, 2048, b_simple=1000).lr, 7)
+      0.0486673
+
+    References:
+      Su, https://kexue.fm/archives/11285.
+    """
+    v.positive("lr", lr)
+    v.positive("new_batch", new_batch)
+    old = muon_optimal_lr(batch, b_simple)
+    new = muon_optimal_lr(new_batch, b_simple)
+    inputs = dict(lr=lr, batch=batch, new_batch=new_batch, b_simple=b_simple)
+    with v.arithmetic("the new lr", inputs):
+        out = lr * (new.lr / old.lr)
+    return OptimalLR(v.result("the new lr", v.scalar(out), inputs), None, False)
 
 
 # ------------------------------------------------------------------------- Adam
@@ -548,7 +639,12 @@ def adam_optimal_lr(batch, b_simple, beta1=0.9, scale=1.0) -> OptimalLR:
     r = momentum_factor(beta1)
     b = sign_beta(batch, b_simple, MEAN_FIELD_C)
     peak = adam_peak(beta1, b_simple)
-    return OptimalLR(v.scalar(scale / (r / b + b * (1 - r))), peak.peak_batch, peak.has_peak)
+    inputs = dict(batch=batch, b_simple=b_simple, beta1=beta1, scale=scale)
+    with v.arithmetic("the optimal lr", inputs):
+        out = scale / (r / b + b * (1 - r))
+    return OptimalLR(
+        v.result("the optimal lr", v.scalar(out), inputs), peak.peak_batch, peak.has_peak
+    )
 
 
 def adam_transfer(lr, batch, new_batch, b_simple, beta1=0.9) -> OptimalLR:
@@ -569,7 +665,10 @@ def adam_transfer(lr, batch, new_batch, b_simple, beta1=0.9) -> OptimalLR:
     v.positive("new_batch", new_batch)
     old = adam_optimal_lr(batch, b_simple, beta1)
     new = adam_optimal_lr(new_batch, b_simple, beta1)
-    return OptimalLR(v.scalar(lr * new.lr / old.lr), new.peak_batch, new.has_peak)
+    inputs = dict(lr=lr, batch=batch, new_batch=new_batch, b_simple=b_simple)
+    with v.arithmetic("the new lr", inputs):
+        out = lr * (new.lr / old.lr)
+    return OptimalLR(v.result("the new lr", v.scalar(out), inputs), new.peak_batch, new.has_peak)
 
 
 def adam_eps_b_simple(trace_sigma, g2, n_params, eps):
@@ -589,10 +688,13 @@ def adam_eps_b_simple(trace_sigma, g2, n_params, eps):
     v.nonnegative("g2", g2)
     v.positive("n_params", n_params)
     v.nonnegative("eps", eps)
-    den = g2 + n_params * eps**2
-    if np.ndim(den) == 0 and not den > 0:
-        raise ValueError("g2 + n_params * eps**2 must be > 0")
-    return v.scalar(trace_sigma / den)
+    inputs = dict(trace_sigma=trace_sigma, g2=g2, n_params=n_params, eps=eps)
+    with v.arithmetic("B_simple", inputs):
+        den = g2 + n_params * eps**2
+        if np.ndim(den) == 0 and not den > 0:
+            raise ValueError("g2 + n_params * eps**2 must be > 0")
+        out = trace_sigma / den
+    return v.result("B_simple", v.scalar(out), inputs, positive=False)
 
 
 def adam_sde_rule(lr, beta1, beta2, eps, kappa) -> AdamSDE:
@@ -628,8 +730,11 @@ def adam_sde_rule(lr, beta1, beta2, eps, kappa) -> AdamSDE:
                 f"(kappa must be < {1 / (1 - b):g})"
             )
     root = math.sqrt(kappa)
+    inputs = dict(lr=lr, kappa=kappa)
     return AdamSDE(
-        float(lr * root), float(1 - kappa * (1 - beta1)), float(1 - kappa * (1 - beta2)),
+        v.result("the new lr", float(lr * root), inputs),
+        float(1 - kappa * (1 - beta1)),
+        float(1 - kappa * (1 - beta2)),
         float(eps / root),
     )
 

@@ -39,7 +39,11 @@ def deepseek_law(compute) -> LawPrediction:
       Longtermism", arXiv 2401.02954, section 3.1.
     """
     v.finite_positive("compute", compute)
-    return LawPrediction(v.scalar(0.3118 * compute**-0.1250), v.scalar(0.2920 * compute**0.3271))
+    inputs = dict(compute=compute)
+    return LawPrediction(
+        v.result("the lr", v.scalar(0.3118 * compute**-0.1250), inputs),
+        v.result("the batch", v.scalar(0.2920 * compute**0.3271), inputs),
+    )
 
 
 def step_law(n_params, n_tokens) -> LawPrediction:
@@ -60,8 +64,12 @@ def step_law(n_params, n_tokens) -> LawPrediction:
     """
     v.finite_positive("n_params", n_params)
     v.finite_positive("n_tokens", n_tokens)
+    inputs = dict(n_params=n_params, n_tokens=n_tokens)
+    with v.arithmetic("the lr", inputs):
+        lr = v.scalar(1.79 * n_params**-0.713 * n_tokens**0.307)
     return LawPrediction(
-        v.scalar(1.79 * n_params**-0.713 * n_tokens**0.307), v.scalar(0.58 * n_tokens**0.571)
+        v.result("the lr", lr, inputs),
+        v.result("the batch", v.scalar(0.58 * n_tokens**0.571), inputs),
     )
 
 
@@ -80,4 +88,9 @@ def kaplan_critical_batch(loss):
       eq. 5.3.
     """
     v.finite_positive("loss", loss)
-    return v.scalar(2e8 / loss ** (1 / 0.21))
+    inputs = dict(loss=loss)
+    with v.arithmetic("B_crit", inputs):
+        # A power of the ratio, not a ratio of powers: loss**(1/0.21) overflows for
+        # loss > ~1e64 and underflows to 0 for loss < ~1e-65.
+        out = 2e8 * loss ** (-1 / 0.21)
+    return v.result("B_crit", v.scalar(out), inputs)

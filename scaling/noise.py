@@ -49,11 +49,12 @@ JSON lines, one object per line, one line per measuring step::
     {"step": 100, "g2": 0.0123, "trace_sigma": 4.56}
     {"step": 101, "b_simple": 371.2}
 
-``step`` (int) is required; then either ``g2`` and ``trace_sigma`` (the raw per-step
-estimates of :math:`|G|^2` and :math:`\mathrm{tr}\Sigma`; preferred: they are averaged
-separately) or ``b_simple`` (a raw per-step ratio; then the ratios are averaged, which
-is biased). Other keys are ignored (e.g. ``b_simple_ema``, written by
-:func:`noise_log_record`). Blank lines are skipped.
+``step`` (int, increasing; gaps are allowed) is required; then either ``g2`` and
+``trace_sigma`` (the raw per-step estimates of :math:`|G|^2` and
+:math:`\mathrm{tr}\Sigma`; preferred: they are averaged separately) or ``b_simple`` (a
+raw per-step ratio; then the ratios are averaged, which is biased). An optional
+``batch_size`` must stay the same on every line. Other keys are ignored (e.g.
+``b_simple_ema``, written by :func:`noise_log_record`). Blank lines are skipped.
 
 References:
   McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", arXiv 1812.06162,
@@ -70,10 +71,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
 from optax_ext._common import check_range
+from scaling import _validate as v
 
 __all__ = [
     "NoiseEstimate",
@@ -143,7 +146,8 @@ def two_batch_estimates(g2_small, g2_big, b_small, b_big) -> NoiseEstimate:
       \mathrm{tr}\Sigma \approx \frac{|G_{small}|^2 - |G_{big}|^2}{1/B_{small}-1/B_{big}}
 
     Arithmetic only: works on Python floats, NumPy and JAX arrays (inside ``jit``).
-    Needs ``b_small != b_big``.
+    Concrete batch sizes are checked: both > 0 and finite, and ``b_small != b_big``
+    (otherwise ``ValueError``); traced ones are the caller's to keep apart.
 
     Example:
       >>> two_batch_estimates(7.125, 4.390625, 32, 256)
@@ -152,9 +156,23 @@ def two_batch_estimates(g2_small, g2_big, b_small, b_big) -> NoiseEstimate:
     References:
       McCandlish et al. 2018, arXiv 1812.06162, appendix A.2.
     """
-    g2 = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
-    trace = (g2_small - g2_big) / (1 / b_small - 1 / b_big)
-    return NoiseEstimate(g2, trace)
+    v.finite_positive("b_small", b_small)
+    v.finite_positive("b_big", b_big)
+    if not (v.is_traced(b_small) or v.is_traced(b_big)) and np.any(
+        np.asarray(b_small, dtype=np.float64) == np.asarray(b_big, dtype=np.float64)
+    ):
+        raise ValueError(
+            f"b_small and b_big must differ (two batch sizes), got b_small={b_small!r}, "
+            f"b_big={b_big!r}"
+        )
+    inputs = dict(g2_small=g2_small, g2_big=g2_big, b_small=b_small, b_big=b_big)
+    with v.arithmetic("the two-batch estimates", inputs):
+        g2 = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
+        trace = (g2_small - g2_big) / (1 / b_small - 1 / b_big)
+    return NoiseEstimate(
+        v.result("|G|^2", g2, inputs, positive=False),
+        v.result("tr(Sigma)", trace, inputs, positive=False),
+    )
 
 
 def noise_ema_init(dtype=jnp.float32) -> NoiseEMA:
@@ -169,6 +187,7 @@ def noise_ema_update(ema: NoiseEMA, g2, trace_sigma, decay) -> NoiseEMA:
     .. math:: m_t = \beta m_{t-1} + (1-\beta)x_t \quad\text{for } x \in
               \{\mathrm{tr}\Sigma, |G|^2, 1\}
     """
+
     def step(old, new):
         return decay * old + (1 - decay) * new
 
@@ -260,11 +279,20 @@ def measure_noise_scale(
 
     def init_fn(params):
         del params
-        return NoiseScaleState(jnp.zeros([], jnp.int32), noise_ema_init(),
-                               jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
+        return NoiseScaleState(
+            jnp.zeros([], jnp.int32),
+            noise_ema_init(),
+            jnp.zeros([], jnp.float32),
+            jnp.zeros([], jnp.float32),
+        )
 
     def update_fn(
-        updates, state, params=None, *, micro_grad_sq_norm=None, accumulation_steps=None,
+        updates,
+        state,
+        params=None,
+        *,
+        micro_grad_sq_norm=None,
+        accumulation_steps=None,
         **extra_args,
     ):
         del params, extra_args
@@ -372,11 +400,21 @@ class NoiseLogEntry(NamedTuple):
     trace_sigma_ema: float | None
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
+
+
 def _number(obj: dict, key: str, lineno: int) -> float:
     value = obj[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"line {lineno}: {key!r} must be a finite number, got {value!r}")
-    return float(value)
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, int | float)
+        x = float(value) if ok else math.nan
+    except OverflowError:  # a JSON integer too large for a float
+        x = math.inf
+    if not math.isfinite(x):
+        raise ValueError(f"line {lineno}: {key!r} must be a finite number, got {_short(value)}")
+    return x
 
 
 def read_noise_log(lines: Iterable[str], ema: float = 0.99) -> list[NoiseLogEntry]:
@@ -387,14 +425,17 @@ def read_noise_log(lines: Iterable[str], ema: float = 0.99) -> list[NoiseLogEntr
     mixing the two kinds is rejected.
 
     Raises:
-      ValueError: ``"line N: ..."`` for the first corrupt line (bad JSON, not an object,
-        missing ``step`` or statistics, a non-finite number, mixed kinds), or an empty log.
+      ValueError: ``"line N: ..."`` for the first corrupt line (bad JSON, JSON nested too
+        deeply, not an object, missing ``step`` or statistics, a non-finite number or one
+        too large for a float, mixed kinds, a step that does not increase, a changed
+        ``batch_size``), or an empty log.
     """
     check_range("ema", ema, 0.0, 1.0, high_open=True)
     ratio_ema = NoiseEMA(0.0, 0.0, 0.0)  # trace_sigma slot holds the ratio's EMA
     split_ema = NoiseEMA(0.0, 0.0, 0.0)
     kind = None
-    out = []
+    batch = None
+    out: list[NoiseLogEntry] = []
     for lineno, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -402,11 +443,29 @@ def read_noise_log(lines: Iterable[str], ema: float = 0.99) -> list[NoiseLogEntr
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"line {lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"line {lineno}: JSON nested too deeply") from None
+        except ValueError as e:  # e.g. an integer beyond Python's digit limit
+            raise ValueError(f"line {lineno}: not valid JSON ({_short(str(e))})") from None
         if not isinstance(obj, dict):
             raise ValueError(f"line {lineno}: expected a JSON object, got {type(obj).__name__}")
         step = obj.get("step")
         if isinstance(step, bool) or not isinstance(step, int):
-            raise ValueError(f"line {lineno}: 'step' must be an integer, got {step!r}")
+            raise ValueError(f"line {lineno}: 'step' must be an integer, got {_short(step)}")
+        if out and step <= out[-1].step:
+            raise ValueError(
+                f"line {lineno}: step {_short(step)} does not come after step {out[-1].step} "
+                "(steps must increase: two runs appended to one file?)"
+            )
+        if "batch_size" in obj:
+            size = _number(obj, "batch_size", lineno)
+            if batch is not None and size != batch:
+                raise ValueError(
+                    f"line {lineno}: batch_size changed from {batch:g} to {size:g} at step "
+                    f"{step}: averages across a batch-size change mix two runs; split the log "
+                    "there and read each part"
+                )
+            batch = size
         if "g2" in obj or "trace_sigma" in obj:
             if "g2" not in obj or "trace_sigma" not in obj:
                 raise ValueError(f"line {lineno}: 'g2' and 'trace_sigma' must come together")

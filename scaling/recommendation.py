@@ -10,14 +10,20 @@ sgdm           the same with the momentum factor (1-β1)/(1+β1)
 adam, adamw    :func:`~scaling.batch_size.adam_transfer` (mean field with β1, B_simple)
 lion, tiger    :func:`~scaling.batch_size.sign_transfer` (Su's surge form; β_noise = 1
                unless given, i.e. no peak)
+muon           :func:`~scaling.batch_size.muon_transfer`, η ∝ (1 + B_simple/B)^(-1/2)
 =============  ===========================================================================
 
 Without a noise scale it **falls back** to a simple rule, labelled as such in the
-reason: linear for sgd/sgdm, square root for adam/adamw/lion/tiger. Pass ``strict=True``
+reason: linear for sgd/sgdm, square root for adam/adamw/lion/tiger/muon. Pass ``strict=True``
 to raise ``ValueError`` instead. Weight decay keeps the EMA timescale in epochs
 (:func:`~scaling.weight_decay.transfer_weight_decay`); β2 of adam/adamw keeps its
 half-life in examples (:func:`~scaling.batch_size.beta2_by_half_life`); steps and
 examples follow the tradeoff law with B_crit ≈ the noise scale.
+
+Inputs that are each valid but too far apart for float64 (a batch ratio of 1e600) give
+a ``ValueError`` that names them, never ``inf``, ``nan`` or an underflowed 0 as the
+recommended learning rate or weight decay; a step prediction that leaves float64 is
+dropped (``None``) and its reason says so.
 """
 
 from __future__ import annotations
@@ -25,17 +31,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from optax_ext._common import check_choice
 from scaling import _validate as v
 from scaling import batch_size as bs
 from scaling import weight_decay as wd
 
 __all__ = ["FAMILIES", "Recommendation", "recommend"]
 
-FAMILIES = ("sgd", "sgdm", "adam", "adamw", "lion", "tiger")
+FAMILIES = ("sgd", "sgdm", "adam", "adamw", "lion", "tiger", "muon")
 _SIGN = ("lion", "tiger")
 _ADAM = ("adam", "adamw")
-_DEFAULT_BETA1 = {"sgd": 0.0, "sgdm": 0.9, "adam": 0.9, "adamw": 0.9, "lion": 0.9, "tiger": 0.965}
+_DEFAULT_BETA1 = {
+    "sgd": 0.0,
+    "sgdm": 0.9,
+    "adam": 0.9,
+    "adamw": 0.9,
+    "lion": 0.9,
+    "tiger": 0.965,
+    "muon": 0.95,
+}
 _DEFAULT_BETA2 = {"adam": 0.999, "adamw": 0.999, "lion": 0.99}
 
 
@@ -79,20 +92,37 @@ class Recommendation:
         rows = [("batch", self.batch, self.new_batch, f"rule: {self.rule}")]
         rows.append(("lr", self.lr, self.new_lr, self.reasons["lr"]))
         if self.weight_decay is not None:
-            rows.append(("weight_decay", self.weight_decay, self.new_weight_decay,
-                         self.reasons["weight_decay"]))
+            rows.append(
+                (
+                    "weight_decay",
+                    self.weight_decay,
+                    self.new_weight_decay,
+                    self.reasons["weight_decay"],
+                )
+            )
         if self.beta1 is not None:
             rows.append(("beta1", self.beta1, self.new_beta1, self.reasons["beta1"]))
         if self.beta2 is not None:
             rows.append(("beta2", self.beta2, self.new_beta2, self.reasons["beta2"]))
         if self.steps_ratio is not None:
-            rows.append(("steps", self.steps if self.steps is not None else 1.0,
-                         self.new_steps if self.new_steps is not None else self.steps_ratio,
-                         self.reasons["steps"]))
-            rows.append(("examples", None if self.steps is None else self.steps * self.batch,
-                         self.new_examples if self.new_examples is not None
-                         else self.examples_ratio, "examples = steps x batch"
-                         if self.steps is not None else "relative to the current run"))
+            rows.append(
+                (
+                    "steps",
+                    self.steps if self.steps is not None else 1.0,
+                    self.new_steps if self.new_steps is not None else self.steps_ratio,
+                    self.reasons["steps"],
+                )
+            )
+            rows.append(
+                (
+                    "examples",
+                    None if self.steps is None else self.steps * self.batch,
+                    self.new_examples if self.new_examples is not None else self.examples_ratio,
+                    "examples = steps x batch"
+                    if self.steps is not None
+                    else "relative to the current run",
+                )
+            )
         else:
             rows.append(("steps", self.steps, None, self.reasons["steps"]))
         return format_table(
@@ -126,9 +156,15 @@ def format_table(header, rows, title=None) -> str:
 
 
 def _ratio(b_crit, batch, new_batch):
-    steps = (1 + b_crit / new_batch) / (1 + b_crit / batch)
-    examples = (1 + new_batch / b_crit) / (1 + batch / b_crit)
-    return steps, examples
+    # (1 + Bc/B')/(1 + Bc/B) = (B/B')(B' + Bc)/(B + Bc), and the same for examples: the
+    # sums stay finite where Bc/B alone would overflow.
+    inputs = dict(b_crit=b_crit, batch=batch, new_batch=new_batch)
+    with v.arithmetic("the steps ratio", inputs):
+        steps = (batch / new_batch) * ((new_batch + b_crit) / (batch + b_crit))
+        examples = (b_crit + new_batch) / (b_crit + batch)
+    return v.result("the steps ratio", steps, inputs), v.result(
+        "the examples ratio", examples, inputs
+    )
 
 
 def recommend(
@@ -150,7 +186,7 @@ def recommend(
     r"""Recommends lr, weight decay, betas, steps and examples at a new batch size.
 
     Args:
-      optimizer: one of ``sgd, sgdm, adam, adamw, lion, tiger``.
+      optimizer: one of ``sgd, sgdm, adam, adamw, lion, tiger, muon``.
       lr: the tuned learning rate at ``batch``.
       batch: the current batch size (examples or tokens; same unit as the noise scale).
       new_batch: the target batch size.
@@ -160,7 +196,7 @@ def recommend(
         says.
       weight_decay: current decoupled weight decay λ (update θ ← θ − η(u + λθ)), optional.
       beta1: momentum / Adam β1 (family default if None: sgd 0, sgdm 0.9, adam 0.9,
-        lion 0.9, tiger 0.965).
+        lion 0.9, tiger 0.965, muon 0.95).
       beta2: Adam's β2 (default 0.999 for adam/adamw; lion's β2 is kept).
       beta_noise: β_noise of the sign surge form (lion/tiger); 1 means no peak.
       c: the sign form's constant, π/2 (Su 2024) or 1 (mean field).
@@ -185,17 +221,20 @@ def recommend(
       https://kexue.fm/archives/11459; McCandlish et al. 2018, arXiv 1812.06162;
       Marek et al. 2025, arXiv 2507.07101.
     """
-    check_choice("optimizer", optimizer, FAMILIES)
-    v.positive("lr", lr)
-    v.positive("batch", batch)
-    v.positive("new_batch", new_batch)
+    v.check_choice("optimizer", optimizer, FAMILIES)
+    v.finite_positive("lr", lr)
+    v.finite_positive("batch", batch)
+    v.finite_positive("new_batch", new_batch)
     for name, value in (("b_noise", b_noise), ("b_simple", b_simple)):
         if value is not None:
             v.finite_positive(name, value)
     if weight_decay is not None:
         v.nonnegative("weight_decay", weight_decay)
+        v.check("weight_decay", weight_decay, 0.0, 1e308)  # finite
     if steps is not None:
-        v.positive("steps", steps)
+        v.finite_positive("steps", steps)
+    v.finite_positive("beta_noise", beta_noise)
+    v.finite_positive("c", c)
     b1 = _DEFAULT_BETA1[optimizer] if beta1 is None else beta1
     v.beta("beta1", b1)
     if beta2 is not None:
@@ -239,16 +278,25 @@ def recommend(
         res = bs.adam_transfer(lr, batch, new_batch, given, b1)
         new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
         rule = "adam mean-field curve"
-        tail = (f"lr falls beyond B={peak:.6g}" if has_peak else "no peak (beta1 <= 1/3)")
+        tail = f"lr falls beyond B={peak:.6g}" if has_peak else "no peak (beta1 <= 1/3)"
         reasons["lr"] = (
             f"mean-field Adam curve with beta1={b1:g}, B_simple={given:.6g}; {tail}{stand_in}"
+        )
+    elif optimizer == "muon":
+        new_lr = bs.muon_transfer(lr, batch, new_batch, given).lr
+        rule = "muon (Su)"
+        reasons["lr"] = (
+            f"Su's Muon rule lr x sqrt((1+Bs/B)/(1+Bs/B')), B_simple={given:.6g}; no peak{stand_in}"
         )
     else:
         res = bs.sign_transfer(lr, batch, new_batch, given, beta_noise, c)
         new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
         rule = "sign surge (Su)"
-        tail = (f"peak at B={peak:.6g}, lr falls beyond" if has_peak
-                else f"beta_noise={beta_noise:g}: no peak")
+        tail = (
+            f"peak at B={peak:.6g}, lr falls beyond"
+            if has_peak
+            else f"beta_noise={beta_noise:g}: no peak"
+        )
         reasons["lr"] = (
             f"Su's sign curve, kappa^2=B_simple={given:.6g}, c={c:.4g}; {tail}{stand_in}"
         )
@@ -256,7 +304,13 @@ def recommend(
     # --- weight decay
     new_wd = None
     if weight_decay is not None:
-        new_wd = wd.transfer_weight_decay(weight_decay, lr, new_lr, batch, new_batch)
+        try:
+            new_wd = wd.transfer_weight_decay(weight_decay, lr, new_lr, batch, new_batch)
+        except ValueError:
+            raise ValueError(
+                f"the weight decay at new_batch={new_batch!r} (weight_decay={weight_decay!r} x "
+                f"(lr/lr')(B'/B) with the recommended lr' = {new_lr:g}) is outside float64"
+            ) from None
         reasons["weight_decay"] = (
             "wd x (lr/lr')(B'/B): keeps the EMA timescale 1/(lr*wd) constant in epochs"
             + (" (decoupled decay; approximate for an L2 penalty)" if optimizer == "adam" else "")
@@ -270,9 +324,11 @@ def recommend(
         reasons["beta1"] = (
             f"kept; momentum acts like a batch x{(1 + b1) / (1 - b1):.3g} on the noise term"
         )
+    elif optimizer == "muon":
+        reasons["beta1"] = "kept: the Muon rule has no momentum term"
     elif optimizer in _ADAM:
         sde = ""
-        if kappa * (1 - b1) < 1 and kappa * (1 - b2) < 1:
+        if 0 < kappa and kappa * (1 - b1) < 1 and kappa * (1 - b2) < 1:
             alt = bs.adam_sde_rule(lr, b1, b2, 1e-8, kappa)
             sde = f" (Malladi's SDE rule instead: beta1={alt.beta1:.4g}, lr={alt.lr:.4g})"
         reasons["beta1"] = "kept: the lr curve above assumes this beta1" + sde
@@ -281,9 +337,8 @@ def recommend(
     new_b2 = b2
     if optimizer in _ADAM:
         new_b2 = bs.beta2_by_half_life(b2, batch, new_batch)
-        reasons["beta2"] = (
-            "beta2^(B'/B): keeps its half-life in examples"
-            + (" (beta2 not given: 0.999 assumed)" if beta2 is None else "")
+        reasons["beta2"] = "beta2^(B'/B): keeps its half-life in examples" + (
+            " (beta2 not given: 0.999 assumed)" if beta2 is None else ""
         )
     elif b2 is not None:
         reasons["beta2"] = "kept"
@@ -294,26 +349,37 @@ def recommend(
     if b_crit is None:
         reasons["steps"] = "no prediction: needs a noise scale (B_crit ~ B_noise)"
     else:
-        steps_ratio, examples_ratio = _ratio(float(b_crit), batch, new_batch)
-        reasons["steps"] = (
-            f"tradeoff law S=S_min(1+B_crit/B), B_crit~{b_crit:.6g}"
-            + ("" if steps is not None else "; ratio to the current run")
-        )
-        if steps is not None:
-            new_steps = float(steps) * steps_ratio
-            new_examples = new_steps * new_batch
+        law = f"tradeoff law S=S_min(1+B_crit/B), B_crit~{b_crit:.6g}"
+        try:
+            steps_ratio, examples_ratio = _ratio(float(b_crit), batch, new_batch)
+            if steps is not None:
+                new_steps = v.result("the new steps", float(steps) * steps_ratio, {})
+                new_examples = v.result("the new examples", new_steps * new_batch, {})
+            reasons["steps"] = law + ("" if steps is not None else "; ratio to the current run")
+        except ValueError:
+            steps_ratio = examples_ratio = new_steps = new_examples = None
+            reasons["steps"] = f"no prediction: the {law} leaves float64 for these inputs"
 
     return Recommendation(
-        optimizer=optimizer, batch=batch, new_batch=new_batch, rule=rule,
+        optimizer=optimizer,
+        batch=batch,
+        new_batch=new_batch,
+        rule=rule,
         noise_scale=None if given is None else float(given),
-        lr=lr, new_lr=float(new_lr),
+        lr=lr,
+        new_lr=float(new_lr),
         weight_decay=None if weight_decay is None else float(weight_decay),
         new_weight_decay=None if new_wd is None else float(new_wd),
-        beta1=float(b1), new_beta1=float(new_b1),
+        beta1=float(b1),
+        new_beta1=float(new_b1),
         beta2=None if b2 is None else float(b2),
         new_beta2=None if new_b2 is None else float(new_b2),
-        peak_batch=peak, has_peak=has_peak, steps_ratio=steps_ratio,
-        examples_ratio=examples_ratio, steps=None if steps is None else float(steps),
-        new_steps=new_steps, new_examples=new_examples, reasons=reasons,
+        peak_batch=peak,
+        has_peak=has_peak,
+        steps_ratio=steps_ratio,
+        examples_ratio=examples_ratio,
+        steps=None if steps is None else float(steps),
+        new_steps=new_steps,
+        new_examples=new_examples,
+        reasons=reasons,
     )
-

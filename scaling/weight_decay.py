@@ -62,7 +62,11 @@ def ema_timescale(lr, weight_decay):
     """
     v.positive("lr", lr)
     v.positive("weight_decay", weight_decay)
-    return v.scalar(1 / (lr * weight_decay))
+    inputs = dict(lr=lr, weight_decay=weight_decay)
+    with v.arithmetic("the EMA timescale", inputs):
+        # 1/lr/wd rather than 1/(lr*wd): the product of two tiny numbers underflows to 0.
+        out = 1 / lr / weight_decay
+    return v.result("the EMA timescale", v.scalar(out), inputs)
 
 
 def ema_timescale_epochs(lr, weight_decay, batch_size, dataset_size):
@@ -77,7 +81,12 @@ def ema_timescale_epochs(lr, weight_decay, batch_size, dataset_size):
     """
     v.positive("batch_size", batch_size)
     v.positive("dataset_size", dataset_size)
-    return v.scalar(ema_timescale(lr, weight_decay) * batch_size / dataset_size)
+    inputs = dict(
+        lr=lr, weight_decay=weight_decay, batch_size=batch_size, dataset_size=dataset_size
+    )
+    with v.arithmetic("the EMA timescale in epochs", inputs):
+        out = ema_timescale(lr, weight_decay) * (batch_size / dataset_size)
+    return v.result("the EMA timescale in epochs", v.scalar(out), inputs)
 
 
 def transfer_weight_decay(weight_decay, lr, new_lr, batch, new_batch):
@@ -97,7 +106,12 @@ def transfer_weight_decay(weight_decay, lr, new_lr, batch, new_batch):
     v.positive("new_lr", new_lr)
     v.positive("batch", batch)
     v.positive("new_batch", new_batch)
-    return v.scalar(weight_decay * (lr / new_lr) * (new_batch / batch))
+    inputs = dict(weight_decay=weight_decay, lr=lr, new_lr=new_lr, batch=batch, new_batch=new_batch)
+    with v.arithmetic("the new weight decay", inputs):
+        out = weight_decay * (lr / new_lr) * (new_batch / batch)
+    if weight_decay == 0:
+        return v.scalar(out)
+    return v.result("the new weight decay", v.scalar(out), inputs)
 
 
 def power_lines_tau(lr, weight_decay, batch_tokens, dataset_tokens):
@@ -114,7 +128,12 @@ def power_lines_tau(lr, weight_decay, batch_tokens, dataset_tokens):
     """
     v.positive("batch_tokens", batch_tokens)
     v.positive("dataset_tokens", dataset_tokens)
-    return v.scalar(ema_timescale(lr, weight_decay) * batch_tokens / dataset_tokens)
+    inputs = dict(
+        lr=lr, weight_decay=weight_decay, batch_tokens=batch_tokens, dataset_tokens=dataset_tokens
+    )
+    with v.arithmetic("tau", inputs):
+        out = ema_timescale(lr, weight_decay) * (batch_tokens / dataset_tokens)
+    return v.result("tau", v.scalar(out), inputs)
 
 
 def power_lines_weight_decay(lr, tau, batch_tokens, dataset_tokens):
@@ -131,7 +150,10 @@ def power_lines_weight_decay(lr, tau, batch_tokens, dataset_tokens):
     v.positive("tau", tau)
     v.positive("batch_tokens", batch_tokens)
     v.positive("dataset_tokens", dataset_tokens)
-    return v.scalar(batch_tokens / (lr * tau * dataset_tokens))
+    inputs = dict(lr=lr, tau=tau, batch_tokens=batch_tokens, dataset_tokens=dataset_tokens)
+    with v.arithmetic("the weight decay", inputs):
+        out = batch_tokens / dataset_tokens / lr / tau
+    return v.result("the weight decay", v.scalar(out), inputs)
 
 
 def coupled_to_independent(weight_decay, peak_lr):
@@ -148,14 +170,19 @@ def coupled_to_independent(weight_decay, peak_lr):
     """
     v.nonnegative("weight_decay", weight_decay)
     v.positive("peak_lr", peak_lr)
-    return v.scalar(peak_lr * weight_decay)
+    inputs = dict(weight_decay=weight_decay, peak_lr=peak_lr)
+    out = v.scalar(peak_lr * weight_decay)
+    return out if weight_decay == 0 else v.result("the independent decay", out, inputs)
 
 
 def independent_to_coupled(independent_decay, peak_lr):
     r"""Inverse of :func:`coupled_to_independent`: :math:`\lambda = \hat\lambda/\eta_{peak}`."""
     v.nonnegative("independent_decay", independent_decay)
     v.positive("peak_lr", peak_lr)
-    return v.scalar(independent_decay / peak_lr)
+    inputs = dict(independent_decay=independent_decay, peak_lr=peak_lr)
+    with v.arithmetic("the coupled decay", inputs):
+        out = v.scalar(independent_decay / peak_lr)
+    return out if independent_decay == 0 else v.result("the coupled decay", out, inputs)
 
 
 def equilibrium_weight_rms(lr, weight_decay):
@@ -170,7 +197,10 @@ def equilibrium_weight_rms(lr, weight_decay):
     """
     v.positive("lr", lr)
     v.positive("weight_decay", weight_decay)
-    return v.scalar((lr / (2 * weight_decay)) ** 0.5)
+    inputs = dict(lr=lr, weight_decay=weight_decay)
+    with v.arithmetic("the equilibrium RMS", inputs):
+        out = lr**0.5 / (2 * weight_decay) ** 0.5
+    return v.result("the equilibrium RMS", v.scalar(out), inputs)
 
 
 def lion_from_adamw(lr, weight_decay, k=3.0) -> LrAndDecay:
@@ -188,7 +218,11 @@ def lion_from_adamw(lr, weight_decay, k=3.0) -> LrAndDecay:
     v.positive("lr", lr)
     v.nonnegative("weight_decay", weight_decay)
     v.check("k", k, 3.0, 10.0)
-    return LrAndDecay(v.scalar(lr / k), v.scalar(weight_decay * k))
+    inputs = dict(lr=lr, weight_decay=weight_decay, k=k)
+    new_wd = v.scalar(weight_decay * k)
+    if weight_decay != 0:
+        v.result("Lion's weight decay", new_wd, inputs)
+    return LrAndDecay(v.result("Lion's lr", v.scalar(lr / k), inputs), new_wd)
 
 
 def amos_sign_hyperparams(init_std, alpha0) -> LrAndDecay:
@@ -205,5 +239,7 @@ def amos_sign_hyperparams(init_std, alpha0) -> LrAndDecay:
     """
     v.finite_positive("init_std", init_std)
     v.positive("alpha0", alpha0)
-    return LrAndDecay(v.scalar(alpha0 * init_std), v.scalar(alpha0 / (2 * init_std)))
-
+    inputs = dict(init_std=init_std, alpha0=alpha0)
+    with v.arithmetic("the lr and weight decay", inputs):
+        lr, decay = v.scalar(alpha0 * init_std), v.scalar(alpha0 / (2 * init_std))
+    return LrAndDecay(v.result("the lr", lr, inputs), v.result("the weight decay", decay, inputs))
