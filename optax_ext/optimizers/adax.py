@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import canonical_dtype, check_range, decay_mask
+from optax_ext._common import canonical_dtype, check_choice, check_int, check_range, decay_mask
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 
 class ScaleByAdaxState(NamedTuple):
@@ -44,6 +45,10 @@ def scale_by_adax(
     b2: float = 1e-4,
     eps: float = 1e-6,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    *,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaX's direction: an un-debiased momentum over the root of a growing-memory average.
 
@@ -71,8 +76,14 @@ def scale_by_adax(
       b1: momentum coefficient β1 in [0, 1).
       b2: growth rate β2 > 0 of the second-moment memory (paper default 1e-4).
       eps: ε ≥ 0 added to ``sqrt(v̂)``.
-      mu_dtype: dtype of the first moment (default: the gradients'); ``v̂`` has the
-        params' dtype, as in ``optax.scale_by_adam``.
+      mu_dtype: dtype of the first moment (default: the params').
+      nu_dtype: dtype of the second moment ``v̂`` (default: the params', as in
+        ``optax.scale_by_adam``).
+      state_rounding: how a bf16/f16 state is written: ``"nearest"`` (a cast) or
+        ``"stochastic"`` (unbiased,
+        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
+        ``rounding_seed``, the step count and the leaf index). No effect on float32.
+      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose updates have the gradients' dtype.
@@ -92,13 +103,16 @@ def scale_by_adax(
     check_range("b1", b1, 0, 1, high_open=True)
     check_range("b2", b2, 0, low_open=True)
     check_range("eps", eps, 0)
+    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+    check_int("rounding_seed", rounding_seed, minimum=0)
     mu_dtype = canonical_dtype(mu_dtype)
+    nu_dtype = canonical_dtype(nu_dtype)
 
     def init_fn(params):
         return ScaleByAdaxState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            nu=optax.tree.zeros_like(params),
+            nu=optax.tree.zeros_like(params, dtype=nu_dtype),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -115,8 +129,10 @@ def scale_by_adax(
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
         leaves = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
         new_updates = optax.tree.cast_like(leaves(0), updates)
-        mu = optax.tree.cast_like(leaves(1), state.mu)
-        nu = optax.tree.cast_like(leaves(2), state.nu)
+        write = lambda new, old, stream: write_state(
+            new, old, state_rounding, rounding_seed, state.count, stream
+        )
+        mu, nu = write(leaves(1), state.mu, 0), write(leaves(2), state.nu, 1)
         count = optax.safe_increment(state.count)
         return new_updates, ScaleByAdaxState(count=count, mu=mu, nu=nu)
 
@@ -129,6 +145,10 @@ def adax(
     b2: float = 1e-4,
     eps: float = 1e-6,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    *,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The AdaX optimizer: ``θ ← θ - lr · m / (sqrt(v̂) + ε)`` (see :func:`scale_by_adax`).
 
@@ -138,6 +158,9 @@ def adax(
       b2: growth rate β2 > 0 of the second-moment memory.
       eps: ε ≥ 0 added to ``sqrt(v̂)``.
       mu_dtype: dtype of the first moment.
+      nu_dtype: dtype of the second moment.
+      state_rounding: ``"nearest"`` or ``"stochastic"``, see :func:`scale_by_adax`.
+      rounding_seed: seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -155,7 +178,15 @@ def adax(
     """
     check_range("learning_rate", learning_rate, 0)
     return optax.chain(
-        scale_by_adax(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        scale_by_adax(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            state_rounding=state_rounding,
+            rounding_seed=rounding_seed,
+        ),
         optax.scale_by_learning_rate(learning_rate),
     )
 
@@ -168,6 +199,10 @@ def adaxw(
     mu_dtype: Any = None,
     weight_decay: float = 1e-4,
     mask: Any = None,
+    nu_dtype: Any = None,
+    *,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaX with decoupled weight decay (multiplied by the learning rate, as ``optax.adamw``).
 
@@ -187,6 +222,9 @@ def adaxw(
         returning one. ``None`` (default) decays every leaf except biases and norm
         scales (``path_mask(exclude=NORM_AND_BIAS)``); ``True`` decays everything. With
         ``optax.inject_hyperparams`` give a callable mask in ``static_args=("mask",)``.
+      nu_dtype: dtype of the second moment.
+      state_rounding: ``"nearest"`` or ``"stochastic"``, see :func:`scale_by_adax`.
+      rounding_seed: seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -210,7 +248,15 @@ def adaxw(
     check_range("learning_rate", learning_rate, 0)
     check_range("weight_decay", weight_decay, 0)
     return optax.chain(
-        scale_by_adax(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        scale_by_adax(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            state_rounding=state_rounding,
+            rounding_seed=rounding_seed,
+        ),
         optax.add_decayed_weights(weight_decay, decay_mask(mask)),
         optax.scale_by_learning_rate(learning_rate),
     )

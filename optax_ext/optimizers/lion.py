@@ -16,12 +16,15 @@ import optax
 from optax_ext._common import (
     PathRules,
     canonical_dtype,
+    check_choice,
+    check_int,
     check_range,
     decay_mask,
     is_concrete_number,
     path_labels,
 )
 from optax_ext.optimizers.tiger import param_scale, scale_rules
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 #: The state of :func:`scale_by_lion` is optax's: a step counter and the momentum.
 ScaleByLionState = optax.ScaleByLionState
@@ -43,14 +46,18 @@ def _lion_leaf(g, m, b1, b2, one_pass: bool):
         c = (b1 / b2) * new_m + ((1.0 - b1) - b1 * (1.0 - b2) / b2) * gw
     else:  # the textbook form: two reads of the old momentum, no cancellation
         c = b1 * mw + (1.0 - b1) * gw
-    # c comes from the unrounded m': a bf16 momentum must not add its rounding to c
-    return jnp.sign(c).astype(g.dtype), new_m.astype(m.dtype)
+    # c comes from the unrounded m': a bf16 momentum must not add its rounding to c;
+    # the new momentum is returned in float32 and written by ``write_state``
+    return jnp.sign(c).astype(g.dtype), new_m
 
 
 def scale_by_lion(
     b1: float = 0.9,
     b2: float = 0.99,
     mu_dtype: Any = None,
+    *,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Lion's direction, computed in one pass over the momentum.
 
@@ -74,6 +81,12 @@ def scale_by_lion(
       b2: momentum decay, in [0, 1].
       mu_dtype: dtype of the momentum (default: the params'). Arithmetic runs in at
         least float32 whatever the storage dtype.
+      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
+        ``"stochastic"`` (unbiased stochastic rounding,
+        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
+        ``rounding_seed``, the step count and the leaf index). No effect on a float32
+        momentum.
+      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -94,6 +107,8 @@ def scale_by_lion(
     """
     check_range("b1", b1, 0, 1)
     check_range("b2", b2, 0, 1)
+    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+    check_int("rounding_seed", rounding_seed, minimum=0)
     mu_dtype = canonical_dtype(mu_dtype)
     one_pass = (
         is_concrete_number(b1) and is_concrete_number(b2) and float(b1) < 1.0 and float(b2) >= 0.5
@@ -108,6 +123,7 @@ def scale_by_lion(
         out = jax.tree.map(lambda g, m: _lion_leaf(g, m, b1, b2, one_pass), updates, state.mu)
         direction = jax.tree.map(lambda _, o: o[0], updates, out)
         mu = jax.tree.map(lambda _, o: o[1], updates, out)
+        mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         return direction, ScaleByLionState(count=optax.safe_increment(state.count), mu=mu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -172,6 +188,8 @@ def lion(
     param_scaling: str | PathRules | None = None,
     min_rms: float = 1e-3,
     mu_dtype: Any = None,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The Lion optimizer with path-rule weight decay and optional Tiger per-parameter scales.
 
@@ -204,6 +222,9 @@ def lion(
       param_scaling: ``None``, ``"tiger"`` or path rules ``{regex: "rms" | "row_rms" | number}``.
       min_rms: floor of the RMS scales, ≥ 0.
       mu_dtype: momentum dtype (default: the params').
+      state_rounding: ``"nearest"`` or ``"stochastic"``: how a bf16 momentum is
+        written, see :func:`scale_by_lion`.
+      rounding_seed: seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -227,7 +248,13 @@ def lion(
     check_range("weight_decay", weight_decay, 0)
     check_range("min_rms", min_rms, 0)
     parts = [
-        scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype),
+        scale_by_lion(
+            b1=b1,
+            b2=b2,
+            mu_dtype=mu_dtype,
+            state_rounding=state_rounding,
+            rounding_seed=rounding_seed,
+        ),
         optax.add_decayed_weights(weight_decay, mask=decay_mask(mask)),
     ]
     if param_scaling is not None:

@@ -14,11 +14,13 @@ import optax
 
 from optax_ext._common import (
     canonical_dtype,
+    check_choice,
     check_int,
     check_range,
     is_static_int,
     schedule_value,
 )
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 
 class SgdmState(NamedTuple):
@@ -45,6 +47,8 @@ def scale_by_sgdm(
     accumulation_steps: int = 1,
     nesterov: bool = False,
     mu_dtype: Any = None,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Heavy-ball momentum whose buffer also accumulates k micro-batches.
 
@@ -69,6 +73,12 @@ def scale_by_sgdm(
       accumulation_steps: k ≥ 1 micro-batches per update.
       nesterov: use Nesterov's momentum.
       mu_dtype: dtype of the momentum (default: the params'); arithmetic is at least f32.
+      state_rounding: how a bf16/f16 state is written: ``"nearest"`` (a cast) or
+        ``"stochastic"`` (unbiased,
+        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
+        ``rounding_seed``, the micro-step count and the leaf index). No effect on a
+        float32 state.
+      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`SgdmState`.
@@ -87,6 +97,8 @@ def scale_by_sgdm(
     """
     check_range("momentum", momentum, 0, 1, high_open=True)
     k = check_int("accumulation_steps", accumulation_steps)
+    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+    check_int("rounding_seed", rounding_seed, minimum=0)
     mu_dtype = canonical_dtype(mu_dtype)
     single_step = is_static_int(k, 1)
     needs_acc = nesterov and not single_step
@@ -102,6 +114,10 @@ def scale_by_sgdm(
             (True, True) if single_step else (state.count % k == 0, (state.count + 1) % k == 0)
         )
         count = optax.safe_increment(state.count)
+        # the new state arrives in float32 and is written as mu_dtype (cast or SR)
+        write = lambda new, old, stream: write_state(
+            new, old, state_rounding, rounding_seed, state.count, stream
+        )
         if needs_acc:
             out = jax.tree.map(
                 lambda g, m, a: _nesterov_accumulating(g, m, a, momentum, k, first, last),
@@ -110,12 +126,13 @@ def scale_by_sgdm(
                 state.acc,
             )
             u, mu, acc = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(3))
+            mu, acc = write(mu, state.mu, 0), write(acc, state.acc, 1)
             return u, SgdmState(count=count, mu=mu, acc=acc)
         out = jax.tree.map(
             lambda g, m: _heavy_ball(g, m, momentum, k, first, last, nesterov), updates, state.mu
         )
         u, mu = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(2))
-        return u, SgdmState(count=count, mu=mu, acc=())
+        return u, SgdmState(count=count, mu=write(mu, state.mu, 0), acc=())
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -127,6 +144,8 @@ def sgdm(
     accumulation_steps: int = 1,
     nesterov: bool = False,
     mu_dtype: Any = None,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with momentum and gradient accumulation at no extra memory.
 
@@ -152,6 +171,9 @@ def sgdm(
       accumulation_steps: k ≥ 1 micro-batches per update.
       nesterov: Nesterov's momentum (``optax.sgd``'s form).
       mu_dtype: momentum dtype (default: the params').
+      state_rounding: ``"nearest"`` or ``"stochastic"``: how a bf16 state is written,
+        see :func:`scale_by_sgdm`.
+      rounding_seed: seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -173,7 +195,12 @@ def sgdm(
     check_range("learning_rate", learning_rate, 0)
     return optax.chain(
         scale_by_sgdm(
-            momentum, accumulation_steps=accumulation_steps, nesterov=nesterov, mu_dtype=mu_dtype
+            momentum,
+            accumulation_steps=accumulation_steps,
+            nesterov=nesterov,
+            mu_dtype=mu_dtype,
+            state_rounding=state_rounding,
+            rounding_seed=rounding_seed,
         ),
         _scale_by_update_learning_rate(learning_rate, accumulation_steps),
     )
@@ -191,7 +218,7 @@ def _heavy_ball(g, m, beta, k, first, last, nesterov):
     u = g.astype(work) + beta * new_m if nesterov else new_m
     if last is not True:
         u = jnp.where(last, u, 0.0)
-    return u.astype(g.dtype), new_m.astype(m.dtype)
+    return u.astype(g.dtype), new_m  # the state is written (cast or SR) by the caller
 
 
 def _nesterov_accumulating(g, m, a, beta, k, first, last):
@@ -201,7 +228,7 @@ def _nesterov_accumulating(g, m, a, beta, k, first, last):
     m_work = m.astype(work)
     new_m = jnp.where(last, beta * m_work + mean, m_work)
     u = jnp.where(last, mean + beta * new_m, 0.0)
-    return u.astype(g.dtype), new_m.astype(m.dtype), mean.astype(a.dtype)
+    return u.astype(g.dtype), new_m, mean
 
 
 def _scale_by_update_learning_rate(learning_rate, k) -> optax.GradientTransformationExtraArgs:
