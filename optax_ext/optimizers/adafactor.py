@@ -125,16 +125,29 @@ def _normalised(g, factors, eps1):
     return g * jax.lax.rsqrt(row) * jax.lax.rsqrt(col + eps1 / row)
 
 
+def _mean_square_normalised(g, factors, eps1):
+    """mean(u²) = mean(g² / (v + ε1)) without forming u: one division per entry where
+    squaring u = g·rsqrt(r)·rsqrt(c + ε1/r) costs a square root, two products and a
+    division (on XLA:CPU that reduction ran ~2x slower than a division's)."""
+    v = factors[0] if len(factors) == 1 else factors[0] * factors[1]
+    return jnp.mean(jnp.square(g) / (v + eps1))
+
+
 def _adafactor_leaf(g, nu, m, p, *, beta2, eps1, clip, momentum, eps2):
     """One leaf: (direction in g's dtype, new second-moment leaf, new momentum or None)."""
     work = _work_dtype(g.dtype)
     gw = g.astype(work)
     factors, new_nu = _second_moment(gw, nu, beta2, eps1)
-    u = _normalised(gw, factors, eps1)
-    if clip is not None:
-        shrink = jnp.maximum(1.0, _rms(u) / clip)
-        # Recompute u after the reduction instead of storing it: the barrier keeps XLA
-        # from merging the two computations of u into one full-size temporary.
+    if clip is None:
+        u = _normalised(gw, factors, eps1)
+    else:
+        # The barriers keep each full-size computation in its own pass: without the first
+        # XLA shares g² between the moment's reduction and this one and stores it at full
+        # size; without the second it merges the two computations of u into one
+        # full-size temporary. The small factors cross them, never a broadcast of them.
+        gw, factors = jax.lax.optimization_barrier((gw, factors))
+        rms_u = jnp.sqrt(_mean_square_normalised(gw, factors, eps1))
+        shrink = jnp.maximum(1.0, rms_u / clip)
         gw, factors = jax.lax.optimization_barrier((gw, factors))
         u = _normalised(gw, factors, eps1) / shrink
     new_m = None
