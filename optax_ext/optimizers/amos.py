@@ -251,11 +251,25 @@ def scale_by_amos(
         _check_params(params)
         xi = schedule_value(learning_rate, state.count)
         tau = optax.safe_increment(state.count)
+        no_l2 = isinstance(extra_l2, int | float) and extra_l2 == 0
+        scalars = {}
+
+        def step_scalars(work):
+            # Computed once per dtype, not per leaf: each leaf would otherwise repeat
+            # these scalar ops, and compile time grows with the number of ops.
+            if work not in scalars:
+                xi_w = jnp.asarray(xi, work)
+                sqrt_xi = jnp.sqrt(xi_w)
+                # 1 - β^τ as -expm1(τ·log β): no cancellation for β near 1 (β = 0 gives 1)
+                debias = -jnp.expm1(tau * jnp.log(jnp.asarray(beta, work)))
+                scalars[work] = (xi_w, sqrt_xi, jnp.square(xi_w), c * sqrt_xi, debias)
+            return scalars[work]
 
         def leaf(path, g, v, b, theta):
             cfg = config(path, theta)
             state_dtype = v.dtype
             work = jnp.promote_types(g.dtype, state_dtype)
+            xi_w, sqrt_xi, xi2, c_sqrt_xi, debias = step_scalars(work)
             g = g.astype(work)
             if clip_value is not None:
                 g = jnp.clip(g, -clip_value, clip_value)
@@ -263,14 +277,16 @@ def scale_by_amos(
             n = max(math.prod(g.shape[a] for a in cfg.axes), 1)
             g2 = (jnp.sum(jnp.square(g), axis=cfg.axes, keepdims=True) / n).reshape(v.shape)
             v = beta * v + (1.0 - beta) * g2
-            # 1 - β^τ as -expm1(τ·log β): no cancellation for β near 1 (β = 0 gives 1)
-            debias = -jnp.expm1(tau * jnp.log(jnp.asarray(beta, work)))
             rv = debias / jnp.maximum(v, eps)
-            xi_w = jnp.asarray(xi, work)
-            gamma = jax.lax.rsqrt(1.0 + c * jnp.sqrt(xi_w) * b) * jnp.square(xi_w) * rv * g2
-            lr0 = xi_w * cfg.eta
-            step = lr0 * jnp.sqrt(rv) * g + (0.5 * gamma + extra_l2) * theta.astype(work)
-            delta = -step / (1.0 + d * jnp.sqrt(lr0) * b)
+            gamma = jax.lax.rsqrt(1.0 + c_sqrt_xi * b) * xi2 * rv * g2
+            # lr0 = ξ·η and sqrt(lr0) = sqrt(ξ)·sqrt(η), η a Python number
+            damping = 1.0 + (d * math.sqrt(cfg.eta)) * sqrt_xi * b
+            # Δθ = a·g + c·θ with the coefficients formed at the reduced shape: two
+            # full-size products and a sum instead of five full-size ops
+            coef_g = -(xi_w * cfg.eta) * jnp.sqrt(rv) / damping
+            decay = 0.5 * gamma if no_l2 else 0.5 * gamma + extra_l2
+            coef_theta = -decay / damping
+            delta = coef_g * g + coef_theta * theta.astype(work)
             b = b + gamma * (1.0 + b)
             return delta, v.astype(state_dtype), b.astype(state_dtype)
 
