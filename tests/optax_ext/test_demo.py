@@ -68,10 +68,11 @@ def test_every_optimizer_learns_a_little(name):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--steps", "0"], "expected a positive integer"),
-        (["--batch-size", "7"], "expected an even number"),
+        (["--steps", "0"], "expected an integer >= 1, got '0'"),
+        (["--batch-size", "7"], "expected an even integer >= 1 (it is split in halves"),
         (["--optimizer", "sgd"], "invalid choice"),
-        (["--lr", "-1"], "expected a positive number"),
+        (["--lr", "-1"], "expected a number > 0, got '-1'"),
+        (["--lr", "inf"], "expected a number > 0 (finite), got 'inf'"),
         (["--log", "/nonexistent/dir/log.jsonl"], "cannot write --log"),
     ],
 )
@@ -80,6 +81,39 @@ def test_bad_flags_give_one_line_errors(args, message):
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_plot_without_matplotlib_fails_before_training(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert demo.main(["--plot", str(tmp_path / "x.png"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        'needs matplotlib: pip install matplotlib (in a checkout: pip install -e ".[notebooks]")'
+        in err
+    )
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_plot_hint_is_the_readmes_install_command():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert 'pip install -e ".[notebooks]"' in readme
+
+
+def test_model_size_arguments_reach_the_model():
+    run = lambda width: (
+        demo.train(
+            steps=2,
+            batch_size=2,
+            seq_len=8,
+            width=width,
+            layers=1,
+            progress=False,
+            measure_noise=False,
+        ).losses
+    )
+    assert run(16) != run(32)  # another width is another model
 
 
 def test_help_explains_every_flag():
