@@ -354,3 +354,58 @@ def tree_bytes(tree: Any) -> int:
             continue
         total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
     return total
+
+
+# --------------------------------------------------------------- tree contract
+
+
+def require_params(params: Any, who: str, why: str) -> Any:
+    """The one "needs params" error: ``who`` cannot update without ``params`` (``why``)."""
+    if params is None:
+        raise ValueError(
+            f"{who} needs the params ({why}): call tx.update(grads, state, params), or in a "
+            "chain give params to the chain's update"
+        )
+    return params
+
+
+def check_float_params(params: Any, who: str) -> None:
+    """Rejects integer, boolean and complex parameter leaves with the path named.
+
+    An optimizer step on an int leaf truncates every update to 0 (the parameter never
+    moves) and the formulas here are for real numbers; abstract leaves
+    (``jax.ShapeDtypeStruct``) are checked by their dtype like arrays.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or jnp.issubdtype(dtype, jnp.floating):
+            continue
+        raise ValueError(
+            f"{who}: the parameter {path_to_str(path) or '(root)'!r} has dtype {dtype}; "
+            "optimizers update floating-point parameters only (cast it with "
+            ".astype(jnp.float32), or leave it out with optax.masked / optax.partition)"
+        )
+
+
+def check_updates_match(updates: Any, params: Any, who: str) -> None:
+    """Gradients must have the params' tree structure and each leaf the param's shape.
+
+    ``optax.apply_updates`` broadcasts, so a (4, 3) gradient for a (3,) bias would
+    silently change the parameter's shape; the check is static (shapes only), so free.
+    """
+    if params is None:
+        return
+    leaves_u, tree_u = jax.tree_util.tree_flatten(updates)
+    leaves_p, tree_p = jax.tree_util.tree_flatten(params)
+    if tree_u != tree_p:
+        raise ValueError(
+            f"{who}: the gradients' tree does not match the params' tree: gradients "
+            f"{tree_u}, params {tree_p}"
+        )
+    paths = [path_to_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for path, g, p in zip(paths, leaves_u, leaves_p, strict=True):
+        if g is not None and p is not None and jnp.shape(g) != jnp.shape(p):
+            raise ValueError(
+                f"{who}: the gradient of {path or '(root)'!r} has shape {jnp.shape(g)}, "
+                f"its parameter {jnp.shape(p)}; each gradient must have its parameter's shape"
+            )

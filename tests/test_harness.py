@@ -152,3 +152,38 @@ def test_tree_bytes_counts_arrays_not_scalars():
     assert c.tree_bytes(tree) == 48 + 10
     abstract = jax.eval_shape(lambda: tree)
     assert c.tree_bytes(abstract) == 58
+
+
+def test_require_params_names_the_transform_and_the_fix():
+    with pytest.raises(
+        ValueError,
+        match=r"lookahead needs the params \(it moves them\): call "
+        r"tx.update\(grads, state, params\)",
+    ):
+        c.require_params(None, "lookahead", "it moves them")
+    assert c.require_params({"a": 1}, "x", "y") == {"a": 1}
+
+
+def test_check_float_params_names_the_leaf():
+    import jax
+
+    c.check_float_params({"w": jnp.zeros(3), "b": jax.ShapeDtypeStruct((2,), jnp.bfloat16)}, "t")
+    with pytest.raises(ValueError, match=r"tiger: the parameter 'layer/steps' has dtype int32"):
+        c.check_float_params({"layer": {"steps": jnp.zeros(3, jnp.int32)}}, "tiger")
+    with pytest.raises(ValueError, match="has dtype complex64"):
+        c.check_float_params({"z": jnp.zeros(3, jnp.complex64)}, "lion")
+
+
+def test_check_updates_match_catches_broadcasting_shapes_and_trees():
+    params = {"dense": {"bias": jnp.zeros(3), "kernel": jnp.zeros((2, 3))}}
+    c.check_updates_match(params, params, "t")
+    c.check_updates_match(params, None, "t")
+    bad = {"dense": {"bias": jnp.zeros((4, 3)), "kernel": jnp.zeros((2, 3))}}
+    with pytest.raises(
+        ValueError,
+        match=r"gradient of 'dense/bias' has shape \(4, 3\), its "
+        r"parameter \(3,\)",
+    ):
+        c.check_updates_match(bad, params, "sgdm")
+    with pytest.raises(ValueError, match="gradients' tree does not match the params' tree"):
+        c.check_updates_match({"dense": {"bias": jnp.zeros(3)}}, params, "sgdm")
