@@ -1,7 +1,8 @@
 """Overhead of measuring the gradient noise scale: chain(measure_noise_scale, adamw) vs adamw.
 
-``scaling.measure_noise_scale`` adds one squared-norm reduction over the gradients (and a
-few scalar EMAs) to the step. Two pairs are timed on the same ~10M-float tree:
+``optax_ext.noise_scale.measure_noise_scale`` (also ``scaling.measure_noise_scale``) adds
+one squared-norm reduction over the gradients (and a few scalar EMAs) to the step. Two
+pairs are timed on the same ~10M-float tree:
 
 - ``accum`` (plain ``jit``, one device): the gradient-accumulation path, where the step
   receives ``micro_grad_sq_norm`` and ``accumulation_steps`` as extra arguments, against
@@ -36,7 +37,7 @@ from benchlib import (
     write_json,
 )
 
-from scaling.noise import measure_noise_scale
+from optax_ext.noise_scale import measure_noise_scale
 
 
 def accum_steps(lr: float, batch: int, k: int):

@@ -20,8 +20,19 @@ Quick start::
 Command line: ``python -m scaling {lr,wd,laws,noise} --help``.
 
 Modules: :mod:`scaling.batch_size` (lr rules), :mod:`scaling.weight_decay`,
-:mod:`scaling.tradeoff` (steps vs examples), :mod:`scaling.laws` (published fits),
-:mod:`scaling.noise` (measuring the noise scale), :mod:`scaling.recommendation`.
+:mod:`scaling.muon` (Muon's scale conventions), :mod:`scaling.tradeoff` (steps vs
+examples), :mod:`scaling.laws` (published fits), :mod:`scaling.noise` (noise-scale
+estimators, logs, the settled value), :mod:`scaling.recommendation`,
+:mod:`scaling.protocol` (extra-argument names shared with ``optax_ext``),
+:mod:`scaling.cli` (the command lines' number arguments and one-line errors).
+
+Layering: ``scaling`` is pure Python and NumPy; ``import scaling`` and ``python -m
+scaling`` never load JAX, optax or flax. ``optax_ext`` may import scaling's public API,
+never the reverse. The names that need JAX -- the measuring transform
+(``measure_noise_scale``, ``noise_scale``, ``noise_log_record``, ``NoiseScaleState``, in
+``optax_ext.noise_scale``) and Su's optax schedules (``su_constant_decay_lr_schedule``,
+``su_coupled_decay_schedules``, ``DecaySchedules``, in ``optax_ext.schedules``) -- stay
+reachable here and are imported from there on first access.
 """
 
 from scaling.batch_size import (
@@ -56,20 +67,32 @@ from scaling.batch_size import (
     sqrt_rule,
 )
 from scaling.laws import LawPrediction, deepseek_law, kaplan_critical_batch, step_law
+from scaling.muon import (
+    MUON_SCALES,
+    adamw_from_muon,
+    convert_muon,
+    muon_dims,
+    muon_from_adamw,
+    muon_shape_scale,
+)
 from scaling.noise import (
+    MomentumNoiseScale,
     NoiseEMA,
     NoiseEstimate,
     NoiseLogEntry,
     NoiseScale,
-    NoiseScaleState,
-    measure_noise_scale,
+    SettledNoiseScale,
+    WindowEstimate,
+    ema_decay,
+    ema_window,
+    momentum_noise_scale,
     noise_ema_init,
     noise_ema_read,
     noise_ema_update,
-    noise_log_record,
-    noise_scale,
     read_noise_log,
+    settled_noise_scale,
     two_batch_estimates,
+    window_estimates,
 )
 from scaling.recommendation import FAMILIES, Recommendation, recommend
 from scaling.tradeoff import (
@@ -82,7 +105,6 @@ from scaling.tradeoff import (
     steps_needed,
 )
 from scaling.weight_decay import (
-    DecaySchedules,
     LrAndDecay,
     amos_sign_hyperparams,
     coupled_to_independent,
@@ -93,10 +115,33 @@ from scaling.weight_decay import (
     lion_from_adamw,
     power_lines_tau,
     power_lines_weight_decay,
-    su_constant_decay_lr_schedule,
-    su_coupled_decay_schedules,
     transfer_weight_decay,
 )
+
+# Names that need JAX live in optax_ext (the measuring transform, Su's optax schedules)
+# and are imported from there on first use: ``import scaling`` stays pure Python.
+_LAZY = {
+    "NoiseScaleState": "optax_ext.noise_scale",
+    "measure_noise_scale": "optax_ext.noise_scale",
+    "noise_scale": "optax_ext.noise_scale",
+    "noise_log_record": "optax_ext.noise_scale",
+    "DecaySchedules": "scaling.weight_decay",
+    "su_constant_decay_lr_schedule": "scaling.weight_decay",
+    "su_coupled_decay_schedules": "scaling.weight_decay",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     # batch_size
@@ -134,20 +179,35 @@ __all__ = [
     "deepseek_law",
     "kaplan_critical_batch",
     "step_law",
-    # noise
+    # muon
+    "MUON_SCALES",
+    "adamw_from_muon",
+    "convert_muon",
+    "muon_dims",
+    "muon_from_adamw",
+    "muon_shape_scale",
+    # noise (the transform and its state come from optax_ext.noise_scale on first use)
+    "MomentumNoiseScale",
     "NoiseEMA",
     "NoiseEstimate",
     "NoiseLogEntry",
     "NoiseScale",
     "NoiseScaleState",
+    "SettledNoiseScale",
+    "WindowEstimate",
+    "ema_decay",
+    "ema_window",
     "measure_noise_scale",
+    "momentum_noise_scale",
     "noise_ema_init",
     "noise_ema_read",
     "noise_ema_update",
     "noise_log_record",
     "noise_scale",
     "read_noise_log",
+    "settled_noise_scale",
     "two_batch_estimates",
+    "window_estimates",
     # recommend
     "FAMILIES",
     "Recommendation",

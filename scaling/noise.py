@@ -1,4 +1,8 @@
-r"""Measuring the gradient noise scale during training (McCandlish et al. 2018, app. A.2).
+r"""The gradient noise scale: estimators, logs and how settled they are (pure Python).
+
+McCandlish et al. 2018, app. A.2; the optax transform that measures it during training
+is :func:`optax_ext.noise_scale.measure_noise_scale` (also reachable here and as
+``scaling.measure_noise_scale``, imported on first use: this module never imports JAX).
 
 The simple noise scale :math:`B_{simple} = \mathrm{tr}\,\Sigma/|G|^2` (per-sample gradient
 covariance Σ, true gradient G) is estimated from squared gradient norms at two batch
@@ -34,13 +38,31 @@ Where the two batch sizes come from
   With an ``axis_name`` as well, ``m`` is averaged over devices and
   :math:`B_{big}` = k·``batch_size``·axis size.
 
-The transform must come FIRST in the chain (it needs raw gradients) and passes the
-gradients through unchanged (averaged over ``axis_name`` when one is given)::
+The extra-argument names are defined once, in :mod:`scaling.protocol`. The transform must
+come FIRST in the chain (it needs raw gradients) and passes the gradients through
+unchanged (averaged over ``axis_name`` when one is given)::
 
     tx = optax.chain(scaling.measure_noise_scale(batch_size=32, axis_name="batch"),
                      optax.adamw(1e-3))
     ...  # inside the pmapped step: updates, state = tx.update(local_grads, state, params)
     scaling.noise_scale(state).b_simple
+
+A settled, current value
+------------------------
+The noise scale changes during training (it starts small and grows), so an average over
+the whole run answers a question nobody asked. :func:`settled_noise_scale` takes the
+per-step estimates of the last ``window`` updates, gives their ratio of means with a
+standard error (delta method: the spread of :math:`\mathrm{tr}\Sigma_t - B|G|^2_t`), and
+calls it settled when the window before agrees within two standard errors.
+:func:`window_estimates` gives the same over consecutive windows: the trajectory.
+An EMA with decay β averages over about ``1/(1-β)`` updates (:func:`ema_window`).
+
+The free estimate from the optimizer's momentum
+-----------------------------------------------
+With momentum :math:`m_t = \beta m_{t-1} + (1-\beta)g_t` of batch gradients
+:math:`g_t = G + \epsilon_t` (:math:`E|\epsilon|^2 = \mathrm{tr}\Sigma/B`), the ratio
+:math:`\rho^2 = E|m|^2/E|g|^2` gives the signal-to-noise ratio at no extra compute
+(Su, kexue.fm/archives/11267): :func:`momentum_noise_scale`.
 
 Log format (read by ``python -m scaling noise``)
 ------------------------------------------------
@@ -58,41 +80,54 @@ raw per-step ratio; then the ratios are averaged, which is biased). An optional
 
 References:
   McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", arXiv 1812.06162,
-  appendix A.2; Su, https://kexue.fm/archives/10542. Compare EleutherAI gpt-neox
-  ``megatron/gradient_noise_scale`` and k-diffusion ``k_diffusion/gns.py``.
+  appendix A.2; Su, https://kexue.fm/archives/10542, https://kexue.fm/archives/11267.
+  Compare EleutherAI gpt-neox ``megatron/gradient_noise_scale`` and k-diffusion
+  ``k_diffusion/gns.py``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
 
-from optax_ext._common import check_range
 from scaling import _validate as v
 
 __all__ = [
     "NoiseEstimate",
     "NoiseScale",
     "NoiseEMA",
-    "NoiseScaleState",
     "NoiseLogEntry",
+    "SettledNoiseScale",
+    "WindowEstimate",
+    "MomentumNoiseScale",
     "two_batch_estimates",
     "noise_ema_init",
     "noise_ema_update",
     "noise_ema_read",
-    "measure_noise_scale",
-    "noise_scale",
-    "noise_log_record",
+    "ema_window",
+    "ema_decay",
     "read_noise_log",
+    "window_estimates",
+    "settled_noise_scale",
+    "momentum_noise_scale",
 ]
+
+# The transform and its state live with the transforms (optax_ext imports scaling, never
+# the reverse); these names stay reachable from here, imported from there on first use.
+_FROM_OPTAX_EXT = ("NoiseScaleState", "measure_noise_scale", "noise_scale", "noise_log_record")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_OPTAX_EXT:
+        from optax_ext import noise_scale as transform
+
+        return getattr(transform, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class NoiseEstimate(NamedTuple):
@@ -118,22 +153,6 @@ class NoiseEMA(NamedTuple):
     weight: Any
 
 
-class NoiseScaleState(NamedTuple):
-    """State of :func:`measure_noise_scale`.
-
-    Attributes:
-      count: int32 number of updates.
-      ema: :class:`NoiseEMA` (numerator ``trace_sigma``, denominator ``g2``, ``weight``).
-      last_g2: the last step's raw :math:`|G|^2` estimate.
-      last_trace_sigma: the last step's raw :math:`\\mathrm{tr}\\,\\Sigma` estimate.
-    """
-
-    count: jax.Array
-    ema: NoiseEMA
-    last_g2: jax.Array
-    last_trace_sigma: jax.Array
-
-
 # ------------------------------------------------------------------- estimators
 
 
@@ -146,8 +165,9 @@ def two_batch_estimates(g2_small, g2_big, b_small, b_big) -> NoiseEstimate:
       \mathrm{tr}\Sigma \approx \frac{|G_{small}|^2 - |G_{big}|^2}{1/B_{small}-1/B_{big}}
 
     Arithmetic only: works on Python floats, NumPy and JAX arrays (inside ``jit``).
-    Concrete batch sizes are checked: both > 0 and finite, and ``b_small != b_big``
-    (otherwise ``ValueError``); traced ones are the caller's to keep apart.
+    Python and NumPy inputs are checked: batch sizes > 0, finite and
+    ``b_small != b_big``, results finite (otherwise ``ValueError``); JAX arrays pass
+    unchecked, as inside a training step, where the caller keeps the sizes apart.
 
     Example:
       >>> two_batch_estimates(7.125, 4.390625, 32, 256)
@@ -156,27 +176,42 @@ def two_batch_estimates(g2_small, g2_big, b_small, b_big) -> NoiseEstimate:
     References:
       McCandlish et al. 2018, arXiv 1812.06162, appendix A.2.
     """
+    if any(_is_jax(x) for x in (g2_small, g2_big, b_small, b_big)):
+        return NoiseEstimate(*_two_batch(g2_small, g2_big, b_small, b_big))
     v.finite_positive("b_small", b_small)
     v.finite_positive("b_big", b_big)
-    if not (v.is_traced(b_small) or v.is_traced(b_big)) and np.any(
-        np.asarray(b_small, dtype=np.float64) == np.asarray(b_big, dtype=np.float64)
-    ):
+    if np.any(np.asarray(b_small, dtype=np.float64) == np.asarray(b_big, dtype=np.float64)):
         raise ValueError(
             f"b_small and b_big must differ (two batch sizes), got b_small={b_small!r}, "
             f"b_big={b_big!r}"
         )
     inputs = dict(g2_small=g2_small, g2_big=g2_big, b_small=b_small, b_big=b_big)
     with v.arithmetic("the two-batch estimates", inputs):
-        g2 = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
-        trace = (g2_small - g2_big) / (1 / b_small - 1 / b_big)
+        g2, trace = _two_batch(g2_small, g2_big, b_small, b_big)
     return NoiseEstimate(
         v.result("|G|^2", g2, inputs, positive=False),
         v.result("tr(Sigma)", trace, inputs, positive=False),
     )
 
 
-def noise_ema_init(dtype=jnp.float32) -> NoiseEMA:
-    """A zero :class:`NoiseEMA` (JAX scalars). ``NoiseEMA(0.0, 0.0, 0.0)`` works too."""
+def _two_batch(g2_small, g2_big, b_small, b_big):
+    g2 = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
+    trace = (g2_small - g2_big) / (1 / b_small - 1 / b_big)
+    return g2, trace
+
+
+def _is_jax(x) -> bool:
+    return type(x).__module__.startswith(("jax", "jaxlib"))
+
+
+def noise_ema_init(dtype=None) -> NoiseEMA:
+    """A zero :class:`NoiseEMA` of JAX scalars (float32 unless ``dtype``); imports JAX.
+
+    For Python arithmetic (a log) use ``NoiseEMA(0.0, 0.0, 0.0)``.
+    """
+    import jax.numpy as jnp  # only here: the rest of the module is pure Python
+
+    dtype = jnp.float32 if dtype is None else dtype
     # Separate buffers: a shared one could not be donated (jit donate_argnums).
     return NoiseEMA(*(jnp.zeros([], dtype) for _ in range(3)))
 
@@ -199,10 +234,13 @@ def _ratio(num, den, *, nonpositive):
         if den > 0:
             return num / den
         return math.nan if num == 0 and den == 0 else nonpositive
-    den = jnp.asarray(den)
-    safe = jnp.where(den > 0, den, 1)
-    fallback = jnp.where((den == 0) & (num == 0), jnp.nan, nonpositive)
-    return jnp.where(den > 0, num / safe, fallback)
+    # Arrays: JAX's numpy for JAX arrays (loaded already, since the caller has them), else
+    # NumPy; the same where-selects, so a jitted step stays branch-free.
+    xp = sys.modules["jax.numpy"] if _is_jax(num) or _is_jax(den) else np
+    den = xp.asarray(den)
+    safe = xp.where(den > 0, den, 1)
+    fallback = xp.where((den == 0) & (num == 0), xp.nan, nonpositive)
+    return xp.where(den > 0, num / safe, fallback)
 
 
 def noise_ema_read(ema: NoiseEMA) -> NoiseScale:
@@ -218,179 +256,15 @@ def noise_ema_read(ema: NoiseEMA) -> NoiseScale:
     )
 
 
-# -------------------------------------------------------------------- transform
-
-
-def _sq_norm(tree) -> jax.Array:
-    # The barrier keeps XLA from merging this g * g with the g² of a following Adam, which
-    # would materialise g² for both users (an extra write and read of the gradients' size).
-    leaves = lax.optimization_barrier(jax.tree_util.tree_leaves(tree))
-    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0))
-
-
-def measure_noise_scale(
-    batch_size: float, axis_name: str | None = None, ema: float = 0.99
-) -> optax.GradientTransformationExtraArgs:
-    r"""An optax transform that measures :math:`B_{simple}` during training.
-
-    Place it FIRST in ``optax.chain``. It passes the gradients through unchanged; with an
-    ``axis_name`` it emits them averaged over the axis (``lax.pmean``), so the step
-    function must not average them again. Each update computes the two-batch estimates
-    (:func:`two_batch_estimates`) and updates debiased EMAs of numerator and denominator
-    (:func:`noise_ema_update`); read them with :func:`noise_scale`.
-
-    Two batch sizes are needed, from one of:
-
-    - ``axis_name`` (pmap / shard_map): local gradient (B_small = ``batch_size``, the
-      per-device batch) versus the average over the axis (B_big = ``batch_size`` × axis
-      size).
-    - gradient accumulation: extra args ``micro_grad_sq_norm`` (mean over the k micro-
-      batches of each micro-batch gradient's squared norm) and ``accumulation_steps`` (k)
-      passed by ``accumulate_gradients``: B_small = ``batch_size`` (one micro-batch),
-      B_big = k × ``batch_size`` (× axis size with an ``axis_name``).
-
-    With neither, :meth:`update` raises ``ValueError``. When B_big equals B_small (an
-    axis of size 1, k = 1) the step cannot be measured and the EMAs are left unchanged.
-
-    Args:
-      batch_size: examples in one gradient the transform sees locally: the per-device
-        batch, or the micro-batch under accumulation (> 0).
-      axis_name: the pmap / shard_map axis over which to average the gradients, or None.
-      ema: decay of the EMAs in [0, 1) (0.99: about the last 100 steps).
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` with state :class:`NoiseScaleState`.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, optax
-      >>> tx = measure_noise_scale(batch_size=8)
-      >>> g = {"w": jnp.ones(3)}
-      >>> s = tx.init(g)
-      >>> u, s = tx.update(g, s, micro_grad_sq_norm=jnp.float32(4.0), accumulation_steps=4)
-      >>> round(float(noise_scale(s).b_simple), 4)  # trΣ = 1/(1/8-1/32), |G|² = 64/24
-      4.0
-
-    References:
-      McCandlish et al. 2018, arXiv 1812.06162, appendix A.2; Su,
-      https://kexue.fm/archives/10542.
-    """
-    check_range("batch_size", batch_size, 0.0, None, low_open=True)
-    check_range("ema", ema, 0.0, 1.0, high_open=True)
-
-    def init_fn(params):
-        del params
-        return NoiseScaleState(
-            jnp.zeros([], jnp.int32),
-            noise_ema_init(),
-            jnp.zeros([], jnp.float32),
-            jnp.zeros([], jnp.float32),
-        )
-
-    def update_fn(
-        updates,
-        state,
-        params=None,
-        *,
-        micro_grad_sq_norm=None,
-        accumulation_steps=None,
-        **extra_args,
-    ):
-        del params, extra_args
-        if micro_grad_sq_norm is not None:
-            if accumulation_steps is None:
-                raise ValueError("micro_grad_sq_norm was given without accumulation_steps")
-            g2_small = jnp.asarray(micro_grad_sq_norm, jnp.float32)
-            b_big = jnp.asarray(accumulation_steps, jnp.float32) * batch_size
-        elif axis_name is not None:
-            g2_small = _sq_norm(updates)
-            b_big = jnp.float32(batch_size)
-        else:
-            raise ValueError(
-                "measure_noise_scale needs two batch sizes: give axis_name (under pmap or "
-                "shard_map) or wrap the optimizer in accumulate_gradients"
-            )
-        if axis_name is not None:
-            # One collective for the gradients and the small-batch statistic.
-            updates, g2_small = lax.pmean((updates, g2_small), axis_name)
-            b_big = b_big * lax.axis_size(axis_name)
-        g2_big = _sq_norm(updates)
-        b_small = jnp.float32(batch_size)
-        valid = b_big > b_small
-        # A dummy big batch keeps the arithmetic finite on the unmeasurable path.
-        est = two_batch_estimates(g2_small, g2_big, b_small, jnp.where(valid, b_big, 2 * b_small))
-        new = noise_ema_update(state.ema, est.g2, est.trace_sigma, ema)
-        keep = lambda n, o: jnp.where(valid, n, o).astype(jnp.float32)
-        new_state = NoiseScaleState(
-            count=optax.safe_increment(state.count),
-            ema=jax.tree.map(keep, new, state.ema),
-            last_g2=keep(est.g2, state.last_g2),
-            last_trace_sigma=keep(est.trace_sigma, state.last_trace_sigma),
-        )
-        return updates, new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _find_states(opt_state) -> list[NoiseScaleState]:
-    is_ours = lambda x: isinstance(x, NoiseScaleState)
-    leaves = jax.tree_util.tree_leaves(opt_state, is_leaf=is_ours)
-    return [x for x in leaves if is_ours(x)]
-
-
-def noise_scale(opt_state) -> NoiseScale:
-    """Reads the measured :class:`NoiseScale` from an optimizer state.
-
-    Finds the :class:`NoiseScaleState` anywhere inside a nested optax state (chain,
-    ``inject_hyperparams``, ``multi_transform``, a Flax ``TrainState.opt_state``...).
-    A state replicated by ``jax.pmap`` (leading device axis) is read from its first
-    replica (all replicas are equal: they are computed from averaged values). Works
-    inside ``jit`` (returns arrays).
-
-    Returns:
-      ``NoiseScale(b_simple, g2, trace_sigma)`` as JAX scalars; ``float(...)`` them to log.
-
-    Raises:
-      ValueError: if the state holds no :class:`NoiseScaleState`, or more than one.
-    """
-    found = _find_states(opt_state)
-    if len(found) != 1:
-        raise ValueError(
-            f"expected exactly one NoiseScaleState (from measure_noise_scale) in the "
-            f"optimizer state, found {len(found)}"
-        )
-    state = found[0]
-    if jnp.ndim(state.count) > 0:
-        index = (0,) * jnp.ndim(state.count)
-        state = jax.tree.map(lambda x: x[index], state)
-    return noise_ema_read(state.ema)
-
-
-def noise_log_record(step: int, opt_state) -> dict:
-    """One line of the noise log (see the module docstring) from an optimizer state.
-
-    Holds the last raw estimates ``g2`` and ``trace_sigma`` (what ``python -m scaling
-    noise`` averages) and, for reading by eye, the transform's own ``b_simple_ema``.
-    Call ``json.dumps`` on it and write one per line.
-    """
-    state = _find_states(opt_state)
-    if len(state) != 1:
-        raise ValueError(f"expected exactly one NoiseScaleState, found {len(state)}")
-    s = state[0]
-    if jnp.ndim(s.count) > 0:
-        s = jax.tree.map(lambda x: x[(0,) * jnp.ndim(s.count)], s)
-    return {
-        "step": int(step),
-        "g2": float(s.last_g2),
-        "trace_sigma": float(s.last_trace_sigma),
-        "b_simple_ema": float(noise_ema_read(s.ema).b_simple),
-    }
-
-
 # ------------------------------------------------------------------------ log
 
 
 class NoiseLogEntry(NamedTuple):
-    """One parsed log line and the running average after it."""
+    """One parsed log line and the running average after it.
+
+    ``g2_raw`` / ``trace_sigma_raw`` are the line's own estimates (``None`` in a log of
+    ratios, where ``b_simple_raw`` is the line's ratio).
+    """
 
     line: int
     step: int
@@ -398,6 +272,8 @@ class NoiseLogEntry(NamedTuple):
     b_simple_ema: float
     g2_ema: float | None
     trace_sigma_ema: float | None
+    g2_raw: float | None = None
+    trace_sigma_raw: float | None = None
 
 
 def _short(value) -> str:
@@ -430,7 +306,7 @@ def read_noise_log(lines: Iterable[str], ema: float = 0.99) -> list[NoiseLogEntr
         too large for a float, mixed kinds, a step that does not increase, a changed
         ``batch_size``), or an empty log.
     """
-    check_range("ema", ema, 0.0, 1.0, high_open=True)
+    v.beta("ema", ema)
     ratio_ema = NoiseEMA(0.0, 0.0, 0.0)  # trace_sigma slot holds the ratio's EMA
     split_ema = NoiseEMA(0.0, 0.0, 0.0)
     kind = None
@@ -482,7 +358,9 @@ def read_noise_log(lines: Iterable[str], ema: float = 0.99) -> list[NoiseLogEntr
             split_ema = noise_ema_update(split_ema, g2, trace, ema)
             est = noise_ema_read(split_ema)
             raw = _ratio(trace, g2, nonpositive=math.inf)
-            out.append(NoiseLogEntry(lineno, step, raw, est.b_simple, est.g2, est.trace_sigma))
+            out.append(
+                NoiseLogEntry(lineno, step, raw, est.b_simple, est.g2, est.trace_sigma, g2, trace)
+            )
         else:
             raw = _number(obj, "b_simple", lineno)
             ratio_ema = noise_ema_update(ratio_ema, 0.0, raw, ema)
@@ -491,3 +369,240 @@ def read_noise_log(lines: Iterable[str], ema: float = 0.99) -> list[NoiseLogEntr
     if not out:
         raise ValueError("the noise log has no entries")
     return out
+
+
+# ------------------------------------------------------------- settled estimate
+
+
+def ema_window(decay: float) -> float:
+    """Updates an EMA with this decay averages over, ``1/(1-decay)`` (0.99: 100).
+
+    Example:
+      >>> round(ema_window(0.99), 6)
+      100.0
+    """
+    v.beta("decay", decay)
+    return 1.0 / (1.0 - float(decay))
+
+
+def ema_decay(window: float) -> float:
+    """The EMA decay for a window of ``window`` updates, ``1 - 1/window`` (>= 1).
+
+    Example:
+      >>> ema_decay(100)
+      0.99
+    """
+    v.check("window", window, 1.0, 1e308)
+    return 1.0 - 1.0 / float(window)
+
+
+class WindowEstimate(NamedTuple):
+    """B_simple over one window of consecutive updates.
+
+    Attributes:
+      first_step, last_step: the window's first and last logged step.
+      count: per-step estimates in the window.
+      b_simple: ratio of the window's means, ``mean(trace_sigma) / mean(g2)``; ``inf``
+        when ``mean(g2) <= 0`` (the noise swamps the signal).
+      stderr: its standard error (delta method), ``inf`` with ``b_simple``.
+    """
+
+    first_step: int
+    last_step: int
+    count: int
+    b_simple: float
+    stderr: float
+
+
+class SettledNoiseScale(NamedTuple):
+    """The current B_simple, its uncertainty, and whether it has settled.
+
+    Attributes:
+      b_simple: B_simple over the last ``window`` updates (ratio of means).
+      stderr: its standard error; ``b_simple ± 2·stderr`` is a ~95% interval.
+      settled: ``True`` when the window before gives the same value within two combined
+        standard errors and the relative error is below 50%.
+      window: updates per window.
+      previous: the window before's B_simple (``None`` with fewer than two windows).
+      reason: one line saying why (not) settled.
+    """
+
+    b_simple: float
+    stderr: float
+    settled: bool
+    window: int
+    previous: float | None
+    reason: str
+
+
+def _ratio_of_means(trace, g2) -> tuple[float, float]:
+    t, g = np.asarray(trace, np.float64), np.asarray(g2, np.float64)
+    with np.errstate(all="ignore"):  # huge logged values: inf here means "not measurable"
+        mean_g, mean_t = float(np.mean(g)), float(np.mean(t))
+        if not (mean_g > 0 and math.isfinite(mean_g) and math.isfinite(mean_t)):
+            return math.inf, math.inf
+        ratio = mean_t / mean_g
+        if t.size < 2:
+            return ratio, math.inf
+        # Delta method for a ratio of means: var(R) ~ var(t - R g) / (n mean(g)^2).
+        spread = float(np.var(t - ratio * g, ddof=1))
+        stderr = math.sqrt(spread / t.size) / mean_g
+    return ratio, stderr if math.isfinite(stderr) else math.inf
+
+
+def _series(entries: Sequence[NoiseLogEntry]):
+    steps = [e.step for e in entries]
+    if entries and entries[0].g2_raw is None:  # a log of ratios: means of the ratios
+        return steps, [e.b_simple_raw for e in entries], [1.0] * len(entries)
+    return steps, [e.trace_sigma_raw for e in entries], [e.g2_raw for e in entries]
+
+
+def window_estimates(entries: Sequence[NoiseLogEntry], window: int = 100) -> list[WindowEstimate]:
+    """B_simple over consecutive windows of ``window`` log entries: the trajectory.
+
+    Windows are counted from the end, so the last one is always full; the first holds
+    the remainder. Each is a ratio of means with a delta-method standard error (a log of
+    ratios gives the windows' mean ratio and its standard error, which is biased).
+
+    Args:
+      entries: from :func:`read_noise_log`.
+      window: entries (updates) per window, >= 2.
+
+    Example:
+      >>> lines = [f'{{"step": {i}, "g2": 1.0, "trace_sigma": {10 + i % 2}}}' for i in range(6)]
+      >>> [(w.first_step, round(w.b_simple, 3)) for w in window_estimates(read_noise_log(lines), 2)]
+      [(0, 10.5), (2, 10.5), (4, 10.5)]
+    """
+    v.check("window", window, 2, None)
+    window = int(window)
+    if not entries:
+        raise ValueError("window_estimates needs at least one log entry")
+    steps, num, den = _series(entries)
+    out = []
+    end = len(entries)
+    while end > 0:
+        start = max(0, end - window)
+        ratio, stderr = _ratio_of_means(num[start:end], den[start:end])
+        out.append(WindowEstimate(steps[start], steps[end - 1], end - start, ratio, stderr))
+        end = start
+    return out[::-1]
+
+
+def settled_noise_scale(entries: Sequence[NoiseLogEntry], window: int = 100) -> SettledNoiseScale:
+    """The current B_simple from the last ``window`` updates, and whether it has settled.
+
+    Settled means: at least two full windows, a finite estimate with relative standard
+    error below 50%, and the window before within two combined standard errors
+    (:math:`|B_{last} - B_{prev}| \\le 2\\sqrt{s_{last}^2 + s_{prev}^2}`). A B_simple that
+    still climbs (as early in training) fails the last test, and ``reason`` says by how
+    much it moved.
+
+    Args:
+      entries: from :func:`read_noise_log`.
+      window: updates per window (>= 2); 100 matches an EMA of 0.99.
+
+    Returns:
+      A :class:`SettledNoiseScale`.
+
+    Example:
+      >>> lines = [f'{{"step": {i}, "g2": 1.0, "trace_sigma": {10 + i % 2}}}' for i in range(8)]
+      >>> s = settled_noise_scale(read_noise_log(lines), window=4)
+      >>> round(s.b_simple, 3), s.settled
+      (10.5, True)
+
+    References:
+      McCandlish et al. 2018, arXiv 1812.06162, app. A.2; Merrill et al. 2025 and Zhang
+      et al. 2025 (the noise scale grows during training).
+    """
+    windows = window_estimates(entries, window)
+    last = windows[-1]
+    prev = windows[-2] if len(windows) > 1 and windows[-2].count == last.count else None
+    previous = None if prev is None else prev.b_simple
+
+    def result(settled, reason):
+        return SettledNoiseScale(last.b_simple, last.stderr, settled, int(window), previous, reason)
+
+    if not math.isfinite(last.b_simple):
+        return result(
+            False,
+            "not measurable: the mean |G|^2 of the last window is <= 0 "
+            "(the noise swamps the signal)",
+        )
+    if prev is None:
+        return result(
+            False, f"only {len(entries)} updates: settling needs two windows of {int(window)}"
+        )
+    rel = last.stderr / last.b_simple if last.b_simple > 0 else math.inf
+    if not rel < 0.5:
+        return result(False, f"too uncertain: relative standard error {rel:.0%} >= 50%")
+    if not math.isfinite(prev.b_simple):
+        return result(False, "the window before was not measurable (mean |G|^2 <= 0)")
+    gap = abs(last.b_simple - prev.b_simple)
+    allowed = 2 * math.hypot(last.stderr, prev.stderr)
+    if gap > allowed:
+        return result(
+            False,
+            f"still moving: {prev.b_simple:.4g} -> {last.b_simple:.4g} "
+            f"between the last two windows (> 2 standard errors, {allowed:.3g})",
+        )
+    return result(True, f"the last two windows agree within 2 standard errors ({allowed:.3g})")
+
+
+# ------------------------------------------------------------ from the momentum
+
+
+class MomentumNoiseScale(NamedTuple):
+    """The noise scale read from the momentum: ``snr`` = |G|²/(trΣ/B), ``b_simple`` = B/SNR."""
+
+    snr: float
+    b_simple: float
+
+
+def momentum_noise_scale(momentum_sq_norm, grad_sq_norm, beta, batch_size) -> MomentumNoiseScale:
+    r"""B_simple from the ratio of the momentum's and the gradients' squared norms.
+
+    With :math:`m_t = \beta m_{t-1} + (1-\beta) g_t` in steady state and
+    :math:`r = (1-\beta)/(1+\beta)`:
+    :math:`E|m|^2 = |G|^2 + r\,\mathrm{tr}\Sigma/B` and
+    :math:`E|g|^2 = |G|^2 + \mathrm{tr}\Sigma/B`, so with :math:`\rho^2 = E|m|^2/E|g|^2`
+
+    .. math:: \mathrm{SNR} = \frac{\rho^2 - r}{1 - \rho^2},\qquad
+              B_{simple} = \frac{B}{\mathrm{SNR}} = B\,\frac{1-\rho^2}{\rho^2 - r}
+
+    Pass averages (EMAs over many steps) of both squared norms: one step's ratio is
+    noisy. The momentum must be the EMA form; for a heavy-ball ``m = βm + g`` multiply its
+    squared norm by :math:`(1-\beta)^2`. Assumes the gradient mean changes slowly over
+    the momentum's window (about :math:`1/(1-\beta)` steps).
+
+    Args:
+      momentum_sq_norm: :math:`E|m|^2` (>= 0).
+      grad_sq_norm: :math:`E|g|^2` (> 0) of the same steps' batch gradients.
+      beta: the momentum's decay in [0, 1).
+      batch_size: the batch B of each gradient.
+
+    Returns:
+      :class:`MomentumNoiseScale`. ``b_simple`` is ``inf`` (SNR 0) when
+      :math:`\rho^2 \le r` (pure noise) and 0 when :math:`\rho \ge 1` (no measurable
+      noise).
+
+    Example:
+      >>> # |G|^2 = 1, trSigma/B = 4 (B = 32: B_simple = 128), beta = 0.9 (r = 1/19)
+      >>> r = momentum_noise_scale(1 + 4 / 19, 1 + 4, 0.9, 32)
+      >>> round(r.snr, 6), round(r.b_simple, 6)
+      (0.25, 128.0)
+
+    References:
+      Su, https://kexue.fm/archives/11267.
+    """
+    v.nonnegative("momentum_sq_norm", momentum_sq_norm)
+    v.finite_positive("grad_sq_norm", grad_sq_norm)
+    v.beta("beta", beta)
+    v.finite_positive("batch_size", batch_size)
+    inputs = dict(momentum_sq_norm=momentum_sq_norm, grad_sq_norm=grad_sq_norm)
+    rho2 = v.result("rho^2", float(momentum_sq_norm) / float(grad_sq_norm), inputs, positive=False)
+    r = (1 - float(beta)) / (1 + float(beta))
+    if rho2 <= r:
+        return MomentumNoiseScale(0.0, math.inf)
+    if rho2 >= 1:
+        return MomentumNoiseScale(math.inf, 0.0)
+    return MomentumNoiseScale((rho2 - r) / (1 - rho2), float(batch_size) * (1 - rho2) / (rho2 - r))

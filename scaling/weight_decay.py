@@ -14,19 +14,31 @@ weight RMS, Su's optimal lr / decay schedules, AdamW → Lion transfer and Amos-
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from optax_ext.schedules import DecaySchedules
-from optax_ext.schedules import constant_decay_lr_schedule as su_constant_decay_lr_schedule
-from optax_ext.schedules import coupled_decay_schedules as su_coupled_decay_schedules
 from scaling import _validate as v
 
 # Su's optimal lr / weight-decay schedules (kexue.fm/archives/11459) are optax schedules
-# and live in optax_ext.schedules; scaling re-exports them under these names.
+# (jit-traceable, jax.lax inside) and live in optax_ext.schedules, defined once; scaling
+# keeps these names reachable, imported from there on first use, so that importing
+# scaling never loads JAX.
+_SCHEDULES = {
+    "DecaySchedules": "DecaySchedules",
+    "su_constant_decay_lr_schedule": "constant_decay_lr_schedule",
+    "su_coupled_decay_schedules": "coupled_decay_schedules",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SCHEDULES:
+        from optax_ext import schedules
+
+        return getattr(schedules, _SCHEDULES[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "LrAndDecay",
-    "DecaySchedules",
     "ema_timescale",
     "ema_timescale_epochs",
     "transfer_weight_decay",
@@ -35,8 +47,6 @@ __all__ = [
     "coupled_to_independent",
     "independent_to_coupled",
     "equilibrium_weight_rms",
-    "su_constant_decay_lr_schedule",
-    "su_coupled_decay_schedules",
     "lion_from_adamw",
     "amos_sign_hyperparams",
 ]

@@ -21,6 +21,7 @@ from helpers import (
     random_tree,
 )
 
+from optax_ext import noise_scale as transform
 from scaling import noise
 
 D_W, D_B = (8, 6), (16,)
@@ -99,7 +100,7 @@ def test_accumulation_args_match_float64_reference():
     """Update by update against the spec's formulas in float64."""
     rng = np.random.default_rng(2)
     k, decay = 4, 0.8
-    tx = noise.measure_noise_scale(batch_size=B_SMALL, ema=decay)
+    tx = transform.measure_noise_scale(batch_size=B_SMALL, ema=decay)
     state = tx.init(_params())
     update = jax.jit(tx.update)
     num = den = wsum = 0.0
@@ -124,14 +125,14 @@ def test_accumulation_args_match_float64_reference():
             decay * wsum + (1 - decay),
         )
         np.testing.assert_allclose([state.last_g2, state.last_trace_sigma], [g2, tr], rtol=1e-5)
-    got = noise.noise_scale(state)
+    got = transform.noise_scale(state)
     np.testing.assert_allclose(got, (num / den, den / wsum, num / wsum), rtol=1e-5)
     assert int(state.count) == 5
 
 
 def test_recovers_b_simple_under_pmap_with_axis_name():
     g, lo, true = _problem()
-    tx = optax.chain(noise.measure_noise_scale(B_SMALL, axis_name="i"), optax.scale(1.0))
+    tx = optax.chain(transform.measure_noise_scale(B_SMALL, axis_name="i"), optax.scale(1.0))
     state0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (N_DEV, *x.shape)), tx.init(_params()))
 
     def run(state, keys):
@@ -150,11 +151,11 @@ def test_recovers_b_simple_under_pmap_with_axis_name():
     state, maxdiff = jax.pmap(run, axis_name="i")(state0, keys)
     # the updates are the gradients averaged over the axis (no pmean by the caller)
     assert float(maxdiff.max()) < 1e-6
-    est = noise.noise_scale(state)  # replicated state: read from the first replica
+    est = transform.noise_scale(state)  # replicated state: read from the first replica
     assert abs(float(est.b_simple) / true - 1) < 0.10, (float(est.b_simple), true)
     np.testing.assert_allclose(float(est.g2), float(g @ g), rtol=0.10)
     counts = np.asarray(
-        jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, noise.NoiseScaleState))[0].count
+        jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, transform.NoiseScaleState))[0].count
     )
     assert (counts == STEPS).all()
 
@@ -163,7 +164,7 @@ def test_recovers_b_simple_with_accumulation_extra_args():
     """Simulates accumulate_gradients(inner, k): micro-batch norms and the mean gradient."""
     g, lo, true = _problem(seed=3, b_simple=200.0)
     k = 8
-    tx = optax.chain(noise.measure_noise_scale(B_SMALL), optax.adamw(1e-3))
+    tx = optax.chain(transform.measure_noise_scale(B_SMALL), optax.adamw(1e-3))
 
     @jax.jit
     def run(state, keys):
@@ -179,7 +180,7 @@ def test_recovers_b_simple_with_accumulation_extra_args():
         return jax.lax.scan(step, state, keys)[0]
 
     state = run(tx.init(_params()), jax.random.split(jax.random.key(1), STEPS))
-    est = noise.noise_scale(state)
+    est = transform.noise_scale(state)
     assert abs(float(est.b_simple) / true - 1) < 0.10, (float(est.b_simple), true)
 
 
@@ -190,7 +191,7 @@ def test_axis_name_and_accumulation_together():
     rng = np.random.default_rng(5)
     local = rng.standard_normal((N_DEV, D)).astype(np.float32)
     micro_sq = np.sum(local.astype(np.float64) ** 2, 1) + rng.uniform(1, 3, N_DEV)
-    tx = noise.measure_noise_scale(B_SMALL, axis_name="i", ema=0.5)
+    tx = transform.measure_noise_scale(B_SMALL, axis_name="i", ema=0.5)
 
     def step(grads, m):
         return tx.update(
@@ -214,7 +215,7 @@ def test_axis_name_and_accumulation_together():
 
 
 def test_needs_two_batch_sizes():
-    tx = noise.measure_noise_scale(8)
+    tx = transform.measure_noise_scale(8)
     with pytest.raises(ValueError, match="needs two batch sizes"):
         tx.update(_params(), tx.init(_params()))
     with pytest.raises(ValueError, match="without accumulation_steps"):
@@ -222,19 +223,19 @@ def test_needs_two_batch_sizes():
 
 
 def test_one_micro_batch_leaves_the_estimate_unchanged():
-    tx = noise.measure_noise_scale(8)
+    tx = transform.measure_noise_scale(8)
     state = tx.init(_params())
     grads = jax.tree.map(jnp.ones_like, _params())
     _, state = tx.update(grads, state, micro_grad_sq_norm=jnp.float32(90.0), accumulation_steps=2)
-    before = noise.noise_scale(state)
+    before = transform.noise_scale(state)
     _, state = tx.update(grads, state, micro_grad_sq_norm=jnp.float32(1.0), accumulation_steps=1)
     assert int(state.count) == 2
-    np.testing.assert_array_equal(noise.noise_scale(state), before)
+    np.testing.assert_array_equal(transform.noise_scale(state), before)
     assert np.isfinite(np.asarray(jax.tree.leaves(state), np.float64)).all()
 
 
 def test_noise_scale_finds_state_in_nested_optax_states():
-    injected = optax.inject_hyperparams(noise.measure_noise_scale, static_args=("batch_size",))(
+    injected = optax.inject_hyperparams(transform.measure_noise_scale, static_args=("batch_size",))(
         batch_size=8, ema=0.5
     )
     tx = optax.chain(injected, optax.masked(optax.adam(1e-3), {"w": True, "b": False}))
@@ -247,23 +248,23 @@ def test_noise_scale_finds_state_in_nested_optax_states():
     want_tr = 8.0 / (1 / 8 - 1 / 24)
     want_g2 = (24 * D - 8 * (D + 8.0)) / 16
     np.testing.assert_allclose(
-        noise.noise_scale(state), (want_tr / want_g2, want_g2, want_tr), rtol=1e-5
+        transform.noise_scale(state), (want_tr / want_g2, want_g2, want_tr), rtol=1e-5
     )
     with pytest.raises(ValueError, match="found 0"):
-        noise.noise_scale(optax.adam(1e-3).init(_params()))
+        transform.noise_scale(optax.adam(1e-3).init(_params()))
     with pytest.raises(ValueError, match="found 2"):
-        noise.noise_scale((state, state))
+        transform.noise_scale((state, state))
 
 
 def test_bad_hyperparameters():
     with pytest.raises(ValueError, match=r"batch_size must be in \(0, inf\), got 0"):
-        noise.measure_noise_scale(0)
+        transform.measure_noise_scale(0)
     with pytest.raises(ValueError, match=r"ema must be in \[0, 1\), got 1.0"):
-        noise.measure_noise_scale(8, ema=1.0)
+        transform.measure_noise_scale(8, ema=1.0)
 
 
 def test_state_can_be_donated_and_does_not_recompile():
-    tx = optax.chain(noise.measure_noise_scale(8), optax.adamw(1e-3))
+    tx = optax.chain(transform.measure_noise_scale(8), optax.adamw(1e-3))
 
     def step(params, state, grads, m):
         updates, state = tx.update(grads, state, params, micro_grad_sq_norm=m, accumulation_steps=2)
@@ -282,14 +283,14 @@ def test_every_device_path_agrees_with_accumulation_args():
     params = random_tree(0, max_leaves=3)
     grads = [random_grads_like(params, seed) for seed in range(2)]
     extra = {"micro_grad_sq_norm": jnp.float32(5e3), "accumulation_steps": 4}
-    tx = optax.chain(noise.measure_noise_scale(16), optax.adamw(1e-2))
+    tx = optax.chain(transform.measure_noise_scale(16), optax.adamw(1e-2))
     assert_same_on_all_paths(tx, params, grads, extra_args=extra)
     assert_no_recompile(tx, params, grads, extra_args=extra)
     abstract_init_matches(tx, params)
 
 
 def test_numeric_hyperparameters_can_be_injected():
-    tx = optax.inject_hyperparams(noise.measure_noise_scale)(batch_size=8.0, ema=0.5)
+    tx = optax.inject_hyperparams(transform.measure_noise_scale)(batch_size=8.0, ema=0.5)
     state = tx.init(_params())
     grads = jax.tree.map(jnp.ones_like, _params())
     step = jax.jit(
@@ -297,12 +298,12 @@ def test_numeric_hyperparameters_can_be_injected():
     )
     state = step(state, 0)
     np.testing.assert_allclose(
-        noise.noise_scale(state).trace_sigma, 8.0 / (1 / 8 - 1 / 24), rtol=1e-5
+        transform.noise_scale(state).trace_sigma, 8.0 / (1 / 8 - 1 / 24), rtol=1e-5
     )
 
 
 def test_abstract_init():
-    tx = noise.measure_noise_scale(8, axis_name="i")
+    tx = transform.measure_noise_scale(8, axis_name="i")
     abstract = jax.eval_shape(
         tx.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params())
     )
@@ -314,7 +315,7 @@ def test_abstract_init():
 
 def test_log_records_reproduce_the_transform_estimate():
     rng = np.random.default_rng(4)
-    tx = noise.measure_noise_scale(B_SMALL, ema=0.95)
+    tx = transform.measure_noise_scale(B_SMALL, ema=0.95)
     state = tx.init(_params())
     lines = []
     for step in range(40):
@@ -323,11 +324,11 @@ def test_log_records_reproduce_the_transform_estimate():
         _, state = tx.update(
             _as_tree(mean), state, micro_grad_sq_norm=micro_sq, accumulation_steps=4
         )
-        lines.append(json.dumps(noise.noise_log_record(step, state)))
+        lines.append(json.dumps(transform.noise_log_record(step, state)))
     entries = noise.read_noise_log(lines, ema=0.95)
     assert len(entries) == 40 and entries[-1].step == 39
     np.testing.assert_allclose(
-        entries[-1].b_simple_ema, float(noise.noise_scale(state).b_simple), rtol=1e-4
+        entries[-1].b_simple_ema, float(transform.noise_scale(state).b_simple), rtol=1e-4
     )
 
 
