@@ -14,6 +14,7 @@ line on stderr and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -245,6 +246,8 @@ def _cmd_laws(a):
 
 
 def _cmd_noise(a):
+    if a.plot is not None:
+        _require_matplotlib()  # before reading: fail in a second, not after the work
     try:
         if a.log == "-":
             entries = noise.read_noise_log(sys.stdin, a.ema)
@@ -273,10 +276,114 @@ def _cmd_noise(a):
         rows,
         title=f"noise scale from {a.log} ({len(entries)} entries, ema {a.ema:g})",
     )
-    text += f"\nB_simple = {_b_cell(last.b_simple_ema)}"
+    text += f"\nB_simple (EMA) = {_b_cell(last.b_simple_ema)}"
     if not math.isfinite(last.b_simple_ema):
         text += _NOT_MEASURED
+
+    windows = noise.window_estimates(entries, a.window)
+    settled = noise.settled_noise_scale(entries, a.window)
+    picks = {"start": windows[0], "middle": windows[len(windows) // 2], "last": windows[-1]}
+    if len(windows) < 3:
+        picks.pop("middle")
+    if len(windows) < 2:
+        picks.pop("start")
+    rows = [
+        [
+            name,
+            f"{w.first_step}-{w.last_step}",
+            str(w.count),
+            _b_cell(w.b_simple),
+            _b_cell(w.stderr),
+        ]
+        for name, w in picks.items()
+    ]
+    text += "\n\n" + format_table(
+        ["window", "steps", "updates", "B_simple", "± stderr"],
+        rows,
+        title=f"trajectory: B_simple over windows of {a.window} updates",
+    )
+    state = "settled" if settled.settled else "NOT settled"
+    text += (
+        f"\ncurrent B_simple = {_b_cell(settled.b_simple)} ± {_b_cell(settled.stderr)} "
+        f"(last {settled.window} updates): {state}: {settled.reason}"
+    )
+    steps = [e.step for e in entries]
+    gaps = [(x, y) for x, y in itertools.pairwise(steps) if y - x > 1]
+    if gaps:
+        big = max(gaps, key=lambda p: p[1] - p[0])
+        text += (
+            f"\nnote: {len(gaps)} gap(s) in the logged steps (largest {big[0]} -> {big[1]});"
+            " windows and EMAs count logged updates"
+        )
+    data["windows"] = [w._asdict() for w in windows]
+    data["settled"] = settled._asdict()
+    data["gaps"] = len(gaps)
+    if a.plot is not None:
+        _plot_noise(entries, windows, settled, a.plot, a.log)
+        text += f"\nplot: {a.plot}"
     _emit(a, data, text)
+
+
+_INSTALL_HINT = 'pip install -e ".[notebooks]"'
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        raise ValueError(f"--plot needs matplotlib: {_INSTALL_HINT}") from None
+
+
+def _plot_noise(entries, windows, settled, path, title):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    finite = [
+        (e.step, e.b_simple_raw)
+        for e in entries
+        if math.isfinite(e.b_simple_raw) and e.b_simple_raw > 0
+    ]
+    if finite:
+        ax.scatter(
+            *zip(*finite, strict=True), s=4, alpha=0.3, color="0.6", label="per-step ratio (raw)"
+        )
+    ema = [
+        (e.step, e.b_simple_ema)
+        for e in entries
+        if math.isfinite(e.b_simple_ema) and e.b_simple_ema > 0
+    ]
+    if ema:
+        ax.plot(*zip(*ema, strict=True), color="tab:blue", lw=1.2, label="EMA")
+    good = [w for w in windows if math.isfinite(w.b_simple) and w.b_simple > 0]
+    if good:
+        ax.errorbar(
+            [(w.first_step + w.last_step) / 2 for w in good],
+            [w.b_simple for w in good],
+            yerr=[2 * min(w.stderr, w.b_simple * 0.999) for w in good],
+            fmt="o",
+            color="tab:orange",
+            capsize=3,
+            label="window ratio of means ± 2 s.e.",
+        )
+    if math.isfinite(settled.b_simple) and settled.b_simple > 0:
+        state = "settled" if settled.settled else "not settled"
+        ax.axhline(
+            settled.b_simple,
+            color="tab:green",
+            ls="--",
+            label=f"current {settled.b_simple:.4g} ({state})",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("B_simple")
+    ax.set_title(f"noise scale: {title}")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 _NOT_MEASURED = (
@@ -386,11 +493,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="average a JSON-lines log of noise statistics",
         description="Reads a JSON-lines log (one object per line with 'step' "
         "and either 'g2' and 'trace_sigma' or 'b_simple') and prints the "
-        "EMA'd B_simple.",
+        "EMA'd B_simple, its trajectory over windows and the current value with its "
+        "standard error and whether it has settled.",
     )
     q.add_argument("log", help="path of the log, or - for stdin")
     q.add_argument("--ema", type=_beta, default=0.99, help="EMA decay (default 0.99)")
     q.add_argument("--every", type=_count, help="print every N-th entry (default: ~10 rows)")
+    q.add_argument(
+        "--window",
+        type=cli.number(2, integer=True),
+        default=100,
+        help="updates per window of the trajectory and the current value (default 100)",
+    )
+    q.add_argument("--plot", metavar="PNG", help="draw the trajectory to this PNG file")
     common(q)
     q.set_defaults(func=_cmd_noise)
     return p

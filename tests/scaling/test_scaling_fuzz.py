@@ -88,7 +88,7 @@ FLAGS = {
         "--json",
     ],
     "laws": ["--compute", "--params", "--tokens", "--loss", "--json"],
-    "noise": ["--ema", "--every", "--json"],
+    "noise": ["--ema", "--every", "--window", "--json"],
 }
 REQUIRED = {
     "lr": ["--optimizer", "--lr", "--batch", "--to"],
