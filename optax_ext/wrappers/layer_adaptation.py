@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_range
+from optax_ext._common import check_range, decay_mask
 
 __all__ = ["layer_adapted"]
 
@@ -44,7 +44,9 @@ def layer_adapted(
 
     This is bert4keras's ratio ``‖θ‖/‖Δ/lr‖`` of the final step ``Δ = -η u``. (bert4keras
     sets r = 1 when ``‖Δ/lr‖ <= 1e-7``; we, like optax, only when a norm is exactly 0.)
-    With ``direction=optax.scale_by_adam(eps=1e-6)`` this equals ``optax.lamb``.
+    With ``direction=optax.scale_by_adam(eps=1e-6)`` and ``mask=True`` this equals
+    ``optax.lamb``. bert4keras keeps the step from vanishing with ``max(lr, 1e-7)`` in the
+    ratio's denominator; here a zero norm gives the ratio 1 instead, as in optax.
 
     Args:
       direction: any optax transform producing a descent direction *before* the learning
@@ -52,8 +54,9 @@ def layer_adapted(
         ``scale_by_tiger``...). Not a full optimizer that already applies a learning rate.
       learning_rate: η, a number or a schedule.
       weight_decay: λ >= 0, added to the direction before the trust ratio (as in LAMB).
-      mask: which leaves get weight decay: a tree of bools, a callable of params (e.g.
-        ``optax_ext.path_mask(exclude=optax_ext.NORM_AND_BIAS)``) or None (all).
+      mask: which leaves get weight decay, as in every alias here: None (the default
+        rule: all but biases and norm scales, ``NORM_AND_BIAS``), True (all, like
+        ``optax.lamb``'s default), a tree of bools or a callable of params.
       adaptation_mask: which leaves get the trust ratio (bert4keras's
         ``exclude_from_layer_adaptation``); same forms as ``mask``; None means all.
 
@@ -79,7 +82,7 @@ def layer_adapted(
         trust = optax.masked(trust, adaptation_mask)
     return optax.chain(
         direction,
-        optax.add_decayed_weights(weight_decay, mask),
+        optax.add_decayed_weights(weight_decay, decay_mask(mask)),
         trust,
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_int, check_range
+from optax_ext._common import check_int, check_range, require_params
 
 __all__ = ["LookaheadState", "lookahead"]
 
@@ -96,8 +96,7 @@ def lookahead(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError("lookahead needs params in update (it moves them to the slow weights)")
+        require_params(params, "lookahead", "it moves them toward the slow weights")
         updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         sync = (state.count % sync_period) == (sync_period - 1)
         alpha = slow_step_size

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import canonical_dtype, check_range
+from optax_ext._common import canonical_dtype, check_range, require_params
 
 __all__ = ["ParamEMAState", "ema_params", "param_ema"]
 
@@ -90,7 +90,7 @@ def param_ema(
     check_range("decay", decay, 0.0, 1.0, high_open=True)
     if not isinstance(debias, bool):
         raise TypeError(f"debias must be a Python bool (it is static), got {debias!r}")
-    ema_dtype = canonical_dtype(ema_dtype)
+    ema_dtype = canonical_dtype(ema_dtype, "ema_dtype")
 
     def init_fn(params):
         def start(p):
@@ -107,11 +107,7 @@ def param_ema(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError(
-                "param_ema needs params in update (it averages θ + update): pass params, "
-                "and place param_ema last in the chain"
-            )
+        require_params(params, "param_ema", "it averages θ + update; place it last in a chain")
 
         def blend(e, new):
             mu = jnp.asarray(decay).astype(e.dtype)

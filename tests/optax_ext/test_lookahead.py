@@ -202,3 +202,12 @@ def test_needs_params():
     p = {"w": jnp.ones(2)}
     with pytest.raises(ValueError, match="params"):
         tx.update(p, tx.init(p))
+
+
+def test_update_without_params_names_the_fix():
+    tx = lookahead(optax.sgd(0.1), sync_period=2, slow_step_size=0.5)
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(
+        ValueError, match=r"lookahead needs the params .*tx.update\(grads, state, params\)"
+    ):
+        tx.update(params, tx.init(params))

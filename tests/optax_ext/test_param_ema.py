@@ -193,7 +193,7 @@ def test_accessor_errors():
 def test_needs_params():
     tx = optax.chain(optax.sgd(0.1), param_ema())
     p = {"w": jnp.ones(2)}
-    with pytest.raises(ValueError, match="param_ema needs params.*last in the chain"):
+    with pytest.raises(ValueError, match="param_ema needs the params.*last in a chain"):
         tx.update(p, tx.init(p))
 
 
