@@ -21,7 +21,7 @@ from optax_ext.optimizers.amos import amos
 from optax_ext.optimizers.lion import lion
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.accumulation import accumulate_gradients
-from scaling.noise import measure_noise_scale
+from optax_ext.noise_scale import measure_noise_scale
 
 __all__ = ["RECIPES", "Recipe", "make_optimizer"]
 
