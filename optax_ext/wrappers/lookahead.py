@@ -47,6 +47,13 @@ def lookahead(
     φ starts as a copy of θ0. (bert4keras's ``extend_with_lookahead`` zero-initialises
     the slow weights, which drags the first sync halfway to zero; we do not.)
 
+    Sync timing: after inner steps k, 2k, 3k, ... (1-based), as ``optax.lookahead``.
+    bert4keras tests ``iterations % k == 0`` on the Keras step counter inside the same
+    update; whether that read sees the counter before or after Keras increments it is
+    not pinned by a control dependency there, and read before it the syncs fall on
+    steps 1, k + 1, 2k + 1, ..., the first one pulling θ to αθ with its zero slow
+    weights. Our timing is the paper's (Zhang et al. 2019, algorithm 1).
+
     Unlike ``optax.lookahead``, which takes and returns ``optax.LookaheadParams`` (fast
     and slow), this transform takes plain params, so it drops into
     ``flax.training.train_state.TrainState`` unchanged; its params equal
