@@ -28,6 +28,7 @@ from optax_ext._common import check_range
 from scaling import (
     NoiseEMA,
     NoiseScale,
+    ema_decay,
     noise_ema_init,
     noise_ema_read,
     noise_ema_update,
@@ -35,7 +36,28 @@ from scaling import (
 )
 from scaling.protocol import ACCUMULATION_STEPS, MICRO_GRAD_SQ_NORM
 
-__all__ = ["NoiseScaleState", "measure_noise_scale", "noise_scale", "noise_log_record"]
+__all__ = [
+    "NoiseMoments",
+    "NoiseScaleState",
+    "CurrentNoiseScale",
+    "measure_noise_scale",
+    "noise_scale",
+    "current_noise_scale",
+    "noise_log_record",
+]
+
+
+class NoiseMoments(NamedTuple):
+    """EMAs (same decay as :class:`scaling.NoiseEMA`) of the estimates' second moments.
+
+    ``tt``, ``tg``, ``gg``: of trΣ², trΣ·|G|², |G|⁴; ``weight_sq``: the sum of the squared
+    EMA weights, so that ``weight**2 / weight_sq`` is the effective number of updates.
+    """
+
+    tt: jax.Array
+    tg: jax.Array
+    gg: jax.Array
+    weight_sq: jax.Array
 
 
 class NoiseScaleState(NamedTuple):
@@ -47,12 +69,66 @@ class NoiseScaleState(NamedTuple):
         ``weight``).
       last_g2: the last step's raw :math:`|G|^2` estimate.
       last_trace_sigma: the last step's raw :math:`\mathrm{tr}\,\Sigma` estimate.
+      moments: :class:`NoiseMoments`, for the standard error.
+      snapshots: float32 ``(2, 2)``: ``(b_simple, stderr)`` taken at the last two window
+        boundaries (NaN before), older first; the settled test compares with the older.
     """
 
     count: jax.Array
     ema: NoiseEMA
     last_g2: jax.Array
     last_trace_sigma: jax.Array
+    moments: NoiseMoments
+    snapshots: jax.Array
+
+
+class CurrentNoiseScale(NamedTuple):
+    """The current B_simple, its standard error, and whether it has settled (JAX scalars).
+
+    Attributes:
+      b_simple: the debiased EMA ratio (as :func:`noise_scale`).
+      stderr: its standard error: delta method on the EMA-weighted spread of
+        trΣ_t − B_simple·|G|²_t, over the EMA's effective number of updates.
+      settled: True once two windows have passed, the relative standard error is below
+        50% and the value one to two windows ago agrees within two combined standard
+        errors.
+      window: the EMA's window in updates, ``round(1/(1-ema))``.
+      previous: B_simple at the window boundary the test compares with (NaN before).
+    """
+
+    b_simple: jax.Array
+    stderr: jax.Array
+    settled: jax.Array
+    window: jax.Array
+    previous: jax.Array
+
+
+def _moments_init() -> NoiseMoments:
+    return NoiseMoments(*(jnp.zeros([], jnp.float32) for _ in range(4)))
+
+
+def _moments_update(m: NoiseMoments, g2, trace, decay) -> NoiseMoments:
+    step = lambda old, new: decay * old + (1 - decay) * new
+    return NoiseMoments(
+        step(m.tt, trace * trace),
+        step(m.tg, trace * g2),
+        step(m.gg, g2 * g2),
+        decay * decay * m.weight_sq + (1 - decay) ** 2,
+    )
+
+
+def _b_and_stderr(ema: NoiseEMA, m: NoiseMoments):
+    b = noise_ema_read(ema).b_simple
+    w = ema.weight
+    safe_w = jnp.where(w > 0, w, 1)
+    mean_g = ema.g2 / safe_w
+    # E_w[(t - b g)^2] = E[t^2] - 2b E[tg] + b^2 E[g^2]; its mean is 0 by the choice of b.
+    spread = (m.tt - 2 * b * m.tg + b * b * m.gg) / safe_w
+    n_eff = w * w / jnp.where(m.weight_sq > 0, m.weight_sq, 1)
+    var = jnp.maximum(spread, 0) * n_eff / jnp.maximum(n_eff - 1, 1e-6)  # unbiased weights
+    stderr = jnp.sqrt(var / jnp.maximum(n_eff, 1e-6)) / jnp.where(mean_g > 0, mean_g, jnp.nan)
+    ok = jnp.isfinite(b) & (mean_g > 0) & (n_eff > 1)
+    return b, jnp.where(ok, stderr, jnp.inf)
 
 
 def _sq_norm(tree) -> jax.Array:
@@ -63,7 +139,11 @@ def _sq_norm(tree) -> jax.Array:
 
 
 def measure_noise_scale(
-    batch_size: float, axis_name: str | None = None, ema: float = 0.99
+    batch_size: float,
+    axis_name: str | None = None,
+    ema: float = 0.99,
+    *,
+    window: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""An optax transform that measures :math:`B_{simple}` during training.
 
@@ -71,7 +151,10 @@ def measure_noise_scale(
     ``axis_name`` it emits them averaged over the axis (``lax.pmean``), so the step
     function must not average them again. Each update computes the two-batch estimates
     (:func:`two_batch_estimates`) and updates debiased EMAs of numerator and denominator
-    (:func:`noise_ema_update`); read them with :func:`noise_scale`.
+    (:func:`noise_ema_update`); read them with :func:`noise_scale`, or with
+    :func:`current_noise_scale` for the standard error and whether the value has settled
+    (the noise scale grows during training: a value still moving is not one to recommend
+    from).
 
     Two batch sizes are needed, from one of:
 
@@ -91,7 +174,9 @@ def measure_noise_scale(
       batch_size: examples in one gradient the transform sees locally: the per-device
         batch, or the micro-batch under accumulation (> 0).
       axis_name: the pmap / shard_map axis over which to average the gradients, or None.
-      ema: decay of the EMAs in [0, 1) (0.99: about the last 100 steps).
+      ema: decay of the EMAs in [0, 1) (0.99: about the last 100 updates).
+      window: instead of ``ema``, the EMAs' window in updates (>= 1):
+        ``ema = 1 - 1/window``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`NoiseScaleState`.
@@ -110,6 +195,9 @@ def measure_noise_scale(
       https://kexue.fm/archives/10542.
     """
     check_range("batch_size", batch_size, 0.0, None, low_open=True)
+    if window is not None:
+        check_range("window", window, 1.0, 1e308)
+        ema = ema_decay(window)
     check_range("ema", ema, 0.0, 1.0, high_open=True)
 
     def init_fn(params):
@@ -119,18 +207,14 @@ def measure_noise_scale(
             noise_ema_init(),
             jnp.zeros([], jnp.float32),
             jnp.zeros([], jnp.float32),
+            _moments_init(),
+            jnp.full((2, 2), jnp.nan, jnp.float32),
         )
 
-    def update_fn(
-        updates,
-        state,
-        params=None,
-        *,
-        micro_grad_sq_norm=None,
-        accumulation_steps=None,
-        **extra_args,
-    ):
-        del params, extra_args
+    def update_fn(updates, state, params=None, **extra_args):
+        del params
+        micro_grad_sq_norm = extra_args.get(MICRO_GRAD_SQ_NORM)
+        accumulation_steps = extra_args.get(ACCUMULATION_STEPS)
         if micro_grad_sq_norm is not None:
             if accumulation_steps is None:
                 raise ValueError(f"{MICRO_GRAD_SQ_NORM} was given without {ACCUMULATION_STEPS}")
@@ -154,16 +238,32 @@ def measure_noise_scale(
         # A dummy big batch keeps the arithmetic finite on the unmeasurable path.
         est = two_batch_estimates(g2_small, g2_big, b_small, jnp.where(valid, b_big, 2 * b_small))
         new = noise_ema_update(state.ema, est.g2, est.trace_sigma, ema)
+        moments = _moments_update(state.moments, est.g2, est.trace_sigma, ema)
         keep = lambda n, o: jnp.where(valid, n, o).astype(jnp.float32)
+        new_ema = jax.tree.map(keep, new, state.ema)
+        new_moments = jax.tree.map(keep, moments, state.moments)
+        count = optax.safe_increment(state.count)
+        # At each window boundary the older snapshot takes the newer one's place and the
+        # newer one takes the current value: comparing with the older one looks back
+        # between one and two windows, never at a value just copied.
+        snap = jnp.stack(_b_and_stderr(new_ema, new_moments)).astype(jnp.float32)
+        boundary = valid & (count % _window(ema) == 0)
+        snapshots = jnp.where(boundary, jnp.stack([state.snapshots[1], snap]), state.snapshots)
         new_state = NoiseScaleState(
-            count=optax.safe_increment(state.count),
-            ema=jax.tree.map(keep, new, state.ema),
+            count=count,
+            ema=new_ema,
             last_g2=keep(est.g2, state.last_g2),
             last_trace_sigma=keep(est.trace_sigma, state.last_trace_sigma),
+            moments=new_moments,
+            snapshots=snapshots,
         )
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _window(ema):
+    return jnp.maximum(jnp.round(1 / (1 - jnp.asarray(ema, jnp.float32))), 1).astype(jnp.int32)
 
 
 def _find_states(opt_state) -> list[NoiseScaleState]:
@@ -187,6 +287,10 @@ def noise_scale(opt_state) -> NoiseScale:
     Raises:
       ValueError: if the state holds no :class:`NoiseScaleState`, or more than one.
     """
+    return noise_ema_read(_one_state(opt_state).ema)
+
+
+def _one_state(opt_state) -> NoiseScaleState:
     found = _find_states(opt_state)
     if len(found) != 1:
         raise ValueError(
@@ -197,7 +301,50 @@ def noise_scale(opt_state) -> NoiseScale:
     if jnp.ndim(state.count) > 0:
         index = (0,) * jnp.ndim(state.count)
         state = jax.tree.map(lambda x: x[index], state)
-    return noise_ema_read(state.ema)
+    return state
+
+
+def current_noise_scale(
+    opt_state, ema: float = 0.99, *, window: float | None = None
+) -> CurrentNoiseScale:
+    r"""The current B_simple with its standard error and whether it has settled.
+
+    Reads the :class:`NoiseScaleState` as :func:`noise_scale` does. ``ema`` / ``window``
+    must be what the transform was built with (they set the window boundaries).
+
+    .. math:: \mathrm{s.e.} = \frac{1}{\overline{|G|^2}}
+              \sqrt{\frac{\overline{(\mathrm{tr}\Sigma_t - B|G|^2_t)^2}}{n_{eff}}},
+              \qquad n_{eff} = \frac{(\sum w)^2}{\sum w^2}
+
+    (EMA-weighted means; :math:`n_{eff} \approx (1+\beta)/(1-\beta)` once warm.) Settled:
+    at least two windows, s.e. below 50%, and the snapshot one to two windows back within
+    two combined standard errors. The EMAs overlap that snapshot, so the test is mild:
+    it catches a value still climbing by several standard errors per window.
+
+    Returns:
+      :class:`CurrentNoiseScale` of JAX scalars (works inside ``jit``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = measure_noise_scale(batch_size=8, window=4)
+      >>> g = {"w": jnp.ones(3)}
+      >>> s = tx.init(g)
+      >>> for m in [4.0, 4.2, 3.8, 4.1, 3.9, 4.0, 4.1, 3.9, 4.0]:
+      ...     _, s = tx.update(g, s, micro_grad_sq_norm=jnp.float32(m), accumulation_steps=4)
+      >>> c = current_noise_scale(s, window=4)
+      >>> bool(c.settled), int(c.window)
+      (True, 4)
+    """
+    if window is not None:
+        check_range("window", window, 1.0, 1e308)
+        ema = ema_decay(window)
+    state = _one_state(opt_state)
+    b, stderr = _b_and_stderr(state.ema, state.moments)
+    older_b, older_se = state.snapshots[0, 0], state.snapshots[0, 1]
+    agree = jnp.abs(b - older_b) <= 2 * jnp.sqrt(stderr**2 + older_se**2)
+    ok = jnp.isfinite(older_b) & (stderr < 0.5 * b) & agree
+    settled = (state.count >= 2 * _window(ema)) & ok
+    return CurrentNoiseScale(b, stderr, settled, _window(ema), older_b)
 
 
 def noise_log_record(step: int, opt_state) -> dict:
@@ -207,12 +354,7 @@ def noise_log_record(step: int, opt_state) -> dict:
     noise`` averages) and, for reading by eye, the transform's own ``b_simple_ema``.
     Call ``json.dumps`` on it and write one per line.
     """
-    state = _find_states(opt_state)
-    if len(state) != 1:
-        raise ValueError(f"expected exactly one NoiseScaleState, found {len(state)}")
-    s = state[0]
-    if jnp.ndim(s.count) > 0:
-        s = jax.tree.map(lambda x: x[(0,) * jnp.ndim(s.count)], s)
+    s = _one_state(opt_state)
     return {
         "step": int(step),
         "g2": float(s.last_g2),

@@ -29,7 +29,8 @@ estimators, logs, the settled value), :mod:`scaling.recommendation`,
 Layering: ``scaling`` is pure Python and NumPy; ``import scaling`` and ``python -m
 scaling`` never load JAX, optax or flax. ``optax_ext`` may import scaling's public API,
 never the reverse. The names that need JAX -- the measuring transform
-(``measure_noise_scale``, ``noise_scale``, ``noise_log_record``, ``NoiseScaleState``, in
+(``measure_noise_scale``, ``noise_scale``, ``current_noise_scale``, ``noise_log_record``,
+``NoiseScaleState``, in
 ``optax_ext.noise_scale``) and Su's optax schedules (``su_constant_decay_lr_schedule``,
 ``su_coupled_decay_schedules``, ``DecaySchedules``, in ``optax_ext.schedules``) -- stay
 reachable here and are imported from there on first access.
@@ -125,6 +126,8 @@ _LAZY = {
     "measure_noise_scale": "optax_ext.noise_scale",
     "noise_scale": "optax_ext.noise_scale",
     "noise_log_record": "optax_ext.noise_scale",
+    "current_noise_scale": "optax_ext.noise_scale",
+    "CurrentNoiseScale": "optax_ext.noise_scale",
     "DecaySchedules": "scaling.weight_decay",
     "su_constant_decay_lr_schedule": "scaling.weight_decay",
     "su_coupled_decay_schedules": "scaling.weight_decay",
@@ -187,6 +190,7 @@ __all__ = [
     "muon_from_adamw",
     "muon_shape_scale",
     # noise (the transform and its state come from optax_ext.noise_scale on first use)
+    "CurrentNoiseScale",
     "MomentumNoiseScale",
     "NoiseEMA",
     "NoiseEstimate",
@@ -195,6 +199,7 @@ __all__ = [
     "NoiseScaleState",
     "SettledNoiseScale",
     "WindowEstimate",
+    "current_noise_scale",
     "ema_decay",
     "ema_window",
     "measure_noise_scale",

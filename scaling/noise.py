@@ -119,7 +119,14 @@ __all__ = [
 
 # The transform and its state live with the transforms (optax_ext imports scaling, never
 # the reverse); these names stay reachable from here, imported from there on first use.
-_FROM_OPTAX_EXT = ("NoiseScaleState", "measure_noise_scale", "noise_scale", "noise_log_record")
+_FROM_OPTAX_EXT = (
+    "NoiseScaleState",
+    "CurrentNoiseScale",
+    "measure_noise_scale",
+    "noise_scale",
+    "current_noise_scale",
+    "noise_log_record",
+)
 
 
 def __getattr__(name: str) -> Any:
