@@ -67,7 +67,15 @@ from scaling.batch_size import (
     sign_transfer,
     sqrt_rule,
 )
-from scaling.laws import LawPrediction, deepseek_law, kaplan_critical_batch, step_law
+from scaling.laws import (
+    LawPrediction,
+    PowerLawFit,
+    deepseek_law,
+    fit_power_law,
+    kaplan_critical_batch,
+    power_law,
+    step_law,
+)
 from scaling.muon import (
     MUON_SCALES,
     adamw_from_muon,
@@ -117,6 +125,7 @@ from scaling.weight_decay import (
     power_lines_tau,
     power_lines_weight_decay,
     transfer_weight_decay,
+    weight_rms_prediction,
 )
 
 # Names that need JAX live in optax_ext (the measuring transform, Su's optax schedules)
@@ -179,8 +188,11 @@ __all__ = [
     "sqrt_rule",
     # laws
     "LawPrediction",
+    "PowerLawFit",
     "deepseek_law",
+    "fit_power_law",
     "kaplan_critical_batch",
+    "power_law",
     "step_law",
     # muon
     "MUON_SCALES",
@@ -240,4 +252,5 @@ __all__ = [
     "su_constant_decay_lr_schedule",
     "su_coupled_decay_schedules",
     "transfer_weight_decay",
+    "weight_rms_prediction",
 ]
