@@ -5,10 +5,12 @@ Examples::
     python -m scaling lr --optimizer adamw --lr 3e-4 --batch 256 --to 1024 --b-simple 2000
     python -m scaling wd --lr 3e-4 --weight-decay 0.1 --batch 256 --dataset-size 1e6
     python -m scaling laws --compute 1e20 --params 1e9 --tokens 1e11 --loss 3.0
-    python -m scaling noise train_noise.jsonl --ema 0.99
+    python -m scaling lr --optimizer muon --lr 0.02 --batch 256 --to 1024 --b-simple 2000
+    python -m scaling noise train_noise.jsonl --ema 0.99 --window 100 --plot noise.png
 
-Every subcommand prints a readable table, or JSON with ``--json``. Bad input prints one
-line on stderr and exits with status 2.
+Every subcommand prints a readable table, or JSON with ``--json``. Bad input -- a bad
+number, a result outside float64, a malformed log -- prints one line on stderr and exits
+with status 2 (``scaling.cli``), never a traceback. Pure Python: JAX is never imported.
 """
 
 from __future__ import annotations
