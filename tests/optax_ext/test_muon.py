@@ -1,0 +1,616 @@
+"""Muon against a float64 NumPy implementation of spec/muon.md, optax.contrib.muon, Flax trees."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from helpers import (
+    abstract_init_matches,
+    assert_no_recompile,
+    assert_same_on_all_paths,
+    assert_trees_close,
+    flax_like_params,
+    leaf_paths,
+    random_grads_like,
+    random_tree,
+    x64,
+)
+from jax.sharding import NamedSharding, PartitionSpec
+
+from optax_ext.optimizers.msign import NS_COEFFICIENTS, msign_svd
+from optax_ext.optimizers.muon import (
+    MUON_RULES,
+    ScaleByMuonState,
+    matrix_shape,
+    muon,
+    muon_labels,
+    scale_by_muon,
+)
+from optax_ext.optimizers.tiger import tiger
+
+# ------------------------------------------------------------ float64 reference
+
+
+def ref_msign(m, coeffs, steps, eps):
+    """spec/muon.md's Newton–Schulz in float64: transpose to wide, X0 = M/(‖M‖_F + ε), then
+    X <- aX + (bA + cA²)X with A = XXᵀ, row min(i, len-1) at step i."""
+    rows = NS_COEFFICIENTS[coeffs]
+    tall = m.shape[0] > m.shape[1]
+    x = m.T if tall else m
+    x = x / (np.sqrt(np.sum(x**2)) + eps)
+    for i in range(steps):
+        a, b, c = rows[min(i, len(rows) - 1)]
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def ref_matrices(path, shape, attention):
+    """The spec's matrix view: Flax (d_in, d_out); conv (..., d_in, d_out) folded into
+    (prod(...)·d_in, d_out); attention kernels (d_in, H, hd) / (H, hd, d_out) fused or per head.
+    Returns (to matrices, back) functions on a float64 array."""
+    name = path.split("/")
+    if len(shape) == 3 and name[-2] in ("query", "key", "value"):
+        d_in, h, hd = shape
+        if attention == "fused":
+            return lambda x: [x.reshape(d_in, h * hd)], lambda ms: ms[0].reshape(shape)
+        return (
+            lambda x: [x[:, i, :] for i in range(h)],
+            lambda ms: np.stack(ms, axis=1),
+        )
+    if len(shape) == 3 and name[-2] == "out":
+        h, hd, d_out = shape
+        if attention == "fused":
+            return lambda x: [x.reshape(h * hd, d_out)], lambda ms: ms[0].reshape(shape)
+        return lambda x: list(x), lambda ms: np.stack(ms)
+    return (
+        lambda x: [x.reshape(-1, shape[-1])],
+        lambda ms: ms[0].reshape(shape),
+    )
+
+
+def ref_scale(kind, d_in, d_out, rms=0.2):
+    return {
+        "moonlight": rms * math.sqrt(max(d_in, d_out)),
+        "keller": math.sqrt(max(1.0, d_out / d_in)),
+        "mup": math.sqrt(d_out / d_in),
+        "none": 1.0,
+    }[kind]
+
+
+def ref_muon(
+    params,
+    grads_seq,
+    *,
+    lr,
+    beta,
+    wd,
+    nesterov=True,
+    coeffs="polar_express",
+    steps=5,
+    scale="moonlight",
+    attention="fused",
+    eps=1e-7,
+    guard=True,
+):
+    """Runs spec/muon.md in float64 on every leaf given; lr(t) is the step's rate.
+
+    Returns the params after each step and the final momentum, by path."""
+    theta = {p: np.asarray(x, np.float64) for p, x in leaf_paths(params)}
+    m = {p: np.zeros_like(x) for p, x in theta.items()}
+    for t, grads in enumerate(grads_seq):
+        for p, g in leaf_paths(grads):
+            g = np.asarray(g, np.float64)
+            if guard and not np.all(np.isfinite(g)):
+                theta[p] = theta[p] - lr(t) * wd * theta[p]
+                continue
+            m[p] = beta * m[p] + g
+            n = beta * m[p] + g if nesterov else m[p]
+            split, join = ref_matrices(p, g.shape, attention)
+            outs = []
+            for mat in split(n):
+                outs.append(ref_scale(scale, *mat.shape) * ref_msign(mat, coeffs, steps, eps))
+            theta[p] = theta[p] - lr(t) * (join(outs) + wd * theta[p])
+    return theta, m
+
+
+def kernels_only(tree):
+    """The hidden kernels of a tree (rank >= 2, no embedding, bias or head), paths kept."""
+    out = {}
+    for p, x in leaf_paths(tree):
+        if x.ndim >= 2 and p.endswith("kernel") and "/head/" not in p:
+            node = out
+            *parents, last = p.split("/")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[last] = x
+    return out
+
+
+def small_tree(seed):
+    """Every kind of leaf muon() routes, small: embedding, attention, dense, bias, norm."""
+    rng = np.random.default_rng(seed)
+    n = lambda *shape: jnp.asarray(0.3 * rng.standard_normal(shape), jnp.float32)
+    return {
+        "embed": {"embedding": n(24, 8)},
+        "attn": {"query": {"kernel": n(8, 2, 4), "bias": n(2, 4)}, "out": {"kernel": n(2, 4, 8)}},
+        "mlp": {"kernel": n(8, 16), "bias": n(16)},
+        "norm": {"scale": 1 + n(8)},
+        "lm_head": {"kernel": n(8, 24)},
+    }
+
+
+def tree_like(params, by_path):
+    leaves = [by_path[p] for p, _ in leaf_paths(params)]
+    return jax.tree.unflatten(jax.tree.structure(params), leaves)
+
+
+def run(tx, params, grads_seq, jit=False, **extra):
+    state = tx.init(params)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p, **extra)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(step) if jit else step
+    for g in grads_seq:
+        params, state = step(params, state, g)
+    return params, state
+
+
+def schedule(i):
+    return 2e-2 / (1.0 + 0.5 * i)
+
+
+def grads_seq(params, n, seed):
+    return [random_grads_like(params, seed * 100 + t) for t in range(n)]
+
+
+# ---------------------------------------------------------------- the spec
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(nesterov=False, coeffs="keller", scale="keller"),
+        dict(coeffs="su", steps=6, scale="mup", attention="per_head"),
+        dict(coeffs="su_single", steps=3, scale="none"),
+    ],
+    ids=["moonlight", "keller", "su-mup-per-head", "su_single-none"],
+)
+def test_scale_by_muon_matches_float64_reference(kw):
+    with x64():
+        params = jax.tree.map(
+            lambda x: x.astype(jnp.float64), kernels_only(flax_like_params(1, layers=1))
+        )
+        grads = grads_seq(params, 4, 1)
+        tx = optax.chain(scale_by_muon(0.9, **kw), optax.scale(-0.05))
+        got, state = run(tx, params, grads)
+    want, m = ref_muon(params, grads, lr=lambda t: 0.05, beta=0.9, wd=0.0, **kw)
+    assert_trees_close(got, tree_like(params, want), rtol=1e-10, atol=1e-10)
+    assert_trees_close(state[0].mu, tree_like(params, m), rtol=1e-12, atol=1e-12)
+    assert int(state[0].count) == 4
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_random_trees_float32(seed):
+    params = kernels_only(random_tree(seed, max_leaves=6))
+    grads = grads_seq(params, 5, seed)
+    got, _ = run(optax.chain(scale_by_muon(), optax.scale(-1e-2)), params, grads)
+    want, _ = ref_muon(params, grads, lr=lambda t: 1e-2, beta=0.95, wd=0.0)
+    # float32 Newton–Schulz: rounding of order 1e-6 relative to the O(1) direction, x lr
+    assert_trees_close(got, tree_like(params, want), rtol=1e-5, atol=2e-7)
+
+
+@pytest.mark.parametrize("other", ["adamw", "tiger"])
+def test_muon_alias_routes_and_matches_reference(other):
+    params = flax_like_params(4, layers=1)
+    grads = grads_seq(params, 4, 4)
+    tx = muon(schedule, 0.9, 0.1, other=other, other_learning_rate=3e-3, other_weight_decay=0.01)
+    got, _ = run(tx, params, grads)
+    muon_paths = {p for p, lab in leaf_paths(muon_labels(params)) if lab == "muon"}
+    # Muon leaves: the float64 reference with decoupled decay multiplied by the lr
+    sub = lambda tree, keep: {p: x for p, x in leaf_paths(tree) if (p in muon_paths) == keep}
+    want, _ = ref_muon(
+        sub(params, True), [sub(g, True) for g in grads], lr=schedule, beta=0.9, wd=0.1
+    )
+    for p, x in leaf_paths(got):
+        if p in muon_paths:
+            np.testing.assert_allclose(x, want[p], rtol=1e-5, atol=2e-7, err_msg=p)
+    # the other leaves: exactly the second optimizer run on them alone
+    others = sub(params, False)
+    if other == "tiger":
+        inner = tiger(3e-3, weight_decay=0.01)
+    else:  # our AdamW branch decays everything but biases and norm scales
+        decays = {p: not p.endswith(("bias", "scale")) for p in others}
+        inner = optax.adamw(3e-3, weight_decay=0.01, mask=decays)
+    alone, _ = run(inner, others, [sub(g, False) for g in grads])
+    for p, x in leaf_paths(got):
+        if p not in muon_paths:
+            np.testing.assert_allclose(x, alone[p], rtol=1e-6, atol=1e-7, err_msg=p)
+
+
+def test_equals_optax_contrib_muon_where_they_coincide():
+    # same coefficients, consistent_rms 0.2 (= moonlight), all-Muon tree, Nesterov off
+    params = {
+        f"dense_{i}": {
+            "kernel": jnp.asarray(np.random.default_rng(i).standard_normal(s), jnp.float32)
+        }
+        for i, s in enumerate([(16, 24), (32, 8)])
+    }
+    grads = grads_seq(params, 4, 5)
+    ours = muon(schedule, 0.9, 0.1, coeffs="keller", nesterov=False, eps=1e-8)
+    theirs = optax.contrib.muon(
+        schedule, beta=0.9, weight_decay=0.1, nesterov=False, consistent_rms=0.2, eps=1e-8
+    )
+    p1, s1 = run(ours, params, grads, jit=True)
+    p2, _ = run(theirs, params, grads, jit=True)
+    assert_trees_close(p1, p2, rtol=1e-6, atol=1e-7)
+    # with Nesterov on they differ by design (optax bias-corrects the two terms differently)
+    p3, _ = run(muon(schedule, 0.9, 0.1, coeffs="keller", eps=1e-8), params, grads[:2], jit=True)
+    p4, _ = run(
+        optax.contrib.muon(schedule, beta=0.9, weight_decay=0.1, consistent_rms=0.2, eps=1e-8),
+        params,
+        grads[:2],
+        jit=True,
+    )
+    assert not np.allclose(p3["dense_0"]["kernel"], p4["dense_0"]["kernel"], atol=1e-4)
+
+
+def test_moonlight_scale_gives_update_rms_02_on_full_rank_matrices():
+    for shape in [(64, 64), (48, 96), (128, 32)]:
+        g = jnp.asarray(np.random.default_rng(shape[0]).standard_normal(shape), jnp.float32)
+        exact = scale_by_muon(steps=10)  # converged Newton–Schulz: msign itself
+        u, _ = exact.update(g, exact.init(g))
+        assert float(jnp.sqrt(jnp.mean(u**2))) == pytest.approx(0.2, rel=2e-3)
+        u, _ = scale_by_muon().update(g, scale_by_muon().init(g))  # 5 steps: σ in [0.85, 1.12]
+        assert 0.2 * 0.8 < float(jnp.sqrt(jnp.mean(u**2))) < 0.2 * 1.12
+
+
+def test_layouts_conv_stacked_and_per_head():
+    assert matrix_shape("conv/kernel", (3, 3, 8, 16)) == (72, 16)
+    assert matrix_shape("attn/query/kernel", (32, 4, 8)) == (32, 32)
+    assert matrix_shape("attn/query/kernel", (32, 4, 8), attention="per_head") == (4, 32, 8)
+    assert matrix_shape("attn/out/kernel", (4, 8, 32)) == (32, 32)
+    assert matrix_shape("attn/out/kernel", (4, 8, 32), attention="per_head") == (4, 8, 32)
+    stacked = [(r"layers/", "stacked")] + list(optax_ext_layout())
+    assert matrix_shape("layers/mlp/kernel", (6, 32, 64), stacked) == (6, 32, 64)
+    # a stacked leaf equals its matrices run one by one
+    rng = np.random.default_rng(7)
+    g = jnp.asarray(rng.standard_normal((3, 8, 12)), jnp.float32)
+    tx = scale_by_muon(layout=[("", "stacked")])
+    u, _ = tx.update({"k": g}, tx.init({"k": g}))
+    for i in range(3):
+        one = scale_by_muon()
+        ui, _ = one.update(g[i], one.init(g[i]))
+        np.testing.assert_allclose(u["k"][i], ui, rtol=1e-5, atol=1e-6)
+
+
+def optax_ext_layout():
+    from optax_ext.optimizers.muon import MUON_LAYOUT_RULES
+
+    return MUON_LAYOUT_RULES
+
+
+def test_bf16_params_and_mu_dtype():
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), small_tree(8))
+    got, state = run(muon(1e-2, mu_dtype=jnp.float32), params, grads_seq(params, 2, 8), jit=True)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
+    mus = [x for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) >= 1]
+    assert mus and all(x.dtype == jnp.float32 for x in mus)
+    # bf16 Newton–Schulz: as close to the exact msign as float32's (the two differ from
+    # each other by bf16 rounding amplified by the large first-step coefficients)
+    g = np.random.default_rng(8).standard_normal((32, 48))
+    exact = 0.2 * math.sqrt(48) * msign_svd(g)
+    for dtype in (None, jnp.bfloat16):
+        tx = scale_by_muon(compute_dtype=dtype)
+        u, _ = tx.update(jnp.asarray(g, jnp.float32), tx.init(jnp.asarray(g, jnp.float32)))
+        u = np.asarray(u, np.float64)
+        sv = np.linalg.svd(u / (0.2 * math.sqrt(48)), compute_uv=False)
+        assert 0.78 < sv.min() and sv.max() < 1.15, (dtype, sv.min(), sv.max())
+        # within the σ range above: |u - exact| stays below max|σ - 1| of exact's RMS
+        assert np.sqrt(np.mean((u - exact) ** 2)) < 0.15 * np.sqrt(np.mean(exact**2))
+
+
+# ---------------------------------------------------------- non-finite gradients
+
+
+def test_nonfinite_leaf_keeps_momentum_and_gets_zero_direction():
+    params = kernels_only(flax_like_params(9, layers=1))
+    tx = scale_by_muon()
+    state = tx.init(params)
+    g = random_grads_like(params, 0)
+    _, state = tx.update(g, state, params)
+    name, other = "params/layer_0/mlp/Dense_0", "params/layer_0/mlp/Dense_1"
+    get = lambda t, n: t["params"][n.split("/")[1]]["mlp"][n.split("/")[3]]
+    for bad_value in (jnp.nan, jnp.inf):
+        bad = jax.tree.map(lambda x: x, g)
+        leaf = get(bad, name)
+        leaf["kernel"] = leaf["kernel"].at[0, 0].set(bad_value)
+        u, new = tx.update(bad, state, params)
+        assert not bool(jnp.any(get(u, name)["kernel"])), bad_value
+        np.testing.assert_array_equal(get(new.mu, name)["kernel"], get(state.mu, name)["kernel"])
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+        assert bool(jnp.any(get(u, other)["kernel"] != 0))
+    # in muon() only the weight decay moves the leaf; the reference does the same
+    with x64():
+        p64 = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+        seq = grads_seq(p64, 3, 9)
+        seq[1] = jax.tree.map(lambda x: x, seq[1])
+        leaf = get(seq[1], name)
+        leaf["kernel"] = leaf["kernel"].at[1, 2].set(jnp.nan)
+        got, _ = run(muon(schedule, 0.9, 0.1), p64, seq)
+    want, _ = ref_muon(p64, seq, lr=schedule, beta=0.9, wd=0.1)
+    assert_trees_close(got, tree_like(p64, want), rtol=1e-10, atol=1e-10)
+
+
+def test_without_guard_nan_propagates():
+    g = {"k": jnp.full((3, 4), jnp.nan)}
+    tx = scale_by_muon(guard_nan=False)
+    u, _ = tx.update(g, tx.init(g))
+    assert bool(jnp.all(jnp.isnan(u["k"])))
+
+
+# ------------------------------------------------------------- routing on Flax
+
+
+class GPT2Block(nn.Module):
+    width: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(name="ln_1")(x)
+        x = x + nn.MultiHeadDotProductAttention(self.heads, name="attn")(h, h)
+        h = nn.LayerNorm(name="ln_2")(x)
+        h = nn.Dense(4 * self.width, name="c_fc")(h)
+        return x + nn.Dense(self.width, name="c_proj")(nn.gelu(h))
+
+
+class GPT2(nn.Module):
+    """GPT-2 with a tied head: the token embedding is the output layer."""
+
+    vocab: int = 50
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, ids):
+        wte = nn.Embed(self.vocab, self.width, name="wte")
+        x = wte(ids) + nn.Embed(32, self.width, name="wpe")(jnp.arange(ids.shape[1]))
+        for i in range(2):
+            x = GPT2Block(self.width, 2, name=f"h_{i}")(x)
+        return wte.attend(nn.LayerNorm(name="ln_f")(x))
+
+
+class RMSNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+        return w * x * jax.lax.rsqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6)
+
+
+class Llama(nn.Module):
+    """Llama's names (Hugging Face Flax): q/k/v/o_proj, gate/up/down_proj, untied lm_head."""
+
+    vocab: int = 50
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(self.vocab, self.width, name="embed_tokens")(ids)
+        for i in range(2):
+            h = RMSNorm(name=f"layers_{i}_input_layernorm")(x)
+            dense = lambda n, f, i=i: nn.Dense(f, use_bias=False, name=f"layers_{i}_{n}")
+            q, k, v = (dense(n, self.width)(h) for n in ("q_proj", "k_proj", "v_proj"))
+            att = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / 4.0) @ v
+            x = x + dense("o_proj", self.width)(att)
+            h = RMSNorm(name=f"layers_{i}_post_attention_layernorm")(x)
+            gate = nn.silu(dense("gate_proj", 3 * self.width)(h)) * dense(
+                "up_proj", 3 * self.width
+            )(h)
+            x = x + dense("down_proj", self.width)(gate)
+        return nn.Dense(self.vocab, use_bias=False, name="lm_head")(RMSNorm(name="norm")(x))
+
+
+class NnxGPT(nnx.Module):
+    def __init__(self, rngs, vocab=20, width=8):
+        self.embed = nnx.Embed(vocab, width, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(2, width, decode=False, rngs=rngs)
+        self.norm = nnx.RMSNorm(width, rngs=rngs)
+        self.mlp = nnx.Linear(width, 4 * width, rngs=rngs)
+        self.proj = nnx.Linear(4 * width, width, rngs=rngs)
+        self.lm_head = nnx.Linear(width, vocab, rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        x = x + self.attn(self.norm(x))
+        x = x + self.proj(nnx.gelu(self.mlp(x)))
+        return self.lm_head(x)
+
+
+def _check_routing(params, expect_muon):
+    labels = dict(leaf_paths(muon_labels(params)))
+    got = {p for p, lab in labels.items() if lab == "muon"}
+    assert got == expect_muon, sorted(got ^ expect_muon)
+    for p in labels:
+        if "embed" in p or "wte" in p or "wpe" in p or "lm_head" in p:
+            assert labels[p] == "other", p
+
+
+def test_routing_linen_gpt2_tied_embedding_and_llama():
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (4, 9)))
+    gpt = GPT2()
+    p = gpt.init(jax.random.key(0), ids)["params"]
+    hidden = {
+        f"h_{i}/{m}/kernel"
+        for i in range(2)
+        for m in ("attn/query", "attn/key", "attn/value", "attn/out", "c_fc", "c_proj")
+    }
+    _check_routing(p, hidden)
+    llama = Llama()
+    p = llama.init(jax.random.key(1), ids)["params"]
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    _check_routing(p, {f"layers_{i}_{n}/kernel" for i in range(2) for n in names})
+
+
+def test_routing_nnx_and_nnx_optimizer():
+    model = NnxGPT(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    expect = {"attn/query/kernel", "attn/key/kernel", "attn/value/kernel", "attn/out/kernel"}
+    _check_routing(params, expect | {"mlp/kernel", "proj/kernel"})
+    optimizer = nnx.Optimizer(model, muon(1e-2), wrt=nnx.Param)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 20, (2, 5)))
+    loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(
+        m(ids[:, :-1]), ids[:, 1:]
+    ).mean()
+    before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    grads = nnx.grad(loss)(model)
+    optimizer.update(model, grads)
+    after = nnx.state(model, nnx.Param)
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after)
+    assert all(jax.tree.leaves(moved))
+
+
+def test_rules_are_user_overridable():
+    params = flax_like_params(10)
+    rules = [(r"head/kernel$", "muon")] + list(MUON_RULES)
+    labels = dict(leaf_paths(muon_labels(params, rules)))
+    assert labels["params/head/kernel"] == "muon"
+    assert labels["params/embed/embedding"] == "other"
+    all_other = dict(leaf_paths(muon_labels(params, [("", "other")])))
+    assert set(all_other.values()) == {"other"}
+    # 1-D leaves never go to Muon, whatever the rules say
+    assert set(dict(leaf_paths(muon_labels({"b": jnp.ones(3)}, [("", "muon")]))).values()) == {
+        "other"
+    }
+
+
+# ------------------------------------------------------- optax integration
+
+
+def test_inject_hyperparams_traced_steps_and_lr():
+    params = flax_like_params(11, layers=1)
+    grads = grads_seq(params, 3, 11)
+    injected = optax.inject_hyperparams(muon)(
+        learning_rate=1e-2, beta=0.9, weight_decay=0.05, steps=5
+    )
+    plain = muon(1e-2, 0.9, 0.05)
+    p1, s1 = run(injected, params, grads)
+    p2, _ = run(plain, params, grads)
+    assert_trees_close(p1, p2, rtol=1e-5, atol=1e-6)
+    s1.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    s1.hyperparams["weight_decay"] = jnp.asarray(0.0)
+    u, _ = injected.update(grads[0], s1, p1)
+    assert all(not bool(jnp.any(x != 0)) for x in jax.tree.leaves(u))
+
+
+def test_masked_chain_abstract_init_no_recompile():
+    params = small_tree(12)
+    grads = grads_seq(params, 3, 12)
+    is_muon = lambda p: jax.tree.map(lambda lab: lab == "muon", muon_labels(p))
+    masked = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.masked(optax.chain(scale_by_muon(), optax.scale(-1e-2)), is_muon),
+    )
+    got, _ = run(masked, params, grads[:1])
+    labels = dict(leaf_paths(muon_labels(params)))
+    clipped = optax.clip_by_global_norm(1.0).update(grads[0], None)[0]
+    for (p, x), (_, x0), (_, g) in zip(
+        leaf_paths(got), leaf_paths(params), leaf_paths(clipped), strict=True
+    ):
+        if labels[p] == "other":
+            np.testing.assert_allclose(x, x0 + g, rtol=1e-6, err_msg=p)
+        else:
+            assert bool(jnp.any(x != x0 + g)), p
+    state = abstract_init_matches(muon(schedule), params)
+    inner = state.inner_states["muon"].inner_state[0]
+    assert isinstance(inner, ScaleByMuonState) and inner.count.dtype == jnp.int32
+    assert_no_recompile(muon(schedule), params, grads)
+
+
+def test_device_paths_agree():
+    params = small_tree(13)
+    grads = grads_seq(params, 3, 13)
+    grads[1]["mlp"]["kernel"] = grads[1]["mlp"]["kernel"].at[0, 0].set(jnp.nan)
+    # AdamW as the second optimizer keeps this test short; Tiger's paths are tested in its file
+    tx = muon(schedule, 0.9, 0.1, other="adamw")
+    assert_same_on_all_paths(tx, params, grads, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["rows", "columns", "fully"])
+def test_sharded_muon_equals_single_device(how):
+    params = {
+        "params": {
+            "mlp": {
+                "kernel": jnp.asarray(
+                    np.random.default_rng(0).standard_normal((32, 64)) * 0.1, jnp.float32
+                )
+            },
+            "proj": {
+                "kernel": jnp.asarray(
+                    np.random.default_rng(1).standard_normal((64, 32)) * 0.1, jnp.float32
+                )
+            },
+            "ln": {"scale": jnp.ones(64)},
+        }
+    }
+    grads = grads_seq(params, 3, 14)
+    want, _ = run(muon(schedule), params, grads)
+    if how == "fully":
+        mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        spec = PartitionSpec("a", "b")
+    else:
+        mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+        spec = PartitionSpec("x", None) if how == "rows" else PartitionSpec(None, "x")
+    put = lambda t: jax.tree.map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, spec if x.ndim == 2 else PartitionSpec())),
+        t,
+    )
+    got, state = run(muon(schedule), put(params), [put(g) for g in grads])
+    assert got["params"]["mlp"]["kernel"].sharding.spec == spec
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"beta": 1.0}, r"beta must be in \[0, 1\), got 1.0"),
+        ({"learning_rate": -1.0}, r"learning_rate must be in \[0, inf\), got -1.0"),
+        ({"weight_decay": -0.1}, r"weight_decay must be in \[0, inf\)"),
+        ({"steps": -1}, r"steps must be an int >= 0, got -1"),
+        ({"coeffs": "newton"}, r"coeffs must be one of"),
+        ({"coeffs": [(1.0, 2.0)]}, r"coeffs must be an \(a, b, c\) triple"),
+        ({"scale": "torch"}, r"scale must be one of \['moonlight', 'keller', 'mup', 'none'\]"),
+        ({"update_rms": 0.0}, r"update_rms must be in \(0, inf\), got 0.0"),
+        ({"attention": "split"}, r"attention must be one of \['fused', 'per_head'\]"),
+        ({"layout": [("", "dense")]}, r"layout for '' must be one of"),
+        ({"rules": [("", "adam")]}, r"rules label must be one of \['muon', 'other'\]"),
+        ({"other": "sgd"}, r"other must be one of \['tiger', 'adamw'\]"),
+        ({"other_learning_rate": -1.0}, r"other_learning_rate must be in \[0, inf\)"),
+        ({"eps": -1.0}, r"eps must be in \[0, inf\)"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, match):
+    kwargs = {"learning_rate": 1e-3} | kwargs
+    with pytest.raises(ValueError, match=match):
+        muon(**kwargs)
+
+
+def test_bad_calls():
+    tx = scale_by_muon()
+    with pytest.raises(ValueError, match=r"rank-1 leaf 'b'.*route 1-D leaves"):
+        tx.update({"b": jnp.ones(3)}, tx.init({"b": jnp.ones(3)}))
+    with pytest.raises(TypeError, match="steps must be an int"):
+        scale_by_muon(steps=2.5)
+    with pytest.raises(ValueError, match="layout 'heads_in' expects a 3-D attention kernel"):
+        t = {"q": {"query": {"kernel": jnp.ones((2, 2, 2, 2))}}}
+        scale_by_muon().update(t, scale_by_muon().init(t))
