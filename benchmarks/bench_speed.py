@@ -37,6 +37,7 @@ from benchlib import (
     random_like,
     table,
     time_interleaved,
+    versions,
     write_json,
 )
 
@@ -101,11 +102,15 @@ def cycle(tx, k):
     return optax.GradientTransformation(tx.init, update)
 
 
-def run_tree(label, params, repeats, trials, names, with_bandwidth):
-    grads = random_like(params)
+def run_tree(label, params, repeats, trials, names, with_bandwidth, *, grads=None, stop=None):
+    """Rows of ``names`` on ``params``; ``stop()`` true before a pair skips the rest."""
+    grads = random_like(params) if grads is None else grads
     nbytes = ox.tree_bytes(params)
     rows, copies = [], []
     for name in names:
+        if stop is not None and stop():
+            rows.append({"tree": label, "pair": name, "skipped": "time budget"})
+            continue
         make_ours, make_theirs, passes, target = PAIRS[name]
         per_step = K if "accumulate" in name else 1
         runs = []
@@ -205,6 +210,7 @@ def main(argv=None):
     gc.collect()
     rows_many, _ = run_tree("many-leaf", many, args.repeats, args.trials, names, False)
     results.update(copy_GBps=copy, speed=rows_large + rows_many, compile=compile_rows(many, names))
+    results["versions"] = versions()
     fmt2 = lambda x: f"{x:.2f}"
     print(f"\ndonated copy: {copy:.1f} GB/s (median over trials)")
     print(

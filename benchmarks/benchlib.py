@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -92,12 +93,21 @@ def n_params(tree) -> int:
 
 def make_step(tx):
     """A jitted update + apply with params and state donated."""
+    return counted_step(tx)[0]
+
+
+def counted_step(tx):
+    """(jitted donated step, counter): ``counter[0]`` is how many times the step was
+    traced, which for fixed argument types is how many times it compiled (public API
+    only, unlike a jitted function's private cache size)."""
+    counter = [0]
 
     def step(params, state, grads):
+        counter[0] += 1
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1)), counter
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 15) -> float:
@@ -139,12 +149,13 @@ def time_interleaved(
     runs = {}
     for name, tx in candidates.items():
         p = jax.tree.map(jnp.copy, params)
-        step = make_step(tx)
+        step, traces = counted_step(tx)
         state = tx.init(p)
         t0 = time.perf_counter()
         p, state = jax.block_until_ready(step(p, state, grads))
         first = time.perf_counter() - t0
         runs[name] = {"step": step, "p": p, "s": state, "times": [], "first_call_s": first}
+        runs[name]["traces"] = traces
     for _ in range(repeats):
         for run in runs.values():
             t0 = time.perf_counter()
@@ -157,7 +168,7 @@ def time_interleaved(
             "median_s": statistics.median(r["times"]),
             "min_s": min(r["times"]),
             "first_call_s": r["first_call_s"],
-            "compilations": r["step"]._cache_size(),
+            "compilations": r["traces"][0],
             "state_bytes": tree_bytes(r["s"]),
         }
         for name, r in runs.items()
@@ -234,3 +245,133 @@ def run_header(params) -> dict[str, Any]:
         "copy_GBps": gbps,
         "copy_s": 2 * nbytes / (gbps * 1e9),
     }
+
+
+# ----------------------------------------------------------- accelerator-sized trees
+
+
+def on_device_like(tree, seed: int = 1, scale: float = 1.0):
+    """Normal(0, scale²) arrays shaped like ``tree`` (arrays or ``ShapeDtypeStruct``),
+    drawn on the default device: a 1B-parameter tree in seconds, where NumPy on the host
+    would take minutes and a transfer."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
+    # one leaf at a time (not one jitted draw of the tree): no compile per tree, and the
+    # peak memory is one float32 leaf beyond the result
+    drawn = [
+        (scale * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, drawn)
+
+
+def one_leaf_params(n_floats: int, *, dtype=jnp.float32, abstract: bool = False):
+    """One square-ish kernel of about ``n_floats`` values (sides multiples of 8)."""
+    side = max(8, int(math.sqrt(n_floats)) // 8 * 8)
+    shape = (side, max(8, n_floats // side // 8 * 8))
+    leaf = jax.ShapeDtypeStruct(shape, dtype)
+    tree = {"params": {"dense": {"kernel": leaf}}}
+    return tree if abstract else on_device_like(tree, seed=0, scale=0.02)
+
+
+def leaf_count_params(n_leaves: int, n_floats: int, *, dtype=jnp.float32, abstract=False):
+    """About ``n_leaves`` leaves holding about ``n_floats`` values in all: blocks of
+    (kernel, bias, norm scale, norm bias) of one width, like ``many_leaf_params``."""
+    blocks = max(1, n_leaves // 4)
+    width = max(2, int(math.sqrt(n_floats / blocks)))
+    spec = lambda *s: jax.ShapeDtypeStruct(s, dtype)
+    tree = {
+        "params": {
+            f"block_{i}": {
+                "dense": {"kernel": spec(width, width), "bias": spec(width)},
+                "norm": {"scale": spec(width), "bias": spec(width)},
+            }
+            for i in range(blocks)
+        }
+    }
+    return tree if abstract else on_device_like(tree, seed=0, scale=0.05)
+
+
+def abstract_gpt2(n_floats: int | None = None, *, dtype=jnp.float32):
+    """A GPT-2-shaped tree of ``ShapeDtypeStruct`` leaves: GPT-2 small, or about
+    ``n_floats`` values via ``sized_params``'s shapes."""
+    if n_floats is None:
+        return gpt2_like_params(**GPT2_SMALL, abstract=True, dtype=dtype)
+    return sized_params(n_floats, abstract=True, dtype=dtype)
+
+
+def hlo_summary(compiled_text: str) -> dict[str, int]:
+    """Counts in a compiled module's entry computation: fusions, library (YNNPACK)
+    fusions, while loops, and copies of arrays of rank >= 2 (a copied donated buffer
+    is the smell BENCHMARKING.md describes)."""
+    entry = compiled_text.split("ENTRY", 1)[-1]
+    return {
+        "fusions": len(re.findall(r"= \S+ fusion\(", entry)),
+        "library_fusions": compiled_text.count('"__ynn_fusion"'),
+        "while_loops": len(re.findall(r"= \S+ while\(", entry)),
+        "large_copies": len(re.findall(r"= \w+\[\d+,\d+[\],]\S* copy\(", entry)),
+    }
+
+
+def compile_interleaved(
+    candidates: dict[str, Callable[[], Any]], params, grads, repeats: int = 3
+) -> dict[str, dict[str, Any]]:
+    """Trace + lower and XLA-compile seconds of each donated step, candidates alternated
+    ``repeats`` times (fresh transforms each time, so nothing is reused): medians, and
+    the compiled module's ``hlo_summary``."""
+    times = {name: {"lower": [], "compile": []} for name in candidates}
+    summary = {}
+    for _ in range(repeats):
+        for name, make in candidates.items():
+            tx = make()
+            step = make_step(tx)
+            state = jax.eval_shape(tx.init, params)
+            t0 = time.perf_counter()
+            lowered = step.lower(params, state, grads)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            t2 = time.perf_counter()
+            times[name]["lower"].append(t1 - t0)
+            times[name]["compile"].append(t2 - t1)
+            if name not in summary:
+                summary[name] = hlo_summary(compiled.as_text())
+    out = {}
+    for name, t in times.items():
+        total = [a + b for a, b in zip(t["lower"], t["compile"], strict=True)]
+        out[name] = {
+            "lower_s": statistics.median(t["lower"]),
+            "compile_s": statistics.median(t["compile"]),
+            "total_s": statistics.median(total),
+            "total_runs_s": total,
+            **summary[name],
+        }
+    return out
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a run depends on ('absent' where not importable)."""
+    import importlib
+    import importlib.metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "optax", "flax", "orbax-checkpoint", "numpy", "matplotlib"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    try:
+        out["backend"] = jax.default_backend()
+        out["devices"] = ", ".join(str(d.device_kind) for d in jax.devices())
+    except Exception as e:  # a broken accelerator plugin must not hide the versions
+        out["backend"] = f"error: {e}"
+    return out
+
+
+def markdown_table(rows: list[dict[str, Any]], columns) -> str:
+    """The rows as a markdown table; columns are (key, header, formatter)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |"]
+    lines.append("|" + "---|" * len(columns))
+    for r in rows:
+        cells = [fmt(r[k]) if r.get(k) is not None else "" for k, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
