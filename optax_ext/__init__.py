@@ -32,6 +32,7 @@ from optax_ext.contrastive import (
     info_nce_loss,
     simcse_loss,
 )
+from optax_ext.hyperparams import inject_hyperparams
 from optax_ext.optimizers.adafactor import (
     FactoredMoment,
     ScaleByAdafactorState,
@@ -155,6 +156,7 @@ __all__ = [
     "fgm_value_and_grad",
     "gradient_penalty_loss",
     "info_nce_loss",
+    "inject_hyperparams",
     "layer_adapted",
     "lazy",
     "lion",
