@@ -197,19 +197,29 @@ def check_range(
     *,
     low_open: bool = False,
     high_open: bool = False,
+    schedule: bool = True,
 ) -> Any:
-    """Raises ``ValueError`` if a concrete ``value`` is not a real number in the interval.
+    """Raises ``ValueError`` unless ``value`` is a real scalar in the interval (or may vary).
 
-    Scalars and concrete arrays (checked element-wise, e.g. a grid of batch sizes) are
-    checked; traced values and schedules (callables) are returned unchecked. NaN is
-    always rejected, and so is ±inf at an end given as ``None`` (the interval shown is
-    then open there). Strings, complex numbers, dicts and other non-numbers are rejected
-    here rather than failing later inside the update. Returns ``value`` so checks can be
-    written inline.
+    Concrete scalars are checked; traced values (``optax.inject_hyperparams``) pass, and
+    so do schedules (callables) where ``schedule`` is true; elsewhere a callable is
+    rejected with the way to vary such a number. NaN is always rejected, and so is ±inf
+    at an end given as ``None`` (the interval shown is then open there). Strings,
+    complex numbers, lists, dicts and other non-scalars are rejected here rather than
+    failing later inside the update. Returns ``value`` so checks can be written inline.
     """
-    if isinstance(value, jax.core.Tracer) or callable(value):
+    if isinstance(value, jax.core.Tracer):
         return value
+    if callable(value):
+        if schedule:
+            return value
+        raise ValueError(
+            f"{name} cannot be a schedule (learning_rate and weight_decay can); to vary it "
+            f"during training, inject it: ox.inject_hyperparams(factory)({name}=schedule)"
+        )
     v = _as_real_array(name, value)
+    if v.ndim:
+        raise ValueError(f"{name} must be a real scalar, got {value!r} of shape {v.shape}")
     infinite = ((v == -np.inf) & (low is None)) | ((v == np.inf) & (high is None))
     bad = np.isnan(v) | infinite
     if low is not None:
@@ -217,7 +227,7 @@ def check_range(
     if high is not None:
         bad |= v >= high if high_open else v > high
     if np.any(bad):
-        shown = repr(value) if v.ndim == 0 else f"{float(v[bad].flat[0])!r} (in an array)"
+        shown = repr(value)
         interval = _interval(low, high, low_open, high_open)
         finite = "finite and " if np.any(infinite) else ""
         raise ValueError(f"{name} must be {finite}in {interval}, got {shown}")

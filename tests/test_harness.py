@@ -109,12 +109,17 @@ def test_check_range_passes_traced_and_schedules():
         ),
         (1e-3 + 1j, r"learning_rate must be a real number or a schedule, got \(0.001\+1j\)"),
         ({"lr": 1e-3}, r"learning_rate must be a real number or a schedule, got \{'lr'"),
-        ([1e-3, float("nan")], r"learning_rate must be in \[0, inf\), got nan \(in an array\)"),
+        ([1e-3, float("nan")], r"learning_rate must be a real scalar, got \[0.001, nan\] of shape"),
     ],
 )
 def test_check_range_rejects_non_numbers_and_infinity(value, message):
     with pytest.raises(ValueError, match=message):
         c.check_range("learning_rate", value, 0)
+
+
+def test_check_range_rejects_a_schedule_where_none_can_go():
+    with pytest.raises(ValueError, match=r"beta cannot be a schedule .*inject_hyperparams"):
+        c.check_range("beta", lambda count: 0.9, 0, 1, schedule=False)
 
 
 def test_check_range_keeps_a_closed_infinite_end():
