@@ -20,13 +20,17 @@ Orbax (``pip install "optax-ext[checkpoint]"``) is imported on use.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optax
 
 _METADATA_KEY = "optax_ext"
+#: Orbax's JSON files in a checkpoint directory (the tree's, the step's, the shardings)
+_JSON_FILES = ("_METADATA", "_CHECKPOINT_METADATA", "_sharding")
 
 
 def opt_state_signature(opt_state: Any) -> str:
@@ -138,13 +142,47 @@ def restore_train_state(checkpointer: Any, where: Any, target: Any) -> Any:
 
     Raises:
       ValueError: the checkpoint was written by another optimizer (the message names
-        both optimizer-state types), or its paths or shapes differ from ``target``'s.
+        both optimizer-state types), or its paths or shapes differ from ``target``'s,
+        or one of its metadata files is damaged (the message names the file).
     """
     import orbax.checkpoint as ocp  # optional dependency
 
     manager = isinstance(checkpointer, ocp.CheckpointManager)
     label = f"step {where} of {checkpointer.directory}" if manager else str(where)
-    _check_checkpoint(checkpointer.metadata(where), target, label)
-    if manager:
-        return checkpointer.restore(where, args=ocp.args.StandardRestore(target))
-    return checkpointer.restore(where, target)
+    directory = _step_directory(checkpointer, where) if manager else Path(where)
+    _check_json_files(directory, label)
+    try:
+        _check_checkpoint(checkpointer.metadata(where), target, label)
+        if manager:
+            return checkpointer.restore(where, args=ocp.args.StandardRestore(target))
+        return checkpointer.restore(where, target)
+    except json.JSONDecodeError as e:  # a file the check above does not know
+        raise _damaged(label, directory, e) from e
+
+
+def _step_directory(manager: Any, step: Any) -> Path | None:
+    """The directory holding ``step`` of a ``CheckpointManager`` (None if not found)."""
+    root = Path(str(manager.directory))
+    candidates = [root / str(step), *root.glob(f"*{step}")]
+    return next((p for p in candidates if p.is_dir()), None)
+
+
+def _check_json_files(directory: Path | None, label: str) -> None:
+    """Raises ``ValueError`` naming the first of Orbax's JSON files under ``directory``
+    that does not parse (a write cut short: disk full, a killed process)."""
+    if directory is None or not directory.is_dir():
+        return  # Orbax says what is missing
+    for path in sorted(p for name in _JSON_FILES for p in directory.rglob(name)):
+        try:
+            json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _damaged(label, path, e) from e
+
+
+def _damaged(label: str, path: Path | None, error: Exception) -> ValueError:
+    return ValueError(
+        f"checkpoint at {label} is damaged: {path} is not valid JSON ({error}). The file "
+        "was probably cut short while being written (a full disk or a killed process). "
+        "Restore an earlier checkpoint (with a CheckpointManager: another step from "
+        "all_steps()), or delete this one and save it again."
+    )

@@ -334,3 +334,35 @@ def test_checkpoint_manager_same_checks(checkpoints, tmp_path):
         assert f"step {worker.SAVE_AT} of {tmp_path / 'managed'}" in str(err.value)
     finally:
         manager.close()
+
+
+@pytest.mark.parametrize("damaged", ["_METADATA", "_CHECKPOINT_METADATA"])
+def test_truncated_metadata_file_is_named(checkpoints, tmp_path, damaged):
+    """A metadata file cut short (disk full, a killed writer) gives a ValueError naming the
+    checkpoint and the file, not a bare JSONDecodeError (or, for the step's metadata, a
+    logged error and a silently skipped optimizer check)."""
+    import shutil
+
+    path = tmp_path / "tiger_acc3"
+    shutil.copytree(checkpoints[0] / "tiger_acc3", path)
+    file = path / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(ValueError, match="is damaged") as err:
+        checkpoint.restore_train_state(ocp.StandardCheckpointer(), path, _target("tiger_acc3"))
+    message = str(err.value)
+    assert str(file) in message and "not valid JSON" in message
+    assert "Restore an earlier checkpoint" in message
+
+
+def test_truncated_metadata_in_a_checkpoint_manager_is_named(checkpoints, tmp_path):
+    manager = ocp.CheckpointManager(tmp_path / "managed")
+    try:
+        checkpoint.save_train_state(manager, worker.SAVE_AT, checkpoints[1]["tiger_acc3"])
+        manager.wait_until_finished()
+        (file,) = (tmp_path / "managed").rglob("_METADATA")
+        file.write_text(file.read_text()[:10])
+        with pytest.raises(ValueError, match=f"step {worker.SAVE_AT} of .* is damaged") as err:
+            checkpoint.restore_train_state(manager, worker.SAVE_AT, _target("tiger_acc3"))
+        assert str(file) in str(err.value)
+    finally:
+        manager.close()
