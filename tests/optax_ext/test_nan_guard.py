@@ -99,17 +99,23 @@ def test_float64_reference_with_nan_and_inf_leaves():
 
 def test_catch_inf_false_lets_inf_through():
     params = {"w": jnp.ones(2)}
-    tx = nan_guard(optax.sgd(1.0), catch_inf=False, check_result=False)
+    tx = nan_guard(optax.sgd(1.0), catch_inf=False, spike_factor=None)
     u, state = tx.update({"w": jnp.array([np.inf, 1.0])}, tx.init(params), params)
     assert np.isneginf(np.asarray(u["w"][0])) and int(state.skipped_steps) == 0
-    # with the result check (the default) the infinite update is caught after the step
-    checked = nan_guard(optax.sgd(1.0), catch_inf=False)
+    # with the result check the infinite update is caught after the step
+    checked = nan_guard(optax.sgd(1.0), catch_inf=False, check_result=True, spike_factor=None)
     u2, s2 = checked.update({"w": jnp.array([np.inf, 1.0])}, checked.init(params), params)
     np.testing.assert_array_equal(np.asarray(u2["w"]), 0.0)
     assert int(s2.skipped_steps) == 1 and int(s2.shrunk_leaves) == 0
     u, state = tx.update({"w": jnp.array([np.nan, 1.0])}, state, params)
     np.testing.assert_allclose(np.asarray(u["w"]), (0.99 - 1) * np.ones(2))
     assert int(state.skipped_steps) == 1
+    # with the spike guard on (the default) an infinite gradient norm is a spike: the
+    # step is skipped whole, without a shrink, even on the first step
+    spiky = nan_guard(optax.sgd(1.0), catch_inf=False)
+    u3, s3 = spiky.update({"w": jnp.array([np.inf, 1.0])}, spiky.init(params), params)
+    np.testing.assert_array_equal(np.asarray(u3["w"]), 0.0)
+    assert (int(s3.skipped_steps), int(s3.spike_steps), int(s3.shrunk_leaves)) == (1, 1, 0)
 
 
 def test_centre_override():
@@ -282,7 +288,8 @@ def test_check_result_skips_steps_whose_state_would_overflow():
     huge = jax.tree.map(lambda p: jnp.full_like(p, 1e30), params)
     clean = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     for check, finite_after in ((True, True), (False, False)):
-        tx = nan_guard(optax.adam(1e-2), check_result=check)
+        # the spike guard's overflow check would catch these before the inner step
+        tx = nan_guard(optax.adam(1e-2), check_result=check, spike_factor=None)
         state = tx.init(params)
         u, state = tx.update(huge, state, params)
         p1 = optax.apply_updates(params, u)
@@ -298,3 +305,116 @@ def test_check_result_skips_steps_whose_state_would_overflow():
             moved = optax.apply_updates(p1, u)
             assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(moved))
             assert bool(jnp.any(moved["dense"]["kernel"] != p1["dense"]["kernel"]))
+
+
+# ------------------------------------------------------------------ the spike guard
+
+
+def _spike_reference(grads_seq, *, factor, warmup, decay, action, r=0.99):
+    """The spike rule in float64 NumPy around SGD(lr=1): per step the update, and the
+    counters (skipped, spikes, norm EMA, admitted steps) after it."""
+    ema, n, spikes, skipped, out = 0.0, 0, 0, 0, []
+    for grads in grads_seq:
+        g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+        bad = [not np.all(np.isfinite(x)) for x in g]
+        square = sum(np.sum(x**2) for x, b in zip(g, bad, strict=True) if not b)
+        # the guard sums squares in float32: beyond its range the norm is +inf
+        norm = np.inf if square > np.finfo(np.float32).max else np.sqrt(square)
+        threshold = factor * ema / (1 - decay**n) if n else 0.0
+        spike = np.isinf(norm) or (n >= warmup and threshold > 0 and norm > threshold)
+        clip = spike and action == "clip" and np.isfinite(norm)
+        skip = any(bad) or (spike and not clip)
+        scale = threshold / factor / norm if clip else 1.0  # to the average norm
+        updates = [np.zeros_like(x) if skip else -scale * x for x in g]
+        updates = [(r - 1) * 1.0 if b else u for u, b in zip(updates, bad, strict=True)]
+        if not any(bad) and np.isfinite(norm):
+            ema = decay * ema + (1 - decay) * (threshold if spike else norm)
+            n += 1
+        spikes, skipped = spikes + spike, skipped + skip
+        out.append((updates, skipped, spikes, ema, n))
+    return out
+
+
+def _spiky_grads(params, steps, spikes: dict[int, float], nan_at=()):
+    """Random gradients whose norm drifts by 10x over the run, times ``spikes[t]`` at
+    step t, with a NaN leaf at the steps ``nan_at``."""
+    out = []
+    for t in range(steps):
+        g = random_grads_like(params, 500 + t, scale=float(10 ** (t / steps)) * spikes.get(t, 1.0))
+        out.append(_poison(g, {0: np.nan}) if t in nan_at else g)
+    return out
+
+
+@pytest.mark.parametrize("action", ["skip", "clip"])
+def test_spike_guard_matches_float64_reference(action):
+    params = jax.tree.map(jnp.ones_like, random_tree(7))  # centre 0 or 1: shrink known
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x if "scale" in str(p[-1]) else jnp.ones_like(x), params
+    )
+    # x1e30 during the warm-up (its norm overflows: caught), x1e4 after it (caught),
+    # x1e3 right after (the threshold the spike raised lets it through), x50 (below the
+    # threshold), x1e6 later (caught)
+    steps = 40
+    spikes = {2: 1e30, 12: 1e4, 13: 1e3, 20: 50.0, 30: 1e6}
+    grads = _spiky_grads(params, steps, spikes, nan_at=(5, 25))
+    want = _spike_reference(grads, factor=1e3, warmup=8, decay=0.9, action=action)
+    tx = nan_guard(optax.sgd(1.0), spike_warmup=8, spike_decay=0.9, spike_action=action)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    fired = []
+    for t, (g, (updates, skipped, n_spikes, ema, n)) in enumerate(zip(grads, want, strict=True)):
+        # the shrink of a bad leaf (centre 1 for norm scales, 0 otherwise) is known: the
+        # leaf is reset to ones before the step, so its update is (r - 1) * (1 - c)
+        u, state = step(g, state, params)
+        for (path, got), w, bad in zip(
+            leaf_paths(u), updates, jax.tree.leaves(_poison_mask(g)), strict=True
+        ):
+            if bad:
+                w = (0.99 - 1) * (0.0 if path.endswith("scale") else 1.0) * np.ones_like(w)
+            np.testing.assert_allclose(got, w, rtol=2e-6, atol=1e-30, err_msg=f"{t} {path}")
+        assert (int(state.skipped_steps), int(state.spike_steps), int(state.norm_steps)) == (
+            skipped,
+            n_spikes,
+            n,
+        ), f"counters at step {t}"
+        np.testing.assert_allclose(float(state.norm_ema), ema, rtol=1e-5)
+        fired.append(n_spikes)
+    assert fired[-1] == 3 and int(state.skipped_steps) == (5 if action == "skip" else 3)
+
+
+def _poison_mask(tree):
+    return jax.tree.map(lambda x: not bool(jnp.all(jnp.isfinite(x))), tree)
+
+
+def test_spike_guard_device_paths_and_no_recompile():
+    params = random_tree(8, max_leaves=3)
+    grads = [random_grads_like(params, s, scale=1e5 if s == 3 else 1.0) for s in range(5)]
+    tx = nan_guard(optax.adam(1e-2), spike_warmup=2)
+    assert_same_on_all_paths(tx, params, grads)
+    assert_no_recompile(tx, params, grads)
+    _, state = jax.jit(lambda s: _run_all(tx, params, grads))(None)
+    assert int(state.spike_steps) == 1 and int(state.skipped_steps) == 1
+
+
+def _run_all(tx, params, grads):
+    state = tx.init(params)
+    for g in grads:
+        u, state = tx.update(g, state, params)
+        params = _apply(params, u)
+    return params, state
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"spike_factor": 1.0}, r"spike_factor must be in \(1, inf\)"),
+        ({"spike_factor": float("nan")}, "spike_factor"),
+        ({"spike_warmup": 0}, "spike_warmup must be an int >= 1"),
+        ({"spike_warmup": 2.5}, "spike_warmup must be an int"),
+        ({"spike_decay": 1.0}, r"spike_decay must be in \[0, 1\)"),
+        ({"spike_action": "drop"}, r"spike_action must be one of \['skip', 'clip'\]"),
+    ],
+)
+def test_bad_spike_settings(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        nan_guard(optax.sgd(0.1), **kwargs)

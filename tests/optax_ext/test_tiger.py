@@ -253,13 +253,40 @@ def test_without_guard_nan_propagates():
     assert bool(jnp.all(jnp.isnan(updates["kernel"])))
 
 
-def test_inf_is_not_caught_by_default_but_with_catch_inf():
+def test_inf_is_caught_by_default_nan_only_reproduces_the_source():
     params = {"kernel": jnp.ones((2, 2))}
     g = {"kernel": jnp.array([[jnp.inf, 1.0], [1.0, 1.0]])}
-    u, _ = tiger(1e-2).update(g, tiger(1e-2).init(params), params)
-    assert float(u["kernel"][0, 0]) == pytest.approx(-1e-2 * (1 + 0.01))  # sign(inf) = 1
-    u, _ = tiger(1e-2, catch_inf=True).update(g, tiger(1e-2).init(params), params)
+    u, state = tiger(1e-2).update(g, tiger(1e-2).init(params), params)
     np.testing.assert_allclose(u["kernel"], -0.01 * np.ones((2, 2)), rtol=1e-6)  # shrink to 0
+    assert (int(state.skipped_steps), int(state.shrunk_leaves)) == (1, 1)
+    assert bool(jnp.all(state.mu["kernel"] == 0))
+    # Su's NaN-only check (with the spike guard off, which would see an infinite norm)
+    faithful = tiger(1e-2, catch_inf=False, spike_factor=None)
+    u, state = faithful.update(g, faithful.init(params), params)
+    assert float(u["kernel"][0, 0]) == pytest.approx(-1e-2 * (1 + 0.01))  # sign(inf) = 1
+    assert np.isinf(float(state.mu["kernel"][0, 0]))
+    assert (int(state.skipped_steps), int(state.shrunk_leaves)) == (0, 0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_guard_counters(k):
+    """shrunk_leaves counts discarded leaves, skipped_steps the micro-steps with any, as
+    nan_guard's counters do; scale_by_tiger keeps the same counters."""
+    params = flax_like_params(3)
+    grads = grads_with_nans(params, 12, 3, nan_every=3, value=np.inf)
+    grads[4] = _poison_two(grads[4])
+    for tx in (tiger(1e-2, accumulation_steps=k), scale_by_tiger(accumulation_steps=k)):
+        _, state = run(tx, params, grads)
+        assert (int(state.skipped_steps), int(state.shrunk_leaves)) == (5, 6)
+        assert int(state.spike_steps) == 0 and int(state.norm_steps) == 12 - 5
+        assert all(bool(jnp.all(jnp.isfinite(m))) for m in jax.tree.leaves(state.mu))
+
+
+def _poison_two(g):
+    leaves, treedef = jax.tree.flatten(g)
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(np.nan)
+    leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(-np.inf)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def test_min_rms_zero_reproduces_the_sources_zero_kernel_never_moves():
@@ -462,3 +489,21 @@ def _tree_like(params, by_path):
 def test_reference_helpers_are_consistent():
     params = flax_like_params(0)
     assert_trees_close(_tree_like(params, dict(leaf_paths(to_f64(params)))), params)
+
+
+@pytest.mark.parametrize("action", ["skip", "clip"])
+def test_spike_guard_on_all_device_paths(action):
+    """A x1e4 spike after a 2-step warm-up: skipped (momentum kept, no move) or scaled to
+    the average norm, the same on every device path, counted once."""
+    params = random_tree(21, max_leaves=3)
+    grads = [random_grads_like(params, 40 + s, scale=1e4 if s == 3 else 1.0) for s in range(5)]
+    tx = tiger(1e-2, accumulation_steps=1, spike_warmup=2, spike_action=action)
+    assert_same_on_all_paths(tx, params, grads)
+    _, state = run(tx, params, grads)
+    assert int(state.spike_steps) == 1
+    assert int(state.skipped_steps) == (1 if action == "skip" else 0)
+    # skipping step 3 is the run without it
+    if action == "skip":
+        p_skip, s_skip = run(tx, params, grads[:3])
+        u, _ = tx.update(grads[3], s_skip, p_skip)
+        assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u))
