@@ -66,7 +66,8 @@ def attention_with_max_logits(
     Pass it as ``attention_fn`` of ``flax.linen.MultiHeadDotProductAttention`` or
     ``flax.nnx.MultiHeadAttention`` and call the module with ``sow_weights=True``
     (which hands it the module), then feed the recorded tree to
-    :func:`optax_ext.wrappers.qk_clip.qk_clip` as ``max_logits``::
+    :func:`optax_ext.wrappers.qk_clip.qk_clip` as ``max_logits``. In NNX collect it
+    with ``_, records = nnx.capture(forward, nnx.Intermediate)(model, x)``. In Linen::
 
         attn = nn.MultiHeadDotProductAttention(4, attention_fn=attention_with_max_logits)
         # inside the model: attn(x, sow_weights=True)
