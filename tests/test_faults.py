@@ -6,18 +6,30 @@ These back every claim of safety in the fault table (``benchmarks/fault_table.py
   state is kept bit for bit, only the bad leaf moves (toward its centre), params and
   state stay finite, and the next clean step is exactly the step the inner optimizer
   would have made had the bad step never happened.
-* Tiger's own guard does the same per leaf (NaN always; Inf with ``catch_inf=True``);
-  with the default ``catch_inf=False`` an Inf gradient poisons that momentum entry.
+* Tiger's own guard does the same per leaf (NaN and Inf by default, counted); with
+  ``catch_inf=False`` (Su's original NaN-only check, spike guard off) an Inf gradient
+  poisons that momentum entry for good.
+* A finite spike (every gradient x1e30 on one step of a 200-step Flax run) is skipped
+  and counted by the spike guard of ``nan_guard`` and of Tiger, and the run ends near
+  the clean run's loss; without it the sign optimizers never recover in 150 steps. On a
+  clean run the spike guard changes nothing, bit for bit.
+* The guards' compiled programs grow linearly with the number of leaves.
 * A zero learning rate leaves the params bit-identical for every optimizer (Amos: its
   decay is scaled by ξ², so ξ = 0 stops it, unless ``extra_l2 > 0``).
 * Gradients of 1e30 (finite in float32 and bfloat16, their squares are not): the
   sign-based optimizers take exactly their normal step; Adam-like ones keep finite
   params but their second moment overflows to Inf and freezes them; SGD with momentum
-  stays finite but steps by lr·1e30·|g|; Amos produces NaN unless it clips.
+  stays finite but steps by lr·1e30·|g|; Amos produces NaN unless it clips. The spike
+  guard (on by default in ``nan_guard`` and Tiger) skips such a step: its gradient norm
+  overflows float32.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +43,7 @@ from optax_ext.optimizers.amos import amos
 from optax_ext.optimizers.lion import lion
 from optax_ext.optimizers.sgdm import sgdm
 from optax_ext.optimizers.tiger import tiger
+from optax_ext.wrappers.accumulation import accumulate_gradients
 from optax_ext.wrappers.layer_adaptation import layer_adapted
 from optax_ext.wrappers.lookahead import lookahead
 from optax_ext.wrappers.nan_guard import nan_guard
@@ -38,10 +51,10 @@ from optax_ext.wrappers.nan_guard import nan_guard
 BAD_LEAF = "params/Dense_0/kernel"
 HUGE = 1e30
 
-# the optimizers of the fault table, by learning rate (Tiger with its own guard off, so
+# the optimizers of the fault table, by learning rate (Tiger with its own guards off, so
 # that nan_guard is what is tested)
 OPTIMIZERS = {
-    "tiger": lambda lr: tiger(lr, guard_nan=False),
+    "tiger": lambda lr: tiger(lr, guard_nan=False, spike_factor=None),
     "lion": lambda lr: lion(lr),
     "adafactor": lambda lr: adafactor(lr),
     "adax": lambda lr: adax(lr),
@@ -188,11 +201,14 @@ def test_nan_guard_centre_of_norm_scales_is_one():
 # ---------------------------------------------------------------- Tiger's own guard
 
 
-@pytest.mark.parametrize("catch_inf", [False, True])
+@pytest.mark.parametrize("faithful", [False, True], ids=["default", "catch_inf=False"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
-def test_tiger_own_guard(catch_inf, bad):
-    caught = catch_inf or np.isnan(bad)
-    tx = tiger(1e-2, shrink_ratio=0.9, catch_inf=catch_inf)
+def test_tiger_own_guard(faithful, bad):
+    caught = not faithful or np.isnan(bad)
+    # catch_inf=False is Su's NaN-only check; the spike guard would catch the Inf (its
+    # norm is infinite), so it is off too for the original behaviour
+    extra = {"catch_inf": False, "spike_factor": None} if faithful else {}
+    tx = tiger(1e-2, shrink_ratio=0.9, **extra)
     step = stepper(tx)
     params, state = warm(tx, make_params())
     grads = make_grads(params, 7)
@@ -209,18 +225,21 @@ def test_tiger_own_guard(catch_inf, bad):
         np.testing.assert_allclose(after[BAD_LEAF], 0.9 * before[BAD_LEAF], rtol=1e-6)
         np.testing.assert_array_equal(mu_after[BAD_LEAF], mu_before[BAD_LEAF])
         assert all_finite(s1)
+        # counted like nan_guard's: one step on which the guard acted, one leaf
+        assert (int(s1.skipped_steps), int(s1.shrunk_leaves), int(s1.spike_steps)) == (1, 1, 0)
         p2, s2, u2 = step(p1, s1, make_grads(params, 8))
         assert all_finite(p2) and all_finite(s2)
         assert np.any(leaves(u2)[BAD_LEAF] != 0)
     else:
-        # the documented hazard of the default catch_inf=False: +Inf enters the
-        # momentum, whose entry stays +Inf and pushes that parameter one way forever
+        # the hazard of the NaN-only check: +Inf enters the momentum, whose entry stays
+        # +Inf and pushes that parameter one way forever, and nothing counts it
         assert np.isinf(mu_after[BAD_LEAF][0, 0])
         p, s = p1, s1
         for i in range(3):
             p, s, u = step(p, s, make_grads(params, 20 + i))
         assert np.isinf(leaves(s.mu)[BAD_LEAF][0, 0])
         assert all_finite(p)
+        assert int(s.skipped_steps) == int(s.shrunk_leaves) == 0
 
 
 # ------------------------------------------------------------------ zero learning rate
@@ -279,7 +298,8 @@ def test_amos_extra_l2_decays_even_at_zero_learning_rate():
 def test_sign_optimizers_take_their_normal_step_on_huge_gradients(name, guard, dtype):
     # from init, m = (1-β)·g: the sign of 1e30·g is the sign of g, so the step is
     # exactly the normal one; the momentum (~1e28) stays finite, as do later steps
-    tx = nan_guard(OPTIMIZERS[name](1e-2)) if guard else OPTIMIZERS[name](1e-2)
+    # (nan_guard's spike guard, off here, would skip the step: see below)
+    tx = nan_guard(OPTIMIZERS[name](1e-2), spike_factor=None) if guard else OPTIMIZERS[name](1e-2)
     step = stepper(tx)
     params = make_params(dtype)
     grads = make_grads(params, 3)
@@ -342,10 +362,165 @@ def test_amos_huge_gradients_nan_unless_clipped(dtype):
     assert all_finite(p) and all_finite(s)
 
 
-def test_nan_guard_does_not_catch_finite_huge_gradients():
-    # 1e30 gradients are finite and so is SGDM's huge step: neither check catches them
-    tx = _GUARDED["sgdm"]
+def test_nan_guard_without_spike_guard_does_not_catch_finite_huge_gradients():
+    # 1e30 gradients are finite and so is SGDM's huge step: no non-finite check fires
+    tx = nan_guard(OPTIMIZERS["sgdm"](1e-2), shrink_ratio=0.9, spike_factor=None)
     params, state = warm(tx, make_params())
     p, s, u = stepper(tx)(params, state, make_grads(params, 3, scale=HUGE))
     assert int(s.skipped_steps) == 0
     assert max(np.max(np.abs(x)) for x in leaves(u).values()) > 1e27
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "name", ["nan_guard(sgdm)", "nan_guard(lion)", "nan_guard(optax.adamw)", "tiger"]
+)
+def test_spike_guard_skips_huge_gradients_even_during_warmup(name, dtype):
+    # the norm of 1e30 gradients overflows float32 (their squares do): a spike on the
+    # third step already, before any warm-up; state kept, params unchanged, counted
+    inner = name.removeprefix("nan_guard(").removesuffix(")")
+    tx = tiger(1e-2) if name == "tiger" else nan_guard(OPTIMIZERS[inner](1e-2))
+    step = stepper(tx)
+    params, state = warm(tx, make_params(dtype))
+    p, s, u = step(params, state, make_grads(params, 3, scale=HUGE))
+    assert_trees_equal(p, params, f"{name}: params on the spike step")
+    kept = s.mu if name == "tiger" else s.inner_state
+    assert_trees_equal(kept, state.mu if name == "tiger" else state.inner_state, "state")
+    assert (int(s.spike_steps), int(s.skipped_steps), int(s.shrunk_leaves)) == (1, 1, 0)
+    p2, s2, _ = step(p, s, make_grads(params, 4))
+    assert (
+        all_finite(p2)
+        and all_finite(s2)
+        and not np.array_equal(leaves(p2)[BAD_LEAF], leaves(p)[BAD_LEAF])
+    )
+
+
+# --------------------------------------------- a finite spike in a 200-step Flax run
+
+SPIKE_STEP, RUN_STEPS = 50, 200
+
+
+class _Regressor(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(nn.LayerNorm()(nn.Dense(32)(x)))
+        return nn.Dense(1)(x)[:, 0]
+
+
+@functools.cache
+def _regression():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((256, 8)), jnp.float32)
+    y = jnp.tanh(x @ jnp.asarray(rng.standard_normal(8), jnp.float32))
+    model = _Regressor()
+    params = model.init(jax.random.key(0), x[:1])
+    loss = lambda p: jnp.mean((model.apply(p, x) - y) ** 2)
+    return params, loss
+
+
+def _train_with_spike(tx, factor, steps=RUN_STEPS):
+    """Full-batch steps in one jitted scan, the gradients times ``factor`` on step 50;
+    returns the final loss, the final params and state."""
+    params, loss = _regression()
+    scales = jnp.ones(steps).at[SPIKE_STEP].set(factor)
+
+    def step(carry, scale):
+        p, s = carry
+        g = jax.tree.map(lambda x: x * scale, jax.grad(loss)(p))
+        u, s = tx.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    @jax.jit
+    def run(p):
+        (p, s), _ = jax.lax.scan(step, (p, tx.init(p)), scales)
+        return loss(p), p, s
+
+    final, p, s = run(params)
+    return float(final), p, s
+
+
+SPIKE_CASES = {
+    "tiger": lambda **kw: tiger(1e-2, **kw),
+    "nan_guard(lion)": lambda **kw: nan_guard(lion(1e-3), **kw),
+    "nan_guard(tiger, no own guards)": lambda **kw: nan_guard(
+        tiger(1e-2, guard_nan=False, spike_factor=None), **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPIKE_CASES))
+def test_spike_guard_skips_a_finite_spike_and_changes_nothing_on_a_clean_run(name):
+    make = SPIKE_CASES[name]
+    clean, p_clean, s_clean = _train_with_spike(make(), 1.0)
+    clean_off, p_off, _ = _train_with_spike(make(spike_factor=None), 1.0)
+    # on a clean run the guard never fires: bit-identical to running without it
+    assert_trees_equal(p_clean, p_off, f"{name}: clean run with and without the spike guard")
+    assert int(s_clean.spike_steps) == int(s_clean.skipped_steps) == 0
+    assert int(s_clean.norm_steps) == RUN_STEPS
+
+    # the full-batch run with the spike skipped is the clean run one step shorter
+    _, p_shorter, _ = _train_with_spike(make(), 1.0, steps=RUN_STEPS - 1)
+    # x1e30 at step 50: finite gradients, an overflowing norm; and x1e6: a finite norm
+    for factor in (1e30, 1e6):
+        spiked, p, s = _train_with_spike(make(), factor)
+        assert int(s.spike_steps) == int(s.skipped_steps) == 1, f"{name} x{factor:g}"
+        # an overflowing norm is not averaged; a finite spike enters at the threshold
+        assert int(s.norm_steps) == RUN_STEPS - (factor == 1e30), f"{name} x{factor:g}"
+        assert_trees_equal(p, p_shorter, f"{name} x{factor:g} against 199 clean steps")
+        assert spiked <= 1.5 * clean, (name, factor, spiked, clean)
+        unguarded, _, _ = _train_with_spike(make(spike_factor=None), factor)
+        # without the guard the spike's sign rules the momentum for the rest of the run
+        # (worse than the start: Tiger 1.6-1.8, Lion 2.3, from 0.91; clean 0.002-0.08)
+        assert unguarded > 10 * clean, (name, factor, unguarded, clean)
+
+
+def test_spike_clip_recovers_too():
+    clean, _, _ = _train_with_spike(tiger(1e-2), 1.0)
+    clipped, p, s = _train_with_spike(tiger(1e-2, spike_action="clip"), 1e6)
+    assert int(s.spike_steps) == 1 and int(s.skipped_steps) == 0  # clipped, not skipped
+    assert int(s.norm_steps) == RUN_STEPS
+    assert clipped <= 1.5 * clean, (clipped, clean)
+
+
+# ------------------------------------------------- compile size against the leaf count
+
+
+def _many_leaves(n):
+    return {f"layer_{i}": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)} for i in range(n // 2)}
+
+
+def _compiled_instructions(tx, n):
+    params = _many_leaves(n)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    state = jax.eval_shape(tx.init, params)
+    text = jax.jit(step).lower(params, state, params).compile().as_text()
+    return len(re.findall(r"^\\s+(?:ROOT )?%\\S+ = ", text, re.M))
+
+
+LINEAR_COMPILE = {
+    "nan_guard(adam)": lambda: nan_guard(optax.adam(1e-3)),
+    "nan_guard(adam, clip, check_result)": lambda: nan_guard(
+        optax.adam(1e-3), spike_action="clip", check_result=True
+    ),
+    "accumulate_gradients(adam, skip_nonfinite)": lambda: accumulate_gradients(
+        optax.adam(1e-3), 2, skip_nonfinite=True
+    ),
+    "tiger": lambda: tiger(1e-3),
+    "tiger(clip, k=2)": lambda: tiger(1e-3, accumulation_steps=2, spike_action="clip"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_COMPILE))
+def test_guards_compile_to_a_program_linear_in_the_leaf_count(name):
+    """Every leaf selects on one whole-step decision; built as a chain of per-leaf flags
+    XLA fused a copy of the chain into every leaf's kernel (N² instructions, compile
+    time ~6x per doubling of the leaves). Counted, not timed: each 8 more leaves must
+    add the same number of compiled instructions, within 15%."""
+    make = LINEAR_COMPILE[name]
+    c8, c16, c32 = (_compiled_instructions(make(), n) for n in (8, 16, 32))
+    per_leaf_small, per_leaf_large = (c16 - c8) / 8, (c32 - c16) / 16
+    assert per_leaf_large <= 1.15 * per_leaf_small, (name, c8, c16, c32)
