@@ -1,6 +1,6 @@
 """Overhead of measuring the gradient noise scale: chain(measure_noise_scale, adamw) vs adamw.
 
-``optax_ext.noise_scale.measure_noise_scale`` (also ``scaling.measure_noise_scale``) adds
+``optax_ext.noise_measurement.measure_noise_scale`` (also ``scaling.measure_noise_scale``) adds
 one squared-norm reduction over the gradients (and a few scalar EMAs) to the step. Two
 pairs are timed on the same ~10M-float tree:
 
@@ -37,7 +37,7 @@ from benchlib import (
     write_json,
 )
 
-from optax_ext.noise_scale import measure_noise_scale
+from optax_ext.noise_measurement import measure_noise_scale
 
 
 def accum_steps(lr: float, batch: int, k: int):

@@ -33,6 +33,15 @@ from optax_ext.contrastive import (
     simcse_loss,
 )
 from optax_ext.hyperparams import inject_hyperparams
+from optax_ext.noise_measurement import (
+    CurrentNoiseScale,
+    NoiseMoments,
+    NoiseScaleState,
+    current_noise_scale,
+    measure_noise_scale,
+    noise_log_record,
+    noise_scale,
+)
 from optax_ext.optimizers.adafactor import (
     FactoredMoment,
     ScaleByAdafactorState,
@@ -121,6 +130,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccumulationState",
+    "CurrentNoiseScale",
     "DecaySchedules",
     "EMBEDDING",
     "FactoredMoment",
@@ -128,6 +138,8 @@ __all__ = [
     "NORM_AND_BIAS",
     "NORM_SCALE",
     "NanGuardState",
+    "NoiseMoments",
+    "NoiseScaleState",
     "ParamEMAState",
     "ScaleByAdafactorState",
     "ScaleByAdaxState",
@@ -150,6 +162,7 @@ __all__ = [
     "contrastive_value_and_grad",
     "cosent_loss",
     "coupled_decay_schedules",
+    "current_noise_scale",
     "data_parallel_mesh",
     "decay_weights",
     "ema_params",
@@ -162,7 +175,10 @@ __all__ = [
     "lion",
     "lookahead",
     "make_train_step",
+    "measure_noise_scale",
     "nan_guard",
+    "noise_log_record",
+    "noise_scale",
     "opt_state_signature",
     "param_ema",
     "path_labels",

@@ -4,10 +4,11 @@ Three ways to run the same step on several devices, all giving the single-device
 
 - ``"jit"``: one device (or whatever ``jax.jit`` does with the inputs' shardings).
 - ``"pmap"``: ``jax.pmap`` over the local devices; state replicated, batch split on its
-  leading axis; gradients averaged with ``lax.pmean`` over ``axis_name`` — unless
-  ``average_grads=False``, for an optimizer that averages them itself (the noise-scale
-  transform ``scaling.measure_noise_scale(axis_name=...)`` reads the local gradients
-  first).
+  leading axis; gradients averaged with ``lax.pmean`` over ``axis_name`` (unless
+  ``average_grads=False``). When the optimizer measures the noise scale
+  (``measure_noise_scale``), the step also passes it the per-device statistic it needs,
+  so ``measure_noise_scale(batch_size=per_device_batch)`` with or without
+  ``axis_name`` measures correctly under the defaults.
 - ``"sharded"``: ``jax.jit`` over a ``NamedSharding`` mesh: the batch is split over the
   ``"data"`` axis (:func:`shard_batch`), params and optimizer state are replicated or
   sharded by path rules (:func:`shard_params`); XLA inserts the gradient all-reduce.
@@ -33,6 +34,8 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from optax_ext._common import check_choice, check_int, first_match, tree_paths
+from optax_ext.noise_measurement import has_noise_scale_state
+from scaling.protocol import ACCUMULATION_STEPS, GRADS_AVERAGED_OVER, MICRO_GRAD_SQ_NORM
 
 __all__ = [
     "MODES",
@@ -90,8 +93,8 @@ def make_train_step(
       loss_fn: ``loss_fn(params, apply_fn, batch) -> scalar`` (mean over the batch).
       mode: ``"jit"``, ``"pmap"`` or ``"sharded"`` (see the module docstring).
       axis_name: the pmap axis name (``"pmap"`` mode).
-      average_grads: under ``"pmap"``, average gradients with ``lax.pmean``; set False
-        when the optimizer averages them itself (``scaling.measure_noise_scale``).
+      average_grads: under ``"pmap"``, average gradients with ``lax.pmean``; False
+        leaves them per device for an optimizer that averages them itself.
       donate: donate the state's buffers to the step, so XLA updates params and
         optimizer state in place (half the memory). The state passed in is then
         consumed: its arrays are deleted, so keep no other reference to them (off by
@@ -107,16 +110,30 @@ def make_train_step(
 
     def step(state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, state.apply_fn, batch)
+        extra = {}
         if mode == "pmap":
             loss = jax.lax.pmean(loss, axis_name)
             if average_grads:
+                if has_noise_scale_state(state.opt_state):  # a structural, trace-time test
+                    extra = _averaged_grads_extra_args(grads, axis_name)
                 grads = jax.lax.pmean(grads, axis_name)
-        return state.apply_gradients(grads=grads), {"loss": loss}
+        return state.apply_gradients(grads=grads, extra_args=extra), {"loss": loss}
 
     donate_argnums = (0,) if donate else ()
     if mode == "pmap":
         return jax.pmap(step, axis_name=axis_name, donate_argnums=donate_argnums)
     return jax.jit(step, donate_argnums=donate_argnums)
+
+
+def _averaged_grads_extra_args(grads: Any, axis_name: str) -> dict[str, Any]:
+    """What a noise measurement needs from gradients this step averages itself: the mean
+    over the axis of the per-device squared norms, the axis size, and the axis."""
+    local = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
+    return {
+        MICRO_GRAD_SQ_NORM: jax.lax.pmean(local, axis_name),
+        ACCUMULATION_STEPS: jax.lax.axis_size(axis_name),
+        GRADS_AVERAGED_OVER: axis_name,
+    }
 
 
 def _check_loss_signature(loss_fn: Callable[..., Any]) -> None:
@@ -255,7 +272,7 @@ def split_value_and_grad(loss_fn: Callable[..., Any], splits: int = 2) -> Callab
             for g in jax.tree.leaves(grads)
         )
         mean_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0).astype(g.dtype), grads)
-        extra = {"micro_grad_sq_norm": jnp.mean(sq_norms), "accumulation_steps": splits}
+        extra = {MICRO_GRAD_SQ_NORM: jnp.mean(sq_norms), ACCUMULATION_STEPS: splits}
         return jnp.mean(losses), mean_grads, extra
 
     return f

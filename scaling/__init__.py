@@ -31,7 +31,7 @@ scaling`` never load JAX, optax or flax. ``optax_ext`` may import scaling's publ
 never the reverse. The names that need JAX -- the measuring transform
 (``measure_noise_scale``, ``noise_scale``, ``current_noise_scale``, ``noise_log_record``,
 ``NoiseScaleState``, in
-``optax_ext.noise_scale``) and Su's optax schedules (``su_constant_decay_lr_schedule``,
+``optax_ext.noise_measurement``) and Su's optax schedules (``su_constant_decay_lr_schedule``,
 ``su_coupled_decay_schedules``, ``DecaySchedules``, in ``optax_ext.schedules``) -- stay
 reachable here and are imported from there on first access.
 """
@@ -131,12 +131,12 @@ from scaling.weight_decay import (
 # Names that need JAX live in optax_ext (the measuring transform, Su's optax schedules)
 # and are imported from there on first use: ``import scaling`` stays pure Python.
 _LAZY = {
-    "NoiseScaleState": "optax_ext.noise_scale",
-    "measure_noise_scale": "optax_ext.noise_scale",
-    "noise_scale": "optax_ext.noise_scale",
-    "noise_log_record": "optax_ext.noise_scale",
-    "current_noise_scale": "optax_ext.noise_scale",
-    "CurrentNoiseScale": "optax_ext.noise_scale",
+    "NoiseScaleState": "optax_ext.noise_measurement",
+    "measure_noise_scale": "optax_ext.noise_measurement",
+    "noise_scale": "optax_ext.noise_measurement",
+    "noise_log_record": "optax_ext.noise_measurement",
+    "current_noise_scale": "optax_ext.noise_measurement",
+    "CurrentNoiseScale": "optax_ext.noise_measurement",
     "DecaySchedules": "scaling.weight_decay",
     "su_constant_decay_lr_schedule": "scaling.weight_decay",
     "su_coupled_decay_schedules": "scaling.weight_decay",
@@ -201,7 +201,7 @@ __all__ = [
     "muon_dims",
     "muon_from_adamw",
     "muon_shape_scale",
-    # noise (the transform and its state come from optax_ext.noise_scale on first use)
+    # noise (the transform and its state come from optax_ext.noise_measurement on first use)
     "CurrentNoiseScale",
     "MomentumNoiseScale",
     "NoiseEMA",

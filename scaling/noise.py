@@ -1,7 +1,7 @@
 r"""The gradient noise scale: estimators, logs and how settled they are (pure Python).
 
 McCandlish et al. 2018, app. A.2; the optax transform that measures it during training
-is :func:`optax_ext.noise_scale.measure_noise_scale` (also reachable here and as
+is :func:`optax_ext.noise_measurement.measure_noise_scale` (also reachable here and as
 ``scaling.measure_noise_scale``, imported on first use: this module never imports JAX).
 
 The simple noise scale :math:`B_{simple} = \mathrm{tr}\,\Sigma/|G|^2` (per-sample gradient
@@ -131,7 +131,7 @@ _FROM_OPTAX_EXT = (
 
 def __getattr__(name: str) -> Any:
     if name in _FROM_OPTAX_EXT:
-        from optax_ext import noise_scale as transform
+        from optax_ext import noise_measurement as transform
 
         return getattr(transform, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

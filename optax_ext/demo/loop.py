@@ -15,8 +15,8 @@ import numpy as np
 from optax_ext.demo.data import CharData, load_corpus
 from optax_ext.demo.model import CharTransformer, lm_loss
 from optax_ext.demo.recipes import make_optimizer
+from optax_ext.noise_measurement import noise_log_record, noise_scale
 from optax_ext.training import TrainState, split_value_and_grad
-from optax_ext.noise_scale import noise_log_record, noise_scale
 
 __all__ = ["History", "train"]
 

@@ -15,13 +15,13 @@ from typing import Any
 import optax
 
 from optax_ext._common import check_choice
+from optax_ext.noise_measurement import measure_noise_scale
 from optax_ext.optimizers.adafactor import adafactor
 from optax_ext.optimizers.adax import adaxw
 from optax_ext.optimizers.amos import amos
 from optax_ext.optimizers.lion import lion
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.accumulation import accumulate_gradients
-from optax_ext.noise_scale import measure_noise_scale
 
 __all__ = ["RECIPES", "Recipe", "make_optimizer"]
 

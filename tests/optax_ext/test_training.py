@@ -157,3 +157,27 @@ def test_bad_inputs():
         make_train_step(loss_fn, mode="tpu")
     with pytest.raises(ValueError, match="not divisible into 8 equal parts"):
         split_batch({"x": jnp.zeros((12, 2))})
+
+
+def _pmap_noise(axis_name, average_grads):
+    from optax_ext.noise_measurement import measure_noise_scale, noise_scale
+
+    tx = optax.chain(measure_noise_scale(batch_size=4, axis_name=axis_name), tiger(1e-2))
+    state = replicate(make_state(tx))
+    step = make_train_step(loss_fn, mode="pmap", average_grads=average_grads)
+    for b in batches(4):
+        state, _ = step(state, split_batch(b))
+    return float(noise_scale(state.opt_state).b_simple), unreplicate(state).params
+
+
+def test_noise_measurement_composes_with_the_pmap_step_defaults():
+    """The README's pair, measure_noise_scale(axis_name="batch") and make_train_step's
+    averaging pmap step, measures what the transform measures when it averages itself
+    (once it averaged twice and reported B_simple = -4e-7); without an axis name the
+    step's per-device statistic is used the same way."""
+    reference, ref_params = _pmap_noise("batch", average_grads=False)
+    assert reference > 0
+    for axis_name in ("batch", None):
+        b_simple, params = _pmap_noise(axis_name, average_grads=True)
+        np.testing.assert_allclose(b_simple, reference, rtol=1e-4)
+        assert_trees_close(params, ref_params, rtol=1e-5, atol=1e-6)

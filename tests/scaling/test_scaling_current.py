@@ -1,4 +1,4 @@
-"""The transform's current estimate: standard error and settled flag (optax_ext.noise_scale).
+"""The transform's current estimate: standard error and settled flag (optax_ext.noise_measurement).
 
 Reference: float64 NumPy of the EMA-weighted formulas, written here: weights
 w_i = (1-b) b^(t-i), B = sum w t / sum w g, spread = sum w (t - B g)^2 / sum w,
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_ext.noise_scale import current_noise_scale, measure_noise_scale, noise_scale
+from optax_ext.noise_measurement import current_noise_scale, measure_noise_scale, noise_scale
 
 B_MICRO, K = 32, 4
 

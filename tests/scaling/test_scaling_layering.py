@@ -1,6 +1,6 @@
 """One-way packages: ``scaling`` never loads JAX; ``optax_ext`` uses scaling's public API.
 
-The measuring transform lives in ``optax_ext.noise_scale``; the names users already
+The measuring transform lives in ``optax_ext.noise_measurement``; the names users already
 import from ``scaling`` keep working and are the same objects.
 """
 
@@ -65,7 +65,8 @@ def test_scaling_imports_nothing_of_optax_ext_at_module_level():
 
 def test_old_names_are_the_same_objects():
     import scaling
-    from optax_ext import noise_scale, schedules
+    from optax_ext import noise_measurement as noise_scale
+    from optax_ext import schedules
     from scaling import noise, weight_decay
 
     for name in ("measure_noise_scale", "noise_scale", "noise_log_record", "NoiseScaleState"):
@@ -91,10 +92,10 @@ def test_unknown_names_still_raise_attribute_error():
 def test_protocol_names_are_what_the_transform_reads():
     import jax.numpy as jnp
 
-    from optax_ext.noise_scale import measure_noise_scale, noise_scale
+    from optax_ext.noise_measurement import measure_noise_scale, noise_scale
     from scaling.protocol import ACCUMULATION_STEPS, EXTRA_ARGS, MICRO_GRAD_SQ_NORM
 
-    assert EXTRA_ARGS == ("micro_grad_sq_norm", "accumulation_steps")
+    assert EXTRA_ARGS == ("micro_grad_sq_norm", "accumulation_steps", "grads_averaged_over")
     tx = measure_noise_scale(batch_size=8)
     g = {"w": jnp.ones(3)}
     _, s = tx.update(g, tx.init(g), **{MICRO_GRAD_SQ_NORM: jnp.float32(4.0), ACCUMULATION_STEPS: 4})

@@ -21,7 +21,7 @@ from helpers import (
     random_tree,
 )
 
-from optax_ext import noise_scale as transform
+from optax_ext import noise_measurement as transform
 from scaling import noise
 
 D_W, D_B = (8, 6), (16,)

@@ -34,7 +34,7 @@ from scaling import (
     noise_ema_update,
     two_batch_estimates,
 )
-from scaling.protocol import ACCUMULATION_STEPS, MICRO_GRAD_SQ_NORM
+from scaling.protocol import ACCUMULATION_STEPS, GRADS_AVERAGED_OVER, MICRO_GRAD_SQ_NORM
 
 __all__ = [
     "NoiseMoments",
@@ -43,6 +43,7 @@ __all__ = [
     "measure_noise_scale",
     "noise_scale",
     "current_noise_scale",
+    "has_noise_scale_state",
     "noise_log_record",
 ]
 
@@ -148,8 +149,11 @@ def measure_noise_scale(
     r"""An optax transform that measures :math:`B_{simple}` during training.
 
     Place it FIRST in ``optax.chain``. It passes the gradients through unchanged; with an
-    ``axis_name`` it emits them averaged over the axis (``lax.pmean``), so the step
-    function must not average them again. Each update computes the two-batch estimates
+    ``axis_name`` it emits them averaged over the axis (``lax.pmean``). A step that
+    averages them itself says so in the extra args (``make_train_step(mode="pmap")``
+    passes ``grads_averaged_over`` with the per-device statistic, :mod:`scaling.protocol`),
+    and then the transform uses that statistic instead of averaging twice: the defaults
+    of the two compose. Each update computes the two-batch estimates
     (:func:`two_batch_estimates`) and updates debiased EMAs of numerator and denominator
     (:func:`noise_ema_update`); read them with :func:`noise_scale`, or with
     :func:`current_noise_scale` for the standard error and whether the value has settled
@@ -215,7 +219,13 @@ def measure_noise_scale(
         del params
         micro_grad_sq_norm = extra_args.get(MICRO_GRAD_SQ_NORM)
         accumulation_steps = extra_args.get(ACCUMULATION_STEPS)
-        if micro_grad_sq_norm is not None:
+        averaged = axis_name is not None and extra_args.get(GRADS_AVERAGED_OVER) == axis_name
+        if averaged:
+            # The step (make_train_step's pmap default) averaged over our axis already and
+            # passed the per-device statistic: use it, and do not average a second time.
+            g2_small = jnp.asarray(micro_grad_sq_norm, jnp.float32)
+            b_big = jnp.float32(batch_size) * lax.axis_size(axis_name)
+        elif micro_grad_sq_norm is not None:
             if accumulation_steps is None:
                 raise ValueError(f"{MICRO_GRAD_SQ_NORM} was given without {ACCUMULATION_STEPS}")
             g2_small = jnp.asarray(micro_grad_sq_norm, jnp.float32)
@@ -228,7 +238,7 @@ def measure_noise_scale(
                 "measure_noise_scale needs two batch sizes: give axis_name (under pmap or "
                 "shard_map) or wrap the optimizer in accumulate_gradients"
             )
-        if axis_name is not None:
+        if axis_name is not None and not averaged:
             # One collective for the gradients and the small-batch statistic.
             updates, g2_small = lax.pmean((updates, g2_small), axis_name)
             b_big = b_big * lax.axis_size(axis_name)
@@ -270,6 +280,11 @@ def _find_states(opt_state) -> list[NoiseScaleState]:
     is_ours = lambda x: isinstance(x, NoiseScaleState)
     leaves = jax.tree_util.tree_leaves(opt_state, is_leaf=is_ours)
     return [x for x in leaves if is_ours(x)]
+
+
+def has_noise_scale_state(opt_state) -> bool:
+    """Whether an optimizer state holds a :class:`NoiseScaleState` (a structural test)."""
+    return bool(_find_states(opt_state))
 
 
 def noise_scale(opt_state) -> NoiseScale:
