@@ -93,11 +93,14 @@ def nan_guard(
     sign optimizer (Tiger, Lion) then follows that one gradient's sign for thousands of
     steps. The spike guard skips a step whose global gradient norm exceeds
     ``spike_factor`` times the running average of the norm (after ``spike_warmup``
-    admitted steps), or scales its gradients down to that threshold with
-    ``spike_action="clip"`` to the average norm; ``spike_steps`` counts them. The average is a
-    bias-corrected EMA with decay ``spike_decay``; a spike enters it at the threshold,
+    admitted steps), or with ``spike_action="clip"`` scales its gradients down to the
+    average norm; ``spike_steps`` counts them. A norm that overflows float32 (gradients
+    beyond ~1e19, whose squares would overflow Adam's second moment too) is a spike at
+    once, during the warm-up as well. The average is a bias-corrected EMA with decay
+    ``spike_decay``; a spike enters it at the threshold,
     so a real lasting change of scale is accepted within a few steps (each spike can
-    raise the threshold at most ``ρ + (1-ρ)F``-fold, ~11x with the defaults). A clean
+    raise the threshold at most ``ρ + (1-ρ)F``-fold, ~11x with the defaults; see
+    :class:`~optax_ext.wrappers.spike.SpikeGuard`). A clean
     run's norm does not jump 1000-fold above its average over the last ~100 steps, so
     by default the guard never fires on one and its results are bit-identical with
     ``spike_factor=None`` (tested on a 200-step Flax run). The norm costs one extra read
@@ -151,6 +154,10 @@ def nan_guard(
       Array([2., 2.], dtype=float32)
       >>> int(state.skipped_steps), int(state.shrunk_leaves), int(state.spike_steps)
       (1, 1, 0)
+      >>> huge = {"kernel": jnp.full(2, 1e30), "scale": jnp.ones(2)}  # finite, |g|² is not
+      >>> updates, state = tx.update(huge, state, params)
+      >>> int(state.skipped_steps), int(state.spike_steps)
+      (2, 1)
 
     References:
       Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023; ``optax.apply_if_finite``.

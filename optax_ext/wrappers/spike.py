@@ -41,6 +41,11 @@ def any_flag(flags: Sequence[jax.Array]) -> jax.Array:
     duplicate an expensive op (here a square root) into consumers that broadcast it, so
     the flags are counted in float32 and the decision is ``sqrt(count) > 0``: the chain
     stays in one small kernel and each leaf reads one scalar.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> bool(any_flag([jnp.array(False), jnp.array(True)])), bool(any_flag([]))
+      (True, False)
     """
     if not flags:
         return jnp.zeros([], bool)
@@ -122,6 +127,14 @@ def spike_guard(factor: float | None, warmup: int, decay: float, action: str) ->
 
     Raises ``ValueError`` naming the argument (``spike_factor``, ``spike_warmup``,
     ``spike_decay``, ``spike_action``) when a concrete value is out of range.
+
+    Example:
+      >>> spike_guard(1e3, 20, 0.99, "skip")
+      SpikeGuard(factor=1000.0, warmup=20, decay=0.99, action='skip')
+      >>> spike_guard(1.0, 20, 0.99, "skip")
+      Traceback (most recent call last):
+      ...
+      ValueError: spike_factor must be in (1, inf), got 1.0
     """
     if factor is None:
         return None
