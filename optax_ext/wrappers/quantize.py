@@ -64,8 +64,9 @@ def dynamic_map(signed: bool) -> np.ndarray:
     top) except for the last, single-value decade (a = 0, the value 10^-(M-1)); the
     all-zero code is 0. The code ``2^(M-1-z) + f`` grows with the value, the largest
     is exactly 1 and the smallest non-zero value is 10^-(M-1): 10^-6 (signed) or 10^-7
-    (unsigned) of the block's absmax, with 1.4-14% (signed) or 0.7-7% (unsigned) steps
-    within a decade. A signed code is ±(magnitude code) in int8.
+    (unsigned) of the block's absmax. The top decade has the finest steps, 1.4-14%
+    (signed) or 0.7-7% (unsigned) of the value; each lower decade has one fraction bit
+    fewer, so its steps are twice as coarse. A signed code is ±(magnitude code) in int8.
 
     Returns:
       A float64 array of ``2^M`` values, increasing, from 0 to 1.
@@ -219,7 +220,7 @@ def quantize_state(
     flattened and cut into blocks of ``block`` elements (the last may be shorter); a
     block keeps its absmax A in float32 and each value x the 8-bit code nearest to x/A
     in the dynamic map (:func:`dynamic_map`: a decimal exponent and linear fraction
-    bits, about 7 orders of magnitude below A at a roughly constant relative step).
+    bits, about 7 orders of magnitude below A, finest near A).
     Every step, inside the same jitted update:
 
     .. math::

@@ -290,3 +290,35 @@ def test_bad_hyperparameters(kwargs, match):
     if "weight_decay" not in kwargs:
         with pytest.raises(ValueError, match=match):
             adax(**kwargs)
+
+
+def test_bf16_moments_written_stochastically_are_unbiased():
+    """mu_dtype = nu_dtype = bf16: each stored moment is one of the two bf16 neighbours of
+    the float32 value, the cast's with "nearest", and unbiased with "stochastic"."""
+    rng = np.random.default_rng(0)
+    n = 50_000
+    params = {"w": jnp.zeros(n)}
+    g = {"w": jnp.asarray(rng.standard_normal(n), jnp.float32)}
+    ref = scale_by_adax(b1=0.9, b2=1e-4)
+    _, exact = jax.jit(ref.update)(g, ref.init(params))  # float32 moments
+    for rounding in ("nearest", "stochastic"):
+        tx = scale_by_adax(
+            b1=0.9, b2=1e-4, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16, state_rounding=rounding
+        )
+        _, state = jax.jit(tx.update)(g, tx.init(params))
+        for field in ("mu", "nu"):
+            stored = getattr(state, field)["w"]
+            x = np.asarray(getattr(exact, field)["w"], np.float64)
+            assert stored.dtype == jnp.bfloat16
+            got = np.asarray(stored.astype(jnp.float32), np.float64)
+            nearest = np.asarray(getattr(exact, field)["w"].astype(jnp.bfloat16), np.float64)
+            if rounding == "nearest":
+                np.testing.assert_array_equal(got, nearest)
+                continue
+            ulp = np.abs(x) * 2.0**-7  # at least the bf16 spacing around x
+            assert np.all(np.abs(got - x) <= ulp + 1e-30), field
+            assert np.mean(got != nearest) > 0.1, field  # some went the other way
+            rel = (got - x) / np.abs(x)
+            assert abs(rel.mean()) < 4 * rel.std() / np.sqrt(n), field  # unbiased
+    with pytest.raises(ValueError, match="state_rounding"):
+        adaxw(1e-3, state_rounding="up")

@@ -1,0 +1,320 @@
+"""Stochastic rounding, Kahan summation and pure bf16: unbiased, exact through
+``optax.apply_updates``, reproducible, and the steady states round-to-nearest misses."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from helpers import (
+    abstract_init_matches,
+    assert_no_recompile,
+    assert_same_on_all_paths,
+    flax_like_params,
+    random_grads_like,
+)
+
+from optax_ext.optimizers.lion import lion
+from optax_ext.optimizers.tiger import tiger
+from optax_ext.wrappers.precision import pure_bf16
+from optax_ext.wrappers.rounding import (
+    kahan_summation,
+    leaf_key,
+    stochastic_round,
+    stochastic_round_to,
+)
+
+BF16, F16 = jnp.bfloat16, jnp.float16
+
+# ------------------------------------------------------------ NumPy neighbours
+
+
+def neighbours(x, dtype):
+    """(lo, hi): the representable values of ``dtype`` just below and above float64 ``x``,
+    from NumPy/ml_dtypes' own casts and nextafter (lo == hi when x is representable)."""
+    np_dtype = ml_dtypes.bfloat16 if dtype == BF16 else np.float16
+    near = np.asarray(x, np.float32).astype(np_dtype)
+    near64 = near.astype(np.float64)
+    up = np.nextafter(near, np.asarray(np.inf, np_dtype)).astype(np.float64)
+    down = np.nextafter(near, np.asarray(-np.inf, np_dtype)).astype(np.float64)
+    lo = np.where(near64 > x, down, near64)
+    hi = np.where(near64 < x, up, near64)
+    return lo, hi
+
+
+# one value in each of several binades, each between two representable values
+BINADE_VALUES = {
+    BF16: [1.0 + 2.0**-10, -3.7e-3, 417.3, 6.1e-30, -1.0009e5],
+    F16: [1.0 + 2.0**-13, -3.7e-3, 417.3, -1.0009e4, 2.0**-17 * 1.3],  # last: subnormal
+}
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
+def test_sr_is_unbiased_across_binades(dtype):
+    n = 40_000
+    rounding = jax.jit(stochastic_round_to, static_argnums=1)
+    for i, v in enumerate(BINADE_VALUES[dtype]):
+        x32 = np.float32(v)
+        draws = rounding(jnp.full(n, x32), dtype, jax.random.key(i))
+        assert draws.dtype == dtype
+        d = np.asarray(draws.astype(jnp.float32), np.float64)
+        lo, hi = map(float, neighbours(np.float64(x32), dtype))
+        assert lo < x32 < hi, f"{v} should lie between two {dtype.__name__} values"
+        assert set(np.unique(d)) <= {lo, hi}, f"{v}: draws off the two neighbours"
+        p = (np.float64(x32) - lo) / (hi - lo)
+        standard_error = (hi - lo) * np.sqrt(p * (1 - p) / n)
+        assert abs(d.mean() - x32) < 4 * standard_error, (v, d.mean(), x32, standard_error)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
+def test_sr_keeps_representable_values_and_specials(dtype):
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal(1000).astype(np.float32)
+    exact = np.asarray(jnp.asarray(exact).astype(dtype).astype(jnp.float32))
+    rounding = jax.jit(stochastic_round_to, static_argnums=1)
+    out = rounding(jnp.asarray(exact), dtype, jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), exact)
+    special = jnp.array([jnp.inf, -jnp.inf, jnp.nan, 0.0, -0.0], jnp.float32)
+    out = np.asarray(rounding(special, dtype, jax.random.key(2)).astype(jnp.float32))
+    assert out[0] == np.inf and out[1] == -np.inf and np.isnan(out[2])
+    assert out[3] == 0 and out[4] == 0 and np.signbit(out[4])
+
+
+def test_sr_to_float32_is_a_cast():
+    x = jnp.linspace(-1, 1, 7)
+    np.testing.assert_array_equal(stochastic_round_to(x, jnp.float32, jax.random.key(0)), x)
+
+
+# ---------------------------------------------------- exactness through apply_updates
+
+
+def _sr_chain_once(params, updates, seed=0):
+    tx = stochastic_round(seed)
+    state = tx.init(params)
+    new_updates, state = tx.update(updates, state, params)
+    return new_updates, state
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
+def test_apply_updates_lands_exactly_on_the_stochastic_rounding(dtype):
+    rng = np.random.default_rng(3)
+    n = 4000
+    p = rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 2, n)
+    p[:50] = 1e-6 * rng.standard_normal(50)  # tiny weights with large steps
+    rel = 10.0 ** rng.uniform(-5, 0, n)
+    u = p * rel * rng.choice([-1, 1], n)
+    u[:50] = rng.standard_normal(50)
+    params = {"w": jnp.asarray(p, jnp.float32).astype(dtype)}
+    updates = {"w": jnp.asarray(u, jnp.float32)}
+    new_updates, _ = _sr_chain_once(params, updates, seed=7)
+    assert new_updates["w"].dtype == jnp.float32
+    got = optax.apply_updates(params, new_updates)["w"]
+    assert got.dtype == dtype
+    p32 = params["w"].astype(jnp.float32)
+    key = leaf_key(jax.random.key_data(jax.random.key(7)), jnp.int32(0), 0, 0)
+    want = stochastic_round_to(p32 + updates["w"], dtype, key)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # and it is one of the two neighbours of the exact float64 sum
+    exact = np.asarray(p32, np.float64) + np.asarray(updates["w"], np.float64)
+    lo, hi = neighbours(exact, dtype)
+    g = np.asarray(got.astype(jnp.float32), np.float64)
+    close = np.abs(exact) > 1e-30
+    assert np.all((g == lo) | (g == hi) | ~close)
+
+
+def test_float32_params_are_untouched_and_mixed_trees_work():
+    params = {"a": jnp.ones(5, jnp.float32), "b": jnp.ones(5, BF16)}
+    updates = {"a": jnp.full(5, 1e-4), "b": jnp.full(5, 1e-4)}
+    new, _ = _sr_chain_once(params, updates)
+    np.testing.assert_array_equal(new["a"], updates["a"])
+    assert new["b"].dtype == jnp.float32
+
+
+def test_bit_reproducible_for_a_seed_and_different_across_seeds():
+    params = {"w": jnp.ones(2000, BF16), "v": -jnp.ones((40, 50), BF16)}
+    grads = jax.tree.map(lambda x: jnp.full(x.shape, 1e-3, jnp.float32), params)
+
+    def run(seed):
+        tx = optax.chain(optax.sgd(1.0), stochastic_round(seed))
+        state, p = tx.init(params), params
+        step = jax.jit(lambda p, s: _step(tx, p, s, grads))
+        for _ in range(3):
+            p, state = step(p, state)
+        return p
+
+    a, b, c = run(1), run(1), run(2)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert any(np.any(x != z) for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True))
+
+
+def _step(tx, p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+
+# ------------------------------------------------------------------------ Kahan
+
+
+def test_kahan_recovers_updates_that_round_to_nearest_drops():
+    n_steps, lr = 200, 1e-4  # each step is 1/20 of an ulp of 1 in bf16 (2^-8 below 1)
+    params = {"w": jnp.ones(8, BF16), "f32": jnp.ones(3)}
+    grads = {"w": jnp.ones(8, BF16), "f32": jnp.ones(3)}
+    results = {}
+    for name, last in [("nearest", optax.identity()), ("kahan", kahan_summation())]:
+        tx = optax.chain(optax.sgd(lr), last)
+        state, p = tx.init(params), params
+        step = jax.jit(lambda p, s, tx=tx: _step(tx, p, s, grads))
+        for _ in range(n_steps):
+            p, state = step(p, state)
+        results[name] = p
+    want = 1.0 - n_steps * lr  # 0.98 in float64
+    assert np.all(np.asarray(results["nearest"]["w"], np.float64) == 1.0)
+    w = np.asarray(results["kahan"]["w"].astype(jnp.float32), np.float64)
+    assert np.all(np.abs(w - want) <= 2.0**-9), (w, want)  # half an ulp below 1
+    assert state[1].compensation["f32"] == optax.MaskedNode()
+    np.testing.assert_allclose(results["kahan"]["f32"], results["nearest"]["f32"])
+
+
+# ------------------------------------------------- the weight-decay steady state
+
+
+def _decay_walk(last, steps, eta, lam, n=2048, dtype=BF16):
+    """θ ← θ - η(s + λθ), s = ±1 noise, with ``last`` choosing how it is added."""
+    theta0 = jnp.asarray(
+        np.random.default_rng(0).standard_normal(n) * np.sqrt(eta / (2 * lam)), jnp.float32
+    ).astype(dtype)
+    tx = last if last is not None else optax.identity()
+    state = tx.init(theta0)
+
+    def body(carry, key):
+        theta, state = carry
+        s = jax.random.rademacher(key, (n,), jnp.float32)
+        u = -eta * (s + lam * theta.astype(jnp.float32))
+        u, state = tx.update(u, state, theta)
+        return (optax.apply_updates(theta, u), state), None
+
+    keys = jax.random.split(jax.random.key(1), steps)
+    (theta, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, keys))((theta0, state))
+    return float(jnp.sqrt(jnp.mean(jnp.square(theta.astype(jnp.float32)))))
+
+
+def test_weight_decay_steady_state_sr_and_kahan_reach_round_to_nearest_misses():
+    # ηλ = 1e-3 relative decay per step is under half a bf16 ulp (>= 2^-9 ~ 1.95e-3)
+    eta, lam, steps = 2.0**-8, 0.25, 6000
+    target = np.sqrt(eta / (2 * lam))  # RMS(θ) = sqrt(η / 2λ)
+    f32 = _decay_walk(None, steps, eta, lam, dtype=jnp.float32)
+    nearest = _decay_walk(None, steps, eta, lam)
+    sr = _decay_walk(stochastic_round(0), steps, eta, lam)
+    kahan = _decay_walk(kahan_summation(), steps, eta, lam)
+    assert abs(f32 / target - 1) < 0.1, (f32, target)
+    assert abs(sr / target - 1) < 0.1, (sr, target)
+    assert abs(kahan / target - 1) < 0.1, (kahan, target)
+    assert nearest / target > 1.8, (nearest, target)  # decay lost: a random walk
+
+
+# ---------------------------------------------------------------- pure bf16
+
+
+def test_pure_bf16_stores_state_in_bf16_and_leaves_scalars():
+    params = jax.tree.map(lambda x: x.astype(BF16), flax_like_params(0))
+    inner = optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
+        learning_rate=1e-3, weight_decay=0.1
+    )
+    tx = pure_bf16(inner)
+    state = tx.init(params)
+    adam = state.inner_state.inner_state[0]
+    assert all(x.dtype == BF16 for x in jax.tree.leaves(adam.mu) + jax.tree.leaves(adam.nu))
+    assert state.inner_state.hyperparams["learning_rate"].dtype == jnp.float32
+    assert adam.count.dtype == jnp.int32
+    grads = random_grads_like(params, 1)
+    step = jax.jit(lambda p, s: _step(tx, p, s, grads))
+    p, s = step(params, state)
+    s.inner_state.hyperparams["learning_rate"] = jnp.float32(0.0)
+    p2, _ = step(p, s)  # a traced hyperparameter still works: lr 0 moves nothing
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(x.dtype == BF16 for x in jax.tree.leaves(p))
+
+
+def test_pure_bf16_state_is_unbiased_where_nearest_stalls():
+    """An EMA m ← 0.99 m + 0.01 g with g = 1: in bf16 with round-to-nearest the increment
+    0.01 (1 - m) drops below half an ulp once m > ~0.8 and m stalls; stochastically
+    rounded it keeps approaching 1 (in the mean)."""
+    params = {"w": jnp.zeros(4096, BF16)}
+    grads = {"w": jnp.ones(4096, BF16)}
+    mu = {}
+    for name, tx in [
+        ("nearest", lion(0.0, b1=0.9, b2=0.99, weight_decay=0.0)),
+        ("sr", pure_bf16(lion(0.0, b1=0.9, b2=0.99, weight_decay=0.0))),
+    ]:
+        state = tx.init(params)
+        step = jax.jit(lambda p, s, tx=tx: _step(tx, p, s, grads))
+        p = params
+        for _ in range(500):
+            p, state = step(p, state)
+        inner = state.inner_state if name == "sr" else state
+        mu[name] = float(inner[0].mu["w"].astype(jnp.float32).mean())
+    want = 1 - 0.99**500  # 0.9934
+    assert mu["nearest"] < 0.9, mu
+    assert abs(mu["sr"] - want) < 2e-3, (mu, want)
+
+
+# -------------------------------------------------------------------- contract
+
+
+def _bf16(tree):
+    return jax.tree.map(lambda x: x.astype(BF16), tree)
+
+
+def small_params(seed, dtype=BF16):
+    """Four leaves with Flax names (the eager device path draws its random bits op by
+    op, so few leaves keep it fast); the leading 16 shards over 8 devices."""
+    rng = np.random.default_rng(seed)
+    n = lambda *shape: jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32).astype(dtype)
+    return {
+        "params": {
+            "embed": {"embedding": n(16, 8)},
+            "dense": {"kernel": n(16, 8), "bias": n(8)},
+            "norm": {"scale": 1 + n(8)},
+        }
+    }
+
+
+TRANSFORMS = [
+    pytest.param(lambda: optax.chain(tiger(1e-2), stochastic_round(3)), id="tiger+sr"),
+    pytest.param(lambda: optax.chain(lion(1e-3), kahan_summation()), id="lion+kahan"),
+    pytest.param(lambda: pure_bf16(tiger(1e-2), 5), id="pure_bf16(tiger)"),
+    pytest.param(lambda: pure_bf16(lion(1e-3), summation="kahan"), id="pure_bf16(lion,kahan)"),
+]
+
+
+@pytest.mark.parametrize("make", TRANSFORMS)
+def test_same_on_every_device_path(make):
+    params = small_params(1)
+    grads = [random_grads_like(small_params(1, jnp.float32), s) for s in range(2)]
+    assert_same_on_all_paths(make(), params, grads)
+
+
+@pytest.mark.parametrize("make", TRANSFORMS)
+def test_abstract_init_and_no_recompile(make):
+    params = small_params(2)
+    abstract_init_matches(make(), params)
+    grads = [_bf16(random_grads_like(params, s)) for s in range(3)]
+    assert_no_recompile(make(), params, grads)
+
+
+def test_bad_arguments_and_missing_params():
+    with pytest.raises(ValueError, match="seed"):
+        stochastic_round(seed=-1)
+    with pytest.raises(ValueError, match="summation"):
+        pure_bf16(tiger(), summation="pairwise")
+    with pytest.raises(ValueError, match="dtype"):
+        pure_bf16(tiger(), dtype=jnp.float32)
+    with pytest.raises(ValueError, match="seed"):
+        pure_bf16(tiger(), seed=-2)
+    params = {"w": jnp.ones(3, BF16)}
+    for tx in (stochastic_round(), kahan_summation(), pure_bf16(optax.sgd(0.1))):
+        with pytest.raises(ValueError, match="params"):
+            tx.update(params, tx.init(params))
