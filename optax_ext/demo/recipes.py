@@ -23,7 +23,7 @@ from optax_ext.optimizers.lion import lion
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.accumulation import accumulate_gradients
 
-__all__ = ["RECIPES", "Recipe", "make_optimizer"]
+__all__ = ["RECIPES", "Recipe", "accumulated", "make_optimizer", "noise_window"]
 
 #: ``build(learning_rate, weight_decay, accumulation_steps) -> optimizer``.
 Build = Callable[[Any, float, int], optax.GradientTransformation]
@@ -88,13 +88,15 @@ def make_optimizer(
     *,
     steps: int = 10_000,
     measure_batch: int | None = None,
+    measure_window: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The demo's optimizer: warm-up + cosine schedule, accumulation, optional noise meter.
 
     The schedule warms up over the first 1/15 of ``steps`` updates to the recipe's
     learning rate (or ``learning_rate``) and decays to a tenth of it. With
     ``measure_batch`` (examples in one half of a micro-batch) the chain starts with
-    ``measure_noise_scale``.
+    ``measure_noise_scale`` averaging over the last ``measure_window`` updates
+    (default: :func:`noise_window` of ``steps``).
     """
     check_choice("--optimizer", name, list(RECIPES))
     recipe = RECIPES[name]
@@ -102,5 +104,16 @@ def make_optimizer(
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 15), steps, lr * 0.1)
     tx = recipe.optimizer(schedule, accumulation_steps)
     if measure_batch is not None:
-        tx = optax.chain(measure_noise_scale(measure_batch), tx)
+        window = noise_window(steps) if measure_window is None else measure_window
+        tx = optax.chain(measure_noise_scale(measure_batch, window=window), tx)
     return optax.with_extra_args_support(tx)
+
+
+def noise_window(steps: int) -> int:
+    """The noise measurement's window: a sixth of the run, 10 to 100 updates.
+
+    The noise scale grows while a model trains, so an average over the whole run
+    answers no question; the last sixth is late enough to be the current value and
+    long enough (50 updates of a 300-update run) to have a standard error worth reading.
+    """
+    return min(100, max(10, steps // 6))

@@ -10,6 +10,7 @@ from optax_ext.demo.recipes import RECIPES
 
 __all__ = [
     "PLOT_HINT",
+    "describe_noise",
     "print_recommendations",
     "recommendations",
     "require_matplotlib",
@@ -55,11 +56,21 @@ def recommendations(history: History, args: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def describe_noise(noise: Any) -> str:
+    """``B_simple ~ 138 ± 21 windows over the last 50 updates (settled)``."""
+    b, se = float(noise.b_simple), float(noise.stderr)
+    state = "settled" if bool(noise.settled) else "NOT settled: still moving or too noisy"
+    return (
+        f"B_simple ~ {b:,.0f} ± {se:,.0f} windows over the last {int(noise.window)} "
+        f"updates ({state})"
+    )
+
+
 def print_recommendations(rows: list[dict[str, Any]], history: History, args: Any) -> None:
     batch = args.batch_size * args.accumulation_steps
     print(
-        f"\nmeasured noise scale B_simple ~ {float(history.noise.b_simple):,.0f} windows "
-        f"(batch {batch}); recommended {args.optimizer} settings at other batch sizes:"
+        f"\nmeasured noise scale {describe_noise(history.noise)} at batch {batch}; "
+        f"recommended {args.optimizer} settings at other batch sizes:"
     )
     if not rows:
         print("  (no finite estimate yet: train longer)")
@@ -97,12 +108,28 @@ def save_plot(history: History, path: str, title: str) -> None:
     ax.set_ylabel("cross-entropy (nats/char)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    handles = ax.get_lines()
     if history.b_simple:
         twin = ax.twinx()
-        twin.plot(history.steps, history.b_simple, color="tab:orange", lw=1, label="B_simple")
+        window = int(history.noise.window) if history.noise is not None else None
+        label = "B_simple" + (f" (EMA over {window} updates)" if window else "")
+        handles += twin.plot(history.steps, history.b_simple, color="tab:orange", lw=1, label=label)
+        if history.noise is not None:  # the value recommendations use, at the last update
+            b, se = float(history.noise.b_simple), float(history.noise.stderr)
+            low = min(2 * se, 0.95 * b)  # a log axis: the lower bar stops above zero
+            bar = twin.errorbar(
+                [history.steps[-1]],
+                [b],
+                yerr=[[low], [2 * se]],
+                fmt="o",
+                color="tab:red",
+                capsize=3,
+                label="current value ± 2 s.e.",
+            )
+            handles.append(bar)
         twin.set_ylabel("B_simple (windows)", color="tab:orange")
         twin.set_yscale("log")
-    ax.legend(loc="upper right")
+    ax.legend(handles=handles, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
