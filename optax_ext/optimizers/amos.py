@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_ext._common import (
@@ -134,64 +133,6 @@ def _state_dtype(dtype: Any) -> Any:
 def _check_params(params: Any) -> None:
     if params is None:
         raise ValueError("amos needs the current params: call tx.update(grads, state, params)")
-
-
-#: Largest reduced state (elements) updated in the concatenated per-dtype vector.
-_BATCH_MAX_SIZE = 2**16
-
-
-class _AmosLeaf(NamedTuple):
-    cfg: _Leaf
-    work: Any  # dtype of the arithmetic
-    g: jax.Array  # in ``work``, clipped
-    v: jax.Array
-    b: jax.Array
-    theta: jax.Array
-    n: int  # entries averaged into each statistic
-
-
-def _explicitly_sharded(x: jax.Array) -> bool:
-    spec = getattr(jax.typeof(x).sharding, "spec", ())
-    return any(axis is not None for axis in spec)
-
-
-def _batched(leaves: list, idx: list[int], work: Any, coefficients: Callable) -> list:
-    """``coefficients`` for the leaves ``idx`` on one concatenated vector; per leaf
-    (coefficient of g, of θ, new v, new b), each in the leaf's reduced shape.
-
-    Leaves reduced to one number whose gradient is small (biases, norm scales) also
-    share one reduction (a segment sum), where each would be three kernels on XLA:CPU.
-    """
-    group = [leaves[i] for i in idx]
-    whole = [k for k, lf in enumerate(group) if lf.v.size == 1 and 0 < lf.g.size <= _BATCH_MAX_SIZE]
-    g2 = [None] * len(group)
-    if whole:
-        sizes = [group[k].g.size for k in whole]
-        ids = np.repeat(np.arange(len(whole)), sizes)
-        squares = jnp.square(jnp.concatenate([group[k].g.reshape(-1) for k in whole]))
-        sums = jax.ops.segment_sum(squares, ids, len(whole), indices_are_sorted=True)
-        means = sums / np.asarray([group[k].n for k in whole], squares.dtype)
-        for j, k in enumerate(whole):
-            g2[k] = means[j : j + 1]
-    for k, lf in enumerate(group):
-        if g2[k] is None:
-            g2[k] = (jnp.sum(jnp.square(lf.g), axis=lf.cfg.axes, keepdims=True) / lf.n).reshape(-1)
-    sizes = [lf.v.size for lf in group]
-    cat = lambda xs: jnp.concatenate([jnp.asarray(x, work).reshape(-1) for x in xs])
-    eta = np.repeat([lf.cfg.eta for lf in group], sizes)
-    out = coefficients(
-        cat(g2),
-        cat([lf.v for lf in group]),
-        cat([lf.b for lf in group]),
-        eta.astype(work),
-        np.sqrt(eta).astype(work),
-        work,
-    )
-    offsets = np.cumsum([0] + sizes)
-    return [
-        tuple(x[offsets[k] : offsets[k + 1]].reshape(lf.v.shape) for x in out)
-        for k, lf in enumerate(group)
-    ]
 
 
 # -------------------------------------------------------------------- transform
@@ -324,60 +265,34 @@ def scale_by_amos(
                 scalars[work] = (xi_w, sqrt_xi, jnp.square(xi_w), c * sqrt_xi, debias)
             return scalars[work]
 
-        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-        vs, bs = treedef.flatten_up_to(state.v), treedef.flatten_up_to(state.b)
-        thetas = treedef.flatten_up_to(params)
-        leaves = []
-        for (path, g), v, b, theta in zip(flat, vs, bs, thetas, strict=True):
+        def leaf(path, g, v, b, theta):
             cfg = config(path, theta)
-            work = jnp.promote_types(g.dtype, v.dtype)
+            state_dtype = v.dtype
+            work = jnp.promote_types(g.dtype, state_dtype)
+            xi_w, sqrt_xi, xi2, c_sqrt_xi, debias = step_scalars(work)
             g = g.astype(work)
             if clip_value is not None:
                 g = jnp.clip(g, -clip_value, clip_value)
             # a sum over the static count, floored at 1: a 0-size leaf gives 0, not NaN
             n = max(math.prod(g.shape[a] for a in cfg.axes), 1)
-            leaves.append(_AmosLeaf(cfg, work, g, v, b, theta, n))
-
-        def coefficients(g2, v, b, eta, sqrt_eta, work):
-            """(coefficient of g, of θ, new v, new b) at the reduced shape."""
-            xi_w, sqrt_xi, xi2, c_sqrt_xi, debias = step_scalars(work)
+            g2 = (jnp.sum(jnp.square(g), axis=cfg.axes, keepdims=True) / n).reshape(v.shape)
             v = beta * v + (1.0 - beta) * g2
             rv = debias / jnp.maximum(v, eps)
             gamma = jax.lax.rsqrt(1.0 + c_sqrt_xi * b) * xi2 * rv * g2
-            # lr0 = ξ·η and sqrt(lr0) = sqrt(ξ)·sqrt(η)
-            damping = 1.0 + (d * sqrt_eta) * sqrt_xi * b
+            # lr0 = ξ·η and sqrt(lr0) = sqrt(ξ)·sqrt(η), η a Python number
+            damping = 1.0 + (d * math.sqrt(cfg.eta)) * sqrt_xi * b
             # Δθ = a·g + c·θ with the coefficients formed at the reduced shape: two
             # full-size products and a sum instead of five full-size ops
-            coef_g = -(xi_w * eta) * jnp.sqrt(rv) / damping
+            coef_g = -(xi_w * cfg.eta) * jnp.sqrt(rv) / damping
             decay = 0.5 * gamma if no_l2 else 0.5 * gamma + extra_l2
-            return coef_g, -decay / damping, v, b + gamma * (1.0 + b)
+            coef_theta = -decay / damping
+            delta = coef_g * g + coef_theta * theta.astype(work)
+            b = b + gamma * (1.0 + b)
+            return delta, v.astype(state_dtype), b.astype(state_dtype)
 
-        # Leaves with small statistics are updated together, one concatenated vector
-        # per dtype: per leaf, XLA:CPU would otherwise compile the scalar arithmetic
-        # above as some six kernels (it keeps each shared intermediate apart), and
-        # compile time follows the number of kernels. Large or explicitly sharded
-        # statistics keep their own shape and sharding.
-        results = [None] * len(leaves)
-        groups = {}
-        for i, lf in enumerate(leaves):
-            if lf.v.size <= _BATCH_MAX_SIZE and not _explicitly_sharded(lf.theta):
-                groups.setdefault(lf.work, []).append(i)
-            else:
-                g2 = jnp.sum(jnp.square(lf.g), axis=lf.cfg.axes, keepdims=True) / lf.n
-                eta = lf.cfg.eta
-                out = coefficients(g2.reshape(lf.v.shape), lf.v, lf.b, eta, math.sqrt(eta), lf.work)
-                results[i] = out
-        for work, idx in groups.items():
-            for i, out in zip(idx, _batched(leaves, idx, work, coefficients), strict=True):
-                results[i] = out
-
-        def final(lf, out):
-            coef_g, coef_theta, v, b = out
-            delta = coef_g * lf.g + coef_theta * lf.theta.astype(lf.work)
-            return delta, v.astype(lf.v.dtype), b.astype(lf.b.dtype)
-
-        out = [final(lf, r) for lf, r in zip(leaves, results, strict=True)]
-        delta, v, b = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+        out = jax.tree_util.tree_map_with_path(leaf, updates, state.v, state.b, params)
+        part = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
+        delta, v, b = part(0), part(1), part(2)
         mu = state.mu
         if momentum is not None:
             mu = jax.tree.map(lambda m, u: momentum * m + (1.0 - momentum) * u, mu, delta)

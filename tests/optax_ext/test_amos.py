@@ -20,7 +20,6 @@ from helpers import (
     x64,
 )
 
-import optax_ext.optimizers.amos as amos_module
 from optax_ext._common import tree_paths
 from optax_ext.optimizers.amos import (
     amos,
@@ -161,26 +160,6 @@ def test_matches_reference_float64(kwargs):
             assert_trees_close(state.b, b, rtol=1e-10, atol=1e-14, err=f"b, tree {seed}")
             # the decay accumulator really moved, so its damping was exercised
             assert max(float(np.max(x)) for x in jax.tree.leaves(b)) > 0.5
-
-
-def test_per_leaf_statistics_match_reference_float64(monkeypatch):
-    """Small statistics are updated in one concatenated vector per dtype; large or
-    explicitly sharded ones leaf by leaf. With the batch limit at 0 every leaf takes the
-    per-leaf path, which must match the same reference."""
-    monkeypatch.setattr(amos_module, "_BATCH_MAX_SIZE", 0)
-    lr = lambda t: 0.2 / (1 + 0.05 * t)
-    kwargs = dict(beta=0.95, momentum=0.8, extra_l2=1e-3, c=0.5, d=0.1)
-    with x64():
-        params = _small_params(0, jnp.float64)
-        grads = [random_grads_like(params, s) for s in range(12)]
-        tx = scale_by_amos(lambda t: 0.2 / (1 + 0.05 * jnp.asarray(t, float)), **kwargs)
-        got, state = _run(tx, params, grads)
-        want, v, b = reference_amos(
-            params, grads, lr=lr, eta_fn=expected_eta, shape_fn=expected_shape, **kwargs
-        )
-        assert_trees_close(got, want, rtol=1e-10, atol=1e-12, err="params")
-        assert_trees_close(state.v, v, rtol=1e-10, atol=1e-14, err="v")
-        assert_trees_close(state.b, b, rtol=1e-10, atol=1e-14, err="b")
 
 
 def test_user_eta_and_shape_functions_float64():
