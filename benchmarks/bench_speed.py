@@ -66,11 +66,20 @@ PAIRS = {
         5,
         1.05,
     ),
+    # AdaFactor's defaults need 6 passes: the gradient read for the factored moments,
+    # again for RMS(u) and again for the update (each waits for the reduction before
+    # it), the parameters read for RMS(θ) and for the update, and written once.
     "adafactor vs optax.adafactor": (
         lambda: ox.adafactor(1e-3, mask=True),
         lambda: optax.adafactor(1e-3),
-        3,
+        6,
         1.10,
+    ),
+    "adafactor vs optax.adamw": (
+        lambda: ox.adafactor(1e-3, mask=True),
+        lambda: optax.adamw(1e-3),
+        6,
+        1.00,
     ),
     "sgdm vs optax.sgd(momentum)": (
         lambda: ox.sgdm(1e-2, 0.9),
