@@ -125,6 +125,14 @@ def fail(prog: str, message: str) -> None:
     sys.exit(2)
 
 
+def _silence_stdout() -> None:
+    import os
+
+    # Python flushes stdout again at exit; point it at /dev/null so that flush is quiet.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def run(prog: str, body: Callable[[], Any]) -> int:
     """Calls ``body()``; turns bad input into one stderr line and status 2.
 
@@ -137,6 +145,9 @@ def run(prog: str, body: Callable[[], Any]) -> int:
     """
     try:
         body()
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+        _silence_stdout()
+        return 0
     except UsageError as e:
         print(_one_line(str(e)), file=sys.stderr)
         return 2

@@ -100,3 +100,18 @@ def test_protocol_names_are_what_the_transform_reads():
     g = {"w": jnp.ones(3)}
     _, s = tx.update(g, tx.init(g), **{MICRO_GRAD_SQ_NORM: jnp.float32(4.0), ACCUMULATION_STEPS: 4})
     assert round(float(noise_scale(s).b_simple), 4) == 4.0
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        f"{sys.executable} -m scaling lr --optimizer adamw --lr 3e-4 --batch 256 --to 4096 "
+        "--b-simple 2000 | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.count("\n") == 1 and done.stderr == ""
