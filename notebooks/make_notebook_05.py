@@ -118,7 +118,7 @@ held-out loss is computed with the trained weights cast to float32.
     """import sys; sys.path.insert(0, "../benchmarks")
 from bench_low_precision import train
 
-runs = {v: train("tiger", v, steps=80, batch_size=16)
+runs = {v: train("tiger", v, steps=60, batch_size=16)
         for v in ("float32", "bf16 nearest", "bf16 SR")}
 smooth = lambda x, n=10: np.convolve(x, np.ones(n) / n, mode="valid")
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
@@ -133,7 +133,7 @@ for v, r in runs.items():
     print(f"{v:14s} held-out {r['valid_loss']:.4f}  weights moved per update "
           f"{r['moved_fraction']:.3f}")""",
     """ref = runs["float32"]["valid_loss"]
-print(f"After 80 updates pure bf16 with round-to-nearest is "
+print(f"After 60 updates pure bf16 with round-to-nearest is "
       f"{runs['bf16 nearest']['valid_loss'] - ref:+.4f} nats from float32 and moves "
       f"{runs['bf16 nearest']['moved_fraction']:.0%} of the weights per update; with "
       f"stochastic rounding it is {runs['bf16 SR']['valid_loss'] - ref:+.4f} nats from "

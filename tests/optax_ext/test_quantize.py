@@ -13,7 +13,6 @@ from helpers import (
     abstract_init_matches,
     assert_no_recompile,
     assert_same_on_all_paths,
-    flax_like_params,
     leaf_paths,
     random_grads_like,
 )
@@ -196,6 +195,21 @@ INNERS = {
 SMALL = dict(block=32, min_size=64)  # small trees: quantise every leaf of >= 64 elements
 
 
+def small_params(seed):
+    """A few leaves with Flax names: each quantised leaf adds its own encode and decode
+    to the compiled step, so few leaves keep compiles short. Two leaves are quantised
+    with SMALL (one with a short last block), two stay float; 16 shards over 8 devices."""
+    rng = np.random.default_rng(seed)
+    n = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    return {
+        "params": {
+            "embed": {"embedding": n(16, 9)},
+            "dense": {"kernel": n(16, 8), "bias": n(8)},
+            "norm": {"scale": 1 + n(8)},
+        }
+    }
+
+
 def _states_close_enough(inner_state, q_state):
     """Quantised leaves agree with the float32 run to the map's resolution."""
     is_q = lambda x: isinstance(x, QuantizedArray)
@@ -216,7 +230,7 @@ def _states_close_enough(inner_state, q_state):
 
 @pytest.mark.parametrize("name", list(INNERS))
 def test_every_optimizer_runs_8bit_and_stays_close_to_float32(name):
-    params = flax_like_params(0)
+    params = small_params(0)
     grads = [random_grads_like(params, s) for s in range(4)]
     ref_tx, q_tx = INNERS[name](), quantize_state(INNERS[name](), **SMALL)
     ref_s, q_s = ref_tx.init(params), q_tx.init(params)
@@ -248,7 +262,7 @@ def test_which_leaves_are_signed_and_the_bytes():
 
 
 def test_inner_inject_hyperparams_keeps_its_scalars():
-    params = flax_like_params(0)
+    params = small_params(0)
     inner = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, weight_decay=0.1)
     tx = quantize_state(inner, **SMALL)
     state = tx.init(params)
@@ -272,14 +286,14 @@ CONTRACT = [
 
 @pytest.mark.parametrize("make", CONTRACT)
 def test_same_on_every_device_path(make):
-    params = flax_like_params(1)
+    params = small_params(1)
     grads = [random_grads_like(params, s) for s in range(3)]
     assert_same_on_all_paths(make(), params, grads, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("make", CONTRACT)
 def test_abstract_init_and_no_recompile(make):
-    params = flax_like_params(2)
+    params = small_params(2)
     abstract_init_matches(make(), params)
     assert_no_recompile(make(), params, [random_grads_like(params, s) for s in range(3)])
 
@@ -301,7 +315,7 @@ def test_bad_arguments():
 
 
 def test_orbax_checkpoint_resumes_bit_identically(tmp_path):
-    params = flax_like_params(3)
+    params = small_params(3)
     grads = [random_grads_like(params, s) for s in range(6)]
     tx = quantize_state(optax.adamw(1e-2), **SMALL)
 
