@@ -20,6 +20,7 @@ from optax_ext.adversarial import (
     fgm_value_and_grad,
     gradient_penalty_loss,
 )
+from optax_ext.attention import MAX_LOGITS, attention_with_max_logits, max_logits_per_head
 from optax_ext.checkpoint import (
     opt_state_signature,
     restore_train_state,
@@ -66,6 +67,22 @@ from optax_ext.optimizers.lion import (
     lion,
     scale_by_lion,
     scale_by_param_scale,
+)
+from optax_ext.optimizers.msign import (
+    NS_COEFFICIENTS,
+    msign,
+    msign_svd,
+    newton_schulz_coefficients,
+    singular_value_range,
+)
+from optax_ext.optimizers.muon import (
+    MUON_LAYOUT_RULES,
+    MUON_RULES,
+    ScaleByMuonState,
+    matrix_shape,
+    muon,
+    muon_labels,
+    scale_by_muon,
 )
 from optax_ext.optimizers.sgdm import (
     SgdmState,
@@ -125,6 +142,7 @@ from optax_ext.wrappers.param_rules import (
     decay_weights,
     scale_by_path,
 )
+from optax_ext.wrappers.qk_clip import MHA_PARTS, MLA_PARTS, qk_clip
 
 __version__ = "0.1.0"
 
@@ -135,8 +153,14 @@ __all__ = [
     "EMBEDDING",
     "FactoredMoment",
     "LookaheadState",
+    "MAX_LOGITS",
+    "MHA_PARTS",
+    "MLA_PARTS",
+    "MUON_LAYOUT_RULES",
+    "MUON_RULES",
     "NORM_AND_BIAS",
     "NORM_SCALE",
+    "NS_COEFFICIENTS",
     "NanGuardState",
     "NoiseMoments",
     "NoiseScaleState",
@@ -144,6 +168,7 @@ __all__ = [
     "ScaleByAdafactorState",
     "ScaleByAdaxState",
     "ScaleByAmosState",
+    "ScaleByMuonState",
     "SgdmState",
     "TIGER_SCALE_RULES",
     "TigerState",
@@ -158,6 +183,7 @@ __all__ = [
     "amos_default_shape",
     "amos_lr_schedule",
     "amos_weight_decay_schedule",
+    "attention_with_max_logits",
     "constant_decay_lr_schedule",
     "contrastive_value_and_grad",
     "cosent_loss",
@@ -175,8 +201,15 @@ __all__ = [
     "lion",
     "lookahead",
     "make_train_step",
+    "matrix_shape",
+    "max_logits_per_head",
     "measure_noise_scale",
+    "msign",
+    "msign_svd",
+    "muon",
+    "muon_labels",
     "nan_guard",
+    "newton_schulz_coefficients",
     "noise_log_record",
     "noise_scale",
     "opt_state_signature",
@@ -185,6 +218,7 @@ __all__ = [
     "path_mask",
     "path_multipliers",
     "piecewise_linear",
+    "qk_clip",
     "relative_step_size",
     "replicate",
     "restore_train_state",
@@ -193,6 +227,7 @@ __all__ = [
     "scale_by_adax",
     "scale_by_amos",
     "scale_by_lion",
+    "scale_by_muon",
     "scale_by_param_scale",
     "scale_by_path",
     "scale_by_sgdm",
@@ -201,6 +236,7 @@ __all__ = [
     "shard_batch",
     "shard_params",
     "simcse_loss",
+    "singular_value_range",
     "split_batch",
     "split_value_and_grad",
     "tiger",

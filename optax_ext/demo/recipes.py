@@ -20,6 +20,7 @@ from optax_ext.optimizers.adafactor import adafactor
 from optax_ext.optimizers.adax import adaxw
 from optax_ext.optimizers.amos import amos
 from optax_ext.optimizers.lion import lion
+from optax_ext.optimizers.muon import muon
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.accumulation import accumulate_gradients
 
@@ -60,6 +61,13 @@ def _tiger(learning_rate, weight_decay, accumulation_steps):
     )
 
 
+def _muon(learning_rate, weight_decay):
+    # Muon on the hidden kernels at AdamW's scale (Moonlight); Tiger at half that rate on
+    # the embeddings, head, biases and norm scales.
+    half = (lambda t: 0.5 * learning_rate(t)) if callable(learning_rate) else 0.5 * learning_rate
+    return muon(learning_rate, weight_decay=weight_decay, other_learning_rate=half)
+
+
 #: Settings that train the demo model well: the best learning rate of
 #: benchmarks/bench_quality.py's sweep (x1/4 to x4 around the earlier values, extended
 #: until the best is bracketed by worse rates; 300 updates of 32 windows).
@@ -75,6 +83,7 @@ RECIPES: dict[str, Recipe] = {
         accumulated(lambda lr, wd: adaxw(lr, weight_decay=wd)), 1.2e-2, "adam", 0.01, 0.9
     ),
     "amos": Recipe(accumulated(lambda lr, wd: amos(lr)), 8e-2, "adam", 0.0, 0.0),
+    "muon": Recipe(accumulated(_muon), 2.4e-2, "muon", 0.01, 0.95),
     "adamw": Recipe(
         accumulated(lambda lr, wd: optax.adamw(lr, weight_decay=wd)), 1.2e-2, "adamw", 0.01, 0.9
     ),
