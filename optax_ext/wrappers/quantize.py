@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from optax_ext._common import check_choice, check_int, path_to_str
+from optax_ext.optimizers.tiger import _sharded
 
 #: State fields holding second moments (non-negative, quantised with the unsigned map):
 #: optax's ``nu`` (Adam, AdamW, AdaX, ...), and the usual spellings of other libraries.
@@ -146,6 +147,14 @@ def _decode(codes: jax.Array, code: str) -> jax.Array:
 # ------------------------------------------------------------ blocks of a leaf
 
 
+def _flatten(x: jax.Array) -> jax.Array:
+    """``x.reshape(-1)``; a leaf sharded explicitly (``AxisType.Explicit``) is gathered
+    first, since its flattened layout has no sharding JAX can infer."""
+    if _sharded(x):
+        x = jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+    return x.reshape(-1)
+
+
 def _split(flat: jax.Array, block: int) -> list[jax.Array]:
     """The full blocks as a (n, block) matrix, and the shorter last block as (1, r)."""
     full = flat.size // block
@@ -174,7 +183,7 @@ def quantize(x: jax.Array, *, signed: bool, block: int = 2048, code: str = "dyna
     """A :class:`QuantizedArray` of ``x``: per block of the flattened leaf, the absmax
     (float32) and each value's nearest 8-bit code of ``value / absmax``."""
     codes, absmax = [], []
-    for part in _split(x.astype(jnp.float32).reshape(-1), block):
+    for part in _split(_flatten(x.astype(jnp.float32)), block):
         amax = _absmax_rows(part)
         inv = jnp.where(amax > 0, 1.0 / amax, 0.0)  # an all-zero block codes as zeros
         codes.append(_encode(part * inv, signed, code).reshape(-1))
@@ -185,7 +194,7 @@ def quantize(x: jax.Array, *, signed: bool, block: int = 2048, code: str = "dyna
 
 def dequantize(q: QuantizedArray, *, block: int = 2048, code: str = "dynamic") -> jax.Array:
     """The float32 values a :class:`QuantizedArray` stands for."""
-    flat = q.codes.reshape(-1)
+    flat = _flatten(q.codes)
     out, start = [], 0
     for part in _split(flat, block):
         amax = q.absmax[start : start + part.shape[0]][:, None]
