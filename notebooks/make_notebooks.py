@@ -131,7 +131,7 @@ assert rows["tiger, k=4"] == param_bytes""",
 ]
 
 TOUR = [
-    """md:# Optimizer tour: Tiger, Lion, AdaFactor, AdaX, Amos and AdamW
+    """md:# Optimizer tour: Tiger, Lion, AdaFactor, AdaX, Amos, Muon and AdamW
 
 Each optimizer trains the demo model (a character-level Flax transformer on the docstrings
 of Python's standard library) for the same number of updates, from the same
@@ -144,6 +144,7 @@ initialisation and batches, at the setting `optax_ext.demo.RECIPES` recommends f
 | AdaFactor | factored $\\hat v$, update clipping, relative step | [kexue.fm/archives/7302](https://kexue.fm/archives/7302) |
 | AdaX | $m/\\sqrt{\\hat v}$ with a growing memory | [kexue.fm/archives/7387](https://kexue.fm/archives/7387) |
 | Amos | per-leaf scale $\\eta$, self-annealing decay | [kexue.fm/archives/9344](https://kexue.fm/archives/9344) |
+| Muon | $0.2\\sqrt{\\max(d_{in}, d_{out})}\\,\\operatorname{msign}(\\beta m + g)$ on hidden kernels, Tiger on the rest | [kexue.fm/archives/10739](https://kexue.fm/archives/10739) |
 | AdamW | the baseline | |""",
     """import jax, optax
 import matplotlib.pyplot as plt
@@ -175,8 +176,11 @@ plt.legend(title="optimizer (held-out loss)"); plt.grid(alpha=0.3); plt.show()""
     """md:## State memory
 
 Bytes of optimizer state per parameter on the demo model, counted from the state
-`init` returns (`ox.tree_bytes` on `jax.eval_shape`): AdamW keeps two moments (8 bytes
-per float32 parameter), Tiger and Lion one, AdaFactor a row and a column per matrix.""",
+`init` returns (`ox.tree_bytes` on `jax.eval_shape`). AdamW keeps two moments (8 bytes
+per float32 parameter), Tiger, Lion and Muon one. AdaFactor stores a matrix's second
+moment as a row and a column only when its two largest dimensions reach
+`min_dim_size_to_factor` (128, as in optax); the cell below counts how many matrices of
+this model qualify, and adds AdaFactor with the threshold lowered to 32.""",
     """import jax.numpy as jnp
 data = demo.CharData.from_text(demo.load_corpus())
 model = demo.CharTransformer(vocab=len(data.vocab), max_len=64)
@@ -184,8 +188,18 @@ params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64),
 n = sum(x.size for x in jax.tree.leaves(params))
 per_param = {name: ox.tree_bytes(jax.eval_shape(demo.make_optimizer(name).init, params)) / n
              for name in demo.RECIPES}
-plt.figure(figsize=(6, 3))
+per_param["adafactor (factor >= 32)"] = ox.tree_bytes(jax.eval_shape(
+    ox.adafactor(min_dim_size_to_factor=32).init, params)) / n
+factorable = lambda threshold: sum(
+    1 for x in jax.tree.leaves(params) if x.ndim >= 2 and sorted(x.shape)[-2] >= threshold)
+print(f"matrices factored at the default threshold 128: {factorable(128)}; at 32: "
+      f"{factorable(32)} of {sum(x.ndim >= 2 for x in jax.tree.leaves(params))}")
+print(f"AdaFactor: {per_param['adafactor']:.2f} bytes/param by default, "
+      f"{per_param['adafactor (factor >= 32)']:.2f} with the threshold at 32")
+assert (per_param["adafactor"] == 4.0) == (factorable(128) == 0)   # what the text says
+plt.figure(figsize=(7, 3))
 plt.bar(list(per_param), list(per_param.values()), color="tab:blue")
+plt.xticks(rotation=20, ha="right")
 plt.ylabel("state bytes / parameter"); plt.grid(axis="y", alpha=0.3); plt.show()
 per_param""",
     """md:Sign optimizers (Tiger, Lion) take the same step size for every entry, which is why
