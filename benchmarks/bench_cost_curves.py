@@ -230,7 +230,7 @@ def main(argv=None):
     ap.add_argument("--gpt2-sizes", default=None, help="GPT-2-shaped counts (default: --sizes)")
     ap.add_argument("--leaf-counts", default="10,100,1000")
     ap.add_argument("--leaf-floats", type=float, default=2**20)
-    ap.add_argument("--only", default=None, help="comma-separated optimizer names")
+    ap.add_argument("--only", default=None, help="optimizer names separated by ';'")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
@@ -241,7 +241,7 @@ def main(argv=None):
         args.sizes, args.gpt2_sizes, args.leaf_counts = "1e4,1e5", "1e5", "8,40"
         args.repeats, args.leaf_floats = 3, 1e4
     parse = lambda s: [int(float(x)) for x in s.split(",") if x]
-    names = list(optimizers()) if args.only is None else args.only.split(",")
+    names = list(optimizers()) if args.only is None else args.only.split(";")
     results = run(
         parse(args.sizes),
         parse(args.gpt2_sizes or args.sizes),
