@@ -18,7 +18,9 @@ import optax
 from optax_ext._common import (
     EMBEDDING,
     canonical_dtype,
+    check_float_params,
     check_range,
+    check_updates_match,
     first_match,
     path_to_str,
     schedule_value,
@@ -214,15 +216,15 @@ def scale_by_amos(
       Su, `Amos and how to set learning rates <https://kexue.fm/archives/9344>`_, 2022.
     """
     check_range("learning_rate", learning_rate, 0)
-    check_range("beta", beta, 0, 1, high_open=True)
+    check_range("beta", beta, 0, 1, high_open=True, schedule=False)
     if momentum is not None:
-        check_range("momentum", momentum, 0, 1, high_open=True)
+        check_range("momentum", momentum, 0, 1, high_open=True, schedule=False)
     if clip_value is not None:
-        check_range("clip_value", clip_value, 0, low_open=True)
-    check_range("c", c, 0)
-    check_range("d", d, 0)
-    check_range("extra_l2", extra_l2, 0)
-    check_range("eps", eps, 0, low_open=True)
+        check_range("clip_value", clip_value, 0, low_open=True, schedule=False)
+    check_range("c", c, 0, schedule=False)
+    check_range("d", d, 0, schedule=False)
+    check_range("extra_l2", extra_l2, 0, schedule=False)
+    check_range("eps", eps, 0, low_open=True, schedule=False)
     for name, fn in (("eta_fn", eta_fn), ("shape_fn", shape_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be a function (path, shape) -> value or None, got {fn!r}")
@@ -234,6 +236,8 @@ def scale_by_amos(
         return _leaf_config(path_to_str(path), tuple(x.shape), eta_fn, shape_fn)
 
     def init_fn(params):
+        check_float_params(params, "amos")
+
         def zeros(path, x):
             cfg = config(path, x)
             dtype = _state_dtype(x.dtype)
@@ -249,6 +253,7 @@ def scale_by_amos(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _check_params(params)
+        check_updates_match(updates, params, "amos")
         xi = schedule_value(learning_rate, state.count)
         tau = optax.safe_increment(state.count)
         no_l2 = isinstance(extra_l2, int | float) and extra_l2 == 0

@@ -22,8 +22,10 @@ from optax_ext._common import (
     PathRules,
     canonical_dtype,
     check_choice,
+    check_float_params,
     check_int,
     check_range,
+    check_updates_match,
     decay_mask,
     first_match,
     has_nonfinite,
@@ -232,18 +234,19 @@ def scale_by_muon(
       <https://kexue.fm/archives/11416>`_; Liu et al., `Muon is Scalable for LLM
       Training <https://arxiv.org/abs/2502.16982>`_, 2025.
     """
-    check_range("beta", beta, 0, 1, high_open=True)
+    check_range("beta", beta, 0, 1, high_open=True, schedule=False)
     newton_schulz_coefficients(coeffs)
     check_int("steps", steps, minimum=0)
     check_choice("scale", scale, _SCALES)
-    check_range("update_rms", update_rms, 0, low_open=True)
+    check_range("update_rms", update_rms, 0, low_open=True, schedule=False)
     check_choice("attention", attention, _ATTENTION)
-    check_range("eps", eps, 0)
+    check_range("eps", eps, 0, schedule=False)
     for pattern, name in layout.items() if isinstance(layout, dict) else layout:
         check_choice(f"layout for {pattern!r}", name, _LAYOUTS)
     mu_dtype = canonical_dtype(mu_dtype)
 
     def init_fn(params):
+        check_float_params(params, "muon")
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         return ScaleByMuonState(count=jnp.zeros([], jnp.int32), mu=mu)
 
@@ -285,7 +288,8 @@ def scale_by_muon(
         return direction(g, m, path)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del extra_args
+        check_updates_match(updates, params, "muon")
         out = jax.tree_util.tree_map_with_path(leaf, updates, state.mu)
         u = jax.tree.map(lambda _, pair: pair[0], updates, out)
         mu = jax.tree.map(lambda _, pair: pair[1], updates, out)
