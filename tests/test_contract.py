@@ -1,0 +1,279 @@
+"""The one contract every optimizer alias of optax-ext keeps (see optax_ext/__init__.py).
+
+Held once here for all of them, in the spirit of optax's ``contrib/_common_test.py``;
+the float64 references stay in each optimizer's own test file.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from helpers import assert_trees_close, flax_like_params, random_grads_like, x64
+
+import optax_ext as ox
+from optax_ext._common import NORM_AND_BIAS
+
+#: name -> factory(learning_rate, **kwargs); every alias of the package.
+ALIASES = {
+    "tiger": ox.tiger,
+    "lion": ox.lion,
+    "adafactor": ox.adafactor,
+    "adax": ox.adax,
+    "adaxw": ox.adaxw,
+    "amos": ox.amos,
+    "sgdm": ox.sgdm,
+}
+if hasattr(ox, "muon"):
+    ALIASES["muon"] = ox.muon
+
+#: aliases that accumulate micro-batches themselves (``accumulation_steps=k``)
+ACCUMULATING = {"tiger", "sgdm"}
+#: aliases with a weight decay that may follow a schedule
+DECAYING = {"tiger", "lion", "adafactor", "adaxw"} | ({"muon"} & set(ALIASES))
+
+#: (alias, optax sibling, positional arguments valid for the sibling)
+OPTAX_ORDER = [
+    ("lion", optax.lion, (1e-3, 0.9, 0.99, None, 0.1)),
+    ("sgdm", optax.sgd, (1e-2, 0.9, False, None)),
+]
+
+NAMES = sorted(ALIASES)
+
+
+@pytest.fixture
+def float64():
+    """float64 inside the test: two routes to the same arithmetic agree to 1e-12."""
+    with x64():
+        yield
+
+
+def params(dtype=jnp.float32):
+    return flax_like_params(0, dtype=dtype)["params"]
+
+
+def params64():
+    return params(jnp.float64)
+
+
+def run(tx, steps=3, extra=None):
+    """``steps`` updates in float64 from the same params and gradients."""
+    p = params64()
+    state = tx.init(p)
+    for seed in range(steps):
+        u, state = tx.update(random_grads_like(p, seed), state, p, **(extra or {}))
+        p = optax.apply_updates(p, u)
+    return p, state
+
+
+# ----------------------------------------------------------------- the basics
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_returns_extra_args_transform_with_an_int32_count(name):
+    tx = ALIASES[name](1e-2)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    has_count = lambda x: hasattr(x, "_fields") and "count" in x._fields  # a NamedTuple
+    states = jax.tree.leaves(tx.init(params()), is_leaf=has_count)
+    counts = [x.count for x in states if has_count(x)]
+    assert counts and all(jnp.asarray(c).dtype == jnp.int32 for c in counts)
+
+
+# ------------------------------------------------------------ positional order
+
+
+@pytest.mark.parametrize("name, sibling, args", OPTAX_ORDER, ids=[o[0] for o in OPTAX_ORDER])
+def test_optax_siblings_positional_order_is_accepted(name, sibling, args):
+    ours, theirs = ALIASES[name](*args), sibling(*args)
+    p = params()
+    s_ours, s_theirs = ours.init(p), theirs.init(p)
+    assert jax.tree.structure(p) == jax.tree.structure(ours.update(p, s_ours, p)[0])
+    del s_theirs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_everything_after_the_moment_coefficients_is_keyword_only(name):
+    import inspect
+
+    sig = inspect.signature(ALIASES[name])
+    positional = [
+        p.name
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    assert positional[0] == "learning_rate"
+    allowed = {
+        "learning_rate",
+        "b1",
+        "b2",
+        "beta",
+        "momentum",
+        "decay_rate",
+        "eps",
+        "mu_dtype",
+        "nu_dtype",
+        "weight_decay",
+        "mask",
+        "nesterov",
+    }  # optax siblings' positional names
+    assert set(positional) <= allowed, positional
+
+
+# ------------------------------------------------------------------ schedules
+
+
+@pytest.mark.parametrize("name", sorted(DECAYING))
+@pytest.mark.usefixtures("float64")
+def test_weight_decay_accepts_a_schedule_indexed_by_update(name):
+    sched = lambda count: 0.1 * (count < 2)  # 0.1 for the first two updates, then 0
+    # the alias reads the schedule by update exactly as inject_hyperparams does
+    got, _ = run(ALIASES[name](1e-2, weight_decay=sched), steps=3)
+    ref_tx = optax.inject_hyperparams(ALIASES[name], static_args=())(
+        learning_rate=1e-2, weight_decay=sched
+    )
+    want, _ = run(ref_tx, steps=3)
+    assert_trees_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.usefixtures("float64")
+def test_learning_rate_schedule_counts_updates(name):
+    sched = optax.linear_schedule(1e-2, 0.0, 4)
+    got, _ = run(ALIASES[name](sched), steps=3)
+    want, _ = run(optax.inject_hyperparams(ALIASES[name])(learning_rate=sched), steps=3)
+    assert_trees_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.usefixtures("float64")
+def test_inject_hyperparams_schedule_counts_updates_not_micro_steps(name, k):
+    sched = optax.linear_schedule(1e-2, 1e-3, 6)
+    p = params64()
+    if name in ACCUMULATING:
+        injected = ox.inject_hyperparams(ALIASES[name], static_args=("accumulation_steps",))(
+            learning_rate=sched, accumulation_steps=k
+        )
+        direct = ALIASES[name](sched, accumulation_steps=k)
+    else:
+        injected = ox.accumulate_gradients(
+            ox.inject_hyperparams(ALIASES[name])(learning_rate=sched), k
+        )
+        direct = ox.accumulate_gradients(ALIASES[name](sched), k)
+    s_inj, s_dir, p_inj, p_dir = injected.init(p), direct.init(p), p, p
+    for seed in range(3 * k):
+        g = random_grads_like(p, seed)
+        u, s_inj = injected.update(g, s_inj, p_inj)
+        p_inj = optax.apply_updates(p_inj, u)
+        u, s_dir = direct.update(g, s_dir, p_dir)
+        p_dir = optax.apply_updates(p_dir, u)
+    assert_trees_close(p_inj, p_dir, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_schedule_where_none_can_go_is_rejected_at_construction(name):
+    import inspect
+
+    sig = inspect.signature(ALIASES[name])
+    numeric = [
+        p.name
+        for p in sig.parameters.values()
+        if isinstance(p.default, float) and p.name not in ("learning_rate", "weight_decay")
+    ]
+    assert numeric, sig
+    for arg in numeric:
+        with pytest.raises(ValueError, match=f"{arg} cannot be a schedule"):
+            ALIASES[name](1e-2, **{arg: lambda count: 0.5})
+
+
+# -------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("name", sorted(DECAYING - {"muon"}))  # muon decays by its routing
+def test_mask_none_is_the_one_default_rule(name):
+    """With zero gradients the step is the decay alone: None spares biases and norm scales
+    (``NORM_AND_BIAS``, the rule of every alias), True decays every leaf."""
+    p = params()
+    rule = ox.path_mask(exclude=NORM_AND_BIAS)(p)
+    for mask, expected in ((None, rule), (True, jax.tree.map(lambda _: True, rule))):
+        tx = ALIASES[name](1e-2, weight_decay=0.5, mask=mask)
+        u, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+        moved = jax.tree.map(lambda x: bool(jnp.any(x != 0)), u)
+        nonzero = jax.tree.map(lambda q: bool(jnp.any(q != 0)), p)  # zero leaves cannot move
+        want = jax.tree.map(lambda e, nz: e and nz, expected, nonzero)
+        assert moved == want, (name, mask)
+
+
+# --------------------------------------------------------------- bad input
+
+
+BAD_VALUES = [
+    ("learning_rate", float("inf"), "learning_rate must be finite"),
+    ("learning_rate", "1e-3", "learning_rate must be a number or a schedule"),
+    ("learning_rate", 1e-3 + 0j, "learning_rate must be a real number"),
+    ("learning_rate", [1e-3], None),
+    ("mu_dtype", jnp.int32, "mu_dtype must be a floating dtype"),
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("arg, value, message", BAD_VALUES, ids=lambda v: repr(v)[:20])
+def test_bad_values_fail_at_construction_naming_the_argument(name, arg, value, message):
+    with pytest.raises(ValueError, match=message or arg):
+        ALIASES[name](**({"learning_rate": 1e-2} | {arg: value}))
+
+
+@pytest.mark.parametrize("name", sorted(DECAYING))
+def test_infinite_weight_decay_fails_at_construction(name):
+    with pytest.raises(ValueError, match="weight_decay must be finite"):
+        ALIASES[name](1e-2, weight_decay=float("inf"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_gradient_of_another_shape_is_a_clear_error(name):
+    tx, p = ALIASES[name](1e-2), params()
+    g = jax.tree.map(jnp.zeros_like, p)
+    g["final_norm"]["scale"] = jnp.zeros((4, *p["final_norm"]["scale"].shape))
+    with pytest.raises(ValueError, match=r"gradient of 'final_norm/scale' has shape \(4, 16\)"):
+        tx.update(g, tx.init(p), p)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64])
+def test_integer_or_complex_params_are_a_clear_error(name, dtype):
+    p = params()
+    p["final_norm"]["scale"] = p["final_norm"]["scale"].astype(dtype)
+    with pytest.raises(ValueError, match=f"'final_norm/scale' has dtype {jnp.dtype(dtype)}"):
+        ALIASES[name](1e-2).init(p)
+
+
+# ------------------------------------------------------------------- wrappers
+
+WRAPPERS = {
+    "nan_guard": lambda inner: ox.nan_guard(inner),
+    "accumulate_gradients": lambda inner: ox.accumulate_gradients(inner, 2),
+    "lookahead": lambda inner: ox.lookahead(inner),
+    "lazy": lambda inner: ox.lazy(inner),
+    "layer_adapted": lambda inner: ox.layer_adapted(inner, 1e-3),
+    "pure_bf16": lambda inner: ox.pure_bf16(inner),
+    "quantize_state": lambda inner: ox.quantize_state(inner),
+    "qk_clip": lambda inner: ox.qk_clip(inner),
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_a_wrapper_given_an_optimizer_factory_says_to_call_it(wrapper):
+    with pytest.raises(
+        TypeError,
+        match=r"must be an optax transform, got the function adam: "
+        r"call it first",
+    ):
+        WRAPPERS[wrapper](optax.adam)
+    assert isinstance(WRAPPERS[wrapper](optax.adam(1e-3)), optax.GradientTransformation)
+
+
+@pytest.mark.parametrize("centre", [float("nan"), {r"scale$": float("inf")}])
+def test_a_non_finite_shrink_centre_is_rejected(centre):
+    with pytest.raises(ValueError, match="centre"):
+        ox.nan_guard(optax.adam(1e-3), centre=centre)
