@@ -369,6 +369,21 @@ def tree_bytes(tree: Any) -> int:
 # --------------------------------------------------------------- tree contract
 
 
+def check_transform(name: str, value: Any) -> Any:
+    """``value`` must be an optax transform; a factory (``optax.adam``) gets the fix."""
+    import optax
+
+    if isinstance(value, optax.GradientTransformation):
+        return value
+    if callable(value):
+        shown = getattr(value, "__qualname__", repr(value))
+        raise TypeError(
+            f"{name} must be an optax transform, got the function {shown}: call it first, "
+            f"e.g. {name}={shown}(1e-3) rather than {name}={shown}"
+        )
+    raise TypeError(f"{name} must be an optax transform (init, update), got {value!r}")
+
+
 def require_params(params: Any, who: str, why: str) -> Any:
     """The one "needs params" error: ``who`` cannot update without ``params`` (``why``)."""
     if params is None:

@@ -15,7 +15,7 @@ import numpy as np
 from optax_ext.demo.data import CharData, load_corpus
 from optax_ext.demo.model import CharTransformer, lm_loss
 from optax_ext.demo.recipes import make_optimizer, noise_window
-from optax_ext.noise_measurement import current_noise_scale, noise_log_record
+from optax_ext.noise_measurement import current_noise_scale, noise_log_record, noise_scale
 from optax_ext.training import TrainState, split_value_and_grad
 
 __all__ = ["History", "train"]
@@ -33,7 +33,8 @@ class History:
     examples: int = 0
     uniform_loss: float = math.nan
     b_simple: list[float] = field(default_factory=list)  # EMA estimate after each update
-    noise: Any = None  # the final CurrentNoiseScale (b_simple, stderr, settled, window)
+    noise: Any = None  # the final NoiseScale (b_simple, g2, trace_sigma)
+    current: Any = None  # the final CurrentNoiseScale (b_simple, stderr, settled, window)
 
 
 def train(
@@ -124,7 +125,8 @@ def train(
         bar.close()
     history.valid_loss_end = float(evaluate(state.params, valid))
     if measure_noise:
-        history.noise = current_noise_scale(state.opt_state, window=noise_window(steps))
+        history.noise = noise_scale(state.opt_state)
+        history.current = current_noise_scale(state.opt_state, window=noise_window(steps))
     return history
 
 

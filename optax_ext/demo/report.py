@@ -28,7 +28,7 @@ def recommendations(history: History, args: Any) -> list[dict[str, Any]]:
     recipe = RECIPES[args.optimizer]
     lr = recipe.lr if args.lr is None else args.lr
     batch = args.batch_size * args.accumulation_steps
-    b_simple = float(history.noise.b_simple)
+    b_simple = float(history.current.b_simple)
     if not (math.isfinite(b_simple) and b_simple > 0):
         return []
     rows = []
@@ -69,7 +69,7 @@ def describe_noise(noise: Any) -> str:
 def print_recommendations(rows: list[dict[str, Any]], history: History, args: Any) -> None:
     batch = args.batch_size * args.accumulation_steps
     print(
-        f"\nmeasured noise scale {describe_noise(history.noise)} at batch {batch}; "
+        f"\nmeasured noise scale {describe_noise(history.current)} at batch {batch}; "
         f"recommended {args.optimizer} settings at other batch sizes:"
     )
     if not rows:
@@ -111,11 +111,11 @@ def save_plot(history: History, path: str, title: str) -> None:
     handles = ax.get_lines()
     if history.b_simple:
         twin = ax.twinx()
-        window = int(history.noise.window) if history.noise is not None else None
+        window = int(history.current.window) if history.current is not None else None
         label = "B_simple" + (f" (EMA over {window} updates)" if window else "")
         handles += twin.plot(history.steps, history.b_simple, color="tab:orange", lw=1, label=label)
-        if history.noise is not None:  # the value recommendations use, at the last update
-            b, se = float(history.noise.b_simple), float(history.noise.stderr)
+        if history.current is not None:  # the value recommendations use, at the last update
+            b, se = float(history.current.b_simple), float(history.current.stderr)
             low = min(2 * se, 0.95 * b)  # a log axis: the lower bar stops above zero
             bar = twin.errorbar(
                 [history.steps[-1]],

@@ -13,7 +13,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import canonical_dtype, check_choice, check_int, check_range, decay_mask
+from optax_ext._common import (
+    canonical_dtype,
+    check_choice,
+    check_float_params,
+    check_int,
+    check_range,
+    check_updates_match,
+    decay_mask,
+)
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 
@@ -100,15 +108,16 @@ def scale_by_adax(
       Li et al., `AdaX <https://arxiv.org/abs/2004.09740>`_, 2020;
       Su, `AdaX <https://kexue.fm/archives/7387>`_, 2020.
     """
-    check_range("b1", b1, 0, 1, high_open=True)
-    check_range("b2", b2, 0, low_open=True)
-    check_range("eps", eps, 0)
+    check_range("b1", b1, 0, 1, high_open=True, schedule=False)
+    check_range("b2", b2, 0, low_open=True, schedule=False)
+    check_range("eps", eps, 0, schedule=False)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_int("rounding_seed", rounding_seed, minimum=0)
     mu_dtype = canonical_dtype(mu_dtype)
     nu_dtype = canonical_dtype(nu_dtype)
 
     def init_fn(params):
+        check_float_params(params, "adax")
         return ScaleByAdaxState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
@@ -116,7 +125,8 @@ def scale_by_adax(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del extra_args
+        check_updates_match(updates, params, "adax")
         w = adax_nu_weight(state.count, b2)
 
         def leaf(g, m, v):

@@ -142,10 +142,11 @@ def _check_params(params: Any) -> None:
 
 def scale_by_amos(
     learning_rate: optax.ScalarOrSchedule,
-    eta_fn: LeafFn | None = None,
-    shape_fn: LeafFn | None = None,
     beta: float = 0.999,
     momentum: float | None = None,
+    *,
+    eta_fn: LeafFn | None = None,
+    shape_fn: LeafFn | None = None,
     clip_value: float | None = None,
     c: float = 0.25,
     d: float = 0.25,
@@ -311,10 +312,11 @@ def scale_by_amos(
 
 def amos(
     learning_rate: optax.ScalarOrSchedule,
-    eta_fn: LeafFn | None = None,
-    shape_fn: LeafFn | None = None,
     beta: float = 0.999,
     momentum: float | None = None,
+    *,
+    eta_fn: LeafFn | None = None,
+    shape_fn: LeafFn | None = None,
     clip_value: float | None = None,
     c: float = 0.25,
     d: float = 0.25,

@@ -17,8 +17,10 @@ from optax_ext._common import (
     PathRules,
     canonical_dtype,
     check_choice,
+    check_float_params,
     check_int,
     check_range,
+    check_updates_match,
     decay_mask,
     is_concrete_number,
     path_labels,
@@ -105,8 +107,8 @@ def scale_by_lion(
       <https://arxiv.org/abs/2302.06675>`_, 2023; Su, `kexue.fm/archives/9473
       <https://kexue.fm/archives/9473>`_.
     """
-    check_range("b1", b1, 0, 1)
-    check_range("b2", b2, 0, 1)
+    check_range("b1", b1, 0, 1, schedule=False)
+    check_range("b2", b2, 0, 1, schedule=False)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_int("rounding_seed", rounding_seed, minimum=0)
     mu_dtype = canonical_dtype(mu_dtype)
@@ -115,11 +117,13 @@ def scale_by_lion(
     )
 
     def init_fn(params):
+        check_float_params(params, "lion")
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         return ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=mu)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del extra_args
+        check_updates_match(updates, params, "lion")
         out = jax.tree.map(lambda g, m: _lion_leaf(g, m, b1, b2, one_pass), updates, state.mu)
         direction = jax.tree.map(lambda _, o: o[0], updates, out)
         mu = jax.tree.map(lambda _, o: o[1], updates, out)
@@ -161,7 +165,7 @@ def scale_by_param_scale(
       Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023.
     """
     rules = scale_rules(param_scaling)
-    check_range("min_rms", min_rms, 0)
+    check_range("min_rms", min_rms, 0, schedule=False)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -182,12 +186,12 @@ def lion(
     learning_rate: optax.ScalarOrSchedule = 1e-4,
     b1: float = 0.9,
     b2: float = 0.99,
+    mu_dtype: Any = None,
     weight_decay: optax.ScalarOrSchedule = 1e-3,
-    *,
     mask: Any = None,
+    *,
     param_scaling: str | PathRules | None = None,
     min_rms: float = 1e-3,
-    mu_dtype: Any = None,
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -246,7 +250,7 @@ def lion(
     """
     check_range("learning_rate", learning_rate, 0)
     check_range("weight_decay", weight_decay, 0)
-    check_range("min_rms", min_rms, 0)
+    check_range("min_rms", min_rms, 0, schedule=False)
     parts = [
         scale_by_lion(
             b1=b1,

@@ -15,8 +15,10 @@ import optax
 from optax_ext._common import (
     canonical_dtype,
     check_choice,
+    check_float_params,
     check_int,
     check_range,
+    check_updates_match,
     is_static_int,
     schedule_value,
 )
@@ -95,7 +97,7 @@ def scale_by_sgdm(
     References:
       Su, `accumulation inside the momentum <https://kexue.fm/archives/8634>`_, 2021.
     """
-    check_range("momentum", momentum, 0, 1, high_open=True)
+    check_range("momentum", momentum, 0, 1, high_open=True, schedule=False)
     k = check_int("accumulation_steps", accumulation_steps)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_int("rounding_seed", rounding_seed, minimum=0)
@@ -104,12 +106,14 @@ def scale_by_sgdm(
     needs_acc = nesterov and not single_step
 
     def init_fn(params):
+        check_float_params(params, "sgdm")
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         acc = optax.tree.zeros_like(params, dtype=mu_dtype) if needs_acc else ()
         return SgdmState(count=jnp.zeros([], jnp.int32), mu=mu, acc=acc)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del extra_args
+        check_updates_match(updates, params, "sgdm")
         first, last = (
             (True, True) if single_step else (state.count % k == 0, (state.count + 1) % k == 0)
         )
@@ -140,10 +144,10 @@ def scale_by_sgdm(
 def sgdm(
     learning_rate: optax.ScalarOrSchedule,
     momentum: float = 0.9,
-    *,
-    accumulation_steps: int = 1,
     nesterov: bool = False,
     mu_dtype: Any = None,
+    *,
+    accumulation_steps: int = 1,
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:

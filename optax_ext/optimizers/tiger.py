@@ -20,8 +20,10 @@ from optax_ext._common import (
     PathRules,
     canonical_dtype,
     check_choice,
+    check_float_params,
     check_int,
     check_range,
+    check_updates_match,
     decay_mask,
     has_nonfinite,
     is_static_int,
@@ -231,14 +233,15 @@ def scale_by_tiger(
     References:
       Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023.
     """
-    check_range("beta", beta, 0, 1, high_open=True)
+    check_range("beta", beta, 0, 1, high_open=True, schedule=False)
     k = check_int("accumulation_steps", accumulation_steps)
     mu_dtype = canonical_dtype(mu_dtype)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
     init_fn = _init(mu_dtype)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del extra_args
+        check_updates_match(updates, params, "tiger")
         first, apply = _cycle_flags(state.count, k)
         checks = _guard_checks(updates, state, guard, guard_nan, catch_inf)
 
@@ -378,11 +381,11 @@ def tiger(
       momentum: `kexue.fm/archives/8634 <https://kexue.fm/archives/8634>`_.
     """
     check_range("learning_rate", learning_rate, 0)
-    check_range("beta", beta, 0, 1, high_open=True)
+    check_range("beta", beta, 0, 1, high_open=True, schedule=False)
     check_range("weight_decay", weight_decay, 0)
     k = check_int("accumulation_steps", accumulation_steps)
-    check_range("min_rms", min_rms, 0)
-    check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True)
+    check_range("min_rms", min_rms, 0, schedule=False)
+    check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True, schedule=False)
     rules = scale_rules(param_scaling)
     mu_dtype = canonical_dtype(mu_dtype)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
@@ -391,8 +394,10 @@ def tiger(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _check_params(params, "tiger")
+        check_updates_match(updates, params, "tiger")
         first, apply = _cycle_flags(state.count, k)
         lr = schedule_value(learning_rate, state.count // k)
+        wd = schedule_value(weight_decay, state.count // k)  # both indexed by update
         scale_rules = path_labels(params, rules, default=1.0)
         decays = decay_mask(mask)(params)
         centres = path_labels(params, [(NORM_SCALE, 1.0)], default=0.0)
@@ -405,7 +410,7 @@ def tiger(
             work = _work_dtype(p)
             direction = jnp.sign(m).astype(work)
             if decay:
-                direction = direction + weight_decay * p.astype(work)
+                direction = direction + wd * p.astype(work)
             step = -eta * direction
             if apply is not True:
                 step = jnp.where(apply, step, 0.0)
@@ -443,6 +448,7 @@ class _Checks(NamedTuple):
 
 def _init(mu_dtype):
     def init_fn(params):
+        check_float_params(params, "tiger")
         # a fresh array per counter: a donated state must not hold one buffer twice
         zero = lambda: jnp.zeros([], jnp.int32)
         return TigerState(

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import canonical_dtype, check_int, has_nonfinite
+from optax_ext._common import canonical_dtype, check_int, check_transform, has_nonfinite
 from optax_ext.wrappers.spike import any_flag
 
 
@@ -134,6 +134,7 @@ def accumulate_gradients(
       Su, `derived optimizers <https://kexue.fm/archives/7094>`_, 2019;
       ``optax.MultiSteps``; jax#23693, optax#377, optax#1038.
     """
+    check_transform("inner", inner)
     k = _check_static_k(k)
     acc_dtype = canonical_dtype(acc_dtype)
     inner = optax.with_extra_args_support(inner)

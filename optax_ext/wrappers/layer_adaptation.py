@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_range, decay_mask
+from optax_ext._common import check_range, check_transform, decay_mask
 
 __all__ = ["layer_adapted"]
 
@@ -75,6 +75,7 @@ def layer_adapted(
     References:
       https://kexue.fm/archives/7094; https://arxiv.org/abs/1904.00962
     """
+    check_transform("direction", direction)
     check_range("weight_decay", weight_decay, 0.0)
     check_range("learning_rate", learning_rate, 0.0)
     trust = _in_float32(optax.scale_by_trust_ratio())

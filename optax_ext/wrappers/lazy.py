@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import EMBEDDING, path_mask
+from optax_ext._common import EMBEDDING, check_transform, path_mask
 
 __all__ = ["lazy", "touched_rows"]
 
@@ -80,6 +80,7 @@ def lazy(
     References:
       https://kexue.fm/archives/7094; https://kexue.fm/archives/9736
     """
+    check_transform("inner", inner)
     inner = optax.with_extra_args_support(inner)
     choose = path_mask(include=include)
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_int, check_range, require_params
+from optax_ext._common import check_int, check_range, check_transform, require_params
 
 __all__ = ["LookaheadState", "lookahead"]
 
@@ -90,6 +90,7 @@ def lookahead(
     References:
       https://arxiv.org/abs/1907.08610; https://kexue.fm/archives/6869
     """
+    check_transform("inner", inner)
     sync_period = check_int("sync_period", sync_period, 1)
     check_range("slow_step_size", slow_step_size, 0.0, 1.0)
     inner = optax.with_extra_args_support(inner)

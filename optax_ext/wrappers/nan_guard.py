@@ -16,6 +16,7 @@ import optax
 from optax_ext._common import (
     NORM_SCALE,
     check_range,
+    check_transform,
     has_nonfinite,
     is_concrete_number,
     path_labels,
@@ -162,6 +163,7 @@ def nan_guard(
     References:
       Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023; ``optax.apply_if_finite``.
     """
+    check_transform("inner", inner)
     check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True)
     rules = _centre_rules(centre)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
@@ -235,8 +237,16 @@ def _centre_rules(centre: Any) -> Any:
     if isinstance(centre, str | bytes):
         pass
     elif is_concrete_number(centre):
-        return ((r"", float(centre)),)
+        return (
+            (
+                r"",
+                float(check_range("centre", centre)),
+            ),
+        )
     elif isinstance(centre, Mapping | Sequence):
+        items = centre.items() if isinstance(centre, Mapping) else centre
+        for pattern, value in items:
+            check_range(f"centre for {pattern!r}", value)
         return centre
     raise TypeError(
         f"centre must be None, a number or path rules {{regex: centre}}, got {centre!r}"

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_choice, check_int
+from optax_ext._common import check_choice, check_int, check_transform
 from optax_ext.wrappers.rounding import (
     _kahan_leaf,
     _need_params,
@@ -113,6 +113,7 @@ def pure_bf16(
       2020; Ozkara et al., `Stochastic Rounding for LLM Training
       <https://arxiv.org/abs/2502.20566>`_, 2025.
     """
+    check_transform("inner", inner)
     check_int("seed", seed, minimum=0)
     check_choice("summation", summation, ("stochastic", "kahan"))
     dtype = jnp.dtype(dtype)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_range, path_to_str
+from optax_ext._common import check_range, check_transform, path_to_str
 
 __all__ = ["MHA_PARTS", "MLA_PARTS", "qk_clip"]
 
@@ -154,6 +154,7 @@ def qk_clip(
       Su, `QK-Clip <https://kexue.fm/archives/11126>`_, 2025; Kimi Team, `Kimi K2
       <https://arxiv.org/abs/2507.20534>`_, 2025.
     """
+    check_transform("inner", inner)
     check_range("tau", tau, 0, low_open=True)
     parts = dict(parts)
     if not parts:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_ext._common import check_choice, check_int, path_to_str
+from optax_ext._common import check_choice, check_int, check_transform, path_to_str
 from optax_ext.optimizers.tiger import _sharded
 
 #: State fields holding second moments (non-negative, quantised with the unsigned map):
@@ -280,6 +280,7 @@ def quantize_state(
       Dettmers et al., `8-bit Optimizers via Block-wise Quantization
       <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
     """
+    check_transform("inner", inner)
     check_choice("bits", bits, (8,))
     check_int("block", block, minimum=1)
     check_int("min_size", min_size, minimum=0)

@@ -138,9 +138,9 @@ def spike_guard(factor: float | None, warmup: int, decay: float, action: str) ->
     """
     if factor is None:
         return None
-    check_range("spike_factor", factor, 1, low_open=True)
+    check_range("spike_factor", factor, 1, low_open=True, schedule=False)
     check_int("spike_warmup", warmup, minimum=1)
-    check_range("spike_decay", decay, 0, 1, high_open=True)
+    check_range("spike_decay", decay, 0, 1, high_open=True, schedule=False)
     check_choice("spike_action", action, SPIKE_ACTIONS)
     return SpikeGuard(factor, warmup, decay, action)
 

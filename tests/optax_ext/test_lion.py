@@ -245,7 +245,7 @@ def test_donated_step_reads_the_momentum_once_and_never_copies_it():
 def test_bf16_params_work_in_f32_and_store_bf16():
     b1, b2, lr, wd = 0.9, 0.99, 1e-2, 0.1
     params = small_params(5, dtype=jnp.bfloat16)
-    tx = lion(lr, b1, b2, wd, mask=True)
+    tx = lion(lr, b1, b2, weight_decay=wd, mask=True)
     state = tx.init(params)
     step = jax.jit(tx.update)
     for t in range(5):
