@@ -132,7 +132,7 @@ def _resume_problems(name, snapshot, final, resumed) -> list[str]:
     differ = [
         f"{path} (max |diff| {np.max(np.abs(resumed[path] - x.astype(float)))})"
         for path, x in final.items()
-        if not np.array_equal(resumed[path], x)
+        if not np.array_equal(resumed[path], x, equal_nan=True)  # NaN-initialised leaves
     ]
     problems = (
         [f"{name}: {len(differ)} of {len(final)} leaves differ: " + ", ".join(differ[:3])]
