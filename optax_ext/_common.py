@@ -323,6 +323,16 @@ def has_nonfinite(x: jax.Array, catch_inf: bool = True) -> jax.Array:
     return jnp.isnan(jnp.sum(x * 0 if catch_inf else x))
 
 
+def explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type carries an explicit sharding over some mesh axis.
+
+    Under ``AxisType.Explicit`` meshes the sharding is part of the type, and some
+    operations (matmuls, loops over blocks) must then name their output's sharding.
+    """
+    spec = getattr(jax.typeof(x).sharding, "spec", ())
+    return any(axis is not None for axis in spec)
+
+
 def schedule_value(value_or_schedule: Any, index: jax.Array) -> jax.Array:
     """Evaluates a schedule at ``index``, or returns a constant unchanged."""
     return value_or_schedule(index) if callable(value_or_schedule) else value_or_schedule

@@ -118,6 +118,20 @@ def x64():
         yield
 
 
+def run_steps(tx, params, grads_seq, *, jit=True, **extra_args):
+    """Applies ``tx`` to ``params`` for each gradient of ``grads_seq``; (params, state)."""
+    state = tx.init(params)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p, **extra_args)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(step) if jit else step
+    for g in grads_seq:
+        params, state = step(params, state, g)
+    return params, state
+
+
 # ------------------------------------------------------------------ device paths
 
 DEVICE_PATHS = ("eager", "jit", "pmap", "sharded", "explicit")

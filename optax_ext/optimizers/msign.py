@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_ext._common import check_int
+from optax_ext._common import check_int, explicitly_sharded
 
 __all__ = [
     "NS_COEFFICIENTS",
@@ -167,16 +167,11 @@ def msign(
     if m.ndim < 2:
         raise ValueError(f"msign needs an array of rank >= 2, got shape {m.shape}")
     run = lambda m, steps: _newton_schulz(m, rows, n_steps, steps, compute_dtype, eps)
-    if _explicitly_sharded(m):
+    if explicitly_sharded(m):
         # Products of explicitly sharded operands must name their output sharding: let
         # the partitioner choose inside, and return the input's sharding.
         return jax.sharding.auto_axes(run, out_sharding=jax.typeof(m).sharding)(m, steps)
     return run(m, steps)
-
-
-def _explicitly_sharded(x: jax.Array) -> bool:
-    spec = getattr(jax.typeof(x).sharding, "spec", ())
-    return any(axis is not None for axis in spec)
 
 
 def _newton_schulz(m, rows, n_steps, steps, compute_dtype, eps):

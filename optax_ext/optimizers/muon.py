@@ -27,6 +27,7 @@ from optax_ext._common import (
     check_range,
     check_updates_match,
     decay_mask,
+    explicitly_sharded,
     first_match,
     has_nonfinite,
     path_labels,
@@ -146,11 +147,6 @@ def _shape_scale(scale: str, d_in: int, d_out: int, update_rms: Any) -> Any:
     if scale == "mup":
         return math.sqrt(d_out / d_in)
     return 1.0
-
-
-def _explicitly_sharded(x: jax.Array) -> bool:
-    spec = getattr(jax.typeof(x).sharding, "spec", ())
-    return any(axis is not None for axis in spec)
 
 
 # -------------------------------------------------------------------- transforms
@@ -278,7 +274,7 @@ def scale_by_muon(
 
     def leaf(path, g, m):
         path = path_to_str(path)
-        if _explicitly_sharded(g):
+        if explicitly_sharded(g):
             # Matmuls of explicitly sharded operands must name their output sharding; let
             # the partitioner choose inside and hand back the gradient's sharding.
             shardings = (jax.typeof(g).sharding, jax.typeof(m).sharding)

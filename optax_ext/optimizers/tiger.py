@@ -25,6 +25,7 @@ from optax_ext._common import (
     check_range,
     check_updates_match,
     decay_mask,
+    explicitly_sharded,
     has_nonfinite,
     is_static_int,
     path_labels,
@@ -125,19 +126,13 @@ def row_mean_square(param: jax.Array, work: Any) -> jax.Array:
     """
     axis = -1 if param.ndim else None
     direct = lambda x: jnp.mean(jnp.square(x.astype(work)), axis=axis, keepdims=True)
-    if param.ndim < 2 or _sharded(param):
+    if param.ndim < 2 or explicitly_sharded(param):
         return direct(param)
     block = max(_ROW_BLOCK_ELEMENTS // max(param.shape[-1], 1), 1)
     if math.prod(param.shape[:-1]) < 2 * block:
         return direct(param)
     blocked = lambda x: _blocked_row_mean_square(x, block, work)
     return jax.lax.platform_dependent(param, cpu=blocked, default=direct)
-
-
-def _sharded(x: jax.Array) -> bool:
-    """Whether ``x``'s type carries an explicit sharding over some mesh axis."""
-    spec = getattr(jax.typeof(x).sharding, "spec", ())
-    return any(axis is not None for axis in spec)
 
 
 def _blocked_row_mean_square(param: jax.Array, block: int, work: Any) -> jax.Array:

@@ -16,8 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_ext._common import check_choice, check_int, check_transform, path_to_str
-from optax_ext.optimizers.tiger import _sharded
+from optax_ext._common import (
+    check_choice,
+    check_int,
+    check_transform,
+    explicitly_sharded,
+    path_to_str,
+)
 
 #: State fields holding second moments (non-negative, quantised with the unsigned map):
 #: optax's ``nu`` (Adam, AdamW, AdaX, ...), and the usual spellings of other libraries.
@@ -150,7 +155,7 @@ def _decode(codes: jax.Array, code: str) -> jax.Array:
 def _flatten(x: jax.Array) -> jax.Array:
     """``x.reshape(-1)``; a leaf sharded explicitly (``AxisType.Explicit``) is gathered
     first, since its flattened layout has no sharding JAX can infer."""
-    if _sharded(x):
+    if explicitly_sharded(x):
         x = jax.sharding.reshard(x, jax.sharding.PartitionSpec())
     return x.reshape(-1)
 

@@ -182,7 +182,10 @@ def test_equals_optax_lion_in_float32_up_to_rounding_level_signs():
     """With the extras off: same update as optax.lion, except where |c| is at rounding level."""
     b1, b2, wd, lr = 0.9, 0.99, 0.1, 1e-2
     params = flax_like_params(4, layers=1)
-    ours, theirs = lion(lr, b1, b2, wd, mask=True), optax.lion(lr, b1, b2, weight_decay=wd)
+    ours, theirs = (
+        lion(lr, b1, b2, weight_decay=wd, mask=True),
+        optax.lion(lr, b1, b2, weight_decay=wd),
+    )
     s_ours, s_theirs = ours.init(params), theirs.init(params)
     step_ours, step_theirs = jax.jit(ours.update), jax.jit(theirs.update)
     flips = total = 0

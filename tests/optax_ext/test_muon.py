@@ -1,5 +1,6 @@
 """Muon against a float64 NumPy implementation of spec/muon.md, optax.contrib.muon, Flax trees."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ from helpers import (
     leaf_paths,
     random_grads_like,
     random_tree,
+    run_steps,
     x64,
 )
 from jax.sharding import NamedSharding, PartitionSpec
@@ -150,17 +152,7 @@ def tree_like(params, by_path):
     return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 
-def run(tx, params, grads_seq, jit=False, **extra):
-    state = tx.init(params)
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p, **extra)
-        return optax.apply_updates(p, u), s
-
-    step = jax.jit(step) if jit else step
-    for g in grads_seq:
-        params, state = step(params, state, g)
-    return params, state
+run = functools.partial(run_steps, jit=False)
 
 
 def schedule(i):

@@ -16,6 +16,7 @@ from helpers import (
     leaf_paths,
     random_grads_like,
     random_tree,
+    run_steps,
     to_f64,
     x64,
 )
@@ -93,17 +94,7 @@ def grads_with_nans(params, steps, seed, *, nan_every=5, value=np.nan):
     return out
 
 
-def run(tx, params, grads_seq, jit=True):
-    state = tx.init(params)
-
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    step = jax.jit(step) if jit else step
-    for g in grads_seq:
-        params, state = step(params, state, g)
-    return params, state
+run = run_steps
 
 
 def schedule(i):
