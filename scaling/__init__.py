@@ -43,6 +43,7 @@ from scaling.batch_size import (
     AdamSDE,
     OptimalLR,
     SGDNoiseStats,
+    SoftSignCurve,
     adam_eps_b_simple,
     adam_optimal_lr,
     adam_peak,
@@ -65,6 +66,8 @@ from scaling.batch_size import (
     sign_optimal_lr_mean_field,
     sign_peak_batch,
     sign_transfer,
+    softsign_curve,
+    softsign_optimal_lr,
     sqrt_rule,
 )
 from scaling.laws import (
@@ -164,6 +167,9 @@ __all__ = [
     "OptimalLR",
     "SGDNoiseStats",
     "adam_eps_b_simple",
+    "softsign_curve",
+    "softsign_optimal_lr",
+    "SoftSignCurve",
     "adam_optimal_lr",
     "adam_peak",
     "adam_sde_rule",

@@ -14,6 +14,9 @@ Notation: per-sample gradient mean :math:`g` (= G), covariance :math:`\Sigma`, H
   :math:`\eta^*(B) \approx \eta_{max}/\sqrt{1 + B_{simple}/B}`.
 - Adam, mean field with momentum (archives/11301), its peak, and Malladi et al.'s SDE
   rule (arXiv 2205.10287); beta2 by token half-life (Marek et al. 2025).
+- Adam's ε as a SoftSign (archives/10563): the whole optimal-lr curve of
+  :math:`\mathrm{softsign}(x, \epsilon) = x/\sqrt{x^2+\epsilon^2}` updates, between
+  SignSGD (ε = 0) and SGD (ε → ∞), and the surge condition it weakens.
 
 Every function computing an optimal learning rate from a curve returns an
 :class:`OptimalLR` ``(lr, peak_batch, has_peak)``: ``peak_batch`` is ``None`` and
@@ -59,6 +62,9 @@ __all__ = [
     "adam_optimal_lr",
     "adam_transfer",
     "adam_eps_b_simple",
+    "SoftSignCurve",
+    "softsign_curve",
+    "softsign_optimal_lr",
     "adam_sde_rule",
     "beta2_by_half_life",
     "half_life_tokens",
@@ -110,6 +116,31 @@ class AdamPeak(NamedTuple):
     batch_ratio: float | None
     peak_batch: float | None
     has_peak: bool
+
+
+class SoftSignCurve(NamedTuple):
+    r"""The batch-independent sums of the SoftSign lr curve (archives/10563).
+
+    With :math:`\nu = \mathrm{softsign}(g, \epsilon)` the curve is
+    :math:`\eta^*(B) = \beta\,\mathrm{along} / (\beta^2\,\mathrm{coherent}
+    + (1-\beta^2)\,\mathrm{trace})`.
+
+    Attributes:
+      along: :math:`\sum_i \nu_i g_i`, the update's mean progress along g.
+      coherent: :math:`\nu^\top H \nu`, the curvature of the mean update.
+      trace: :math:`\sum_i H_{ii}`, the curvature of the update's noise.
+      kappa2: :math:`\kappa^2 = \mathrm{tr}\Sigma/(g^\top g + N\epsilon^2)`, the noise scale
+        that softsign sees.
+      beta_noise: :math:`\sqrt{\mathrm{trace}/(\mathrm{coherent}-\mathrm{trace})}`
+        (``inf`` when coherent ≤ trace); the curve peaks at :math:`\beta = \beta_{noise}`,
+        inside the reachable :math:`\beta < 1` only when coherent > 2·trace.
+    """
+
+    along: float
+    coherent: float
+    trace: float
+    kappa2: float
+    beta_noise: float
 
 
 class AdamSDE(NamedTuple):
@@ -695,6 +726,116 @@ def adam_eps_b_simple(trace_sigma, g2, n_params, eps):
             raise ValueError("g2 + n_params * eps**2 must be > 0")
         out = trace_sigma / den
     return v.result("B_simple", v.scalar(out), inputs, positive=False)
+
+
+def softsign_curve(g, hessian, sigma, eps) -> SoftSignCurve:
+    r"""The sums that fix the SoftSign optimizer's lr curve (Su, archives/10563).
+
+    Adam's update with its ε is modelled as :math:`\mathrm{softsign}(\tilde g_B, \epsilon)`
+    of the batch gradient. Su's clip and mean-field approximations give
+    :math:`E[\tilde\varphi_B]_i \approx \nu_i\beta` and
+    :math:`E[\tilde\varphi_B\tilde\varphi_B^\top]_{ij} \approx \nu_i\nu_j\beta^2
+    + \delta_{ij}(1-\beta^2)`, with :math:`\nu = \mathrm{softsign}(g, \epsilon)`,
+    :math:`\beta = (1 + c\kappa^2/B)^{-1/2}` and
+    :math:`\kappa^2 = \mathrm{tr}\Sigma/(g^\top g + N\epsilon^2)` (the mean-field average
+    of :math:`\sigma_i^2/(g_i^2+\epsilon^2)`). This function computes everything in the
+    curve that does not depend on the batch; :func:`softsign_optimal_lr` evaluates it.
+
+    A surge (the lr falling as the batch grows) needs :math:`\nu^\top H\nu > 2\sum_iH_{ii}`.
+    ν shrinks as ε grows, so a larger ε moves the peak to larger batches and past some ε
+    removes it: Su's "ε weakens the surge".
+
+    Args:
+      g: mean gradient, shape (n,).
+      hessian: Hessian H, shape (n, n), positive semi-definite with a positive trace.
+      sigma: per-sample gradient covariance, shape (n, n), or its diagonal, shape (n,).
+      eps: ε ≥ 0 (0 gives sign descent's curve).
+
+    Example:
+      >>> import numpy as np
+      >>> h = 0.25 * np.eye(3) + 0.75
+      >>> c = softsign_curve([1, 1, 1], h, np.full(3, 100.0), eps=0.0)
+      >>> round(c.beta_noise, 6), c.kappa2   # sign descent: sign_beta_noise's value
+      (0.816497, 100.0)
+      >>> [round(softsign_curve([1, 1, 1], h, np.full(3, 100.0), e).beta_noise, 3)
+      ...  for e in (0.3, 1.0)]  # >= 1: the surge is gone
+      [0.879, 2.0]
+
+    References:
+      Su, https://kexue.fm/archives/10563 (SoftSign), https://kexue.fm/archives/10542.
+    """
+    g = _as_vector("g", g)
+    h = _as_matrix("hessian", hessian, g.size)
+    s = np.asarray(sigma, dtype=np.float64)
+    if s.shape == (g.size,):
+        trace_sigma = float(np.sum(s))
+    else:
+        trace_sigma = float(np.trace(_as_matrix("sigma", s, g.size)))
+    if not (math.isfinite(trace_sigma) and trace_sigma >= 0):
+        raise ValueError(f"sigma's trace must be finite and >= 0, got {trace_sigma!r}")
+    v.nonnegative("eps", eps)
+    eps = float(eps)
+    if not math.isfinite(eps):
+        raise ValueError("eps must be finite (eps -> inf is SGD: use sgd_optimal_lr)")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nu = np.where(g == 0, 0.0, g / np.sqrt(g * g + eps * eps))
+    trace = float(np.trace(h))
+    if not trace > 0:
+        raise ValueError(f"the Hessian's trace must be > 0, got {trace!r}")
+    coherent = float(nu @ h @ nu)
+    kappa2 = adam_eps_b_simple(trace_sigma, float(g @ g), g.size, eps)
+    excess = coherent - trace
+    beta_noise = math.sqrt(trace / excess) if excess > 0 else math.inf
+    return SoftSignCurve(float(nu @ g), coherent, trace, float(kappa2), beta_noise)
+
+
+def softsign_optimal_lr(batch, curve: SoftSignCurve, c=SU_C) -> OptimalLR:
+    r"""Optimal lr of a SoftSign (Adam-with-ε) update at a batch size (archives/10563).
+
+    .. math::
+      \eta^*(B) \approx \frac{\beta\sum_i\nu_ig_i}
+        {\beta^2\,\nu^\top H\nu + (1-\beta^2)\sum_i H_{ii}},\qquad
+      \beta = (1 + c\,\kappa^2/B)^{-1/2}
+
+    As a function of β the curve peaks at :math:`\beta = \beta_{noise}`, so the peak batch
+    is :func:`sign_peak_batch` of :math:`(\kappa^2, \beta_{noise})`; with
+    :math:`\beta_{noise} \ge 1` the lr rises monotonically. At ε = 0 and c = 1 this is
+    :func:`sign_optimal_lr_mean_field`; as ε → ∞, :math:`\eta^*/\epsilon` tends to SGD's
+    optimal lr with gradient noise :math:`c\,\bar\sigma^2 I/B`.
+
+    Args:
+      batch: batch size (or array).
+      curve: :func:`softsign_curve` of the problem.
+      c: :math:`\pi/2` (Su's erf approximation, the default in 10563) or 1 (mean field).
+
+    Example:
+      >>> import numpy as np
+      >>> h = 0.25 * np.eye(3) + 0.75
+      >>> curve = softsign_curve([1, 1, 1], h, np.full(3, 100.0), eps=0.0)
+      >>> r = softsign_optimal_lr(200, curve, c=1.0)  # sign_optimal_lr_mean_field's numbers
+      >>> round(r.lr, 6), round(r.peak_batch, 6), r.has_peak
+      (0.408248, 200.0, True)
+
+    References:
+      Su, https://kexue.fm/archives/10563.
+    """
+    if not isinstance(curve, SoftSignCurve):
+        raise ValueError(
+            f"curve must be a SoftSignCurve (from softsign_curve(g, hessian, sigma, eps)), "
+            f"got {type(curve).__name__}"
+        )
+    b = sign_beta(batch, curve.kappa2, c)
+    inputs = dict(batch=batch, c=c)
+    with v.arithmetic("the optimal lr", inputs):
+        # beta^2 and 1 - beta^2 each from B/(B + c k2), never as 1 - b*b: at large eps,
+        # beta is 1 - 1e-10 and the difference would keep only six digits.
+        noise = c * curve.kappa2
+        b2, one_minus_b2 = batch / (batch + noise), noise / (batch + noise)
+        lr = b * curve.along / (b2 * curve.coherent + one_minus_b2 * curve.trace)
+    peak = None
+    if curve.beta_noise < 1:
+        peak = sign_peak_batch(curve.kappa2, curve.beta_noise, c)
+    return OptimalLR(v.result("the optimal lr", v.scalar(lr), inputs), peak, peak is not None)
 
 
 def adam_sde_rule(lr, beta1, beta2, eps, kappa) -> AdamSDE:

@@ -239,6 +239,114 @@ def test_adam_threshold_increases_as_momentum_falls(beta1):
     assert bs.adam_peak(lower).batch_ratio >= bs.adam_peak(beta1).batch_ratio
 
 
+# ------------------------------------------------- Adam's epsilon as a SoftSign (10563)
+
+
+def _softsign_problem(seed, n=6):
+    rng = np.random.default_rng(seed)
+    g = 0.1 * rng.standard_normal(n)
+    a = 0.1 * rng.standard_normal((n, n))
+    h = a @ a.T + 0.05 * np.eye(n) + 0.3 * np.outer(np.sign(g), np.sign(g))
+    sigma = rng.uniform(0.1, 1.0, n)
+    return g, h, sigma
+
+
+def _softsign_lr_from_moments(batch, g, h, sigma, eps, c):
+    """Su's model written out: E[phi] = nu*beta, E[phi phi^T] = nu nu^T beta^2 + (1-beta^2) I,
+    and the quadratic model's best step E[phi]^T g / tr(E[phi phi^T] H)."""
+    nu = np.array([gi / math.sqrt(gi * gi + eps * eps) for gi in g])
+    kappa2 = sum(sigma) / (sum(gi * gi for gi in g) + len(g) * eps * eps)
+    beta = (1.0 + c * kappa2 / batch) ** -0.5
+    mean = nu * beta
+    second = np.outer(nu, nu) * beta**2 + (1 - beta**2) * np.eye(len(g))
+    return float(mean @ g) / float(np.trace(second @ h))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("eps", [0.0, 0.01, 0.05, 0.3])
+@pytest.mark.parametrize("c", [bs.SU_C, bs.MEAN_FIELD_C])
+def test_softsign_curve_is_the_quadratic_optimum_of_su_moments(seed, eps, c):
+    g, h, sigma = _softsign_problem(seed)
+    curve = bs.softsign_curve(g, h, sigma, eps)
+    for batch in (1.0, 7.0, 64.0, 1000.0, 1e5):
+        want = _softsign_lr_from_moments(batch, g, h, sigma, eps, c)
+        close(bs.softsign_optimal_lr(batch, curve, c).lr, want, rtol=1e-12)
+    # a full covariance and its diagonal give the same curve
+    assert bs.softsign_curve(g, h, np.diag(sigma), eps) == curve
+
+
+def test_softsign_at_zero_eps_is_sign_descent_mean_field():
+    g, h, sigma = _softsign_problem(3)
+    curve = bs.softsign_curve(g, h, sigma, 0.0)
+    b_simple = float(np.sum(sigma) / (g @ g))
+    batches_ = np.array([2.0, 20.0, 200.0, 2e4])
+    want = bs.sign_optimal_lr_mean_field(batches_, g, h, b_simple)
+    got = bs.softsign_optimal_lr(batches_, curve, c=bs.MEAN_FIELD_C)
+    close(got.lr, want.lr, rtol=1e-12)
+    close(curve.beta_noise, bs.sign_beta_noise(g, h), rtol=1e-12)
+    assert got.has_peak == want.has_peak
+    if want.has_peak:
+        close(got.peak_batch, want.peak_batch, rtol=1e-12)
+
+
+def test_softsign_peak_is_the_curves_maximum():
+    g, h, sigma = _softsign_problem(0)
+    curve = bs.softsign_curve(g, h, sigma, 0.01)
+    r = bs.softsign_optimal_lr(1.0, curve)
+    assert r.has_peak
+    grid = np.geomspace(r.peak_batch / 100, r.peak_batch * 100, 4001)
+    lrs_ = bs.softsign_optimal_lr(grid, curve).lr
+    close(grid[np.argmax(lrs_)], r.peak_batch, rtol=3e-3)  # the grid's spacing
+    assert np.all(np.diff(lrs_[grid < r.peak_batch]) > 0)
+    assert np.all(np.diff(lrs_[grid > r.peak_batch]) < 0)
+
+
+def test_larger_eps_moves_the_surge_out_and_then_removes_it():
+    g, h, sigma = _softsign_problem(0)
+    peaks, gone_at = [], None
+    for eps in np.geomspace(1e-4, 1.0, 40):
+        r = bs.softsign_optimal_lr(1.0, bs.softsign_curve(g, h, sigma, eps))
+        if not r.has_peak:
+            gone_at = eps
+            break
+        peaks.append(r.peak_batch)
+    assert len(peaks) > 5 and np.all(np.diff(peaks) > 0)
+    assert gone_at is not None
+    for eps in (gone_at, 2 * gone_at, 100.0):  # and it never comes back
+        curve = bs.softsign_curve(g, h, sigma, eps)
+        assert curve.beta_noise >= 1
+        lrs_ = bs.softsign_optimal_lr(np.geomspace(1, 1e6, 50), curve).lr
+        assert np.all(np.diff(lrs_) > 0)
+
+
+def test_softsign_large_eps_tends_to_sgd():
+    g, h, sigma = _softsign_problem(1)
+    eps, c = 1e5, bs.SU_C
+    curve = bs.softsign_curve(g, h, sigma, eps)
+    sigma_bar = float(np.mean(sigma))
+    for batch in (1.0, 10.0, 1000.0):
+        sgd = float(g @ g) / (float(g @ h @ g) + c * sigma_bar * float(np.trace(h)) / batch)
+        close(bs.softsign_optimal_lr(batch, curve, c).lr / eps, sgd, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: bs.softsign_curve([1.0, 2.0], np.eye(2), [1.0, 1.0], -1.0), "eps"),
+        (lambda: bs.softsign_curve([1.0, 2.0], np.eye(2), [1.0, 1.0], math.inf), "eps"),
+        (lambda: bs.softsign_curve([1.0, 2.0], np.eye(3), [1.0, 1.0], 0.1), "hessian"),
+        (lambda: bs.softsign_curve([1.0, 2.0], np.eye(2), [1.0, -9.0], 0.1), "sigma"),
+        (lambda: bs.softsign_curve([1.0, 2.0], np.zeros((2, 2)), [1.0, 1.0], 0.1), "trace"),
+        (lambda: bs.softsign_optimal_lr(10.0, (1.0, 1.0, 1.0, 1.0, 1.0)), "SoftSignCurve"),
+        (lambda: bs.softsign_optimal_lr(0.0, bs.softsign_curve([1.0], [[1.0]], [1.0], 0.1)),
+         "batch"),
+    ],
+)
+def test_softsign_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
 # -------------------------------------------------------------------------- errors
 
 
