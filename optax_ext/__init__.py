@@ -4,6 +4,35 @@ Everything public is importable from the top level::
 
     import optax_ext as ox
     tx = ox.tiger(learning_rate=1e-3)
+
+**The contract** every optimizer keeps (held for all of them by ``tests/test_contract.py``):
+
+- Each optimizer is a direction ``scale_by_<name>`` and an alias ``<name>``; both return
+  an ``optax.GradientTransformationExtraArgs`` whose state is a NamedTuple named
+  ``ScaleBy<Name>State`` with an int32 ``count``. Abstract init works on
+  ``jax.ShapeDtypeStruct`` trees, and a jitted step compiles once.
+- Positional order is the optax sibling's: ``learning_rate``, then the optimizer's own
+  moment coefficients (``ox.lion(1e-3, 0.9, 0.99, None, 0.1)`` means what it means for
+  ``optax.lion``); everything else is keyword-only.
+- Every number that may vary during training (learning rate, weight decay) accepts an
+  optax schedule, indexed by *update*, not by micro-step, also under
+  :func:`ox.inject_hyperparams <optax_ext.hyperparams.inject_hyperparams>` and with
+  ``accumulation_steps > 1``. A schedule where only a number can go is a ``ValueError``
+  at construction.
+- ``mask=None`` means one rule everywhere: decay every leaf except biases and norm
+  scales (``NORM_AND_BIAS``).
+- One name per concept: ``accumulation_steps`` for micro-batches per update,
+  ``mu_dtype`` for the first moment's storage dtype, ``catch_inf=True`` wherever a
+  guard checks for non-finite gradients.
+- Bad input fails at construction with a ``ValueError`` that names the argument, the
+  value and the valid range: non-finite or out-of-range numbers, strings, integer or
+  complex state dtypes, an optimizer factory given where an optimizer goes. Gradients of
+  another shape than the params, or integer/complex params, fail at the first step with
+  a message that names the leaf.
+- Renamed names keep working for a while with a ``DeprecationWarning``
+  (``TigerState`` → ``ScaleByTigerState``, ``SgdmState`` → ``ScaleBySgdmState``,
+  ``accumulate_gradients(k=...)`` → ``accumulation_steps``), and checkpoints saved under
+  an old state name still restore.
 """
 
 from optax_ext._common import (
@@ -85,13 +114,13 @@ from optax_ext.optimizers.muon import (
     scale_by_muon,
 )
 from optax_ext.optimizers.sgdm import (
-    SgdmState,
+    ScaleBySgdmState,
     scale_by_sgdm,
     sgdm,
 )
 from optax_ext.optimizers.tiger import (
     TIGER_SCALE_RULES,
-    TigerState,
+    ScaleByTigerState,
     scale_by_tiger,
     tiger,
 )
@@ -191,10 +220,10 @@ __all__ = [
     "ScaleByAdaxState",
     "ScaleByAmosState",
     "ScaleByMuonState",
-    "SgdmState",
+    "ScaleBySgdmState",
     "StochasticRoundState",
     "TIGER_SCALE_RULES",
-    "TigerState",
+    "ScaleByTigerState",
     "TrainState",
     "accumulate_gradients",
     "adafactor",
@@ -276,3 +305,11 @@ __all__ = [
     "tree_paths",
     "unreplicate",
 ]
+
+
+def __getattr__(name: str):
+    # names the package exported before (the renamed state classes), with a warning
+    from optax_ext._common import renamed_attribute
+    from optax_ext.checkpoint import RENAMED_STATES
+
+    return renamed_attribute(__name__, name, RENAMED_STATES, globals())

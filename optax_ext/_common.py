@@ -26,12 +26,45 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+__all__ = [
+    "V",
+    "PathRules",
+    "NORM_AND_BIAS",
+    "EMBEDDING",
+    "NORM_SCALE",
+    "path_to_str",
+    "tree_paths",
+    "compile_path_regex",
+    "first_match",
+    "path_labels",
+    "path_multipliers",
+    "path_mask",
+    "decay_mask",
+    "is_concrete_number",
+    "check_range",
+    "check_int",
+    "is_static_int",
+    "resolve_mask",
+    "check_choice",
+    "has_nonfinite",
+    "explicitly_sharded",
+    "renamed_attribute",
+    "schedule_value",
+    "canonical_dtype",
+    "tree_bytes",
+    "check_transform",
+    "require_params",
+    "check_float_params",
+    "check_updates_match",
+]
 
 V = TypeVar("V")
 PathRules = Mapping[str, Any] | Sequence[tuple[str, Any]]
@@ -444,3 +477,20 @@ def check_updates_match(updates: Any, params: Any, who: str) -> None:
                 f"{who}: the gradient of {path or '(root)'!r} has shape {jnp.shape(g)}, "
                 f"its parameter {jnp.shape(p)}; each gradient must have its parameter's shape"
             )
+
+
+def renamed_attribute(module: str, name: str, renamed: Mapping[str, str], namespace: dict) -> Any:
+    """A module ``__getattr__`` for renamed names: the new object, with a DeprecationWarning.
+
+    Old names keep working (user code, pickles); checkpoints recorded under an old state
+    name are mapped by :mod:`optax_ext.checkpoint`.
+    """
+    if name in renamed:
+        new = renamed[name]
+        warnings.warn(
+            f"{module}.{name} is deprecated and will be removed: use {new} (the same class)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return namespace[new]
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")

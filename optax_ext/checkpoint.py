@@ -21,6 +21,7 @@ Orbax (``pip install "optax-ext[checkpoint]"``) is imported on use.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,21 @@ from typing import Any
 import numpy as np
 import optax
 
+__all__ = [
+    "RENAMED_STATES",
+    "current_signature",
+    "opt_state_signature",
+    "restore_train_state",
+    "save_train_state",
+]
+
 _METADATA_KEY = "optax_ext"
 #: Orbax's JSON files in a checkpoint directory (the tree's, the step's, the shardings)
 _JSON_FILES = ("_METADATA", "_CHECKPOINT_METADATA", "_sharding")
 
 
 def opt_state_signature(opt_state: Any) -> str:
-    """The nesting of state types in an optimizer state, e.g. ``"TigerState"`` or
+    """The nesting of state types in an optimizer state, e.g. ``"ScaleByTigerState"`` or
     ``"(ScaleByAdamState, EmptyState, EmptyState)"`` for ``optax.adamw``.
 
     NamedTuple states appear by class name with their nested states in brackets, chains
@@ -53,6 +62,21 @@ def opt_state_signature(opt_state: Any) -> str:
             return type(opt_state).__name__ + (f"[{inner}]" if inner else "")
         return f"({inner})" if inner else ""
     return ""
+
+
+#: state classes renamed since a checkpoint may have been written: old name -> new name
+RENAMED_STATES = {"TigerState": "ScaleByTigerState", "SgdmState": "ScaleBySgdmState"}
+_OLD_STATE_NAME = re.compile(r"\b(" + "|".join(RENAMED_STATES) + r")\b")
+
+
+def current_signature(signature: str) -> str:
+    """A signature recorded by an older version, with renamed state classes under their
+    current names (``"LookaheadState[TigerState]"`` → ``"LookaheadState[ScaleByTigerState]"``).
+
+    The state's fields and arrays did not change with the rename, so such a checkpoint
+    restores into today's state.
+    """
+    return _OLD_STATE_NAME.sub(lambda m: RENAMED_STATES[m.group(1)], signature)
 
 
 def _types_in_dict(tree: Mapping) -> set[str]:
@@ -101,6 +125,8 @@ def _check_checkpoint(metadata: Any, target: Any, where: str) -> None:
 
     expected = opt_state_signature(target.opt_state)
     saved = (metadata.custom_metadata or {}).get(_METADATA_KEY, {}).get("opt_state")
+    if saved is not None:
+        saved = current_signature(saved)
     if saved is not None and saved != expected:
         raise ValueError(
             f"checkpoint at {where} holds an optimizer state of type {saved}, but the "

@@ -27,6 +27,15 @@ import optax
 
 from optax_ext._common import check_range
 
+__all__ = [
+    "DecaySchedules",
+    "amos_lr_schedule",
+    "amos_weight_decay_schedule",
+    "constant_decay_lr_schedule",
+    "coupled_decay_schedules",
+    "piecewise_linear",
+]
+
 
 def _step(count: Any) -> jax.Array:
     # the default float dtype (float64 under x64): exact steps up to 2**24 in float32

@@ -211,12 +211,12 @@ def _signature_of(name):
 
 
 def test_signature_names_the_state_types():
-    assert _signature_of("tiger_acc3") == "TigerState"
-    assert _signature_of("lookahead_tiger5") == "LookaheadState[TigerState]"
+    assert _signature_of("tiger_acc3") == "ScaleByTigerState"
+    assert _signature_of("lookahead_tiger5") == "LookaheadState[ScaleByTigerState]"
     assert _signature_of("accumulate_adamw4") == (
         "AccumulationState[(ScaleByAdamState, EmptyState, EmptyState)]"
     )
-    assert _signature_of("inject_tiger_acc2") == "InjectStatefulHyperparamsState[TigerState]"
+    assert _signature_of("inject_tiger_acc2") == "InjectStatefulHyperparamsState[ScaleByTigerState]"
     # Per-leaf states inside parameter-shaped dicts appear once, whatever the model.
     assert _signature_of("adafactor_momentum") == (
         "(ScaleByAdafactorState[{FactoredMoment}], MaskedState[EmptyState], EmptyState)"
@@ -225,11 +225,14 @@ def test_signature_names_the_state_types():
         "a": {"kernel": jax.ShapeDtypeStruct((2, 3), np.float32)},
         "b": jax.ShapeDtypeStruct((4,), np.float32),
     }
-    assert checkpoint.opt_state_signature(jax.eval_shape(tiger(1e-3).init, params)) == "TigerState"
+    assert (
+        checkpoint.opt_state_signature(jax.eval_shape(tiger(1e-3).init, params))
+        == "ScaleByTigerState"
+    )
     # optax.partition's labelled states: the distinct ones, in braces.
     tx = optax.partition({"a": tiger(1e-3), "b": optax.sgd(0.1)}, {"a": "a", "b": "b"})
     assert checkpoint.opt_state_signature(jax.eval_shape(tx.init, params)) == (
-        "PartitionState[{MaskedState[(EmptyState, EmptyState)], MaskedState[TigerState]}]"
+        "PartitionState[{MaskedState[(EmptyState, EmptyState)], MaskedState[ScaleByTigerState]}]"
     )
 
 
@@ -248,7 +251,7 @@ def test_restore_into_another_optimizer_names_both_states(checkpoints, make_tx, 
     with pytest.raises(ValueError, match="another optimizer") as err:
         checkpoint.restore_train_state(checkpointer, root / "tiger_acc3", target)
     message = str(err.value)
-    assert "holds an optimizer state of type TigerState" in message
+    assert "holds an optimizer state of type ScaleByTigerState" in message
     assert expected_type in message
     assert str(root / "tiger_acc3") in message
 
@@ -289,6 +292,29 @@ def test_plain_orbax_checkpoint_restores_and_mismatch_is_explained(checkpoints):
     assert "opt_state/mu/" in message  # a path the target lacks
 
 
+def test_a_checkpoint_saved_under_the_old_state_name_restores(checkpoints, tmp_path):
+    """Checkpoints written before TigerState became ScaleByTigerState recorded the old
+    name; the fields did not change, so they restore, and another optimizer is still
+    caught (its message names the state by today's name)."""
+    _, states = checkpoints
+    checkpointer = ocp.StandardCheckpointer()
+    path = tmp_path / "old_name"
+    checkpointer.save(
+        path, states["tiger_acc3"], custom_metadata={"optax_ext": {"opt_state": "TigerState"}}
+    )
+    checkpointer.wait_until_finished()
+    restored = checkpoint.restore_train_state(checkpointer, path, _target("tiger_acc3"))
+    _assert_same_state(restored, states["tiger_acc3"])
+    with pytest.raises(ValueError, match=r"type ScaleByTigerState.*expects.*ScaleByAdamState"):
+        checkpoint.restore_train_state(checkpointer, path, worker.abstract_state(optax.adamw(1e-3)))
+    assert checkpoint.current_signature("LookaheadState[TigerState]") == (
+        "LookaheadState[ScaleByTigerState]"
+    )
+    assert checkpoint.current_signature("(ScaleBySgdmState, SgdmState, MyTigerState)") == (
+        "(ScaleBySgdmState, ScaleBySgdmState, MyTigerState)"
+    )
+
+
 def test_shape_mismatch_is_explained(checkpoints):
     """Same optimizer, another model width: the message names the leaf and both shapes."""
     root = checkpoints[0]
@@ -326,7 +352,7 @@ def test_checkpoint_manager_same_checks(checkpoints, tmp_path):
         )
         _assert_same_state(restored, snapshot)
         with pytest.raises(
-            ValueError, match=r"type LookaheadState\[TigerState\].*ScaleByAdam"
+            ValueError, match=r"type LookaheadState\[ScaleByTigerState\].*ScaleByAdam"
         ) as err:
             checkpoint.restore_train_state(
                 manager, worker.SAVE_AT, worker.abstract_state(optax.adamw(1e-3))

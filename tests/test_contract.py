@@ -273,6 +273,44 @@ def test_a_wrapper_given_an_optimizer_factory_says_to_call_it(wrapper):
     assert isinstance(WRAPPERS[wrapper](optax.adam(1e-3)), optax.GradientTransformation)
 
 
+def _state_classes(state):
+    out = []
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        out.append(type(state))
+    if isinstance(state, tuple | list):
+        for s in state:
+            out += _state_classes(s)
+    elif isinstance(state, dict):
+        for s in state.values():
+            out += _state_classes(s)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_direction_state_is_named_scale_by_name_state(name):
+    state = jax.eval_shape(ALIASES[name](1e-3).init, params())
+    classes = _state_classes(state)
+    want = "ScaleBy" + name.rstrip("w").capitalize() + "State"  # adaxw: AdaX's state
+    assert want.lower() in {c.__name__.lower() for c in classes}, (name, classes)
+    ours = [c.__name__ for c in classes if c.__module__.startswith("optax_ext.optimizers")]
+    assert all(n.startswith("ScaleBy") and n.endswith("State") for n in ours), ours
+
+
+@pytest.mark.parametrize(
+    "old, new", [("TigerState", "ScaleByTigerState"), ("SgdmState", "ScaleBySgdmState")]
+)
+def test_renamed_states_still_import_with_a_deprecation_warning(old, new):
+    from optax_ext.optimizers import sgdm, tiger
+
+    module = tiger if "Tiger" in old else sgdm
+    for where in (ox, module):
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated.*use {new}"):
+            assert getattr(where, old) is getattr(ox, new)
+    assert old not in ox.__all__ and new in ox.__all__
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchState'"):
+        ox.NoSuchState  # noqa: B018
+
+
 @pytest.mark.parametrize("centre", [float("nan"), {r"scale$": float("inf")}])
 def test_a_non_finite_shrink_centre_is_rejected(centre):
     with pytest.raises(ValueError, match="centre"):

@@ -26,6 +26,14 @@ from optax_ext._common import (
     schedule_value,
 )
 
+__all__ = [
+    "ScaleByAmosState",
+    "amos",
+    "amos_default_eta",
+    "amos_default_shape",
+    "scale_by_amos",
+]
+
 #: ``(path, shape) -> value``: paths are ``/``-joined as by ``optax_ext.tree_paths``.
 LeafFn = Callable[[str, tuple[int, ...]], Any]
 

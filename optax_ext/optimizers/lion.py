@@ -28,6 +28,12 @@ from optax_ext._common import (
 from optax_ext.optimizers.tiger import param_scale, scale_rules
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
+__all__ = [
+    "lion",
+    "scale_by_lion",
+    "scale_by_param_scale",
+]
+
 #: The state of :func:`scale_by_lion` is optax's: a step counter and the momentum.
 ScaleByLionState = optax.ScaleByLionState
 

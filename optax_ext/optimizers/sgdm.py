@@ -20,12 +20,19 @@ from optax_ext._common import (
     check_range,
     check_updates_match,
     is_static_int,
+    renamed_attribute,
     schedule_value,
 )
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
+__all__ = [
+    "ScaleBySgdmState",
+    "scale_by_sgdm",
+    "sgdm",
+]
 
-class SgdmState(NamedTuple):
+
+class ScaleBySgdmState(NamedTuple):
     """State of :func:`scale_by_sgdm`.
 
     Attributes:
@@ -83,7 +90,7 @@ def scale_by_sgdm(
       rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with :class:`SgdmState`.
+      An ``optax.GradientTransformationExtraArgs`` with :class:`ScaleBySgdmState`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -109,7 +116,7 @@ def scale_by_sgdm(
         check_float_params(params, "sgdm")
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         acc = optax.tree.zeros_like(params, dtype=mu_dtype) if needs_acc else ()
-        return SgdmState(count=jnp.zeros([], jnp.int32), mu=mu, acc=acc)
+        return ScaleBySgdmState(count=jnp.zeros([], jnp.int32), mu=mu, acc=acc)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -131,12 +138,12 @@ def scale_by_sgdm(
             )
             u, mu, acc = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(3))
             mu, acc = write(mu, state.mu, 0), write(acc, state.acc, 1)
-            return u, SgdmState(count=count, mu=mu, acc=acc)
+            return u, ScaleBySgdmState(count=count, mu=mu, acc=acc)
         out = jax.tree.map(
             lambda g, m: _heavy_ball(g, m, momentum, k, first, last, nesterov), updates, state.mu
         )
         u, mu = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(2))
-        return u, SgdmState(count=count, mu=write(mu, state.mu, 0), acc=())
+        return u, ScaleBySgdmState(count=count, mu=write(mu, state.mu, 0), acc=())
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -251,3 +258,11 @@ def _scale_by_update_learning_rate(learning_rate, k) -> optax.GradientTransforma
         return updates, ScaleByUpdateScheduleState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+#: names this module used before, kept working with a DeprecationWarning
+_RENAMED = {"SgdmState": "ScaleBySgdmState"}
+
+
+def __getattr__(name: str) -> Any:
+    return renamed_attribute(__name__, name, _RENAMED, globals())

@@ -29,9 +29,17 @@ from optax_ext._common import (
     has_nonfinite,
     is_static_int,
     path_labels,
+    renamed_attribute,
     schedule_value,
 )
 from optax_ext.wrappers import spike
+
+__all__ = [
+    "TIGER_SCALE_RULES",
+    "ScaleByTigerState",
+    "scale_by_tiger",
+    "tiger",
+]
 
 #: Tiger's per-parameter learning-rate scales, by Flax path (first match wins):
 #: biases and norm scales get 0.5, embedding tables the RMS of each row, every other
@@ -44,7 +52,7 @@ TIGER_SCALE_RULES: tuple[tuple[str, Any], ...] = (
 _SCALE_RULE_NAMES = ("rms", "row_rms")
 
 
-class TigerState(NamedTuple):
+class ScaleByTigerState(NamedTuple):
     """State of Tiger: the micro-step counter, the single momentum buffer, guard counters.
 
     The counters mirror :class:`~optax_ext.wrappers.nan_guard.NanGuardState`'s.
@@ -199,7 +207,7 @@ def scale_by_tiger(
     treated as zero and leaves that leaf's momentum unchanged; its update is 0. The
     full :func:`tiger` also shrinks such leaves toward their centre, which needs the
     parameters and is not a direction, so it lives there. The spike guard is
-    :func:`tiger`'s (see there); the counters in :class:`TigerState` record both.
+    :func:`tiger`'s (see there); the counters in :class:`ScaleByTigerState` record both.
 
     Args:
       beta: momentum coefficient β in [0, 1).
@@ -446,7 +454,7 @@ def _init(mu_dtype):
         check_float_params(params, "tiger")
         # a fresh array per counter: a donated state must not hold one buffer twice
         zero = lambda: jnp.zeros([], jnp.int32)
-        return TigerState(
+        return ScaleByTigerState(
             count=zero(),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
             skipped_steps=zero(),
@@ -478,10 +486,10 @@ def _discarded(bad, skip):
     return bad | skip
 
 
-def _next_state(state: TigerState, mu: Any, checks: _Checks, guard) -> TigerState:
+def _next_state(state: ScaleByTigerState, mu: Any, checks: _Checks, guard) -> ScaleByTigerState:
     any_bad = spike.any_flag([checks.n_bad > 0])
     acted = any_bad if checks.skip is None else any_bad | checks.skip
-    return TigerState(
+    return ScaleByTigerState(
         count=optax.safe_increment(state.count),
         mu=mu,
         skipped_steps=spike.increment_if(acted, state.skipped_steps),
@@ -511,3 +519,11 @@ def _unzip(like: Any, pairs: Any) -> tuple[Any, Any]:
         jax.tree.map(lambda _, p: p[0], like, pairs),
         jax.tree.map(lambda _, p: p[1], like, pairs),
     )
+
+
+#: names this module used before, kept working with a DeprecationWarning
+_RENAMED = {"TigerState": "ScaleByTigerState"}
+
+
+def __getattr__(name: str) -> Any:
+    return renamed_attribute(__name__, name, _RENAMED, globals())

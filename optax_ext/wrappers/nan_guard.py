@@ -23,6 +23,11 @@ from optax_ext._common import (
 )
 from optax_ext.wrappers import spike
 
+__all__ = [
+    "NanGuardState",
+    "nan_guard",
+]
+
 
 class NanGuardState(NamedTuple):
     """State of :func:`nan_guard`.

@@ -23,6 +23,11 @@ from optax_ext.wrappers.rounding import (
     stochastic_round_to,
 )
 
+__all__ = [
+    "PureBf16State",
+    "pure_bf16",
+]
+
 _PARAMS_STREAM, _STATE_STREAM = 0, 1
 
 

@@ -24,6 +24,16 @@ from optax_ext._common import (
     path_to_str,
 )
 
+__all__ = [
+    "SECOND_MOMENTS",
+    "QuantizedArray",
+    "QuantizedState",
+    "dequantize",
+    "dynamic_map",
+    "quantize",
+    "quantize_state",
+]
+
 #: State fields holding second moments (non-negative, quantised with the unsigned map):
 #: optax's ``nu`` (Adam, AdamW, AdaX, ...), and the usual spellings of other libraries.
 SECOND_MOMENTS = r"(^|/)(nu|nu_hat|nu_max|v|v_hat|vhat|exp_avg_sq|second_moment)(/|$)"

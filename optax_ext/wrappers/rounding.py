@@ -31,6 +31,14 @@ import optax
 
 from optax_ext._common import check_choice, check_int
 
+__all__ = [
+    "KahanState",
+    "StochasticRoundState",
+    "kahan_summation",
+    "stochastic_round",
+    "stochastic_round_to",
+]
+
 #: The rounding modes a state can be written with.
 STATE_ROUNDINGS = ("nearest", "stochastic")
 _LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

@@ -26,6 +26,22 @@ import optax
 
 from optax_ext._common import check_choice, check_int, check_range
 
+__all__ = [
+    "SPIKE_ACTIONS",
+    "any_flag",
+    "global_norm",
+    "SpikeGuard",
+    "SpikeCheck",
+    "spike_guard",
+    "init_counters",
+    "check",
+    "update_counters",
+    "scale_leaf",
+    "scale_tree",
+    "saturating_add",
+    "increment_if",
+]
+
 SPIKE_ACTIONS = ("skip", "clip")
 
 

@@ -23,7 +23,7 @@ from helpers import (
 
 from optax_ext._common import tree_bytes
 from optax_ext.optimizers import tiger as tiger_module
-from optax_ext.optimizers.tiger import TigerState, row_mean_square, scale_by_tiger, tiger
+from optax_ext.optimizers.tiger import ScaleByTigerState, row_mean_square, scale_by_tiger, tiger
 
 # ------------------------------------------------------------ float64 reference
 
@@ -375,7 +375,7 @@ def test_inside_chain_masked_and_partition():
 def test_abstract_init_and_no_recompile():
     params = flax_like_params(15)
     state = abstract_init_matches(tiger(accumulation_steps=3), params)
-    assert isinstance(state, TigerState) and state.count.dtype == jnp.int32
+    assert isinstance(state, ScaleByTigerState) and state.count.dtype == jnp.int32
     assert_no_recompile(
         tiger(schedule, accumulation_steps=3), params, grads_with_nans(params, 4, 15, nan_every=2)
     )
