@@ -21,8 +21,18 @@ from optax_ext._common import (
     check_int,
     check_range,
     check_updates_match,
+    compile_path_regex,
     decay_mask,
+    tree_paths,
 )
+
+__all__ = [
+    "FactoredMoment",
+    "ScaleByAdafactorState",
+    "adafactor",
+    "relative_step_size",
+    "scale_by_adafactor",
+]
 
 #: The threshold of ``min_dim_size_to_factor=None``.
 DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128
@@ -203,6 +213,7 @@ def scale_by_adafactor(
     clipping_threshold: float | None = 1.0,
     momentum: float | None = None,
     multiply_by_parameter_scale: bool = True,
+    exclude_from_parameter_scale: str | None = None,
     eps2: float = 1e-3,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -238,6 +249,9 @@ def scale_by_adafactor(
       clipping_threshold: d > 0 of the update clipping; ``None`` disables it.
       momentum: β1 in [0, 1]; ``None`` keeps no momentum buffer.
       multiply_by_parameter_scale: scale by max(RMS(θ), ε2); needs ``params``.
+      exclude_from_parameter_scale: a regular expression searched in each leaf's Flax
+        path (``"embedding|bias"``); the leaves it matches skip the parameter scale, as
+        bert4keras's list of name patterns of the same name does. ``None``: none skip.
       eps2: ε2 ≥ 0, the floor of the parameter scale.
       mu_dtype: momentum dtype (default: the params'). The second moment is kept in at
         least float32.
@@ -269,6 +283,19 @@ def scale_by_adafactor(
         check_range("momentum", momentum, 0, 1, schedule=False)
     check_range("eps2", eps2, 0, schedule=False)
     mu_dtype = canonical_dtype(mu_dtype)
+    unscaled = None
+    if exclude_from_parameter_scale is not None:
+        unscaled = compile_path_regex(exclude_from_parameter_scale, "exclude_from_parameter_scale")
+
+    def param_scale_inputs(params, treedef, n):
+        """Each leaf's parameter for the θ-scale, or None where there is none."""
+        if not multiply_by_parameter_scale:
+            return [None] * n
+        ps = treedef.flatten_up_to(params)
+        if unscaled is None:
+            return ps
+        paths = treedef.flatten_up_to(tree_paths(params))
+        return [None if unscaled.search(path) else p for p, path in zip(ps, paths, strict=True)]
 
     def init_fn(params):
         check_float_params(params, "adafactor")
@@ -289,7 +316,7 @@ def scale_by_adafactor(
         leaves, treedef = jax.tree.flatten(updates)
         nus = treedef.flatten_up_to(state.nu)
         mus = [None] * len(leaves) if state.mu is None else treedef.flatten_up_to(state.mu)
-        ps = treedef.flatten_up_to(params) if multiply_by_parameter_scale else [None] * len(leaves)
+        ps = param_scale_inputs(params, treedef, len(leaves))
         out = [
             _adafactor_leaf(
                 g,
@@ -337,6 +364,7 @@ def adafactor(
     eps1: float = 1e-30,
     clipping_threshold: float | None = 1.0,
     multiply_by_parameter_scale: bool = True,
+    exclude_from_parameter_scale: str | None = None,
     eps2: float = 1e-3,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -359,6 +387,9 @@ def adafactor(
     - Weight decay is multiplied by the learning rate (optax: added after it, unscaled);
       ``mask=None`` decays all but biases and norm scales, ``mask=True`` every leaf.
     - ε2 (floor of the parameter scale) is an argument (optax: fixed 1e-3).
+    - ``exclude_from_parameter_scale``, bert4keras's option, is a regular expression
+      searched in Flax paths (bert4keras: a list of patterns matched against variable
+      names); optax has no such option.
     - ``decay_rate`` is the constant β2, ``None`` for 1 - τ^(-0.8) (optax: the exponent).
     - The state holds m + n numbers per factored m×n matrix (+ m·n with momentum) and no
       placeholders; the second moment is kept in at least float32.
@@ -382,6 +413,8 @@ def adafactor(
       eps1: ε1 ≥ 0 (1e-30).
       clipping_threshold: d > 0 (1.0), ``None`` for no clipping.
       multiply_by_parameter_scale: scale the step by max(RMS(θ), ε2).
+      exclude_from_parameter_scale: regular expression of Flax paths whose leaves skip
+        the parameter scale (bert4keras's option of the same name), ``None``: none.
       eps2: ε2 ≥ 0 (1e-3).
       mu_dtype: momentum dtype (default: the params').
 
@@ -415,6 +448,7 @@ def adafactor(
             clipping_threshold=clipping_threshold,
             momentum=momentum,
             multiply_by_parameter_scale=multiply_by_parameter_scale,
+            exclude_from_parameter_scale=exclude_from_parameter_scale,
             eps2=eps2,
             mu_dtype=mu_dtype,
         ),

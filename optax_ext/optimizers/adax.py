@@ -24,6 +24,13 @@ from optax_ext._common import (
 )
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
+__all__ = [
+    "ScaleByAdaxState",
+    "adax",
+    "adaxw",
+    "scale_by_adax",
+]
+
 
 class ScaleByAdaxState(NamedTuple):
     """State of AdaX: step counter, first moment ``mu`` and normalised second moment ``nu``."""
@@ -79,6 +86,12 @@ def scale_by_adax(
       toward 1 as τ grows (``1 - β̂_τ ≈ 1/τ`` while ``β2·τ ≪ 1``, then ≈ ``β2·(1+β2)^{-τ}``),
       so the second moment remembers ever more of the past and the effective step size
       stops oscillating with recent gradients. ``β2`` is therefore small (1e-4), not 0.999.
+
+    Which AdaX: ``AdaX_V2`` of bojone/adax (its tf.keras class), ε added to the
+    normalised ``√v̂``. Its ``AdaX_V1`` (plain Keras) folds the normalisation into the
+    learning rate, ``lr·√((1+β2)^τ - 1)``, so its ε meets the un-normalised ``√v``: the
+    same steps for ε = 0, and otherwise an ε that acts like ``ε/√((1+β2)^τ - 1)`` here
+    (about 100ε at the first step with β2 = 1e-4, fading as τ grows).
 
     Args:
       b1: momentum coefficient β1 in [0, 1).

@@ -7,6 +7,7 @@ momentum instead, https://kexue.fm/archives/8634 (:mod:`optax_ext.optimizers.sgd
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -15,6 +16,11 @@ import optax
 
 from optax_ext._common import canonical_dtype, check_int, check_transform, has_nonfinite
 from optax_ext.wrappers.spike import any_flag
+
+__all__ = [
+    "AccumulationState",
+    "accumulate_gradients",
+]
 
 
 class AccumulationState(NamedTuple):
@@ -48,10 +54,11 @@ class AccumulationState(NamedTuple):
 
 def accumulate_gradients(
     inner: optax.GradientTransformation,
-    k: int,
+    accumulation_steps: int | None = None,
     *,
     skip_nonfinite: bool = False,
     acc_dtype: Any = None,
+    k: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Feeds ``inner`` the mean gradient of every ``k`` micro-batches (``optax.MultiSteps``).
 
@@ -69,8 +76,12 @@ def accumulate_gradients(
 
     The semantics of ``optax.MultiSteps(inner, k)``: zeros are emitted on the other
     micro-steps, the inner state is exactly unchanged between updates, and schedules
-    inside ``inner`` count updates, not micro-steps. The running mean is Welford's
-    (``acc += (g - acc) / n``), as in ``MultiSteps``.
+    inside ``inner`` count updates, not micro-steps. bert4keras's
+    ``extend_with_gradient_accumulation`` differs: it updates on micro-steps 0, k, 2k, …
+    with the sum of the k gradients *before* the current one (its first update, at step
+    0, is on zeros, and each update is one micro-batch late); here the update comes on
+    micro-step k-1 with the mean of the cycle's k gradients, the current one included.
+    The running mean is Welford's (``acc += (g - acc) / n``), as in ``MultiSteps``.
 
     **Why no** ``lax.cond``. Choosing between "update" and "accumulate" with
     ``lax.cond`` has needed both branches to return identical dtypes (bf16 params with
@@ -110,17 +121,19 @@ def accumulate_gradients(
 
     Args:
       inner: the optimizer to feed (any optax transform, with extra args or not).
-      k: micro-batches per update, a Python int ≥ 1 (static).
+      accumulation_steps: k, micro-batches per update, a Python int ≥ 1 (static); the
+        name Tiger's and SGDM's own accumulation use.
       skip_nonfinite: leave non-finite micro-batches out of the mean.
       acc_dtype: dtype of the running mean; ``None`` gives each leaf at least float32
         (bf16 params → f32 accumulator, f64 stays f64).
+      k: the old name of ``accumulation_steps`` (deprecated: it warns).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`AccumulationState`.
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> tx = accumulate_gradients(optax.sgd(0.1), k=2)
+      >>> tx = accumulate_gradients(optax.sgd(0.1), accumulation_steps=2)
       >>> params = jnp.zeros(2)
       >>> state = tx.init(params)
       >>> u, state = tx.update(jnp.array([1.0, 2.0]), state, params)  # accumulate
@@ -135,7 +148,7 @@ def accumulate_gradients(
       ``optax.MultiSteps``; jax#23693, optax#377, optax#1038.
     """
     check_transform("inner", inner)
-    k = _check_static_k(k)
+    k = _check_static_k(_accumulation_steps(accumulation_steps, k))
     acc_dtype = canonical_dtype(acc_dtype)
     inner = optax.with_extra_args_support(inner)
 
@@ -197,10 +210,32 @@ def accumulate_gradients(
 # ----------------------------------------------------------------------- helpers
 
 
+def _accumulation_steps(accumulation_steps: Any, k: Any) -> Any:
+    """``accumulation_steps``, or the deprecated ``k`` with a warning."""
+    if k is None:
+        if accumulation_steps is None:
+            raise TypeError(
+                "accumulate_gradients needs accumulation_steps, the micro-batches per update: "
+                "accumulate_gradients(inner, accumulation_steps=4)"
+            )
+        return accumulation_steps
+    if accumulation_steps is not None:
+        raise TypeError("give accumulation_steps only (k is its deprecated old name)")
+    warnings.warn(
+        "accumulate_gradients(k=...) is deprecated: write accumulation_steps=..., the name "
+        "Tiger's and SGDM's accumulation use",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return k
+
+
 def _check_static_k(k: Any) -> int:
     if isinstance(k, jax.core.Tracer):
-        raise TypeError("k must be a Python int: the accumulation count is static")
-    return int(check_int("k", k))
+        raise TypeError(
+            "accumulation_steps must be a Python int: the accumulation count is static"
+        )
+    return int(check_int("accumulation_steps", k))
 
 
 def _welford(g, a, fresh, ok, n):

@@ -2,6 +2,7 @@
 they coincide, each documented difference, and every device path."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,7 @@ def ref_adafactor(
     wd=0.0,
     decays=lambda p: True,
     mbps=True,
+    scaled=lambda p: True,
     clip=1.0,
     eps1=1e-30,
     eps2=1e-3,
@@ -83,7 +85,7 @@ def ref_adafactor(
             if momentum is not None:
                 mu[p] = momentum * mu[p] + (1 - momentum) * u
                 u = mu[p]
-            if mbps:
+            if mbps and scaled(p):
                 u = u * max(rms(theta[p]), eps2)
             theta[p] = theta[p] - lr_t * (u + (wd if decays(p) else 0.0) * theta[p])
     return theta, nu, mu, clipped
@@ -162,6 +164,11 @@ CASES = {
             clip=0.5,
             eps2=1e-2,
         ),
+    ),
+    # bert4keras's exclude_from_parameter_scale: embeddings and biases skip the θ-scale
+    "exclude_from_parameter_scale": (
+        dict(exclude_from_parameter_scale=r"embedding|bias$", momentum=0.9),
+        dict(scaled=lambda p: not re.search(r"embedding|bias$", p), momentum=0.9),
     ),
     "absolute_step_no_clipping": (
         dict(
@@ -512,6 +519,11 @@ def test_update_needs_params():
         (dict(clipping_threshold=0.0), ValueError, r"clipping_threshold must be in \(0, inf\)"),
         (dict(min_dim_size_to_factor=0), ValueError, r"min_dim_size_to_factor must be an int >= 1"),
         (dict(min_dim_size_to_factor=2.5), TypeError, r"min_dim_size_to_factor must be an int"),
+        (
+            dict(exclude_from_parameter_scale="bias("),
+            ValueError,
+            r"invalid regular expression 'bias\(' in exclude_from_parameter_scale",
+        ),
     ],
 )
 def test_bad_hyperparameters(kwargs, error, match):
