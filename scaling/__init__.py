@@ -115,6 +115,7 @@ from scaling.tradeoff import (
     fit_tradeoff,
     steps_and_examples,
     steps_needed,
+    warmup_accumulation_steps,
 )
 from scaling.weight_decay import (
     LrAndDecay,
@@ -243,6 +244,7 @@ __all__ = [
     "fit_tradeoff",
     "steps_and_examples",
     "steps_needed",
+    "warmup_accumulation_steps",
     # weight_decay
     "DecaySchedules",
     "LrAndDecay",

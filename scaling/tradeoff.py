@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "steps_and_examples",
     "fit_tradeoff",
     "adaptive_batch_size",
+    "warmup_accumulation_steps",
 ]
 
 
@@ -160,3 +162,75 @@ def adaptive_batch_size(b_noise, exchange_rate):
     v.positive("b_noise", b_noise)
     v.positive("exchange_rate", exchange_rate)
     return v.scalar((exchange_rate * b_noise) ** 0.5)
+
+
+def warmup_accumulation_steps(
+    b_simple,
+    micro_batch_size,
+    max_accumulation_steps,
+    *,
+    previous=1,
+    fraction=1.0,
+    settled=True,
+) -> int:
+    r"""Micro-batches per update for a batch-size warm-up that follows the noise scale.
+
+    The noise scale grows as a model trains (it starts near zero), and the batch worth
+    using grows with it: below :math:`B_{crit} \approx B_{noise}` (of which
+    :math:`B_{simple}` is the measurable proxy) a larger batch still cuts the steps
+    nearly in proportion, beyond it mostly adds examples. The rule targets an effective
+    batch of ``fraction`` · B_simple:
+
+    .. math:: k = \mathrm{clip}\big(\lceil f\,B_{simple} / b \rceil,\
+              k_{prev},\ k_{max}\big)
+
+    A warm-up only grows: a lower estimate (noise, or a late dip) keeps ``previous``,
+    and so does an estimate that has not ``settled``. Feed the result to Tiger's,
+    SGDM's or ``accumulate_gradients``' ``set_accumulation_steps``, and when the
+    effective batch changes move the learning rate with :func:`scaling.recommend`
+    (or the optimizer's transfer rule).
+
+    Args:
+      b_simple: the current simple noise scale, in examples (``nan`` keeps ``previous``).
+      micro_batch_size: b, examples per micro-batch (per update call, all devices).
+      max_accumulation_steps: :math:`k_{max} \ge 1`, the most micro-batches per update.
+      previous: the k in use, ≥ 1.
+      fraction: f > 0, the target effective batch as a multiple of B_simple.
+      settled: whether the estimate has settled (``ox.current_noise_scale(...).settled``).
+
+    Example:
+      >>> warmup_accumulation_steps(300.0, 64, 16)   # ceil(300/64)
+      5
+      >>> warmup_accumulation_steps(100.0, 64, 16, previous=5)   # never shrinks
+      5
+      >>> warmup_accumulation_steps(1e6, 64, 16, previous=5)     # capped
+      16
+
+    References:
+      McCandlish et al. 2018, arXiv 1812.06162 (B_crit ≈ B_noise, and B_simple); Zhang
+      et al., ICLR 2025 and Merrill et al. 2025 (the critical batch grows during training).
+    """
+    v.positive("micro_batch_size", micro_batch_size)
+    v.finite_positive("fraction", fraction)
+    k_max = _whole("max_accumulation_steps", max_accumulation_steps)
+    k_prev = _whole("previous", previous)
+    if k_prev > k_max:
+        raise ValueError(
+            f"previous must be at most max_accumulation_steps={k_max}, got {previous!r}"
+        )
+    b = float(b_simple) if not isinstance(b_simple, str | bytes) else None
+    if b is None or not settled or not b > 0:
+        if b is not None and b < 0:
+            raise ValueError(f"b_simple must be >= 0 or nan, got {b_simple!r}")
+        return k_prev
+    target = fraction * b / float(micro_batch_size)
+    if not target < k_max:  # also inf
+        return k_max
+    return max(k_prev, min(k_max, math.ceil(target)))
+
+
+def _whole(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+

@@ -23,6 +23,7 @@ from optax_ext._common import (
     renamed_attribute,
     schedule_value,
 )
+from optax_ext._cycles import counters_init, current_cycle, next_counters
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 __all__ = [
@@ -39,15 +40,24 @@ class ScaleBySgdmState(NamedTuple):
       count: int32, micro-steps taken (calls to ``update``).
       mu: the momentum; between cycles it equals ``optax.trace``'s after the same updates.
       acc: ``()``, except for Nesterov with k > 1: the cycle's running mean gradient.
+      micro_step: int32, micro-steps taken in the current accumulation cycle.
+      cycle_length: int32, the current cycle's k (see ``set_accumulation_steps``).
+      updates: int32, parameter updates made (completed cycles).
     """
 
     count: jax.Array
     mu: optax.Updates
-    acc: Any = ()
+    acc: Any
+    micro_step: jax.Array
+    cycle_length: jax.Array
+    updates: jax.Array
 
 
 class ScaleByUpdateScheduleState(NamedTuple):
     count: jax.Array  # int32, micro-steps
+    micro_step: jax.Array  # int32, micro-steps into the cycle
+    cycle_length: jax.Array  # int32, the cycle's k
+    updates: jax.Array  # int32, the update index the schedule reads
 
 
 def scale_by_sgdm(
@@ -70,12 +80,16 @@ def scale_by_sgdm(
         u = m \text{ if } (t+1) \bmod k = 0 \text{ else } 0.
 
     After a cycle m = β·m_prev + mean(g): ``optax.trace(β)`` fed the mean gradient, with
-    no buffer besides the momentum. With ``nesterov=True`` the update on the last
-    micro-step is mean(g) + β·m (``optax.trace(β, nesterov=True)`` on the mean); with
-    k = 1 the gradient is the mean and one buffer suffices, but with k > 1 the mean and
-    the previous momentum are both needed and no single buffer holds both, so Nesterov
-    with k > 1 keeps the running mean in a second buffer (``acc``) and updates the
-    momentum on the last micro-step only.
+    no buffer besides the momentum. k may change between cycles (a batch-size warm-up):
+    pass ``set_accumulation_steps=k`` to every ``update``; it takes effect when the
+    next cycle starts, and a jitted step compiles once.
+
+    With ``nesterov=True`` the update on the last micro-step is mean(g) + β·m
+    (``optax.trace(β, nesterov=True)`` on the mean); with k = 1 the gradient is the mean
+    and one buffer suffices, but with k > 1 the mean and the previous momentum are both
+    needed and no single buffer holds both, so Nesterov with k > 1 keeps the running
+    mean in a second buffer (``acc``) and updates the momentum on the last micro-step
+    only (build it with ``accumulation_steps > 1`` to change k later).
 
     Args:
       momentum: β in [0, 1).
@@ -116,34 +130,41 @@ def scale_by_sgdm(
         check_float_params(params, "sgdm")
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         acc = optax.tree.zeros_like(params, dtype=mu_dtype) if needs_acc else ()
-        return ScaleBySgdmState(count=jnp.zeros([], jnp.int32), mu=mu, acc=acc)
+        return ScaleBySgdmState(count=jnp.zeros([], jnp.int32), mu=mu, acc=acc, **counters_init(k))
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
         check_updates_match(updates, params, "sgdm")
-        first, last = (
-            (True, True) if single_step else (state.count % k == 0, (state.count + 1) % k == 0)
-        )
+        cycle = current_cycle(k, state, extra_args)
+        first, last, k_now = cycle.first, cycle.last, cycle.k
+        if nesterov and not needs_acc and not isinstance(k_now, int):
+            raise ValueError(
+                "sgdm(nesterov=True) built with accumulation_steps=1 keeps no buffer for the "
+                "cycle's mean, so set_accumulation_steps cannot lengthen its cycles: build it "
+                "with accumulation_steps > 1 (any value; set_accumulation_steps overrides it)"
+            )
         count = optax.safe_increment(state.count)
+        counters = next_counters(cycle, state)
         # the new state arrives in float32 and is written as mu_dtype (cast or SR)
         write = lambda new, old, stream: write_state(
             new, old, state_rounding, rounding_seed, state.count, stream
         )
         if needs_acc:
             out = jax.tree.map(
-                lambda g, m, a: _nesterov_accumulating(g, m, a, momentum, k, first, last),
+                lambda g, m, a: _nesterov_accumulating(g, m, a, momentum, k_now, first, last),
                 updates,
                 state.mu,
                 state.acc,
             )
             u, mu, acc = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(3))
             mu, acc = write(mu, state.mu, 0), write(acc, state.acc, 1)
-            return u, ScaleBySgdmState(count=count, mu=mu, acc=acc)
+            return u, ScaleBySgdmState(count=count, mu=mu, acc=acc, **counters)
         out = jax.tree.map(
-            lambda g, m: _heavy_ball(g, m, momentum, k, first, last, nesterov), updates, state.mu
+            lambda g, m: _heavy_ball(g, m, momentum, k_now, first, last, nesterov),
+            updates,
+            state.mu,
         )
         u, mu = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(2))
-        return u, ScaleBySgdmState(count=count, mu=write(mu, state.mu, 0), acc=())
+        return u, ScaleBySgdmState(count=count, mu=write(mu, state.mu, 0), acc=(), **counters)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -243,19 +264,23 @@ def _nesterov_accumulating(g, m, a, beta, k, first, last):
 
 
 def _scale_by_update_learning_rate(learning_rate, k) -> optax.GradientTransformationExtraArgs:
-    """Multiplies by ``-learning_rate(count // k)``: a schedule indexed by update."""
+    """Multiplies by ``-learning_rate(update)``: a schedule indexed by update, counted
+    with the same cycles as :func:`scale_by_sgdm` (``set_accumulation_steps`` included)."""
     if not callable(learning_rate):
         return optax.with_extra_args_support(optax.scale(-learning_rate))
 
     def init_fn(params):
         del params
-        return ScaleByUpdateScheduleState(count=jnp.zeros([], jnp.int32))
+        return ScaleByUpdateScheduleState(count=jnp.zeros([], jnp.int32), **counters_init(k))
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        lr = schedule_value(learning_rate, state.count // k)
+        del params
+        cycle = current_cycle(k, state, extra_args)
+        lr = schedule_value(learning_rate, cycle.update)
         updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
-        return updates, ScaleByUpdateScheduleState(count=optax.safe_increment(state.count))
+        return updates, ScaleByUpdateScheduleState(
+            count=optax.safe_increment(state.count), **next_counters(cycle, state)
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -27,11 +27,11 @@ from optax_ext._common import (
     decay_mask,
     explicitly_sharded,
     has_nonfinite,
-    is_static_int,
     path_labels,
     renamed_attribute,
     schedule_value,
 )
+from optax_ext._cycles import counters_init, current_cycle, next_counters
 from optax_ext.wrappers import spike
 
 __all__ = [
@@ -70,6 +70,10 @@ class ScaleByTigerState(NamedTuple):
         (skipped, or clipped with ``spike_action="clip"``).
       norm_ema: float32, the spike guard's EMA of the global gradient norm.
       norm_steps: int32, micro-steps admitted into ``norm_ema``.
+      micro_step: int32, micro-steps taken in the current accumulation cycle.
+      cycle_length: int32, the current cycle's k (it may change between cycles: see
+        ``set_accumulation_steps`` in :func:`tiger`).
+      updates: int32, parameter updates made (completed cycles); schedules read it.
     """
 
     count: jax.Array
@@ -79,6 +83,9 @@ class ScaleByTigerState(NamedTuple):
     spike_steps: jax.Array
     norm_ema: jax.Array
     norm_steps: jax.Array
+    micro_step: jax.Array
+    cycle_length: jax.Array
+    updates: jax.Array
 
 
 # ---------------------------------------------------------------- per-leaf pieces
@@ -240,17 +247,17 @@ def scale_by_tiger(
     k = check_int("accumulation_steps", accumulation_steps)
     mu_dtype = canonical_dtype(mu_dtype)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
-    init_fn = _init(mu_dtype)
+    init_fn = _init(mu_dtype, k)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
         check_updates_match(updates, params, "tiger")
-        first, apply = _cycle_flags(state.count, k)
+        cycle = current_cycle(k, state, extra_args)
+        first, apply = cycle.first, cycle.last
         checks = _guard_checks(updates, state, guard, guard_nan, catch_inf)
 
         def leaf(g, m, bad):
             discard = _discarded(bad, checks.skip)
-            m = tiger_momentum(checks.scaled(g), m, beta=beta, first=first, k=k, bad=discard)
+            m = tiger_momentum(checks.scaled(g), m, beta=beta, first=first, k=cycle.k, bad=discard)
             u = jnp.sign(m)
             if discard is not None:
                 u = jnp.where(discard, 0, u)
@@ -260,7 +267,7 @@ def scale_by_tiger(
 
         out = jax.tree.map(leaf, updates, state.mu, checks.bad)
         u, mu = _unzip(updates, out)
-        return u, _next_state(state, mu, checks, guard)
+        return u, _next_state(state, mu, checks, guard, cycle)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -302,8 +309,15 @@ def tiger(
       the size of the params whatever k is. Parameters move only on the last micro-step
       (zeros are emitted on the others).
     - **Learning-rate schedules are indexed by update** (t // k), the optax convention.
-      Tiger's own ``lr_schedule`` counts micro-steps: its ``{40000: 1}`` with k=4 is
-      ``{10000: 1}`` here.
+      Tiger's own ``lr_schedule`` counts micro-steps and is read on the cycle's last
+      one: with k=4 update n uses its value at micro-step 4n+3, so its ``{40000: 1}``
+      is a warm-up reaching 1 at update (40000-3)/4 = 9999.25 here, not exactly
+      ``{10000: 1}`` (the two differ by under 1e-4 of the lr on the ramp).
+    - **The cycle length may change during training** (a batch-size warm-up): pass
+      ``set_accumulation_steps=k`` (an int or an int32 array) to every ``update``; a new
+      value takes effect when the next cycle starts, and a jitted step compiles once.
+      The momentum is then the mean of each cycle's micro-batches, whatever their number.
+      Schedules keep counting updates (``ScaleByTigerState.updates``).
     - **Per-parameter scales** (``param_scaling="tiger"``, Flax names): ``bias`` and norm
       ``scale`` get s = 0.5; ``embedding`` tables the RMS of each row; every other
       tensor its RMS, floored at ``min_rms`` (the sources use no floor, so a
@@ -392,15 +406,15 @@ def tiger(
     rules = scale_rules(param_scaling)
     mu_dtype = canonical_dtype(mu_dtype)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
-    init_fn = _init(mu_dtype)
+    init_fn = _init(mu_dtype, k)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
         _check_params(params, "tiger")
         check_updates_match(updates, params, "tiger")
-        first, apply = _cycle_flags(state.count, k)
-        lr = schedule_value(learning_rate, state.count // k)
-        wd = schedule_value(weight_decay, state.count // k)  # both indexed by update
+        cycle = current_cycle(k, state, extra_args)
+        first, apply = cycle.first, cycle.last
+        lr = schedule_value(learning_rate, cycle.update)
+        wd = schedule_value(weight_decay, cycle.update)  # both indexed by update
         scale_rules = path_labels(params, rules, default=1.0)
         decays = decay_mask(mask)(params)
         centres = path_labels(params, [(NORM_SCALE, 1.0)], default=0.0)
@@ -408,7 +422,7 @@ def tiger(
 
         def leaf(g, m, bad, p, rule, decay, centre):
             discard = _discarded(bad, checks.skip)
-            m = tiger_momentum(checks.scaled(g), m, beta=beta, first=first, k=k, bad=discard)
+            m = tiger_momentum(checks.scaled(g), m, beta=beta, first=first, k=cycle.k, bad=discard)
             eta = lr * param_scale(p, rule, min_rms)
             work = _work_dtype(p)
             direction = jnp.sign(m).astype(work)
@@ -427,7 +441,7 @@ def tiger(
             leaf, updates, state.mu, checks.bad, params, scale_rules, decays, centres
         )
         u, mu = _unzip(updates, out)
-        return u, _next_state(state, mu, checks, guard)
+        return u, _next_state(state, mu, checks, guard, cycle)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -449,7 +463,7 @@ class _Checks(NamedTuple):
         return spike.scale_leaf(g, self.spike.scale)
 
 
-def _init(mu_dtype):
+def _init(mu_dtype, k):
     def init_fn(params):
         check_float_params(params, "tiger")
         # a fresh array per counter: a donated state must not hold one buffer twice
@@ -460,6 +474,7 @@ def _init(mu_dtype):
             skipped_steps=zero(),
             shrunk_leaves=zero(),
             **spike.init_counters(),
+            **counters_init(k),
         )
 
     return init_fn
@@ -486,7 +501,9 @@ def _discarded(bad, skip):
     return bad | skip
 
 
-def _next_state(state: ScaleByTigerState, mu: Any, checks: _Checks, guard) -> ScaleByTigerState:
+def _next_state(
+    state: ScaleByTigerState, mu: Any, checks: _Checks, guard, cycle
+) -> ScaleByTigerState:
     any_bad = spike.any_flag([checks.n_bad > 0])
     acted = any_bad if checks.skip is None else any_bad | checks.skip
     return ScaleByTigerState(
@@ -495,6 +512,7 @@ def _next_state(state: ScaleByTigerState, mu: Any, checks: _Checks, guard) -> Sc
         skipped_steps=spike.increment_if(acted, state.skipped_steps),
         shrunk_leaves=spike.saturating_add(state.shrunk_leaves, checks.n_bad),
         **spike.update_counters(guard, checks.norm, checks.spike, ~any_bad, state),
+        **next_counters(cycle, state),
     )
 
 
@@ -504,13 +522,6 @@ def _next_state(state: ScaleByTigerState, mu: Any, checks: _Checks, guard) -> Sc
 def _work_dtype(x: jax.Array) -> Any:
     """At least float32 for the arithmetic, whatever the storage dtype (bf16 stays honest)."""
     return jnp.promote_types(x.dtype, jnp.float32)
-
-
-def _cycle_flags(count: jax.Array, k: Any) -> tuple[Any, Any]:
-    """(first micro-step of a cycle, last micro-step of a cycle); True when k == 1."""
-    if is_static_int(k, 1):
-        return True, True
-    return count % k == 0, (count + 1) % k == 0
 
 
 def _unzip(like: Any, pairs: Any) -> tuple[Any, Any]:

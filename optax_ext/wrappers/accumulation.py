@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ext._common import canonical_dtype, check_int, check_transform, has_nonfinite
+from optax_ext._cycles import SET_ACCUMULATION_STEPS, cycle_length
 from optax_ext.wrappers.spike import any_flag
 
 __all__ = [
@@ -40,6 +41,8 @@ class AccumulationState(NamedTuple):
         after an update it still holds that cycle's mean, ignored by the next cycle
         (``n_accumulated == 0``).
       inner_state: the wrapped optimizer's state, unchanged between its updates.
+      cycle_length: int32, the current cycle's k (``set_accumulation_steps`` may change
+        it between cycles).
     """
 
     mini_step: jax.Array
@@ -50,6 +53,7 @@ class AccumulationState(NamedTuple):
     grad_sq_norm_sum: jax.Array
     acc_grads: Any
     inner_state: Any
+    cycle_length: jax.Array
 
 
 def accumulate_gradients(
@@ -108,7 +112,12 @@ def accumulate_gradients(
     ``micro_grad_sq_norm`` (float32 scalar: the mean over the accumulated micro-batches
     of each one's squared global L2 norm, as gradient-noise-scale estimators need) and
     ``accumulation_steps``: k (a Python int), or with ``skip_nonfinite`` the number n of
-    micro-batches in the mean (an int32 array). A plain ``optax.GradientTransformation``
+    micro-batches in the mean (an int32 array).
+
+    **A changing k** (a batch-size warm-up): pass ``set_accumulation_steps=k`` (an int
+    or an int32 array) to every ``update``; it sets the length of the cycle starting at
+    this micro-step, the running cycle keeps its own, and a jitted step compiles once.
+    It is not forwarded to ``inner``. A plain ``optax.GradientTransformation``
     inner ignores them; :func:`scaling.measure_noise_scale` placed first in ``inner``
     uses them to measure the gradient noise scale from micro-batches.
 
@@ -168,9 +177,13 @@ def accumulate_gradients(
             grad_sq_norm_sum=jnp.zeros([], jnp.float32),
             acc_grads=jax.tree.map(acc_like, params),
             inner_state=inner.init(params),
+            cycle_length=jnp.full([], k, jnp.int32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        # the cycle length is this wrapper's: the inner optimizer must not see it
+        asked = extra_args.pop(SET_ACCUMULATION_STEPS, None)
+        k_now = k if asked is None else cycle_length(asked, state.mini_step, state.cycle_length)
         sq_norm = _global_sq_norm(updates)
         ok = _all_finite(updates) if skip_nonfinite else jnp.asarray(True)
         n = state.n_accumulated + ok.astype(jnp.int32)
@@ -178,7 +191,7 @@ def accumulate_gradients(
         fresh = state.n_accumulated == 0
         acc = jax.tree.map(lambda g, a: _welford(g, a, fresh, ok, denom), updates, state.acc_grads)
         sq_sum = state.grad_sq_norm_sum + jnp.where(ok, sq_norm, 0.0)
-        last = state.mini_step == k - 1
+        last = state.mini_step + 1 >= k_now
         apply = jnp.logical_and(last, n > 0) if skip_nonfinite else last
 
         inner_updates, new_inner = inner.update(
@@ -188,7 +201,7 @@ def accumulate_gradients(
             **{
                 **extra_args,
                 "micro_grad_sq_norm": sq_sum / denom.astype(jnp.float32),
-                "accumulation_steps": n if skip_nonfinite else k,
+                "accumulation_steps": n if skip_nonfinite else k_now,
             },
         )
         out = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), inner_updates)
@@ -201,6 +214,7 @@ def accumulate_gradients(
             grad_sq_norm_sum=jnp.where(last, 0.0, sq_sum).astype(jnp.float32),
             acc_grads=acc,
             inner_state=_select(apply, new_inner, state.inner_state),
+            cycle_length=jnp.asarray(k_now, jnp.int32),
         )
         return out, new_state
 
@@ -232,9 +246,7 @@ def _accumulation_steps(accumulation_steps: Any, k: Any) -> Any:
 
 def _check_static_k(k: Any) -> int:
     if isinstance(k, jax.core.Tracer):
-        raise TypeError(
-            "accumulation_steps must be a Python int: the accumulation count is static"
-        )
+        raise TypeError("accumulation_steps must be a Python int: the accumulation count is static")
     return int(check_int("accumulation_steps", k))
 
 

@@ -1,5 +1,7 @@
 """Steps-vs-examples law and published laws (spec/scaling.md §5, §8)."""
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -94,3 +96,57 @@ def test_laws_reject_bad_input():
         laws.kaplan_critical_batch(-1.0)
     with pytest.raises(ValueError, match="n_tokens"):
         laws.step_law(1e9, float("inf"))
+
+
+# ------------------------------------------------ batch-size warm-up from the noise scale
+
+warm = tradeoff.warmup_accumulation_steps
+
+
+def test_warmup_targets_the_noise_scale_in_micro_batches():
+    assert warm(300.0, 64, 16) == 5  # ceil(300 / 64)
+    assert warm(256.0, 64, 16) == 4  # exactly 4 micro-batches
+    assert warm(600.0, 64, 16, fraction=0.5) == 5
+    assert warm(10.0, 64, 16) == 1
+    assert warm(1e6, 64, 16) == 16 and warm(float("inf"), 64, 16) == 16
+
+
+def test_warmup_never_shrinks_and_waits_for_a_settled_estimate():
+    assert warm(100.0, 64, 16, previous=5) == 5
+    assert warm(1000.0, 64, 16, previous=5, settled=False) == 5
+    assert warm(float("nan"), 64, 16, previous=3) == 3
+    assert warm(0.0, 64, 16, previous=3) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 1e6) | st.just(float("nan")), min_size=1, max_size=30),
+    st.integers(1, 512),
+    st.integers(1, 64),
+)
+def test_warmup_is_monotone_and_bounded(estimates, micro, k_max):
+    k = 1
+    for b in estimates:
+        new = warm(b, micro, k_max, previous=k)
+        assert k <= new <= k_max
+        if b == b and b > 0 and new < k_max:  # a finite estimate below the cap
+            assert new >= math.ceil(b / micro) or new == k
+        k = new
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(b_simple=-1.0), r"b_simple must be >= 0 or nan"),
+        (dict(micro_batch_size=0), r"micro_batch_size must be in \(0, inf\)"),
+        (dict(max_accumulation_steps=0), r"max_accumulation_steps must be an int >= 1"),
+        (dict(max_accumulation_steps=2.5), r"max_accumulation_steps must be an int >= 1"),
+        (dict(previous=0), r"previous must be an int >= 1"),
+        (dict(previous=32), r"previous must be at most max_accumulation_steps=16"),
+        (dict(fraction=float("inf")), r"fraction must be in \(0, inf\)"),
+    ],
+)
+def test_warmup_bad_arguments(kwargs, match):
+    args = dict(b_simple=100.0, micro_batch_size=64, max_accumulation_steps=16) | kwargs
+    with pytest.raises(ValueError, match=match):
+        warm(**args)

@@ -1,0 +1,215 @@
+"""Accumulation cycles whose length changes during training (a batch-size warm-up).
+
+Tiger and SGDM accumulate inside their momentum, ``accumulate_gradients`` in a buffer;
+all three take ``set_accumulation_steps=k`` in ``update`` and must then equal the same
+optimizer with k = 1 fed each cycle's mean gradient, move the parameters only on a
+cycle's last micro-step, read schedules by update, and compile once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_trees_close, flax_like_params, leaf_paths, random_grads_like, x64
+
+import optax_ext as ox
+
+#: the cycle lengths of a warm-up run (the last micro-step of each is an update)
+CYCLES = (1, 2, 2, 3, 1, 4)
+
+
+def schedule(n):
+    return 2e-2 / (1.0 + 0.3 * n)  # by update: a micro-step index would differ
+
+
+FACTORIES = {
+    "tiger": lambda k: ox.tiger(schedule, accumulation_steps=k, weight_decay=0.05),
+    "sgdm": lambda k: ox.sgdm(schedule, momentum=0.9, accumulation_steps=k),
+    "sgdm_nesterov": lambda k: ox.sgdm(schedule, 0.9, True, accumulation_steps=k),
+    "accumulate_gradients(adamw)": lambda k: ox.accumulate_gradients(
+        optax.adamw(schedule, weight_decay=0.05), k
+    ),
+}
+
+
+def micro_grads(params, seed, cycles=CYCLES):
+    """Per cycle, its list of micro-batch gradients."""
+    out, t = [], 0
+    for k in cycles:
+        out.append([random_grads_like(params, seed + t + i, scale=1.0 + i) for i in range(k)])
+        t += k
+    return out
+
+
+def mean(grads):
+    return jax.tree.map(lambda *g: sum(g) / len(g), *grads)
+
+
+def run_changing(tx, params, cycles_of_grads, *, change_mid_cycle=False):
+    """Every micro-step passes its cycle's length (or, with ``change_mid_cycle``, a
+    wrong one after the first micro-step, which must be ignored)."""
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, g, k):
+        u, s = tx.update(g, s, p, set_accumulation_steps=k)
+        return optax.apply_updates(p, u), s, u
+
+    moved = []
+    for grads in cycles_of_grads:
+        for i, g in enumerate(grads):
+            k = len(grads) if i == 0 or not change_mid_cycle else 7
+            params, state, u = step(params, state, g, jnp.int32(k))
+            moved.append(any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(u)))
+    return params, state, moved, step._cache_size()
+
+
+def run_k1(tx, params, grads_seq):
+    state = tx.init(params)
+    for g in grads_seq:
+        u, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, u)
+    return params, state
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_changing_k_equals_k1_fed_each_cycles_mean(name):
+    make = FACTORIES[name]
+    with x64():
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(3))
+        grads = micro_grads(params, 100)
+        # built with k = 2 (Nesterov needs k > 1 to keep the cycle's mean): the lengths
+        # passed override it from the first micro-step
+        got, _, moved, compiles = run_changing(make(2), params, grads)
+        want, _ = run_k1(make(1), params, [mean(g) for g in grads])
+    assert_trees_close(got, want, rtol=1e-12, atol=1e-13)
+    last_steps = np.cumsum(CYCLES) - 1
+    assert moved == [t in last_steps for t in range(sum(CYCLES))]
+    assert compiles == 1, f"the step compiled {compiles} times as k changed"
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_a_length_passed_mid_cycle_waits_for_the_next_cycle(name):
+    make = FACTORIES[name]
+    with x64():
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(4))
+        grads = micro_grads(params, 200)
+        steady, *_ = run_changing(make(2), params, grads)
+        changed, *_ = run_changing(make(2), params, grads, change_mid_cycle=True)
+    assert_trees_close(changed, steady, rtol=0, atol=0)
+
+
+def sgdm_reference(params, cycles_of_grads, beta, lr):
+    """SGD with heavy-ball momentum on each cycle's mean gradient, float64 NumPy."""
+    theta = {p: np.asarray(x, np.float64) for p, x in leaf_paths(params)}
+    mu = {p: np.zeros_like(x) for p, x in theta.items()}
+    for n, grads in enumerate(cycles_of_grads):
+        flat = [dict(leaf_paths(g)) for g in grads]
+        for p in theta:
+            g_mean = sum(np.asarray(f[p], np.float64) for f in flat) / len(flat)
+            mu[p] = beta * mu[p] + g_mean
+            theta[p] = theta[p] - lr(n) * mu[p]
+    return theta
+
+
+def test_sgdm_with_changing_k_matches_a_float64_reference():
+    with x64():
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(5))
+        grads = micro_grads(params, 300)
+        got, state, _, _ = run_changing(ox.sgdm(schedule, 0.9, accumulation_steps=3), params, grads)
+    want = sgdm_reference(params, grads, 0.9, schedule)
+    for p, x in leaf_paths(got):
+        np.testing.assert_allclose(x, want[p], rtol=1e-12, atol=1e-14, err_msg=p)
+    assert int(state[0].updates) == len(CYCLES)
+    assert int(state[0].count) == sum(CYCLES)
+
+
+def test_tiger_counts_updates_and_cycle_in_its_state():
+    params = flax_like_params(6)
+    grads = micro_grads(params, 400, cycles=(2, 3))
+    _, state, _, _ = run_changing(ox.tiger(1e-3), params, grads)
+    assert (int(state.count), int(state.updates), int(state.micro_step)) == (5, 2, 0)
+    assert int(state.cycle_length) == 3
+
+
+def test_without_the_argument_nothing_changes():
+    """A constant k reads the constructor's value: the same program as before."""
+    params = flax_like_params(7)
+    grads = [g for cycle in micro_grads(params, 500, cycles=(3, 3)) for g in cycle]
+    a = run_k1(ox.tiger(1e-2, accumulation_steps=3), params, grads)[0]
+    state = ox.tiger(1e-2, accumulation_steps=3).init(params)
+    tx = ox.tiger(1e-2, accumulation_steps=3)
+    p = params
+    for g in grads:
+        u, state = tx.update(g, state, p, set_accumulation_steps=3)
+        p = optax.apply_updates(p, u)
+    assert_trees_close(p, a, rtol=1e-6, atol=1e-7)
+
+
+def test_nesterov_sgdm_built_with_k1_says_how_to_change_k():
+    tx = ox.sgdm(0.1, 0.9, True)
+    params = flax_like_params(8)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"nesterov=True.*build it with accumulation_steps > 1"):
+        tx.update(random_grads_like(params, 0), state, params, set_accumulation_steps=2)
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (2.5, TypeError), ("4", TypeError)])
+def test_a_bad_length_is_a_clear_error(value, error):
+    tx = ox.tiger(1e-3)
+    params = flax_like_params(8)
+    state = tx.init(params)
+    with pytest.raises(error, match="set_accumulation_steps"):
+        tx.update(random_grads_like(params, 0), state, params, set_accumulation_steps=value)
+
+
+def test_a_noise_driven_warmup_grows_k_on_a_flax_model_and_compiles_once():
+    """The loop a user writes: measure B_simple while training, let
+    scaling.warmup_accumulation_steps pick k after each update, pass it on."""
+    import flax.linen as nn
+
+    import scaling
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.tanh(nn.Dense(32)(x)))
+
+    rng = np.random.default_rng(0)
+    teacher = rng.standard_normal((8, 1))
+
+    def micro_batch(size=8):
+        x = rng.standard_normal((size, 8)).astype(np.float32)
+        y = (x @ teacher + 2.0 * rng.standard_normal((size, 1))).astype(np.float32)
+        return jnp.asarray(x), jnp.asarray(y)
+
+    model = MLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8)))
+    window = 8
+    tx = ox.accumulate_gradients(
+        optax.chain(ox.measure_noise_scale(batch_size=8, window=window), ox.tiger(3e-3)), 1
+    )
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, x, y, k):
+        loss = lambda p: jnp.mean((model.apply(p, x) - y) ** 2)
+        u, state = tx.update(jax.grad(loss)(params), state, params, set_accumulation_steps=k)
+        return optax.apply_updates(params, u), state
+
+    k, history = 2, []  # two micro-batches at least: the measurement compares 1 and k
+    for _ in range(40):
+        for _ in range(k):
+            params, state = step(params, state, *micro_batch(), jnp.int32(k))
+        now = ox.current_noise_scale(state, window=window)
+        k = scaling.warmup_accumulation_steps(
+            float(now.b_simple), 8, 8, previous=k, settled=bool(now.settled)
+        )
+        history.append(k)
+    assert history == sorted(history), history  # a warm-up never shrinks the batch
+    assert history[0] == 2 and history[-1] > 2, history
+    assert int(state.gradient_step) == 40
+    assert step._cache_size() == 1
