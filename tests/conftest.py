@@ -7,6 +7,16 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the whole run, shared by the xdist workers, the notebook
+# kernels and the subprocess tests: many tests compile the same step of the same
+# optimizer on the same tree (a device path and the no-recompile check, a demo recipe in
+# a test and in a notebook), and XLA's compile time is most of the suite's time. The
+# cache is keyed by the program, the JAX version and the XLA flags, so it never changes
+# a result; set JAX_COMPILATION_CACHE_DIR yourself to move it.
+_CACHE = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax-compilation")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 sys.path.insert(0, os.path.dirname(__file__))  # makes `import helpers` work everywhere
 
 import jax  # noqa: E402

@@ -44,3 +44,41 @@ def test_sweep_stops_after_max_extend(monkeypatch):
     assert len(rows) == len(bench_quality.FACTORS) + bench_quality.MAX_EXTEND
     assert max(r["factor"] for r in rows) == 4.0 * 2**bench_quality.MAX_EXTEND
     assert [r["factor"] for r in rows if r["best_at_edge"]] == [4.0 * 2**bench_quality.MAX_EXTEND]
+
+
+# ------------------------------------------------------------ bench_transfer's logic
+
+import bench_transfer  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def test_transfer_best_lr_is_the_parabola_minimum_and_none_at_the_edge():
+    lrs = 1e-3 * 2.0 ** np.arange(5)
+    losses = (np.log(lrs) - np.log(3e-3)) ** 2 + 2.0
+    assert bench_transfer.best_lr(lrs, losses) == pytest.approx(3e-3)
+    assert bench_transfer.best_lr(lrs, losses[::-1] * 0 + np.arange(5.0)) is None
+    assert bench_transfer.best_lr(lrs, -np.arange(5.0)) is None
+
+
+def test_transfer_reports_measured_over_recommended(monkeypatch):
+    """A fake sweep whose best lr grows like B^(1/4), inside the grid: the ratios are the
+    measured best over each rule's prediction from the anchor."""
+    best_at = lambda b: 3e-3 * (b / 8) ** 0.25
+
+    def fake_train(make_tx, model, params0, valid, lrs, windows, curve=False):
+        b = windows.shape[2]
+        return ((np.log(lrs) - math.log(best_at(b))) ** 2)[:, None] + np.zeros((1, 2))
+
+    monkeypatch.setattr(bench_transfer, "train_many", fake_train)
+    monkeypatch.setattr(
+        bench_transfer, "stream", lambda data, b, steps, seeds: np.zeros((2, steps, b, 3))
+    )
+    out = bench_transfer.transfer("adamw", 50.0, 8, 3, None, None, None, None, 7, (1, 2))
+    rows = {r["batch"]: r for r in out["rows"]}
+    assert out["anchor_lr"] == pytest.approx(3e-3, rel=1e-6)
+    for b in (32, 128):
+        assert rows[b]["best_lr"] == pytest.approx(best_at(b), rel=1e-6)
+        assert rows[b]["measured_over_sqrt"] == pytest.approx((b / 8) ** -0.25, rel=1e-6)
+        assert rows[b]["measured_over_linear"] == pytest.approx((b / 8) ** -0.75, rel=1e-6)
+        rec = bench_transfer.scaling.recommend("adamw", out["anchor_lr"], 8, b, b_simple=50.0)
+        assert rows[b]["measured_over_recommended"] == pytest.approx(best_at(b) / rec.new_lr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from helpers import assert_trees_close, flax_like_params, random_grads_like, x64
@@ -315,3 +316,44 @@ def test_renamed_states_still_import_with_a_deprecation_warning(old, new):
 def test_a_non_finite_shrink_centre_is_rejected(centre):
     with pytest.raises(ValueError, match="centre"):
         ox.nan_guard(optax.adam(1e-3), centre=centre)
+
+
+# ------------------------------------------- a bf16 momentum, written stochastically
+
+#: what each alias needs to keep a momentum buffer at all
+WITH_MOMENTUM = {"adafactor": {"momentum": 0.9}, "amos": {"momentum": 0.9}}
+
+
+def _momenta(state):
+    """The bf16 leaves of a state (the momentum buffers asked for with mu_dtype)."""
+    return [x for x in jax.tree.leaves(state) if x.dtype == jnp.bfloat16]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optimizer_writes_a_bf16_momentum_by_cast_or_stochastic_rounding(name):
+    kwargs = dict(WITH_MOMENTUM.get(name, {}), mu_dtype=jnp.bfloat16)
+    p = params()
+
+    def momenta(**extra):
+        tx = ALIASES[name](1e-3, **kwargs, **extra)
+        _, state = jax.jit(tx.update)(random_grads_like(p, 0), tx.init(p), p)
+        return _momenta(state)
+
+    nearest, sr3, sr3_again, sr4 = (
+        momenta(),
+        momenta(state_rounding="stochastic", rounding_seed=3),
+        momenta(state_rounding="stochastic", rounding_seed=3),
+        momenta(state_rounding="stochastic", rounding_seed=4),
+    )
+    assert nearest and len(nearest) == len(sr3), "no bf16 momentum in the state"
+    for a, b in zip(sr3, sr3_again, strict=True):
+        np.testing.assert_array_equal(a, b)  # reproducible for a seed
+    assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(sr3, sr4, strict=True))
+    # after one step, stochastic rounding picks one of the two bf16 neighbours of the
+    # float32 momentum, so it is within one bf16 ulp of round-to-nearest everywhere
+    for a, b in zip(nearest, sr3, strict=True):
+        a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        ulp = np.abs(a32) * 2.0**-7 + 1e-30
+        assert np.all(np.abs(a32 - b32) <= ulp * 1.0001)
+    with pytest.raises(ValueError, match="state_rounding"):
+        ALIASES[name](1e-3, state_rounding="up")

@@ -17,6 +17,7 @@ import optax
 
 from optax_ext._common import (
     canonical_dtype,
+    check_choice,
     check_float_params,
     check_int,
     check_range,
@@ -25,6 +26,7 @@ from optax_ext._common import (
     decay_mask,
     tree_paths,
 )
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 __all__ = [
     "FactoredMoment",
@@ -171,7 +173,7 @@ def _adafactor_leaf(g, nu, m, p, *, beta2, eps1, clip, momentum, eps2):
     new_m = None
     if m is not None:
         u = momentum * m.astype(work) + (1.0 - momentum) * u
-        new_m = u.astype(m.dtype)
+        new_m = u  # written in the state's dtype by the caller (cast or SR)
     if p is not None:
         u = u * jnp.maximum(_rms(p.astype(work)), eps2)
     return u.astype(g.dtype), new_nu, new_m
@@ -216,6 +218,8 @@ def scale_by_adafactor(
     exclude_from_parameter_scale: str | None = None,
     eps2: float = 1e-3,
     mu_dtype: Any = None,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaFactor's direction (Su's reading): factored RMS scaling, clipping, momentum, θ-scale.
 
@@ -255,6 +259,11 @@ def scale_by_adafactor(
       eps2: ε2 ≥ 0, the floor of the parameter scale.
       mu_dtype: momentum dtype (default: the params'). The second moment is kept in at
         least float32.
+      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
+        ``"stochastic"`` (unbiased,
+        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
+        ``rounding_seed``, the step count and the leaf index). No effect on float32.
+      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`ScaleByAdafactorState`.
@@ -283,6 +292,8 @@ def scale_by_adafactor(
         check_range("momentum", momentum, 0, 1, schedule=False)
     check_range("eps2", eps2, 0, schedule=False)
     mu_dtype = canonical_dtype(mu_dtype)
+    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+    check_int("rounding_seed", rounding_seed, minimum=0)
     unscaled = None
     if exclude_from_parameter_scale is not None:
         unscaled = compile_path_regex(exclude_from_parameter_scale, "exclude_from_parameter_scale")
@@ -333,7 +344,10 @@ def scale_by_adafactor(
         ]
         direction = treedef.unflatten([o[0] for o in out])
         nu = treedef.unflatten([o[1] for o in out])
-        mu = None if state.mu is None else treedef.unflatten([o[2] for o in out])
+        mu = None
+        if state.mu is not None:
+            mu = treedef.unflatten([o[2] for o in out])
+            mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         count = optax.safe_increment(state.count)
         return direction, ScaleByAdafactorState(count=count, nu=nu, mu=mu)
 
@@ -367,6 +381,8 @@ def adafactor(
     exclude_from_parameter_scale: str | None = None,
     eps2: float = 1e-3,
     mu_dtype: Any = None,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaFactor as in Su's reading (bert4keras ``AdaFactorV1``), with decoupled weight decay.
 
@@ -417,6 +433,11 @@ def adafactor(
         the parameter scale (bert4keras's option of the same name), ``None``: none.
       eps2: ε2 ≥ 0 (1e-3).
       mu_dtype: momentum dtype (default: the params').
+      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
+        ``"stochastic"`` (unbiased,
+        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
+        ``rounding_seed``, the step count and the leaf index). No effect on float32.
+      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -451,6 +472,8 @@ def adafactor(
             exclude_from_parameter_scale=exclude_from_parameter_scale,
             eps2=eps2,
             mu_dtype=mu_dtype,
+            state_rounding=state_rounding,
+            rounding_seed=rounding_seed,
         ),
         optax.add_decayed_weights(weight_decay, mask=decay_mask(mask)),
         optax.scale_by_learning_rate(lr),

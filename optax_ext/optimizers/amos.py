@@ -18,13 +18,16 @@ import optax
 from optax_ext._common import (
     EMBEDDING,
     canonical_dtype,
+    check_choice,
     check_float_params,
+    check_int,
     check_range,
     check_updates_match,
     first_match,
     path_to_str,
     schedule_value,
 )
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 __all__ = [
     "ScaleByAmosState",
@@ -161,6 +164,8 @@ def scale_by_amos(
     extra_l2: float = 0.0,
     eps: float = 2.0**-125,
     mu_dtype: Any = None,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The complete Amos update: its output is added to the params as it is.
 
@@ -204,6 +209,11 @@ def scale_by_amos(
       extra_l2: extra L2 coefficient ≥ 0 added to γ/2.
       eps: floor > 0 of ``v``.
       mu_dtype: dtype of the momentum buffer (default: the params').
+      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
+        ``"stochastic"`` (unbiased,
+        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
+        ``rounding_seed``, the step count and the leaf index). No effect on float32.
+      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``. With
@@ -240,6 +250,8 @@ def scale_by_amos(
     eta_fn = amos_default_eta if eta_fn is None else eta_fn
     shape_fn = amos_default_shape if shape_fn is None else shape_fn
     mu_dtype = canonical_dtype(mu_dtype)
+    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+    check_int("rounding_seed", rounding_seed, minimum=0)
 
     def config(path, x) -> _Leaf:
         return _leaf_config(path_to_str(path), tuple(x.shape), eta_fn, shape_fn)
@@ -311,7 +323,7 @@ def scale_by_amos(
         if momentum is not None:
             mu = jax.tree.map(lambda m, u: momentum * m + (1.0 - momentum) * u, mu, delta)
             delta = mu
-            mu = optax.tree.cast_like(mu, state.mu)
+            mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         new_updates = optax.tree.cast_like(delta, updates)
         return new_updates, ScaleByAmosState(count=tau, v=v, b=b, mu=mu)
 
@@ -331,6 +343,8 @@ def amos(
     extra_l2: float = 0.0,
     eps: float = 2.0**-125,
     mu_dtype: Any = None,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The Amos optimizer (the user-facing name of :func:`scale_by_amos`).
 
@@ -366,4 +380,6 @@ def amos(
         extra_l2=extra_l2,
         eps=eps,
         mu_dtype=mu_dtype,
+        state_rounding=state_rounding,
+        rounding_seed=rounding_seed,
     )

@@ -35,6 +35,7 @@ from optax_ext._common import (
 )
 from optax_ext.optimizers.msign import msign, newton_schulz_coefficients
 from optax_ext.optimizers.tiger import tiger
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 __all__ = [
     "MUON_LAYOUT_RULES",
@@ -166,6 +167,8 @@ def scale_by_muon(
     eps: float = 1e-7,
     compute_dtype: Any = None,
     mu_dtype: Any = None,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon's direction: msign of a (Nesterov) momentum, times a shape scale.
 
@@ -212,6 +215,11 @@ def scale_by_muon(
       eps: added to ‖N‖_F before Newton–Schulz.
       compute_dtype: dtype of the Newton–Schulz iteration (default: at least float32).
       mu_dtype: dtype of M (default: the gradients').
+      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
+        ``"stochastic"`` (unbiased,
+        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
+        ``rounding_seed``, the step count and the leaf index). No effect on float32.
+      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`ScaleByMuonState`.
@@ -240,6 +248,8 @@ def scale_by_muon(
     for pattern, name in layout.items() if isinstance(layout, dict) else layout:
         check_choice(f"layout for {pattern!r}", name, _LAYOUTS)
     mu_dtype = canonical_dtype(mu_dtype)
+    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+    check_int("rounding_seed", rounding_seed, minimum=0)
 
     def init_fn(params):
         check_float_params(params, "muon")
@@ -270,7 +280,7 @@ def scale_by_muon(
         u = _from_matrices(u, perm, g.shape)
         if bad is not None:
             u = jnp.where(bad, 0.0, u)
-        return u.astype(g.dtype), m_new.astype(m.dtype)
+        return u.astype(g.dtype), m_new  # M is written by update_fn (cast or SR)
 
     def leaf(path, g, m):
         path = path_to_str(path)
@@ -289,6 +299,7 @@ def scale_by_muon(
         out = jax.tree_util.tree_map_with_path(leaf, updates, state.mu)
         u = jax.tree.map(lambda _, pair: pair[0], updates, out)
         mu = jax.tree.map(lambda _, pair: pair[1], updates, out)
+        mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         return u, ScaleByMuonState(count=optax.safe_increment(state.count), mu=mu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -326,6 +337,8 @@ def muon(
     eps: float = 1e-7,
     compute_dtype: Any = None,
     mu_dtype: Any = None,
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon for dense hidden kernels, a second optimizer for everything else (Moonlight's recipe).
 
@@ -358,7 +371,9 @@ def muon(
       beta: Muon's momentum β in [0, 1).
       weight_decay: λ ≥ 0 for the Muon leaves.
       nesterov, coeffs, steps, scale, update_rms, layout, attention, guard_nan, eps,
-        compute_dtype, mu_dtype: as in :func:`scale_by_muon`.
+        compute_dtype, mu_dtype, state_rounding, rounding_seed: as in
+        :func:`scale_by_muon` (for Muon's M; the other optimizer takes its own in
+        ``other_kwargs``).
       rules: path rules labelling leaves ``"muon"`` or ``"other"`` (first match wins;
         unmatched → ``"other"``).
       other: ``"tiger"``, ``"adamw"`` or an optax transform for the other leaves.
@@ -411,6 +426,8 @@ def muon(
         eps=eps,
         compute_dtype=compute_dtype,
         mu_dtype=mu_dtype,
+        state_rounding=state_rounding,
+        rounding_seed=rounding_seed,
     )
     muon_tx = optax.chain(
         direction,

@@ -33,6 +33,7 @@ from optax_ext._common import (
 )
 from optax_ext._cycles import counters_init, current_cycle, next_counters
 from optax_ext.wrappers import spike
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 __all__ = [
     "TIGER_SCALE_RULES",
@@ -96,14 +97,16 @@ def tiger_momentum(g, m, *, beta, first, k, bad=None):
 
     ``m = b1*m + (1-β)/k * g`` with ``b1 = β`` on the first micro-step of a cycle and 1
     on the others (and 1 for a discarded leaf, whose gradient counts as zero): after k
-    micro-batches m is an EMA of their mean gradient, with no extra buffer.
+    micro-batches m is an EMA of their mean gradient, with no extra buffer. Returned in
+    at least float32, for the caller to write in the state's dtype.
     """
     b1 = jnp.where(first, beta, 1.0) if first is not True else beta
     if bad is not None:
         g = jnp.where(bad, jnp.zeros_like(g), g)
         b1 = jnp.where(bad, 1.0, b1)
     work = _work_dtype(m)
-    return (b1 * m.astype(work) + ((1.0 - beta) / k) * g.astype(work)).astype(m.dtype)
+    # in the work dtype: the caller writes the state (a cast, or stochastic rounding)
+    return b1 * m.astype(work) + ((1.0 - beta) / k) * g.astype(work)
 
 
 def param_scale(param: jax.Array, rule: Any, min_rms: Any) -> jax.Array:
@@ -201,6 +204,8 @@ def scale_by_tiger(
     spike_warmup: int = 20,
     spike_decay: float = 0.99,
     spike_action: str = "skip",
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Tiger's direction: the sign of a momentum that also accumulates micro-batches.
 
@@ -228,6 +233,12 @@ def scale_by_tiger(
       spike_warmup: admitted micro-steps before the spike guard can fire, ≥ 1.
       spike_decay: decay in [0, 1) of the norm's running average.
       spike_action: ``"skip"`` or ``"clip"`` a spike.
+      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
+        ``"stochastic"`` (unbiased,
+        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
+        ``rounding_seed``, the micro-step count and the leaf index). The step's sign is
+        taken before the rounding. No effect on a float32 momentum.
+      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -246,6 +257,8 @@ def scale_by_tiger(
     check_range("beta", beta, 0, 1, high_open=True, schedule=False)
     k = check_int("accumulation_steps", accumulation_steps)
     mu_dtype = canonical_dtype(mu_dtype)
+    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+    check_int("rounding_seed", rounding_seed, minimum=0)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
     init_fn = _init(mu_dtype, k)
 
@@ -267,6 +280,7 @@ def scale_by_tiger(
 
         out = jax.tree.map(leaf, updates, state.mu, checks.bad)
         u, mu = _unzip(updates, out)
+        mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         return u, _next_state(state, mu, checks, guard, cycle)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -289,6 +303,8 @@ def tiger(
     spike_warmup: int = 20,
     spike_decay: float = 0.99,
     spike_action: str = "skip",
+    state_rounding: str = "nearest",
+    rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The Tiger optimizer: sign of an accumulating momentum, per-parameter scales, NaN shrink.
 
@@ -376,6 +392,12 @@ def tiger(
       spike_warmup: admitted micro-steps before the spike guard can fire, ≥ 1.
       spike_decay: decay in [0, 1) of the norm's running average.
       spike_action: ``"skip"`` or ``"clip"`` a spike.
+      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
+        ``"stochastic"`` (unbiased,
+        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
+        ``rounding_seed``, the micro-step count and the leaf index). The step's sign is
+        taken before the rounding. No effect on a float32 momentum.
+      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -405,6 +427,8 @@ def tiger(
     check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True, schedule=False)
     rules = scale_rules(param_scaling)
     mu_dtype = canonical_dtype(mu_dtype)
+    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+    check_int("rounding_seed", rounding_seed, minimum=0)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
     init_fn = _init(mu_dtype, k)
 
@@ -441,6 +465,7 @@ def tiger(
             leaf, updates, state.mu, checks.bad, params, scale_rules, decays, centres
         )
         u, mu = _unzip(updates, out)
+        mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         return u, _next_state(state, mu, checks, guard, cycle)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
