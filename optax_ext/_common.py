@@ -56,6 +56,8 @@ __all__ = [
     "check_choice",
     "has_nonfinite",
     "explicitly_sharded",
+    "unzip_leaves",
+    "work_dtype",
     "renamed_attribute",
     "schedule_value",
     "canonical_dtype",
@@ -364,6 +366,18 @@ def explicitly_sharded(x: jax.Array) -> bool:
     """
     spec = getattr(jax.typeof(x).sharding, "spec", ())
     return any(axis is not None for axis in spec)
+
+
+def work_dtype(x: Any) -> Any:
+    """The dtype to compute in for an array or dtype ``x``: at least float32 (a bf16
+    state is updated in float32 and written back; float64 stays float64)."""
+    return jnp.promote_types(getattr(x, "dtype", x), jnp.float32)
+
+
+def unzip_leaves(like: Any, out: Any, n: int = 2) -> tuple[Any, ...]:
+    """Splits ``out``, a tree shaped like ``like`` whose leaves are n-tuples (a per-leaf
+    function's results), into n trees shaped like ``like``."""
+    return tuple(jax.tree.map(lambda _, o, i=i: o[i], like, out) for i in range(n))
 
 
 def schedule_value(value_or_schedule: Any, index: jax.Array) -> jax.Array:

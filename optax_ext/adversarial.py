@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_ext._common import EMBEDDING, check_range, path_mask, tree_paths
+from optax_ext._common import EMBEDDING, check_range, path_mask, tree_paths, work_dtype
 
 __all__ = ["fgm_value_and_grad", "gradient_penalty_loss"]
 
@@ -129,7 +129,7 @@ def fgm_value_and_grad(
 
 
 def _fgm_delta(g: jax.Array, epsilon: Any) -> jax.Array:
-    g32 = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    g32 = g.astype(work_dtype(g))
     return jax.lax.stop_gradient(epsilon * g32 / (jnp.sqrt(jnp.sum(g32 * g32)) + 1e-8))
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from optax_ext._common import check_int, check_range, tree_paths
+from optax_ext._common import check_int, check_range, tree_paths, work_dtype
 
 __all__ = [
     "am_softmax_loss",
@@ -259,7 +259,7 @@ def _check_embeddings(h: Any, chunk_size: int) -> None:
 
 
 def _acc_dtype(p: Any) -> Any:
-    return jnp.promote_types(jnp.result_type(p), jnp.float32)
+    return work_dtype(jnp.result_type(p))
 
 
 # ------------------------------------------------------------------------- losses

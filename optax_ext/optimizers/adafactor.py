@@ -25,6 +25,7 @@ from optax_ext._common import (
     compile_path_regex,
     decay_mask,
     tree_paths,
+    work_dtype,
 )
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
@@ -86,10 +87,6 @@ def _two_largest(shape: tuple[int, ...]) -> tuple[int, int] | None:
     return int(order[-1]), int(order[-2])
 
 
-def _work_dtype(dtype: Any) -> Any:
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _zeros_reduced(param: Any, axis: int, dtype: Any) -> jax.Array:
     # eval_shape keeps the param's sharding in the reduced shape (abstract leaves too)
     target = jax.eval_shape(lambda x: jnp.mean(x, axis=axis, keepdims=True), param)
@@ -97,7 +94,7 @@ def _zeros_reduced(param: Any, axis: int, dtype: Any) -> jax.Array:
 
 
 def _init_nu(param: Any, min_dim: int) -> Any:
-    dtype = _work_dtype(param.dtype)
+    dtype = work_dtype(param.dtype)
     axes = factored_axes(param.shape, min_dim)
     if axes is None:
         return jnp.zeros_like(param, dtype=dtype)
@@ -155,7 +152,7 @@ def _mean_square_normalised(g, factors, eps1):
 
 def _adafactor_leaf(g, nu, m, p, *, beta2, eps1, clip, momentum, eps2):
     """One leaf: (direction in g's dtype, new second-moment leaf, new momentum or None)."""
-    work = _work_dtype(g.dtype)
+    work = work_dtype(g.dtype)
     gw = g.astype(work)
     factors, new_nu = _second_moment(gw, nu, beta2, eps1)
     if clip is None:

@@ -21,6 +21,8 @@ from optax_ext._common import (
     check_range,
     check_updates_match,
     decay_mask,
+    unzip_leaves,
+    work_dtype,
 )
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
@@ -143,19 +145,19 @@ def scale_by_adax(
         w = adax_nu_weight(state.count, b2)
 
         def leaf(g, m, v):
-            work = jnp.promote_types(g.dtype, jnp.float32)
+            work = work_dtype(g)
             g = g.astype(work)
             m = b1 * m.astype(work) + (1.0 - b1) * g
             v = (1.0 - w) * v.astype(work) + w * jnp.square(g)
             return m / (jnp.sqrt(v) + eps), m, v
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
-        leaves = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
-        new_updates = optax.tree.cast_like(leaves(0), updates)
+        direction, mu, nu = unzip_leaves(updates, out, 3)
+        new_updates = optax.tree.cast_like(direction, updates)
         write = lambda new, old, stream: write_state(
             new, old, state_rounding, rounding_seed, state.count, stream
         )
-        mu, nu = write(leaves(1), state.mu, 0), write(leaves(2), state.nu, 1)
+        mu, nu = write(mu, state.mu, 0), write(nu, state.nu, 1)
         count = optax.safe_increment(state.count)
         return new_updates, ScaleByAdaxState(count=count, mu=mu, nu=nu)
 

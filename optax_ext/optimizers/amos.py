@@ -26,6 +26,8 @@ from optax_ext._common import (
     first_match,
     path_to_str,
     schedule_value,
+    unzip_leaves,
+    work_dtype,
 )
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
@@ -140,7 +142,7 @@ def _leaf_config(path: str, shape: tuple[int, ...], eta_fn: LeafFn, shape_fn: Le
 def _state_dtype(dtype: Any) -> Any:
     # v and b are reduced, so f32 costs little; b sums increments of order ξ² that a
     # bf16 accumulator would round away
-    return jnp.promote_types(dtype, jnp.float32)
+    return work_dtype(dtype)
 
 
 def _check_params(params: Any) -> None:
@@ -317,8 +319,7 @@ def scale_by_amos(
             return delta, v.astype(state_dtype), b.astype(state_dtype)
 
         out = jax.tree_util.tree_map_with_path(leaf, updates, state.v, state.b, params)
-        part = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
-        delta, v, b = part(0), part(1), part(2)
+        delta, v, b = unzip_leaves(updates, out, 3)
         mu = state.mu
         if momentum is not None:
             mu = jax.tree.map(lambda m, u: momentum * m + (1.0 - momentum) * u, mu, delta)

@@ -24,6 +24,8 @@ from optax_ext._common import (
     decay_mask,
     is_concrete_number,
     path_labels,
+    unzip_leaves,
+    work_dtype,
 )
 from optax_ext.optimizers.tiger import param_scale, scale_rules
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
@@ -47,7 +49,7 @@ def _lion_leaf(g, m, b1, b2, one_pass: bool):
     and updates the donated buffer in place (the textbook form needs two fusions reading
     the old momentum, hence a copy of it and a second pass).
     """
-    work = jnp.promote_types(m.dtype, jnp.float32)
+    work = work_dtype(m)
     gw, mw = g.astype(work), m.astype(work)
     new_m = b2 * mw + (1.0 - b2) * gw
     if one_pass:
@@ -131,8 +133,7 @@ def scale_by_lion(
         del extra_args
         check_updates_match(updates, params, "lion")
         out = jax.tree.map(lambda g, m: _lion_leaf(g, m, b1, b2, one_pass), updates, state.mu)
-        direction = jax.tree.map(lambda _, o: o[0], updates, out)
-        mu = jax.tree.map(lambda _, o: o[1], updates, out)
+        direction, mu = unzip_leaves(updates, out)
         mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         return direction, ScaleByLionState(count=optax.safe_increment(state.count), mu=mu)
 
@@ -181,7 +182,7 @@ def scale_by_param_scale(
 
         def leaf(u, p, rule):
             s = param_scale(p, rule, min_rms)
-            return (u.astype(jnp.promote_types(u.dtype, jnp.float32)) * s).astype(u.dtype)
+            return (u.astype(work_dtype(u)) * s).astype(u.dtype)
 
         return jax.tree.map(leaf, updates, params, labels), state
 

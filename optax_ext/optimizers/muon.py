@@ -32,6 +32,8 @@ from optax_ext._common import (
     has_nonfinite,
     path_labels,
     path_to_str,
+    unzip_leaves,
+    work_dtype,
 )
 from optax_ext.optimizers.msign import msign, newton_schulz_coefficients
 from optax_ext.optimizers.tiger import tiger
@@ -263,7 +265,7 @@ def scale_by_muon(
                 "route 1-D leaves to another optimizer (muon() does)"
             )
         perm, shape = _view(g.shape, _layout_of(path, layout), attention)
-        work = jnp.promote_types(m.dtype, jnp.float32)
+        work = work_dtype(m)
         b = beta
         g32 = g.astype(work)
         bad = has_nonfinite(g, catch_inf=True) if guard_nan else None
@@ -297,8 +299,7 @@ def scale_by_muon(
         del extra_args
         check_updates_match(updates, params, "muon")
         out = jax.tree_util.tree_map_with_path(leaf, updates, state.mu)
-        u = jax.tree.map(lambda _, pair: pair[0], updates, out)
-        mu = jax.tree.map(lambda _, pair: pair[1], updates, out)
+        u, mu = unzip_leaves(updates, out)
         mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         return u, ScaleByMuonState(count=optax.safe_increment(state.count), mu=mu)
 

@@ -22,6 +22,8 @@ from optax_ext._common import (
     is_static_int,
     renamed_attribute,
     schedule_value,
+    unzip_leaves,
+    work_dtype,
 )
 from optax_ext._cycles import counters_init, current_cycle, next_counters
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
@@ -155,7 +157,7 @@ def scale_by_sgdm(
                 state.mu,
                 state.acc,
             )
-            u, mu, acc = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(3))
+            u, mu, acc = unzip_leaves(updates, out, 3)
             mu, acc = write(mu, state.mu, 0), write(acc, state.acc, 1)
             return u, ScaleBySgdmState(count=count, mu=mu, acc=acc, **counters)
         out = jax.tree.map(
@@ -163,7 +165,7 @@ def scale_by_sgdm(
             updates,
             state.mu,
         )
-        u, mu = (jax.tree.map(lambda _, o, i=i: o[i], updates, out) for i in range(2))
+        u, mu = unzip_leaves(updates, out)
         return u, ScaleBySgdmState(count=count, mu=write(mu, state.mu, 0), acc=(), **counters)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -243,7 +245,7 @@ def sgdm(
 
 def _heavy_ball(g, m, beta, k, first, last, nesterov):
     """One micro-step of the single-buffer momentum; returns (update, new momentum)."""
-    work = jnp.promote_types(m.dtype, jnp.float32)
+    work = work_dtype(m)
     b1 = beta if first is True else jnp.where(first, beta, 1.0)
     new_m = b1 * m.astype(work) + g.astype(work) / k
     # Nesterov only reaches here with k == 1, where g is the mean gradient
@@ -255,7 +257,7 @@ def _heavy_ball(g, m, beta, k, first, last, nesterov):
 
 def _nesterov_accumulating(g, m, a, beta, k, first, last):
     """Nesterov with k > 1: mean in ``a``, momentum frozen until the cycle's last step."""
-    work = jnp.promote_types(m.dtype, jnp.float32)
+    work = work_dtype(m)
     mean = jnp.where(first, 0.0, a.astype(work)) + g.astype(work) / k
     m_work = m.astype(work)
     new_m = jnp.where(last, beta * m_work + mean, m_work)

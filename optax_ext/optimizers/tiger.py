@@ -30,6 +30,8 @@ from optax_ext._common import (
     path_labels,
     renamed_attribute,
     schedule_value,
+    unzip_leaves,
+    work_dtype,
 )
 from optax_ext._cycles import counters_init, current_cycle, next_counters
 from optax_ext.wrappers import spike
@@ -104,7 +106,7 @@ def tiger_momentum(g, m, *, beta, first, k, bad=None):
     if bad is not None:
         g = jnp.where(bad, jnp.zeros_like(g), g)
         b1 = jnp.where(bad, 1.0, b1)
-    work = _work_dtype(m)
+    work = work_dtype(m)
     # in the work dtype: the caller writes the state (a cast, or stochastic rounding)
     return b1 * m.astype(work) + ((1.0 - beta) / k) * g.astype(work)
 
@@ -115,7 +117,7 @@ def param_scale(param: jax.Array, rule: Any, min_rms: Any) -> jax.Array:
     RMS values are floored at ``min_rms`` so a zero-initialised kernel still moves
     (the sources use no floor; ``min_rms=0`` reproduces them exactly).
     """
-    work = _work_dtype(param)
+    work = work_dtype(param)
     if rule == "rms":
         rms = jnp.sqrt(jnp.mean(jnp.square(param.astype(work))))
     elif rule == "row_rms":
@@ -279,7 +281,7 @@ def scale_by_tiger(
             return u.astype(g.dtype), m
 
         out = jax.tree.map(leaf, updates, state.mu, checks.bad)
-        u, mu = _unzip(updates, out)
+        u, mu = unzip_leaves(updates, out)
         mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         return u, _next_state(state, mu, checks, guard, cycle)
 
@@ -448,7 +450,7 @@ def tiger(
             discard = _discarded(bad, checks.skip)
             m = tiger_momentum(checks.scaled(g), m, beta=beta, first=first, k=cycle.k, bad=discard)
             eta = lr * param_scale(p, rule, min_rms)
-            work = _work_dtype(p)
+            work = work_dtype(p)
             direction = jnp.sign(m).astype(work)
             if decay:
                 direction = direction + wd * p.astype(work)
@@ -464,7 +466,7 @@ def tiger(
         out = jax.tree.map(
             leaf, updates, state.mu, checks.bad, params, scale_rules, decays, centres
         )
-        u, mu = _unzip(updates, out)
+        u, mu = unzip_leaves(updates, out)
         mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         return u, _next_state(state, mu, checks, guard, cycle)
 
@@ -541,21 +543,7 @@ def _next_state(
     )
 
 
-# ----------------------------------------------------------------------- helpers
-
-
-def _work_dtype(x: jax.Array) -> Any:
-    """At least float32 for the arithmetic, whatever the storage dtype (bf16 stays honest)."""
-    return jnp.promote_types(x.dtype, jnp.float32)
-
-
-def _unzip(like: Any, pairs: Any) -> tuple[Any, Any]:
-    """Splits a tree of (a, b) leaf pairs, shaped like ``like``, into two trees."""
-    return (
-        jax.tree.map(lambda _, p: p[0], like, pairs),
-        jax.tree.map(lambda _, p: p[1], like, pairs),
-    )
-
+# ------------------------------------------------------------------ renamed names
 
 #: names this module used before, kept working with a DeprecationWarning
 _RENAMED = {"TigerState": "ScaleByTigerState"}

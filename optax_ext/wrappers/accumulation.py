@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import canonical_dtype, check_int, check_transform, has_nonfinite
+from optax_ext._common import canonical_dtype, check_int, check_transform, has_nonfinite, work_dtype
 from optax_ext._cycles import SET_ACCUMULATION_STEPS, cycle_length
 from optax_ext.wrappers.spike import any_flag
 
@@ -162,7 +162,7 @@ def accumulate_gradients(
     inner = optax.with_extra_args_support(inner)
 
     def acc_like(x):
-        dtype = acc_dtype or jnp.promote_types(x.dtype, jnp.float32)
+        dtype = acc_dtype or work_dtype(x)
         return jnp.zeros_like(x, dtype=dtype)
 
     def init_fn(params):

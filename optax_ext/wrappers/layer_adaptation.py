@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_range, check_transform, decay_mask
+from optax_ext._common import check_range, check_transform, decay_mask, work_dtype
 
 __all__ = ["layer_adapted"]
 
@@ -92,7 +91,7 @@ def layer_adapted(
 def _in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """Runs ``tx`` on float32 (or wider) copies and returns updates in their own dtype:
     norms of float16 updates underflow (‖1e-4‖² is 0 in float16)."""
-    up = lambda t: jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), t)
+    up = lambda t: jax.tree.map(lambda x: x.astype(work_dtype(x)), t)
 
     def update(updates, state, params=None):
         out, state = tx.update(up(updates), state, None if params is None else up(params))

@@ -20,6 +20,7 @@ from optax_ext._common import (
     has_nonfinite,
     is_concrete_number,
     path_labels,
+    work_dtype,
 )
 from optax_ext.wrappers import spike
 
@@ -206,7 +207,7 @@ def nan_guard(
         centres = path_labels(params, rules, default=0.0)
 
         def leaf(u, b, p, c):
-            work = jnp.promote_types(p.dtype, jnp.float32)
+            work = work_dtype(p)
             shrink = (shrink_ratio - 1.0) * (p.astype(work) - c)
             return jnp.where(b, shrink, jnp.where(skip, 0.0, u)).astype(u.dtype)
 

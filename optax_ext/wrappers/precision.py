@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_choice, check_int, check_transform
+from optax_ext._common import check_choice, check_int, check_transform, work_dtype
 from optax_ext.wrappers.rounding import (
     _kahan_leaf,
     _need_params,
@@ -145,7 +145,7 @@ def pure_bf16(
     def update_fn(updates, state, params=None, **extra_args):
         _need_params(params, "pure_bf16")
         widen = lambda x: x.astype(jnp.float32) if _stored(x) else x
-        grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), updates)
+        grads = jax.tree.map(lambda g: g.astype(work_dtype(g)), updates)
         updates, new_inner = inner.update(
             grads, jax.tree.map(widen, state.inner_state), params, **extra_args
         )

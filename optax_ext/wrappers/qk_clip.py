@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_range, check_transform, path_to_str
+from optax_ext._common import check_range, check_transform, path_to_str, work_dtype
 
 __all__ = ["MHA_PARTS", "MLA_PARTS", "qk_clip"]
 
@@ -188,7 +188,7 @@ def qk_clip(
             r = ratios[module]
             factor = jnp.sqrt(r) if power == 0.5 else r**power
             factor = _per_head(factor, p.shape, path.endswith("bias"), path)
-            work = jnp.promote_types(p.dtype, jnp.float32)
+            work = work_dtype(p)
             p32 = p.astype(work)
             clipped = ((p32 + u.astype(work)) * factor - p32).astype(u.dtype)
             return jnp.where(factor < 1, clipped, u)
