@@ -3,8 +3,9 @@
 1. Measure B_simple while training at batch B (``demo.train(measure_noise=True)``, the
    EMA's value at the end of the run: the noise scale grows during training, and the
    late value is the one the transfer is about).
-2. For AdamW, Tiger and Muon: sweep the learning rate at B, 4B and 16B (a ×√2 grid, two
-   data seeds, the same number of updates at every batch), fit the best lr of each batch
+2. For AdamW, Tiger and Muon: sweep the learning rate at B, 4B and 16B (a ×√2 grid,
+   extended past an edge until the best is inside it, two data seeds, the same number
+   of updates at every batch), fit the best lr of each batch
    (a parabola in log lr through the grid minimum), anchor at B, and ask
    ``scaling.recommend`` for 4B and 16B. Reported: measured best lr / recommended lr,
    beside the square-root and linear rules' ratios.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import time
 
 import jax
@@ -41,8 +43,8 @@ from optax_ext import demo
 SEQ, WIDTH = 32, 32
 #: optimizer -> (family for scaling.recommend, factory of lr, centre of the lr grid at B)
 OPTIMIZERS = {
-    "adamw": ("adamw", lambda lr: optax.adamw(lr, weight_decay=0.01), 4e-3),
-    "tiger": ("tiger", lambda lr: ox.tiger(lr, weight_decay=0.01), 1e-3),
+    "adamw": ("adamw", lambda lr: optax.adamw(lr, weight_decay=0.01), 1.6e-2),
+    "tiger": ("tiger", lambda lr: ox.tiger(lr, weight_decay=0.01), 8e-3),
     "muon": ("muon", lambda lr: ox.muon(lr), 2e-2),
 }
 
@@ -96,6 +98,25 @@ def best_lr(lrs, losses):
     return float(np.exp(-b / (2 * a))) if a > 0 else float(lrs[i])
 
 
+def sweep(run, lrs, extend=3, max_extensions=3):
+    """Losses (lr, seed) of ``run`` over the ×√2 grid ``lrs``, extended by ``extend``
+    points past an edge while the seed-mean best lies on it (each extension one more
+    compiled sweep)."""
+    losses = run(lrs)
+    ratio = lrs[1] / lrs[0]
+    for _ in range(max_extensions):
+        i = int(np.nanargmin(losses.mean(axis=1)))
+        if 0 < i < len(lrs) - 1:
+            break
+        if i == 0:
+            more = lrs[0] / ratio ** np.arange(extend, 0, -1)
+            lrs, losses = np.concatenate([more, lrs]), np.concatenate([run(more), losses])
+        else:
+            more = lrs[-1] * ratio ** np.arange(1, extend + 1)
+            lrs, losses = np.concatenate([lrs, more]), np.concatenate([losses, run(more)])
+    return lrs, losses
+
+
 def measure_b_simple(batch, steps):
     run = demo.train(
         steps=steps,
@@ -112,11 +133,12 @@ def measure_b_simple(batch, steps):
 
 def transfer(name, b_simple, batch, steps, data, model, params0, valid, grid, seeds):
     family, make_tx, centre = OPTIMIZERS[name]
-    lrs = centre * 2.0 ** (np.arange(grid) / 2 - (grid - 1) / 4)  # ×√2 steps around centre
     rows, best = [], {}
     for factor in (1, 4, 16):
         b = batch * factor
-        losses = train_many(make_tx, model, params0, valid, lrs, stream(data, b, steps, seeds))
+        windows = stream(data, b, steps, seeds)
+        run = lambda lrs, w=windows: train_many(make_tx, model, params0, valid, lrs, w)
+        lrs, losses = sweep(run, centre * 2.0 ** (np.arange(grid) / 2 - (grid - 1) / 4))
         mean = losses.mean(axis=1)
         best[b] = best_lr(lrs, mean)
         rows.append(
@@ -214,7 +236,8 @@ def plot(results, path):
         axes[1].plot(e, s, "o", label="AdamW runs")
         fit = results["steps_to_target"]["fit"] or {}
         if "b_crit" in fit:
-            ee = np.geomspace(e.min() / 1.5, e.max() * 1.5, 100)
+            # the law's curve exists for E > E_min only (S → ∞ as E → E_min)
+            ee = np.geomspace(max(e.min() / 1.5, fit["e_min"] * 1.05), e.max() * 1.5, 100)
             axes[1].plot(
                 ee,
                 1 / (1 / fit["s_min"] - fit["b_crit"] / ee),
@@ -296,7 +319,10 @@ def main(argv=None):
     results["seconds"] = time.time() - t0
     print(f"{results['seconds']:.0f} s; {write_json('transfer', results)}")
     if "steps_to_target" in results:
-        plot(results, "benchmarks/results/transfer.png")
+        plot(
+            results,
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "transfer.png"),
+        )
     return results
 
 

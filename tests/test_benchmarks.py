@@ -82,3 +82,21 @@ def test_transfer_reports_measured_over_recommended(monkeypatch):
         assert rows[b]["measured_over_linear"] == pytest.approx((b / 8) ** -0.75, rel=1e-6)
         rec = bench_transfer.scaling.recommend("adamw", out["anchor_lr"], 8, b, b_simple=50.0)
         assert rows[b]["measured_over_recommended"] == pytest.approx(best_at(b) / rec.new_lr)
+
+
+@pytest.mark.parametrize("best", [5e-2, 1e-4, 3e-3])
+def test_transfer_sweep_extends_past_an_edge_until_the_best_is_inside(best):
+    calls = []
+
+    def run(lrs):
+        calls.append(len(lrs))
+        return ((np.log(lrs) - math.log(best)) ** 2)[:, None] * np.ones((1, 2))
+
+    grid = 3e-3 * 2.0 ** (np.arange(7) / 2 - 1.5)
+    lrs, losses = bench_transfer.sweep(run, grid)
+    assert np.all(np.diff(lrs) > 0) and losses.shape == (len(lrs), 2)
+    i = int(np.argmin(losses.mean(axis=1)))
+    assert 0 < i < len(lrs) - 1
+    assert calls[0] == 7 and all(n == 3 for n in calls[1:])
+    assert (len(calls) == 1) == (best == 3e-3)  # extended only when the best was outside
+    assert bench_transfer.best_lr(lrs, losses.mean(axis=1)) == pytest.approx(best)
