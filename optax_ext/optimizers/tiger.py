@@ -513,7 +513,7 @@ def _guard_checks(updates, state, guard, guard_nan, catch_inf) -> _Checks:
         flags = jax.tree.leaves(bad)
     else:
         bad, flags = jax.tree.map(lambda _: False, updates), []
-    n_bad = sum((b.astype(jnp.int32) for b in flags), jnp.zeros([], jnp.int32))
+    n_bad = spike.count_flags(flags)
     norm = None if guard is None else spike.global_norm(updates, bad if guard_nan else None)
     spiked = spike.check(guard, norm, state)
     skip = None if guard is None else spiked.skip

@@ -263,10 +263,9 @@ def _welford(g, a, fresh, ok, n):
 
 def _global_sq_norm(tree: Any) -> jax.Array:
     """Squared global L2 norm, summed in float32 whatever the leaves' dtype."""
-    leaves = jax.tree.leaves(tree)
-    return sum(
-        (jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.zeros([], jnp.float32)
-    )
+    # one reduction over the stacked per-leaf sums (see spike.any_flag: not a chain)
+    sums = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
+    return jnp.sum(jnp.stack(sums)) if sums else jnp.zeros([], jnp.float32)
 
 
 def _all_finite(tree: Any) -> jax.Array:

@@ -193,7 +193,7 @@ def nan_guard(
             )
         bad = jax.tree.map(lambda g: has_nonfinite(g, catch_inf), updates)
         bad_flags = jax.tree.leaves(bad)
-        n_bad = sum((b.astype(jnp.int32) for b in bad_flags), jnp.zeros([], jnp.int32))
+        n_bad = spike.count_flags(bad_flags)
         clean = jax.tree.map(lambda g, b: jnp.where(b, jnp.zeros_like(g), g), updates, bad)
         norm = spike.global_norm(updates, exclude=bad) if guard is not None else None
         spiked = spike.check(guard, norm, state)
