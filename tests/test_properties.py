@@ -307,7 +307,7 @@ FACTORIES: dict[str, tuple[st.SearchStrategy, Any]] = {
     "accumulate_gradients": (
         kw(
             inner=INNERS,
-            k=st.integers(1, 3),
+            accumulation_steps=st.integers(1, 3),
             skip_nonfinite=st.booleans(),
             acc_dtype=st.sampled_from([None, jnp.float32]),
         ),
