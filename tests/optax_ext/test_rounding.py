@@ -15,8 +15,9 @@ from helpers import (
     random_grads_like,
 )
 
-from optax_ext.optimizers.lion import lion
-from optax_ext.optimizers.tiger import tiger
+from optax_ext.optimizers.lion import lion, scale_by_lion
+from optax_ext.optimizers.sgdm import scale_by_sgdm
+from optax_ext.optimizers.tiger import scale_by_tiger, tiger
 from optax_ext.wrappers.precision import pure_bf16
 from optax_ext.wrappers.rounding import (
     kahan_summation,
@@ -318,3 +319,40 @@ def test_bad_arguments_and_missing_params():
     for tx in (stochastic_round(), kahan_summation(), pure_bf16(optax.sgd(0.1))):
         with pytest.raises(ValueError, match="params"):
             tx.update(params, tx.init(params))
+
+
+# ------------------------------------------------ a bf16 momentum that does not stall
+
+#: name: (direction with a bf16 momentum, steps, the float32 momentum's value after
+#: them with g = 1, a bound round-to-nearest stays under, SR's tolerance)
+STALLING = {
+    # m ← 0.99 m + 0.01 g: the increment 0.01 (1 - m) is under half an ulp once m > ~0.8
+    "lion": (lambda r: scale_by_lion(0.9, 0.99, mu_dtype=BF16, state_rounding=r), 500,
+             1 - 0.99**500, 0.9, 2e-3),
+    "tiger": (lambda r: scale_by_tiger(0.99, mu_dtype=BF16, state_rounding=r), 500,
+              1 - 0.99**500, 0.9, 2e-3),
+    # m ← 0.999 m + g heads for 1000; half an ulp is 1 in [256, 512): m stalls near 256
+    "sgdm": (lambda r: scale_by_sgdm(0.999, mu_dtype=BF16, state_rounding=r), 1000,
+             1000 * (1 - 0.999**1000), 400, 0.01 * 1000 * (1 - 0.999**1000)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(STALLING))
+def test_bf16_momentum_written_stochastically_does_not_stall(name):
+    """With g = 1 and round-to-nearest a bf16 momentum stops moving once its increment
+    falls under half an ulp; written with stochastic rounding it follows the float32
+    value in the mean. Float32 params: only the state is bf16."""
+    make, steps, want, nearest_below, tolerance = STALLING[name]
+    params = {"w": jnp.zeros(4096)}
+    grads = {"w": jnp.ones(4096)}
+    means = {}
+    for rounding in ("nearest", "stochastic"):
+        tx = make(rounding)
+        state = tx.init(params)
+        step = jax.jit(lambda s, tx=tx: tx.update(grads, s, params)[1])
+        for _ in range(steps):
+            state = step(state)
+        assert state.mu["w"].dtype == BF16
+        means[rounding] = float(state.mu["w"].astype(jnp.float32).mean())
+    assert means["nearest"] < nearest_below, means
+    assert abs(means["stochastic"] - want) < tolerance, (means, want)
