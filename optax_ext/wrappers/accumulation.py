@@ -16,7 +16,7 @@ import optax
 
 from optax_ext._common import canonical_dtype, check_int, check_transform, has_nonfinite, work_dtype
 from optax_ext._cycles import SET_ACCUMULATION_STEPS, cycle_length
-from optax_ext.wrappers.spike import any_flag
+from optax_ext.wrappers.spike import any_flag, global_sq_norm
 
 __all__ = [
     "AccumulationState",
@@ -184,7 +184,7 @@ def accumulate_gradients(
         # the cycle length is this wrapper's: the inner optimizer must not see it
         asked = extra_args.pop(SET_ACCUMULATION_STEPS, None)
         k_now = k if asked is None else cycle_length(asked, state.mini_step, state.cycle_length)
-        sq_norm = _global_sq_norm(updates)
+        sq_norm = global_sq_norm(updates)
         ok = _all_finite(updates) if skip_nonfinite else jnp.asarray(True)
         n = state.n_accumulated + ok.astype(jnp.int32)
         denom = jnp.maximum(n, 1)
@@ -259,13 +259,6 @@ def _welford(g, a, fresh, ok, n):
     """
     base = jnp.where(fresh, jnp.zeros_like(a), a)
     return jnp.where(ok, base + (g - base) / n, base).astype(a.dtype)
-
-
-def _global_sq_norm(tree: Any) -> jax.Array:
-    """Squared global L2 norm, summed in float32 whatever the leaves' dtype."""
-    # one reduction over the stacked per-leaf sums (see spike.any_flag: not a chain)
-    sums = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
-    return jnp.sum(jnp.stack(sums)) if sums else jnp.zeros([], jnp.float32)
 
 
 def _all_finite(tree: Any) -> jax.Array:

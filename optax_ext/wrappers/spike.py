@@ -31,6 +31,7 @@ __all__ = [
     "any_flag",
     "count_flags",
     "global_norm",
+    "global_sq_norm",
     "SpikeGuard",
     "SpikeCheck",
     "spike_guard",
@@ -80,25 +81,31 @@ def count_flags(flags: Sequence[jax.Array]) -> jax.Array:
     return jnp.sum(jnp.stack([jnp.asarray(f).astype(jnp.int32) for f in flags]))
 
 
+def global_sq_norm(tree: Any, exclude: Any = None) -> jax.Array:
+    """The squared L2 norm over all leaves, summed in float32 whatever their dtype.
+
+    ``exclude``: a tree of scalar bools shaped like ``tree``; those leaves count as zero
+    (the non-finite leaves a guard discards). The per-leaf sums are stacked and reduced
+    once: a chain of N additions took XLA's fusion passes superlinear time
+    (:func:`any_flag`).
+    """
+    sums = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
+    if not sums:
+        return jnp.zeros([], jnp.float32)
+    squares = jnp.stack(sums)
+    if exclude is not None:
+        squares = jnp.where(jnp.stack(jax.tree.leaves(exclude)), 0.0, squares)
+    return jnp.sum(squares)
+
+
 def global_norm(tree: Any, exclude: Any = None) -> jax.Array:
     """The L2 norm over all leaves, in float32, as one scalar computed once.
 
-    Squares are summed in float32 whatever the leaves' dtype; a norm beyond ~1.8e19
-    (squares overflow) is +inf, and any NaN gives NaN. ``exclude``: a tree of scalar
-    bools shaped like ``tree``; those leaves count as zero (the non-finite leaves a
-    guard discards). The per-leaf squares are stacked and reduced once, and the square
-    root at the end keeps XLA from copying the sum into every consumer (:func:`any_flag`).
+    :func:`global_sq_norm`'s square root: a norm beyond ~1.8e19 (squares overflow) is
+    +inf, and any NaN gives NaN. The square root is also what keeps XLA from copying
+    the sum into every consumer (:func:`any_flag`).
     """
-    leaves = jax.tree.leaves(tree)
-    skips = jax.tree.leaves(exclude) if exclude is not None else [None] * len(leaves)
-    pairs = [(x, skip) for x, skip in zip(leaves, skips, strict=True) if jnp.size(x)]
-    if not pairs:
-        return jnp.zeros([], jnp.float32)
-    squares = jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x, _ in pairs])
-    if exclude is not None:
-        dropped = jnp.stack([jnp.asarray(skip if skip is not None else False) for _, skip in pairs])
-        squares = jnp.where(dropped, 0.0, squares)
-    return jnp.sqrt(jnp.sum(squares))
+    return jnp.sqrt(global_sq_norm(tree, exclude))
 
 
 class SpikeGuard(NamedTuple):
