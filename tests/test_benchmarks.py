@@ -4,11 +4,13 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import bench_quality  # noqa: E402
+import bench_transfer  # noqa: E402
 
 
 def fake_run(best_lr):
@@ -47,9 +49,6 @@ def test_sweep_stops_after_max_extend(monkeypatch):
 
 
 # ------------------------------------------------------------ bench_transfer's logic
-
-import bench_transfer  # noqa: E402
-import numpy as np  # noqa: E402
 
 
 def test_transfer_best_lr_is_the_parabola_minimum_and_none_at_the_edge():
