@@ -12,9 +12,10 @@ between cycles, and then both must be counted. Three int32 scalars in the state 
 
 A new length is asked for through the update's extra arguments,
 ``tx.update(grads, state, params, set_accumulation_steps=k)`` (a Python int or an int32
-array, so a jitted step compiles once); it takes effect at the next cycle's first
-micro-step (at once if a cycle is starting) and stays until set again. Between sets the
-argument may be omitted. All replicas must pass the same value.
+array, so a jitted step compiles once), passed on every micro-step; a new value takes
+effect at the next cycle's first micro-step (at once if a cycle is starting), and the
+running cycle keeps the length it started with. Without the argument the constructor's
+``accumulation_steps`` holds. All replicas must pass the same value.
 """
 
 from __future__ import annotations
