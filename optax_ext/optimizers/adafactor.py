@@ -141,13 +141,39 @@ def _normalised(g, factors, eps1):
     return g * jax.lax.rsqrt(row) * jax.lax.rsqrt(col + eps1 / row)
 
 
+def _eps1_vanishes(row, col, eps1):
+    """True when c + ε1/r rounds to c for every pair (r, c) of the factors: every ε1/r is
+    below eps/4 · c, a lower bound of half an ulp of c. False on NaN or infinity."""
+    return jnp.max(eps1 / row) < jnp.finfo(col.dtype).eps / 4 * jnp.min(col)
+
+
 def _mean_square_normalised(g, factors, eps1):
-    """mean(u²) = mean(g² / (v + ε1)) without forming u = g·rsqrt(r)·rsqrt(c + ε1/r):
-    one reciprocal square root per entry instead of two and a division."""
-    v = factors[0] if len(factors) == 1 else factors[0] * factors[1]
-    # g·rsqrt(v + ε1) rather than g²/(v + ε1): a gradient of 1e30 has g² = v = inf, and
-    # inf/inf is NaN where 1e30·rsqrt(inf) = 0, as the step itself computes it.
-    return jnp.mean(jnp.square(g * jax.lax.rsqrt(v + eps1)))
+    """mean(u²) with u = g / sqrt(v + ε1), as :func:`_normalised` computes u.
+
+    For a factored v the per-entry form, g·rsqrt(r)·rsqrt(c + ε1/r), costs a reciprocal
+    square root per entry, and this reduction runs on one core on CPU, where that makes
+    it the slowest pass of the update. When every ε1/r is below half an ulp of every c
+    (eps/4 · c bounds half an ulp from below), c + ε1/r rounds to c, so the same u is
+    g·rsqrt(r)·rsqrt(c): two small vectors, one multiplication per entry. ``lax.cond``
+    takes that branch then (nearly always: it fails only where some row's r is within a
+    factor ~2^25 of ε1/c) and the per-entry form otherwise; both give the same numbers.
+    """
+    if len(factors) == 1:
+        # g·rsqrt(v + ε1) rather than g²/(v + ε1): a gradient of 1e30 has g² = v = inf,
+        # and inf/inf is NaN where 1e30·rsqrt(inf) = 0, as the step itself computes it.
+        return jnp.mean(jnp.square(g * jax.lax.rsqrt(factors[0] + eps1)))
+    row, col = factors
+    inv_row, inv_col = jax.lax.rsqrt(row), jax.lax.rsqrt(col)
+    return jax.lax.cond(
+        _eps1_vanishes(row, col, eps1),
+        lambda g, a, b, row, col: jnp.mean(jnp.square(g * a * b)),
+        lambda g, a, b, row, col: jnp.mean(jnp.square(_normalised(g, (row, col), eps1))),
+        g,
+        inv_row,
+        inv_col,
+        row,
+        col,
+    )
 
 
 def _adafactor_leaf(g, nu, m, p, *, beta2, eps1, clip, momentum, eps2):
