@@ -7,8 +7,8 @@ blocks of (kernel, bias, norm scale, norm bias) with 512 and 1000 leaves, and GP
 small's shapes (148 leaves, with the embedding tables that take Tiger's CPU row-block
 loop). Abstract leaves (``jax.ShapeDtypeStruct``): nothing is allocated.
 
-Diagnostic rows split Tiger's defaults into their parts (the NaN guard, the path-rule
-scales, both off), since those are what a per-leaf compile cost can come from. The
+Diagnostic rows split Tiger's defaults into their parts (the NaN and spike guards, the
+path-rule scales, both off), since those are what a per-leaf compile cost can come from. The
 compiled module's fusion count is reported too: compile time follows it closely::
 
     python benchmarks/bench_compile.py                   # 512 and 1000 leaves, GPT-2 small
@@ -58,16 +58,16 @@ PAIRS: dict[str, tuple[Callable, Callable]] = {
         lambda: ox.tiger(1e-3, BETA, 0.01),
         lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01),
     ),
-    "tiger (guard off) vs optax.lion(β, β)": (
-        lambda: ox.tiger(1e-3, BETA, 0.01, guard_nan=False),
+    "tiger (guards off) vs optax.lion(β, β)": (
+        lambda: ox.tiger(1e-3, BETA, 0.01, guard_nan=False, spike_factor=None),
         lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01),
     ),
     "tiger (scaling off) vs optax.lion(β, β)": (
         lambda: ox.tiger(1e-3, BETA, 0.01, param_scaling=None),
         lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01),
     ),
-    "tiger (scaling and guard off) vs optax.lion(β, β)": (
-        lambda: ox.tiger(1e-3, BETA, 0.01, param_scaling=None, guard_nan=False),
+    "tiger (scaling and guards off) vs optax.lion(β, β)": (
+        lambda: ox.tiger(1e-3, BETA, 0.01, param_scaling=None, guard_nan=False, spike_factor=None),
         lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01),
     ),
     "lion vs optax.lion": (lambda: ox.lion(1e-4, 0.9, 0.99), lambda: optax.lion(1e-4, 0.9, 0.99)),

@@ -48,8 +48,10 @@ K = 8
 
 # name: (ours, optax counterpart, param-sized passes a perfect update moves, target ratio)
 PAIRS = {
-    "tiger (scaling and guard off) vs optax.lion(β, β)": (
-        lambda: ox.tiger(1e-3, BETA, 0.01, param_scaling=None, guard_nan=False, mask=True),
+    "tiger (scaling and guards off) vs optax.lion(β, β)": (
+        lambda: ox.tiger(
+            1e-3, BETA, 0.01, param_scaling=None, guard_nan=False, spike_factor=None, mask=True
+        ),
         lambda: optax.lion(1e-3, BETA, BETA, weight_decay=0.01),
         5,
         1.05,

@@ -51,7 +51,10 @@ def float64():
 
 
 def params(dtype=jnp.float32):
-    return flax_like_params(0, dtype=dtype)["params"]
+    """One layer of the small Flax-named transformer (18 leaves): every kind of leaf the
+    path rules tell apart (an embedding, 2-D and 3-D kernels, biases, norm scales, the
+    head) at about half the compile time of two layers; the contract is per leaf."""
+    return flax_like_params(0, layers=1, dtype=dtype)["params"]
 
 
 def params64():

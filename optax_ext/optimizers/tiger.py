@@ -26,7 +26,6 @@ from optax_ext._common import (
     check_updates_match,
     decay_mask,
     explicitly_sharded,
-    has_nonfinite,
     path_labels,
     renamed_attribute,
     schedule_value,
@@ -508,13 +507,18 @@ def _init(mu_dtype, k):
 
 
 def _guard_checks(updates, state, guard, guard_nan, catch_inf) -> _Checks:
+    leaves, treedef = jax.tree.flatten(updates)
     if guard_nan:
-        bad = jax.tree.map(lambda g: has_nonfinite(g, catch_inf), updates)
-        flags = jax.tree.leaves(bad)
+        # the per-leaf check and the spike guard's norm share one read of each leaf
+        checked = spike.check_leaves(leaves, catch_inf)
+        flags = checked.bad
+        bad = treedef.unflatten(flags)
+        squares = checked.squares
     else:
-        bad, flags = jax.tree.map(lambda _: False, updates), []
+        bad, flags = treedef.unflatten([False] * len(leaves)), []
+        squares = None if guard is None else spike.leaf_squares(leaves)
     n_bad = spike.count_flags(flags)
-    norm = None if guard is None else spike.global_norm(updates, bad if guard_nan else None)
+    norm = None if guard is None else jnp.sqrt(spike.masked_sq_norm(squares, flags))
     spiked = spike.check(guard, norm, state)
     skip = None if guard is None else spiked.skip
     return _Checks(bad, n_bad, norm, spiked, skip)

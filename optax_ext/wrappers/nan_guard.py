@@ -191,11 +191,16 @@ def nan_guard(
             raise ValueError(
                 "nan_guard needs the current params: call tx.update(grads, state, params)"
             )
-        bad = jax.tree.map(lambda g: has_nonfinite(g, catch_inf), updates)
-        bad_flags = jax.tree.leaves(bad)
+        # the per-leaf check and the spike guard's norm share one read of each leaf
+        leaves, treedef = jax.tree.flatten(updates)
+        checked = spike.check_leaves(leaves, catch_inf)
+        bad_flags = checked.bad
+        bad = treedef.unflatten(bad_flags)
         n_bad = spike.count_flags(bad_flags)
         clean = jax.tree.map(lambda g, b: jnp.where(b, jnp.zeros_like(g), g), updates, bad)
-        norm = spike.global_norm(updates, exclude=bad) if guard is not None else None
+        norm = None
+        if guard is not None:
+            norm = jnp.sqrt(spike.masked_sq_norm(checked.squares, bad_flags))
         spiked = spike.check(guard, norm, state)
         inner_updates, new_inner = inner.update(
             spike.scale_tree(clean, spiked.scale), state.inner_state, params, **extra_args

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_choice, check_int, check_range
+from optax_ext._common import check_choice, check_int, check_range, has_nonfinite
 
 __all__ = [
     "SPIKE_ACTIONS",
@@ -32,6 +32,10 @@ __all__ = [
     "count_flags",
     "global_norm",
     "global_sq_norm",
+    "leaf_squares",
+    "masked_sq_norm",
+    "LeafChecks",
+    "check_leaves",
     "SpikeGuard",
     "SpikeCheck",
     "spike_guard",
@@ -81,21 +85,65 @@ def count_flags(flags: Sequence[jax.Array]) -> jax.Array:
     return jnp.sum(jnp.stack([jnp.asarray(f).astype(jnp.int32) for f in flags]))
 
 
+def leaf_squares(leaves: Sequence[jax.Array]) -> jax.Array:
+    """Each leaf's sum of squares in float32, stacked: shape ``(len(leaves),)``."""
+    if not leaves:
+        return jnp.zeros([0], jnp.float32)
+    return jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves])
+
+
+def masked_sq_norm(squares: jax.Array, exclude: Sequence[jax.Array] | None = None) -> jax.Array:
+    """The sum of :func:`leaf_squares`' entries, those whose ``exclude`` flag is True
+    counting as zero. One reduction over the stacked sums: a chain of N additions took
+    XLA's fusion passes superlinear time (:func:`any_flag`)."""
+    if exclude is not None and len(exclude):
+        squares = jnp.where(jnp.stack(list(exclude)), 0.0, squares)
+    return jnp.sum(squares)
+
+
 def global_sq_norm(tree: Any, exclude: Any = None) -> jax.Array:
     """The squared L2 norm over all leaves, summed in float32 whatever their dtype.
 
     ``exclude``: a tree of scalar bools shaped like ``tree``; those leaves count as zero
-    (the non-finite leaves a guard discards). The per-leaf sums are stacked and reduced
-    once: a chain of N additions took XLA's fusion passes superlinear time
-    (:func:`any_flag`).
+    (the non-finite leaves a guard discards).
     """
-    sums = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
-    if not sums:
-        return jnp.zeros([], jnp.float32)
-    squares = jnp.stack(sums)
-    if exclude is not None:
-        squares = jnp.where(jnp.stack(jax.tree.leaves(exclude)), 0.0, squares)
-    return jnp.sum(squares)
+    flags = None if exclude is None else jax.tree.leaves(exclude)
+    return masked_sq_norm(leaf_squares(jax.tree.leaves(tree)), flags)
+
+
+class LeafChecks(NamedTuple):
+    """What one read of each gradient leaf tells: see :func:`check_leaves`."""
+
+    bad: list[jax.Array]  # one scalar bool per leaf: it holds a NaN (or ±inf)
+    squares: jax.Array  # float32, each leaf's sum of squares (:func:`leaf_squares`)
+
+
+def check_leaves(leaves: Sequence[jax.Array], catch_inf: bool = True) -> LeafChecks:
+    """Non-finite flags and sums of squares of gradient leaves from one read of each.
+
+    s = Σ g² (float32) is NaN exactly when the leaf holds a NaN: squares are ≥ 0, so a
+    sum of them never meets inf - inf. It is +inf when the leaf holds ±inf, and also
+    when finite entries overflow (|g| > 1.8e19). With ``catch_inf`` the flag is "NaN,
+    or +inf and :func:`~optax_ext._common.has_nonfinite`", where the exact check runs,
+    on every leaf, only when some sum is +inf (a ``lax.cond``): the guard's norm and its
+    per-leaf check share the one read that the norm needs anyway. Without
+    ``catch_inf`` the flag is NaN only, exactly.
+    """
+    leaves = list(leaves)
+    squares = leaf_squares(leaves)
+    if not leaves:
+        return LeafChecks([], squares)
+    flags = jnp.isnan(squares)
+    if catch_inf:
+        overflow = jnp.isinf(squares)
+        exact = jax.lax.cond(
+            jnp.any(overflow),
+            lambda xs: jnp.stack([has_nonfinite(x) for x in xs]),
+            lambda xs: jnp.zeros([len(xs)], bool),
+            leaves,
+        )
+        flags = flags | (overflow & exact)
+    return LeafChecks([flags[i] for i in range(len(leaves))], squares)
 
 
 def global_norm(tree: Any, exclude: Any = None) -> jax.Array:

@@ -418,3 +418,40 @@ def _run_all(tx, params, grads):
 def test_bad_spike_settings(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         nan_guard(optax.sgd(0.1), **kwargs)
+
+
+# ----------------------------------------------------- the shared per-leaf check
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_check_leaves_flags_and_squares_from_one_read(jit):
+    """spike.check_leaves: NaN and ±inf flagged, finite entries whose squares overflow
+    (the exact check inside its lax.cond) are not, and the sums of squares are each
+    leaf's, in float32 whatever the leaf's dtype."""
+    from optax_ext.wrappers import spike
+
+    leaves = [
+        jnp.array([1.0, 2.0, 3.0]),
+        jnp.array([1.0, np.nan]),
+        jnp.array([np.inf, 1.0]),
+        jnp.array([-np.inf, np.inf]),
+        jnp.array([1e20, -1e20]),  # finite: its squares overflow float32
+        jnp.array([0.5, 0.25], jnp.bfloat16),
+        jnp.zeros((0,)),
+    ]
+    check = jax.jit(spike.check_leaves, static_argnums=1) if jit else spike.check_leaves
+    got = check(leaves, True)
+    assert [bool(b) for b in got.bad] == [False, True, True, True, False, False, False]
+    assert got.squares.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got.squares)[[0, 5, 6]], [14.0, 0.3125, 0.0])
+    assert np.isnan(got.squares[1]) and np.isinf(got.squares[2:5]).all()
+    # NaN only: exactly the leaves holding a NaN (+inf beside -inf is no NaN)
+    nan_only = check(leaves, False)
+    assert [bool(b) for b in nan_only.bad] == [False, True, False, False, False, False, False]
+    # with every sum finite the exact check is not needed, and the flags stay False
+    assert not any(bool(b) for b in check([leaves[0], leaves[5]], True).bad)
+    # the guard's norm over the leaves it keeps
+    keep = [leaves[0], leaves[5]]
+    flags = [got.bad[0], got.bad[5], True]
+    norm = spike.masked_sq_norm(check(keep + [leaves[1]], True).squares, flags)
+    np.testing.assert_allclose(float(norm), 14.3125)

@@ -338,8 +338,10 @@ def test_softsign_large_eps_tends_to_sgd():
         (lambda: bs.softsign_curve([1.0, 2.0], np.eye(2), [1.0, -9.0], 0.1), "sigma"),
         (lambda: bs.softsign_curve([1.0, 2.0], np.zeros((2, 2)), [1.0, 1.0], 0.1), "trace"),
         (lambda: bs.softsign_optimal_lr(10.0, (1.0, 1.0, 1.0, 1.0, 1.0)), "SoftSignCurve"),
-        (lambda: bs.softsign_optimal_lr(0.0, bs.softsign_curve([1.0], [[1.0]], [1.0], 0.1)),
-         "batch"),
+        (
+            lambda: bs.softsign_optimal_lr(0.0, bs.softsign_curve([1.0], [[1.0]], [1.0], 0.1)),
+            "batch",
+        ),
     ],
 )
 def test_softsign_bad_arguments(call, match):
