@@ -194,6 +194,9 @@ def main(argv=None):
         "--trials", type=int, default=3, help="fresh runs per pair; the median ratio is reported"
     )
     ap.add_argument("--only", default=None, help="run only pairs whose name contains this")
+    ap.add_argument(
+        "--out", default=None, help="write the JSON here (default benchmarks/results/speed.json)"
+    )
     args = ap.parse_args(argv)
     names = [n for n in PAIRS if args.only is None or args.only in n]
 
@@ -252,7 +255,7 @@ def main(argv=None):
             ],
         )
     )
-    print("wrote", write_json("speed", results))
+    print("wrote", write_json("speed", results, args.out))
     return results
 
 

@@ -3,8 +3,13 @@
 import os
 import sys
 
+# XLA compiles the tests' programs without LLVM's optimisations: compilation is most of
+# the suite's time and the programs are small, so they compile ~30% faster and run
+# about as fast. The numbers do not change (the same HLO, no fast-math either way).
+# The notebooks train for minutes and keep XLA's default (see pytest_runtest_call).
+_UNOPTIMISED = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {_UNOPTIMISED}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the whole run, shared by the xdist workers, the notebook
@@ -26,3 +31,16 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests/conftest.py must run before jax is imported"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A notebook's kernel (a subprocess, started here) compiles with XLA's defaults."""
+    if item.path.suffix != ".ipynb":
+        return (yield)
+    flags = os.environ["XLA_FLAGS"]
+    os.environ["XLA_FLAGS"] = flags.replace(_UNOPTIMISED, "").strip()
+    try:
+        return (yield)
+    finally:
+        os.environ["XLA_FLAGS"] = flags

@@ -17,8 +17,11 @@ import optax
 from optax_ext._common import path_to_str
 
 
-def flax_like_params(seed: int = 0, *, vocab=37, width=16, heads=2, layers=2, dtype=jnp.float32):
+def flax_like_params(seed: int = 0, *, vocab=37, width=16, heads=2, layers=1, dtype=jnp.float32):
     """A parameter tree shaped like a small Flax transformer, with Flax's names.
+
+    One layer (18 leaves) already holds every kind of leaf the optimizers tell apart;
+    each further layer repeats them and adds compile time to every test.
 
     Paths include ``embedding`` (vocab, width), ``kernel`` (2-D and 3-D attention
     kernels), ``bias`` and LayerNorm ``scale``; values are random (norm scales near 1,

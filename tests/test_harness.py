@@ -45,7 +45,7 @@ def jax_leaves(t):
 
 
 def test_path_rules():
-    params = flax_like_params(0)
+    params = flax_like_params(0, layers=2)
     labels = c.path_labels(params, [(c.NORM_AND_BIAS, "nd"), (c.EMBEDDING, "emb")], "k")
     assert labels["params"]["embed"]["embedding"] == "emb"
     assert labels["params"]["final_norm"]["scale"] == "nd"

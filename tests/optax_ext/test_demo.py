@@ -76,10 +76,17 @@ def test_every_optimizer_learns_a_little(name):
         (["--log", "/nonexistent/dir/log.jsonl"], "cannot write --log"),
     ],
 )
-def test_bad_flags_give_one_line_errors(args, message):
-    out = run_demo(*args, timeout=60)
+def test_bad_flags_give_one_line_errors(args, message, capsys):
+    assert demo.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_bad_flag_exits_2_from_the_command_line():
+    out = run_demo("--steps", "0", timeout=60)
     assert out.returncode == 2
-    assert message in out.stderr and "Traceback" not in out.stderr
+    assert "expected an integer >= 1, got '0'" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
