@@ -330,7 +330,7 @@ def _momenta(state):
 
 
 def six_leaves():
-    """An embedding, a hidden kernel and its bias, a norm scale and the head, Flax-named:
+    """An embedding, a hidden kernel and its bias, a norm (scale, bias), the head kernel:
     every route of every optimizer's momentum in few leaves (stochastic rounding draws
     per leaf, and each draw adds compile time)."""
     full = params()
