@@ -130,20 +130,22 @@ def check_leaves(leaves: Sequence[jax.Array], catch_inf: bool = True) -> LeafChe
     ``catch_inf`` the flag is NaN only, exactly.
     """
     leaves = list(leaves)
-    squares = leaf_squares(leaves)
+    sums = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves]
     if not leaves:
-        return LeafChecks([], squares)
-    flags = jnp.isnan(squares)
-    if catch_inf:
-        overflow = jnp.isinf(squares)
-        exact = jax.lax.cond(
-            jnp.any(overflow),
-            lambda xs: jnp.stack([has_nonfinite(x) for x in xs]),
-            lambda xs: jnp.zeros([len(xs)], bool),
-            leaves,
-        )
-        flags = flags | (overflow & exact)
-    return LeafChecks([flags[i] for i in range(len(leaves))], squares)
+        return LeafChecks([], jnp.zeros([0], jnp.float32))
+    squares = jnp.stack(sums)
+    if not catch_inf:
+        return LeafChecks([jnp.isnan(s) for s in sums], squares)
+    exact = jax.lax.cond(
+        jnp.any(jnp.isinf(squares)),
+        lambda xs: jnp.stack([has_nonfinite(x) for x in xs]),
+        lambda xs: jnp.zeros([len(xs)], bool),
+        leaves,
+    )
+    # each flag from its own leaf's sum, not a slice of an expression over the stacked
+    # sums: XLA would fuse a copy of that whole expression into every leaf's kernel
+    flags = [jnp.isnan(s) | (jnp.isinf(s) & exact[i]) for i, s in enumerate(sums)]
+    return LeafChecks(flags, squares)
 
 
 def global_norm(tree: Any, exclude: Any = None) -> jax.Array:
