@@ -85,11 +85,15 @@ def count_flags(flags: Sequence[jax.Array]) -> jax.Array:
     return jnp.sum(jnp.stack([jnp.asarray(f).astype(jnp.int32) for f in flags]))
 
 
+def _sums_of_squares(leaves: Sequence[jax.Array]) -> list[jax.Array]:
+    return [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves]
+
+
 def leaf_squares(leaves: Sequence[jax.Array]) -> jax.Array:
     """Each leaf's sum of squares in float32, stacked: shape ``(len(leaves),)``."""
     if not leaves:
         return jnp.zeros([0], jnp.float32)
-    return jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves])
+    return jnp.stack(_sums_of_squares(leaves))
 
 
 def masked_sq_norm(squares: jax.Array, exclude: Sequence[jax.Array] | None = None) -> jax.Array:
@@ -130,9 +134,9 @@ def check_leaves(leaves: Sequence[jax.Array], catch_inf: bool = True) -> LeafChe
     ``catch_inf`` the flag is NaN only, exactly.
     """
     leaves = list(leaves)
-    sums = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves]
     if not leaves:
-        return LeafChecks([], jnp.zeros([0], jnp.float32))
+        return LeafChecks([], leaf_squares(leaves))
+    sums = _sums_of_squares(leaves)
     squares = jnp.stack(sums)
     if not catch_inf:
         return LeafChecks([jnp.isnan(s) for s in sums], squares)
