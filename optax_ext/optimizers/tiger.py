@@ -518,7 +518,7 @@ def _guard_checks(updates, state, guard, guard_nan, catch_inf) -> _Checks:
         bad, flags = treedef.unflatten([False] * len(leaves)), []
         squares = None if guard is None else spike.leaf_squares(leaves)
     n_bad = spike.count_flags(flags)
-    norm = None if guard is None else jnp.sqrt(spike.masked_sq_norm(squares, flags))
+    norm = None if guard is None else spike.masked_norm(squares, flags)
     spiked = spike.check(guard, norm, state)
     skip = None if guard is None else spiked.skip
     return _Checks(bad, n_bad, norm, spiked, skip)

@@ -198,9 +198,7 @@ def nan_guard(
         bad = treedef.unflatten(bad_flags)
         n_bad = spike.count_flags(bad_flags)
         clean = jax.tree.map(lambda g, b: jnp.where(b, jnp.zeros_like(g), g), updates, bad)
-        norm = None
-        if guard is not None:
-            norm = jnp.sqrt(spike.masked_sq_norm(checked.squares, bad_flags))
+        norm = None if guard is None else spike.masked_norm(checked.squares, bad_flags)
         spiked = spike.check(guard, norm, state)
         inner_updates, new_inner = inner.update(
             spike.scale_tree(clean, spiked.scale), state.inner_state, params, **extra_args

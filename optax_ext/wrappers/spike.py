@@ -34,6 +34,7 @@ __all__ = [
     "global_sq_norm",
     "leaf_squares",
     "masked_sq_norm",
+    "masked_norm",
     "LeafChecks",
     "check_leaves",
     "SpikeGuard",
@@ -152,14 +153,18 @@ def check_leaves(leaves: Sequence[jax.Array], catch_inf: bool = True) -> LeafChe
     return LeafChecks(flags, squares)
 
 
-def global_norm(tree: Any, exclude: Any = None) -> jax.Array:
-    """The L2 norm over all leaves, in float32, as one scalar computed once.
+def masked_norm(squares: jax.Array, exclude: Sequence[jax.Array] | None = None) -> jax.Array:
+    """:func:`masked_sq_norm`'s square root, the guards' gradient norm: beyond ~1.8e19
+    (squares overflow) it is +inf, and any NaN gives NaN. The square root is also what
+    keeps XLA from copying the sum into every consumer (:func:`any_flag`)."""
+    return jnp.sqrt(masked_sq_norm(squares, exclude))
 
-    :func:`global_sq_norm`'s square root: a norm beyond ~1.8e19 (squares overflow) is
-    +inf, and any NaN gives NaN. The square root is also what keeps XLA from copying
-    the sum into every consumer (:func:`any_flag`).
-    """
-    return jnp.sqrt(global_sq_norm(tree, exclude))
+
+def global_norm(tree: Any, exclude: Any = None) -> jax.Array:
+    """The L2 norm over all leaves, in float32, as one scalar computed once
+    (:func:`masked_norm` of the leaves' sums of squares)."""
+    flags = None if exclude is None else jax.tree.leaves(exclude)
+    return masked_norm(leaf_squares(jax.tree.leaves(tree)), flags)
 
 
 class SpikeGuard(NamedTuple):
