@@ -511,14 +511,11 @@ def _guard_checks(updates, state, guard, guard_nan, catch_inf) -> _Checks:
     if guard_nan:
         # the per-leaf check and the spike guard's norm share one read of each leaf
         checked = spike.check_leaves(leaves, catch_inf)
-        flags = checked.bad
-        bad = treedef.unflatten(flags)
-        squares = checked.squares
+        bad, n_bad = treedef.unflatten(checked.bad), checked.count()
+        norm = None if guard is None else checked.norm()
     else:
-        bad, flags = treedef.unflatten([False] * len(leaves)), []
-        squares = None if guard is None else spike.leaf_squares(leaves)
-    n_bad = spike.count_flags(flags)
-    norm = None if guard is None else spike.masked_norm(squares, flags)
+        bad, n_bad = treedef.unflatten([False] * len(leaves)), jnp.zeros([], jnp.int32)
+        norm = None if guard is None else spike.global_norm(leaves)
     spiked = spike.check(guard, norm, state)
     skip = None if guard is None else spiked.skip
     return _Checks(bad, n_bad, norm, spiked, skip)

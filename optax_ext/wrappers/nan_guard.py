@@ -194,16 +194,15 @@ def nan_guard(
         # the per-leaf check and the spike guard's norm share one read of each leaf
         leaves, treedef = jax.tree.flatten(updates)
         checked = spike.check_leaves(leaves, catch_inf)
-        bad_flags = checked.bad
-        bad = treedef.unflatten(bad_flags)
-        n_bad = spike.count_flags(bad_flags)
+        bad = treedef.unflatten(checked.bad)
+        n_bad = checked.count()
         clean = jax.tree.map(lambda g, b: jnp.where(b, jnp.zeros_like(g), g), updates, bad)
-        norm = None if guard is None else spike.masked_norm(checked.squares, bad_flags)
+        norm = None if guard is None else checked.norm()
         spiked = spike.check(guard, norm, state)
         inner_updates, new_inner = inner.update(
             spike.scale_tree(clean, spiked.scale), state.inner_state, params, **extra_args
         )
-        flags = bad_flags + (_nonfinite_flags((inner_updates, new_inner)) if check_result else [])
+        flags = [n_bad > 0] + (_nonfinite_flags((inner_updates, new_inner)) if check_result else [])
         # one decision every leaf selects on, computed once (see spike.any_flag)
         nonfinite = spike.any_flag(flags)
         skip = spike.any_flag([nonfinite, spiked.skip])

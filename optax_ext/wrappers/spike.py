@@ -74,7 +74,7 @@ def any_flag(flags: Sequence[jax.Array]) -> jax.Array:
     """
     if not flags:
         return jnp.zeros([], bool)
-    count = jnp.sum(jnp.stack([jnp.asarray(f).astype(jnp.float32) for f in flags]))
+    count = jnp.sum(jnp.stack([jnp.asarray(f, bool) for f in flags]).astype(jnp.float32))
     return jnp.sqrt(count) > 0
 
 
@@ -83,7 +83,7 @@ def count_flags(flags: Sequence[jax.Array]) -> jax.Array:
     (as in :func:`any_flag`, never a chain of N additions)."""
     if not flags:
         return jnp.zeros([], jnp.int32)
-    return jnp.sum(jnp.stack([jnp.asarray(f).astype(jnp.int32) for f in flags]))
+    return jnp.sum(jnp.stack([jnp.asarray(f, bool) for f in flags]).astype(jnp.int32))
 
 
 def _sums_of_squares(leaves: Sequence[jax.Array]) -> list[jax.Array]:
@@ -97,11 +97,14 @@ def leaf_squares(leaves: Sequence[jax.Array]) -> jax.Array:
     return jnp.stack(_sums_of_squares(leaves))
 
 
-def masked_sq_norm(squares: jax.Array, exclude: Sequence[jax.Array] | None = None) -> jax.Array:
+def masked_sq_norm(squares: jax.Array, exclude: Sequence[jax.Array] | jax.Array | None = None) -> jax.Array:
     """The sum of :func:`leaf_squares`' entries, those whose ``exclude`` flag is True
-    counting as zero. One reduction over the stacked sums: a chain of N additions took
-    XLA's fusion passes superlinear time (:func:`any_flag`)."""
-    if exclude is not None and len(exclude):
+    counting as zero (``exclude``: one scalar bool per entry, or a bool vector). One
+    reduction over the stacked sums: a chain of N additions took XLA's fusion passes
+    superlinear time (:func:`any_flag`)."""
+    if isinstance(exclude, jax.Array):
+        squares = jnp.where(exclude, 0.0, squares)
+    elif exclude is not None and len(exclude):
         squares = jnp.where(jnp.stack(list(exclude)), 0.0, squares)
     return jnp.sum(squares)
 
@@ -121,6 +124,15 @@ class LeafChecks(NamedTuple):
 
     bad: list[jax.Array]  # one scalar bool per leaf: it holds a NaN (or ±inf)
     squares: jax.Array  # float32, each leaf's sum of squares (:func:`leaf_squares`)
+    stacked: jax.Array  # the same flags as one bool vector, for counts and the norm
+
+    def count(self) -> jax.Array:
+        """How many leaves are flagged (int32): one reduction over :attr:`stacked`."""
+        return jnp.sum(self.stacked.astype(jnp.int32))
+
+    def norm(self) -> jax.Array:
+        """The gradient norm over the leaves not flagged (:func:`masked_norm`)."""
+        return masked_norm(self.squares, self.stacked)
 
 
 def check_leaves(leaves: Sequence[jax.Array], catch_inf: bool = True) -> LeafChecks:
@@ -133,27 +145,36 @@ def check_leaves(leaves: Sequence[jax.Array], catch_inf: bool = True) -> LeafChe
     on every leaf, only when some sum is +inf (a ``lax.cond``): the guard's norm and its
     per-leaf check share the one read that the norm needs anyway. Without
     ``catch_inf`` the flag is NaN only, exactly.
+
+    Written for XLA's compile time (512 leaves: Tiger's defaults went from 23 s to
+    ~10 s, ``benchmarks/RESULTS.md``): each leaf's flag comes from its own sum and its
+    own output of the ``lax.cond``. A slice of a stacked vector in a leaf's kernel
+    (``exact[i]``, or a flag sliced out of an expression over the stacked sums) kept
+    XLA:CPU from grouping that leaf's kernels into one compiled module, one LLVM
+    module per leaf instead, or copied the whole expression into each of them. Counts
+    and the norm reduce the stacked flags (:attr:`LeafChecks.stacked`), never the list:
+    XLA rewrote a sum of N stacked scalars into one kernel holding a chain of N
+    additions, which LLVM compiles in superlinear time.
     """
     leaves = list(leaves)
     if not leaves:
-        return LeafChecks([], leaf_squares(leaves))
+        return LeafChecks([], leaf_squares(leaves), jnp.zeros([0], bool))
     sums = _sums_of_squares(leaves)
     squares = jnp.stack(sums)
     if not catch_inf:
-        return LeafChecks([jnp.isnan(s) for s in sums], squares)
+        return LeafChecks([jnp.isnan(s) for s in sums], squares, jnp.isnan(squares))
     exact = jax.lax.cond(
         jnp.any(jnp.isinf(squares)),
-        lambda xs: jnp.stack([has_nonfinite(x) for x in xs]),
-        lambda xs: jnp.zeros([len(xs)], bool),
+        lambda xs: [has_nonfinite(x) for x in xs],
+        lambda xs: [jnp.zeros([], bool) for _ in xs],
         leaves,
     )
-    # each flag from its own leaf's sum, not a slice of an expression over the stacked
-    # sums: XLA would fuse a copy of that whole expression into every leaf's kernel
-    flags = [jnp.isnan(s) | (jnp.isinf(s) & exact[i]) for i, s in enumerate(sums)]
-    return LeafChecks(flags, squares)
+    flags = [jnp.isnan(s) | (jnp.isinf(s) & e) for s, e in zip(sums, exact, strict=True)]
+    stacked = jnp.isnan(squares) | (jnp.isinf(squares) & jnp.stack(exact))
+    return LeafChecks(flags, squares, stacked)
 
 
-def masked_norm(squares: jax.Array, exclude: Sequence[jax.Array] | None = None) -> jax.Array:
+def masked_norm(squares: jax.Array, exclude: Sequence[jax.Array] | jax.Array | None = None) -> jax.Array:
     """:func:`masked_sq_norm`'s square root, the guards' gradient norm: beyond ~1.8e19
     (squares overflow) it is +inf, and any NaN gives NaN. The square root is also what
     keeps XLA from copying the sum into every consumer (:func:`any_flag`)."""

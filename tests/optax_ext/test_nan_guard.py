@@ -442,12 +442,18 @@ def test_check_leaves_flags_and_squares_from_one_read(jit):
     check = jax.jit(spike.check_leaves, static_argnums=1) if jit else spike.check_leaves
     got = check(leaves, True)
     assert [bool(b) for b in got.bad] == [False, True, True, True, False, False, False]
+    # the stacked flags, and the count and norm reduced from them, say the same
+    assert np.asarray(got.stacked).tolist() == [bool(b) for b in got.bad]
+    assert int(got.count()) == 3
+    np.testing.assert_allclose(float(got.norm()), np.sqrt(14.0 + 0.3125 + np.inf))
     assert got.squares.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got.squares)[[0, 5, 6]], [14.0, 0.3125, 0.0])
     assert np.isnan(got.squares[1]) and np.isinf(got.squares[2:5]).all()
     # NaN only: exactly the leaves holding a NaN (+inf beside -inf is no NaN)
     nan_only = check(leaves, False)
     assert [bool(b) for b in nan_only.bad] == [False, True, False, False, False, False, False]
+    assert np.asarray(nan_only.stacked).tolist() == [bool(b) for b in nan_only.bad]
+    assert int(nan_only.count()) == 1
     # with every sum finite the exact check is not needed, and the flags stay False
     assert not any(bool(b) for b in check([leaves[0], leaves[5]], True).bad)
     # the guard's norm over the leaves it keeps
@@ -455,3 +461,5 @@ def test_check_leaves_flags_and_squares_from_one_read(jit):
     flags = [got.bad[0], got.bad[5], True]
     norm = spike.masked_sq_norm(check(keep + [leaves[1]], True).squares, flags)
     np.testing.assert_allclose(float(norm), 14.3125)
+    checked = check(keep + [leaves[1]], True)
+    np.testing.assert_allclose(float(checked.norm()) ** 2, 14.3125, rtol=1e-6)
