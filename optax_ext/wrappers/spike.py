@@ -51,6 +51,9 @@ __all__ = [
 
 SPIKE_ACTIONS = ("skip", "clip")
 
+#: per-leaf bool flags: a sequence of scalars, or one bool vector
+Flags = Sequence[jax.Array] | jax.Array
+
 
 def any_flag(flags: Sequence[jax.Array]) -> jax.Array:
     """Whether any of the scalar bool ``flags`` is True, as one value computed once.
@@ -65,7 +68,9 @@ def any_flag(flags: Sequence[jax.Array]) -> jax.Array:
     the flags are counted in float32 and the decision is ``sqrt(count) > 0``. The count
     is one reduction over the stacked flags, not a chain of N additions, which XLA's
     fusion passes handled in superlinear time (``nan_guard(adam)`` took 12.8x
-    ``apply_if_finite``'s compile time at 640 leaves with the chain).
+    ``apply_if_finite``'s compile time at 640 leaves with the chain). The flags are
+    stacked before they are converted: a sum over N scalars converted one by one is
+    rewritten by XLA into that chain again, inside one kernel.
 
     Example:
       >>> import jax.numpy as jnp
@@ -78,12 +83,15 @@ def any_flag(flags: Sequence[jax.Array]) -> jax.Array:
     return jnp.sqrt(count) > 0
 
 
-def count_flags(flags: Sequence[jax.Array]) -> jax.Array:
-    """How many of the scalar bool ``flags`` are True (int32), one reduction over them
-    (as in :func:`any_flag`, never a chain of N additions)."""
-    if not flags:
-        return jnp.zeros([], jnp.int32)
-    return jnp.sum(jnp.stack([jnp.asarray(f, bool) for f in flags]).astype(jnp.int32))
+def count_flags(flags: Flags) -> jax.Array:
+    """How many of the scalar bool ``flags`` (or entries of a bool vector) are True
+    (int32), one reduction over them stacked (as in :func:`any_flag`, never a chain of N
+    additions)."""
+    if not isinstance(flags, jax.Array):
+        if not flags:
+            return jnp.zeros([], jnp.int32)
+        flags = jnp.stack([jnp.asarray(f, bool) for f in flags])
+    return jnp.sum(flags.astype(jnp.int32))
 
 
 def _sums_of_squares(leaves: Sequence[jax.Array]) -> list[jax.Array]:
@@ -97,7 +105,7 @@ def leaf_squares(leaves: Sequence[jax.Array]) -> jax.Array:
     return jnp.stack(_sums_of_squares(leaves))
 
 
-def masked_sq_norm(squares: jax.Array, exclude: Sequence[jax.Array] | jax.Array | None = None) -> jax.Array:
+def masked_sq_norm(squares: jax.Array, exclude: Flags | None = None) -> jax.Array:
     """The sum of :func:`leaf_squares`' entries, those whose ``exclude`` flag is True
     counting as zero (``exclude``: one scalar bool per entry, or a bool vector). One
     reduction over the stacked sums: a chain of N additions took XLA's fusion passes
@@ -106,6 +114,11 @@ def masked_sq_norm(squares: jax.Array, exclude: Sequence[jax.Array] | jax.Array 
         squares = jnp.where(exclude, 0.0, squares)
     elif exclude is not None and len(exclude):
         squares = jnp.where(jnp.stack(list(exclude)), 0.0, squares)
+    else:
+        # |s| = s for sums of squares (NaN stays NaN); an elementwise op between the
+        # stack and the sum keeps XLA from rewriting the sum of N stacked scalars into
+        # one kernel holding a chain of N additions (as in any_flag)
+        squares = jnp.abs(squares)
     return jnp.sum(squares)
 
 
@@ -128,7 +141,7 @@ class LeafChecks(NamedTuple):
 
     def count(self) -> jax.Array:
         """How many leaves are flagged (int32): one reduction over :attr:`stacked`."""
-        return jnp.sum(self.stacked.astype(jnp.int32))
+        return count_flags(self.stacked)
 
     def norm(self) -> jax.Array:
         """The gradient norm over the leaves not flagged (:func:`masked_norm`)."""
@@ -147,7 +160,7 @@ def check_leaves(leaves: Sequence[jax.Array], catch_inf: bool = True) -> LeafChe
     ``catch_inf`` the flag is NaN only, exactly.
 
     Written for XLA's compile time (512 leaves: Tiger's defaults went from 23 s to
-    ~10 s, ``benchmarks/RESULTS.md``): each leaf's flag comes from its own sum and its
+    16 s, ``benchmarks/RESULTS.md``): each leaf's flag comes from its own sum and its
     own output of the ``lax.cond``. A slice of a stacked vector in a leaf's kernel
     (``exact[i]``, or a flag sliced out of an expression over the stacked sums) kept
     XLA:CPU from grouping that leaf's kernels into one compiled module, one LLVM
@@ -174,7 +187,7 @@ def check_leaves(leaves: Sequence[jax.Array], catch_inf: bool = True) -> LeafChe
     return LeafChecks(flags, squares, stacked)
 
 
-def masked_norm(squares: jax.Array, exclude: Sequence[jax.Array] | jax.Array | None = None) -> jax.Array:
+def masked_norm(squares: jax.Array, exclude: Flags | None = None) -> jax.Array:
     """:func:`masked_sq_norm`'s square root, the guards' gradient norm: beyond ~1.8e19
     (squares overflow) it is +inf, and any NaN gives NaN. The square root is also what
     keeps XLA from copying the sum into every consumer (:func:`any_flag`)."""
