@@ -175,15 +175,19 @@ def check_leaves(leaves: Sequence[jax.Array], catch_inf: bool = True) -> LeafChe
     sums = _sums_of_squares(leaves)
     squares = jnp.stack(sums)
     if not catch_inf:
-        return LeafChecks([jnp.isnan(s) for s in sums], squares, jnp.isnan(squares))
-    exact = jax.lax.cond(
-        jnp.any(jnp.isinf(squares)),
-        lambda xs: [has_nonfinite(x) for x in xs],
-        lambda xs: [jnp.zeros([], bool) for _ in xs],
-        leaves,
-    )
-    flags = [jnp.isnan(s) | (jnp.isinf(s) & e) for s, e in zip(sums, exact, strict=True)]
-    stacked = jnp.isnan(squares) | (jnp.isinf(squares) & jnp.stack(exact))
+        flagged = lambda s, _: jnp.isnan(s)
+        exact = [None] * len(leaves)
+    else:
+        # NaN, or +inf from a leaf that holds ±inf (not finite squares that overflow)
+        flagged = lambda s, e: jnp.isnan(s) | (jnp.isinf(s) & e)
+        exact = jax.lax.cond(
+            jnp.any(jnp.isinf(squares)),
+            lambda xs: [has_nonfinite(x) for x in xs],
+            lambda xs: [jnp.zeros([], bool) for _ in xs],
+            leaves,
+        )
+    flags = [flagged(s, e) for s, e in zip(sums, exact, strict=True)]
+    stacked = flagged(squares, jnp.stack(exact) if catch_inf else None)
     return LeafChecks(flags, squares, stacked)
 
 
