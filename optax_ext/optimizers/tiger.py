@@ -6,7 +6,9 @@ https://kexue.fm/archives/9512, and https://github.com/bojone/tiger.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -102,12 +104,12 @@ def tiger_momentum(g, m, *, beta, first, k, bad=None):
     at least float32, for the caller to write in the state's dtype.
     """
     b1 = jnp.where(first, beta, 1.0) if first is not True else beta
-    if bad is not None:
-        g = jnp.where(bad, jnp.zeros_like(g), g)
-        b1 = jnp.where(bad, 1.0, b1)
     work = work_dtype(m)
     # in the work dtype: the caller writes the state (a cast, or stochastic rounding)
-    return b1 * m.astype(work) + ((1.0 - beta) / k) * g.astype(work)
+    m = m.astype(work)
+    new = b1 * m + ((1.0 - beta) / k) * g.astype(work)
+    # a discarded leaf keeps its momentum bit for bit (one select, whatever g holds)
+    return new if bad is None else jnp.where(bad, m, new)
 
 
 def param_scale(param: jax.Array, rule: Any, min_rms: Any) -> jax.Array:
@@ -268,15 +270,16 @@ def scale_by_tiger(
         cycle = current_cycle(k, state, extra_args)
         first, apply = cycle.first, cycle.last
         checks = _guard_checks(updates, state, guard, guard_nan, catch_inf)
+        # one scalar for every leaf: a micro-step that does not end the cycle, or a spike
+        no_step = _either(None if apply is True else ~apply, checks.skip)
 
         def leaf(g, m, bad):
-            discard = _discarded(bad, checks.skip)
+            discard = _either(bad, checks.skip)
             m = tiger_momentum(checks.scaled(g), m, beta=beta, first=first, k=cycle.k, bad=discard)
             u = jnp.sign(m)
-            if discard is not None:
-                u = jnp.where(discard, 0, u)
-            if apply is not True:
-                u = jnp.where(apply, u, 0)
+            zero = _either(bad, no_step)
+            if zero is not None:
+                u = jnp.where(zero, 0, u)
             return u.astype(g.dtype), m
 
         out = jax.tree.map(leaf, updates, state.mu, checks.bad)
@@ -444,9 +447,11 @@ def tiger(
         decays = decay_mask(mask)(params)
         centres = path_labels(params, [(NORM_SCALE, 1.0)], default=0.0)
         checks = _guard_checks(updates, state, guard, guard_nan, catch_inf)
+        # one scalar for every leaf: a micro-step that does not end the cycle, or a spike
+        no_step = _either(None if apply is True else ~apply, checks.skip)
 
         def leaf(g, m, bad, p, rule, decay, centre):
-            discard = _discarded(bad, checks.skip)
+            discard = _either(bad, checks.skip)
             m = tiger_momentum(checks.scaled(g), m, beta=beta, first=first, k=cycle.k, bad=discard)
             eta = lr * param_scale(p, rule, min_rms)
             work = work_dtype(p)
@@ -454,10 +459,8 @@ def tiger(
             if decay:
                 direction = direction + wd * p.astype(work)
             step = -eta * direction
-            if apply is not True:
-                step = jnp.where(apply, step, 0.0)
-            if checks.skip is not None:
-                step = jnp.where(checks.skip, 0.0, step)
+            if no_step is not None:
+                step = jnp.where(no_step, 0.0, step)
             if bad is not False:
                 step = jnp.where(bad, (shrink_ratio - 1.0) * (p.astype(work) - centre), step)
             return step.astype(g.dtype), m
@@ -521,12 +524,11 @@ def _guard_checks(updates, state, guard, guard_nan, catch_inf) -> _Checks:
     return _Checks(bad, n_bad, norm, spiked, skip)
 
 
-def _discarded(bad, skip):
-    """Whether a leaf's gradient is dropped (it is not finite, or the step is skipped);
-    None when nothing is checked."""
-    if bad is False or skip is None:
-        return skip if bad is False else bad
-    return bad | skip
+def _either(*flags):
+    """The ``|`` of scalar bool flags, leaving out those that are never set (None or
+    Python False); None when none is left."""
+    flags = [f for f in flags if f is not None and f is not False]
+    return functools.reduce(operator.or_, flags) if flags else None
 
 
 def _next_state(

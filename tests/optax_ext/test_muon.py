@@ -321,13 +321,16 @@ def test_nonfinite_leaf_keeps_momentum_and_gets_zero_direction():
     _, state = tx.update(g, state, params)
     name, other = "params/layer_0/mlp/Dense_0", "params/layer_0/mlp/Dense_1"
     get = lambda t, n: t["params"][n.split("/")[1]]["mlp"][n.split("/")[3]]
+    # a -0 entry too: the kept momentum must be the same bits, not merely equal
+    get(state.mu, name)["kernel"] = get(state.mu, name)["kernel"].at[0, 1].set(-0.0)
+    bits = lambda s: np.asarray(get(s.mu, name)["kernel"]).view(np.uint32)
     for bad_value in (jnp.nan, jnp.inf):
         bad = jax.tree.map(lambda x: x, g)
         leaf = get(bad, name)
         leaf["kernel"] = leaf["kernel"].at[0, 0].set(bad_value)
         u, new = tx.update(bad, state, params)
         assert not bool(jnp.any(get(u, name)["kernel"])), bad_value
-        np.testing.assert_array_equal(get(new.mu, name)["kernel"], get(state.mu, name)["kernel"])
+        np.testing.assert_array_equal(bits(new), bits(state))
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
         assert bool(jnp.any(get(u, other)["kernel"] != 0))
     # in muon() only the weight decay moves the leaf; the reference does the same
