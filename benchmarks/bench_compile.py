@@ -31,6 +31,7 @@ from benchlib import (
     machine,
     markdown_table,
     n_params,
+    optax_guarded,
     versions,
     write_json,
 )
@@ -79,6 +80,12 @@ PAIRS: dict[str, tuple[Callable, Callable]] = {
     "adax vs optax.adamw": (lambda: ox.adax(1e-3), lambda: optax.adamw(1e-3)),
     "adaxw vs optax.adamw": (lambda: ox.adaxw(1e-3), lambda: optax.adamw(1e-3)),
     "amos vs optax.adamw": (lambda: ox.amos(1e-2), lambda: optax.adamw(1e-3)),
+    # like-for-like rows: an optax setup doing the same kind of per-leaf work
+    "tiger (defaults) vs optax-guarded lion(β, β)": (
+        lambda: ox.tiger(1e-3, BETA, 0.01),
+        lambda: optax_guarded(optax.lion(1e-3, BETA, BETA, weight_decay=0.01)),
+    ),
+    "amos vs optax.adafactor": (lambda: ox.amos(1e-2), lambda: optax.adafactor(1e-3)),
 }
 
 

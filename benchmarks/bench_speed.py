@@ -34,6 +34,7 @@ from benchlib import (
     machine,
     many_leaf_params,
     n_params,
+    optax_guarded,
     random_like,
     table,
     time_interleaved,
@@ -96,6 +97,13 @@ PAIRS = {
         lambda: optax.MultiSteps(optax.adamw(1e-3), K),
         None,
         1.05,
+    ),
+    # like-for-like: optax's own NaN check and global norm around lion (benchlib)
+    "tiger (defaults) vs optax-guarded lion(β, β)": (
+        lambda: ox.tiger(1e-3, BETA, 0.01),
+        lambda: optax_guarded(optax.lion(1e-3, BETA, BETA, weight_decay=0.01)),
+        7,
+        None,
     ),
 }
 

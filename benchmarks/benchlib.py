@@ -110,6 +110,15 @@ def counted_step(tx):
     return jax.jit(step, donate_argnums=(0, 1)), counter
 
 
+def optax_guarded(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` behind optax's own guards: ``optax.apply_if_finite`` (a step with a
+    non-finite gradient is skipped) after ``optax.clip_by_global_norm(1.0)`` (a global
+    norm, read from every leaf). The closest optax has to Tiger's default NaN check and
+    spike guard, which also read every leaf for a finiteness check and a global norm: the
+    like-for-like counterpart of a guarded optimizer, beside the unguarded one."""
+    return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), inner), 10)
+
+
 def copy_bandwidth(nbytes: int, repeats: int = 15) -> float:
     """GB/s of a donated in-place ``x * 1.0001`` over ``nbytes`` (counting read + write)."""
     copy = CopyStep(nbytes)

@@ -99,3 +99,29 @@ def test_transfer_sweep_extends_past_an_edge_until_the_best_is_inside(best):
     assert calls[0] == 7 and all(n == 3 for n in calls[1:])
     assert (len(calls) == 1) == (best == 3e-3)  # extended only when the best was outside
     assert bench_transfer.best_lr(lrs, losses.mean(axis=1)) == pytest.approx(best)
+
+
+def test_optax_guarded_counterpart_steps_like_its_inner_and_skips_a_nan_step():
+    """benchlib.optax_guarded, the like-for-like counterpart of a guarded optimizer:
+    on small clean gradients it is its inner optimizer (the clip at norm 1 does nothing),
+    a NaN gradient is skipped, and a large one is clipped to norm 1."""
+    import jax.numpy as jnp
+    import optax
+    from benchlib import optax_guarded
+
+    inner = lambda: optax.sgd(0.5)
+    tx, plain = optax_guarded(inner()), inner()
+    params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    small = {"a": jnp.full(3, 0.1), "b": jnp.full((2, 2), -0.1)}
+    got, state = tx.update(small, tx.init(params), params)
+    want, _ = plain.update(small, plain.init(params), params)
+    for k in params:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+    bad = {"a": small["a"].at[1].set(jnp.nan), "b": small["b"]}
+    skipped, state = tx.update(bad, state, params)
+    assert all(not np.any(np.asarray(u)) for u in skipped.values())
+    assert int(state.notfinite_count) == 1
+    big = {"a": jnp.full(3, 30.0), "b": jnp.full((2, 2), 40.0)}
+    clipped, _ = tx.update(big, state, params)
+    norm = np.sqrt(sum(float(jnp.sum(u**2)) for u in clipped.values())) / 0.5
+    np.testing.assert_allclose(norm, 1.0, rtol=1e-6)
