@@ -112,10 +112,11 @@ def counted_step(tx):
 
 def optax_guarded(inner: optax.GradientTransformation) -> optax.GradientTransformation:
     """``inner`` behind optax's own guards: ``optax.apply_if_finite`` (a step with a
-    non-finite gradient is skipped) after ``optax.clip_by_global_norm(1.0)`` (a global
-    norm, read from every leaf). The closest optax has to Tiger's default NaN check and
-    spike guard, which also read every leaf for a finiteness check and a global norm: the
-    like-for-like counterpart of a guarded optimizer, beside the unguarded one."""
+    non-finite gradient is skipped) around ``optax.clip_by_global_norm(1.0)`` (a global
+    norm, read from every leaf) and ``inner``. The closest optax has to Tiger's default
+    NaN check and spike guard, which also read every leaf for a finiteness check and a
+    global norm: the like-for-like counterpart of a guarded optimizer, beside the
+    unguarded one."""
     return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), inner), 10)
 
 

@@ -99,9 +99,10 @@ def tiger_momentum(g, m, *, beta, first, k, bad=None):
     """One micro-step of the momentum with accumulation inside it.
 
     ``m = b1*m + (1-β)/k * g`` with ``b1 = β`` on the first micro-step of a cycle and 1
-    on the others (and 1 for a discarded leaf, whose gradient counts as zero): after k
-    micro-batches m is an EMA of their mean gradient, with no extra buffer. Returned in
-    at least float32, for the caller to write in the state's dtype.
+    on the others: after k micro-batches m is an EMA of their mean gradient, with no
+    extra buffer. A discarded leaf (``bad``) keeps m as it is, as if its gradient were
+    zero on a later micro-step. Returned in at least float32, for the caller to write in
+    the state's dtype.
     """
     b1 = jnp.where(first, beta, 1.0) if first is not True else beta
     work = work_dtype(m)
