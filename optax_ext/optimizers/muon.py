@@ -266,12 +266,15 @@ def scale_by_muon(
             )
         perm, shape = _view(g.shape, _layout_of(path, layout), attention)
         work = work_dtype(m)
-        m32, g32 = m.astype(work), g.astype(work)
+        b = beta
+        g32 = g.astype(work)
         bad = has_nonfinite(g, catch_inf=True) if guard_nan else None
         if bad is not None:
-            g32 = jnp.where(bad, 0.0, g32)  # msign never sees the NaN
-        m_new = beta * m32 + g32
-        n = beta * m_new + g32 if nesterov else m_new
+            # 1·m + (-0) is m bit for bit for every float m; a +0 would turn -0 into +0
+            g32 = jnp.where(bad, -0.0, g32)
+            b = jnp.where(bad, 1.0, beta)
+        m_new = b * m.astype(work) + g32
+        n = b * m_new + g32 if nesterov else m_new
         o = msign(
             _to_matrices(n, perm, shape), coeffs=coeffs, steps=steps,
             compute_dtype=compute_dtype, eps=eps,
@@ -279,8 +282,6 @@ def scale_by_muon(
         u = _shape_scale(scale, shape[-2], shape[-1], update_rms) * o.astype(work)
         u = _from_matrices(u, perm, g.shape)
         if bad is not None:
-            # a discarded leaf keeps its momentum bit for bit and does not move
-            m_new = jnp.where(bad, m32, m_new)
             u = jnp.where(bad, 0.0, u)
         return u.astype(g.dtype), m_new  # M is written by update_fn (cast or SR)
 

@@ -105,12 +105,13 @@ def tiger_momentum(g, m, *, beta, first, k, bad=None):
     the state's dtype.
     """
     b1 = jnp.where(first, beta, 1.0) if first is not True else beta
+    if bad is not None:
+        # 1·m + (-0) is m bit for bit for every float m; a +0 would turn -0 into +0
+        g = jnp.where(bad, -0.0, g)
+        b1 = jnp.where(bad, 1.0, b1)
     work = work_dtype(m)
     # in the work dtype: the caller writes the state (a cast, or stochastic rounding)
-    m = m.astype(work)
-    new = b1 * m + ((1.0 - beta) / k) * g.astype(work)
-    # a discarded leaf keeps its momentum bit for bit (one select, whatever g holds)
-    return new if bad is None else jnp.where(bad, m, new)
+    return b1 * m.astype(work) + ((1.0 - beta) / k) * g.astype(work)
 
 
 def param_scale(param: jax.Array, rule: Any, min_rms: Any) -> jax.Array:
