@@ -55,6 +55,7 @@ __all__ = [
     "resolve_mask",
     "check_choice",
     "has_nonfinite",
+    "hold_momentum",
     "explicitly_sharded",
     "unzip_leaves",
     "work_dtype",
@@ -356,6 +357,17 @@ def has_nonfinite(x: jax.Array, catch_inf: bool = True) -> jax.Array:
     if x.size == 0:
         return jnp.zeros([], bool)
     return jnp.isnan(jnp.sum(x * 0 if catch_inf else x))
+
+
+def hold_momentum(bad: jax.Array, g: jax.Array, decay: Any) -> tuple[jax.Array, Any]:
+    """``(g, decay)`` for a momentum ``decay·m + c·g`` (c > 0) that keeps ``m`` bit for
+    bit where the scalar bool ``bad`` is set: g becomes -0 and the decay 1.
+
+    1·m + (-0) is m for every float m, ±0, ±inf and NaN included, whatever g held; a +0
+    would turn a -0 entry into +0. Shapes, dtypes and shardings stay g's and the decay's
+    (a select between m and the new momentum would need m and g sharded alike).
+    """
+    return jnp.where(bad, -0.0, g), jnp.where(bad, 1.0, decay)
 
 
 def explicitly_sharded(x: jax.Array) -> bool:

@@ -30,6 +30,7 @@ from optax_ext._common import (
     explicitly_sharded,
     first_match,
     has_nonfinite,
+    hold_momentum,
     path_labels,
     path_to_str,
     unzip_leaves,
@@ -270,9 +271,7 @@ def scale_by_muon(
         g32 = g.astype(work)
         bad = has_nonfinite(g, catch_inf=True) if guard_nan else None
         if bad is not None:
-            # 1·m + (-0) is m bit for bit for every float m; a +0 would turn -0 into +0
-            g32 = jnp.where(bad, -0.0, g32)
-            b = jnp.where(bad, 1.0, beta)
+            g32, b = hold_momentum(bad, g32, beta)  # msign never sees the NaN either
         m_new = b * m.astype(work) + g32
         n = b * m_new + g32 if nesterov else m_new
         o = msign(

@@ -28,6 +28,7 @@ from optax_ext._common import (
     check_updates_match,
     decay_mask,
     explicitly_sharded,
+    hold_momentum,
     path_labels,
     renamed_attribute,
     schedule_value,
@@ -106,9 +107,7 @@ def tiger_momentum(g, m, *, beta, first, k, bad=None):
     """
     b1 = jnp.where(first, beta, 1.0) if first is not True else beta
     if bad is not None:
-        # 1·m + (-0) is m bit for bit for every float m; a +0 would turn -0 into +0
-        g = jnp.where(bad, -0.0, g)
-        b1 = jnp.where(bad, 1.0, b1)
+        g, b1 = hold_momentum(bad, g, b1)
     work = work_dtype(m)
     # in the work dtype: the caller writes the state (a cast, or stochastic rounding)
     return b1 * m.astype(work) + ((1.0 - beta) / k) * g.astype(work)
