@@ -30,11 +30,19 @@ sys.path.insert(0, os.path.dirname(__file__))  # makes `import helpers` work eve
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from helpers import x64  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests/conftest.py must run before jax is imported"
+
+
+@pytest.fixture
+def float64():
+    """float64 inside the test: two routes to the same arithmetic agree to 1e-12."""
+    with x64():
+        yield
 
 
 @pytest.hookimpl(wrapper=True)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close, flax_like_params, random_grads_like, x64
+from helpers import assert_trees_close, flax_like_params, random_grads_like
 
 import optax_ext as ox
 from optax_ext._common import NORM_AND_BIAS
@@ -41,13 +41,6 @@ OPTAX_ORDER = [
 ]
 
 NAMES = sorted(ALIASES)
-
-
-@pytest.fixture
-def float64():
-    """float64 inside the test: two routes to the same arithmetic agree to 1e-12."""
-    with x64():
-        yield
 
 
 def params(dtype=jnp.float32):
