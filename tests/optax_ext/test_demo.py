@@ -9,7 +9,11 @@ import pytest
 
 from optax_ext import demo
 
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+# the demo as a user runs it, on one device, with the suite's compile-time flags
+# (tests/conftest.py): they change how fast XLA compiles, not what the demo does
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+ENV = dict(os.environ) | {"XLA_FLAGS": " ".join(_FLAGS), "JAX_PLATFORMS": "cpu"}
 
 
 def run_demo(*args, timeout=240):
