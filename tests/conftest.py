@@ -8,9 +8,11 @@ import sys
 # compile ~30% faster and run about as fast; XLA:CPU's classic kernel emitter instead of
 # its MLIR fusion emitters compiles a small program in ~19 ms instead of ~46 ms (most of
 # that is setting up MLIR contexts), which took the compile-heavy test files from 156 s
-# to 104 s. Both leave the HLO as it is (no fast-math either way), and the numbers the
-# tests compare are computed under the same flags. The notebooks train for minutes and
-# keep XLA's defaults, as a user runs them (see pytest_runtest_call).
+# to 104 s. Both leave the HLO as it is (no fast-math either way); where a multiply and
+# an add are fused into one multiply-add differs between the settings, which can move
+# the last bit of a float32 result, so a test that compares two different programs
+# does it in float64 (test_accumulation's MultiSteps check). The notebooks train for
+# minutes and keep XLA's defaults, as a user runs them (see pytest_runtest_call).
 _UNOPTIMISED = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {_UNOPTIMISED}"
