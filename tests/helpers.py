@@ -8,6 +8,7 @@ optimizer arithmetic.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,14 @@ import numpy as np
 import optax
 
 from optax_ext._common import path_to_str
+
+
+def one_device_env() -> dict[str, str]:
+    """This process's environment for a subprocess on one CPU device: the suite's other
+    XLA flags (its compile-time ones, tests/conftest.py) kept, the 8-device flag set to 1."""
+    flag = "--xla_force_host_platform_device_count"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+    return dict(os.environ) | {"XLA_FLAGS": " ".join([*flags, f"{flag}=1"]), "JAX_PLATFORMS": "cpu"}
 
 
 def flax_like_params(seed: int = 0, *, vocab=37, width=16, heads=2, layers=1, dtype=jnp.float32):

@@ -22,11 +22,11 @@ import jax
 import multiprocess_worker as worker
 import numpy as np
 import pytest
+from helpers import one_device_env
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 REPO = WORKER.parent.parent
 TIMEOUT_S = 120.0
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 def _gloo_available() -> bool:
@@ -52,11 +52,8 @@ def _free_port() -> int:
 def _worker_env() -> dict[str, str]:
     """This environment with CPU only, one device per process (the test process has 8) and
     this checkout importable."""
-    env = dict(os.environ)
+    env = one_device_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
-    env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}=1"])
-    env["JAX_PLATFORMS"] = "cpu"
     return env
 
 

@@ -1,19 +1,17 @@
 """The main job end to end: a short run of every optimizer, its log, plot and errors."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from helpers import one_device_env
 
 from optax_ext import demo
 
-# the demo as a user runs it, on one device, with the suite's compile-time flags
-# (tests/conftest.py): they change how fast XLA compiles, not what the demo does
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
-ENV = dict(os.environ) | {"XLA_FLAGS": " ".join(_FLAGS), "JAX_PLATFORMS": "cpu"}
+# the demo as a user runs it, on one device, with the suite's compile-time flags: they
+# change how fast XLA compiles, not what the demo does
+ENV = one_device_env()
 
 
 def run_demo(*args, timeout=240):
