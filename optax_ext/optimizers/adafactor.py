@@ -27,6 +27,7 @@ from optax_ext._common import (
     tree_paths,
     work_dtype,
 )
+from optax_ext._reductions import sum_of_squares
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 __all__ = [
@@ -119,12 +120,13 @@ def _second_moment(g, nu, beta2, eps1):
         return (new,), new.astype(nu.dtype)
     largest, second = _two_largest(g.shape)
     # mean(g²) + ε1 rather than mean(g² + ε1): the same number, but XLA's CPU reduction
-    # would otherwise materialise a full-size broadcast of ε1.
-    row_mean = jnp.mean(jnp.square(g), axis=largest, keepdims=True) + eps1
+    # would otherwise materialise a full-size broadcast of ε1. sum_of_squares: a sum
+    # over a leading axis of wide rows is slow on XLA:CPU in its direct form.
+    row_mean = sum_of_squares(g, largest) / g.shape[largest] + eps1
     # Without the barrier XLA fuses the row and column means into one multi-output
     # reduction that runs ~5x slower than the two apart on CPU.
     row_mean, g = jax.lax.optimization_barrier((row_mean, g))
-    col_mean = jnp.mean(jnp.square(g), axis=second, keepdims=True) + eps1
+    col_mean = sum_of_squares(g, second) / g.shape[second] + eps1
     row = beta2 * nu.row + (1.0 - beta2) * row_mean
     col = beta2 * nu.col + (1.0 - beta2) * col_mean
     new = FactoredMoment(row.astype(nu.row.dtype), col.astype(nu.col.dtype))

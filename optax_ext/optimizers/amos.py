@@ -29,6 +29,7 @@ from optax_ext._common import (
     unzip_leaves,
     work_dtype,
 )
+from optax_ext._reductions import sum_of_squares
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 __all__ = [
@@ -303,7 +304,7 @@ def scale_by_amos(
                 g = jnp.clip(g, -clip_value, clip_value)
             # a sum over the static count, floored at 1: a 0-size leaf gives 0, not NaN
             n = max(math.prod(g.shape[a] for a in cfg.axes), 1)
-            g2 = (jnp.sum(jnp.square(g), axis=cfg.axes, keepdims=True) / n).reshape(v.shape)
+            g2 = (sum_of_squares(g, cfg.axes) / n).reshape(v.shape)
             v = beta * v + (1.0 - beta) * g2
             rv = debias / jnp.maximum(v, eps)
             gamma = jax.lax.rsqrt(1.0 + c_sqrt_xi * b) * xi2 * rv * g2

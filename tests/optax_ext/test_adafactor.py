@@ -19,6 +19,7 @@ from helpers import (
     x64,
 )
 
+import optax_ext._reductions as reductions
 from optax_ext._common import path_to_str, tree_bytes
 from optax_ext.optimizers.adafactor import (
     FactoredMoment,
@@ -212,6 +213,19 @@ def test_matches_float64_reference(case):
         if "momentum" in kwargs:
             for p, m in leaf_paths(inner.mu):
                 np.testing.assert_allclose(m, want_mu[p], rtol=1e-11, atol=1e-14, err_msg=p)
+
+
+@pytest.mark.parametrize("case", ["defaults", "momentum_constant_beta2_schedule_decay"])
+def test_matches_float64_reference_with_moments_in_slabs(case, monkeypatch):
+    """The factored moments' CPU slab path (optax_ext._reductions, taken at real sizes
+    for rows of >= 4096 entries) forced on the small tree gives the same float64 numbers."""
+    monkeypatch.setattr(reductions, "_MIN_TRAILING", 1)
+    monkeypatch.setattr(reductions, "_SLAB_ELEMENTS", 8)
+    params = mixed_params(1)
+    tx = adafactor(min_dim_size_to_factor=4)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    assert " while(" in update.lower(params, tx.init(params), params).compile().as_text()
+    test_matches_float64_reference(case)
 
 
 def test_factored_rows_near_eps1_take_the_per_entry_form():

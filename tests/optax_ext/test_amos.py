@@ -20,6 +20,7 @@ from helpers import (
     x64,
 )
 
+import optax_ext._reductions as reductions
 from optax_ext._common import tree_paths
 from optax_ext.optimizers.amos import (
     amos,
@@ -160,6 +161,18 @@ def test_matches_reference_float64(kwargs):
             assert_trees_close(state.b, b, rtol=1e-10, atol=1e-14, err=f"b, tree {seed}")
             # the decay accumulator really moved, so its damping was exercised
             assert max(float(np.max(x)) for x in jax.tree.leaves(b)) > 0.5
+
+
+def test_matches_reference_float64_with_statistics_in_slabs(monkeypatch):
+    """The per-unit statistics' CPU slab path (optax_ext._reductions, taken at real sizes
+    for kernels of >= 4096 outputs) forced on the small trees: the same float64 numbers."""
+    monkeypatch.setattr(reductions, "_MIN_TRAILING", 1)
+    monkeypatch.setattr(reductions, "_SLAB_ELEMENTS", 8)
+    params = _small_params()
+    tx = scale_by_amos(0.1)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    assert " while(" in update.lower(params, tx.init(params), params).compile().as_text()
+    test_matches_reference_float64(dict(beta=0.9))
 
 
 def test_user_eta_and_shape_functions_float64():

@@ -1,0 +1,101 @@
+"""optax_ext._reductions.sum_of_squares: the direct sum everywhere, and on CPU slabs of
+rows added elementwise where XLA:CPU's direct form is slow. Both are checked against
+float64 NumPy; small thresholds (monkeypatched) make small arrays take the slab path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_same_on_all_paths, x64
+
+import optax_ext._reductions as reductions
+from optax_ext._reductions import sum_of_squares
+
+
+def uses_slabs(fn, x) -> bool:
+    """Whether the compiled program loops (the slab path) rather than reducing once."""
+    return " while(" in jax.jit(fn).lower(x).compile().as_text()
+
+
+@pytest.fixture
+def small_slabs(monkeypatch):
+    """Slabs for small arrays: trailing rows of >= 3 entries, slabs of 24 entries."""
+    monkeypatch.setattr(reductions, "_MIN_TRAILING", 3)
+    monkeypatch.setattr(reductions, "_SLAB_ELEMENTS", 24)
+
+
+CASES = [
+    # shape, axes, the slab path taken at the small thresholds
+    ((37, 5), 0, True),  # 4 rows a slab: 9 slabs and a tail of 1 row
+    ((40, 6), (0,), True),  # 4 rows a slab, no tail
+    ((3, 11, 4), 1, True),  # leading axis kept: slabs of (3, 2, 4)
+    ((5, 7, 3), (0, 1), True),  # two contiguous axes reduced, the last kept
+    ((9, 4, 3), (0, 2), False),  # not contiguous
+    ((37, 5), 1, False),  # no trailing axis kept
+    ((6, 2), 0, False),  # a trailing row of 2 < 3
+    ((5, 8), 0, False),  # 5 rows < two slabs of 3
+    ((), (), False),
+    ((0, 5), 0, False),
+]
+
+
+@pytest.mark.parametrize("shape, axes, slabs", CASES, ids=lambda c: str(c).replace(" ", ""))
+def test_equals_float64_numpy(small_slabs, shape, axes, slabs):
+    x = np.random.default_rng(0).standard_normal(shape)
+    want = np.sum(x**2, axis=axes, keepdims=True)
+    fn = lambda x: sum_of_squares(x, axes)
+    assert uses_slabs(fn, jnp.asarray(x, jnp.float32)) == slabs
+    for f in (fn, jax.jit(fn)):
+        got = f(jnp.asarray(x, jnp.float32))
+        assert got.dtype == jnp.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=2e-6)
+    with x64():
+        got = jax.jit(fn)(jnp.asarray(x, jnp.float64))
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+
+
+def test_default_thresholds_leave_narrow_rows_to_one_reduction():
+    """At the shipped thresholds a GPT-2-small kernel (rows of 3072) and a tree of small
+    leaves keep the direct form; rows of 8192 over 64 of them take slabs."""
+    narrow, wide = jnp.ones((768, 3072)), jnp.ones((64, 8192))
+    assert not uses_slabs(lambda x: sum_of_squares(x, 0), narrow)
+    assert uses_slabs(lambda x: sum_of_squares(x, 0), wide)
+    assert reductions._slab_rows((64, 8192), (0,)) == 32  # 1 MB of float32 per slab
+    assert reductions._slab_rows((32, 8192), (0,)) is None  # fewer than two slabs
+
+
+def test_inf_and_nan_propagate_through_slabs(small_slabs):
+    x = np.ones((20, 4), np.float32)
+    x[7, 1], x[13, 2] = np.inf, np.nan
+    got = np.asarray(jax.jit(lambda x: sum_of_squares(x, 0))(jnp.asarray(x)))
+    assert got[0, 0] == 20 and got[0, 1] == np.inf and np.isnan(got[0, 2])
+
+
+def test_explicitly_sharded_input_keeps_one_reduction(small_slabs):
+    mesh = jax.make_mesh((8,), ("rows",), axis_types=(jax.sharding.AxisType.Explicit,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows", None))
+    x = np.random.default_rng(1).standard_normal((64, 6)).astype(np.float32)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(x, rows)
+        assert not uses_slabs(lambda x: sum_of_squares(x, 0), sharded)
+        got = jax.jit(lambda x: sum_of_squares(x, 0))(sharded)
+    np.testing.assert_allclose(got, np.sum(x.astype(np.float64) ** 2, 0, keepdims=True), 2e-6)
+
+
+def test_same_on_every_device_path(small_slabs):
+    """Through an optimizer-shaped transform: eager, jit, pmap and a sharded mesh agree."""
+    import optax
+
+    def scale_by_column_rms():
+        def update(g, state, params=None):
+            del params
+            out = jax.tree.map(lambda x: x * jax.lax.rsqrt(sum_of_squares(x, 0) + 1.0), g)
+            return out, state
+
+        return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+    params = {"w": jnp.zeros((40, 6)), "v": jnp.zeros((16, 3))}
+    rng = np.random.default_rng(2)
+    grads = [{k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}]
+    assert_same_on_all_paths(scale_by_column_rms(), params, grads)
