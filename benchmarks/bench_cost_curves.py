@@ -59,6 +59,8 @@ PASSES = {
     "adafactor": 6,
     "optax.adafactor": 6,
     "optax.adamw": 7,
+    # the per-unit statistics read the gradient; the step reads it and θ, writes θ
+    "amos": 4,
 }
 
 
@@ -72,6 +74,7 @@ def optimizers() -> dict[str, Callable[[], optax.GradientTransformation]]:
         "adafactor": lambda: ox.adafactor(1e-3),
         "optax.adafactor": lambda: optax.adafactor(1e-3),
         "optax.adamw": lambda: optax.adamw(1e-3),
+        "amos": lambda: ox.amos(1e-3),
     }
     try:
         from optax_ext.optimizers.muon import muon
@@ -157,7 +160,8 @@ def plot(rows, path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    with_leaves = any(r["curve"] == "leaf count" for r in rows)
+    fig, axes = plt.subplots(1, 3 if with_leaves else 2, figsize=(17 if with_leaves else 12, 5))
     names = list(dict.fromkeys(r["optimizer"] for r in rows))
     colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
     for curve, style in (("one leaf", "-"), ("GPT-2 shaped", "--")):
@@ -174,7 +178,7 @@ def plot(rows, path) -> str | None:
             axes[0].plot(x, y, style, marker="o", color=colors[name], label=label)
             if all(v is not None for v in f):
                 axes[1].plot(x, f, style, marker="o", color=colors[name], label=label)
-    for name in names:
+    for name in names if with_leaves else ():
         pts = sorted(
             (r["leaves"], r["step_ms"])
             for r in rows
@@ -187,12 +191,13 @@ def plot(rows, path) -> str | None:
     axes[0].set_title("step time (solid: one leaf, dashed: GPT-2 shaped)")
     axes[1].set(xscale="log", xlabel="parameters", ylabel="fraction of copy bandwidth")
     axes[1].set_title("achieved / donated copy")
-    axes[2].set(xscale="log", yscale="log", xlabel="leaves", ylabel="step ms")
-    axes[2].set_title("step time at a fixed parameter count")
+    if with_leaves:
+        axes[2].set(xscale="log", yscale="log", xlabel="leaves", ylabel="step ms")
+        axes[2].set_title("step time at a fixed parameter count")
+        axes[2].legend(fontsize=6)
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=6)
-    axes[2].legend(fontsize=6)
     fig.suptitle(f"cost curves, {jax.devices()[0].device_kind}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
