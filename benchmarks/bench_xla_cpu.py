@@ -21,7 +21,8 @@ The script measures both, plus AdaFactor's row and column means of g² with the 
 taken in cache-sized blocks (one read from memory instead of two), and a third cost,
 the one fixed since: a sum over the leading axis of wide rows, Σ_i g_ij², which XLA:CPU's
 direct form runs many times slower than the row sums of the same array, against the
-slabs of ``optax_ext._reductions.sum_of_squares`` that AdaFactor and Amos now use::
+slabs of ``optax_ext._reductions.sum_of_squares`` that AdaFactor and Amos now use
+(and the same for the mean of stacked gradients in ``split_value_and_grad``)::
 
     python benchmarks/bench_xla_cpu.py                # 512 leaves, 8192x4096, 50257x768
     python benchmarks/bench_xla_cpu.py --quick        # seconds
@@ -370,6 +371,22 @@ def column_rows(total: int, widths: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def parts_rows(entries: int, parts: list[int], repeats: int) -> list[dict]:
+    """The mean of k stacked gradients, (k, n) over axis 0, as ``split_value_and_grad``
+    takes it: ``jnp.mean`` against ``optax_ext.training._mean_over_parts`` (slabs)."""
+    from optax_ext.training import _mean_over_parts
+
+    rows = []
+    for k in parts:
+        g = jax.random.normal(jax.random.key(0), (k, entries // k), jnp.float32)
+        np.testing.assert_allclose(_mean_over_parts(g), jnp.mean(g, axis=0), rtol=1e-6)
+        for name, fn in (("jnp.mean", lambda g: jnp.mean(g, axis=0)), ("slabs", _mean_over_parts)):
+            ms = _time(jax.jit(fn), g, repeats=repeats) * 1e3
+            rows.append({"shape": "x".join(map(str, g.shape)), "form": name, "ms": ms})
+        del g
+    return rows
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -380,6 +397,7 @@ def main(argv=None):
     ap.add_argument("--moment-shape", default="50257x768", help="AdaFactor's moments' array")
     ap.add_argument("--column-totals", default="67108864,8388608", help="entries per array")
     ap.add_argument("--widths", default="2048,4096,8192,16384,17088")
+    ap.add_argument("--parts-entries", type=int, default=2**26, help="the stacked parts' size")
     ap.add_argument("--block", type=int, default=2**20, help="elements per block of rows")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="small sizes, seconds")
@@ -388,6 +406,7 @@ def main(argv=None):
     if args.quick:
         args.leaves, args.shape, args.moment_shape, args.repeats = 16, "256x128", "300x128", 3
         args.block, args.column_totals, args.widths = 4096, "65536", "256,512"
+        args.parts_entries = 2**14
     shape = tuple(int(s) for s in args.shape.split("x"))
     moment_shape = tuple(int(s) for s in args.moment_shape.split("x"))
     print(f"compile, {args.leaves} leaves", flush=True)
@@ -404,6 +423,7 @@ def main(argv=None):
                 int(total), [int(w) for w in args.widths.split(",")], args.repeats
             )
         ],
+        "parts": parts_rows(args.parts_entries, [2, 4, 8], args.repeats),
     }
     f2 = lambda x: f"{x:.2f}"
     print()
@@ -444,6 +464,13 @@ def main(argv=None):
         markdown_table(
             results["columns"],
             [("shape", "array", str), ("form", "Σ g²", str), ("ms", "ms", f2)],
+        )
+    )
+    print()
+    print(
+        markdown_table(
+            results["parts"],
+            [("shape", "stacked parts", str), ("form", "mean over axis 0", str), ("ms", "ms", f2)],
         )
     )
     print("wrote", write_json("xla_cpu", results, args.out))

@@ -1,4 +1,4 @@
-"""Sums of squares over leading axes, at memory speed on XLA:CPU too.
+"""Sums over leading axes (of squares, for the moments), at memory speed on XLA:CPU too.
 
 AdaFactor's factored moments and Amos's per-unit statistics reduce a kernel over its
 leading axes and keep the trailing one: Σ_i x_ij² for an (n, m) matrix. XLA:CPU runs
@@ -17,14 +17,14 @@ RMS has the opposite problem and a loop of its own (``optimizers.tiger.row_mean_
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from optax_ext._common import explicitly_sharded
 
-__all__ = ["sum_of_squares"]
+__all__ = ["axis_sum", "sum_of_squares"]
 
 #: Kept trailing entries per reduced index from which XLA:CPU's direct form falls
 #: behind: at 2048 it matches the slabs, at 4096 it takes 2.3× their time.
@@ -33,22 +33,32 @@ _MIN_TRAILING = 4096
 _SLAB_ELEMENTS = 2**18
 
 
-def sum_of_squares(x: jax.Array, axes: int | Sequence[int]) -> jax.Array:
-    """Σ x² over ``axes``, keeping them as size 1 (``jnp.sum(x**2, axes, keepdims=True)``).
+def axis_sum(
+    x: jax.Array, axes: int | Sequence[int], term: Callable[[jax.Array], jax.Array] | None = None
+) -> jax.Array:
+    """Σ term(x) over ``axes``, keeping them as size 1: ``jnp.sum(term(x), axes,
+    keepdims=True)`` for an elementwise ``term`` (None: x itself).
 
-    In x's dtype (pass it in the dtype to accumulate in). Over contiguous leading axes of
-    a large array with wide trailing rows, on CPU, the sum is taken slab by slab (see the
-    module docstring): the float32 result then differs from the direct one by rounding,
-    the slabs being added in sequence (a relative error of ~1e-6 at 10^4 slabs). An array
-    whose type carries an explicit sharding keeps the direct form (a loop over slabs of
-    a sharded axis would gather it).
+    In x's dtype (pass it in the dtype to accumulate in). Over contiguous axes followed by
+    wide trailing rows, on CPU, the sum is taken slab by slab (see the module docstring):
+    the float32 result then differs from the direct one by rounding, the slabs being
+    added in sequence (a relative error of ~1e-6 at 10^4 slabs). An array whose type
+    carries an explicit sharding keeps the direct form (a loop over slabs of a sharded
+    axis would gather it).
     """
+    term = term or (lambda x: x)
     axes = tuple(sorted(a % x.ndim for a in ((axes,) if isinstance(axes, int) else axes)))
-    direct = lambda x: jnp.sum(jnp.square(x), axis=axes, keepdims=True)
+    direct = lambda x: jnp.sum(term(x), axis=axes, keepdims=True)
     rows = _slab_rows(x.shape, axes)
     if rows is None or explicitly_sharded(x):
         return direct(x)
-    return jax.lax.platform_dependent(x, cpu=lambda x: _in_slabs(x, axes, rows), default=direct)
+    in_slabs = lambda x: _in_slabs(x, axes, rows, term)
+    return jax.lax.platform_dependent(x, cpu=in_slabs, default=direct)
+
+
+def sum_of_squares(x: jax.Array, axes: int | Sequence[int]) -> jax.Array:
+    """Σ x² over ``axes``, keeping them as size 1 (:func:`axis_sum` of ``jnp.square``)."""
+    return axis_sum(x, axes, jnp.square)
 
 
 def _slab_rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> int | None:
@@ -65,16 +75,14 @@ def _slab_rows(shape: tuple[int, ...], axes: tuple[int, ...]) -> int | None:
     return rows if n >= 2 * rows else None
 
 
-def _in_slabs(x: jax.Array, axes: tuple[int, ...], rows: int) -> jax.Array:
+def _in_slabs(x: jax.Array, axes: tuple[int, ...], rows: int, term: Callable) -> jax.Array:
     lead, n = math.prod(x.shape[: axes[0]]), math.prod(x.shape[a] for a in axes)
     view = x.reshape(lead, n, -1)  # row-major: a bitcast, no copy
+    slab = lambda start: term(jax.lax.dynamic_slice_in_dim(view, start, rows, axis=1))
     steps, tail = divmod(n, rows)
-
-    def add_slab(i, acc):
-        return acc + jnp.square(jax.lax.dynamic_slice_in_dim(view, i * rows, rows, axis=1))
-
-    acc = jax.lax.fori_loop(0, steps, add_slab, jnp.zeros((lead, rows, view.shape[2]), x.dtype))
+    # the first slab starts the sum: no pass over a zero accumulator
+    acc = jax.lax.fori_loop(1, steps, lambda i, acc: acc + slab(i * rows), slab(0))
     if tail:
-        acc = acc.at[:, :tail].add(jnp.square(view[:, steps * rows :]))
+        acc = acc.at[:, :tail].add(term(view[:, steps * rows :]))
     kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
     return jnp.sum(acc, axis=1).reshape(kept)

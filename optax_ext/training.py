@@ -33,7 +33,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from optax_ext._common import check_choice, check_int, first_match, tree_paths
+from optax_ext._common import check_choice, check_int, first_match, tree_paths, work_dtype
+from optax_ext._reductions import axis_sum
 from optax_ext.noise_measurement import has_noise_scale_state
 from scaling.protocol import ACCUMULATION_STEPS, GRADS_AVERAGED_OVER, MICRO_GRAD_SQ_NORM
 
@@ -235,6 +236,14 @@ def shard_params(mesh: Mesh, tree: Any, rules: Mapping[str, PartitionSpec] | Non
 # -------------------------------------------------------- noise on one device
 
 
+def _mean_over_parts(g: jax.Array) -> jax.Array:
+    """The mean over the leading (parts) axis, accumulated in at least float32: as
+    ``jnp.mean(g, axis=0)``, which XLA:CPU runs ~10x slower than adding the parts when
+    each part is large (``_reductions.axis_sum``)."""
+    total = axis_sum(g.astype(work_dtype(g)), 0)[0]
+    return (total / g.shape[0]).astype(g.dtype)
+
+
 def split_value_and_grad(loss_fn: Callable[..., Any], splits: int = 2) -> Callable[..., Any]:
     """``value_and_grad`` over a batch cut into ``splits`` equal parts, plus noise statistics.
 
@@ -271,7 +280,7 @@ def split_value_and_grad(loss_fn: Callable[..., Any], splits: int = 2) -> Callab
             jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
             for g in jax.tree.leaves(grads)
         )
-        mean_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0).astype(g.dtype), grads)
+        mean_grads = jax.tree.map(_mean_over_parts, grads)
         extra = {MICRO_GRAD_SQ_NORM: jnp.mean(sq_norms), ACCUMULATION_STEPS: splits}
         return jnp.mean(losses), mean_grads, extra
 

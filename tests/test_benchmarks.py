@@ -149,3 +149,4 @@ def test_xla_cpu_compiles_per_leaf_kernels_once_and_sliced_flags_once_per_leaf(t
     forms = {r["form"] for r in results["reductions"]}
     assert forms == set(bench_xla_cpu.REDUCTION_VARIANTS)
     assert {r["form"] for r in results["moments"]} == {"two reductions", "blocks of rows"}
+    assert {r["form"] for r in results["parts"]} == {"jnp.mean", "slabs"}

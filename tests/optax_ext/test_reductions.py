@@ -9,7 +9,7 @@ import pytest
 from helpers import assert_same_on_all_paths, x64
 
 import optax_ext._reductions as reductions
-from optax_ext._reductions import sum_of_squares
+from optax_ext._reductions import axis_sum, sum_of_squares
 
 
 def uses_slabs(fn, x) -> bool:
@@ -39,26 +39,27 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("squares", [True, False], ids=["sum_of_squares", "axis_sum"])
 @pytest.mark.parametrize("shape, axes, slabs", CASES, ids=lambda c: str(c).replace(" ", ""))
-def test_equals_float64_numpy(small_slabs, shape, axes, slabs):
+def test_equals_float64_numpy(small_slabs, shape, axes, slabs, squares):
     x = np.random.default_rng(0).standard_normal(shape)
-    want = np.sum(x**2, axis=axes, keepdims=True)
-    fn = lambda x: sum_of_squares(x, axes)
+    want = np.sum(x**2 if squares else x, axis=axes, keepdims=True)
+    fn = (lambda x: sum_of_squares(x, axes)) if squares else (lambda x: axis_sum(x, axes))
     assert uses_slabs(fn, jnp.asarray(x, jnp.float32)) == slabs
     for f in (fn, jax.jit(fn)):
         got = f(jnp.asarray(x, jnp.float32))
         assert got.dtype == jnp.float32 and got.shape == want.shape
-        np.testing.assert_allclose(got, want, rtol=2e-6)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-5)
     with x64():
         got = jax.jit(fn)(jnp.asarray(x, jnp.float64))
         assert got.dtype == jnp.float64
-        np.testing.assert_allclose(got, want, rtol=1e-13)
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
 
 
 def test_default_thresholds_leave_narrow_rows_to_one_reduction():
     """At the shipped thresholds a GPT-2-small kernel (rows of 3072) and a tree of small
-    leaves keep the direct form; rows of 8192 over 64 of them take slabs."""
-    narrow, wide = jnp.ones((768, 3072)), jnp.ones((64, 8192))
+    leaves keep the direct form; rows of 8192 over 128 of them take slabs."""
+    narrow, wide = jnp.ones((768, 3072)), jnp.ones((128, 8192))
     assert not uses_slabs(lambda x: sum_of_squares(x, 0), narrow)
     assert uses_slabs(lambda x: sum_of_squares(x, 0), wide)
     assert reductions._slab_rows((64, 8192), (0,)) == 32  # 1 MB of float32 per slab
@@ -99,3 +100,26 @@ def test_same_on_every_device_path(small_slabs):
     rng = np.random.default_rng(2)
     grads = [{k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}]
     assert_same_on_all_paths(scale_by_column_rms(), params, grads)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_value_and_grad_means_the_parts_in_slabs(small_slabs, splits):
+    """training.split_value_and_grad averages the parts' gradients with axis_sum (slabs on
+    CPU for large leaves): the mean gradient and the mean squared part norm equal a float64
+    computation from each part's own gradient."""
+    from optax_ext.training import split_value_and_grad
+
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32), "b": jnp.zeros(5)}
+    batch = jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)
+    loss = lambda p, apply_fn, x: jnp.mean(jnp.square(x @ p["w"] + p["b"] - 1.0))
+    value, grads, extra = jax.jit(split_value_and_grad(loss, splits), static_argnums=1)(
+        params, None, batch
+    )
+    parts = [jax.grad(loss)(params, None, x) for x in np.split(np.asarray(batch), splits)]
+    for k in params:
+        want = np.mean([np.asarray(p[k], np.float64) for p in parts], axis=0)
+        np.testing.assert_allclose(grads[k], want, rtol=1e-6, atol=1e-7)
+    sq = [sum(np.sum(np.asarray(v, np.float64) ** 2) for v in p.values()) for p in parts]
+    np.testing.assert_allclose(extra["micro_grad_sq_norm"], np.mean(sq), rtol=1e-6)
+    assert extra["accumulation_steps"] == splits
