@@ -127,6 +127,10 @@ def compile_pairs(params, names, repeats=3, pairs=None) -> list[dict]:
                 "ratio_max": max(ratios),
                 "ours_fusions": ours["fusions"],
                 "optax_fusions": theirs["fusions"],
+                "ours_distinct_kernels": ours["distinct_kernels"],
+                "optax_distinct_kernels": theirs["distinct_kernels"],
+                "ours_instructions": ours["instructions"],
+                "optax_instructions": theirs["instructions"],
             }
         )
         print(
@@ -148,6 +152,10 @@ COLUMNS = [
     ("ours_lower_s", "ours trace+lower s", lambda x: f"{x:.2f}"),
     ("ours_fusions", "ours fusions", str),
     ("optax_fusions", "optax fusions", str),
+    ("ours_distinct_kernels", "ours distinct kernels", str),
+    ("optax_distinct_kernels", "optax distinct kernels", str),
+    ("ours_instructions", "ours HLO instructions", str),
+    ("optax_instructions", "optax HLO instructions", str),
 ]
 
 

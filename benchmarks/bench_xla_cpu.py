@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -43,7 +41,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from benchlib import machine, many_leaf_params, markdown_table, random_like, versions, write_json
+from benchlib import (
+    hlo_summary,
+    machine,
+    many_leaf_params,
+    markdown_table,
+    random_like,
+    versions,
+    write_json,
+)
 from jax import lax
 
 # ------------------------------------------------------------------ compile time
@@ -143,21 +149,11 @@ COMPILE_VARIANTS: dict[str, Callable] = {
     "grouped and vmapped update": _step_vmapped_groups,
 }
 
-_NAME = re.compile(r"%[\w.\-]+")
-_METADATA = re.compile(r", (metadata|backend_config|frontend_attributes)=\{.*?\}(?=,|$)", re.M)
-
 
 def kernel_counts(compiled_text: str) -> dict[str, int]:
-    """Fusions in the compiled module, and how many of them differ once instruction
-    names and metadata are stripped: the kernels XLA:CPU must generate code for."""
-    bodies = re.findall(r"^%fused_computation[\w.\-]* .*?^\}", compiled_text, re.M | re.S)
-    bodies += re.findall(r"^%wrapped_[\w.\-]* .*?^\}", compiled_text, re.M | re.S)
-    canonical = set()
-    for body in bodies:
-        text = _METADATA.sub("", body.split("\n", 1)[-1])
-        canonical.add(hashlib.sha1(_NAME.sub("%", text).encode()).hexdigest())
-    entry = compiled_text.split("ENTRY", 1)[-1]
-    return {"fusions": len(re.findall(r"= \S+ fusion\(", entry)), "distinct": len(canonical)}
+    """Fusions in the compiled module and how many of them are distinct kernels."""
+    summary = hlo_summary(compiled_text)
+    return {"fusions": summary["fusions"], "distinct": summary["distinct_kernels"]}
 
 
 def compile_rows(n_leaves: int) -> list[dict]:

@@ -8,6 +8,7 @@ bandwidth of a donated in-place copy measured in the same run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -310,16 +311,39 @@ def abstract_gpt2(n_floats: int | None = None, *, dtype=jnp.float32):
     return sized_params(n_floats, abstract=True, dtype=dtype)
 
 
+_HLO_NAME = re.compile(r"%[\w.\-]+")
+_HLO_ATTRIBUTES = re.compile(
+    r", (metadata|backend_config|frontend_attributes)=\{.*?\}(?=,|$)", re.M
+)
+
+
+def distinct_kernels(compiled_text: str) -> int:
+    """How many of a compiled module's fused computations differ once instruction names
+    and metadata are stripped: the kernels XLA:CPU generates code for (it compiles
+    identical ones, e.g. the same update of same-shaped leaves, once)."""
+    bodies = re.findall(
+        r"^%(?:fused_computation|wrapped_)[\w.\-]* .*?^\}", compiled_text, re.M | re.S
+    )
+    canonical = {
+        hashlib.sha1(_HLO_NAME.sub("%", _HLO_ATTRIBUTES.sub("", b.split("\n", 1)[-1])).encode())
+        for b in bodies
+    }
+    return len(canonical)
+
+
 def hlo_summary(compiled_text: str) -> dict[str, int]:
-    """Counts in a compiled module's entry computation: fusions, library (YNNPACK)
-    fusions, while loops, and copies of arrays of rank >= 2 (a copied donated buffer
-    is the smell BENCHMARKING.md describes)."""
+    """Counts in a compiled module: the entry computation's fusions, library (YNNPACK)
+    fusions, while loops and copies of arrays of rank >= 2 (a copied donated buffer is
+    the smell BENCHMARKING.md describes); the distinct kernels (:func:`distinct_kernels`)
+    and the instructions of all computations (what XLA's HLO passes walk)."""
     entry = compiled_text.split("ENTRY", 1)[-1]
     return {
         "fusions": len(re.findall(r"= \S+ fusion\(", entry)),
         "library_fusions": compiled_text.count('"__ynn_fusion"'),
         "while_loops": len(re.findall(r"= \S+ while\(", entry)),
         "large_copies": len(re.findall(r"= \w+\[\d+,\d+[\],]\S* copy\(", entry)),
+        "distinct_kernels": distinct_kernels(compiled_text),
+        "instructions": len(re.findall(r"^\s+(?:ROOT )?%\S+ = ", compiled_text, re.M)),
     }
 
 

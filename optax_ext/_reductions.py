@@ -4,8 +4,8 @@ AdaFactor's factored moments and Amos's per-unit statistics reduce a kernel over
 leading axes and keep the trailing one: Σ_i x_ij² for an (n, m) matrix. XLA:CPU runs
 that reduction as one library kernel that is fast while the array's rows are narrow,
 and slows down sharply as they widen: against the row sums of the same 2^26 entries it
-took 1.3× at 2048 columns, 2.1× at 4096, 3.4× at 8192 and 32× at 17088 (a GPT-2-shaped
-MLP kernel of width 4272), and 25× at 17088 columns with 8× fewer rows
+took 1.4× at 2048 columns, 2.7× at 4096, 3.8× at 8192 and 23× at 17088 (a GPT-2-shaped
+MLP kernel of width 4272), and 14× at 17088 columns with 8× fewer rows
 (``benchmarks/bench_xla_cpu.py``). Accumulating slabs of a few rows elementwise,
 ``acc += x[i:i+r]²``, and summing the small accumulator at the end reads the array
 once, at the speed of a row reduction: AdaFactor's step on a 256M-parameter leaf went
@@ -27,7 +27,7 @@ from optax_ext._common import explicitly_sharded
 __all__ = ["axis_sum", "sum_of_squares"]
 
 #: Kept trailing entries per reduced index from which XLA:CPU's direct form falls
-#: behind: at 2048 it matches the slabs, at 4096 it takes 2.3× their time.
+#: behind: at 2048 it matches the slabs, at 4096 it takes 2.4× their time.
 _MIN_TRAILING = 4096
 #: Entries per slab (1 MB of float32): small enough to stay in cache with the accumulator.
 _SLAB_ELEMENTS = 2**18
