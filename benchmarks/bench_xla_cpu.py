@@ -22,9 +22,11 @@ taken in cache-sized blocks (one read from memory instead of two), and a third c
 the one fixed since: a sum over the leading axis of wide rows, Σ_i g_ij², which XLA:CPU's
 direct form runs many times slower than the row sums of the same array, against the
 slabs of ``optax_ext._reductions.sum_of_squares`` that AdaFactor and Amos now use
-(and the same for the mean of stacked gradients in ``split_value_and_grad``)::
+(and the same for the mean of stacked gradients in ``split_value_and_grad``), with
+AdaFactor's and Amos's whole steps both ways::
 
-    python benchmarks/bench_xla_cpu.py                # 512 leaves, 8192x4096, 50257x768
+    python benchmarks/bench_xla_cpu.py                # every table (several minutes)
+    python benchmarks/bench_xla_cpu.py --sections steps --out results/xla_cpu_steps.json
     python benchmarks/bench_xla_cpu.py --quick        # seconds
 
 Prints tables and writes benchmarks/results/xla_cpu.json.
@@ -42,15 +44,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from benchlib import (
+    abstract_gpt2,
+    counted_step,
     hlo_summary,
     machine,
     many_leaf_params,
     markdown_table,
+    on_device_like,
     random_like,
     versions,
     write_json,
 )
 from jax import lax
+
+import optax_ext as ox
+import optax_ext._reductions as reductions
+from optax_ext._reductions import sum_of_squares
+from optax_ext.training import _mean_over_parts
 
 # ------------------------------------------------------------------ compile time
 
@@ -347,8 +357,6 @@ def column_rows(total: int, widths: list[int], repeats: int) -> list[dict]:
     """Σ g² over axis 0 of (total/width, width) arrays: XLA:CPU's direct reduction, the
     slabs of ``optax_ext._reductions.sum_of_squares``, and the row sums (over axis 1) of
     the same array as the speed to expect."""
-    from optax_ext._reductions import sum_of_squares
-
     forms = {
         "row sums (axis 1)": lambda g: jnp.sum(jnp.square(g), axis=1),
         "column sums, direct": lambda g: jnp.sum(jnp.square(g), axis=0),
@@ -370,8 +378,6 @@ def column_rows(total: int, widths: list[int], repeats: int) -> list[dict]:
 def parts_rows(entries: int, parts: list[int], repeats: int) -> list[dict]:
     """The mean of k stacked gradients, (k, n) over axis 0, as ``split_value_and_grad``
     takes it: ``jnp.mean`` against ``optax_ext.training._mean_over_parts`` (slabs)."""
-    from optax_ext.training import _mean_over_parts
-
     rows = []
     for k in parts:
         g = jax.random.normal(jax.random.key(0), (k, entries // k), jnp.float32)
@@ -386,14 +392,58 @@ def parts_rows(entries: int, parts: list[int], repeats: int) -> list[dict]:
 # ------------------------------------------------------------------ main
 
 
+def step_rows(sizes: list[int], repeats: int) -> list[dict]:
+    """AdaFactor's and Amos's donated steps on GPT-2-shaped trees, the slabs of
+    ``optax_ext._reductions`` against the direct reductions (the slabs' threshold set out
+    of reach while that candidate traces), interleaved in one run."""
+    optimizers = {"adafactor": lambda: ox.adafactor(1e-3), "amos": lambda: ox.amos(1e-3)}
+    shipped = reductions._MIN_TRAILING
+    rows = []
+    for size in sizes:
+        params = on_device_like(abstract_gpt2(size), seed=0, scale=0.02)
+        grads = on_device_like(params, seed=1)
+        for name, make in optimizers.items():
+            runs = {}
+            for form, threshold in (("direct", 2**62), ("slabs", shipped)):
+                reductions._MIN_TRAILING = threshold
+                try:
+                    tx = make()
+                    step, _ = counted_step(tx)
+                    p = jax.tree.map(jnp.copy, params)
+                    runs[form] = [step, *jax.block_until_ready(step(p, tx.init(p), grads)), []]
+                finally:
+                    reductions._MIN_TRAILING = shipped
+            for _ in range(repeats):
+                for run in runs.values():
+                    t0 = time.perf_counter()
+                    run[1], run[2] = jax.block_until_ready(run[0](run[1], run[2], grads))
+                    run[3].append(time.perf_counter() - t0)
+            ms = {form: statistics.median(run[3]) * 1e3 for form, run in runs.items()}
+            rows.append(
+                {
+                    "optimizer": name,
+                    "params": sum(x.size for x in jax.tree.leaves(params)),
+                    "direct_ms": ms["direct"],
+                    "slabs_ms": ms["slabs"],
+                    "ratio": ms["slabs"] / ms["direct"],
+                }
+            )
+            print(f"  {name}, {size / 1e6:.0f}M: slabs/direct {rows[-1]['ratio']:.2f}", flush=True)
+            del runs
+        del params, grads
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="which tables to measure")
     ap.add_argument("--leaves", type=int, default=512)
     ap.add_argument("--shape", default="8192x4096", help="the reductions' array")
     ap.add_argument("--moment-shape", default="50257x768", help="AdaFactor's moments' array")
     ap.add_argument("--column-totals", default="67108864,8388608", help="entries per array")
     ap.add_argument("--widths", default="2048,4096,8192,16384,17088")
     ap.add_argument("--parts-entries", type=int, default=2**26, help="the stacked parts' size")
+    ap.add_argument("--step-sizes", default="1.6e7,6.4e7,2.56e8", help="GPT-2-shaped trees")
     ap.add_argument("--block", type=int, default=2**20, help="elements per block of rows")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="small sizes, seconds")
@@ -402,75 +452,69 @@ def main(argv=None):
     if args.quick:
         args.leaves, args.shape, args.moment_shape, args.repeats = 16, "256x128", "300x128", 3
         args.block, args.column_totals, args.widths = 4096, "65536", "256,512"
-        args.parts_entries = 2**14
-    shape = tuple(int(s) for s in args.shape.split("x"))
-    moment_shape = tuple(int(s) for s in args.moment_shape.split("x"))
-    print(f"compile, {args.leaves} leaves", flush=True)
-    results = {
-        "machine": machine(),
-        "versions": versions(),
-        "compile": compile_rows(args.leaves),
-        "reductions": reduction_rows(shape, args.repeats),
-        "moments": moment_rows(moment_shape, args.repeats, args.block),
-        "columns": [
-            row
-            for total in args.column_totals.split(",")
-            for row in column_rows(
-                int(total), [int(w) for w in args.widths.split(",")], args.repeats
-            )
-        ],
-        "parts": parts_rows(args.parts_entries, [2, 4, 8], args.repeats),
-    }
+        args.parts_entries, args.step_sizes = 2**14, "1e5"
+    results = {"machine": machine(), "versions": versions()}
     f2 = lambda x: f"{x:.2f}"
-    print()
-    print(
-        markdown_table(
-            results["compile"],
-            [
-                ("variant", "per-leaf NaN flag", str),
-                ("leaves", "leaves", str),
-                ("lower_s", "trace + lower s", f2),
-                ("compile_s", "compile s", f2),
-                ("fusions", "fusions", str),
-                ("distinct", "distinct kernels", str),
-            ],
+    for name in args.sections.split(","):
+        measure, columns = SECTIONS[name]
+        print(f"{name}", flush=True)
+        results[name] = measure(args)
+        print(
+            markdown_table(results[name], [(k, h, f2 if f is None else f) for k, h, f in columns])
         )
-    )
-    print()
-    print(
-        markdown_table(
-            results["reductions"],
-            [
-                ("shape", "array", str),
-                ("axis", "summed axis", str),
-                ("form", "form", str),
-                ("ms", "ms", f2),
-            ],
-        )
-    )
-    print()
-    print(
-        markdown_table(
-            results["moments"],
-            [("shape", "array", str), ("form", "row and column sums of g²", str), ("ms", "ms", f2)],
-        )
-    )
-    print()
-    print(
-        markdown_table(
-            results["columns"],
-            [("shape", "array", str), ("form", "Σ g²", str), ("ms", "ms", f2)],
-        )
-    )
-    print()
-    print(
-        markdown_table(
-            results["parts"],
-            [("shape", "stacked parts", str), ("form", "mean over axis 0", str), ("ms", "ms", f2)],
-        )
-    )
+        print()
     print("wrote", write_json("xla_cpu", results, args.out))
     return results
+
+
+_shape = lambda text: tuple(int(s) for s in text.split("x"))
+_ints = lambda text: [int(float(s)) for s in text.split(",")]
+
+#: name: (measure(args) -> rows, table columns (key, header, formatter or None: 2 decimals))
+SECTIONS = {
+    "compile": (
+        lambda a: compile_rows(a.leaves),
+        [
+            ("variant", "per-leaf NaN flag", str),
+            ("leaves", "leaves", str),
+            ("lower_s", "trace + lower s", None),
+            ("compile_s", "compile s", None),
+            ("fusions", "fusions", str),
+            ("distinct", "distinct kernels", str),
+        ],
+    ),
+    "reductions": (
+        lambda a: reduction_rows(_shape(a.shape), a.repeats),
+        [("shape", "array", str), ("axis", "summed axis", str), ("form", "form", str)]
+        + [("ms", "ms", None)],
+    ),
+    "moments": (
+        lambda a: moment_rows(_shape(a.moment_shape), a.repeats, a.block),
+        [("shape", "array", str), ("form", "row and column sums of g²", str), ("ms", "ms", None)],
+    ),
+    "columns": (
+        lambda a: [
+            row
+            for total in _ints(a.column_totals)
+            for row in column_rows(total, _ints(a.widths), a.repeats)
+        ],
+        [("shape", "array", str), ("form", "Σ g²", str), ("ms", "ms", None)],
+    ),
+    "parts": (
+        lambda a: parts_rows(a.parts_entries, [2, 4, 8], a.repeats),
+        [("shape", "stacked parts", str), ("form", "mean over axis 0", str), ("ms", "ms", None)],
+    ),
+    "steps": (
+        lambda a: step_rows(_ints(a.step_sizes), a.repeats),
+        [
+            ("optimizer", "optimizer", str),
+            ("params", "GPT-2-shaped params", lambda x: f"{x / 1e6:.1f}M"),
+            ("direct_ms", "direct ms", None),
+            ("slabs_ms", "slabs ms", None),
+            ("ratio", "slabs / direct", None),
+        ],
+    ),
+}
 
 
 if __name__ == "__main__":

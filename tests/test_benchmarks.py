@@ -150,3 +150,4 @@ def test_xla_cpu_compiles_per_leaf_kernels_once_and_sliced_flags_once_per_leaf(t
     assert forms == set(bench_xla_cpu.REDUCTION_VARIANTS)
     assert {r["form"] for r in results["moments"]} == {"two reductions", "blocks of rows"}
     assert {r["form"] for r in results["parts"]} == {"jnp.mean", "slabs"}
+    assert {r["optimizer"] for r in results["steps"]} == {"adafactor", "amos"}
