@@ -151,3 +151,17 @@ def test_xla_cpu_compiles_per_leaf_kernels_once_and_sliced_flags_once_per_leaf(t
     assert {r["form"] for r in results["moments"]} == {"two reductions", "blocks of rows"}
     assert {r["form"] for r in results["parts"]} == {"jnp.mean", "slabs"}
     assert {r["optimizer"] for r in results["steps"]} == {"adafactor", "amos"}
+
+
+def test_compile_scaling_measures_each_compile_in_its_own_process(tmp_path):
+    """bench_compile_scaling: one fresh process per (transform, leaf count), each row with
+    its seconds, its own peak memory and the compiled module's instruction count."""
+    import bench_compile_scaling
+
+    out = tmp_path / "compile_scaling.json"
+    results = bench_compile_scaling.main(["--leaves", "8", "--only", "lion", "--out", str(out)])
+    assert out.exists()
+    (row,) = results["rows"]
+    assert row["transform"] == "optax.lion(β, β)" and row["leaves"] == 8
+    assert row["compile_s"] > 0 and row["peak_GB"] >= row["before_GB"] > 0
+    assert row["instructions"] > 8
