@@ -48,6 +48,7 @@ from benchlib import (  # noqa: E402
     n_params,
     random_like,
     table,
+    time_functions,
     time_interleaved,
 )
 from optax.contrib._muon import orthogonalize_via_newton_schulz  # noqa: E402
@@ -134,22 +135,6 @@ def part_ranges(args):
 # ----------------------------------------------------------------------- msign
 
 
-def _time_fns(fns, x, repeats):
-    import statistics
-    import time
-
-    compiled = {n: jax.jit(f) for n, f in fns.items()}
-    for f in compiled.values():
-        jax.block_until_ready(f(x))
-    times = {n: [] for n in fns}
-    for _ in range(repeats):
-        for n, f in compiled.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(x))
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
-
-
 def part_msign(args):
     w = args.width
     shapes = [(w, w), (w, 3 * w), (w, 4 * w), (4 * w, w)]
@@ -160,7 +145,7 @@ def part_msign(args):
         fns = {f"ours {n}": functools.partial(msign, coeffs=n, steps=5) for n in NS_COEFFICIENTS}
         fns["optax keller"] = lambda x: orthogonalize_via_newton_schulz(x, jnp.asarray(KELLER), 5)
         fns["optax polar_express rows"] = lambda x: orthogonalize_via_newton_schulz(x, pe, 5)
-        t = _time_fns(fns, x, args.repeats)
+        t = time_functions(fns, x, repeats=args.repeats)
         for name, sec in t.items():
             rows.append(
                 {

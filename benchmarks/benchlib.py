@@ -185,6 +185,22 @@ def time_interleaved(
     }
 
 
+def time_functions(fns: dict[str, Callable], *args, repeats: int = 15) -> dict[str, float]:
+    """Median seconds of each function of ``fns``, jitted, on the same ``args``: a
+    warm-up call each, then ``repeats`` calls timed round-robin (this machine's speed
+    drifts, so the functions compared share its moments)."""
+    compiled = {name: jax.jit(f) for name, f in fns.items()}
+    for f in compiled.values():
+        jax.block_until_ready(f(*args))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in compiled.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def compile_seconds(tx, params, grads, repeats: int = 3) -> float:
     """Median wall time of lowering + compiling the donated step (no cache reuse)."""
     times = []
