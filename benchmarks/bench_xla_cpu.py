@@ -36,22 +36,24 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
+import functools
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from benchlib import (
     abstract_gpt2,
-    counted_step,
     hlo_summary,
     machine,
     many_leaf_params,
     markdown_table,
     on_device_like,
     random_like,
+    time_functions,
+    time_interleaved,
     versions,
     write_json,
 )
@@ -160,12 +162,6 @@ COMPILE_VARIANTS: dict[str, Callable] = {
 }
 
 
-def kernel_counts(compiled_text: str) -> dict[str, int]:
-    """Fusions in the compiled module and how many of them are distinct kernels."""
-    summary = hlo_summary(compiled_text)
-    return {"fusions": summary["fusions"], "distinct": summary["distinct_kernels"]}
-
-
 def compile_rows(n_leaves: int) -> list[dict]:
     params = many_leaf_params(n_blocks=max(n_leaves // 4, 1))
     grads, mom = random_like(params), jax.tree.map(jnp.zeros_like, params)
@@ -178,6 +174,7 @@ def compile_rows(n_leaves: int) -> list[dict]:
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
+        summary = hlo_summary(compiled.as_text())
         # every guarded variant computes the same numbers
         result = compiled(params, mom, grads)
         if name != "no flag (the floor)":
@@ -191,7 +188,8 @@ def compile_rows(n_leaves: int) -> list[dict]:
                 "leaves": len(jax.tree.leaves(params)),
                 "lower_s": t1 - t0,
                 "compile_s": t2 - t1,
-                **kernel_counts(compiled.as_text()),
+                "fusions": summary["fusions"],
+                "distinct": summary["distinct_kernels"],
             }
         )
         print(f"  {name}: {t2 - t0:.2f} s", flush=True)
@@ -257,38 +255,21 @@ REDUCTION_VARIANTS = {
 }
 
 
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def reduction_rows(shape: tuple[int, int], repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
     g = jnp.asarray(rng.standard_normal(shape, np.float32))
     rows = []
     for axis in (0, 1):
         w = jnp.asarray(rng.uniform(0.5, 2.0, shape[axis]).astype(np.float32))
-        fns = {n: jax.jit(f, static_argnums=2) for n, f in REDUCTION_VARIANTS.items()}
-        want = fns["two passes"](g, w, axis)
+        fns = {n: functools.partial(f, axis=axis) for n, f in REDUCTION_VARIANTS.items()}
+        want = jax.jit(fns["two passes"])(g, w)
         for name, fn in fns.items():
-            got = fn(g, w, axis)
             if name != "one sum (reference)":  # every form computes the same two sums
-                for a, b in zip(got, want, strict=True):
+                for a, b in zip(jax.jit(fn)(g, w), want, strict=True):
                     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4)
-            seconds = _time(fn, g, w, axis, repeats=repeats)
-            rows.append(
-                {
-                    "shape": "x".join(map(str, shape)),
-                    "axis": axis,
-                    "form": name,
-                    "ms": seconds * 1e3,
-                }
-            )
+        shape_text = "x".join(map(str, shape))
+        for name, seconds in time_functions(fns, g, w, repeats=repeats).items():
+            rows.append({"shape": shape_text, "axis": axis, "form": name, "ms": seconds * 1e3})
     return rows
 
 
@@ -327,26 +308,16 @@ def blocked_row_and_column_sums(g, block_elements: int = 2**20):
 
 def moment_rows(shape: tuple[int, int], repeats: int, block_elements: int) -> list[dict]:
     g = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32))
-    two = jax.jit(row_and_column_sums)
-    blocked = jax.jit(lambda x: blocked_row_and_column_sums(x, block_elements))
-    for a, b in zip(two(g), blocked(g), strict=True):
+    fns = {
+        "two reductions": row_and_column_sums,
+        "blocks of rows": lambda x: blocked_row_and_column_sums(x, block_elements),
+    }
+    for a, b in zip(*(jax.jit(f)(g) for f in fns.values()), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
-    rows = []
-    for _ in range(3):  # interleaved: this machine's bandwidth drifts
-        for name, fn in (("two reductions", two), ("blocks of rows", blocked)):
-            rows.append(
-                {
-                    "shape": "x".join(map(str, shape)),
-                    "form": name,
-                    "ms": _time(fn, g, repeats=repeats) * 1e3,
-                }
-            )
-    summary = collections.defaultdict(list)
-    for r in rows:
-        summary[r["form"]].append(r["ms"])
+    shape_text = "x".join(map(str, shape))
     return [
-        {"shape": rows[0]["shape"], "form": k, "ms": statistics.median(v)}
-        for k, v in summary.items()
+        {"shape": shape_text, "form": name, "ms": seconds * 1e3}
+        for name, seconds in time_functions(fns, g, repeats=repeats).items()
     ]
 
 
@@ -368,9 +339,8 @@ def column_rows(total: int, widths: list[int], repeats: int) -> list[dict]:
         want = np.sum(np.asarray(g, np.float64) ** 2, axis=0)
         got = np.asarray(jax.jit(forms["column sums, slabs"])(g))[0]
         np.testing.assert_allclose(got, want, rtol=1e-5)
-        for name, fn in forms.items():
-            ms = _time(jax.jit(fn), g, repeats=repeats) * 1e3
-            rows.append({"shape": "x".join(map(str, g.shape)), "form": name, "ms": ms})
+        for name, seconds in time_functions(forms, g, repeats=repeats).items():
+            rows.append({"shape": "x".join(map(str, g.shape)), "form": name, "ms": seconds * 1e3})
         del g
     return rows
 
@@ -382,9 +352,9 @@ def parts_rows(entries: int, parts: list[int], repeats: int) -> list[dict]:
     for k in parts:
         g = jax.random.normal(jax.random.key(0), (k, entries // k), jnp.float32)
         np.testing.assert_allclose(_mean_over_parts(g), jnp.mean(g, axis=0), rtol=1e-6)
-        for name, fn in (("jnp.mean", lambda g: jnp.mean(g, axis=0)), ("slabs", _mean_over_parts)):
-            ms = _time(jax.jit(fn), g, repeats=repeats) * 1e3
-            rows.append({"shape": "x".join(map(str, g.shape)), "form": name, "ms": ms})
+        forms = {"jnp.mean": lambda g: jnp.mean(g, axis=0), "slabs": _mean_over_parts}
+        for name, seconds in time_functions(forms, g, repeats=repeats).items():
+            rows.append({"shape": "x".join(map(str, g.shape)), "form": name, "ms": seconds * 1e3})
         del g
     return rows
 
@@ -392,33 +362,35 @@ def parts_rows(entries: int, parts: list[int], repeats: int) -> list[dict]:
 # ------------------------------------------------------------------ main
 
 
+def with_slab_threshold(tx: optax.GradientTransformation, threshold: int):
+    """``tx`` with ``optax_ext._reductions``' slab threshold set to ``threshold`` while its
+    update traces (a threshold out of reach: the direct reductions everywhere)."""
+
+    def update(updates, state, params=None, **extra_args):
+        shipped = reductions._MIN_TRAILING
+        reductions._MIN_TRAILING = threshold
+        try:
+            return tx.update(updates, state, params, **extra_args)
+        finally:
+            reductions._MIN_TRAILING = shipped
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
 def step_rows(sizes: list[int], repeats: int) -> list[dict]:
     """AdaFactor's and Amos's donated steps on GPT-2-shaped trees, the slabs of
-    ``optax_ext._reductions`` against the direct reductions (the slabs' threshold set out
-    of reach while that candidate traces), interleaved in one run."""
+    ``optax_ext._reductions`` against the direct reductions, interleaved in one run."""
     optimizers = {"adafactor": lambda: ox.adafactor(1e-3), "amos": lambda: ox.amos(1e-3)}
-    shipped = reductions._MIN_TRAILING
     rows = []
     for size in sizes:
         params = on_device_like(abstract_gpt2(size), seed=0, scale=0.02)
         grads = on_device_like(params, seed=1)
         for name, make in optimizers.items():
-            runs = {}
-            for form, threshold in (("direct", 2**62), ("slabs", shipped)):
-                reductions._MIN_TRAILING = threshold
-                try:
-                    tx = make()
-                    step, _ = counted_step(tx)
-                    p = jax.tree.map(jnp.copy, params)
-                    runs[form] = [step, *jax.block_until_ready(step(p, tx.init(p), grads)), []]
-                finally:
-                    reductions._MIN_TRAILING = shipped
-            for _ in range(repeats):
-                for run in runs.values():
-                    t0 = time.perf_counter()
-                    run[1], run[2] = jax.block_until_ready(run[0](run[1], run[2], grads))
-                    run[3].append(time.perf_counter() - t0)
-            ms = {form: statistics.median(run[3]) * 1e3 for form, run in runs.items()}
+            candidates = {"direct": with_slab_threshold(make(), 2**62), "slabs": make()}
+            ms = {
+                form: r["median_s"] * 1e3
+                for form, r in time_interleaved(candidates, params, grads, repeats).items()
+            }
             rows.append(
                 {
                     "optimizer": name,
@@ -429,7 +401,6 @@ def step_rows(sizes: list[int], repeats: int) -> list[dict]:
                 }
             )
             print(f"  {name}, {size / 1e6:.0f}M: slabs/direct {rows[-1]['ratio']:.2f}", flush=True)
-            del runs
         del params, grads
     return rows
 
