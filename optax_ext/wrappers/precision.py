@@ -6,18 +6,21 @@ https://arxiv.org/abs/2010.06192; Su Jianlin, Tiger, https://kexue.fm/archives/9
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_choice, check_int, check_transform, work_dtype
+from optax_ext._common import check_choice, check_transform, path_to_str, work_dtype
 from optax_ext.wrappers.rounding import (
     _kahan_leaf,
     _need_params,
     _seed_key_data,
     _sr_update,
+    check_seed,
     is_low_precision,
     leaf_key,
     stochastic_round_to,
@@ -30,6 +33,14 @@ __all__ = [
 
 _PARAMS_STREAM, _STATE_STREAM = 0, 1
 
+#: State fields holding squares of gradients (second moments and their factors):
+#: optax's ``nu`` (Adam, AdamW, RMSProp, AdaX, ...), Adafactor's ``v_row``/``v_col``/``v``,
+#: Adagrad's ``sum_of_squares``, and the usual spellings of other libraries.
+SQUARES = (
+    r"(^|/)(nu|nu_hat|nu_max|v|v_hat|vhat|v_row|v_col|exp_avg_sq|second_moment"
+    r"|sum_of_squares)(/|$)"
+)
+
 
 class PureBf16State(NamedTuple):
     """State of :func:`pure_bf16`.
@@ -37,7 +48,8 @@ class PureBf16State(NamedTuple):
     Attributes:
       count: int32, steps taken (folded into the rounding keys).
       key: ``uint32[2]``, the raw PRNG key made from the seed.
-      inner_state: the wrapped optimizer's state, its float arrays stored in bf16.
+      inner_state: the wrapped optimizer's state, its float arrays stored in ``dtype``
+        (second moments in bf16).
       compensation: with ``summation="kahan"`` the Kahan buffers (one per
         low-precision param, params' dtype); ``()`` with stochastic rounding.
     """
@@ -62,6 +74,7 @@ def pure_bf16(
     *,
     dtype: Any = jnp.bfloat16,
     summation: str = "stochastic",
+    second_moments: str | Callable[[str], bool] = SQUARES,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Runs any optimizer with bf16 params and a bf16 state, rounding stochastically.
 
@@ -90,12 +103,29 @@ def pure_bf16(
     parameter); the state is still written with SR. Params already in float32 stay
     float32 (their updates pass through unrounded): cast the ones you want in bf16.
 
+    Second moments are always stored in bf16. A leaf whose values are squares of
+    gradients (ν ≈ (1 − β₂) g², decaying to 0 where the gradient does) needs float32's
+    exponent range, which bf16 has and float16 does not: f16's smallest subnormal is
+    2⁻²⁴ ≈ 6e-8 and its largest value 65504, so with ``dtype=jnp.float16`` Adam's ν
+    would round to 0 on most steps once |g| ≲ 1e-3 — SR keeps E[ν] right, but the step
+    m/(√ν + ε) is convex in ν and grows, 13× Adam's after 200 steps at g = 1e-5 — and
+    would overflow to inf once |g| ≳ 256, making the step 0. So ``dtype`` applies to every other float leaf
+    (momenta, where f16's 11 bits help), and a leaf whose path in the state tree (e.g.
+    ``"0/nu/params/dense/kernel"``) matches ``second_moments`` is written to bf16 with
+    SR whatever ``dtype`` is. If your optimizer keeps squares under other names, extend
+    the pattern (or use ``dtype=jnp.bfloat16``, which stores everything in bf16).
+
     Args:
       inner: any optax transformation (an alias such as ``tiger(1e-3)``); ``update``
         calls it with the params.
-      seed: an int ≥ 0 seeding every rounding draw.
-      dtype: the storage dtype of the state, ``jnp.bfloat16`` or ``jnp.float16``.
+      seed: an int with 0 ≤ seed < 2**32 seeding every rounding draw.
+      dtype: the storage dtype of the state, ``jnp.bfloat16`` or ``jnp.float16``
+        (second moments excepted, see above).
       summation: ``"stochastic"`` or ``"kahan"``, how updates are added to the params.
+      second_moments: a regex searched in each state leaf's path, or a function of
+        that path returning True, selecting the leaves of squares kept in bf16; the
+        default :data:`SQUARES` matches optax's ``nu``, Adafactor's factors, Adagrad's
+        ``sum_of_squares`` and the common spellings of other libraries.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`PureBf16State`;
@@ -119,16 +149,31 @@ def pure_bf16(
       <https://arxiv.org/abs/2502.20566>`_, 2025.
     """
     check_transform("inner", inner)
-    check_int("seed", seed, minimum=0)
+    check_seed("seed", seed)
     check_choice("summation", summation, ("stochastic", "kahan"))
     dtype = jnp.dtype(dtype)
     check_choice("dtype", dtype, (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+    if callable(second_moments):
+        is_square = second_moments
+    else:
+        try:
+            pattern = re.compile(second_moments)
+        except (TypeError, re.error) as e:
+            raise ValueError(
+                f"second_moments must be a regular expression or a function of the state "
+                f"path, got {second_moments!r}: {e}"
+            ) from None
+        is_square = lambda path: bool(pattern.search(path))
     kahan = summation == "kahan"
 
+    def storage(path, x):
+        if not _stored(x):
+            return x
+        # the leaf's dtype is its storage from now on: update_fn rounds to old.dtype
+        return x.astype(jnp.bfloat16 if is_square(path_to_str(path)) else dtype)
+
     def init_fn(params):
-        inner_state = jax.tree.map(
-            lambda x: x.astype(dtype) if _stored(x) else x, inner.init(params)
-        )
+        inner_state = jax.tree_util.tree_map_with_path(storage, inner.init(params))
         comp = ()
         if kahan:
             comp = jax.tree.map(

@@ -63,14 +63,24 @@ def stochastic_round_to(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
 
     For bf16 (float32's upper 16 bits) this is done on the bit pattern: 16 uniform
     random bits are added below the kept bits of |x| and the sum is truncated, which
-    rounds the magnitude up with exactly that probability, for either sign and for
-    subnormals alike; ±inf stay, NaN stays NaN. Other low-precision dtypes (f16) use
-    the two neighbours explicitly and a uniform draw (its 2^-23 resolution is far
-    below f16's 11 bits, except deep in f16's subnormal range). Values already
-    representable come back unchanged; a value beyond the dtype's largest finite number
-    rounds like a cast (to inf for f16; for bf16 it rounds up to inf with the
-    probability above, inf being bf16's next value). Float32 and wider dtypes, and
-    non-float dtypes, are a plain cast: no randomness.
+    rounds the magnitude up with exactly that probability, for either sign; ±inf stay,
+    NaN stays NaN. Other low-precision dtypes (f16) use the two neighbours explicitly
+    and a uniform draw (its 2^-23 resolution is far below f16's 11 bits, except deep in
+    f16's subnormal range). Values already representable come back unchanged; a value
+    beyond the dtype's largest finite number rounds like a cast (to inf for f16; for
+    bf16 it rounds up to inf with the probability above, inf being bf16's next value).
+    Float32 and wider dtypes, and non-float dtypes, are a plain cast: no randomness.
+
+    Float32 subnormals (0 < |x| < 2^-126 ≈ 1.18e-38): the bf16 rounding, being integer
+    arithmetic on the bits, rounds them without bias too (1e-40 gives bf16 subnormals
+    averaging 1e-40, read back bit-exactly). But XLA:CPU flushes subnormals to ±0 in
+    floating-point arithmetic, operands and results alike: on CPU a subnormal computed
+    by arithmetic is already 0 when it gets here, a subnormal result reads as 0 in any
+    later arithmetic (a sum, a mean, ``p + u``, the comparison ``y != 0``), and the f16
+    path, whose probabilities are float arithmetic, rounds a float32 subnormal to ±0.
+    So below 2^-126 expect zeros, not unbiasedness, from a computation on CPU; only the
+    stored bits are unbiased. Normal values (every bf16 step and state in practice) are
+    unaffected.
 
     Args:
       x: an array, computed in float32 (other dtypes are cast to float32 first).
@@ -132,6 +142,28 @@ def leaf_key(key: jax.Array, count: jax.Array, stream: int, index: int) -> jax.A
     return key
 
 
+#: Rounding seeds are 32-bit: ``jax.random.key`` keeps only the low 32 bits of a seed
+#: (with 64-bit mode off), so 2**32 + s would draw exactly the bits of s.
+SEED_LIMIT = 2**32
+
+
+def check_seed(name: str, value: Any) -> Any:
+    """Checks a rounding seed: an int with 0 ≤ seed < 2**32 (traced values pass through).
+
+    ``jax.random.key(seed)`` keeps only the seed's low 32 bits, so a larger seed would
+    silently give the same "independent" stream as a small one (2**32 and 0 draw the same
+    bits), and one ≥ 2**63 overflows deep inside JAX; both are refused here, by name.
+    """
+    check_int(name, value, minimum=0)
+    if not isinstance(value, jax.core.Tracer) and int(value) >= SEED_LIMIT:
+        raise ValueError(
+            f"{name} must be an int with 0 <= {name} < 2**32, got {value!r}: JAX keys keep "
+            f"only a seed's low 32 bits, so it would draw the same random bits as "
+            f"{int(value) % SEED_LIMIT}; pass a seed below 2**32 (e.g. {name} % 2**32)"
+        )
+    return value
+
+
 def _seed_key_data(seed: int) -> jax.Array:
     # raw uint32 key data rather than a typed key: a plain array any checkpointer saves
     return jax.random.key_data(jax.random.key(seed))
@@ -146,11 +178,15 @@ def write_state(
     :func:`stochastic_round_to`, its key derived from ``seed``, the step ``count``,
     ``stream`` and the leaf's index (:func:`leaf_key`); other leaves are cast.
     Optimizers use it to store their moments when ``mu_dtype``/``nu_dtype`` is bf16.
+    With stochastic rounding ``seed`` is checked as the optimizers' ``rounding_seed``
+    (:func:`check_seed`), which optimizers should also check at construction.
     """
     check_choice("state_rounding", rounding, STATE_ROUNDINGS)
     leaves, treedef = jax.tree.flatten(values)
     like_leaves = treedef.flatten_up_to(like)
     stochastic = rounding == "stochastic" and any(is_low_precision(x.dtype) for x in like_leaves)
+    if stochastic:
+        check_seed("rounding_seed", seed)
     base = _seed_key_data(seed) if stochastic else None
     out = []
     for i, (v, old) in enumerate(zip(leaves, like_leaves, strict=True)):
@@ -216,7 +252,7 @@ def stochastic_round(seed: int = 0) -> optax.GradientTransformationExtraArgs:
     under ``jit``, ``pmap`` (every replica draws the same bits) and sharding.
 
     Args:
-      seed: an int ≥ 0, the seed of the rounding's random bits.
+      seed: an int with 0 ≤ seed < 2**32, the seed of the rounding's random bits.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`StochasticRoundState`;
@@ -243,7 +279,7 @@ def stochastic_round(seed: int = 0) -> optax.GradientTransformationExtraArgs:
       2020; Ozkara et al., `Stochastic Rounding for LLM Training
       <https://arxiv.org/abs/2502.20566>`_, 2025.
     """
-    check_int("seed", seed, minimum=0)
+    check_seed("seed", seed)
 
     def init_fn(params):
         del params
@@ -287,7 +323,12 @@ def _kahan_leaf(c, u, p):
     y = u.astype(jnp.float32) + c.astype(jnp.float32)
     t = (p32 + y).astype(p.dtype).astype(jnp.float32)  # the rounded new weight
     step = t - p32  # what the weight actually moved: exact in float32
-    return step, (y - step).astype(c.dtype)
+    lost = y - step
+    # a NaN/inf update (or weight) makes the residual NaN; kept, it would poison every
+    # later step even after the weight is restored. The residual is under half an ulp,
+    # so dropping it costs at most that: reset it to 0 and let the buffer recover.
+    lost = jnp.where(jnp.isfinite(lost), lost, 0.0)
+    return step, lost.astype(c.dtype)
 
 
 def kahan_summation() -> optax.GradientTransformationExtraArgs:
@@ -307,6 +348,11 @@ def kahan_summation() -> optax.GradientTransformationExtraArgs:
     not lost but kept in c until the accumulated amount crosses half an ulp.
     Deterministic; costs one buffer of the params' size and dtype (2 bytes per bf16
     parameter). Float32 and wider leaves are passed through and get no buffer.
+
+    A non-finite update (or weight) passes through like plain summation (u' is NaN or
+    inf there), but its compensation is reset to 0 rather than kept as NaN (inf − inf):
+    once the weight is finite again (restored, or the step skipped by a guard) the
+    following updates are summed as before, losing at most the half ulp the buffer held.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`KahanState`; ``update``

@@ -356,3 +356,146 @@ def test_bf16_momentum_written_stochastically_does_not_stall(name):
         means[rounding] = float(state.mu["w"].astype(jnp.float32).mean())
     assert means["nearest"] < nearest_below, means
     assert abs(means["stochastic"] - want) < tolerance, (means, want)
+
+
+# ------------------------------------------------ float16 states and second moments
+
+
+def _adam_reference(g, steps, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+    """optax.adam's updates for a constant gradient ``g``, in float64 NumPy."""
+    m = v = np.zeros_like(g, np.float64)
+    out = []
+    for t in range(1, steps + 1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        out.append(-lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps))
+    return out
+
+
+@pytest.mark.parametrize("g", [1e-5, 1e-3, 1e3], ids=["g=1e-5", "g=1e-3", "g=1e3"])
+def test_pure_bf16_float16_state_keeps_adams_second_moment_in_range(g):
+    """With ``dtype=float16`` Adam's ν ≈ 1e-3 g² is under f16's smallest subnormal (6e-8)
+    for small gradients: stored in f16 it rounds to 0 on most steps and the step
+    m/(√ν + ε) grew to 13× Adam's by step 200 (g = 1e-5); for g = 1e3 ν passes f16's
+    65504 and the step is 0. Second moments are stored in bf16, so every step follows
+    float64 Adam while the momentum keeps f16."""
+    steps = 200
+    params = {"w": jnp.ones(128)}
+    grads = {"w": jnp.full(128, g, jnp.float32)}
+    tx = pure_bf16(optax.adam(1e-3), dtype=F16)
+    state = tx.init(params)
+    step = jax.jit(lambda s: tx.update(grads, s, params))
+    want = _adam_reference(np.full(128, np.float32(g), np.float64), steps)
+    for t in range(steps):
+        updates, state = step(state)
+        if t + 1 in (1, 10, 100, 200):
+            u = np.asarray(updates["w"], np.float64)
+            np.testing.assert_allclose(u, want[t], rtol=0.03, err_msg=f"step {t + 1}")
+            assert abs(u.mean() / want[t].mean() - 1) < 0.01, (t + 1, u.mean(), want[t].mean())
+    adam = state.inner_state[0]
+    assert adam.mu["w"].dtype == F16 and adam.nu["w"].dtype == BF16
+
+
+def test_pure_bf16_second_moments_pattern():
+    params = {"w": jnp.ones(4)}
+    inner = optax.adafactor(1e-3, min_dim_size_to_factor=2)
+    state = pure_bf16(inner, dtype=F16).init({"w": jnp.ones((4, 4))})
+    factored = [x for x in jax.tree.leaves(state.inner_state) if getattr(x, "ndim", 0) >= 1]
+    assert factored and all(x.dtype == BF16 for x in factored)  # v_row, v_col, v
+    state = pure_bf16(optax.adam(1e-3), dtype=F16, second_moments=lambda path: False).init(params)
+    assert state.inner_state[0].nu["w"].dtype == F16  # told otherwise
+    state = pure_bf16(optax.adam(1e-3), dtype=F16, second_moments=r"(^|/)mu(/|$)").init(params)
+    assert state.inner_state[0].mu["w"].dtype == BF16 and state.inner_state[0].nu["w"].dtype == F16
+    with pytest.raises(ValueError, match="second_moments"):
+        pure_bf16(optax.adam(1e-3), dtype=F16, second_moments="(")
+    with pytest.raises(ValueError, match="second_moments"):
+        pure_bf16(optax.adam(1e-3), second_moments=3)
+
+
+# ------------------------------------------------------------------- seed range
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**32 + 5, 2**40, 2**63, 2**70])
+def test_seeds_past_32_bits_are_refused_by_name(seed):
+    """``jax.random.key`` keeps a seed's low 32 bits: 2**32 drew the same bits as 0, and
+    2**63 overflowed inside JAX without naming the argument."""
+    with pytest.raises(ValueError, match=r"seed must be an int with 0 <= seed < 2\*\*32"):
+        stochastic_round(seed)
+    with pytest.raises(ValueError, match=r"seed must be an int with 0 <= seed < 2\*\*32"):
+        pure_bf16(tiger(), seed)
+    params = {"w": jnp.ones(4)}
+    with pytest.raises(ValueError, match=r"rounding_seed must be an int with 0 <= rounding_seed"):
+        tx = lion(1e-3, mu_dtype=BF16, state_rounding="stochastic", rounding_seed=seed)
+        tx.update(params, tx.init(params), params)
+
+
+def test_the_largest_seed_is_accepted_and_distinct():
+    key = lambda seed: tuple(np.asarray(stochastic_round(seed).init(None).key).tolist())
+    assert len({key(0), key(1), key(2**32 - 1)}) == 3
+    top = pure_bf16(tiger(), np.uint32(2**32 - 1)).init({}).key
+    assert np.asarray(top).tolist() == [0, 2**32 - 1]
+
+
+# ------------------------------------------------- Kahan after a non-finite update
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda lr: optax.chain(optax.sgd(lr), kahan_summation()), id="kahan"),
+        pytest.param(lambda lr: pure_bf16(optax.sgd(lr), summation="kahan"), id="pure_bf16"),
+    ],
+)
+def test_kahan_recovers_after_a_non_finite_update(make):
+    """A NaN in one element's update and +inf in another's at step 5; the caller keeps the
+    old weight where the new one is not finite (a guard). The compensation used to stay
+    NaN for good and those weights never moved again; now it restarts from 0 and the
+    sum matches float64 to the Kahan bound plus the half ulp lost at the reset."""
+    n_steps, lr, bad = 200, 1e-4, 5
+    params = {"w": jnp.ones(8, BF16)}
+    clean = {"w": jnp.ones(8, jnp.float32)}
+    poisoned = {"w": clean["w"].at[0].set(jnp.nan).at[1].set(jnp.inf)}
+    tx = make(lr)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        new = optax.apply_updates(p, u)
+        return jax.tree.map(lambda n, o: jnp.where(jnp.isfinite(n), n, o), new, p), s
+
+    step = jax.jit(step)
+    p, state = params, tx.init(params)
+    for t in range(n_steps):
+        p, state = step(p, state, poisoned if t == bad else clean)
+    w = np.asarray(p["w"].astype(jnp.float32), np.float64)
+    want = 1.0 - lr * np.array([n_steps - 1] * 2 + [n_steps] * 6)  # the bad step skipped
+    assert np.all(np.abs(w[2:] - want[2:]) <= 2.0**-9), (w, want)  # as without the fault
+    assert np.all(np.abs(w[:2] - want[:2]) <= 2.0**-8), (w, want)  # + half an ulp at 1
+    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(state))
+
+
+# ------------------------------------------------- float32 subnormals
+
+
+def test_sr_of_float32_subnormals_unbiased_bits_flushed_arithmetic():
+    """The bf16 rounding is integer arithmetic on the bits, so a float32 subnormal is
+    rounded without bias; read back bit-exactly (NumPy) the draws average x. XLA:CPU
+    flushes subnormals in float arithmetic: there a mean of the same draws is 0, the f16
+    path gives ±0, and p + u in stochastic_round loses the step."""
+    n = 40_000
+    for i, v in enumerate([1e-40, -3.3e-39]):
+        x32 = np.float32(v)
+        assert 0 < abs(x32) < np.finfo(np.float32).smallest_normal
+        draws = stochastic_round_to(jnp.asarray(np.full(n, x32)), BF16, jax.random.key(i))
+        d = np.asarray(draws).astype(np.float64)  # ml_dtypes' conversion: no flushing
+        lo, hi = map(float, neighbours(np.float64(x32), BF16))
+        assert lo < x32 < hi and set(np.unique(d)) <= {lo, hi}, (v, np.unique(d))
+        p = (np.float64(x32) - lo) / (hi - lo)
+        standard_error = (hi - lo) * np.sqrt(p * (1 - p) / n)
+        assert abs(d.mean() - x32) < 4 * standard_error, (v, d.mean(), standard_error)
+        if jax.default_backend() == "cpu":  # the documented flush-to-zero
+            assert float(jnp.mean(draws.astype(jnp.float32))) == 0.0
+            f16 = stochastic_round_to(jnp.asarray(np.full(n, x32)), F16, jax.random.key(i))
+            assert not np.asarray(f16).astype(np.float64).any()
+            params = {"w": jnp.zeros(n, BF16)}
+            u, _ = _sr_chain_once(params, {"w": jnp.asarray(np.full(n, x32))})
+            assert not np.asarray(optax.apply_updates(params, u)["w"]).astype(np.float64).any()
