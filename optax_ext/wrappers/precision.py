@@ -109,11 +109,12 @@ def pure_bf16(
     2⁻²⁴ ≈ 6e-8 and its largest value 65504, so with ``dtype=jnp.float16`` Adam's ν
     would round to 0 on most steps once |g| ≲ 1e-3 — SR keeps E[ν] right, but the step
     m/(√ν + ε) is convex in ν and grows, 13× Adam's after 200 steps at g = 1e-5 — and
-    would overflow to inf once |g| ≳ 256, making the step 0. So ``dtype`` applies to every other float leaf
-    (momenta, where f16's 11 bits help), and a leaf whose path in the state tree (e.g.
-    ``"0/nu/params/dense/kernel"``) matches ``second_moments`` is written to bf16 with
-    SR whatever ``dtype`` is. If your optimizer keeps squares under other names, extend
-    the pattern (or use ``dtype=jnp.bfloat16``, which stores everything in bf16).
+    would overflow to inf once |g| ≳ 256, making the step 0. So ``dtype`` applies to
+    every other float leaf (momenta, where f16's 11 bits help), and a leaf whose path in
+    the state tree (e.g. ``"0/nu/params/dense/kernel"``) matches ``second_moments`` is
+    written to bf16 with SR whatever ``dtype`` is. If your optimizer keeps squares
+    under other names, extend the pattern (or use ``dtype=jnp.bfloat16``, which stores
+    everything in bf16).
 
     Args:
       inner: any optax transformation (an alias such as ``tiger(1e-3)``); ``update``
