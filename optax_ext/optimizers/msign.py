@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_ext._common import check_int, explicitly_sharded
+from optax_ext._common import check_int, check_range, explicitly_sharded
 
 __all__ = [
     "NS_COEFFICIENTS",
+    "check_compute_dtype",
     "msign",
     "msign_svd",
     "newton_schulz_coefficients",
@@ -106,10 +107,37 @@ def newton_schulz_coefficients(coeffs: Any, name: str = "coeffs") -> tuple[tuple
 
 
 def _static_steps(steps: Any) -> int | None:
-    """``steps`` as a Python int when it is concrete, None when it is traced."""
+    """``steps`` as a Python int when it is concrete, None when it is traced (an integer
+    scalar; its sign cannot be checked, see :func:`msign`)."""
     if isinstance(steps, jax.core.Tracer):
+        if steps.ndim or not jnp.issubdtype(steps.dtype, jnp.integer):
+            raise TypeError(
+                f"steps must be an int, got a traced {steps.dtype} of shape {steps.shape}"
+            )
         return None
     return int(check_int("steps", steps, minimum=0))
+
+
+def check_compute_dtype(compute_dtype: Any, name: str = "compute_dtype") -> Any:
+    """``compute_dtype`` as a floating ``jnp.dtype`` (``None`` kept: at least float32).
+
+    Newton–Schulz in an integer dtype rounds X_0, whose entries are at most 1, to 0 and
+    returns zeros; so only real floating dtypes are accepted (``TypeError`` naming
+    ``name`` otherwise).
+    """
+    if compute_dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(compute_dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating dtype such as jnp.float32 or jnp.bfloat16 (or None), "
+            f"got {compute_dtype!r}: Newton-Schulz in an integer dtype rounds every entry "
+            "of the normalised matrix to 0"
+        )
+    return dt
 
 
 def msign(
@@ -122,14 +150,23 @@ def msign(
 ) -> jax.Array:
     r"""msign(M) ≈ U Vᵀ by Newton–Schulz, over the last two axes (leading axes are batch).
 
-    With M transposed so that it is wide (rows ≤ columns), and each step's (a, b, c):
+    With M transposed so that it is wide (rows ≤ columns), s = max |M_ij| its largest
+    entry, and each step's (a, b, c):
 
     .. math::
 
-        X_0 = \frac{M}{\lVert M\rVert_F + \varepsilon},\qquad
+        Y = M / s,\qquad
+        X_0 = \frac{Y}{\lVert Y\rVert_F + \varepsilon}
+            = \frac{M}{\lVert M\rVert_F + \varepsilon s},\qquad
         A = X X^\top,\quad X \leftarrow a X + (b A + c A^2) X
 
     Each singular value of X follows x ↦ a x + b x³ + c x⁵, and X_0's lie in (0, 1].
+    Dividing by s first makes msign scale-invariant at every scale, msign(cM) = msign(M)
+    for c > 0: Y's entries are at most 1 and ‖Y‖_F ≥ 1, so the norm neither overflows
+    (float32's sum of squares does for entries near 1e19: M/‖M‖_F came back zero) nor
+    lets an absolute ε swamp a tiny matrix (at ‖M‖_F = 1e-9 it would shrink every
+    singular value toward 0); ε acts relative to the largest entry. A zero matrix
+    maps to zero (also with ε = 0); a NaN or ±inf entry gives NaN everywhere.
     Starting from [1e-3, 1] (Su's design interval) the singular values after 5 / 6
     steps lie in about: ``"polar_express"`` [0.85, 1.12] / [0.994, 1.001],
     ``"su"`` [0.61, 1.05] / [0.89, 1.00], ``"keller"`` [0.47, 1.20] / [0.68, 1.20],
@@ -137,16 +174,20 @@ def msign(
     these). Singular values below 1e-3·‖M‖_F converge more slowly; zero ones stay 0.
 
     Args:
-      m: an array of rank ≥ 2; the last two axes are the matrix, the others batch
-        (stacked layers, experts, heads).
+      m: a floating-point array of rank ≥ 2; the last two axes are the matrix, the
+        others batch (stacked layers, experts, heads). Integer, boolean and complex
+        arrays raise ``TypeError``.
       coeffs: a name in :data:`NS_COEFFICIENTS` or an explicit ``(a, b, c)`` / sequence
         of them; step i uses row min(i, len - 1). Validated when called.
       steps: number of Newton–Schulz steps (≥ 0; 0 returns X_0). May be a traced
-        integer (``optax.inject_hyperparams``): the steps then run in a loop.
-      compute_dtype: dtype of the iteration (e.g. ``jnp.bfloat16`` on accelerators).
-        Default: at least float32. The Frobenius norm is always taken in float32 or
-        wider.
-      eps: added to ‖M‖_F so a zero matrix maps to zero.
+        integer (``optax.inject_hyperparams``): the steps then run in a loop. A traced
+        value cannot be checked: a negative one is clamped to 0 steps (X_0 is
+        returned); ``ox.inject_hyperparams`` validates injected values.
+      compute_dtype: a floating dtype for the iteration (e.g. ``jnp.bfloat16`` on
+        accelerators). Default: at least float32. The normalisation is always done in
+        float32 or wider.
+      eps: ε ≥ 0 (finite), added to ‖Y‖_F ≥ 1: a margin relative to the largest entry
+        that keeps X_0's singular values below 1 after rounding.
 
     Returns:
       An array of ``m``'s shape and dtype.
@@ -164,6 +205,14 @@ def msign(
     """
     rows = newton_schulz_coefficients(coeffs)
     n_steps = _static_steps(steps)
+    compute_dtype = check_compute_dtype(compute_dtype)
+    check_range("eps", eps, 0, schedule=False)
+    dtype = getattr(m, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"msign: m must be a floating-point array, got {dtype or type(m).__name__}; "
+            "cast it first, e.g. m.astype(jnp.float32)"
+        )
     if m.ndim < 2:
         raise ValueError(f"msign needs an array of rank >= 2, got shape {m.shape}")
     run = lambda m, steps: _newton_schulz(m, rows, n_steps, steps, compute_dtype, eps)
@@ -178,10 +227,8 @@ def _newton_schulz(m, rows, n_steps, steps, compute_dtype, eps):
     wide = m.shape[-2] <= m.shape[-1]
     x = m if wide else jnp.swapaxes(m, -1, -2)
     norm_dtype = jnp.promote_types(m.dtype, jnp.float32)
-    work = norm_dtype if compute_dtype is None else jnp.dtype(compute_dtype)
-    xf = x.astype(norm_dtype)
-    norm = jnp.sqrt(jnp.sum(jnp.square(xf), axis=(-2, -1), keepdims=True))
-    x = (xf / (norm + eps)).astype(work)
+    work = norm_dtype if compute_dtype is None else compute_dtype
+    x = _normalise(x.astype(norm_dtype), eps).astype(work)
 
     def step(x, a, b, c):
         a_ = x @ jnp.swapaxes(x, -1, -2)
@@ -198,9 +245,24 @@ def _newton_schulz(m, rows, n_steps, steps, compute_dtype, eps):
             a, b, c = table[jnp.minimum(i, len(rows) - 1)]
             return step(x, a, b, c)
 
-        x = jax.lax.fori_loop(0, steps, body, x)
+        # a traced count cannot be checked: a negative one runs no step (as range() would)
+        x = jax.lax.fori_loop(0, jnp.maximum(steps, 0), body, x)
     x = x if wide else jnp.swapaxes(x, -1, -2)
     return x.astype(m.dtype)
+
+
+def _normalise(x: jax.Array, eps: Any) -> jax.Array:
+    """X_0 = Y / (‖Y‖_F + ε) with Y = x / max|x_ij| per matrix (see :func:`msign`).
+
+    Divided, not multiplied by 1/s: for s near float32's maximum 1/s is subnormal, which
+    XLA:CPU flushes to 0. A zero matrix (s = 0) stays zero whatever ε; NaN and ±inf
+    entries make s or ‖Y‖_F NaN, so the whole matrix comes back NaN.
+    """
+    s = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+    zero = s == 0  # False for a NaN s, which then spreads through the division
+    y = x / jnp.where(zero, 1.0, s)
+    norm = jnp.sqrt(jnp.sum(jnp.square(y), axis=(-2, -1), keepdims=True))
+    return y / jnp.where(zero, 1.0, norm + eps)
 
 
 def msign_svd(m: Any) -> np.ndarray:

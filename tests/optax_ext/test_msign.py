@@ -62,9 +62,10 @@ def matrix_with_singular_values(s, rows, cols, seed):
 
 
 def ref_ns(m, rows, steps, eps=1e-7):
-    """Newton–Schulz in float64 written from the spec: U p(Σ/(‖M‖_F + ε)) Vᵀ via the SVD."""
+    """Newton–Schulz in float64 written from the spec: U p(Σ/(‖M‖_F + ε·max|M_ij|)) Vᵀ via
+    the SVD (X_0 = Y/(‖Y‖_F + ε) for Y = M/max|M_ij|)."""
     u, s, vt = np.linalg.svd(m, full_matrices=False)
-    x0 = s / (np.sqrt(np.sum(s**2)) + eps)
+    x0 = s / (np.sqrt(np.sum(s**2)) + eps * np.abs(m).max())
     return (u * ref_polynomial(x0, rows, steps)) @ vt
 
 
@@ -178,6 +179,38 @@ def test_zero_matrix_stays_zero_and_explicit_rows():
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_scale_invariant_at_extreme_scales(dtype):
+    # The norm is taken of M / max|M_ij|: entries of 1e20 no longer overflow float32's
+    # sum of squares (the result was all zeros), and 1e-12 is no longer swamped by an
+    # absolute eps (its singular values came out [0.05, 0.01] instead of about 1).
+    m = np.random.default_rng(7).standard_normal((8, 16))
+    m = np.asarray(jnp.asarray(m, dtype), np.float64)  # the matrix as `dtype` holds it
+    exact = msign_svd(m)
+    tol = 1e-4 if dtype == jnp.float32 else 1e-2  # a bf16 result rounds to 2^-9 relative
+    for scale in (1e-20, 1e-12, 1.0, 1e20, 1e30):
+        x = jnp.asarray(m, jnp.float32) * jnp.float32(scale)
+        got = msign(x.astype(dtype), steps=8)
+        assert got.dtype == dtype
+        got = np.asarray(got.astype(jnp.float32), np.float64)
+        sv = np.linalg.svd(got, compute_uv=False)
+        assert np.all(np.abs(sv - 1) < 2 * tol), (scale, sv.min(), sv.max())
+        np.testing.assert_allclose(got, exact, rtol=0, atol=tol, err_msg=str(scale))
+
+
+def test_zero_nan_and_inf_matrices():
+    # the zero matrix maps to zero also with eps = 0 (0/0 gave NaN); batched, a zero
+    # matrix beside a normal one leaves the other alone
+    assert float(jnp.abs(msign(jnp.zeros((3, 5)), eps=0.0)).max()) == 0.0
+    m = jnp.asarray(np.random.default_rng(8).standard_normal((2, 4, 6)), jnp.float32)
+    both = msign(m.at[0].set(0.0), eps=0.0)
+    assert float(jnp.abs(both[0]).max()) == 0.0
+    np.testing.assert_array_equal(both[1], msign(m[1], eps=0.0))
+    # a NaN or ±inf entry gives NaN everywhere in its matrix, as documented
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        assert bool(jnp.all(jnp.isnan(msign(m[0].at[1, 2].set(bad)))))
+
+
 def test_sharded_matrix_under_jit():
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -219,3 +252,39 @@ def test_bad_calls():
         msign(jnp.ones((2, 2)), steps=2.5)
     with pytest.raises(ValueError, match="rank >= 2"):
         msign(jnp.ones(3))
+
+
+@pytest.mark.parametrize(
+    "m",
+    [jnp.arange(16).reshape(4, 4), jnp.ones((3, 3), bool), jnp.ones((2, 2), jnp.complex64)],
+    ids=["int", "bool", "complex"],
+)
+def test_non_float_input_is_rejected(m):
+    # an int matrix came back as zeros of its own dtype
+    with pytest.raises(TypeError, match=r"m must be a floating-point array, got (int32|bool|comp)"):
+        msign(m)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"compute_dtype": jnp.int32}, TypeError, r"compute_dtype must be a floating dtype"),
+        ({"compute_dtype": "fp32"}, TypeError, r"compute_dtype must be a floating dtype"),
+        ({"eps": float("nan")}, ValueError, r"eps must be in \[0, inf\), got nan"),
+        ({"eps": -1e-7}, ValueError, r"eps must be in \[0, inf\), got -1e-07"),
+        ({"eps": float("inf")}, ValueError, r"eps must be finite and in \[0, inf\)"),
+    ],
+)
+def test_bad_compute_dtype_and_eps(kwargs, error, match):
+    # an int compute dtype gave zeros, eps = nan all-NaN: both now fail when called
+    with pytest.raises(error, match=match):
+        msign(jnp.ones((2, 2)), **kwargs)
+
+
+def test_traced_steps_negative_clamped_and_non_integer_rejected():
+    m = jnp.asarray(np.random.default_rng(9).standard_normal((4, 6)), jnp.float32)
+    f = jax.jit(lambda x, k: msign(x, steps=k))
+    # a traced count cannot be checked: a negative one runs no step, i.e. returns X_0
+    np.testing.assert_array_equal(f(m, jnp.int32(-3)), msign(m, steps=0))
+    with pytest.raises(TypeError, match=r"steps must be an int, got a traced float32"):
+        f(m, jnp.float32(2.0))

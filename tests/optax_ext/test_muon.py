@@ -39,11 +39,12 @@ from optax_ext.optimizers.tiger import tiger
 
 
 def ref_msign(m, coeffs, steps, eps):
-    """spec/muon.md's Newton–Schulz in float64: transpose to wide, X0 = M/(‖M‖_F + ε), then
-    X <- aX + (bA + cA²)X with A = XXᵀ, row min(i, len-1) at step i."""
+    """spec/muon.md's Newton–Schulz in float64: transpose to wide, X0 = Y/(‖Y‖_F + ε) for
+    Y = M/max|M_ij|, then X <- aX + (bA + cA²)X with A = XXᵀ, row min(i, len-1) at step i."""
     rows = NS_COEFFICIENTS[coeffs]
     tall = m.shape[0] > m.shape[1]
     x = m.T if tall else m
+    x = x / np.abs(x).max()
     x = x / (np.sqrt(np.sum(x**2)) + eps)
     for i in range(steps):
         a, b, c = rows[min(i, len(rows) - 1)]
