@@ -225,6 +225,41 @@ def _as_matrix(name, x, n):
     return a
 
 
+#: Relative tolerance of the Hessian checks: the asymmetry and the negative eigenvalues
+#: that float32 round-off leaves in a Hessian from autodiff or finite differences pass.
+HESSIAN_RTOL = 1e-6
+
+
+def _as_hessian(name, x, n):
+    """An (n, n) finite, symmetric, positive semi-definite matrix, symmetrised.
+
+    The quadratic model behind the lr curves assumes curvature ≥ 0 in every direction
+    the noisy update can take: with an indefinite H the sums stay finite and look
+    plausible (an lr of 0.17 at one batch) but mean nothing.
+    """
+    h = _as_matrix(name, x, n)
+    scale = float(np.max(np.abs(h)))
+    gap = np.abs(h - h.T)
+    if float(np.max(gap)) > HESSIAN_RTOL * scale:
+        i, j = np.unravel_index(int(np.argmax(gap)), h.shape)
+        raise ValueError(
+            f"{name} must be symmetric (to {HESSIAN_RTOL:g} of its largest entry), got "
+            f"{name}[{i}, {j}] = {float(h[i, j])!r} but {name}[{j}, {i}] = "
+            f"{float(h[j, i])!r}; pass (H + H.T) / 2 if the asymmetry is round-off"
+        )
+    h = (h + h.T) / 2
+    eigenvalues = np.linalg.eigvalsh(h)
+    lowest = float(eigenvalues[0])
+    if lowest < -HESSIAN_RTOL * float(np.max(np.abs(eigenvalues))):
+        raise ValueError(
+            f"{name} must be positive semi-definite (eigenvalues >= 0), got eigenvalues from "
+            f"{lowest:.6g} to {float(eigenvalues[-1]):.6g}: the lr curve is a quadratic model's "
+            f"optimum, meaningless where the curvature is negative; pass a PSD "
+            f"approximation (Gauss-Newton, or the eigenvalues clipped at 0)"
+        )
+    return h
+
+
 def sgd_noise_stats(g, hessian, sigma) -> SGDNoiseStats:
     r"""SGD's :math:`\eta_{max}`, :math:`B_{noise}`, :math:`B_{simple}`, :math:`\Delta L_{max}`.
 
@@ -387,6 +422,7 @@ def sign_beta_noise(g, hessian) -> float:
     r""":math:`\beta_{noise} = \sqrt{\sum_i H_{ii} / \sum_{i\neq j}\mathrm{sign}(g_ig_j)H_{ij}}`.
 
     Returns ``inf`` when the signed off-diagonal sum is not positive (no surge at all).
+    ``hessian`` must be symmetric and positive semi-definite (ValueError otherwise).
 
     Example:
       >>> import numpy as np
@@ -397,7 +433,7 @@ def sign_beta_noise(g, hessian) -> float:
       https://kexue.fm/archives/10542, https://kexue.fm/archives/11280.
     """
     g = _as_vector("g", g)
-    h = _as_matrix("hessian", hessian, g.size)
+    h = _as_hessian("hessian", hessian, g.size)
     diag, off = _sign_sums(g, h)
     if not diag > 0:
         raise ValueError(f"the Hessian's trace must be > 0, got {diag!r}")
@@ -479,6 +515,8 @@ def sign_optimal_lr_mean_field(batch, g, hessian, b_simple) -> OptimalLR:
         + \beta\sum_{i\neq j}H_{ij}\,\mathrm{sign}(g_ig_j)},\qquad
       \beta = (1 + B_{simple}/B)^{-1/2}
 
+    ``hessian`` must be symmetric and positive semi-definite (ValueError otherwise).
+
     Example:
       >>> import numpy as np
       >>> r = sign_optimal_lr_mean_field(200, [1, 1, 1], 0.25 * np.eye(3) + 0.75, 100)
@@ -489,7 +527,7 @@ def sign_optimal_lr_mean_field(batch, g, hessian, b_simple) -> OptimalLR:
       Su, https://kexue.fm/archives/11280.
     """
     g = _as_vector("g", g)
-    h = _as_matrix("hessian", hessian, g.size)
+    h = _as_hessian("hessian", hessian, g.size)
     b = sign_beta(batch, b_simple, MEAN_FIELD_C)
     diag, off = _sign_sums(g, h)
     if not diag > 0:
@@ -747,9 +785,16 @@ def softsign_curve(g, hessian, sigma, eps) -> SoftSignCurve:
 
     Args:
       g: mean gradient, shape (n,).
-      hessian: Hessian H, shape (n, n), positive semi-definite with a positive trace.
-      sigma: per-sample gradient covariance, shape (n, n), or its diagonal, shape (n,).
+      hessian: Hessian H, shape (n, n), symmetric and positive semi-definite (to a
+        relative :data:`HESSIAN_RTOL`) with a positive trace.
+      sigma: per-sample gradient covariance, shape (n, n), or its diagonal, shape (n,);
+        the diagonal (variances) must be ≥ 0.
       eps: ε ≥ 0 (0 gives sign descent's curve).
+
+    Raises:
+      ValueError: naming the argument, for an asymmetric or indefinite ``hessian``, a
+        negative variance in ``sigma``, or a ``g`` (or ``eps``) whose squares overflow
+        float64 (|g_i| ≳ 1e154), where ν = g/√(g²) would silently be 0.
 
     Example:
       >>> import numpy as np
@@ -765,25 +810,45 @@ def softsign_curve(g, hessian, sigma, eps) -> SoftSignCurve:
       Su, https://kexue.fm/archives/10563 (SoftSign), https://kexue.fm/archives/10542.
     """
     g = _as_vector("g", g)
-    h = _as_matrix("hessian", hessian, g.size)
+    h = _as_hessian("hessian", hessian, g.size)
     s = np.asarray(sigma, dtype=np.float64)
     if s.shape == (g.size,):
-        trace_sigma = float(np.sum(s))
+        variances = _as_vector("sigma", s)
     else:
-        trace_sigma = float(np.trace(_as_matrix("sigma", s, g.size)))
-    if not (math.isfinite(trace_sigma) and trace_sigma >= 0):
-        raise ValueError(f"sigma's trace must be finite and >= 0, got {trace_sigma!r}")
+        variances = np.diag(_as_matrix("sigma", s, g.size))
+    if np.any(variances < 0):
+        i = int(np.argmax(variances < 0))
+        raise ValueError(
+            f"sigma's diagonal (the per-coordinate gradient variances) must be >= 0, got "
+            f"{float(variances[i])!r} at index {i}; pass a covariance matrix or its diagonal"
+        )
+    trace_sigma = float(np.sum(variances))
+    if not math.isfinite(trace_sigma):
+        raise ValueError(f"sigma's trace must be finite, got {trace_sigma!r}")
     v.nonnegative("eps", eps)
     eps = float(eps)
     if not math.isfinite(eps):
         raise ValueError("eps must be finite (eps -> inf is SGD: use sgd_optimal_lr)")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        nu = np.where(g == 0, 0.0, g / np.sqrt(g * g + eps * eps))
+    with np.errstate(over="ignore"):
+        gg = float(g @ g)
+    if not math.isfinite(gg):
+        raise ValueError(
+            f"g is too large for float64: g @ g overflows (largest |g_i| = "
+            f"{float(np.max(np.abs(g)))!r}, the limit is about 1e154); rescale g, and with "
+            "it hessian and sigma, to a smaller unit"
+        )
+    if not math.isfinite(gg + g.size * eps * eps):
+        raise ValueError(
+            f"eps = {eps!r} is too large for float64: N * eps**2 overflows; use "
+            "sgd_optimal_lr (eps -> inf is SGD) or rescale g and eps"
+        )
+    # hypot: g / sqrt(g*g + eps*eps) would give 1e-200 / 0 = inf for g = 1e-200, eps = 0
+    nu = np.where(g == 0, 0.0, g / np.where(g == 0, 1.0, np.hypot(g, eps)))
     trace = float(np.trace(h))
     if not trace > 0:
         raise ValueError(f"the Hessian's trace must be > 0, got {trace!r}")
     coherent = float(nu @ h @ nu)
-    kappa2 = adam_eps_b_simple(trace_sigma, float(g @ g), g.size, eps)
+    kappa2 = adam_eps_b_simple(trace_sigma, gg, g.size, eps)
     excess = coherent - trace
     beta_noise = math.sqrt(trace / excess) if excess > 0 else math.inf
     return SoftSignCurve(float(nu @ g), coherent, trace, float(kappa2), beta_noise)

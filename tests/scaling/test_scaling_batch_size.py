@@ -349,6 +349,61 @@ def test_softsign_bad_arguments(call, match):
         call()
 
 
+def _indefinite_hessian():
+    """Eigenvalues -3.59, 2.09, 3.0 (trace 1.5 > 0) in a random basis."""
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 3)))
+    return q @ np.diag([-3.59, 2.09, 3.0]) @ q.T
+
+
+HESSIAN_USERS = {
+    "softsign_curve": lambda g, h: bs.softsign_curve(g, h, np.ones(len(g)), 0.0),
+    "sign_beta_noise": bs.sign_beta_noise,
+    "sign_optimal_lr_mean_field": lambda g, h: bs.sign_optimal_lr_mean_field(10.0, g, h, 30.0).lr,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HESSIAN_USERS))
+def test_hessian_must_be_symmetric_and_positive_semi_definite(name):
+    """An indefinite H with a positive trace gave a plausible lr (0.17 at B = 1) and an
+    asymmetric one was used as given; both now raise, naming hessian."""
+    call = HESSIAN_USERS[name]
+    g = [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"hessian must be positive semi-definite.*-3\.59"):
+        call(g, _indefinite_hessian())
+    asymmetric = np.eye(3) + np.triu(np.full((3, 3), 0.5), 1)
+    with pytest.raises(ValueError, match=r"hessian must be symmetric.*hessian\[0, 1\] = 0\.5"):
+        call(g, asymmetric)
+    # round-off in a singular PSD Hessian (asymmetry 1e-7, an eigenvalue -1e-8) passes
+    a = np.random.default_rng(1).standard_normal((3, 2))
+    exact = a @ a.T
+    eigenvalues, vectors = np.linalg.eigh(exact)
+    scale = eigenvalues[-1]
+    null = vectors[:, 0]
+    rough = exact - 1e-8 * scale * np.outer(null, null) + 1e-7 * scale * np.triu(np.ones(3), 1)
+    assert rough[0, 1] != rough[1, 0] and np.linalg.eigvalsh((rough + rough.T) / 2)[0] < 0
+    got, want = call(g, rough), call(g, exact)
+    for x, y in zip(np.atleast_1d(got), np.atleast_1d(want), strict=True):
+        close(x, y, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [[2.0, -1.0], [[2.0, 0.3], [0.3, -1.0]]], ids=["diag", "full"])
+def test_softsign_sigma_variances_must_be_nonnegative(sigma):
+    with pytest.raises(ValueError, match=r"sigma's diagonal .* >= 0, got -1\.0 at index 1"):
+        bs.softsign_curve([1.0, 2.0], np.eye(2), sigma, 0.1)
+
+
+def test_softsign_squares_that_leave_float64():
+    """g = 1e200: g·g overflowed and ν = g/√(g²) = 0, so along came out 0.0 silently; now
+    g (or eps) is named. g = 1e-200 with ε = 0: g·g underflowed and ν was inf; now ν is
+    sign(g) as it should be (hypot)."""
+    with pytest.raises(ValueError, match=r"g is too large for float64: g @ g overflows"):
+        bs.softsign_curve([1e200, 1.0], np.eye(2), [1.0, 1.0], 0.0)
+    with pytest.raises(ValueError, match=r"eps = 1e\+200 is too large"):
+        bs.softsign_curve([1.0, 1.0], np.eye(2), [1.0, 1.0], 1e200)
+    curve = bs.softsign_curve([1e-200, 1.0], [[2.0, 1.0], [1.0, 3.0]], [1.0, 1.0], 0.0)
+    assert curve.along == 1.0 and curve.coherent == 7.0 and curve.kappa2 == 2.0, curve
+
+
 # -------------------------------------------------------------------------- errors
 
 
