@@ -25,6 +25,8 @@ __all__ = [
     "beta",
     "finite_positive",
     "scalar",
+    "single",
+    "flag",
     "result",
     "is_traced",
 ]
@@ -106,6 +108,45 @@ def finite_positive(name: str, value: Any) -> Any:
     if not is_traced(value) and np.any(np.isinf(np.asarray(value, dtype=np.float64))):
         raise ValueError(f"{name} must be in (0, inf), got {value!r}")
     return value
+
+
+def single(name: str, value: Any) -> float:
+    """One real number (Python or NumPy scalar, 0-d array) as a float; NaN and inf pass.
+
+    For arguments that cannot be arrays (the function returns one answer): a string,
+    None, a bool or an array of several values raises ``ValueError`` naming ``name``,
+    rather than NumPy's "only 0-dimensional arrays can be converted" or a silent default.
+    """
+    if isinstance(value, bool | np.bool_ | str | bytes | complex) or value is None:
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        raw = np.asarray(value)
+        if raw.dtype.kind not in "iufO":  # not bool, complex, strings, datetimes
+            raise TypeError
+        x = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if x.ndim != 0:
+        raise ValueError(
+            f"{name} must be a single number, got an array of shape {x.shape}; pass one "
+            "value (call once per value for several)"
+        )
+    return float(x)
+
+
+def flag(name: str, value: Any) -> bool:
+    """A Python or NumPy bool, or a 0-d boolean array (a JAX scalar), as a bool.
+
+    Anything else (``"no"``, 1, None) raises ``ValueError`` naming ``name``: a non-empty
+    string would otherwise count as True.
+    """
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if hasattr(value, "dtype") and np.ndim(value) == 0:
+        x = np.asarray(value)
+        if x.dtype.kind == "b":
+            return bool(x)
+    raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
 
 
 def scalar(value: Any) -> Any:

@@ -205,6 +205,9 @@ def recommend(
       strict: raise ``ValueError`` instead of falling back to a simple rule when no
         noise scale is given.
 
+    Every number is a single value (one recommendation per call): an array, a string or
+    a bool raises ``ValueError`` naming the argument.
+
     Returns:
       A :class:`Recommendation` (``print`` it for a table, ``.as_dict()`` for JSON).
 
@@ -222,6 +225,16 @@ def recommend(
       Marek et al. 2025, arXiv 2507.07101.
     """
     v.check_choice("optimizer", optimizer, FAMILIES)
+    # one recommendation: every number is a single value, named when it is not (NumPy's
+    # "only 0-dimensional arrays can be converted to Python scalars" names nothing)
+    numbers = dict(lr=lr, batch=batch, new_batch=new_batch, beta_noise=beta_noise, c=c)
+    numbers |= dict(b_noise=b_noise, b_simple=b_simple, weight_decay=weight_decay)
+    numbers |= dict(beta1=beta1, beta2=beta2, steps=steps)
+    optional = ("b_noise", "b_simple", "weight_decay", "beta1", "beta2", "steps")
+    for name, value in numbers.items():
+        if not (value is None and name in optional):
+            v.single(name, value)
+    strict = v.flag("strict", strict)
     v.finite_positive("lr", lr)
     v.finite_positive("batch", batch)
     v.finite_positive("new_batch", new_batch)

@@ -191,12 +191,14 @@ def warmup_accumulation_steps(
     (or the optimizer's transfer rule).
 
     Args:
-      b_simple: the current simple noise scale, in examples (``nan`` keeps ``previous``).
+      b_simple: the current simple noise scale, in examples, one number (``nan`` keeps
+        ``previous``).
       micro_batch_size: b, examples per micro-batch (per update call, all devices).
       max_accumulation_steps: :math:`k_{max} \ge 1`, the most micro-batches per update.
       previous: the k in use, ≥ 1.
       fraction: f > 0, the target effective batch as a multiple of B_simple.
-      settled: whether the estimate has settled (``ox.current_noise_scale(...).settled``).
+      settled: whether the estimate has settled, a bool or a 0-d boolean array
+        (``ox.current_noise_scale(...).settled``).
 
     Example:
       >>> warmup_accumulation_steps(300.0, 64, 16)   # ceil(300/64)
@@ -210,20 +212,24 @@ def warmup_accumulation_steps(
       McCandlish et al. 2018, arXiv 1812.06162 (B_crit ≈ B_noise, and B_simple); Zhang
       et al., ICLR 2025 and Merrill et al. 2025 (the critical batch grows during training).
     """
+    micro = v.single("micro_batch_size", micro_batch_size)
     v.positive("micro_batch_size", micro_batch_size)
     v.finite_positive("fraction", fraction)
+    fraction = v.single("fraction", fraction)
     k_max = _whole("max_accumulation_steps", max_accumulation_steps)
     k_prev = _whole("previous", previous)
     if k_prev > k_max:
         raise ValueError(
             f"previous must be at most max_accumulation_steps={k_max}, got {previous!r}"
         )
-    b = float(b_simple) if not isinstance(b_simple, str | bytes) else None
-    if b is None or not settled or not b > 0:
-        if b is not None and b < 0:
-            raise ValueError(f"b_simple must be >= 0 or nan, got {b_simple!r}")
+    # one number: a string ("300") or None must not fall through to `previous` silently
+    b = v.single("b_simple", b_simple)
+    if b < 0:
+        raise ValueError(f"b_simple must be >= 0 or nan, got {b_simple!r}")
+    # a bool: any non-empty string ("no") would be truthy
+    if not v.flag("settled", settled) or not b > 0:
         return k_prev
-    target = fraction * b / float(micro_batch_size)
+    target = fraction * b / micro
     if not target < k_max:  # also inf
         return k_max
     return max(k_prev, min(k_max, math.ceil(target)))
@@ -233,4 +239,3 @@ def _whole(name, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
-

@@ -97,6 +97,13 @@ def test_table_and_dict():
         (dict(beta1=1.0), r"beta1 must be in \[0, 1\)"),
         (dict(beta2=-0.1), "beta2"),
         (dict(b_simple=0.0), "b_simple"),
+        # one recommendation per call: NumPy's "only 0-dimensional arrays" named nothing
+        (dict(batch=np.array([256.0, 512.0])), r"batch must be a single number.*\(2,\)"),
+        (dict(new_batch=np.array([1024.0])), r"new_batch must be a single number"),
+        (dict(b_simple=np.array([1e3, 2e3])), r"b_simple must be a single number"),
+        (dict(lr="3e-4"), r"lr must be a real number, got '3e-4'"),
+        (dict(weight_decay=True), r"weight_decay must be a real number, got True"),
+        (dict(strict="no"), r"strict must be a bool"),
     ],
 )
 def test_recommend_rejects_bad_input(kwargs, match):

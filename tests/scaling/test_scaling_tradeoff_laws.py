@@ -111,6 +111,12 @@ def test_warmup_targets_the_noise_scale_in_micro_batches():
     assert warm(1e6, 64, 16) == 16 and warm(float("inf"), 64, 16) == 16
 
 
+def test_warmup_takes_numpy_scalars_and_boolean_flags():
+    assert warm(np.float32(300.0), np.int64(64), 16, settled=np.bool_(True)) == 5
+    assert warm(np.array(300.0), 64, 16, settled=np.array(True)) == 5  # 0-d, as JAX gives
+    assert warm(np.array(300.0), 64, 16, previous=2, settled=np.array(False)) == 2
+
+
 def test_warmup_never_shrinks_and_waits_for_a_settled_estimate():
     assert warm(100.0, 64, 16, previous=5) == 5
     assert warm(1000.0, 64, 16, previous=5, settled=False) == 5
@@ -144,6 +150,17 @@ def test_warmup_is_monotone_and_bounded(estimates, micro, k_max):
         (dict(previous=0), r"previous must be an int >= 1"),
         (dict(previous=32), r"previous must be at most max_accumulation_steps=16"),
         (dict(fraction=float("inf")), r"fraction must be in \(0, inf\)"),
+        # a string, None or an array used to keep `previous` or fail inside NumPy, and
+        # a non-empty string counted as settled
+        (dict(b_simple="300"), r"b_simple must be a real number, got '300'"),
+        (dict(b_simple=None), r"b_simple must be a real number, got None"),
+        (dict(b_simple=True), r"b_simple must be a real number, got True"),
+        (dict(b_simple=np.array([300.0, 400.0])), r"b_simple must be a single number.*\(2,\)"),
+        (dict(settled="no"), r"settled must be a bool \(True or False\), got 'no'"),
+        (dict(settled=None), r"settled must be a bool"),
+        (dict(settled=np.array([True, False])), r"settled must be a bool"),
+        (dict(micro_batch_size=np.array([64, 32])), r"micro_batch_size must be a single number"),
+        (dict(fraction="1"), r"fraction must be a real number"),
     ],
 )
 def test_warmup_bad_arguments(kwargs, match):
