@@ -279,7 +279,7 @@ def _cmd_noise(a):
         title=f"noise scale from {a.log} ({len(entries)} entries, ema {a.ema:g})",
     )
     text += f"\nB_simple (EMA) = {_b_cell(last.b_simple_ema)}"
-    if not math.isfinite(last.b_simple_ema):
+    if not _measured(last.b_simple_ema):
         text += _NOT_MEASURED
 
     windows = noise.window_estimates(entries, a.window)
@@ -295,7 +295,7 @@ def _cmd_noise(a):
             f"{w.first_step}-{w.last_step}",
             str(w.count),
             _b_cell(w.b_simple),
-            _b_cell(w.stderr),
+            _b_cell(w.stderr) if _measured(w.b_simple) else "-",
         ]
         for name, w in picks.items()
     ]
@@ -305,8 +305,9 @@ def _cmd_noise(a):
         title=f"trajectory: B_simple over windows of {a.window} updates",
     )
     state = "settled" if settled.settled else "NOT settled"
+    stderr = _b_cell(settled.stderr) if _measured(settled.b_simple) else "-"
     text += (
-        f"\ncurrent B_simple = {_b_cell(settled.b_simple)} ± {_b_cell(settled.stderr)} "
+        f"\ncurrent B_simple = {_b_cell(settled.b_simple)} ± {stderr} "
         f"(last {settled.window} updates): {state}: {settled.reason}"
     )
     steps = [e.step for e in entries]
@@ -321,8 +322,15 @@ def _cmd_noise(a):
     data["settled"] = settled._asdict()
     data["gaps"] = len(gaps)
     if a.plot is not None:
-        _plot_noise(entries, windows, settled, a.plot, a.log)
-        text += f"\nplot: {a.plot}"
+        if _plot_noise(entries, windows, settled, a.plot, a.log):
+            text += f"\nplot: {a.plot}"
+            data["plot"] = a.plot
+        else:
+            text += (
+                f"\nplot: nothing to plot (no step or window has a measurable B_simple, "
+                f"finite and > 0): {a.plot} not written"
+            )
+            data["plot"] = None
     _emit(a, data, text)
 
 
@@ -339,27 +347,27 @@ def _require_matplotlib():
         raise ValueError(f"--plot needs matplotlib: {_INSTALL_HINT}") from None
 
 
-def _plot_noise(entries, windows, settled, path, title):
+def _plot_noise(entries, windows, settled, path, title) -> bool:
+    """Draws the trajectory to ``path``; False (nothing written) when no value is > 0.
+
+    A log scale cannot show a B_simple <= 0, and an empty figure would only make
+    matplotlib warn that its legend has no entries.
+    """
+    positive = lambda x: math.isfinite(x) and x > 0
+    finite = [(e.step, e.b_simple_raw) for e in entries if positive(e.b_simple_raw)]
+    ema = [(e.step, e.b_simple_ema) for e in entries if positive(e.b_simple_ema)]
+    good = [w for w in windows if positive(w.b_simple)]
+    if not (finite or ema or good or positive(settled.b_simple)):
+        return False
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    finite = [
-        (e.step, e.b_simple_raw)
-        for e in entries
-        if math.isfinite(e.b_simple_raw) and e.b_simple_raw > 0
-    ]
     if finite:
         ax.scatter(
             *zip(*finite, strict=True), s=4, alpha=0.3, color="0.6", label="per-step ratio (raw)"
         )
-    ema = [
-        (e.step, e.b_simple_ema)
-        for e in entries
-        if math.isfinite(e.b_simple_ema) and e.b_simple_ema > 0
-    ]
     if ema:
         ax.plot(*zip(*ema, strict=True), color="tab:blue", lw=1.2, label="EMA")
-    good = [w for w in windows if math.isfinite(w.b_simple) and w.b_simple > 0]
     if good:
         ax.errorbar(
             [(w.first_step + w.last_step) / 2 for w in good],
@@ -370,7 +378,7 @@ def _plot_noise(entries, windows, settled, path, title):
             capsize=3,
             label="window ratio of means ± 2 s.e.",
         )
-    if math.isfinite(settled.b_simple) and settled.b_simple > 0:
+    if positive(settled.b_simple):
         state = "settled" if settled.settled else "not settled"
         ax.axhline(
             settled.b_simple,
@@ -386,18 +394,25 @@ def _plot_noise(entries, windows, settled, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 _NOT_MEASURED = (
-    "\n'-': not measurable: the averaged |G|^2 is <= 0 (the noise swamps the signal) or "
-    "both averages are 0; average over more updates or measure with a larger batch"
+    "\n'-': not measurable: the averaged |G|^2 is <= 0 (the noise swamps the signal), the "
+    "averaged tr(Sigma) or per-step ratio is < 0, or both averages are 0; average over more "
+    "updates or measure with other batch sizes"
 )
+
+
+def _measured(x) -> bool:
+    return math.isfinite(x) and x >= 0
 
 
 def _b_cell(x):
     # inf and nan are the documented "noise swamps the signal" / "no data" answers of
-    # noise_ema_read; a table shows them as '-' and says why once.
-    return fmt(x) if math.isfinite(x) else "-"
+    # noise_ema_read, and a negative ratio estimates nothing; a table shows them all as
+    # '-' and says why once.
+    return fmt(x) if _measured(x) else "-"
 
 
 # --------------------------------------------------------------------- parser

@@ -410,7 +410,9 @@ class WindowEstimate(NamedTuple):
       first_step, last_step: the window's first and last logged step.
       count: per-step estimates in the window.
       b_simple: ratio of the window's means, ``mean(trace_sigma) / mean(g2)``; ``inf``
-        when ``mean(g2) <= 0`` (the noise swamps the signal).
+        when ``mean(g2) <= 0`` (the noise swamps the signal); negative when
+        ``mean(trace_sigma) < 0`` (or, in a log of ratios, the mean ratio is): not
+        measurable either.
       stderr: its standard error (delta method), ``inf`` with ``b_simple``.
     """
 
@@ -425,7 +427,8 @@ class SettledNoiseScale(NamedTuple):
     """The current B_simple, its uncertainty, and whether it has settled.
 
     Attributes:
-      b_simple: B_simple over the last ``window`` updates (ratio of means).
+      b_simple: B_simple over the last ``window`` updates (ratio of means); ``inf`` or
+        negative when not measurable (``reason`` says so).
       stderr: its standard error; ``b_simple ± 2·stderr`` is a ~95% interval.
       settled: ``True`` when the window before gives the same value within two combined
         standard errors and the relative error is below 50%.
@@ -495,6 +498,18 @@ def window_estimates(entries: Sequence[NoiseLogEntry], window: int = 100) -> lis
     return out[::-1]
 
 
+def _negative(window: str, ratios: bool) -> str:
+    if ratios:
+        return (
+            f"the mean of {window}'s per-step B_simple values is < 0 (their |G|^2 or "
+            "tr(Sigma) estimates are mostly negative)"
+        )
+    return (
+        f"the mean tr(Sigma) of {window} is < 0 (the noise is below what the two batch "
+        "sizes resolve)"
+    )
+
+
 def settled_noise_scale(entries: Sequence[NoiseLogEntry], window: int = 100) -> SettledNoiseScale:
     """The current B_simple from the last ``window`` updates, and whether it has settled.
 
@@ -529,12 +544,15 @@ def settled_noise_scale(entries: Sequence[NoiseLogEntry], window: int = 100) -> 
     def result(settled, reason):
         return SettledNoiseScale(last.b_simple, last.stderr, settled, int(window), previous, reason)
 
+    ratios = entries[0].g2_raw is None
     if not math.isfinite(last.b_simple):
         return result(
             False,
             "not measurable: the mean |G|^2 of the last window is <= 0 "
             "(the noise swamps the signal)",
         )
+    if last.b_simple < 0:  # a negative B_simple is no estimate: say so, never report it
+        return result(False, "not measurable: " + _negative("the last window", ratios))
     if prev is None:
         return result(
             False, f"only {len(entries)} updates: settling needs two windows of {int(window)}"
@@ -544,6 +562,8 @@ def settled_noise_scale(entries: Sequence[NoiseLogEntry], window: int = 100) -> 
         return result(False, f"too uncertain: relative standard error {rel:.0%} >= 50%")
     if not math.isfinite(prev.b_simple):
         return result(False, "the window before was not measurable (mean |G|^2 <= 0)")
+    if prev.b_simple < 0:
+        return result(False, "the window before was not measurable: " + _negative("it", ratios))
     gap = abs(last.b_simple - prev.b_simple)
     allowed = 2 * math.hypot(last.stderr, prev.stderr)
     if gap > allowed:

@@ -7,6 +7,7 @@ standard error var(t - R g) / (n mean(g)^2), Su's SNR = (rho^2 - r)/(1 - rho^2).
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -206,3 +207,46 @@ def test_plot_without_matplotlib_fails_first_with_the_readme_hint(monkeypatch, c
     assert err.strip() == (
         'python -m scaling: error: --plot needs matplotlib: pip install -e ".[notebooks]"'
     )
+
+
+NOT_MEASURABLE_LOGS = {
+    # per-step ratios, all negative: their mean was reported as "-300 ± 0"
+    "ratios": [{"step": i, "b_simple": -300.0 + (i % 3)} for i in range(30)],
+    # split log whose tr(Sigma) is negative: the same
+    "negative trace": [{"step": i, "g2": 1.0, "trace_sigma": -300.0} for i in range(30)],
+    # split log whose |G|^2 is negative: already "not measurable"
+    "negative g2": [{"step": i, "g2": -1.0, "trace_sigma": 300.0} for i in range(30)],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_MEASURABLE_LOGS))
+def test_a_log_with_nothing_measurable_says_so(kind, tmp_path, capsys):
+    records = NOT_MEASURABLE_LOGS[kind]
+    lines = [json.dumps(r) for r in records]
+    est = noise.settled_noise_scale(noise.read_noise_log(lines), window=10)
+    assert not est.settled and est.reason.startswith("not measurable"), est
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(lines))
+    assert main(["noise", str(path), "--window", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "current B_simple = - ± - (last 10 updates): NOT settled: not measurable" in out
+    assert "-300" not in out and "-299" not in out and "'-': not measurable" in out
+    assert main(["noise", str(path), "--window", "10", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert not data["settled"]["settled"] and data["settled"]["reason"] == est.reason
+
+
+def test_plot_with_nothing_plottable_says_so_without_a_warning(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in NOT_MEASURABLE_LOGS["ratios"]))
+    png = tmp_path / "noise.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" was printed
+        assert main(["noise", str(path), "--window", "10", "--plot", str(png)]) == 0
+    captured = capsys.readouterr()
+    assert "plot: nothing to plot (no step or window has a measurable B_simple" in captured.out
+    assert f"{png} not written" in captured.out and captured.err == ""
+    assert not png.exists()
+    assert main(["noise", str(path), "--window", "10", "--plot", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plot"] is None
