@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,8 +27,11 @@ from optax_ext._common import (
 
 __all__ = [
     "SECOND_MOMENTS",
+    "LinearQuantizedArray",
+    "NothingQuantizedWarning",
     "QuantizedArray",
     "QuantizedState",
+    "code_of",
     "dequantize",
     "dynamic_map",
     "quantize",
@@ -36,28 +40,67 @@ __all__ = [
 
 #: State fields holding second moments (non-negative, quantised with the unsigned map):
 #: optax's ``nu`` (Adam, AdamW, AdaX, ...), and the usual spellings of other libraries.
-SECOND_MOMENTS = r"(^|/)(nu|nu_hat|nu_max|v|v_hat|vhat|exp_avg_sq|second_moment)(/|$)"
+#: Searched in a leaf's *state part* (its state path without the parameter's path, e.g.
+#: ``"0/nu"``) and anchored at its end: the field directly holding the parameter-shaped
+#: tree decides, never a parameter name (a module ``v``) nor an enclosing label.
+SECOND_MOMENTS = r"(^|/)(nu|nu_hat|nu_max|v|v_hat|vhat|exp_avg_sq|second_moment)$"
 CODES = ("dynamic", "linear")
+
+#: NamedTuple state fields whose name misleads :data:`SECOND_MOMENTS`, by state class:
+#: ``{class name: {field: is a second moment}}``, applied with the default only. Adan's
+#: ``v`` is an EMA of gradient differences (signed), its ``n`` the second moment
+#: (Xie et al. 2022, https://arxiv.org/abs/2208.06677).
+_FIELD_RULES = {"ScaleByAdanState": {"v": False, "n": True}}
+
+_INF_BITS = 0x7F800000  # the bit pattern of +inf: |x| is finite iff its pattern is below it
+_NONFINITE_CODE = -128  # the one int8 value a signed magnitude code (±0..127) never takes
+_TINY = float(np.finfo(np.float32).tiny)  # 1/absmax overflows for a subnormal absmax
 
 
 class QuantizedArray(NamedTuple):
-    """One state leaf in 8 bits.
+    """One state leaf in 8 bits, on the dynamic map (:func:`dynamic_map`).
 
     Attributes:
       codes: the leaf's shape; ``int8`` for the signed map (momenta), ``uint8`` for the
-        unsigned map (second moments). The dtype says which map decodes it.
+        unsigned map (second moments). The dtype says which map decodes it; the signed
+        code -128 stands for a non-finite value (decoded as NaN).
       absmax: float32, one per block of ``block`` consecutive elements of the
-        flattened leaf (the last block may be shorter): the block's largest |value|.
+        flattened leaf (the last block may be shorter): the block's largest finite
+        |value|.
     """
 
     codes: jax.Array
     absmax: jax.Array
 
 
+class LinearQuantizedArray(QuantizedArray):
+    """A :class:`QuantizedArray` on the linear map (``code="linear"``).
+
+    Its own class, so that the map that wrote the codes is part of the state's type:
+    :func:`optax_ext.checkpoint.restore_train_state` then refuses a checkpoint written
+    under one map and restored under the other, which would misread every code.
+    """
+
+    __slots__ = ()
+
+
+_CODE_CLASSES = {"dynamic": QuantizedArray, "linear": LinearQuantizedArray}
+
+
+def code_of(q: QuantizedArray) -> str:
+    """The map (``"dynamic"`` or ``"linear"``) that wrote a :class:`QuantizedArray`."""
+    return "linear" if isinstance(q, LinearQuantizedArray) else "dynamic"
+
+
 class QuantizedState(NamedTuple):
     """State of :func:`quantize_state`: the inner state with its large moments quantised."""
 
     inner_state: Any
+
+
+class NothingQuantizedWarning(UserWarning):
+    """:func:`quantize_state` found moments to store, but none with ``min_size`` elements:
+    the state stays in float32 and the wrapper saves nothing."""
 
 
 # ------------------------------------------------------------------- the 8-bit maps
@@ -116,7 +159,13 @@ def _encode_dynamic(y: jax.Array, m_bits: int) -> jax.Array:
 
 
 def _encode(y: jax.Array, signed: bool, code: str) -> jax.Array:
-    """8-bit codes of ``y = x / absmax`` (in [-1, 1]): int8 signed or uint8 unsigned."""
+    """8-bit codes of ``y = x / absmax`` (in [-1, 1]): int8 signed or uint8 unsigned.
+
+    A non-finite ``y`` (the value was NaN or ±inf) gets the signed map's spare code
+    -128, decoded as NaN, as a float32 state would keep it non-finite. The unsigned map
+    has no spare code: +inf and NaN take the top code (the block's absmax, the largest
+    finite second moment of the block), -inf clamps to 0 like any negative value.
+    """
     m_bits = _magnitude_bits(signed)
     mag = jnp.abs(y) if signed else jnp.maximum(y, 0.0)
     if code == "dynamic":
@@ -124,8 +173,9 @@ def _encode(y: jax.Array, signed: bool, code: str) -> jax.Array:
     else:
         m = jnp.round(jnp.minimum(mag, 1.0) * (2**m_bits - 1)).astype(jnp.int32)
     if signed:
-        return jnp.where(y < 0, -m, m).astype(jnp.int8)
-    return m.astype(jnp.uint8)
+        m = jnp.where(y < 0, -m, m)
+        return jnp.where(jnp.isfinite(y), m, _NONFINITE_CODE).astype(jnp.int8)
+    return jnp.where(jnp.isnan(y), 2**m_bits - 1, m).astype(jnp.uint8)
 
 
 def _decode_dynamic(m: jax.Array, m_bits: int) -> jax.Array:
@@ -148,7 +198,8 @@ def _decode_dynamic(m: jax.Array, m_bits: int) -> jax.Array:
 
 
 def _decode(codes: jax.Array, code: str) -> jax.Array:
-    """Values in [-1, 1] (float32) of 8-bit codes; the codes' dtype names the map."""
+    """Values in [-1, 1] (float32) of 8-bit codes; the codes' dtype names the map
+    (the signed code -128 decodes as NaN)."""
     signed = codes.dtype == jnp.int8
     m_bits = _magnitude_bits(signed)
     m = jnp.abs(codes.astype(jnp.int32)) if signed else codes.astype(jnp.int32)
@@ -156,7 +207,10 @@ def _decode(codes: jax.Array, code: str) -> jax.Array:
         mag = _decode_dynamic(m, m_bits)
     else:
         mag = m.astype(jnp.float32) / (2**m_bits - 1)
-    return jnp.where(codes < 0, -mag, mag) if signed else mag
+    if not signed:
+        return mag
+    value = jnp.where(codes < 0, -mag, mag)
+    return jnp.where(codes == _NONFINITE_CODE, jnp.nan, value)
 
 
 # ------------------------------------------------------------ blocks of a leaf
@@ -182,33 +236,56 @@ def _split(flat: jax.Array, block: int) -> list[jax.Array]:
 
 
 def _absmax_rows(part: jax.Array) -> jax.Array:
-    """max |x| of each row, shape (rows, 1), computed on the bit patterns.
+    """max |x| over the finite entries of each row, shape (rows, 1), computed on the bit
+    patterns (0 for a row without finite entries).
 
-    For non-negative floats the uint32 pattern orders like the value (NaN above inf, so
-    NaN propagates). An integer reduction stays an XLA reduction that fuses the
-    elementwise update producing ``part``; a float32 max on XLA:CPU goes to a library
-    kernel that needs ``part`` written to memory first (4 bytes per element more).
+    For non-negative floats the uint32 pattern orders like the value, and exactly the
+    non-finite ones (inf, NaN) have a pattern of at least inf's: those are left out, so
+    one NaN or inf does not make every other value of its block decode as NaN (x · A
+    with A = NaN, or 0 · inf). An integer reduction stays an XLA reduction that fuses
+    the elementwise update producing ``part``; a float32 max on XLA:CPU goes to a
+    library kernel that needs ``part`` written to memory first (4 bytes per element more).
     """
     bits = jax.lax.bitcast_convert_type(jnp.abs(part), jnp.uint32)
+    bits = jnp.where(bits < np.uint32(_INF_BITS), bits, np.uint32(0))
     top = jnp.max(bits, axis=1, keepdims=True)
     return jax.lax.bitcast_convert_type(top, jnp.float32)
 
 
 def quantize(x: jax.Array, *, signed: bool, block: int = 2048, code: str = "dynamic"):
-    """A :class:`QuantizedArray` of ``x``: per block of the flattened leaf, the absmax
-    (float32) and each value's nearest 8-bit code of ``value / absmax``."""
+    """A :class:`QuantizedArray` of ``x`` (a :class:`LinearQuantizedArray` for
+    ``code="linear"``): per block of the flattened leaf, the absmax of its finite values
+    (float32) and each value's nearest 8-bit code of ``value / absmax``.
+
+    A non-finite value changes nothing else in its block; it is stored as NaN by the
+    signed map, as the block's absmax (NaN, +inf) or 0 (-inf) by the unsigned one.
+    """
+    check_choice("code", code, CODES)
     codes, absmax = [], []
     for part in _split(_flatten(x.astype(jnp.float32)), block):
         amax = _absmax_rows(part)
-        inv = jnp.where(amax > 0, 1.0 / amax, 0.0)  # an all-zero block codes as zeros
+        # an all-zero block codes as zeros; so does a subnormal one, whose 1/absmax
+        # would overflow to inf
+        inv = jnp.where(amax >= _TINY, 1.0 / amax, 0.0)
         codes.append(_encode(part * inv, signed, code).reshape(-1))
         absmax.append(amax.reshape(-1))
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
-    return QuantizedArray(codes=cat(codes).reshape(x.shape), absmax=cat(absmax))
+    return _CODE_CLASSES[code](codes=cat(codes).reshape(x.shape), absmax=cat(absmax))
 
 
-def dequantize(q: QuantizedArray, *, block: int = 2048, code: str = "dynamic") -> jax.Array:
-    """The float32 values a :class:`QuantizedArray` stands for."""
+def dequantize(q: QuantizedArray, *, block: int = 2048, code: str | None = None) -> jax.Array:
+    """The float32 values a :class:`QuantizedArray` stands for.
+
+    ``code`` defaults to the map ``q``'s class names (:func:`code_of`); naming another
+    one is an error, since it would misread every code.
+    """
+    if code is None:
+        code = code_of(q)
+    elif code != code_of(q):
+        raise ValueError(
+            f"dequantize: code={code!r}, but q is a {type(q).__name__}, written by the "
+            f"{code_of(q)!r} map; leave code out (or pass code={code_of(q)!r})"
+        )
     flat = _flatten(q.codes)
     out, start = [], 0
     for part in _split(flat, block):
@@ -220,6 +297,58 @@ def dequantize(q: QuantizedArray, *, block: int = 2048, code: str = "dynamic") -
 
 def _is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
+
+
+# ------------------------------------------------- which leaves, and which map
+
+
+def _param_shapes(params: Any) -> dict[str, tuple[int, ...]]:
+    """``{path: shape}`` of every parameter leaf (``""``: ``params`` is one array)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {path_to_str(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in leaves}
+
+
+def _split_state_path(
+    path: str, shape: tuple[int, ...], param_shapes: dict[str, tuple[int, ...]]
+) -> tuple[str, bool | None]:
+    """``(state part, shaped like its parameter)`` of a state leaf's path.
+
+    Optimizers keep per-parameter buffers as trees shaped like the params, so a state
+    leaf's path is the state's own keys around one parameter's path: ``0/nu`` +
+    ``params/attn/v/kernel``, or ``0/moments`` + ``<param>`` + ``/v`` for per-leaf
+    records. The parameter's path is the run of keys naming a parameter — of the leaf's
+    shape if one does, then the longest, then the last — and the state part is what
+    is left. The second bool says whether the leaf has that parameter's shape (a
+    factored statistic has not); ``None`` if no parameter's path occurs in it.
+    """
+    keys = path.split("/") if path else []
+    best = None  # ((same shape, length, start), start, stop)
+    for i in range(len(keys)):
+        for j in range(i + 1, len(keys) + 1):
+            found = param_shapes.get("/".join(keys[i:j]))
+            if found is not None:
+                rank = (found == shape, j - i, i)
+                if best is None or rank > best[0]:
+                    best = (rank, i, j)
+    if best is None:
+        return path, (param_shapes[""] == shape) if "" in param_shapes else None
+    (same, _, _), i, j = best
+    return "/".join(keys[:i] + keys[j:]), same
+
+
+def _field_overrides(state: Any) -> dict[str, bool]:
+    """``{state path: is a second moment}`` for the leaves of the fields in
+    :data:`_FIELD_RULES` (NamedTuple states whose field names mislead the default)."""
+    is_ruled = lambda n: hasattr(n, "_fields") and type(n).__name__ in _FIELD_RULES
+    out = {}
+    for path, node in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_ruled)[0]:
+        if not is_ruled(node):
+            continue
+        for field, second in _FIELD_RULES[type(node).__name__].items():
+            head = (*path, jax.tree_util.GetAttrKey(field))
+            for sub, _ in jax.tree_util.tree_flatten_with_path(getattr(node, field))[0]:
+                out[path_to_str((*head, *sub))] = second
+    return out
 
 
 # ----------------------------------------------------------------- the wrapper
@@ -237,10 +366,13 @@ def quantize_state(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Stores the inner optimizer's moments in 8 bits: int8 codes, one float32 scale per block.
 
-    Which leaves: every floating leaf of the inner state that has the shape of some
+    Which leaves: every floating leaf of the inner state that has the shape of its
     parameter and at least ``min_size`` elements (momenta, second moments, and any
-    other param-shaped buffer, e.g. Muon's momentum); counters, scalars, factored
-    statistics and small tensors (biases, norms) stay as they are. Each chosen leaf is
+    other param-shaped buffer, e.g. Muon's momentum or an accumulated gradient);
+    counters, scalars, factored statistics and small tensors (biases, norms) stay as
+    they are. If there are such leaves but none reaches ``min_size``, nothing would be
+    stored in 8 bits: ``init`` then warns (:class:`NothingQuantizedWarning`) with the
+    largest leaf's size, the ``min_size`` to pass. Each chosen leaf is
     flattened and cut into blocks of ``block`` elements (the last may be shorter); a
     block keeps its absmax A in float32 and each value x the 8-bit code nearest to x/A
     in the dynamic map (:func:`dynamic_map`: a decimal exponent and linear fraction
@@ -255,24 +387,46 @@ def quantize_state(
 
     so the inner optimizer computes in float32 and only storage is 8-bit.
 
+    Non-finite values: A is the largest *finite* |x| of the block, so a NaN or inf
+    entry (from one bad gradient element) leaves the other values of its block exactly
+    as they would be without it. The entry itself stays NaN in a signed leaf (the
+    spare int8 code -128), as it would in a float32 state: Adam's update of that
+    element is then non-finite exactly when float32 Adam's is. The unsigned map has no
+    spare code: there a NaN or +inf entry is stored as A, the block's largest finite
+    second moment (a small step, where a float32 state would stay NaN or inf).
+
     Signed or unsigned map: the state cannot be inspected for signs at ``init`` (it is
     zeros, or abstract), so a leaf is a **second moment** — unsigned map, uint8 codes,
-    twice the resolution, negative values clamp to 0 — when its path in the state tree
-    matches ``second_moments`` (a regex searched in paths like ``"0/nu/params/dense/
-    kernel"``; the default matches optax's ``nu`` field and common spellings, see
-    :data:`SECOND_MOMENTS`), or a function of that path returning True. Every other
-    leaf gets the signed map (int8 codes). The codes' dtype records the choice, so
-    nothing else is stored. Leaves whose path matches ``keep_float`` are not quantised.
+    twice the resolution, negative values clamp to 0 — when its *state part* matches
+    ``second_moments``: its path in the state tree with the parameter's own path taken
+    out (``"0/nu"`` for the leaf at ``"0/nu/params/dense/kernel"``, ``"0/mu"`` for
+    ``"0/mu/params/attn/v/kernel"``), so a module named ``v`` or ``nu`` keeps a signed
+    map for its momentum. ``second_moments`` is a regex searched in the state part (the default
+    :data:`SECOND_MOMENTS` matches optax's ``nu`` field and common spellings at its end,
+    and knows that Adan's ``v`` is signed and its ``n`` a second moment), or a function
+    of the state part returning True. Every other leaf gets the signed map (int8
+    codes). The codes' dtype records the choice, and the class the map
+    (:class:`QuantizedArray` for the dynamic one, :class:`LinearQuantizedArray`), so
+    :func:`optax_ext.restore_train_state` refuses a checkpoint saved under another
+    ``code`` or ``second_moments``. Leaves whose full state path matches ``keep_float``
+    are not quantised.
 
     A linear int8 map (``code="linear"``) is offered only for comparison: a second
     moment stored linearly rounds its small entries to 0, and 1/√v then explodes.
 
+    ``optax.MultiSteps`` (an object with ``init`` and ``update``, not a transform) is
+    taken through its ``gradient_transformation()``; its accumulated gradient is
+    param-shaped and stored in 8 bits too (``keep_float="acc_grads"`` keeps it float).
+
     Args:
-      inner: the optax transformation whose state to store in 8 bits.
+      inner: the optax transformation whose state to store in 8 bits (or an
+        ``optax.MultiSteps``).
       bits: code width; only 8 is implemented.
       block: elements per absmax block, an int ≥ 1 (Dettmers et al.: 2048).
-      min_size: leaves with fewer elements stay in float, an int ≥ 0 (bitsandbytes: 4096).
-      second_moments: regex (or predicate) on the state path selecting unsigned leaves.
+      min_size: leaves with fewer elements stay in float, an int ≥ 0 (bitsandbytes:
+        4096, below which the bytes saved are few and each leaf's encode and decode
+        still cost; lower it for a small model, 0 quantises every moment).
+      second_moments: regex (or predicate) on the state part selecting unsigned leaves.
       keep_float: regex on the state path of leaves never to quantise (``None``: none).
       code: ``"dynamic"`` (default) or ``"linear"``.
 
@@ -295,11 +449,16 @@ def quantize_state(
       Dettmers et al., `8-bit Optimizers via Block-wise Quantization
       <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
     """
+    if isinstance(inner, optax.MultiSteps):
+        # its init and update are the transform: MultiSteps.gradient_transformation()
+        # wraps exactly these two methods
+        inner = inner.gradient_transformation()
     check_transform("inner", inner)
     check_choice("bits", bits, (8,))
     check_int("block", block, minimum=1)
     check_int("min_size", min_size, minimum=0)
     check_choice("code", code, CODES)
+    default_rule = isinstance(second_moments, str) and second_moments == SECOND_MOMENTS
     if callable(second_moments):
         is_second = second_moments
     else:
@@ -319,22 +478,37 @@ def quantize_state(
         ) from None
 
     def init_fn(params):
-        shapes = {tuple(x.shape) for x in jax.tree.leaves(params)}
+        param_shapes = _param_shapes(params)
+        all_shapes = set(param_shapes.values())
+        inner_state = inner.init(params)
+        overrides = _field_overrides(inner_state) if default_rule else {}
+        sizes = []  # of the moments that would be stored in 8 bits but for min_size
 
         def store(path, x):
-            s = path_to_str(path)
-            chosen = (
-                hasattr(x, "dtype")
-                and jnp.issubdtype(x.dtype, jnp.floating)
-                and tuple(x.shape) in shapes
-                and math.prod(x.shape) >= max(min_size, 1)
-                and not (keep is not None and keep.search(s))
-            )
-            if not chosen:
+            if not (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)):
                 return x
-            return quantize(x, signed=not is_second(s), block=block, code=code)
+            s, shape = path_to_str(path), tuple(x.shape)
+            part, same = _split_state_path(s, shape, param_shapes)
+            param_shaped = same if same is not None else shape in all_shapes
+            size = math.prod(shape)
+            if not param_shaped or size == 0 or (keep is not None and keep.search(s)):
+                return x
+            sizes.append(size)
+            if size < min_size:
+                return x
+            second = overrides[s] if s in overrides else bool(is_second(part))
+            return quantize(x, signed=not second, block=block, code=code)
 
-        inner_state = jax.tree_util.tree_map_with_path(store, inner.init(params))
+        inner_state = jax.tree_util.tree_map_with_path(store, inner_state)
+        if sizes and max(sizes) < min_size:
+            warnings.warn(
+                f"quantize_state: no optimizer-state leaf reaches min_size={min_size} "
+                f"elements (the largest has {max(sizes)}), so every moment stays in float32 "
+                f"and nothing is stored in 8 bits; pass min_size={max(sizes)} or lower "
+                "(0 quantises every moment) to store them in 8 bits",
+                NothingQuantizedWarning,
+                stacklevel=2,
+            )
         return QuantizedState(inner_state=inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):

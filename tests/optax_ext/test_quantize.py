@@ -1,6 +1,7 @@
 """8-bit block-wise states: the dynamic map, round-trip error, stability of a quantised
 second moment, every optimizer, every device path and Orbax checkpoints."""
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -19,11 +20,15 @@ from helpers import (
 
 from optax_ext._common import tree_bytes
 from optax_ext.optimizers.adax import adaxw
+from optax_ext.optimizers.amos import amos
 from optax_ext.optimizers.lion import lion
 from optax_ext.optimizers.sgdm import sgdm
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.quantize import (
+    LinearQuantizedArray,
+    NothingQuantizedWarning,
     QuantizedArray,
+    code_of,
     dequantize,
     dynamic_map,
     quantize,
@@ -124,6 +129,64 @@ def test_codes_round_trip_and_unsigned_clamps_negatives():
         np.testing.assert_allclose(np.asarray(dequantize(q, block=values.size)), values, rtol=3e-7)
     q = quantize(jnp.array([-1.0, 0.5, 1.0]), signed=False, block=4)
     np.testing.assert_array_equal(np.asarray(dequantize(q, block=4))[0], 0.0)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_a_non_finite_value_leaves_the_rest_of_its_block_alone(signed, bad):
+    """The block's absmax is taken over its finite values: the other values of a block
+    holding one NaN or inf code and decode exactly as with a 0 in its place. The bad
+    value stays NaN on the signed map (its spare code -128); the unsigned map stores
+    NaN and +inf as the absmax, -inf as 0."""
+    block = 64
+    x = np.random.default_rng(1).standard_normal(2 * block).astype(np.float32)
+    x = x if signed else np.abs(x)
+    x[5] = 0.0
+    clean = quantize(jnp.asarray(x), signed=signed, block=block)
+    x[5] = bad
+    q = quantize(jnp.asarray(x), signed=signed, block=block)
+    np.testing.assert_array_equal(np.asarray(q.absmax), np.asarray(clean.absmax))
+    assert np.all(np.isfinite(np.asarray(q.absmax)))
+    others = np.arange(2 * block) != 5
+    np.testing.assert_array_equal(np.asarray(q.codes)[others], np.asarray(clean.codes)[others])
+    back = np.asarray(dequantize(q, block=block))
+    np.testing.assert_array_equal(back[others], np.asarray(dequantize(clean, block=block))[others])
+    if signed:
+        assert np.isnan(back[5])
+    else:
+        assert back[5] == (0.0 if bad < 0 else float(q.absmax[0]))
+    # a block of nothing finite, or of subnormals only (1/absmax overflows), decodes
+    # without a stray NaN: non-finite values as above, the rest within float32's tiny
+    y = np.array([bad, bad, 1e-39, -1e-39, 0.0, 0.0], np.float32)
+    y = y if signed else np.abs(y)
+    back = np.asarray(dequantize(quantize(jnp.asarray(y), signed=signed, block=2), block=2))
+    assert np.array_equal(np.isnan(back), signed & ~np.isfinite(y))
+    assert np.all(np.isfinite(back[2:]))
+    assert np.all(np.abs(back[2:] - y[2:]) <= np.finfo(np.float32).tiny)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_one_bad_gradient_element_costs_one_update_element_as_in_float32(bad):
+    """Adam after one NaN/Inf gradient element, then a clean step: float32 Adam's update
+    is non-finite at that element only; the 8-bit state's must be too (not its whole
+    block), and every other element equals the 8-bit run with a 0 in its place."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)}
+    g = jnp.asarray(rng.standard_normal((64, 64)) * 1e-2, jnp.float32).at[0, 0].set(0.0)
+    runs = {}
+    for name, tx in [("float32", optax.adam(1e-3)), ("8-bit", quantize_state(optax.adam(1e-3)))]:
+        for first in ("bad", "zero"):
+            s = tx.init(params)
+            _, s = tx.update({"w": g.at[0, 0].set(bad if first == "bad" else 0.0)}, s, params)
+            u, _ = tx.update({"w": g}, s, params)
+            runs[name, first] = np.asarray(u["w"])
+    bad_elements = lambda u: int(np.sum(~np.isfinite(u)))
+    assert bad_elements(runs["float32", "bad"]) == 1
+    assert bad_elements(runs["8-bit", "bad"]) == bad_elements(runs["float32", "bad"])
+    assert not np.isfinite(runs["8-bit", "bad"][0, 0])
+    others = np.ones((64, 64), bool)
+    others[0, 0] = False
+    np.testing.assert_array_equal(runs["8-bit", "bad"][others], runs["8-bit", "zero"][others])
 
 
 # --------------------------------------- a second moment: dynamic vs linear int8
@@ -259,6 +322,128 @@ def test_which_leaves_are_signed_and_the_bytes():
     assert adam.mu["big"].codes.dtype == jnp.uint8 and adam.nu["big"].codes.dtype == jnp.int8
     kept = quantize_state(optax.adamw(1e-3), keep_float=r"(^|/)nu/").init(params).inner_state[0]
     assert kept.nu["big"].dtype == jnp.float32 and isinstance(kept.mu["big"], QuantizedArray)
+
+
+def _codes_dtypes(state):
+    """``{state path: codes dtype name}`` of the quantised leaves."""
+    is_q = lambda x: isinstance(x, QuantizedArray)
+    leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_q)[0]
+    return {jax.tree_util.keystr(p): x.codes.dtype.name for p, x in leaves if is_q(x)}
+
+
+NAMED_LIKE_MOMENTS = {
+    "sgd_momentum": lambda: optax.sgd(1e-2, momentum=0.9),
+    "adam": lambda: optax.adam(1e-2),
+    "tiger": lambda: tiger(1e-2),
+    # Adan's own field v is an EMA of gradient differences: signed
+    "adan": lambda: optax.adan(1e-2),
+    # a partition label named like a second moment is part of the state, not its field
+    "partition_label_v": lambda: optax.partition(
+        {"v": optax.sgd(1e-2, momentum=0.9)}, lambda p: jax.tree.map(lambda _: "v", p)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NAMED_LIKE_MOMENTS))
+def test_modules_named_v_or_nu_keep_a_signed_momentum(name):
+    """The second-moment regex sees the state's part of a path only: the momentum of a
+    module named ``v`` or ``nu`` is signed like ``q``'s, and as a copy of ``q`` (same
+    weights and gradients) it decodes to the same values and gives the same update.
+    Stored unsigned, every negative momentum entry was clamped to 0."""
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((16, 8)), jnp.float32)
+    params = {"attn": {m: {"kernel": w} for m in ("q", "v", "nu")}}
+    ref_tx, q_tx = NAMED_LIKE_MOMENTS[name](), quantize_state(NAMED_LIKE_MOMENTS[name](), **SMALL)
+    ref_s, q_s = ref_tx.init(params), q_tx.init(params)
+    for seed in range(3):
+        g = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((16, 8)), jnp.float32)
+        grads = {"attn": {m: {"kernel": g} for m in ("q", "v", "nu")}}
+        _, ref_s = ref_tx.update(grads, ref_s, params)
+        u, q_s = q_tx.update(grads, q_s, params)
+    dtypes = _codes_dtypes(q_s)
+    for path, dtype in dtypes.items():
+        same_as_q = path.replace("['attn']['v']", "['attn']['q']")
+        same_as_q = same_as_q.replace("['attn']['nu']", "['attn']['q']")
+        assert dtype == dtypes[same_as_q], path
+        unsigned = (".nu[" in path) or (name == "adan" and ".n[" in path)
+        assert dtype == ("uint8" if unsigned else "int8"), path
+    for m in ("v", "nu"):
+        np.testing.assert_array_equal(u["attn"][m]["kernel"], u["attn"]["q"]["kernel"])
+    assert _states_close_enough(ref_s, q_s) >= 3
+
+
+def test_a_factored_statistic_shaped_like_another_parameter_stays_float():
+    """Amos keeps a (1, n) statistic per (m, n) kernel: a parameter of shape (1, n)
+    elsewhere in the model does not make it a parameter-shaped moment."""
+    params = {"w": jnp.ones((64, 64)), "s": jnp.ones((1, 64))}
+    state = quantize_state(amos(1e-2), min_size=64).init(params)
+    assert state.inner_state.v["w"].shape == (1, 64)
+    assert not isinstance(state.inner_state.v["w"], QuantizedArray)
+
+
+def test_multisteps_is_wrapped_through_its_transform():
+    """optax.MultiSteps is an object with init and update: its state (the inner state
+    and the accumulated gradient) is stored in 8 bits like any other."""
+    params = small_params(4)
+    grads = [random_grads_like(params, s) for s in range(4)]
+    ref_tx = optax.MultiSteps(optax.adam(1e-2), 2)
+    q_tx = quantize_state(optax.MultiSteps(optax.adam(1e-2), 2), **SMALL)
+    ref_s, q_s = ref_tx.init(params), q_tx.init(params)
+    for i, g in enumerate(grads):
+        u_ref, ref_s = ref_tx.update(g, ref_s, params)
+        u, q_s = q_tx.update(g, q_s, params)
+        moved = any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(u))
+        assert moved == (i % 2 == 1)
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref), strict=True):
+            assert float(jnp.abs(a - b).max()) <= 0.1 * 1e-2
+    dtypes = _codes_dtypes(q_s)
+    assert dtypes[".inner_state.acc_grads['params']['embed']['embedding']"] == "int8"
+    assert dtypes[".inner_state.inner_opt_state[0].nu['params']['embed']['embedding']"] == "uint8"
+    assert _states_close_enough(ref_s, q_s) >= 3
+
+
+def test_nothing_to_quantise_warns_once_naming_min_size():
+    """A model whose moments are all below min_size gets float32 states: init says so
+    once (abstract init too), naming min_size and the largest leaf; it is quiet when
+    anything is quantised or there are no moments."""
+    small = {"w": jnp.zeros((32, 32)), "b": jnp.zeros(32)}
+    for init in (
+        lambda tx: tx.init(small),
+        lambda tx: jax.eval_shape(
+            tx.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), small)
+        ),
+    ):
+        with pytest.warns(NothingQuantizedWarning) as record:
+            state = init(quantize_state(optax.adam(1e-3)))
+        assert len(record) == 1
+        assert "min_size=4096" in str(record[0].message)
+        assert "largest has 1024" in str(record[0].message)
+        assert not _codes_dtypes(state)
+    quiet = [
+        (optax.adam(1e-3), small, {"min_size": 1024}),
+        (optax.adam(1e-3), {"w": jnp.zeros((64, 64)), "b": jnp.zeros(32)}, {}),
+        (optax.sgd(1e-3), small, {}),  # no moments
+        (optax.adam(1e-3), small, {"keep_float": "."}),  # kept float on purpose
+    ]
+    for inner, params, kwargs in quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NothingQuantizedWarning)
+            quantize_state(inner, **kwargs).init(params)
+
+
+def test_the_class_names_the_map():
+    """quantize(code="linear") gives a LinearQuantizedArray (its signature differs from
+    the dynamic map's, so checkpoints tell them apart); decoding it as another map is
+    an error."""
+    x = jnp.linspace(-1.0, 1.0, 16)
+    lin, dyn = quantize(x, signed=True, code="linear"), quantize(x, signed=True)
+    assert type(lin) is LinearQuantizedArray and type(dyn) is QuantizedArray
+    assert (code_of(lin), code_of(dyn)) == ("linear", "dynamic")
+    assert type(jax.tree.map(lambda a: a, lin)) is LinearQuantizedArray
+    np.testing.assert_allclose(np.asarray(dequantize(lin)), np.asarray(x), atol=1 / 127)
+    with pytest.raises(ValueError, match="code='dynamic'.*LinearQuantizedArray"):
+        dequantize(lin, code="dynamic")
+    state = quantize_state(optax.adam(1e-3), code="linear").init({"w": jnp.zeros((64, 64))})
+    assert type(state.inner_state[0].nu["w"]) is LinearQuantizedArray
 
 
 def test_inner_inject_hyperparams_keeps_its_scalars():
