@@ -4,9 +4,12 @@ Every optimizer state of optax-ext is a plain pytree of arrays, so Orbax saves i
 is: accumulation cycles, lookahead slow weights, parameter EMAs, NaN-guard counters and
 noise-scale EMAs included, and a run resumed from a checkpoint is bit-identical to an
 uninterrupted one. What Orbax alone does not catch is a checkpoint restored into a train
-state built with *another* optimizer whose state has the same tree (AdaX into Adam, say):
+state built with *another* optimizer whose state has the same tree (AdaX into Adam, say),
+or with other 8-bit maps (:func:`~optax_ext.wrappers.quantize.quantize_state`'s ``code``
+or ``second_moments``), whose codes it would silently cast or misread:
 :func:`save_train_state` records the optimizer state's :func:`opt_state_signature` and
-:func:`restore_train_state` checks it, naming both state types when they differ::
+:func:`restore_train_state` checks it and the 8-bit codes' dtypes, naming both state
+types (or the ``quantize_state`` argument to change) when they differ::
 
     import orbax.checkpoint as ocp
     checkpointer = ocp.StandardCheckpointer()
@@ -28,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import optax
+
+from optax_ext.wrappers.quantize import _CODE_CLASSES
 
 __all__ = [
     "RENAMED_STATES",
@@ -116,11 +121,67 @@ def _tree_mismatch(saved: Mapping[tuple, Any], target: Mapping[tuple, Any]) -> s
     return "; ".join(problems)
 
 
+#: the class of :func:`quantize`'s result for each ``code``: a state's signature names it
+_CODE_CLASS = {code: cls.__name__ for code, cls in _CODE_CLASSES.items()}
+_CODE_OF_CLASS = {name: c for c, name in _CODE_CLASS.items()}
+_QUANTIZED_CLASS = re.compile(r"\b(" + "|".join(sorted(_CODE_OF_CLASS, key=len)[::-1]) + r")\b")
+#: the dtype of 8-bit codes on each of quantize_state's maps
+_CODE_DTYPES = {"int8": "signed", "uint8": "unsigned"}
+
+
+def _code_mismatch(saved: str, expected: str, where: str) -> str:
+    """The message for two signatures that differ only in the map of their 8-bit codes
+    (``quantize_state``'s ``code``), or ""."""
+    same_map = lambda s: _QUANTIZED_CLASS.sub(_CODE_CLASS["dynamic"], s)
+    if same_map(saved) != same_map(expected):
+        return ""
+    codes = lambda s: sorted({_CODE_OF_CLASS[m] for m in _QUANTIZED_CLASS.findall(s)})
+    was, now = codes(saved), codes(expected)
+    if len(was) != 1 or len(now) != 1:
+        return ""
+    return (
+        f"checkpoint at {where} holds 8-bit optimizer states written with "
+        f"quantize_state(code={was[0]!r}), but the train state was built with "
+        f"code={now[0]!r}: 8-bit codes read right only under the map that wrote them. "
+        f"Build the optimizer with quantize_state(..., code={was[0]!r}) to restore this "
+        "checkpoint."
+    )
+
+
+def _dtype_name(x: Any) -> str:
+    dtype = getattr(x, "dtype", None)
+    return str(np.dtype(dtype if dtype is not None else np.asarray(x).dtype))
+
+
+def _codes_mismatch(saved: Mapping[tuple, Any], target: Mapping[tuple, Any], where: str) -> str:
+    """The message for 8-bit codes (``.../codes`` leaves) stored on the signed map (int8)
+    in one tree and the unsigned one (uint8) in the other, or "": Orbax would cast one
+    to the other, and every code above 127 would change its meaning."""
+    for path in sorted(set(saved) & set(target)):
+        if not path or path[-1] != "codes":
+            continue
+        was, now = _dtype_name(saved[path]), _dtype_name(target[path])
+        if was != now and {was, now} <= set(_CODE_DTYPES):
+            return (
+                f"checkpoint at {where} stores {'/'.join(path)} on the {_CODE_DTYPES[was]} "
+                f"8-bit map ({was} codes), but the train state expects the "
+                f"{_CODE_DTYPES[now]} one ({now}): it was written by quantize_state with "
+                "another second_moments (which state fields are second moments, stored "
+                "unsigned). Build the optimizer with the second_moments it was saved with. "
+                "(A checkpoint from a version that matched second_moments against "
+                "parameter names, where a module named `v` or `nu` had its momentum stored "
+                "unsigned, cannot be read as a momentum: restore its params and start a "
+                "fresh optimizer state.)"
+            )
+    return ""
+
+
 def _check_checkpoint(metadata: Any, target: Any, where: str) -> None:
     """Raises ``ValueError`` unless a checkpoint (its Orbax ``StepMetadata``) fits
     ``target``: the optimizer-state signature recorded by :func:`save_train_state`
-    equals the target's (the message names both), and the tree paths and shapes agree
-    (which also covers checkpoints saved without the signature)."""
+    equals the target's (the message names both, or the ``quantize_state`` map that
+    differs), the tree paths and shapes agree (which also covers checkpoints saved
+    without the signature), and 8-bit codes keep their map (int8 or uint8)."""
     import orbax.checkpoint as ocp  # optional dependency
 
     expected = opt_state_signature(target.opt_state)
@@ -129,19 +190,23 @@ def _check_checkpoint(metadata: Any, target: Any, where: str) -> None:
         saved = current_signature(saved)
     if saved is not None and saved != expected:
         raise ValueError(
-            f"checkpoint at {where} holds an optimizer state of type {saved}, but the "
+            _code_mismatch(saved, expected, where)
+            or f"checkpoint at {where} holds an optimizer state of type {saved}, but the "
             f"train state expects {expected}: was it written by another optimizer?"
         )
     if metadata.item_metadata is not None:
-        mismatch = _tree_mismatch(
-            ocp.tree.to_flat_dict(metadata.item_metadata), ocp.tree.to_flat_dict(target)
-        )
+        saved_leaves = ocp.tree.to_flat_dict(metadata.item_metadata)
+        target_leaves = ocp.tree.to_flat_dict(target)
+        mismatch = _tree_mismatch(saved_leaves, target_leaves)
         if mismatch:
             raise ValueError(
                 f"checkpoint at {where} does not fit the train state, whose optimizer "
                 f"state is of type {expected}: {mismatch}. Was it written by another "
                 "optimizer or model?"
             )
+        mismatch = _codes_mismatch(saved_leaves, target_leaves, where)
+        if mismatch:
+            raise ValueError(mismatch)
 
 
 def save_train_state(checkpointer: Any, where: Any, state: Any, **kwargs) -> None:

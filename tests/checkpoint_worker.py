@@ -33,6 +33,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from optax_ext.checkpoint import restore_train_state, save_train_state
+from optax_ext.hyperparams import inject_hyperparams
 from optax_ext.optimizers.adafactor import adafactor
 from optax_ext.optimizers.adax import adax, adaxw
 from optax_ext.optimizers.amos import amos
@@ -47,6 +48,7 @@ from optax_ext.wrappers.lookahead import lookahead
 from optax_ext.wrappers.nan_guard import nan_guard
 from optax_ext.wrappers.param_ema import param_ema
 from optax_ext.wrappers.param_rules import scale_by_path
+from optax_ext.wrappers.quantize import quantize_state
 from scaling.noise import measure_noise_scale
 
 FEATURES = 4
@@ -89,9 +91,13 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
         ),
         param_ema(0.9),
     ),
-    "inject_tiger_acc2": lambda: optax.inject_hyperparams(
-        tiger, static_args=("accumulation_steps",)
-    )(learning_rate=3e-3, weight_decay=0.01, accumulation_steps=2),
+    # ox.inject_hyperparams: it reads injected schedules by update while accumulating
+    # (optax's reads them per micro-step, and Tiger refuses that combination)
+    "inject_tiger_acc2": lambda: inject_hyperparams(tiger, static_args=("accumulation_steps",))(
+        learning_rate=3e-3, weight_decay=0.01, accumulation_steps=2
+    ),
+    # 8-bit moments: the (16, 8) embedding's (4 blocks of 32), the other leaves in float32
+    "quantize_adam": lambda: quantize_state(optax.adam(1e-2), block=32, min_size=64),
 }
 # Runs whose data has a NaN label at NAN_STEP (the guard's counters are in the checkpoint).
 WITH_NAN = ("nan_guard_tiger",)

@@ -31,6 +31,7 @@ from optax_ext import checkpoint
 from optax_ext.optimizers.adafactor import adafactor
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.accumulation import accumulate_gradients
+from optax_ext.wrappers.quantize import QuantizedArray, quantize_state
 from scaling.noise import measure_noise_scale
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
@@ -168,15 +169,16 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     assert problems == [], "\n".join(problems)
 
 
-def _synthetic_state(name: str):
-    """A TrainState of run ``name`` whose every leaf holds distinct values (so a restore
-    that put a value at the wrong path would show), without compiling anything."""
+def _synthetic_state(run):
+    """A TrainState of ``run`` (a name, or an abstract target) whose every leaf holds
+    distinct values (so a restore that put a value at the wrong path would show), without
+    compiling anything."""
 
     def fill(i, x):
         values = np.arange(np.prod(x.shape, dtype=int)).reshape(x.shape) + 10 * i
         return jax.device_put(values.astype(x.dtype), x.sharding)
 
-    target = _target(name)
+    target = _target(run) if isinstance(run, str) else run
     leaves, treedef = jax.tree.flatten(target)
     return jax.tree.unflatten(treedef, [fill(i, x) for i, x in enumerate(leaves)])
 
@@ -392,3 +394,44 @@ def test_truncated_metadata_in_a_checkpoint_manager_is_named(checkpoints, tmp_pa
         assert str(file) in str(err.value)
     finally:
         manager.close()
+
+
+def _quantize_adam(**kwargs):
+    return quantize_state(optax.adam(1e-2), block=32, min_size=64, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "saved_with, restored_with, match",
+    [
+        ({}, {"code": "linear"}, r"quantize_state\(code='dynamic'\).*code='linear'.*"),
+        ({"code": "linear"}, {}, r"quantize_state\(code='linear'\).*code='dynamic'.*"),
+        ({}, {"second_moments": "nothing"}, r"unsigned 8-bit map \(uint8.*the signed one \(int8"),
+        ({"second_moments": "nothing"}, {}, r"the signed 8-bit map \(int8.*unsigned one \(uint8"),
+    ],
+    ids=["dynamic_as_linear", "linear_as_dynamic", "unsigned_as_signed", "signed_as_unsigned"],
+)
+def test_8bit_state_under_another_map_is_refused(tmp_path, saved_with, restored_with, match):
+    """8-bit codes mean something only under the map that wrote them. Orbax restores a
+    state saved with quantize_state(code="dynamic") into one built with "linear" (same
+    tree, same dtypes: every code misread), and casts uint8 codes to int8 for another
+    second_moments (codes above 127 wrap). restore_train_state refuses both, naming the
+    argument and the value to build the optimizer with; the same settings restore."""
+    checkpointer = ocp.StandardCheckpointer()
+    # codes 0, 1, 2, ...: past 127 in the larger leaves, where int8 and uint8 part ways
+    state = _synthetic_state(worker.abstract_state(_quantize_adam(**saved_with)))
+    assert isinstance(
+        state.opt_state.inner_state[0].nu["params"]["Embed_0"]["embedding"], QuantizedArray
+    )
+    checkpoint.save_train_state(checkpointer, tmp_path / "ckpt", state)
+    checkpointer.wait_until_finished()
+    restored = checkpoint.restore_train_state(
+        checkpointer, tmp_path / "ckpt", worker.abstract_state(_quantize_adam(**saved_with))
+    )
+    _assert_same_state(restored, state)
+    with pytest.raises(ValueError, match=match) as err:
+        checkpoint.restore_train_state(
+            checkpointer, tmp_path / "ckpt", worker.abstract_state(_quantize_adam(**restored_with))
+        )
+    message = str(err.value)
+    assert str(tmp_path / "ckpt") in message and "Build the optimizer with" in message
+    assert ("code=" if "code" in saved_with | restored_with else "second_moments") in message
