@@ -11,10 +11,13 @@ References:
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_ext._common import (
@@ -33,11 +36,12 @@ from optax_ext._common import (
     hold_momentum,
     path_labels,
     path_to_str,
-    unzip_leaves,
     work_dtype,
 )
-from optax_ext.optimizers.msign import msign, newton_schulz_coefficients
+from optax_ext._cycles import SET_ACCUMULATION_STEPS
+from optax_ext.optimizers.msign import check_compute_dtype, msign, newton_schulz_coefficients
 from optax_ext.optimizers.tiger import tiger
+from optax_ext.wrappers import spike
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 __all__ = [
@@ -50,15 +54,38 @@ __all__ = [
     "scale_by_muon",
 ]
 
+#: Embedding tables and the modules around them, by name, in any case: ``embed``
+#: anywhere (``embedding``, ``embed_tokens``, ``pos_embedding``, ``Embed_0``,
+#: ``unembed``), ``emb`` starting a word (``token_emb``, ``pos_emb``, ``TokEmb``; not
+#: ``member``), GPT-2's ``wte`` and ``wpe``. A bare ``token`` is not a rule: MLP-Mixer's
+#: ``token_mixing`` Dense layers are hidden layers.
+_EMBEDDING_NAMES = r"(?i:embed)|(?<![A-Za-z])(?i:emb)|Emb|EMB|(^|/)(?i:wte|wpe)(/|$)"
+#: The output layer, by name, in any case (Flax numbering ``_0`` allowed): a module
+#: named ``head``, ``lm_head`` or ``classifier`` (its whole subtree); a kernel owned by
+#: a module whose name ends in ``_head`` or ``Head`` (``cls_head``, ``LMHead``), is
+#: ``output``, or starts with ``logit`` (``logits``, ``logits_dense``); ``vocab``
+#: anywhere (``vocab_proj``). Names are matched as words so that hidden layers keep
+#: Muon: Flax's ``MultiHeadDotProductAttention_0/query`` and a ``multi_head/query``
+#: attribute do not end in ``head`` at the kernel, and BERT's ``output/dense`` (the
+#: MLP's second layer) does not own its kernel under ``output``.
+_HEAD_NAMES = (
+    r"(^|/)(?i:lm_?head|head|classifier)(_\d+)?(/|$)"
+    r"|(?i:_head)(_\d+)?/kernel$|Head(_\d+)?/kernel$"
+    r"|(^|/)(?i:output)(_\d+)?/kernel$|(^|/)(?i:logit)[^/]*/kernel$"
+    r"|(?i:vocab)"
+)
+
 #: Which optimizer each parameter gets in :func:`muon`, by path (first match wins;
 #: unmatched leaves and every leaf of rank < 2 go to the second optimizer). Muon is
 #: for the kernels of layers with dense inputs only (11416): embedding tables (also
 #: when tied as the output layer), the LM / classifier head, biases and norm scales go
-#: to the second optimizer.
+#: to the second optimizer. Embeddings and heads are told by name (see
+#: ``_EMBEDDING_NAMES`` and ``_HEAD_NAMES`` in this module); a model naming them
+#: otherwise needs its own rules, e.g. ``[(r"^proj_out/", "other")] + list(MUON_RULES)``.
 MUON_RULES: tuple[tuple[str, str], ...] = (
     (NORM_AND_BIAS, "other"),
-    (r"(^|/)[^/]*embed[^/]*(/|$)", "other"),  # embedding, wte, embed_tokens, pos_embedding
-    (r"(^|/)(lm_head|head|classifier)(/|$)", "other"),
+    (_EMBEDDING_NAMES, "other"),
+    (_HEAD_NAMES, "other"),
     (r"(^|/)kernel$", "muon"),
 )
 _LABELS = ("muon", "other")
@@ -75,21 +102,46 @@ _LABELS = ("muon", "other")
 #:   (heads·head_dim, d_out) matrices a 2-D Dense of heads·head_dim features would have
 #:   (Moonlight's q/k/v/o projections); with ``attention="per_head"`` each head is
 #:   its own (d_in, head_dim) or (head_dim, d_out) matrix.
+#:
+#: A leaf no rule matches is a matrix as it is when 2-D; of rank ≥ 3 its path's names
+#: decide, since the shape cannot tell a 1-D conv kernel (width, d_in, d_out) from L
+#: stacked Dense kernels (L, d_in, d_out), and folding a stack into one matrix couples
+#: its layers (a layer with small gradients gets almost no update): ``"stacked"``
+#: where a name says stack and none says conv (``scan``: ``nn.scan``'s ``ScanBlock_0``;
+#: ``vmap``, ``stack``, ``expert``; a ``layers`` or ``blocks`` module not followed by
+#: a list index, as ``nnx.vmap``/``nnx.scan`` stacks are named), ``"conv"`` where a
+#: name says ``conv`` (``Conv_0``, ``conv1``) and none says stack; otherwise (neither,
+#: or both, as a scanned conv) ``"conv"`` with a warning at ``init`` naming the leaves
+#: and the ``layout=`` rule that settles them.
 MUON_LAYOUT_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|/)(query|key|value)/kernel$", "heads_in"),
     (r"(^|/)out/kernel$", "heads_out"),
-    (r"", "conv"),
 )
+_STACKED_NAMES = re.compile(r"(?i:scan|vmap|stack|expert)|(^|/)(?i:layers|blocks)/(?!\d+(/|$))")
+_CONV_NAMES = re.compile(r"(?i:conv)")
 _LAYOUTS = ("conv", "stacked", "heads_in", "heads_out")
 _SCALES = ("moonlight", "keller", "mup", "none")
 _ATTENTION = ("fused", "per_head")
 
 
 class ScaleByMuonState(NamedTuple):
-    """State of :func:`scale_by_muon`: the step counter and the momentum M."""
+    """State of :func:`scale_by_muon`.
 
-    count: jax.Array  # int32
+    Attributes:
+      count: int32, steps seen (calls to ``update``).
+      mu: the momentum E = (1-β)·M, an average of the gradients, shaped like the params
+        (see :func:`scale_by_muon`).
+      skipped_steps: int32, steps on which the guard discarded a gradient leaf (one
+        holding a NaN or ±inf, or a value ``mu``'s dtype cannot hold).
+      shrunk_leaves: int32, gradient leaves discarded so far (a step with 3 bad leaves
+        adds 3); each got a zero direction and kept its momentum. The two names are
+        Tiger's and ``nan_guard``'s, so one monitor reads every guard's counters.
+    """
+
+    count: jax.Array
     mu: optax.Updates
+    skipped_steps: jax.Array
+    shrunk_leaves: jax.Array
 
 
 # ------------------------------------------------------------------ matrix views
@@ -123,13 +175,51 @@ def matrix_shape(
     path: str, shape: tuple[int, ...], layout: PathRules = MUON_LAYOUT_RULES, attention="fused"
 ) -> tuple[int, ...]:
     """The (*batch, d_in, d_out) matrices :func:`scale_by_muon` orthogonalises for a leaf."""
-    return _view(tuple(shape), _layout_of(path, layout), attention)[1]
+    return _view(tuple(shape), _layout_of(path, shape, layout)[0], attention)[1]
 
 
-def _layout_of(path: str, layout: PathRules) -> str:
-    name = first_match(path, layout, default="conv")
-    check_choice(f"layout for {path!r}", name, _LAYOUTS)
-    return name
+def _layout_of(path: str, shape: tuple[int, ...], layout: PathRules) -> tuple[str, bool]:
+    """(the leaf's layout, whether it was guessed for a leaf the names cannot settle):
+    the first matching rule, else the names' (see :data:`MUON_LAYOUT_RULES`)."""
+    name = first_match(path, layout, default=None)
+    if name is not None:
+        check_choice(f"layout for {path!r}", name, _LAYOUTS)
+        return name, False
+    if len(shape) < 3 or math.prod(shape[:-2]) == 1:
+        return "conv", False  # one matrix: "conv" and "stacked" see it alike
+    stacked, conv = bool(_STACKED_NAMES.search(path)), bool(_CONV_NAMES.search(path))
+    if stacked != conv:
+        return ("stacked" if stacked else "conv"), False
+    return "conv", True
+
+
+def _warn_guessed_layouts(params: Any, layout: PathRules) -> None:
+    """One warning naming the leaves of rank ≥ 3 whose layout the names cannot settle."""
+    guessed = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if len(shape) >= 3:
+            path = path_to_str(path)
+            if _layout_of(path, shape, layout)[1]:
+                guessed.append((path, shape))
+    if not guessed:
+        return
+    shown = ", ".join(
+        f"{p!r} {s} as one {matrix_shape(p, s, layout)} matrix" for p, s in guessed[:4]
+    )
+    more = f" (and {len(guessed) - 4} more)" if len(guessed) > 4 else ""
+    first = re.escape(guessed[0][0])
+    warnings.warn(
+        f"scale_by_muon: no layout rule matches {shown}{more}, and the names say neither a "
+        "conv kernel alone nor a stack, so each is orthogonalised as a conv kernel, its "
+        "leading axes folded into d_in. If a leaf stacks independent (d_in, d_out) "
+        "matrices (nn.scan / nnx.vmap layers, experts), that couples them: give it the "
+        f"'stacked' layout, e.g. layout=[(r'{first}$', 'stacked')] + "
+        "list(ox.MUON_LAYOUT_RULES); to keep the conv view and silence this warning, "
+        "give it 'conv'.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _to_matrices(x: jax.Array, perm, shape) -> jax.Array:
@@ -179,32 +269,48 @@ def scale_by_muon(
 
     .. math::
 
-        M_t = \beta M_{t-1} + G_t, \qquad
-        N_t = \beta M_t + G_t \ (\text{Nesterov; else } N_t = M_t), \qquad
+        E_t = \beta E_{t-1} + (1-\beta) G_t, \qquad
+        N_t = \beta E_t + (1-\beta) G_t \ (\text{Nesterov; else } N_t = E_t), \qquad
         u_t = s(W)\, \operatorname{msign}(N_t)
 
     with s(W) = ``update_rms``·√max(d_in, d_out) (``"moonlight"``: update RMS ≈ 0.2 as
     AdamW's, so AdamW's lr and weight decay carry over), √max(1, d_out/d_in)
-    (``"keller"``), √(d_out/d_in) (``"mup"``) or 1 (``"none"``). No (1-β) factor: msign
-    is scale-invariant. msign runs by Newton–Schulz (:func:`~optax_ext.optimizers.
-    msign.msign`); its coefficients and steps are a speed knob (Su, 10922).
+    (``"keller"``), √(d_out/d_in) (``"mup"``) or 1 (``"none"``). msign runs by
+    Newton–Schulz (:func:`~optax_ext.optimizers.msign.msign`); its coefficients and
+    steps are a speed knob (Su, 10922).
+
+    **These are Moonlight's updates.** Moonlight keeps M_t = β M_{t-1} + G_t and takes
+    msign(β M_t + G_t); here E_t = (1-β) M_t and N_t = (1-β)(β M_t + G_t), and msign is
+    scale-invariant (msign(cN) = msign(N) for c > 0). The state holds the damped E, an
+    average of the gradients, because M settles near G/(1-β), 20·G at β = 0.95: in
+    float16 (largest value 65504) gradients of a few thousand overflowed M to inf and
+    turned the params NaN. E stays within the gradients' range.
 
     **Every leaf it is given is orthogonalised**: route 1-D leaves, embeddings and the
     head elsewhere (:func:`muon` does, by path). A leaf of rank < 2 raises ValueError.
+    A leaf of rank ≥ 3 that no ``layout`` rule matches is read by its names (see
+    :data:`MUON_LAYOUT_RULES`); ``init`` warns about those the names cannot settle.
 
     **Non-finite gradients** (``guard_nan=True``): a leaf whose gradient holds a NaN or
-    ±inf (msign of it would be NaN everywhere) keeps its momentum unchanged and gets a
-    zero direction for that step; the other leaves step normally. ``guard_nan=False``
-    skips the check (one reduction per leaf) and lets NaN propagate.
+    ±inf (msign of it would be NaN everywhere), or whose new momentum the momentum's
+    dtype cannot hold (beyond 65504 with a float16 ``mu_dtype`` under larger float32
+    gradients), keeps its momentum unchanged and gets a zero direction for that step;
+    the other leaves step normally. The state counts them (``skipped_steps``,
+    ``shrunk_leaves``). ``guard_nan=False`` skips the check (one reduction per leaf)
+    and lets NaN propagate.
 
     Unlike ``optax.contrib.scale_by_muon`` with ``nesterov=True``, which bias-corrects
     its EMA and the gradient with different step counts before mixing them, the
     Nesterov form here is Moonlight's β M_t + G_t; their early steps differ by design.
     Without Nesterov the two agree (an EMA is a multiple of M_t, which msign removes).
 
+    The momentum does not accumulate micro-batches: ``set_accumulation_steps`` in
+    ``update`` raises ``ValueError``; wrap the optimizer instead,
+    ``ox.accumulate_gradients(tx, k)``, and pass it there.
+
     Args:
       beta: momentum β in [0, 1).
-      nesterov: use N_t = β M_t + G_t (Moonlight's default).
+      nesterov: use N_t = β E_t + (1-β) G_t (Moonlight's β M_t + G_t, its default).
       coeffs: Newton–Schulz coefficients: ``"polar_express"``, ``"su"``, ``"keller"``,
         ``"su_single"`` or explicit ``(a, b, c)`` rows.
       steps: Newton–Schulz steps (≥ 0; may be injected).
@@ -215,9 +321,13 @@ def scale_by_muon(
         :data:`MUON_LAYOUT_RULES`, the default).
       attention: ``"fused"`` or ``"per_head"`` for the 3-D attention kernels.
       guard_nan: zero direction and unchanged momentum for non-finite gradient leaves.
-      eps: added to ‖N‖_F before Newton–Schulz.
-      compute_dtype: dtype of the Newton–Schulz iteration (default: at least float32).
-      mu_dtype: dtype of M (default: the gradients').
+      eps: ε ≥ 0 of :func:`~optax_ext.optimizers.msign.msign`, relative to N's largest
+        entry.
+      compute_dtype: a floating dtype for the Newton–Schulz iteration (default: at
+        least float32).
+      mu_dtype: dtype of the momentum E (default: the gradients'). float16 holds it
+        while the gradients' average stays below 65504 (a leaf beyond is discarded and
+        counted, see above); bfloat16 has float32's range in the same two bytes.
       state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
         ``"stochastic"`` (unbiased,
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
@@ -250,30 +360,38 @@ def scale_by_muon(
     check_range("eps", eps, 0, schedule=False)
     for pattern, name in layout.items() if isinstance(layout, dict) else layout:
         check_choice(f"layout for {pattern!r}", name, _LAYOUTS)
+    compute_dtype = check_compute_dtype(compute_dtype)
     mu_dtype = canonical_dtype(mu_dtype)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_int("rounding_seed", rounding_seed, minimum=0)
 
     def init_fn(params):
         check_float_params(params, "muon")
-        mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-        return ScaleByMuonState(count=jnp.zeros([], jnp.int32), mu=mu)
+        _warn_guessed_layouts(params, layout)
+        # a fresh array per counter: a donated state must not hold one buffer twice
+        zero = lambda: jnp.zeros([], jnp.int32)
+        return ScaleByMuonState(
+            count=zero(),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            skipped_steps=zero(),
+            shrunk_leaves=zero(),
+        )
 
-    def direction(g, m, path):
+    def direction(g, m, bad, path):
         if g.ndim < 2:
             raise ValueError(
                 f"scale_by_muon got the rank-{g.ndim} leaf {path!r}: Muon needs matrices; "
                 "route 1-D leaves to another optimizer (muon() does)"
             )
-        perm, shape = _view(g.shape, _layout_of(path, layout), attention)
+        perm, shape = _view(g.shape, _layout_of(path, g.shape, layout)[0], attention)
         work = work_dtype(m)
         b = beta
         g32 = g.astype(work)
-        bad = has_nonfinite(g, catch_inf=True) if guard_nan else None
         if bad is not None:
             g32, b = hold_momentum(bad, g32, beta)  # msign never sees the NaN either
-        m_new = b * m.astype(work) + g32
-        n = b * m_new + g32 if nesterov else m_new
+        # E = (1-β)M: the same msign as Moonlight's M, in the gradients' range
+        m_new = b * m.astype(work) + (1.0 - beta) * g32
+        n = beta * m_new + (1.0 - beta) * g32 if nesterov else m_new
         o = msign(
             _to_matrices(n, perm, shape), coeffs=coeffs, steps=steps,
             compute_dtype=compute_dtype, eps=eps,
@@ -282,28 +400,69 @@ def scale_by_muon(
         u = _from_matrices(u, perm, g.shape)
         if bad is not None:
             u = jnp.where(bad, 0.0, u)
-        return u.astype(g.dtype), m_new  # M is written by update_fn (cast or SR)
+        return u.astype(g.dtype), m_new  # E is written by update_fn (cast or SR)
 
-    def leaf(path, g, m):
-        path = path_to_str(path)
-        if explicitly_sharded(g):
-            # Matmuls of explicitly sharded operands must name their output sharding; let
-            # the partitioner choose inside and hand back the gradient's sharding.
-            shardings = (jax.typeof(g).sharding, jax.typeof(m).sharding)
-            return jax.sharding.auto_axes(
-                lambda g, m: direction(g, m, path), out_sharding=shardings
-            )(g, m)
-        return direction(g, m, path)
+    def leaf(path, g, m, bad):
+        if not explicitly_sharded(g):
+            return direction(g, m, bad, path)
+        # Matmuls of explicitly sharded operands must name their output sharding; let
+        # the partitioner choose inside and hand back the gradient's sharding.
+        shardings = (jax.typeof(g).sharding, jax.typeof(m).sharding)
+        if bad is None:
+            run = lambda g, m: direction(g, m, None, path)
+            return jax.sharding.auto_axes(run, out_sharding=shardings)(g, m)
+        run = lambda g, m, bad: direction(g, m, bad, path)
+        return jax.sharding.auto_axes(run, out_sharding=shardings)(g, m, bad)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
+        _no_accumulation(extra_args)
         check_updates_match(updates, params, "muon")
-        out = jax.tree_util.tree_map_with_path(leaf, updates, state.mu)
-        u, mu = unzip_leaves(updates, out)
+        with_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        mus = treedef.flatten_up_to(state.mu)
+        pairs = [(g, m) for (_, g), m in zip(with_paths, mus, strict=True)]
+        flags = [_bad_leaf(g, m, beta) for g, m in pairs] if guard_nan else []
+        out = [
+            leaf(path_to_str(path), g, m, flags[i] if guard_nan else None)
+            for i, ((path, _), (g, m)) in enumerate(zip(with_paths, pairs, strict=True))
+        ]
+        u = treedef.unflatten([o[0] for o in out])
+        mu = treedef.unflatten([o[1] for o in out])
         mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
-        return u, ScaleByMuonState(count=optax.safe_increment(state.count), mu=mu)
+        n_bad = spike.count_flags(flags)
+        return u, ScaleByMuonState(
+            count=optax.safe_increment(state.count),
+            mu=mu,
+            skipped_steps=spike.increment_if(n_bad > 0, state.skipped_steps),
+            shrunk_leaves=spike.saturating_add(state.shrunk_leaves, n_bad),
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _bad_leaf(g: jax.Array, m: jax.Array, beta: Any) -> jax.Array:
+    """Whether a gradient leaf must be discarded: it holds a NaN or ±inf, or the new
+    momentum would not fit the momentum's dtype (one reduction either way).
+
+    E, an average of gradients, fits any dtype that holds the gradients; a narrower one
+    (float16, largest value 65504, under float32 gradients) is checked as written.
+    """
+    if jnp.finfo(m.dtype).max >= jnp.finfo(g.dtype).max:
+        return has_nonfinite(g, catch_inf=True)
+    work = work_dtype(m)
+    new = beta * m.astype(work) + (1.0 - beta) * g.astype(work)
+    return has_nonfinite(new.astype(m.dtype), catch_inf=True)  # NaN, ±inf g included
+
+
+def _no_accumulation(extra_args: dict[str, Any]) -> None:
+    """Muon's momentum steps on every call: an accumulation length must go elsewhere."""
+    if SET_ACCUMULATION_STEPS in extra_args:
+        raise ValueError(
+            f"muon does not accumulate micro-batches (it takes no accumulation_steps), so "
+            f"{SET_ACCUMULATION_STEPS}= would be ignored by its Muon leaves, which step on "
+            "every call (in ox.muon the other optimizer would accumulate its leaves alone): "
+            "wrap it, tx = ox.accumulate_gradients(ox.muon(...), k), and pass "
+            f"{SET_ACCUMULATION_STEPS} to that tx's update"
+        )
 
 
 def muon_labels(params: Any, rules: PathRules = MUON_RULES) -> Any:
@@ -364,8 +523,14 @@ def muon(
     several times smaller than AdamW's: set ``other_learning_rate`` for them.
 
     A non-finite gradient leaf gets a zero Muon direction and keeps its momentum (see
-    :func:`scale_by_muon`); only the weight decay moves it that step. The second
-    optimizer applies its own rule (Tiger shrinks a NaN leaf toward its centre).
+    :func:`scale_by_muon`); only the weight decay moves it that step, and the Muon
+    part's state counts it (``state.inner_states["muon"].inner_state[0]``, a
+    :class:`ScaleByMuonState`). The second optimizer applies its own rule (Tiger
+    shrinks a NaN leaf toward its centre and counts it in its own state).
+
+    Muon does not accumulate micro-batches: for k micro-batches per update use
+    ``ox.accumulate_gradients(muon(...), k)`` (``set_accumulation_steps`` goes to its
+    ``update``); passing it to this ``update`` raises ``ValueError``.
 
     Args:
       learning_rate: η, a float or an optax schedule.
@@ -380,7 +545,10 @@ def muon(
       other: ``"tiger"``, ``"adamw"`` or an optax transform for the other leaves.
       other_learning_rate: its learning rate (default: ``learning_rate``).
       other_weight_decay: its weight decay (default: ``weight_decay``).
-      other_kwargs: extra keyword arguments of ``tiger`` / ``optax.adamw``.
+      other_kwargs: extra keyword arguments of ``tiger`` / ``optax.adamw``
+        (``accumulation_steps`` > 1 raises: see above).
+        The three ``other_*`` configure the named optimizers only: with a transform
+        as ``other`` they raise ``ValueError`` (build the transform with them).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (an ``optax.partition``); ``update``
@@ -412,6 +580,32 @@ def muon(
         check_choice("other", other, ("tiger", "adamw"))
     elif not isinstance(other, optax.GradientTransformation):
         raise ValueError(f"other must be 'tiger', 'adamw' or an optax transform, got {other!r}")
+    else:
+        given = {
+            "other_learning_rate": other_learning_rate,
+            "other_weight_decay": other_weight_decay,
+            "other_kwargs": other_kwargs or None,
+        }
+        given = {name: value for name, value in given.items() if value is not None}
+        if given:
+            shown = ", ".join(f"{name}={value!r}" for name, value in given.items())
+            raise ValueError(
+                f"{shown}: the other_* arguments configure other='tiger' or 'adamw' and "
+                "would be ignored with an optax transform as other; build the transform "
+                "with them instead, e.g. other=optax.adamw(3e-4, weight_decay=0.1)"
+            )
+    steps_other = dict(other_kwargs or {}).get("accumulation_steps", 1)
+    # other values are Tiger's to reject (a bool, a float, k < 1)
+    if (
+        isinstance(steps_other, int | np.integer)
+        and not isinstance(steps_other, bool)
+        and (int(steps_other) > 1)
+    ):
+        raise ValueError(
+            f"other_kwargs['accumulation_steps']={steps_other!r}: the other optimizer "
+            "would accumulate its leaves while the Muon leaves step on every call; "
+            "accumulate the whole optimizer instead, ox.accumulate_gradients(ox.muon(...), k)"
+        )
     for _, label in rules.items() if isinstance(rules, dict) else rules:
         check_choice("rules label", label, _LABELS)
     direction = scale_by_muon(

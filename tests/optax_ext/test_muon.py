@@ -2,6 +2,7 @@
 
 import functools
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -26,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_ext.optimizers.msign import NS_COEFFICIENTS, msign_svd
 from optax_ext.optimizers.muon import (
+    MUON_LAYOUT_RULES,
     MUON_RULES,
     ScaleByMuonState,
     matrix_shape,
@@ -34,6 +36,7 @@ from optax_ext.optimizers.muon import (
     scale_by_muon,
 )
 from optax_ext.optimizers.tiger import tiger
+from optax_ext.wrappers.accumulation import accumulate_gradients
 
 # ------------------------------------------------------------ float64 reference
 
@@ -187,11 +190,14 @@ def test_scale_by_muon_matches_float64_reference(kw):
         got, state = run(tx, params, grads)
     want, m = ref_muon(params, grads, lr=lambda t: 0.05, beta=0.9, wd=0.0, **kw)
     assert_trees_close(got, tree_like(params, want), rtol=1e-10, atol=1e-10)
-    assert_trees_close(state[0].mu, tree_like(params, m), rtol=1e-12, atol=1e-12)
+    # the state holds E = (1-β)M, Moonlight's M damped into the gradients' range
+    damped = {p: (1 - 0.9) * x for p, x in m.items()}
+    assert_trees_close(state[0].mu, tree_like(params, damped), rtol=1e-12, atol=1e-12)
     assert int(state[0].count) == 4
 
 
 @pytest.mark.parametrize("seed", [2, 3])
+@pytest.mark.filterwarnings("ignore:scale_by_muon. no layout rule matches")  # random names
 def test_random_trees_float32(seed):
     params = kernels_only(random_tree(seed, max_leaves=6))
     grads = grads_seq(params, 5, seed)
@@ -286,9 +292,90 @@ def test_layouts_conv_stacked_and_per_head():
 
 
 def optax_ext_layout():
-    from optax_ext.optimizers.muon import MUON_LAYOUT_RULES
-
     return MUON_LAYOUT_RULES
+
+
+def nested(paths_to_leaves):
+    """A tree of dicts from ``{"a/b/kernel": leaf}``."""
+    out = {}
+    for path, leaf in paths_to_leaves.items():
+        *parents, last = path.split("/")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return out
+
+
+def muon_warnings(fn):
+    """The layout warnings ``fn()`` emits (every one: no once-per-location filter)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if "scale_by_muon" in str(w.message)]
+
+
+def test_scanned_dense_kernel_is_a_stack_of_layers():
+    # nn.scan stacks its layers' (d_in, d_out) kernels along a leading axis. Folded into
+    # one (L·d_in, d_out) matrix like a conv kernel, the layers shared one msign: per-layer
+    # update RMS was [0.011, 0.098, 0.265, 0.283] for gradients scaled 1, 10, 100, 1000.
+    rng = np.random.default_rng(20)
+    g = rng.standard_normal((4, 16, 32)) * np.array([1.0, 10.0, 100.0, 1000.0])[:, None, None]
+    path = "ScanBlock_0/Dense_0/kernel"
+    tx = scale_by_muon(nesterov=False, steps=8)
+    grads = nested({path: jnp.asarray(g, jnp.float32)})
+    assert muon_warnings(lambda: tx.init(grads)) == []
+    u, _ = tx.update(grads, tx.init(grads))
+    u = np.asarray(u["ScanBlock_0"]["Dense_0"]["kernel"], np.float64)
+    for i in range(4):  # each layer: moonlight's 0.2·√max(d_in, d_out)·msign of its own
+        np.testing.assert_allclose(u[i], 0.2 * math.sqrt(32) * msign_svd(g[i]), atol=1e-4)
+        assert np.sqrt(np.mean(u[i] ** 2)) == pytest.approx(0.2, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "path, shape, matrices",
+    [
+        ("ScanBlock_0/Dense_0/kernel", (4, 16, 32), (4, 16, 32)),  # nn.scan
+        ("layers/mlp/kernel", (4, 16, 32), (4, 16, 32)),  # nnx.vmap / nnx.scan stacks
+        ("blocks/mlp/kernel", (4, 16, 32), (4, 16, 32)),
+        ("VmapMLP_0/Dense_0/kernel", (3, 16, 32), (3, 16, 32)),
+        ("moe/experts/wi/kernel", (8, 16, 32), (8, 16, 32)),
+        ("stacked_layers/kernel", (2, 2, 16, 32), (2, 2, 16, 32)),
+        ("Conv_0/kernel", (3, 16, 32), (48, 32)),  # real conv kernels: spatial axes folded
+        ("Conv_0/kernel", (3, 3, 8, 16), (72, 16)),
+        ("conv1/kernel", (5, 5, 3, 8), (75, 8)),
+        ("layers/0/conv/kernel", (3, 16, 32), (48, 32)),  # a list index: not a stack
+        ("module/kernel", (1, 16, 32), (16, 32)),  # one matrix either way
+    ],
+)
+def test_unmatched_rank3_leaves_are_read_by_their_names(path, shape, matrices):
+    assert matrix_shape(path, shape) == matrices
+    tree = nested({path: jax.ShapeDtypeStruct(shape, jnp.float32)})
+    assert muon_warnings(lambda: scale_by_muon().init(tree)) == []
+
+
+def test_ambiguous_rank3_leaf_warns_once_with_the_fix():
+    # (L, d_in, d_out) or (width, d_in, d_out): the names say neither (or both, a scanned
+    # conv), so the conv view is kept and init says so, naming the paths and the rule
+    tree = nested(
+        {
+            "mlp/wi/kernel": jnp.zeros((4, 16, 32)),
+            "ScanBlock_0/Conv_0/kernel": jnp.zeros((2, 3, 8, 16)),
+            "mlp/wo/kernel": jnp.zeros((32, 16)),
+        }
+    )
+    tx = scale_by_muon()
+    [message] = muon_warnings(lambda: tx.init(tree))
+    assert "'mlp/wi/kernel' (4, 16, 32) as one (64, 32) matrix" in message
+    assert "'ScanBlock_0/Conv_0/kernel' (2, 3, 8, 16) as one (48, 16) matrix" in message
+    assert "layout=[(r'ScanBlock_0/Conv_0/kernel$', 'stacked')]" in message
+    assert "mlp/wo" not in message
+    assert matrix_shape("mlp/wi/kernel", (4, 16, 32)) == (64, 32)
+    # an explicit rule settles it, either way, without a warning
+    for name, matrices in (("stacked", (4, 16, 32)), ("conv", (64, 32))):
+        rules = [(r"(wi|Conv_0)/kernel$", name)] + list(MUON_LAYOUT_RULES)
+        assert muon_warnings(lambda rules=rules: scale_by_muon(layout=rules).init(tree)) == []
+        assert matrix_shape("mlp/wi/kernel", (4, 16, 32), rules) == matrices
 
 
 def test_bf16_params_and_mu_dtype():
@@ -309,6 +396,44 @@ def test_bf16_params_and_mu_dtype():
         assert 0.78 < sv.min() and sv.max() < 1.15, (dtype, sv.min(), sv.max())
         # within the σ range above: |u - exact| stays below max|σ - 1| of exact's RMS
         assert np.sqrt(np.mean((u - exact) ** 2)) < 0.15 * np.sqrt(np.mean(exact**2))
+
+
+def test_float16_momentum_stays_finite_with_large_gradients():
+    # Moonlight's undamped M settles near G/(1-β) = 20·G: with mu_dtype=float16 gradients
+    # of scale 5000 overflowed it to inf at step 5 and the params turned NaN. The state
+    # now holds E = (1-β)M, within the gradients' range; the updates are the same.
+    key, key1 = jax.random.split(jax.random.key(0))
+    params = {"Dense_0": {"kernel": jax.random.normal(key, (32, 32))}}
+    g = {"Dense_0": {"kernel": jax.random.normal(key1, (32, 32)) * 5000.0}}
+    got, state = run_steps(muon(1e-3, mu_dtype=jnp.float16), params, [g] * 8)
+    want, _ = run_steps(muon(1e-3, mu_dtype=jnp.float32), params, [g] * 8)
+    mu = state.inner_states["muon"].inner_state[0]
+    assert mu.mu["Dense_0"]["kernel"].dtype == jnp.float16
+    assert bool(jnp.all(jnp.isfinite(mu.mu["Dense_0"]["kernel"])))
+    assert int(mu.shrunk_leaves) == 0
+    assert_trees_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_momentum_beyond_its_dtype_is_discarded_and_counted():
+    # float32 gradients whose average exceeds float16's 65504 cannot enter a float16
+    # momentum: the leaf is held like a non-finite one (zero direction, momentum kept)
+    # and counted; one large entry that the average absorbs is stored as usual
+    rng = np.random.default_rng(21)
+    g = {k: jnp.asarray(rng.standard_normal((8, 12)), jnp.float32) for k in ("a", "b")}
+    tx = scale_by_muon(mu_dtype=jnp.float16)
+    _, state = tx.update(g, tx.init(g))
+    u, new = tx.update(dict(g, a=g["a"].at[0, 0].set(1e5)), state)  # E gets 0.05·1e5
+    assert bool(jnp.all(u["a"] != 0)) and int(new.shrunk_leaves) == 0
+    big = dict(g, a=g["a"].at[0, 0].set(2e6))  # E would get 1e5
+    u, new = tx.update(big, state)
+    assert not bool(jnp.any(u["a"])) and bool(jnp.all(u["b"] != 0))
+    np.testing.assert_array_equal(new.mu["a"], state.mu["a"])
+    assert (int(new.skipped_steps), int(new.shrunk_leaves)) == (1, 1)
+    # bfloat16 has float32's range: nothing to discard
+    tx = scale_by_muon(mu_dtype=jnp.bfloat16)
+    u, new = tx.update(big, tx.init(g))
+    assert bool(jnp.all(u["a"] != 0)) and int(new.shrunk_leaves) == 0
+    assert bool(jnp.all(jnp.isfinite(new.mu["a"])))
 
 
 # ---------------------------------------------------------- non-finite gradients
@@ -344,6 +469,31 @@ def test_nonfinite_leaf_keeps_momentum_and_gets_zero_direction():
         got, _ = run(muon(schedule, 0.9, 0.1), p64, seq)
     want, _ = ref_muon(p64, seq, lr=schedule, beta=0.9, wd=0.1)
     assert_trees_close(got, tree_like(p64, want), rtol=1e-10, atol=1e-10)
+
+
+def test_nonfinite_leaves_are_counted():
+    # the guard acted without a trace: the state now counts as Tiger's and nan_guard's do
+    rng = np.random.default_rng(22)
+    g = {k: jnp.asarray(rng.standard_normal((6, 10)), jnp.float32) for k in ("a", "b")}
+    tx = scale_by_muon()
+    step = jax.jit(tx.update)
+    state = tx.init(g)
+    counts = []
+    for bad in ({}, {"a": jnp.nan}, {"a": jnp.inf, "b": jnp.nan}, {}, {"b": -jnp.inf}):
+        grads = {k: x.at[1, 2].set(bad[k]) if k in bad else x for k, x in g.items()}
+        _, state = step(grads, state)
+        counts.append((int(state.skipped_steps), int(state.shrunk_leaves)))
+    assert counts == [(0, 0), (1, 1), (2, 3), (2, 3), (3, 4)]
+    assert state.skipped_steps.dtype == state.shrunk_leaves.dtype == jnp.int32
+    # in muon() the Muon part's state counts a Muon leaf (Tiger's counts its own)
+    params = small_tree(22)
+    bad = random_grads_like(params, 0)
+    bad["mlp"]["kernel"] = bad["mlp"]["kernel"].at[0, 0].set(jnp.nan)
+    tx = muon(1e-2)
+    _, state = tx.update(bad, tx.init(params), params)
+    counted = state.inner_states["muon"].inner_state[0]
+    assert (int(counted.skipped_steps), int(counted.shrunk_leaves)) == (1, 1)
+    assert int(state.inner_states["other"].inner_state.shrunk_leaves) == 0
 
 
 def test_without_guard_nan_propagates():
@@ -468,6 +618,44 @@ def test_routing_nnx_and_nnx_optimizer():
     assert any(getattr(x, "ndim", 0) == 3 for x in mus)  # Muon's momentum of the attention
 
 
+@pytest.mark.parametrize(
+    "path, label",
+    [
+        # embeddings and heads named otherwise than embed/head, in any case
+        ("token_emb/kernel", "other"),
+        ("TokEmb/kernel", "other"),
+        ("pos_emb/kernel", "other"),
+        ("EMBED/kernel", "other"),
+        ("Unembed_0/kernel", "other"),
+        ("wte/kernel", "other"),
+        ("LMHead/kernel", "other"),
+        ("LM_Head/kernel", "other"),
+        ("Head_0/kernel", "other"),
+        ("head/Dense_0/kernel", "other"),
+        ("cls_head/kernel", "other"),
+        ("Classifier_0/kernel", "other"),
+        ("output/kernel", "other"),
+        ("Output_0/kernel", "other"),
+        ("logits/kernel", "other"),
+        ("logits_dense/kernel", "other"),
+        ("vocab_proj/kernel", "other"),
+        # hidden layers whose names hold those words keep Muon
+        ("MultiHeadDotProductAttention_0/query/kernel", "muon"),
+        ("multi_head/query/kernel", "muon"),
+        ("encoder/layer/0/output/dense/kernel", "muon"),  # BERT's MLP output
+        ("attention/output/dense/kernel", "muon"),
+        ("token_mixing/Dense_0/kernel", "muon"),  # MLP-Mixer
+        ("attn/out/kernel", "muon"),
+        ("member/kernel", "muon"),
+        ("headless/kernel", "muon"),
+    ],
+)
+def test_routing_by_name_embeddings_and_heads(path, label):
+    # LMHead (case), token_emb, output and vocab_proj went to Muon
+    labels = dict(leaf_paths(muon_labels(nested({path: jnp.zeros((4, 6))}))))
+    assert labels == {path: label}
+
+
 def test_rules_are_user_overridable():
     params = flax_like_params(10)
     rules = [(r"head/kernel$", "muon")] + list(MUON_RULES)
@@ -589,6 +777,19 @@ def test_sharded_muon_equals_single_device_by_rows_columns_and_fully():
         ({"other": "sgd"}, r"other must be one of \['tiger', 'adamw'\]"),
         ({"other_learning_rate": -1.0}, r"other_learning_rate must be in \[0, inf\)"),
         ({"eps": -1.0}, r"eps must be in \[0, inf\)"),
+        # the other_* arguments were silently ignored with a transform as `other`
+        (
+            {"other": optax.sgd(0.1), "other_learning_rate": 5.0},
+            r"other_learning_rate=5.0: the other_\* arguments configure other='tiger' or",
+        ),
+        (
+            {"other": optax.sgd(0.1), "other_weight_decay": 3.0, "other_kwargs": {"bogus": 1}},
+            r"other_weight_decay=3.0, other_kwargs=\{'bogus': 1\}: .* build the transform",
+        ),
+        (
+            {"other_kwargs": {"accumulation_steps": 4}},
+            r"other_kwargs\['accumulation_steps'\]=4: .* ox.accumulate_gradients",
+        ),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
@@ -597,12 +798,38 @@ def test_bad_hyperparameters(kwargs, match):
         muon(**kwargs)
 
 
+def test_set_accumulation_steps_raises_and_accumulate_gradients_works():
+    # ignored before: Muon's leaves stepped on every call (and in muon() Tiger's leaves
+    # alone accumulated)
+    params = small_tree(23)
+    grads = grads_seq(params, 4, 23)
+    match = r"set_accumulation_steps= would be ignored.*ox.accumulate_gradients\(ox.muon"
+    tx = muon(1e-2)
+    with pytest.raises(ValueError, match=match):
+        tx.update(grads[0], tx.init(params), params, set_accumulation_steps=2)
+    direction, tree = scale_by_muon(), {"w": jnp.ones((3, 4))}
+    with pytest.raises(ValueError, match=match):
+        direction.update(tree, direction.init(tree), set_accumulation_steps=2)
+    # the wrapper takes it: the params move on every second call only
+    tx = accumulate_gradients(muon(1e-2), 2)
+    state, p = tx.init(params), params
+    moved = []
+    for g in grads:
+        u, state = tx.update(g, state, p, set_accumulation_steps=2)
+        moved.append(any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(u)))
+        p = optax.apply_updates(p, u)
+    assert moved == [False, True, False, True]
+
+
 def test_bad_calls():
     tx = scale_by_muon()
     with pytest.raises(ValueError, match=r"rank-1 leaf 'b'.*route 1-D leaves"):
         tx.update({"b": jnp.ones(3)}, tx.init({"b": jnp.ones(3)}))
     with pytest.raises(TypeError, match="steps must be an int"):
         scale_by_muon(steps=2.5)
+    # Newton-Schulz in an integer dtype returned zeros: rejected when built
+    with pytest.raises(TypeError, match="compute_dtype must be a floating dtype"):
+        muon(1e-3, compute_dtype=jnp.int32)
     with pytest.raises(ValueError, match="layout 'heads_in' expects a 3-D attention kernel"):
         t = {"q": {"query": {"kernel": jnp.ones((2, 2, 2, 2))}}}
         scale_by_muon().update(t, scale_by_muon().init(t))
