@@ -16,29 +16,50 @@ array, so a jitted step compiles once), passed on every micro-step; a new value 
 effect at the next cycle's first micro-step (at once if a cycle is starting), and the
 running cycle keeps the length it started with. Without the argument the constructor's
 ``accumulation_steps`` holds. All replicas must pass the same value.
+
+The counters in the optimizer's state are the one record of the cycle: wrappers that
+must know where a micro-step sits (:func:`~optax_ext.hyperparams.inject_hyperparams`
+reading schedules by update, :func:`~optax_ext.wrappers.qk_clip.qk_clip` clipping once
+per update) read them with :func:`find_counters` instead of counting on their own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_ext._common import check_int, is_static_int
 
 __all__ = [
     "SET_ACCUMULATION_STEPS",
+    "MAX_CYCLE_LENGTH",
     "Cycle",
+    "Counters",
     "counters_init",
+    "check_accumulation_steps",
     "cycle_length",
     "current_cycle",
     "next_counters",
+    "find_counters",
+    "reject_cycle_length",
+    "check_not_injected",
+    "refuse_injected_cycles",
+    "per_update_injection",
+    "selected_by_accumulation",
+    "inside_selecting_accumulation",
 ]
 
 #: the extra-args key that sets the length of the next accumulation cycle
 SET_ACCUMULATION_STEPS = "set_accumulation_steps"
+#: the longest cycle the int32 counters hold
+MAX_CYCLE_LENGTH = int(np.iinfo(np.int32).max)
 
 
 class Cycle(NamedTuple):
@@ -66,6 +87,18 @@ def counters_init(k: int) -> dict[str, jax.Array]:
     )
 
 
+def check_accumulation_steps(value: Any, name: str = "accumulation_steps") -> Any:
+    """A constructor's ``accumulation_steps``: an int in [1, 2**31 - 1] (the counters are
+    int32), or a traced value (``optax.inject_hyperparams``), which passes unchecked."""
+    check_int(name, value)
+    if not isinstance(value, jax.core.Tracer) and int(value) > MAX_CYCLE_LENGTH:
+        raise ValueError(
+            f"{name} must be an int in [1, {MAX_CYCLE_LENGTH}] (the cycle counters are "
+            f"int32), got {value!r}"
+        )
+    return value
+
+
 def current_cycle(k: int, state: Any, extra_args: dict[str, Any]) -> Cycle:
     """The cycle of this micro-step, from the state's counters and the extra arguments.
 
@@ -83,11 +116,58 @@ def current_cycle(k: int, state: Any, extra_args: dict[str, Any]) -> Cycle:
 
 
 def cycle_length(asked: Any, micro_step: jax.Array, running: jax.Array) -> jax.Array:
-    """The asked length if a cycle starts at this micro-step, else the running cycle's."""
-    if not isinstance(asked, jax.Array | jax.core.Tracer):
-        check_int(SET_ACCUMULATION_STEPS, asked)
-    asked = jnp.maximum(jnp.asarray(asked, jnp.int32), 1)
+    """The asked length if a cycle starts at this micro-step, else the running cycle's.
+
+    A concrete ``asked`` (a Python or NumPy int, a concrete JAX array) must be an integer
+    scalar in [1, 2**31 - 1]: anything else raises a ``ValueError`` (or ``TypeError`` for
+    a non-integer type) naming ``set_accumulation_steps``, exactly as a Python int does.
+    A traced one (the usual case inside a jitted step) must have an integer dtype and
+    shape ``()``, checked when the step is traced; its value cannot be checked then, so
+    it is clamped into [1, 2**31 - 1] before the int32 cast (0 or a negative length acts
+    as 1, a length beyond the int32 range as 2**31 - 1, never a wrapped-around one).
+    Validate it before it enters the jitted step.
+    """
+    if isinstance(asked, jax.core.Tracer):
+        _check_length_type(asked, np.shape(asked), asked.dtype)
+    else:
+        asked = _concrete_length(asked)
+    # clamp before the cast: an int64 length (x64) must not wrap around into int32
+    asked = jnp.clip(asked, 1, MAX_CYCLE_LENGTH).astype(jnp.int32)
     return jnp.where(micro_step == 0, asked, running)
+
+
+def _check_length_type(value: Any, shape: tuple[int, ...], dtype: Any) -> None:
+    if shape != ():
+        raise ValueError(
+            f"{SET_ACCUMULATION_STEPS} must be one int (the micro-batches of the next "
+            f"cycle), got an array of shape {shape}"
+        )
+    if dtype == np.bool_ or not np.issubdtype(dtype, np.integer):
+        raise TypeError(
+            f"{SET_ACCUMULATION_STEPS} must be an int (the micro-batches of the next "
+            f"cycle), got {value!r} of dtype {dtype}"
+        )
+
+
+def _concrete_length(asked: Any) -> int:
+    """A concrete length checked like a Python int, as a Python int."""
+    if isinstance(asked, bool | np.bool_) or isinstance(asked, str | bytes):
+        raise TypeError(f"{SET_ACCUMULATION_STEPS} must be an int, got {asked!r}")
+    if isinstance(asked, int):
+        value = asked
+    else:
+        try:
+            array = np.asarray(asked)
+        except (TypeError, ValueError):
+            raise TypeError(f"{SET_ACCUMULATION_STEPS} must be an int, got {asked!r}") from None
+        _check_length_type(asked, array.shape, array.dtype)
+        value = int(array)
+    if not 1 <= value <= MAX_CYCLE_LENGTH:
+        raise ValueError(
+            f"{SET_ACCUMULATION_STEPS} must be an int in [1, {MAX_CYCLE_LENGTH}] (the "
+            f"micro-batches of the next cycle), got {asked!r}"
+        )
+    return value
 
 
 def next_counters(cycle: Cycle, state: Any) -> dict[str, jax.Array]:
@@ -100,4 +180,142 @@ def next_counters(cycle: Cycle, state: Any) -> dict[str, jax.Array]:
         micro_step=jnp.where(cycle.last, 0, state.micro_step + 1).astype(jnp.int32),
         cycle_length=jnp.asarray(length, jnp.int32),
         updates=jnp.where(cycle.last, updates, state.updates),
+    )
+
+
+# ------------------------------------------------------------ reading the cycle
+
+
+class Counters(NamedTuple):
+    """An accumulating state's position: ``micro_step`` (micro-steps taken in the
+    running cycle, 0 at a cycle's start) and ``updates`` (parameter updates made, the
+    index schedules are read by)."""
+
+    micro_step: jax.Array
+    updates: jax.Array
+
+
+#: (micro-step field, update field) of the states that accumulate: Tiger's and SGDM's
+#: (this module's counters), ``accumulate_gradients``' and ``optax.MultiSteps``'
+_COUNTER_FIELDS = (("micro_step", "updates"), ("mini_step", "gradient_step"))
+
+
+def _counters_of(node: Any) -> Counters | None:
+    fields = getattr(node, "_fields", None)
+    if not isinstance(node, tuple) or fields is None:
+        return None
+    for micro, update in _COUNTER_FIELDS:
+        if micro in fields and update in fields:
+            return Counters(getattr(node, micro), getattr(node, update))
+    return None
+
+
+def find_counters(state: Any) -> Counters | None:
+    """The counters of the outermost accumulating state in ``state`` (the first one in
+    pre-order: an ``accumulate_gradients`` around Tiger is found before Tiger), or None
+    when nothing in it accumulates."""
+    is_holder = lambda node: _counters_of(node) is not None
+    for node in jax.tree.leaves(state, is_leaf=is_holder):
+        if is_holder(node):
+            return _counters_of(node)
+    return None
+
+
+def reject_cycle_length(extra_args: dict[str, Any], name: str) -> None:
+    """Raises if ``set_accumulation_steps`` reaches an optimizer that updates on every
+    call: it would be ignored, and the parameters would move on every micro-step."""
+    if extra_args.get(SET_ACCUMULATION_STEPS) is not None:
+        raise ValueError(
+            f"{SET_ACCUMULATION_STEPS} was passed to {name}, which does not accumulate "
+            f"micro-batches (it updates on every call, so the argument would be ignored): "
+            f"wrap it, ox.accumulate_gradients({name}(...), accumulation_steps=k), and "
+            f"pass {SET_ACCUMULATION_STEPS} to that"
+        )
+
+
+# ------------------------------------------------- wrappers that read the cycle
+
+_PER_UPDATE_INJECTION: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "per_update_injection", default=False
+)
+_SELECTING_ACCUMULATION: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "selecting_accumulation", default=False
+)
+
+
+@contextlib.contextmanager
+def per_update_injection() -> Iterator[None]:
+    """Marks optimizers built inside as built by ``ox.inject_hyperparams``, which reads
+    their schedules by update (see :func:`check_not_injected`)."""
+    token = _PER_UPDATE_INJECTION.set(True)
+    try:
+        yield
+    finally:
+        _PER_UPDATE_INJECTION.reset(token)
+
+
+@contextlib.contextmanager
+def selected_by_accumulation() -> Iterator[None]:
+    """Marks the transforms updated inside as run by ``accumulate_gradients`` on every
+    micro-step, their new state kept only on a cycle's last one."""
+    token = _SELECTING_ACCUMULATION.set(True)
+    try:
+        yield
+    finally:
+        _SELECTING_ACCUMULATION.reset(token)
+
+
+def inside_selecting_accumulation() -> bool:
+    """Whether this update runs inside :func:`selected_by_accumulation`."""
+    return _SELECTING_ACCUMULATION.get()
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, jax.Array | jax.core.Tracer)
+
+
+def check_not_injected(name: str, k: Any, **hyperparams: Any) -> bool:
+    """Raises if an accumulating optimizer gets injected hyperparameters from a wrapper
+    that reads schedules per micro-step; returns whether any hyperparameter is an array.
+
+    ``optax.inject_hyperparams`` evaluates its schedules at its own counter, one step per
+    call, and hands the values in as arrays: with k micro-steps per update a schedule
+    would run k times too fast, silently. The values alone cannot tell a schedule from a
+    constant, so with ``accumulation_steps`` other than 1 any array hyperparameter is
+    refused unless ``ox.inject_hyperparams`` (which reads schedules by update) built the
+    optimizer. A traced ``accumulation_steps`` (optax's wrapper without ``static_args``,
+    under ``jit``) cannot be compared with 1 and passes; the returned flag lets
+    ``update`` refuse a later ``set_accumulation_steps``.
+    """
+    if _PER_UPDATE_INJECTION.get():
+        return False
+    injected = sorted(n for n, v in hyperparams.items() if _is_array(v))
+    if _is_array(k):
+        injected = ["accumulation_steps", *injected]
+    if not injected:
+        return False
+    accumulates = not isinstance(k, jax.core.Tracer) and int(np.asarray(k)) != 1
+    if accumulates:
+        raise ValueError(
+            _injected_message(name, injected, f"accumulation_steps={int(np.asarray(k))}")
+        )
+    return True
+
+
+def refuse_injected_cycles(injected: bool, name: str, extra_args: dict[str, Any]) -> None:
+    """``update``'s half of :func:`check_not_injected`: an optimizer built with
+    injected hyperparameters by optax's wrapper cannot take ``set_accumulation_steps``."""
+    if injected and extra_args.get(SET_ACCUMULATION_STEPS) is not None:
+        raise ValueError(
+            _injected_message(name, ["hyperparameters"], f"{SET_ACCUMULATION_STEPS}=...")
+        )
+
+
+def _injected_message(name: str, injected: list[str], accumulating: str) -> str:
+    return (
+        f"{name} got {', '.join(injected)} as arrays (as optax.inject_hyperparams injects "
+        f"them) with {accumulating}: optax's wrapper reads schedules once per micro-step, "
+        f"k times too fast while accumulating; use ox.inject_hyperparams({name}, "
+        f"static_args=('accumulation_steps',)), which reads them by update (or pass "
+        f"Python numbers and schedules to {name} directly)"
     )

@@ -27,6 +27,7 @@ from optax_ext._common import (
     unzip_leaves,
     work_dtype,
 )
+from optax_ext._cycles import reject_cycle_length
 from optax_ext.optimizers.tiger import param_scale, scale_rules
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
@@ -130,7 +131,8 @@ def scale_by_lion(
         return ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=mu)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
+        # Lion cannot accumulate inside its momentum: a cycle length would be ignored
+        reject_cycle_length(extra_args, "ox.lion")
         check_updates_match(updates, params, "lion")
         out = jax.tree.map(lambda g, m: _lion_leaf(g, m, b1, b2, one_pass), updates, state.mu)
         direction, mu = unzip_leaves(updates, out)
@@ -222,7 +224,11 @@ def lion(
       defaults, same state), computed in one pass (see :func:`scale_by_lion`).
 
     Lion needs both m and the current g, so it cannot accumulate inside its momentum as
-    Tiger does: wrap it in a gradient-accumulation transform instead.
+    Tiger does: wrap it in a gradient-accumulation transform instead
+    (``ox.accumulate_gradients(ox.lion(...), accumulation_steps=k)``, which also takes
+    ``set_accumulation_steps``). Passed to Lion itself (``optax.chain`` hands every
+    extra argument to every member), ``set_accumulation_steps`` raises a ``ValueError``
+    rather than being ignored while the parameters move on every call.
 
     Args:
       learning_rate: a float or an optax schedule, ≥ 0. Typical: 3-10x smaller than AdamW's.

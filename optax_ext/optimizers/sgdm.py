@@ -25,7 +25,14 @@ from optax_ext._common import (
     unzip_leaves,
     work_dtype,
 )
-from optax_ext._cycles import counters_init, current_cycle, next_counters
+from optax_ext._cycles import (
+    check_accumulation_steps,
+    check_not_injected,
+    counters_init,
+    current_cycle,
+    next_counters,
+    refuse_injected_cycles,
+)
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
 __all__ = [
@@ -121,7 +128,8 @@ def scale_by_sgdm(
       Su, `accumulation inside the momentum <https://kexue.fm/archives/8634>`_, 2021.
     """
     check_range("momentum", momentum, 0, 1, high_open=True, schedule=False)
-    k = check_int("accumulation_steps", accumulation_steps)
+    k = check_accumulation_steps(accumulation_steps)
+    injected = check_not_injected("ox.scale_by_sgdm", k, momentum=momentum)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_int("rounding_seed", rounding_seed, minimum=0)
     mu_dtype = canonical_dtype(mu_dtype)
@@ -136,6 +144,7 @@ def scale_by_sgdm(
 
     def update_fn(updates, state, params=None, **extra_args):
         check_updates_match(updates, params, "sgdm")
+        refuse_injected_cycles(injected, "ox.scale_by_sgdm", extra_args)
         cycle = current_cycle(k, state, extra_args)
         first, last, k_now = cycle.first, cycle.last, cycle.k
         if nesterov and not needs_acc and not isinstance(k_now, int):
@@ -195,9 +204,11 @@ def sgdm(
     keep an accumulator beside the momentum: the state is one buffer the size of the
     params whatever k is (two for Nesterov with k > 1, see :func:`scale_by_sgdm`).
     Parameters move only on the last micro-step of each cycle. A learning-rate schedule
-    is indexed by the update (t // k), the optax convention; under
-    ``optax.inject_hyperparams`` a schedule passed as a hyperparameter is evaluated by
-    the wrapper at the micro-step instead, so pass schedules to ``sgdm`` directly.
+    is indexed by the update (t // k), the optax convention, and so is one injected by
+    ``ox.inject_hyperparams``. ``optax.inject_hyperparams`` would evaluate it at the
+    micro-step instead (k times too fast), so with ``accumulation_steps`` other than 1
+    (or ``set_accumulation_steps``) ``sgdm`` refuses the arrays that wrapper injects,
+    naming ``ox.inject_hyperparams``.
 
     Args:
       learning_rate: a float ≥ 0 or an optax schedule of the update index.
@@ -227,7 +238,9 @@ def sgdm(
       Su, `accumulation inside the momentum <https://kexue.fm/archives/8634>`_, 2021.
     """
     check_range("learning_rate", learning_rate, 0)
-    return optax.chain(
+    k = check_accumulation_steps(accumulation_steps)
+    injected = check_not_injected("ox.sgdm", k, learning_rate=learning_rate, momentum=momentum)
+    tx = optax.chain(
         scale_by_sgdm(
             momentum,
             accumulation_steps=accumulation_steps,
@@ -238,6 +251,14 @@ def sgdm(
         ),
         _scale_by_update_learning_rate(learning_rate, accumulation_steps),
     )
+    if not injected:
+        return tx
+
+    def update_fn(updates, state, params=None, **extra_args):
+        refuse_injected_cycles(injected, "ox.sgdm", extra_args)
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 # ----------------------------------------------------------------------- helpers

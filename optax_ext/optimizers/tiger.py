@@ -35,7 +35,14 @@ from optax_ext._common import (
     unzip_leaves,
     work_dtype,
 )
-from optax_ext._cycles import counters_init, current_cycle, next_counters
+from optax_ext._cycles import (
+    check_accumulation_steps,
+    check_not_injected,
+    counters_init,
+    current_cycle,
+    next_counters,
+    refuse_injected_cycles,
+)
 from optax_ext.wrappers import spike
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
 
@@ -259,7 +266,8 @@ def scale_by_tiger(
       Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023.
     """
     check_range("beta", beta, 0, 1, high_open=True, schedule=False)
-    k = check_int("accumulation_steps", accumulation_steps)
+    k = check_accumulation_steps(accumulation_steps)
+    injected = check_not_injected("ox.scale_by_tiger", k, beta=beta)
     mu_dtype = canonical_dtype(mu_dtype)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_int("rounding_seed", rounding_seed, minimum=0)
@@ -268,6 +276,7 @@ def scale_by_tiger(
 
     def update_fn(updates, state, params=None, **extra_args):
         check_updates_match(updates, params, "tiger")
+        refuse_injected_cycles(injected, "ox.scale_by_tiger", extra_args)
         cycle = current_cycle(k, state, extra_args)
         first, apply = cycle.first, cycle.last
         checks = _guard_checks(updates, state, guard, guard_nan, catch_inf)
@@ -333,7 +342,11 @@ def tiger(
       Tiger's own ``lr_schedule`` counts micro-steps and is read on the cycle's last
       one: with k=4 update n uses its value at micro-step 4n+3, so its ``{40000: 1}``
       is a warm-up reaching 1 at update (40000-3)/4 = 9999.25 here, not exactly
-      ``{10000: 1}`` (the two differ by under 1e-4 of the lr on the ramp).
+      ``{10000: 1}`` (the two differ by under 1e-4 of the lr on the ramp). Injected
+      schedules follow the same index under ``ox.inject_hyperparams``;
+      ``optax.inject_hyperparams`` reads them per micro-step, so with
+      ``accumulation_steps`` other than 1 (or ``set_accumulation_steps``) Tiger
+      refuses the arrays it injects, naming ``ox.inject_hyperparams``.
     - **The cycle length may change during training** (a batch-size warm-up): pass
       ``set_accumulation_steps=k`` (an int or an int32 array) to every ``update``; a new
       value takes effect when the next cycle starts, and a jitted step compiles once.
@@ -427,7 +440,11 @@ def tiger(
     check_range("learning_rate", learning_rate, 0)
     check_range("beta", beta, 0, 1, high_open=True, schedule=False)
     check_range("weight_decay", weight_decay, 0)
-    k = check_int("accumulation_steps", accumulation_steps)
+    k = check_accumulation_steps(accumulation_steps)
+    # optax.inject_hyperparams would read schedules per micro-step: refused while accumulating
+    injected = check_not_injected(
+        "ox.tiger", k, learning_rate=learning_rate, weight_decay=weight_decay, beta=beta
+    )
     check_range("min_rms", min_rms, 0, schedule=False)
     check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True, schedule=False)
     rules = scale_rules(param_scaling)
@@ -440,6 +457,7 @@ def tiger(
     def update_fn(updates, state, params=None, **extra_args):
         _check_params(params, "tiger")
         check_updates_match(updates, params, "tiger")
+        refuse_injected_cycles(injected, "ox.tiger", extra_args)
         cycle = current_cycle(k, state, extra_args)
         first, apply = cycle.first, cycle.last
         lr = schedule_value(learning_rate, cycle.update)

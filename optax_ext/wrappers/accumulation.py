@@ -7,6 +7,7 @@ momentum instead, https://kexue.fm/archives/8634 (:mod:`optax_ext.optimizers.sgd
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, NamedTuple
 
@@ -14,8 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import canonical_dtype, check_int, check_transform, has_nonfinite, work_dtype
-from optax_ext._cycles import SET_ACCUMULATION_STEPS, cycle_length
+from optax_ext._common import canonical_dtype, check_transform, has_nonfinite, work_dtype
+from optax_ext._cycles import (
+    SET_ACCUMULATION_STEPS,
+    check_accumulation_steps,
+    cycle_length,
+    selected_by_accumulation,
+)
 from optax_ext.wrappers.spike import any_flag, global_sq_norm
 
 __all__ = [
@@ -119,7 +125,17 @@ def accumulate_gradients(
     this micro-step, the running cycle keeps its own, and a jitted step compiles once.
     It is not forwarded to ``inner``. A plain ``optax.GradientTransformation``
     inner ignores them; :func:`scaling.measure_noise_scale` placed first in ``inner``
-    uses them to measure the gradient noise scale from micro-batches.
+    uses them to measure the gradient noise scale from micro-batches. A concrete
+    ``set_accumulation_steps`` is checked like a Python int (an integer scalar in
+    [1, 2**31 - 1], else a ``ValueError`` or ``TypeError`` naming it); a traced one only
+    for its dtype and shape, its value clamped into that range (see
+    :func:`optax_ext._cycles.cycle_length`).
+
+    **Wrappers that must see every micro-step** go outside: ``inner`` runs on every
+    micro-step but keeps its new state only on a cycle's last one, so a
+    :func:`~optax_ext.wrappers.qk_clip.qk_clip` inside would lose every micro-batch's
+    max logits but the last; it raises, giving the order
+    ``qk_clip(accumulate_gradients(inner, k))``.
 
     **Non-finite micro-batches** (``skip_nonfinite=True``): a micro-batch with any NaN or
     ±inf does not enter the mean nor the squared-norm sum; the cycle still lasts k
@@ -194,16 +210,20 @@ def accumulate_gradients(
         last = state.mini_step + 1 >= k_now
         apply = jnp.logical_and(last, n > 0) if skip_nonfinite else last
 
-        inner_updates, new_inner = inner.update(
-            optax.tree.cast_like(acc, updates),
-            state.inner_state,
-            params,
-            **{
-                **extra_args,
-                "micro_grad_sq_norm": sq_sum / denom.astype(jnp.float32),
-                "accumulation_steps": n if skip_nonfinite else k_now,
-            },
-        )
+        # the inner update runs on every micro-step and is kept on a cycle's last one;
+        # a wrapper inside that must see every micro-step (qk_clip) refuses to run so
+        selecting = contextlib.nullcontext() if asked is None and k == 1 else None
+        with selecting or selected_by_accumulation():
+            inner_updates, new_inner = inner.update(
+                optax.tree.cast_like(acc, updates),
+                state.inner_state,
+                params,
+                **{
+                    **extra_args,
+                    "micro_grad_sq_norm": sq_sum / denom.astype(jnp.float32),
+                    "accumulation_steps": n if skip_nonfinite else k_now,
+                },
+            )
         out = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), inner_updates)
         new_state = AccumulationState(
             mini_step=jnp.where(last, 0, state.mini_step + 1).astype(jnp.int32),
@@ -247,7 +267,7 @@ def _accumulation_steps(accumulation_steps: Any, k: Any) -> Any:
 def _check_static_k(k: Any) -> int:
     if isinstance(k, jax.core.Tracer):
         raise TypeError("accumulation_steps must be a Python int: the accumulation count is static")
-    return int(check_int("accumulation_steps", k))
+    return int(check_accumulation_steps(k))
 
 
 def _welford(g, a, fresh, ok, n):

@@ -213,3 +213,72 @@ def test_a_noise_driven_warmup_grows_k_on_a_flax_model_and_compiles_once():
     assert history[0] == 2 and history[-1] > 2, history
     assert int(state.gradient_step) == 40
     assert step._cache_size() == 1
+
+
+BAD_LENGTHS = {
+    "array 0": (jnp.array(0), ValueError, r"an int in \[1, 2147483647\]"),
+    "array -5": (jnp.array(-5), ValueError, r"an int in \[1, 2147483647\]"),
+    "array 2.7": (jnp.array(2.7), TypeError, "an int"),
+    "int64 2**32+3": (np.int64(2**32 + 3), ValueError, r"an int in \[1, 2147483647\]"),
+    "int 2**40": (2**40, ValueError, r"an int in \[1, 2147483647\]"),
+    "shape (2,)": (jnp.array([2, 3]), ValueError, r"one int .* shape \(2,\)"),
+    "bool array": (jnp.array(True), TypeError, "an int"),
+}
+BUILDERS = {
+    "tiger": lambda: ox.tiger(1e-3, accumulation_steps=2),
+    "sgdm": lambda: ox.sgdm(1e-3, accumulation_steps=2),
+    "accumulate_gradients": lambda: ox.accumulate_gradients(optax.sgd(1e-3), 2),
+}
+
+
+@pytest.mark.parametrize("builder", sorted(BUILDERS))
+@pytest.mark.parametrize("bad", sorted(BAD_LENGTHS))
+def test_a_concrete_array_length_is_checked_like_an_int(builder, bad):
+    """A concrete array must not be clamped, truncated or wrapped into a length."""
+    value, error, match = BAD_LENGTHS[bad]
+    tx = BUILDERS[builder]()
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    with pytest.raises(error, match="set_accumulation_steps must be " + match):
+        tx.update({"w": jnp.ones(3)}, state, params, set_accumulation_steps=value)
+
+
+def moved_per_call(tx, k_values, calls=6):
+    """Which of ``calls`` jitted micro-steps moved the params, each passed ``k_values``."""
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    step = jax.jit(lambda s, k: tx.update({"w": jnp.ones(3)}, s, params, set_accumulation_steps=k))
+    moved = []
+    for _ in range(calls):
+        u, state = step(state, k_values)
+        moved.append(int(bool(jnp.any(u["w"] != 0))))
+    return "".join(map(str, moved))
+
+
+def test_a_traced_length_is_type_checked_and_its_value_clamped_not_wrapped():
+    """Inside jit only the dtype and shape can be checked; values are clamped into
+    [1, 2**31 - 1] (documented): 0 acts as 1, and an int64 length beyond int32 does not
+    wrap around into a short cycle."""
+    tx = ox.tiger(1e-3, accumulation_steps=2)
+    with pytest.raises(TypeError, match="set_accumulation_steps must be an int"):
+        moved_per_call(tx, jnp.float32(2.0))
+    with pytest.raises(ValueError, match=r"set_accumulation_steps must be one int .*\(2,\)"):
+        moved_per_call(tx, jnp.array([2, 3], jnp.int32))
+    assert moved_per_call(tx, jnp.int32(0)) == "111111"
+    assert moved_per_call(tx, jnp.int32(3)) == "001001"
+    with x64():
+        tx = ox.tiger(1e-3, accumulation_steps=2)
+        # 2**32 + 3 wrapped to int32 would be 3 ("001001"); clamped it never ends here
+        assert moved_per_call(tx, jnp.int64(2**32 + 3)) == "000000"
+
+
+def test_a_constructor_length_beyond_int32_names_the_argument():
+    for make in (
+        lambda: ox.tiger(1e-3, accumulation_steps=2**40),
+        lambda: ox.sgdm(1e-3, accumulation_steps=2**40),
+        lambda: ox.accumulate_gradients(optax.sgd(1e-3), 2**40),
+    ):
+        with pytest.raises(
+            ValueError, match=r"accumulation_steps must be an int in \[1, 2147483647\]"
+        ):
+            make()

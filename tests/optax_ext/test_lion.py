@@ -20,6 +20,7 @@ from helpers import (
 )
 
 from optax_ext.optimizers.lion import lion, scale_by_lion, scale_by_param_scale
+from optax_ext.wrappers.accumulation import accumulate_gradients
 
 # ------------------------------------------------------------ float64 reference
 
@@ -406,3 +407,23 @@ def test_state_rounding_is_validated_and_reproducible():
 
     np.testing.assert_array_equal(mu(3), mu(3))
     assert np.any(np.asarray(mu(3)) != np.asarray(mu(4)))
+
+
+def test_a_cycle_length_is_refused_rather_than_ignored():
+    """Lion updates on every call: set_accumulation_steps (which optax.chain hands to
+    every member) raises naming the argument and the wrapper that takes it."""
+    params = small_params(11)
+    grads = random_grads_like(params, 400)
+    tx = lion(1e-2)
+    with pytest.raises(
+        ValueError, match=r"set_accumulation_steps was passed to ox\.lion.*accumulate_gradients"
+    ):
+        tx.update(grads, tx.init(params), params, set_accumulation_steps=4)
+    # the wrapper that accumulates takes it and does not hand it on
+    wrapped = accumulate_gradients(lion(1e-2), 2)
+    state = wrapped.init(params)
+    moved = []
+    for _ in range(4):
+        u, state = wrapped.update(grads, state, params, set_accumulation_steps=4)
+        moved.append(any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(u)))
+    assert moved == [False, False, False, True]

@@ -19,6 +19,7 @@ from helpers import (
     x64,
 )
 
+import optax_ext as ox
 from optax_ext._common import tree_bytes
 from optax_ext.optimizers.sgdm import scale_by_sgdm, sgdm
 
@@ -137,16 +138,24 @@ def test_inject_hyperparams_matches_direct():
     params = random_tree(10)
     grads = [random_grads_like(params, s) for s in range(2 * k)]
     direct = sgdm(0.05, 0.7, accumulation_steps=k)
-    static_k = optax.inject_hyperparams(sgdm, static_args=("accumulation_steps", "nesterov"))(
+    # optax's wrapper would read schedules per micro-step: refused while accumulating,
+    # with k static or injected; ox.inject_hyperparams reads them by update
+    for static in (("accumulation_steps", "nesterov"), ("nesterov",)):
+        with pytest.raises(ValueError, match=r"ox\.inject_hyperparams\(ox\.sgdm"):
+            optax.inject_hyperparams(sgdm, static_args=static)(
+                learning_rate=0.05, momentum=0.7, accumulation_steps=k
+            ).init(params)
+    static_k = ox.inject_hyperparams(sgdm, static_args=("accumulation_steps", "nesterov"))(
         learning_rate=0.05, momentum=0.7, accumulation_steps=k
     )
-    traced_k = optax.inject_hyperparams(sgdm, static_args=("nesterov",))(
-        learning_rate=0.05, momentum=0.7, accumulation_steps=k
+    # built with k = 1 (injected as an array), the cycle set through the update's argument
+    traced_k = ox.inject_hyperparams(sgdm, static_args=("nesterov",))(
+        learning_rate=0.05, momentum=0.7
     )
     results = []
     for tx in (direct, static_k, traced_k):
         p, s = params, tx.init(params)
-        step = jax.jit(tx.update)
+        step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, set_accumulation_steps=k))
         for g in grads:
             u, s = step(g, s, p)
             p = _apply(p, u)

@@ -21,6 +21,7 @@ from helpers import (
     x64,
 )
 
+import optax_ext as ox
 from optax_ext._common import tree_bytes
 from optax_ext.optimizers import tiger as tiger_module
 from optax_ext.optimizers.tiger import ScaleByTigerState, row_mean_square, scale_by_tiger, tiger
@@ -330,13 +331,12 @@ def test_state_bytes_equal_param_bytes(k):
 def test_inject_hyperparams_matches_constants():
     params = flax_like_params(13)
     grads = grads_with_nans(params, 8, 13, nan_every=3)
-    injected = optax.inject_hyperparams(tiger)(
-        learning_rate=3e-3,
-        beta=0.9,
-        weight_decay=0.02,
-        shrink_ratio=0.9,
-        min_rms=1e-3,
-        accumulation_steps=2,
+    hp = dict(learning_rate=3e-3, beta=0.9, weight_decay=0.02, shrink_ratio=0.9, min_rms=1e-3)
+    # optax's wrapper would read schedules per micro-step: refused while accumulating
+    with pytest.raises(ValueError, match=r"ox\.inject_hyperparams\(ox\.tiger"):
+        optax.inject_hyperparams(tiger)(**hp, accumulation_steps=2).init(params)
+    injected = ox.inject_hyperparams(tiger, static_args=("accumulation_steps",))(
+        **hp, accumulation_steps=2
     )
     plain = tiger(3e-3, 0.9, 0.02, shrink_ratio=0.9, accumulation_steps=2)
     p1, s1 = run(injected, params, grads)
