@@ -22,8 +22,10 @@ def max_logits_per_head(logits: jax.Array, mask: jax.Array | None = None) -> jax
     """The largest logit of each head, shape (heads,), over the batch and all unmasked
     (query, key) positions of ``[batch..., heads, q_length, kv_length]`` logits.
 
-    A head with every position masked gets -inf (it never triggers a clip). The result
-    carries no gradient.
+    A head with every position masked gets -inf (it never triggers a clip). A logit that
+    overflowed (+inf) or a NaN is recorded as it is:
+    :func:`~optax_ext.wrappers.qk_clip.qk_clip` treats it as a fault of the measurement,
+    clips nothing for that head and counts it. The result carries no gradient.
 
     Example:
       >>> import jax.numpy as jnp

@@ -7,11 +7,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import leaf_paths
+from helpers import abstract_init_matches, leaf_paths
 
+import optax_ext as ox
 from optax_ext.attention import attention_with_max_logits, max_logits_per_head
 from optax_ext.optimizers.muon import muon
-from optax_ext.wrappers.qk_clip import MLA_PARTS, qk_clip
+from optax_ext.wrappers.qk_clip import MIN_FACTOR, MLA_PARTS, qk_clip
 
 
 class Model(nn.Module):
@@ -124,8 +125,9 @@ def test_with_a_real_optimizer_the_clip_rescales_the_updated_weights():
             np.testing.assert_allclose(value, want, rtol=1e-6, atol=atol, err_msg=path)
         else:
             np.testing.assert_array_equal(value, dict(leaf_paths(plain))[path], err_msg=path)
-    # the state is the inner optimizer's
-    assert jax.tree.structure(state) == jax.tree.structure(state_inner)
+    # the state holds the inner optimizer's
+    assert jax.tree.structure(state.inner_state) == jax.tree.structure(state_inner)
+    assert int(state.nonfinite_heads) == 0
 
 
 def test_mla_parts_and_fused_heads():
@@ -240,3 +242,187 @@ def test_bad_input():
         tx.update(
             params, tx.init(params), params, max_logits={"attn": {"max_logits": jnp.ones(3) * 200}}
         )
+
+
+# ------------------------------------------------------------------- accumulation
+
+
+def attn_params(seed=0, heads=2):
+    rng = np.random.default_rng(seed)
+    n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    return {"attn": {"query": {"kernel": n(4, heads, 3)}, "key": {"kernel": n(4, heads, 3)}}}
+
+
+ACCUMULATING = {
+    "tiger": lambda: ox.tiger(0.0, accumulation_steps=2),
+    "sgdm": lambda: ox.sgdm(0.0, accumulation_steps=2),
+    "accumulate_gradients": lambda: ox.accumulate_gradients(optax.sgd(0.0), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCUMULATING))
+def test_around_accumulation_clips_once_per_update_by_the_cycles_largest_logit(name):
+    """With lr = 0 only the clip moves the weights: on a cycle's last micro-step only,
+    by √(τ / max over the cycle's micro-batches), also while k changes (2, 3, 1, 4)."""
+    tau, cycles = 100.0, (2, 3, 1, 4)
+    params = attn_params(1)
+    # per micro-step logits: a cycle's largest is mostly not on its last micro-step
+    logits = [[400, 1], [1, 150]] + [[1, 1], [900, 1], [1, 1]] + [[1, 400]]
+    logits = np.array(logits + [[150, 1], [1, 1], [1, 900], [1, 1]], np.float32)
+    tx = ox.qk_clip(ACCUMULATING[name](), tau)
+    step = jax.jit(lambda g, s, p, m, k: tx.update(g, s, p, max_logits=m, set_accumulation_steps=k))
+    state, p = tx.init(params), params
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    want = np.asarray(params["attn"]["query"]["kernel"], np.float64)
+    t = 0
+    for k in cycles:
+        cycle_max = np.max(logits[t : t + k], axis=0)
+        for i in range(k):
+            record = {"attn": {"max_logits": jnp.asarray(logits[t], jnp.float32)}}
+            u, state = step(zeros, state, p, record, jnp.int32(k))
+            p = optax.apply_updates(p, u)
+            if i == k - 1:
+                want = want * np.sqrt(tau / np.maximum(cycle_max, tau))[:, None]
+            np.testing.assert_allclose(p["attn"]["query"]["kernel"], want, rtol=1e-6)
+            t += 1
+    assert step._cache_size() == 1
+    assert int(state.nonfinite_heads) == 0
+
+
+def test_state_initialises_abstractly_and_keeps_the_inner_state():
+    params = attn_params(11)
+    state = abstract_init_matches(ox.qk_clip(ox.tiger(1e-3, accumulation_steps=2)), params)
+    assert [x.shape for x in state.cycle_max] == [(2, 1), (2, 1)]  # per head, key and query
+    state = abstract_init_matches(ox.qk_clip(optax.adamw(1e-3)), params)
+    assert state.cycle_max == ()  # every call is an update: nothing to carry
+
+
+def test_inside_accumulate_gradients_it_raises_giving_the_order():
+    params = attn_params(3)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    record = {"attn": {"max_logits": jnp.array([400.0, 1.0])}}
+    for inner in (ox.qk_clip(optax.sgd(0.0)), optax.chain(ox.qk_clip(optax.sgd(0.0)))):
+        tx = ox.accumulate_gradients(inner, 2)
+        with pytest.raises(ValueError, match=r"put it outside, ox\.qk_clip\(ox\.accumulate_grad"):
+            tx.update(zeros, tx.init(params), params, max_logits=record)
+    # with one micro-batch per update nothing is selected away: allowed
+    tx = ox.accumulate_gradients(ox.qk_clip(optax.sgd(0.0)), 1)
+    u, _ = tx.update(zeros, tx.init(params), params, max_logits=record)
+    new = optax.apply_updates(params, u)["attn"]["query"]["kernel"]
+    np.testing.assert_allclose(new[:, 0], params["attn"]["query"]["kernel"][:, 0] * 0.5, rtol=1e-6)
+
+
+# ---------------------------------------------------------- extreme measurements
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_huge_logit_clips_by_at_most_min_factor_and_never_zeroes(jit):
+    """S = 1e38 asks for a factor of 1e-18, which p + u cannot carry (it came out 0): the
+    clip is bounded at MIN_FACTOR per step, finite, against a float64 reference;
+    S = 1e5 is within the bound and clipped exactly."""
+    params = attn_params(4)
+    grads = jax.tree.map(lambda x: x * 0.3, attn_params(5))
+    tau = 100.0
+    tx = ox.qk_clip(optax.sgd(0.1), tau)
+    update = jax.jit(tx.update) if jit else tx.update
+    s = np.array([1e38, 1e5])
+    u, state = update(
+        grads, tx.init(params), params, max_logits={"attn": {"max_logits": jnp.asarray(s)}}
+    )
+    new = optax.apply_updates(params, u)
+    factor = np.sqrt(np.maximum(tau / s, MIN_FACTOR**2))  # float64: [2**-10, √1e-3]
+    assert factor[0] == 2.0**-10
+    for part in ("query", "key"):
+        p = np.asarray(params["attn"][part]["kernel"], np.float64)
+        g = np.asarray(grads["attn"][part]["kernel"], np.float64)
+        want = (p - 0.1 * g) * factor[:, None]
+        got = np.asarray(new["attn"][part]["kernel"], np.float64)
+        assert np.all(np.isfinite(got)) and np.all(got[:, 0] != 0)
+        # the written weight is p + u: the addition rounds at |p|'s scale
+        atol = 2 * np.finfo(np.float32).eps * np.abs(p).max()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=atol)
+        np.testing.assert_array_equal(np.sign(got), np.sign(want))
+    assert int(state.nonfinite_heads) == 0
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_a_non_finite_logit_skips_the_head_and_is_counted(bad):
+    """+inf gave a factor of 0 (the head's q and k zeroed for good) and NaN was dropped
+    unseen: both are measurement faults, so the head is not clipped and the state
+    counts it; the other heads and modules clip as usual."""
+    params = {"b0": attn_params(6)["attn"], "b1": attn_params(7)["attn"]}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = ox.qk_clip(optax.sgd(0.0), 100.0)
+    record = {
+        "b0": {"max_logits": jnp.array([bad, 400.0])},
+        "b1": {"max_logits": jnp.array([bad, bad])},
+    }
+    state = tx.init(params)
+    for _ in range(2):
+        u, state = jax.jit(tx.update)(zeros, state, params, max_logits=record)
+    new = optax.apply_updates(params, u)
+    for part in ("query", "key"):
+        got, old = new["b0"][part]["kernel"], params["b0"][part]["kernel"]
+        np.testing.assert_array_equal(got[:, 0], old[:, 0])
+        np.testing.assert_allclose(got[:, 1], old[:, 1] * 0.5, rtol=1e-6)
+        np.testing.assert_array_equal(new["b1"][part]["kernel"], params["b1"][part]["kernel"])
+    assert int(state.nonfinite_heads) == 2 * 3  # three faulty heads on each of two calls
+
+
+def test_a_tau_schedule_is_rejected_and_can_be_injected_by_update():
+    with pytest.raises(ValueError, match=r"tau must be a number.*ox\.inject_hyperparams\(ox\.qk"):
+        qk_clip(optax.sgd(0.1), tau=lambda count: 100.0)
+    # τ = 100 for the first update, 10 after: read by update, not by micro-step
+    params = attn_params(8)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = ox.inject_hyperparams(ox.qk_clip)(
+        ox.tiger(0.0, accumulation_steps=2), tau=lambda n: jnp.where(n == 0, 100.0, 10.0)
+    )
+    state, p = tx.init(params), params
+    record = {"attn": {"max_logits": jnp.array([40.0, 1.0])}}
+    for _ in range(4):
+        u, state = tx.update(zeros, state, p, max_logits=record)
+        p = optax.apply_updates(p, u)
+    old = params["attn"]["query"]["kernel"]
+    np.testing.assert_allclose(p["attn"]["query"]["kernel"][:, 0], old[:, 0] * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(p["attn"]["query"]["kernel"][:, 1], old[:, 1])
+
+
+# ----------------------------------------------------------------- record paths
+
+
+def test_a_suffix_record_must_name_one_module():
+    """A record at ``attn`` clipped every module ending in ``attn``; a stray record beside
+    a full one won the match. Both are errors naming the paths; full paths clip."""
+    params = {"block_0": attn_params(9), "block_1": attn_params(10)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    tx = qk_clip(optax.sgd(0.0), 100.0)
+    s = lambda: {"max_logits": jnp.array([400.0, 1.0])}
+    with pytest.raises(
+        ValueError, match=r"record at 'attn' matches several .* 'block_0/attn' and 'block_1/attn'"
+    ):
+        tx.update(zeros, tx.init(params), params, max_logits={"attn": s()})
+    one = {"block_0": params["block_0"]}
+    with pytest.raises(
+        ValueError, match=r"records at 'attn' and 'block_0/attn' both match .* 'block_0/attn'"
+    ):
+        tx.update(
+            {"block_0": zeros["block_0"]},
+            tx.init(one),
+            one,
+            max_logits={"attn": s(), "block_0": {"attn": s()}},
+        )
+    # one record per module, by its path or an unambiguous suffix of it
+    wrapped = {"params": params}
+    u, _ = tx.update(
+        {"params": zeros},
+        tx.init(wrapped),
+        wrapped,
+        max_logits={"block_0": {"attn": s()}, "params": {"block_1": {"attn": s()}}},
+    )
+    new = optax.apply_updates(wrapped, u)["params"]
+    for block in ("block_0", "block_1"):
+        old = params[block]["attn"]["query"]["kernel"]
+        got = new[block]["attn"]["query"]["kernel"]
+        np.testing.assert_allclose(got[:, 0], old[:, 0] * 0.5, rtol=1e-6)
+        np.testing.assert_array_equal(got[:, 1], old[:, 1])
