@@ -366,3 +366,16 @@ def test_every_optimizer_writes_a_bf16_momentum_by_cast_or_stochastic_rounding(n
         assert np.all(np.abs(a32 - b32) <= ulp * 1.0001)
     with pytest.raises(ValueError, match="state_rounding"):
         ALIASES[name](1e-3, state_rounding="up")
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - ACCUMULATING))
+def test_a_cycle_length_given_to_an_alias_that_does_not_accumulate_raises(name):
+    """``set_accumulation_steps`` reaching an optimizer that updates on every call would
+    be ignored (params moving on every micro-step): it raises, naming the wrapper to use."""
+    p = params()
+    tx = ALIASES[name](1e-3)
+    with pytest.raises(ValueError, match=rf"set_accumulation_steps was passed to ox\.{name}"):
+        tx.update(random_grads_like(p, 0), tx.init(p), p, set_accumulation_steps=4)
+    wrapped = ox.accumulate_gradients(ALIASES[name](1e-3), 2)
+    u, _ = wrapped.update(random_grads_like(p, 0), wrapped.init(p), p, set_accumulation_steps=2)
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))  # first micro-step

@@ -27,8 +27,9 @@ from optax_ext._common import (
     tree_paths,
     work_dtype,
 )
+from optax_ext._cycles import reject_cycle_length
 from optax_ext._reductions import sum_of_squares
-from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
     "FactoredMoment",
@@ -288,7 +289,7 @@ def scale_by_adafactor(
         ``"stochastic"`` (unbiased,
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
         ``rounding_seed``, the step count and the leaf index). No effect on float32.
-      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
+      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`ScaleByAdafactorState`.
@@ -318,7 +319,7 @@ def scale_by_adafactor(
     check_range("eps2", eps2, 0, schedule=False)
     mu_dtype = canonical_dtype(mu_dtype)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-    check_int("rounding_seed", rounding_seed, minimum=0)
+    check_seed("rounding_seed", rounding_seed)
     unscaled = None
     if exclude_from_parameter_scale is not None:
         unscaled = compile_path_regex(exclude_from_parameter_scale, "exclude_from_parameter_scale")
@@ -341,6 +342,7 @@ def scale_by_adafactor(
         return ScaleByAdafactorState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu)
 
     def update_fn(updates, state, params=None, **extra_args):
+        reject_cycle_length(extra_args, "ox.adafactor")
         del extra_args
         check_updates_match(updates, params, "adafactor")
         if multiply_by_parameter_scale and params is None:
@@ -462,7 +464,7 @@ def adafactor(
         ``"stochastic"`` (unbiased,
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
         ``rounding_seed``, the step count and the leaf index). No effect on float32.
-      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
+      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.

@@ -17,14 +17,14 @@ from optax_ext._common import (
     canonical_dtype,
     check_choice,
     check_float_params,
-    check_int,
     check_range,
     check_updates_match,
     decay_mask,
     unzip_leaves,
     work_dtype,
 )
-from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
+from optax_ext._cycles import reject_cycle_length
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
     "ScaleByAdaxState",
@@ -106,7 +106,7 @@ def scale_by_adax(
         ``"stochastic"`` (unbiased,
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
         ``rounding_seed``, the step count and the leaf index). No effect on float32.
-      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
+      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose updates have the gradients' dtype.
@@ -127,7 +127,7 @@ def scale_by_adax(
     check_range("b2", b2, 0, low_open=True, schedule=False)
     check_range("eps", eps, 0, schedule=False)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-    check_int("rounding_seed", rounding_seed, minimum=0)
+    check_seed("rounding_seed", rounding_seed)
     mu_dtype = canonical_dtype(mu_dtype)
     nu_dtype = canonical_dtype(nu_dtype)
 
@@ -140,6 +140,7 @@ def scale_by_adax(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        reject_cycle_length(extra_args, "ox.adaxw")
         del extra_args
         check_updates_match(updates, params, "adax")
         w = adax_nu_weight(state.count, b2)

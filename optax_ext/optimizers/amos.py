@@ -20,7 +20,6 @@ from optax_ext._common import (
     canonical_dtype,
     check_choice,
     check_float_params,
-    check_int,
     check_range,
     check_updates_match,
     first_match,
@@ -29,8 +28,9 @@ from optax_ext._common import (
     unzip_leaves,
     work_dtype,
 )
+from optax_ext._cycles import reject_cycle_length
 from optax_ext._reductions import sum_of_squares
-from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
     "ScaleByAmosState",
@@ -216,7 +216,7 @@ def scale_by_amos(
         ``"stochastic"`` (unbiased,
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
         ``rounding_seed``, the step count and the leaf index). No effect on float32.
-      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
+      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``. With
@@ -254,7 +254,7 @@ def scale_by_amos(
     shape_fn = amos_default_shape if shape_fn is None else shape_fn
     mu_dtype = canonical_dtype(mu_dtype)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-    check_int("rounding_seed", rounding_seed, minimum=0)
+    check_seed("rounding_seed", rounding_seed)
 
     def config(path, x) -> _Leaf:
         return _leaf_config(path_to_str(path), tuple(x.shape), eta_fn, shape_fn)
@@ -275,6 +275,7 @@ def scale_by_amos(
         return ScaleByAmosState(count=jnp.zeros([], jnp.int32), v=v, b=b, mu=mu)
 
     def update_fn(updates, state, params=None, **extra_args):
+        reject_cycle_length(extra_args, "ox.amos")
         del extra_args
         _check_params(params)
         check_updates_match(updates, params, "amos")

@@ -18,7 +18,6 @@ from optax_ext._common import (
     canonical_dtype,
     check_choice,
     check_float_params,
-    check_int,
     check_range,
     check_updates_match,
     decay_mask,
@@ -29,7 +28,7 @@ from optax_ext._common import (
 )
 from optax_ext._cycles import reject_cycle_length
 from optax_ext.optimizers.tiger import param_scale, scale_rules
-from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
     "lion",
@@ -97,7 +96,7 @@ def scale_by_lion(
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
         ``rounding_seed``, the step count and the leaf index). No effect on a float32
         momentum.
-      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
+      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -119,7 +118,7 @@ def scale_by_lion(
     check_range("b1", b1, 0, 1, schedule=False)
     check_range("b2", b2, 0, 1, schedule=False)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-    check_int("rounding_seed", rounding_seed, minimum=0)
+    check_seed("rounding_seed", rounding_seed)
     mu_dtype = canonical_dtype(mu_dtype)
     one_pass = (
         is_concrete_number(b1) and is_concrete_number(b2) and float(b1) < 1.0 and float(b2) >= 0.5

@@ -38,11 +38,11 @@ from optax_ext._common import (
     path_to_str,
     work_dtype,
 )
-from optax_ext._cycles import SET_ACCUMULATION_STEPS
+from optax_ext._cycles import reject_cycle_length
 from optax_ext.optimizers.msign import check_compute_dtype, msign, newton_schulz_coefficients
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers import spike
-from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
     "MUON_LAYOUT_RULES",
@@ -332,7 +332,7 @@ def scale_by_muon(
         ``"stochastic"`` (unbiased,
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
         ``rounding_seed``, the step count and the leaf index). No effect on float32.
-      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
+      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`ScaleByMuonState`.
@@ -363,7 +363,7 @@ def scale_by_muon(
     compute_dtype = check_compute_dtype(compute_dtype)
     mu_dtype = canonical_dtype(mu_dtype)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-    check_int("rounding_seed", rounding_seed, minimum=0)
+    check_seed("rounding_seed", rounding_seed)
 
     def init_fn(params):
         check_float_params(params, "muon")
@@ -415,7 +415,7 @@ def scale_by_muon(
         return jax.sharding.auto_axes(run, out_sharding=shardings)(g, m, bad)
 
     def update_fn(updates, state, params=None, **extra_args):
-        _no_accumulation(extra_args)
+        reject_cycle_length(extra_args, "ox.muon")
         check_updates_match(updates, params, "muon")
         with_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
         mus = treedef.flatten_up_to(state.mu)
@@ -451,18 +451,6 @@ def _bad_leaf(g: jax.Array, m: jax.Array, beta: Any) -> jax.Array:
     work = work_dtype(m)
     new = beta * m.astype(work) + (1.0 - beta) * g.astype(work)
     return has_nonfinite(new.astype(m.dtype), catch_inf=True)  # NaN, ±inf g included
-
-
-def _no_accumulation(extra_args: dict[str, Any]) -> None:
-    """Muon's momentum steps on every call: an accumulation length must go elsewhere."""
-    if SET_ACCUMULATION_STEPS in extra_args:
-        raise ValueError(
-            f"muon does not accumulate micro-batches (it takes no accumulation_steps), so "
-            f"{SET_ACCUMULATION_STEPS}= would be ignored by its Muon leaves, which step on "
-            "every call (in ox.muon the other optimizer would accumulate its leaves alone): "
-            "wrap it, tx = ox.accumulate_gradients(ox.muon(...), k), and pass "
-            f"{SET_ACCUMULATION_STEPS} to that tx's update"
-        )
 
 
 def muon_labels(params: Any, rules: PathRules = MUON_RULES) -> Any:

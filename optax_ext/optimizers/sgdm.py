@@ -16,7 +16,6 @@ from optax_ext._common import (
     canonical_dtype,
     check_choice,
     check_float_params,
-    check_int,
     check_range,
     check_updates_match,
     is_static_int,
@@ -33,7 +32,7 @@ from optax_ext._cycles import (
     next_counters,
     refuse_injected_cycles,
 )
-from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
     "ScaleBySgdmState",
@@ -110,7 +109,7 @@ def scale_by_sgdm(
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
         ``rounding_seed``, the micro-step count and the leaf index). No effect on a
         float32 state.
-      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
+      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`ScaleBySgdmState`.
@@ -131,7 +130,7 @@ def scale_by_sgdm(
     k = check_accumulation_steps(accumulation_steps)
     injected = check_not_injected("ox.scale_by_sgdm", k, momentum=momentum)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-    check_int("rounding_seed", rounding_seed, minimum=0)
+    check_seed("rounding_seed", rounding_seed)
     mu_dtype = canonical_dtype(mu_dtype)
     single_step = is_static_int(k, 1)
     needs_acc = nesterov and not single_step

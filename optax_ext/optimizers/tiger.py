@@ -23,7 +23,6 @@ from optax_ext._common import (
     canonical_dtype,
     check_choice,
     check_float_params,
-    check_int,
     check_range,
     check_updates_match,
     decay_mask,
@@ -44,7 +43,7 @@ from optax_ext._cycles import (
     refuse_injected_cycles,
 )
 from optax_ext.wrappers import spike
-from optax_ext.wrappers.rounding import STATE_ROUNDINGS, write_state
+from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
     "TIGER_SCALE_RULES",
@@ -249,7 +248,7 @@ def scale_by_tiger(
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
         ``rounding_seed``, the micro-step count and the leaf index). The step's sign is
         taken before the rounding. No effect on a float32 momentum.
-      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
+      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -270,7 +269,7 @@ def scale_by_tiger(
     injected = check_not_injected("ox.scale_by_tiger", k, beta=beta)
     mu_dtype = canonical_dtype(mu_dtype)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-    check_int("rounding_seed", rounding_seed, minimum=0)
+    check_seed("rounding_seed", rounding_seed)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
     init_fn = _init(mu_dtype, k)
 
@@ -415,7 +414,7 @@ def tiger(
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
         ``rounding_seed``, the micro-step count and the leaf index). The step's sign is
         taken before the rounding. No effect on a float32 momentum.
-      rounding_seed: an int ≥ 0, the seed of the stochastic rounding.
+      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -450,7 +449,7 @@ def tiger(
     rules = scale_rules(param_scaling)
     mu_dtype = canonical_dtype(mu_dtype)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-    check_int("rounding_seed", rounding_seed, minimum=0)
+    check_seed("rounding_seed", rounding_seed)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
     init_fn = _init(mu_dtype, k)
 
