@@ -299,6 +299,13 @@ def _is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
 
 
+def _is_stored(x: Any) -> bool:
+    """A node :func:`quantize_state` stops at: a quantised leaf, or the state of a nested
+    ``quantize_state``, whose leaves are stored (and decoded) by that wrapper, under its
+    own ``block`` and ``code``."""
+    return isinstance(x, (QuantizedArray, QuantizedState))
+
+
 # ------------------------------------------------- which leaves, and which map
 
 
@@ -411,6 +418,15 @@ def quantize_state(
     ``code`` or ``second_moments``. Leaves whose full state path matches ``keep_float``
     are not quantised.
 
+    Nested wrappers: the state of a ``quantize_state`` inside ``inner`` (directly, as in
+    ``quantize_state(quantize_state(adam, block=256))``, or anywhere in a chain) is left
+    to that wrapper, which stores and decodes its leaves under its own ``block`` and
+    ``code``: those leaves are exactly as without the outer wrapper, whose settings
+    apply only to the float leaves outside it. A quantised leaf outside any nested
+    ``quantize_state`` (a transform that quantises its own state) is refused at
+    ``init``: its block and map are not known here, and decoding it with this wrapper's
+    would misread it.
+
     A linear int8 map (``code="linear"``) is offered only for comparison: a second
     moment stored linearly rounds its small entries to 0, and 1/√v then explodes.
 
@@ -485,6 +501,19 @@ def quantize_state(
         sizes = []  # of the moments that would be stored in 8 bits but for min_size
 
         def store(path, x):
+            if _is_quantized(x):
+                # a quantised leaf outside any nested quantize_state: this wrapper would
+                # decode it as its own, under its block and code, which need not be
+                # the ones that wrote it
+                raise ValueError(
+                    f"quantize_state: the inner state already holds a {type(x).__name__} "
+                    f"at {path_to_str(path)!r}, not inside a QuantizedState, so its block "
+                    f"and map are unknown here; keep that leaf in float32 in the inner "
+                    f"transform, or store it with quantize_state (a nested quantize_state "
+                    f"keeps its own leaves)"
+                )
+            if isinstance(x, QuantizedState):
+                return x  # a nested quantize_state stores its leaves under its own settings
             if not (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)):
                 return x
             s, shape = path_to_str(path), tuple(x.shape)
@@ -499,7 +528,7 @@ def quantize_state(
             second = overrides[s] if s in overrides else bool(is_second(part))
             return quantize(x, signed=not second, block=block, code=code)
 
-        inner_state = jax.tree_util.tree_map_with_path(store, inner_state)
+        inner_state = jax.tree_util.tree_map_with_path(store, inner_state, is_leaf=_is_stored)
         if sizes and max(sizes) < min_size:
             warnings.warn(
                 f"quantize_state: no optimizer-state leaf reaches min_size={min_size} "
@@ -512,11 +541,13 @@ def quantize_state(
         return QuantizedState(inner_state=inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
+        # this wrapper's own leaves are the quantised ones outside any nested
+        # QuantizedState; a nested wrapper decodes and re-encodes its own
         old = state.inner_state
         widened = jax.tree.map(
             lambda x: dequantize(x, block=block, code=code) if _is_quantized(x) else x,
             old,
-            is_leaf=_is_quantized,
+            is_leaf=_is_stored,
         )
         updates, new = inner.update(updates, widened, params, **extra_args)
         requantise = lambda o, n: (
@@ -524,7 +555,7 @@ def quantize_state(
             if _is_quantized(o)
             else n
         )
-        new = jax.tree.map(requantise, old, new, is_leaf=_is_quantized)
+        new = jax.tree.map(requantise, old, new, is_leaf=_is_stored)
         return updates, QuantizedState(inner_state=new)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

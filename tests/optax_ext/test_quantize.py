@@ -460,6 +460,96 @@ def test_inner_inject_hyperparams_keeps_its_scalars():
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u))
 
 
+def _steps(tx, params, grads):
+    """The updates of ``tx`` over ``grads`` (jitted), and its last state."""
+    step = jax.jit(lambda s, g: tx.update(g, s, params))
+    state, out = tx.init(params), []
+    for g in grads:
+        u, state = step(state, g)
+        out.append(u)
+    return out, state
+
+
+def _assert_bit_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# the inner wrapper's settings: a 150-element leaf is 2 blocks of it, 8 elements stay float
+NEST_INNER = dict(block=100, min_size=64)
+
+
+@pytest.mark.parametrize(
+    "outer",
+    [
+        dict(block=100, min_size=64),
+        dict(block=75, min_size=0),  # 2 blocks too, cut elsewhere: decoded silently wrong
+        dict(block=32),  # 5 blocks: a broadcasting error
+        dict(block=100, min_size=0, code="linear"),
+    ],
+    ids=["same_settings", "same_block_count", "other_block_count", "other_code"],
+)
+def test_a_nested_quantize_state_keeps_its_own_leaves(outer):
+    """quantize_state(quantize_state(adam, ...), ...) decoded the inner wrapper's leaves
+    with the outer's block and map: with another number of blocks it crashed, with the
+    same number cut elsewhere each block's codes were scaled by another block's absmax.
+    The nested wrapper's leaves are its own: the stack gives bit for bit the single
+    wrapper's updates and state, whose moments agree with float32 Adam's."""
+    rng = np.random.default_rng(5)
+    n = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    params = {"w": n(150), "b": n(8)}
+    grads = [{"w": n(150), "b": n(8)} for _ in range(3)]
+    single_u, single_s = _steps(quantize_state(optax.adam(1e-2), **NEST_INNER), params, grads)
+    nested = quantize_state(quantize_state(optax.adam(1e-2), **NEST_INNER), **outer)
+    nested_u, nested_s = _steps(nested, params, grads)
+    _assert_bit_equal(nested_u, single_u)
+    _assert_bit_equal(nested_s.inner_state, single_s)
+    adam = nested_s.inner_state.inner_state[0]
+    assert type(adam.mu["w"]) is QuantizedArray and adam.mu["w"].absmax.shape == (2,)
+    assert adam.nu["w"].codes.dtype == jnp.uint8 and not isinstance(adam.mu["b"], QuantizedArray)
+    _, ref = _steps(optax.adam(1e-2), params, grads)
+    for field in ("mu", "nu"):
+        back = np.asarray(dequantize(getattr(adam, field)["w"], block=NEST_INNER["block"]))
+        want = np.asarray(getattr(ref[0], field)["w"], np.float64)
+        assert np.abs(back - want).max() <= 0.05 * np.abs(want).max(), field
+
+
+def test_an_outer_quantize_state_stores_only_the_float_leaves_outside_a_nested_one():
+    """In quantize_state(chain(quantize_state(adam), trace)) the outer wrapper stores the
+    trace in 8 bits with its own block and map, and leaves Adam's moments to the inner
+    wrapper: the same as wrapping each transform of the chain on its own."""
+    rng = np.random.default_rng(6)
+    params = {"w": jnp.asarray(rng.standard_normal(150), jnp.float32)}
+    grads = [{"w": jnp.asarray(rng.standard_normal(150), jnp.float32)} for _ in range(3)]
+    outer = dict(block=32, min_size=64, code="linear")
+    adam = lambda: quantize_state(optax.adam(1e-2), **NEST_INNER)
+    nested = quantize_state(optax.chain(adam(), optax.trace(0.9)), **outer)
+    ref = optax.chain(adam(), quantize_state(optax.trace(0.9), **outer))
+    nested_u, nested_s = _steps(nested, params, grads)
+    ref_u, ref_s = _steps(ref, params, grads)
+    _assert_bit_equal(nested_u, ref_u)
+    _assert_bit_equal(nested_s.inner_state[0], ref_s[0])
+    _assert_bit_equal(nested_s.inner_state[1], ref_s[1].inner_state)
+    trace = nested_s.inner_state[1].trace["w"]
+    assert type(trace) is LinearQuantizedArray and trace.absmax.shape == (5,)
+
+
+def test_a_quantised_leaf_outside_a_nested_quantize_state_is_refused_at_init():
+    """A transform that quantises its own state leaves no record of its block: decoding
+    its leaf with the wrapper's block would misread it, so init refuses, naming the leaf."""
+
+    class OwnState(NamedTuple):
+        m: QuantizedArray
+
+    inner = optax.GradientTransformation(
+        lambda p: OwnState(quantize(jnp.zeros(150), signed=True, block=100)),
+        lambda u, s, p=None: (u, s),
+    )
+    with pytest.raises(ValueError, match=r"QuantizedArray at '.*m'.*not inside a QuantizedState"):
+        quantize_state(inner, block=75, min_size=0).init({"w": jnp.zeros(150)})
+
+
 # -------------------------------------------------------------------- contract
 
 
