@@ -22,7 +22,9 @@ and within 1.5x of the clean run's loss; "partly recovers": finite, below the in
 loss but above 1.5x the clean one; "ruined": at or above the initial loss; "state
 stays Inf": params finite, the optimizer state not; "frozen": the last steps move the
 params by less than 1% of the clean run's last steps; NaN/Inf params.
-The JSON keeps every number (losses at the fault, its maximum afterwards, the end).
+The JSON keeps every number (losses at the fault, its maximum afterwards, the end) and
+the guard counters (:data:`COUNTERS`) of every state in the tree that holds one, by state
+class: Tiger's, ``nan_guard``'s, Muon's (its own and its Tiger partition's), qk_clip's.
 Deterministic: no timing.
 
 Usage: ``python benchmarks/fault_table.py`` (writes benchmarks/results/faults.md, .json);
@@ -50,6 +52,7 @@ from optax_ext.optimizers.adafactor import adafactor  # noqa: E402
 from optax_ext.optimizers.adax import adax  # noqa: E402
 from optax_ext.optimizers.amos import amos  # noqa: E402
 from optax_ext.optimizers.lion import lion  # noqa: E402
+from optax_ext.optimizers.muon import muon  # noqa: E402
 from optax_ext.optimizers.sgdm import sgdm  # noqa: E402
 from optax_ext.optimizers.tiger import tiger  # noqa: E402
 from optax_ext.wrappers.nan_guard import nan_guard  # noqa: E402
@@ -92,12 +95,23 @@ BASE = {
     "amos": lambda lr: amos(_lr(lr, 0.1)),
     "sgdm": lambda lr: sgdm(_lr(lr, 1e-1)),
     "optax.adamw": lambda lr: optax.adamw(_lr(lr, 1e-2)),
+    # the faulty leaf, Dense_0/kernel, is a matrix: Muon's partition (its own guard);
+    # biases, LayerNorm and the embedding go to `other`, named so that a row does not
+    # change with muon's default
+    "muon(other='tiger')": lambda lr: muon(_lr(lr, 1e-2), other="tiger"),
+    "muon(other='adamw')": lambda lr: muon(_lr(lr, 1e-2), other="adamw"),
 }
+
+#: the guard counters of every state in the tree: Tiger's, nan_guard's and Muon's
+#: (skipped_steps, shrunk_leaves; spike_steps for the spike guard) and qk_clip's
+#: nonfinite_heads (max logits left out as +inf or NaN)
+COUNTERS = ("skipped_steps", "shrunk_leaves", "spike_steps", "nonfinite_heads")
 
 
 def rows() -> list[tuple[str, Any]]:
     """(row name, factory of lr): Tiger with its own guards in each setting, every
-    optimizer alone and inside ``nan_guard`` (Tiger with its own guards off)."""
+    optimizer alone and inside ``nan_guard`` (Tiger with its own guards off; Muon with
+    its own, which ``nan_guard`` makes redundant for a NaN or Inf)."""
     t = lambda lr, **kw: tiger(_lr(lr, 1e-2), **kw)
     out = [
         ("tiger (defaults: own guard, spike guard)", lambda lr: t(lr)),
@@ -283,6 +297,7 @@ def run_case(
         if np.all(np.isfinite(after_fault))
         else float("nan"),
         guard_counters=_counters(state),
+        guard_counters_by_state=_counters_by_state(state),
     )
     record.update(recovery_of(record, clean))
     return record
@@ -311,23 +326,37 @@ def recovery_of(record: dict[str, Any], clean: dict[str, Any] | None) -> dict[st
     return {"loss_end_vs_clean": ratio, "clean_steps_move": moves, "recovery": label}
 
 
-def _counters(state) -> dict[str, int]:
-    """The guard counters found in the state (skipped_steps, shrunk_leaves, spike_steps)."""
-    found: dict[str, int] = {}
+def _has_counters(x) -> bool:
+    return hasattr(x, "_fields") and any(name in x._fields for name in COUNTERS)
 
-    def visit(x):
-        if hasattr(x, "_fields"):
-            for name in ("skipped_steps", "shrunk_leaves", "spike_steps"):
-                if name in x._fields:
-                    found[name] = found.get(name, 0) + int(getattr(x, name))
-            for v in x:
-                visit(v)
-        elif isinstance(x, tuple | list):
-            for v in x:
-                visit(v)
+
+def _counters_by_state(state) -> dict[str, dict[str, int]]:
+    """``{state class: {counter: value}}`` of every state holding a guard counter, at
+    any depth: inside dicts (Muon's PartitionState keeps its partitions in one), inside
+    another guard's state (nan_guard around Tiger); two states of one class add up."""
+    found: dict[str, dict[str, int]] = {}
+
+    def visit(tree):
+        for node in jax.tree_util.tree_leaves(tree, is_leaf=_has_counters):
+            if not _has_counters(node):
+                continue
+            mine = found.setdefault(type(node).__name__, {})
+            for name in COUNTERS:
+                if name in node._fields:
+                    mine[name] = mine.get(name, 0) + int(getattr(node, name))
+            visit([getattr(node, f) for f in node._fields if f not in COUNTERS])
 
     visit(state)
     return found
+
+
+def _counters(state) -> dict[str, int]:
+    """The guard counters found in the state (:data:`COUNTERS`), summed over its guards."""
+    total: dict[str, int] = {}
+    for counts in _counters_by_state(state).values():
+        for name, n in counts.items():
+            total[name] = total.get(name, 0) + n
+    return total
 
 
 def describe(fault: str, r: dict[str, Any]) -> str:
@@ -385,8 +414,14 @@ NOTES = (
     'for norm scales); "step": the largest parameter change; "state Inf": the optimizer '
     'state holds non-finite values after it ("stays": still at the end); "state ~1e+28": '
     "the momentum holds the 1e30 "
-    'gradient; "counted": a guard counter (skipped_steps, shrunk_leaves, spike_steps) '
-    f"recorded it. The end, {CLEAN_AFTER} steps later: the final loss (mean of the last "
+    'gradient; "counted": a guard counter (skipped_steps, shrunk_leaves, spike_steps of '
+    "Tiger, nan_guard and Muon; nonfinite_heads of qk_clip) anywhere in the state "
+    f"recorded it (the JSON says which state's). Muon: `{FAULTY_LEAF}` is one of its "
+    "matrices; the other leaves go to `other` (Tiger or AdamW). Muon's own guard acts "
+    "on non-finite gradients only: a finite 1e30 gradient enters its momentum and steers "
+    "its matrices for the rest of the run (with Tiger as `other`, Tiger's spike guard "
+    "skips and counts the step for the other leaves). "
+    f"The end, {CLEAN_AFTER} steps later: the final loss (mean of the last "
     f'{TAIL} steps) as a multiple of the clean run\'s; "recovers": within {RECOVERED}x; '
     '"partly recovers": above that but '
     'below the initial loss; "ruined": at or above the initial loss; "state stays Inf": '

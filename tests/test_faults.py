@@ -27,7 +27,9 @@ These back every claim of safety in the fault table (``benchmarks/fault_table.py
 from __future__ import annotations
 
 import functools
+import os
 import re
+import sys
 
 import flax.linen as nn
 import jax
@@ -41,12 +43,18 @@ from optax_ext.optimizers.adafactor import adafactor
 from optax_ext.optimizers.adax import adax, adaxw
 from optax_ext.optimizers.amos import amos
 from optax_ext.optimizers.lion import lion
+from optax_ext.optimizers.muon import muon
 from optax_ext.optimizers.sgdm import sgdm
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.accumulation import accumulate_gradients
 from optax_ext.wrappers.layer_adaptation import layer_adapted
 from optax_ext.wrappers.lookahead import lookahead
 from optax_ext.wrappers.nan_guard import nan_guard
+from optax_ext.wrappers.qk_clip import QKClipState
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import fault_table  # noqa: E402
 
 BAD_LEAF = "params/Dense_0/kernel"
 HUGE = 1e30
@@ -240,6 +248,39 @@ def test_tiger_own_guard(faithful, bad):
         assert np.isinf(leaves(s.mu)[BAD_LEAF][0, 0])
         assert all_finite(p)
         assert int(s.skipped_steps) == int(s.shrunk_leaves) == 0
+
+
+def test_fault_table_reads_the_counters_of_every_guard():
+    """The table's "counted" read the counters of states reached through tuples only:
+    Muon's, inside its PartitionState's dict of partitions, were never seen (nor its
+    Tiger partition's). A NaN in a Muon matrix is counted by Muon's state; under
+    nan_guard by nan_guard's, Muon's found beneath it; qk_clip's nonfinite_heads too."""
+    params = make_params()
+    bad = with_bad_entry(make_grads(params, 7), np.nan)
+    tx = muon(1e-2, other="tiger")
+    _, state, _ = stepper(tx)(params, tx.init(params), bad)
+    assert fault_table._counters(state) == {
+        "skipped_steps": 1,
+        "shrunk_leaves": 1,
+        "spike_steps": 0,
+    }
+    muon_counts = {"skipped_steps": 1, "shrunk_leaves": 1}
+    tiger_counts = {"skipped_steps": 0, "shrunk_leaves": 0, "spike_steps": 0}
+    assert fault_table._counters_by_state(state) == {
+        "ScaleByMuonState": muon_counts,
+        "ScaleByTigerState": tiger_counts,
+    }
+    clipped = QKClipState(inner_state=state, nonfinite_heads=jnp.int32(3), cycle_max=())
+    assert fault_table._counters_by_state(clipped)["QKClipState"] == {"nonfinite_heads": 3}
+    assert fault_table._counters_by_state(clipped)["ScaleByMuonState"] == muon_counts
+
+    guarded = nan_guard(muon(1e-2, other="tiger"))
+    _, state, _ = stepper(guarded)(params, guarded.init(params), bad)
+    assert fault_table._counters_by_state(state) == {
+        "NanGuardState": {"skipped_steps": 1, "shrunk_leaves": 1, "spike_steps": 0},
+        "ScaleByMuonState": {"skipped_steps": 0, "shrunk_leaves": 0},
+        "ScaleByTigerState": tiger_counts,
+    }
 
 
 # ------------------------------------------------------------------ zero learning rate
