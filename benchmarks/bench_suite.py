@@ -1,0 +1,334 @@
+"""The quality suite: does an optimizer train real models better than optax's?
+
+Protocol (after Wen et al. 2025, "Fantastic Pretraining Optimizers and Where to Find
+Them", arXiv 2509.02046): on each task every optimizer gets its own learning-rate sweep
+on a log grid (factor 2) with 3 seeds at every point; while the best rate (mean over
+seeds) is at an end of the grid the sweep extends past that end, so the best is
+bracketed by worse rates on both sides (or flagged). All use the same warm-up (5%) +
+cosine schedule (to 10% of the peak) and weight decay 0. The numbers are those at the end
+of training: the held-out metric at the best rate (mean ± sd over seeds), the best rate,
+the updates needed to reach AdamW's final held-out metric (from evaluations every
+``steps/10`` updates) and the optimizer state's bytes per parameter.
+
+The whole grid of one optimizer (rates x seeds) is one jitted ``vmap`` of a ``lax.scan``
+over the training steps; the seeds fix the initialisation and the batches, so at the
+same seed every optimizer sees the same data in the same order.
+
+    python benchmarks/bench_suite.py                      # every task and optimizer
+    python benchmarks/bench_suite.py --tasks demo_lm --only muon
+    python benchmarks/bench_suite.py --muon-candidates    # Muon's routing candidates too
+    python benchmarks/bench_suite.py --quick              # 1 task, 2 optimizers (tests)
+
+Writes benchmarks/results/quality_suite.json (or --out) and, with --plot, a PNG of the
+sweeps. The tasks need scikit-learn (digits) and Debian's ``fortunes`` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import RESULTS_DIR, machine, markdown_table, write_json  # noqa: E402
+from suite_optimizers import MUON_CANDIDATES, OPTIMIZERS, Entry  # noqa: E402
+from suite_tasks import TASKS, Task  # noqa: E402
+
+SEEDS = (0, 1, 2)
+GRID = tuple(2.0**k for k in range(-2, 3))  # x centre: 1/4 ... 4
+MAX_EXTEND = 4  # extra rates past an edge, one at a time
+EVALS = 10  # held-out evaluations per run
+
+
+def base_schedule(steps: int):
+    """Warm-up over 5% of the updates to 1, cosine to 0.1: the learning rate is a multiple."""
+    return optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, steps // 20), steps, 0.1)
+
+
+def grid_runner(task: Task, entry: Entry):
+    """``run(lrs, seeds) -> (metric, loss, train_loss)``, each ``(runs, EVALS)``: one program."""
+    steps, every = task.steps, task.steps // EVALS
+    shape = base_schedule(steps)
+
+    def one(lr, seed, data):
+        k_init, k_data = jax.random.split(jax.random.key(seed))
+        params = task.init(k_init)
+        tx = entry.make(lambda t: lr * shape(t))
+        state = tx.init(params)
+
+        def step(carry, t):
+            params, state = carry
+            loss, grads = jax.value_and_grad(task.loss)(
+                params, task.batch(data, jax.random.fold_in(k_data, t))
+            )
+            updates, state = tx.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), loss
+
+        def block(carry, i):
+            carry, losses = jax.lax.scan(step, carry, i * every + jnp.arange(every))
+            metric, loss = task.evaluate(carry[0], data)
+            return carry, (metric, loss, jnp.mean(losses))
+
+        _, out = jax.lax.scan(block, (params, state), jnp.arange(EVALS))
+        return out
+
+    program = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+    data = jax.tree.map(jnp.asarray, task.data)
+
+    def run(lrs, seeds):
+        lr = jnp.asarray([a for a in lrs for _ in seeds], jnp.float32)
+        seed = jnp.asarray([s for _ in lrs for s in seeds], jnp.uint32)
+        out = jax.device_get(program(lr, seed, data))
+        return [np.asarray(o).reshape(len(lrs), len(seeds), EVALS) for o in out]
+
+    return run
+
+
+def score(task: Task, final: np.ndarray) -> np.ndarray:
+    """Higher is better; a diverged run (NaN) is the worst score."""
+    s = final if task.higher_is_better else -final
+    return np.where(np.isfinite(s), s, -np.inf)
+
+
+def sweep(task: Task, entry: Entry, seeds=SEEDS, grid=GRID, max_extend=MAX_EXTEND):
+    """The rate sweep of one optimizer: rows per rate, and which one is best."""
+    run = grid_runner(task, entry)
+    rows: dict[float, dict[str, np.ndarray]] = {}
+
+    def add(factors):
+        lrs = [entry.centre * f for f in factors]
+        metric, loss, train = run(lrs, seeds)
+        for i, f in enumerate(factors):
+            rows[f] = {"metric": metric[i], "loss": loss[i], "train": train[i]}
+
+    def best():
+        mean = lambda f: np.mean(score(task, rows[f]["metric"][:, -1]))
+        return max(rows, key=mean)
+
+    add(list(grid))
+    for _ in range(max_extend):
+        b = best()
+        if b == max(rows):
+            add([b * 2])
+        elif b == min(rows):
+            add([b / 2])
+        else:
+            break
+    b = best()
+    return rows, b, b in (min(rows), max(rows))
+
+
+def summarise(task: Task, name: str, entry: Entry, rows, best: float, edge: bool, seconds: float):
+    finals = rows[best]["metric"][:, -1]
+    curve = np.mean(rows[best]["metric"], axis=0)
+    return {
+        "task": task.name,
+        "optimizer": name,
+        "source": entry.source,
+        "note": entry.note,
+        "best_lr": entry.centre * best,
+        "best_at_edge": bool(edge),
+        "mean": float(np.mean(finals)),
+        "sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
+        "seeds": [float(x) for x in finals],
+        "held_out_loss": float(np.mean(rows[best]["loss"][:, -1])),
+        "curve": [float(x) for x in curve],
+        "sweep": {
+            f"{entry.centre * f:.6g}": [float(x) for x in rows[f]["metric"][:, -1]]
+            for f in sorted(rows)
+        },
+        "state_bytes_per_param": state_bytes_per_param(task, entry),
+        "seconds": seconds,
+    }
+
+
+def state_bytes_per_param(task: Task, entry: Entry) -> float:
+    """The optimizer state's bytes per parameter, from an abstract init (counters excluded)."""
+    params = jax.eval_shape(task.init, jax.random.key(0))
+    state = jax.eval_shape(lambda p: entry.make(lambda t: 1e-3).init(p), params)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    big = [x for x in jax.tree.leaves(state) if math.prod(x.shape) > 1]
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in big) / n
+
+
+def steps_to_reach(task: Task, row: dict, target: float) -> int | None:
+    """The first evaluation (in updates) at which the mean curve reaches ``target``."""
+    every = task.steps // EVALS
+    for i, v in enumerate(row["curve"]):
+        if (v >= target) if task.higher_is_better else (v <= target):
+            return (i + 1) * every
+    return None
+
+
+def add_steps_to_adamw(task: Task, rows: list[dict]) -> None:
+    ref = next((r for r in rows if r["optimizer"] == "optax.adamw"), None)
+    for r in rows:
+        r["steps_to_adamw"] = steps_to_reach(task, r, ref["mean"]) if ref else None
+
+
+def report(task: Task, rows: list[dict]) -> str:
+    fmt = (lambda x: f"{100 * x:.1f}") if task.higher_is_better else (lambda x: f"{x:.3f}")
+    unit = " (%)" if task.higher_is_better else ""
+    ranked = sorted(rows, key=lambda r: -r["mean"] if task.higher_is_better else r["mean"])
+    cols = [
+        ("optimizer", "optimizer", str),
+        ("mean", f"{task.metric}{unit}", lambda x: x),
+        ("best_lr", "best lr", lambda x: f"{x:.3g}"),
+        ("steps_to_adamw", "updates to AdamW's final", str),
+        ("state_bytes_per_param", "state bytes/param", lambda x: f"{x:.2f}"),
+    ]
+    shown = [
+        r
+        | {
+            "mean": f"{fmt(r['mean'])} ± {fmt(r['sd'])}",
+            "best_lr": r["best_lr"],
+            "optimizer": r["optimizer"] + (" (edge)" if r["best_at_edge"] else ""),
+            "steps_to_adamw": "never" if r.get("steps_to_adamw") is None else r["steps_to_adamw"],
+        }
+        for r in ranked
+    ]
+    return markdown_table(shown, cols)
+
+
+def plot(results: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib: pip install 'optax-ext[plot]'") from e
+    tasks = results["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    for ax, (tname, info) in zip(axes[0], tasks.items(), strict=True):
+        for r in info["rows"]:
+            lrs = sorted(r["sweep"], key=float)
+            m = [np.mean(r["sweep"][k]) for k in lrs]
+            s = [np.std(r["sweep"][k], ddof=1) for k in lrs]
+            style = "-" if r["source"] == "optax-ext" else "--"
+            ax.errorbar([float(k) for k in lrs], m, yerr=s, fmt=style, marker="o", ms=3,
+                        capsize=2, label=r["optimizer"])  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel(info["metric"])
+        ax.set_title(tname)
+        if info["higher_is_better"]:
+            best = max(r["mean"] for r in info["rows"])
+            ax.set_ylim(best - 0.25, min(1.0, best + 0.03))
+        else:
+            best = min(r["mean"] for r in info["rows"])
+            ax.set_ylim(best - 0.05, best + 0.6)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("quality suite: final held-out metric against the learning rate (3 seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def print_report(path: str, plot_path: str | None = None) -> dict[str, Any]:
+    """The markdown tables (and the plot) of a results file, one per task."""
+    with open(path) as f:
+        results = json.load(f)
+    for tname, info in results["tasks"].items():
+        view = _View(tname, info)
+        batch = info.get("batch_size") or default_batch_size(tname)
+        print(f"\n### {tname}: {info['source']}, {info['steps']} updates of {batch}\n")
+        print(report(view, info["rows"]))
+    if plot_path:
+        plot(results, plot_path)
+        print("wrote", plot_path)
+    return results
+
+
+def default_batch_size(task_name: str) -> int:
+    return inspect.signature(TASKS[task_name]).parameters["batch_size"].default
+
+
+class _View:
+    """What ``report`` reads of a task, from a results file."""
+
+    def __init__(self, name: str, info: dict[str, Any]):
+        self.name, self.metric = name, info["metric"]
+        self.higher_is_better, self.steps = info["higher_is_better"], info["steps"]
+
+
+def main(argv=None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--only", nargs="*", help="optimizer names (default: all)")
+    ap.add_argument("--muon-candidates", action="store_true", help="Muon's routing candidates")
+    ap.add_argument("--steps", type=int, default=None, help="updates per run (task default)")
+    ap.add_argument("--batch-size", type=int, default=None, help="examples per update")
+    ap.add_argument("--quick", action="store_true", help="digits_mlp, adamw and tiger, 60 steps")
+    ap.add_argument("--out", default="quality_suite", help="results/<out>.json")
+    ap.add_argument("--plot", default=None, help="write the sweeps' PNG here")
+    ap.add_argument(
+        "--merge", action="store_true", help="add to (replace rows of) an existing results file"
+    )
+    ap.add_argument(
+        "--report", action="store_true", help="print the tables of the results file, run nothing"
+    )
+    args = ap.parse_args(argv)
+    entries = dict(OPTIMIZERS) | (dict(MUON_CANDIDATES) if args.muon_candidates else {})
+    seeds, grid, extend = SEEDS, GRID, MAX_EXTEND
+    if args.quick:
+        args.tasks, args.only, args.steps = ["digits_mlp"], ["optax.adamw", "tiger"], 60
+        seeds, grid, extend = (0, 1), (0.25, 1.0, 4.0, 16.0), 2
+    if args.only:
+        unknown = sorted(set(args.only) - set(entries))
+        if unknown:
+            raise SystemExit(f"unknown optimizers {unknown}; known: {sorted(entries)}")
+        entries = {k: entries[k] for k in entries if k in args.only}
+        if "optax.adamw" not in entries:  # the reference for "updates to AdamW's final"
+            entries = {"optax.adamw": OPTIMIZERS["optax.adamw"]} | entries
+    path = os.path.join(RESULTS_DIR, f"{args.out}.json")
+    if args.report:
+        return print_report(path, args.plot)
+    results: dict[str, Any] = {"machine": machine(), "seeds": list(seeds), "tasks": {}}
+    if args.merge and os.path.exists(path):
+        with open(path) as f:
+            results["tasks"] = json.load(f)["tasks"]
+    for tname in args.tasks:
+        sizes = {"steps": args.steps, "batch_size": args.batch_size}
+        task = TASKS[tname](**{k: v for k, v in sizes.items() if v})
+        info = results["tasks"].setdefault(tname, {"rows": []})
+        info |= {
+            "source": task.source,
+            "metric": task.metric,
+            "higher_is_better": task.higher_is_better,
+            "steps": task.steps,
+            "batch_size": task.batch_size,
+        }
+        print(f"\n## {tname}: {task.source}, {task.steps} updates of {task.batch_size}", flush=True)
+        for name, entry in entries.items():
+            t0 = time.perf_counter()
+            sw, best, edge = sweep(task, entry, seeds, grid, extend)
+            row = summarise(task, name, entry, sw, best, edge, time.perf_counter() - t0)
+            info["rows"] = [r for r in info["rows"] if r["optimizer"] != name] + [row]
+            add_steps_to_adamw(task, info["rows"])
+            write_json(args.out, results)  # after every optimizer: a long run can be resumed
+            print(
+                f"  {name:28s} {row['mean']:.4f} ± {row['sd']:.4f} at lr {row['best_lr']:.3g}"
+                f"{' (edge)' if edge else ''}  [{row['seconds']:.0f} s]",
+                flush=True,
+            )
+        print(report(task, info["rows"]))
+    print("wrote", write_json(args.out, results))
+    if args.plot:
+        plot(results, args.plot)
+        print("wrote", args.plot)
+    return results
+
+
+if __name__ == "__main__":
+    main()

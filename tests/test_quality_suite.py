@@ -1,0 +1,104 @@
+"""The quality suite (benchmarks/bench_suite.py): its protocol and what it reports."""
+
+import json
+import math
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import bench_suite  # noqa: E402
+import suite_tasks  # noqa: E402
+
+
+def test_quick_run_brackets_each_best_rate_and_reports_consistent_numbers(tmp_path):
+    out = str(tmp_path / "quick")
+    results = bench_suite.main(["--quick", "--out", out])
+    with open(out + ".json") as f:
+        assert json.load(f)["tasks"].keys() == results["tasks"].keys() == {"digits_mlp"}
+    info = results["tasks"]["digits_mlp"]
+    rows = {r["optimizer"]: r for r in info["rows"]}
+    assert set(rows) == {"optax.adamw", "tiger"}
+    for r in rows.values():
+        sweep = {float(k): v for k, v in r["sweep"].items()}
+        means = {lr: np.mean(v) for lr, v in sweep.items()}
+        best = max(means, key=means.get)  # accuracy: higher is better
+        # the reported best rate is the sweep's best, and worse rates lie on both sides
+        assert r["best_lr"] == pytest.approx(best, rel=1e-5)
+        assert not r["best_at_edge"]
+        assert min(sweep) < best < max(sweep)
+        # the reported mean and sd are those of the seeds at that rate
+        assert r["seeds"] == pytest.approx(sweep[best])
+        assert r["mean"] == pytest.approx(np.mean(r["seeds"]))
+        assert r["sd"] == pytest.approx(np.std(r["seeds"], ddof=1))
+        assert len(r["seeds"]) == 2
+        assert r["curve"][-1] == pytest.approx(r["mean"])
+        assert 0.0 <= r["mean"] <= 1.0 and math.isfinite(r["held_out_loss"])
+    # AdamW reaches its own final accuracy by the last evaluation at the latest
+    assert rows["optax.adamw"]["steps_to_adamw"] <= info["steps"]
+    # state bytes per parameter: AdamW's two float32 moments, Tiger's one
+    assert rows["optax.adamw"]["state_bytes_per_param"] == pytest.approx(8.0)
+    assert rows["tiger"]["state_bytes_per_param"] == pytest.approx(4.0)
+
+
+def _fake_runner(best_lr):
+    """Accuracy peaked at ``best_lr`` (quadratic in log2 lr), two seeds."""
+
+    def grid_runner(task, entry):
+        def run(lrs, seeds):
+            acc = np.array([[0.9 - 0.01 * math.log2(lr / best_lr) ** 2] * len(seeds) for lr in lrs])
+            curve = np.repeat(acc[..., None], bench_suite.EVALS, axis=-1)
+            return curve, curve, curve
+
+        return run
+
+    return grid_runner
+
+
+@pytest.mark.parametrize("best_factor, n_rates", [(1.0, 5), (16.0, 8), (1 / 32, 9)])
+def test_sweep_extends_past_an_edge_until_the_best_is_bracketed(monkeypatch, best_factor, n_rates):
+    entry = bench_suite.OPTIMIZERS["optax.adamw"]
+    monkeypatch.setattr(bench_suite, "grid_runner", _fake_runner(entry.centre * best_factor))
+    task = suite_tasks.Task("t", {}, None, None, None, None, "acc", True, 10, 8, "")
+    rows, best, edge = bench_suite.sweep(task, entry)
+    assert best == pytest.approx(best_factor)
+    assert not edge
+    assert len(rows) == n_rates
+
+
+def test_sweep_flags_a_best_rate_still_at_the_edge(monkeypatch):
+    entry = bench_suite.OPTIMIZERS["optax.adamw"]
+    monkeypatch.setattr(bench_suite, "grid_runner", _fake_runner(entry.centre * 2**20))
+    task = suite_tasks.Task("t", {}, None, None, None, None, "acc", True, 10, 8, "")
+    rows, best, edge = bench_suite.sweep(task, entry)
+    assert edge and best == max(rows) == 4.0 * 2**bench_suite.MAX_EXTEND
+
+
+def test_steps_to_reach_reads_the_mean_curve_in_the_metrics_direction():
+    up = suite_tasks.Task("t", {}, None, None, None, None, "acc", True, 100, 8, "")
+    down = suite_tasks.Task("t", {}, None, None, None, None, "loss", False, 100, 8, "")
+    curve = {"curve": [0.1 * i for i in range(1, 11)]}
+    assert bench_suite.steps_to_reach(up, curve, 0.35) == 40
+    assert bench_suite.steps_to_reach(up, curve, 1.5) is None
+    assert (
+        bench_suite.steps_to_reach(down, {"curve": curve["curve"][::-1]}, 0.35) == 80
+    )  # 0.3 at the 8th
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_patch_conv_is_flax_conv(stride):
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    conv = suite_tasks.PatchConv(5, stride=stride)
+    params = jax.tree.map(lambda a: a + 0.1, conv.init(jax.random.key(1), x))  # bias != 0
+    want = nn.Conv(5, (3, 3), strides=stride).apply(params, x)
+    np.testing.assert_allclose(conv.apply(params, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fortunes_task_says_which_package_it_needs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
+        suite_tasks.load_fortunes(str(tmp_path))
