@@ -144,7 +144,7 @@ initialisation and batches, at the setting `optax_ext.demo.RECIPES` recommends f
 | AdaFactor | factored $\\hat v$, update clipping, relative step | [kexue.fm/archives/7302](https://kexue.fm/archives/7302) |
 | AdaX | $m/\\sqrt{\\hat v}$ with a growing memory | [kexue.fm/archives/7387](https://kexue.fm/archives/7387) |
 | Amos | per-leaf scale $\\eta$, self-annealing decay | [kexue.fm/archives/9344](https://kexue.fm/archives/9344) |
-| Muon | $0.2\\sqrt{\\max(d_{in}, d_{out})}\\,\\operatorname{msign}(\\beta m + g)$ on hidden kernels, Tiger on the rest | [kexue.fm/archives/10739](https://kexue.fm/archives/10739) |
+| Muon | $0.2\\sqrt{\\max(d_{in}, d_{out})}\\,\\operatorname{msign}(\\beta m + g)$ on hidden kernels, AdamW on the rest | [kexue.fm/archives/10739](https://kexue.fm/archives/10739) |
 | AdamW | the baseline | |""",
     """import jax, optax
 import matplotlib.pyplot as plt
@@ -173,6 +173,26 @@ for name, h in runs.items():
     plt.plot(smooth(h.losses), label=f"{name} ({h.valid_loss_end:.2f})")
 plt.xlabel("update"); plt.ylabel("train cross-entropy (nats/char)")
 plt.legend(title="optimizer (held-out loss)"); plt.grid(alpha=0.3); plt.show()""",
+    """md:## What the ranking shows
+
+The cell below ranks the optimizers by held-out loss and says where Tiger and Muon land.
+This is one seed, one short run of small batches, each optimizer at its recipe's
+learning rate: a picture of this task, not a verdict. The quality suite
+(`benchmarks/bench_suite.py`: four tasks on real data, a learning-rate sweep and three
+seeds per optimizer; tables in `benchmarks/RESULTS.md`) finds the same order at the ends:
+on language models the adaptive updates (Muon with AdamW on the other leaves, AdamW,
+AdaFactor) lead and the sign updates (Tiger, Lion) trail. Tiger's case is memory, not
+loss at this scale: one buffer, about 1 byte per parameter with 8-bit states.""",
+    """ranking = sorted(runs, key=lambda name: runs[name].valid_loss_end)
+for place, name in enumerate(ranking, 1):
+    print(f"{place}. {name:10s} held-out {runs[name].valid_loss_end:.3f}")
+behind = lambda name: runs[name].valid_loss_end - runs["adamw"].valid_loss_end
+print(f"Tiger: {ranking.index('tiger') + 1} of {len(ranking)}, {behind('tiger'):+.3f} nats "
+      f"against AdamW; Lion {behind('lion'):+.3f}; Muon {behind('muon'):+.3f}")
+# what the text above says, checked on this run's numbers
+sign = ("tiger", "lion")
+assert all(ranking.index(s) > ranking.index("adamw") for s in sign), ranking
+assert all(ranking.index(s) > ranking.index("muon") for s in sign), ranking""",
     """md:## State memory
 
 Bytes of optimizer state per parameter on the demo model, counted from the state
@@ -205,7 +225,8 @@ per_param""",
     """md:Sign optimizers (Tiger, Lion) take the same step size for every entry, which is why
 their learning rate is 2–6× smaller than AdamW's; Tiger's per-parameter scale makes that
 step proportional to each tensor's RMS. `benchmarks/bench_quality.py` sweeps the learning
-rates behind these settings.""",
+rates behind these settings on this task; `benchmarks/bench_suite.py` compares them
+across tasks.""",
 ]
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 __all__ = [
     "V",
@@ -503,6 +504,26 @@ def check_updates_match(updates: Any, params: Any, who: str) -> None:
                 f"{who}: the gradient of {path or '(root)'!r} has shape {jnp.shape(g)}, "
                 f"its parameter {jnp.shape(p)}; each gradient must have its parameter's shape"
             )
+
+
+def checked(tx: optax.GradientTransformation, who: str) -> optax.GradientTransformationExtraArgs:
+    """``tx`` with the whole tree checked first: float params at ``init``, gradients of
+    the params' structure and shapes at ``update`` (static checks, free under jit).
+
+    For an alias whose parts include optax transforms, which broadcast a mis-shaped
+    gradient or step an integer parameter silently.
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def init_fn(params):
+        check_float_params(params, who)
+        return tx.init(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        check_updates_match(updates, params, who)
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def renamed_attribute(module: str, name: str, renamed: Mapping[str, str], namespace: dict) -> Any:

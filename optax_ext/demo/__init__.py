@@ -1,4 +1,4 @@
-"""The main job: train a small Flax transformer language model with Tiger, on a CPU, in a minute.
+"""The main job: train a small Flax transformer language model with Muon, on a CPU, in a minute.
 
 Run ``python -m optax_ext.demo --help`` for the flags. The corpus is built from the
 docstrings of Python's own standard library, so nothing is downloaded; the model is a

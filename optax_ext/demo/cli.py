@@ -43,9 +43,10 @@ def build_parser() -> ArgumentParser:
     add = parser.add_argument
     add(
         "--optimizer",
-        default="tiger",
+        default="muon",
         choices=list(RECIPES),
-        help="optimizer to train with (default: tiger)",
+        help="optimizer to train with (default: muon, the best on the language models of "
+        "benchmarks/bench_suite.py)",
     )
     add("--steps", type=positive_int, default=300, help="parameter updates to run (default: 300)")
     add(

@@ -42,7 +42,7 @@ def train(
     steps: int = 300,
     batch_size: int = 32,
     seq_len: int = 64,
-    optimizer: str = "tiger",
+    optimizer: str = "muon",
     learning_rate: float | None = None,
     accumulation_steps: int = 1,
     seed: int = 0,

@@ -62,10 +62,9 @@ def _tiger(learning_rate, weight_decay, accumulation_steps):
 
 
 def _muon(learning_rate, weight_decay):
-    # Muon on the hidden kernels at AdamW's scale (Moonlight); Tiger at half that rate on
-    # the embeddings, head, biases and norm scales.
-    half = (lambda t: 0.5 * learning_rate(t)) if callable(learning_rate) else 0.5 * learning_rate
-    return muon(learning_rate, weight_decay=weight_decay, other_learning_rate=half)
+    # Muon on the hidden kernels, AdamW at the same rate and decay on the rest (its
+    # defaults: Moonlight's recipe)
+    return muon(learning_rate, weight_decay=weight_decay)
 
 
 #: Settings that train the demo model well: the best learning rate of
@@ -83,7 +82,7 @@ RECIPES: dict[str, Recipe] = {
         accumulated(lambda lr, wd: adaxw(lr, weight_decay=wd)), 1.2e-2, "adam", 0.01, 0.9
     ),
     "amos": Recipe(accumulated(lambda lr, wd: amos(lr)), 8e-2, "adam", 0.0, 0.0),
-    "muon": Recipe(accumulated(_muon), 2.4e-2, "muon", 0.01, 0.95),
+    "muon": Recipe(accumulated(_muon), 1.2e-2, "muon", 0.01, 0.95),
     "adamw": Recipe(
         accumulated(lambda lr, wd: optax.adamw(lr, weight_decay=wd)), 1.2e-2, "adamw", 0.01, 0.9
     ),

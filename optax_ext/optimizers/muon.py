@@ -29,6 +29,7 @@ from optax_ext._common import (
     check_int,
     check_range,
     check_updates_match,
+    checked,
     decay_mask,
     explicitly_sharded,
     first_match,
@@ -42,6 +43,7 @@ from optax_ext._cycles import reject_cycle_length
 from optax_ext.optimizers.msign import check_compute_dtype, msign, newton_schulz_coefficients
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers import spike
+from optax_ext.wrappers.nan_guard import nan_guard
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
@@ -477,7 +479,7 @@ def muon(
     layout: PathRules = MUON_LAYOUT_RULES,
     attention: str = "fused",
     rules: PathRules = MUON_RULES,
-    other: str | optax.GradientTransformation = "tiger",
+    other: str | optax.GradientTransformation = "adamw",
     other_learning_rate: optax.ScalarOrSchedule | None = None,
     other_weight_decay: float | None = None,
     other_kwargs: dict | None = None,
@@ -500,21 +502,27 @@ def muon(
     (:func:`scale_by_muon`; Moonlight: ``p *= 1 - lr*wd; p -= lr*scale*msign``). Su
     (10739): Muon needs the decay to keep ‖W‖ bounded. Every other leaf (embeddings,
     ``lm_head``/``head``, biases, norm scales, any leaf of rank < 2) goes to ``other``:
-    Tiger by default (sign descent is msign of a diagonal matrix, 10592: one family),
-    ``"adamw"`` (``optax.adamw``, no decay on biases and norm scales), or any optax
+    ``"adamw"`` by default (``optax.adamw`` at the same learning rate and weight decay,
+    no decay on biases and norm scales: Moonlight's recipe), ``"tiger"``, or any optax
     transform. Embeddings and the head never get Muon (11416: "significantly worse");
     optax's ``contrib.muon`` by default sends every 2-D leaf, embeddings included, to
     Muon.
 
-    With the ``"moonlight"`` scale the update RMS is about 0.2, AdamW's, so AdamW's
-    learning rate and weight decay carry over. Tiger/Lion usually want a learning rate
-    several times smaller than AdamW's: set ``other_learning_rate`` for them.
+    Why AdamW by default: with the ``"moonlight"`` scale Muon's update RMS is about 0.2,
+    AdamW's, so one learning rate and weight decay serve both groups and a single lr
+    sweep finds it. Tiger's sign step has RMS 1 times its per-parameter scale, so at
+    Muon's learning rate it needs its own ``other_learning_rate`` (or
+    ``other_kwargs={"param_scaling": (("", 0.2),)}``, a sign step at Muon's RMS); with one
+    shared lr it measured worse on every task of ``benchmarks/bench_suite.py``. Tiger
+    keeps the smaller state (one buffer instead of two for the other leaves).
 
     A non-finite gradient leaf gets a zero Muon direction and keeps its momentum (see
     :func:`scale_by_muon`); only the weight decay moves it that step, and the Muon
     part's state counts it (``state.inner_states["muon"].inner_state[0]``, a
-    :class:`ScaleByMuonState`). The second optimizer applies its own rule (Tiger
-    shrinks a NaN leaf toward its centre and counts it in its own state).
+    :class:`ScaleByMuonState`). The other leaves are guarded too (``guard_nan``):
+    AdamW runs inside :func:`~optax_ext.wrappers.nan_guard.nan_guard` (that step is
+    skipped for the other leaves and a bad leaf shrinks toward its centre, counted in
+    the ``NanGuardState``, as are gradient-norm spikes); Tiger applies the same rules itself.
 
     Muon does not accumulate micro-batches: for k micro-batches per update use
     ``ox.accumulate_gradients(muon(...), k)`` (``set_accumulation_steps`` goes to its
@@ -530,7 +538,7 @@ def muon(
         ``other_kwargs``).
       rules: path rules labelling leaves ``"muon"`` or ``"other"`` (first match wins;
         unmatched → ``"other"``).
-      other: ``"tiger"``, ``"adamw"`` or an optax transform for the other leaves.
+      other: ``"adamw"`` (the default), ``"tiger"`` or an optax transform for the other leaves.
       other_learning_rate: its learning rate (default: ``learning_rate``).
       other_weight_decay: its weight decay (default: ``weight_decay``).
       other_kwargs: extra keyword arguments of ``tiger`` / ``optax.adamw``
@@ -623,18 +631,27 @@ def muon(
         weight_decay if other_weight_decay is None else other_weight_decay,
         dict(other_kwargs or {}),
         mu_dtype,
+        guard_nan,
     )
     tx = optax.partition(
         {"muon": muon_tx, "other": other_tx}, lambda params: muon_labels(params, rules)
     )
-    return optax.with_extra_args_support(tx)
+    return checked(tx, "muon")
 
 
-def _other_optimizer(other, lr, wd, kwargs, mu_dtype):
+def _other_optimizer(other, lr, wd, kwargs, mu_dtype, guard_nan):
+    """The optimizer of the non-Muon leaves. With ``guard_nan`` a non-finite gradient
+    never reaches their params: Tiger guards itself; AdamW goes inside :func:`nan_guard`
+    with its defaults, Tiger's (that step is skipped for these leaves, the bad ones
+    shrink toward their centre, and the state counts it; a gradient norm 1e3 times its
+    running average is skipped too, so a finite overflow cannot leave AdamW's second
+    moment at inf)."""
     if not isinstance(other, str):
         return other
     kwargs.setdefault("mu_dtype", mu_dtype)
     if other == "tiger":
+        kwargs.setdefault("guard_nan", guard_nan)
         return tiger(lr, weight_decay=wd, **kwargs)
     kwargs.setdefault("mask", decay_mask())
-    return optax.adamw(lr, weight_decay=wd, **kwargs)
+    adamw = optax.adamw(lr, weight_decay=wd, **kwargs)
+    return nan_guard(adamw) if guard_nan else adamw

@@ -42,7 +42,7 @@ def test_short_run_writes_log_and_plot_and_recommends(tmp_path):
         str(png),
     )
     assert out.returncode == 0, out.stderr
-    assert "held-out loss" in out.stdout and "recommended tiger settings" in out.stdout
+    assert "held-out loss" in out.stdout and "recommended muon settings" in out.stdout
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 21))
     assert {"loss", "g2", "trace_sigma", "b_simple_ema"} <= set(records[-1])

@@ -235,6 +235,67 @@ def test_muon_alias_routes_and_matches_reference(other):
             np.testing.assert_allclose(x, alone[p], rtol=1e-6, atol=1e-7, err_msg=p)
 
 
+def ref_adamw(params, grads_seq, *, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
+    """AdamW in float64 (bias-corrected moments, decay multiplied by the lr, none on
+    biases and norm scales); the params after the last step, by path."""
+    theta = {p: np.asarray(x, np.float64) for p, x in leaf_paths(params)}
+    m = {p: np.zeros_like(x) for p, x in theta.items()}
+    v = {p: np.zeros_like(x) for p, x in theta.items()}
+    for t, grads in enumerate(grads_seq):
+        for p, g in leaf_paths(grads):
+            g = np.asarray(g, np.float64)
+            m[p] = b1 * m[p] + (1 - b1) * g
+            v[p] = b2 * v[p] + (1 - b2) * g * g
+            m_hat, v_hat = m[p] / (1 - b1 ** (t + 1)), v[p] / (1 - b2 ** (t + 1))
+            decay = 0.0 if p.endswith(("bias", "scale")) else wd
+            theta[p] = theta[p] - lr(t) * (m_hat / (np.sqrt(v_hat) + eps) + decay * theta[p])
+    return theta
+
+
+def test_default_routing_is_moonlights_in_float64(float64):
+    """``muon(lr)`` with its defaults: Muon on the hidden kernels and AdamW at the same
+    learning rate and weight decay on every other leaf (embeddings, head, biases, norm
+    scales), both against float64 references over several steps."""
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), small_tree(31))
+    grads = [jax.tree.map(lambda g: g.astype(jnp.float64), g) for g in grads_seq(params, 5, 31)]
+    got, _ = run(muon(schedule), params, grads)
+    labels = dict(leaf_paths(muon_labels(params)))
+    assert {p for p, lab in labels.items() if lab == "other"} == {
+        "embed/embedding", "attn/query/bias", "mlp/bias", "norm/scale", "lm_head/kernel"
+    }  # fmt: skip
+    sub = lambda tree, label: {p: x for p, x in leaf_paths(tree) if labels[p] == label}
+    want = ref_muon(sub(params, "muon"), [sub(g, "muon") for g in grads], lr=schedule,
+                    beta=0.95, wd=0.1)[0]  # fmt: skip
+    want |= ref_adamw(sub(params, "other"), [sub(g, "other") for g in grads], lr=schedule, wd=0.1)
+    for p, x in leaf_paths(got):
+        np.testing.assert_allclose(x, want[p], rtol=1e-10, atol=1e-12, err_msg=p)
+
+
+def test_default_other_leaves_are_guarded_against_non_finite_gradients():
+    """A NaN in an embedding's gradient (an AdamW leaf of the default routing) never
+    reaches the params: the other leaves skip that step, the bad one shrinks toward 0
+    by the nan_guard ratio, the fault is counted, and the Muon leaves step as usual."""
+    params = small_tree(41)
+    bad = random_grads_like(params, 1)
+    bad["embed"]["embedding"] = bad["embed"]["embedding"].at[2, 3].set(jnp.nan)
+    tx = muon(1e-2)
+    state = tx.init(params)
+    u, state = tx.update(bad, state, params)
+    new = optax.apply_updates(params, u)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
+    np.testing.assert_allclose(new["embed"]["embedding"], 0.99 * params["embed"]["embedding"],
+                               rtol=1e-6)  # fmt: skip
+    for leaf in (("mlp", "bias"), ("norm", "scale"), ("lm_head", "kernel")):
+        np.testing.assert_array_equal(new[leaf[0]][leaf[1]], params[leaf[0]][leaf[1]])
+    assert not np.allclose(new["mlp"]["kernel"], params["mlp"]["kernel"])  # Muon stepped
+    guard = state.inner_states["other"].inner_state
+    assert (int(guard.skipped_steps), int(guard.shrunk_leaves)) == (1, 1)
+    # without the guard the NaN reaches the embedding, as in optax.adamw
+    raw = muon(1e-2, guard_nan=False)
+    u, _ = raw.update(bad, raw.init(params), params)
+    assert not bool(jnp.all(jnp.isfinite(u["embed"]["embedding"])))
+
+
 def test_equals_optax_contrib_muon_where_they_coincide():
     # same coefficients, consistent_rms 0.2 (= moonlight), all-Muon tree, Nesterov off
     params = {
@@ -382,8 +443,14 @@ def test_bf16_params_and_mu_dtype():
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), small_tree(8))
     got, state = run(muon(1e-2, mu_dtype=jnp.float32), params, grads_seq(params, 1, 8))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
-    mus = [x for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) >= 1]
+    # every first moment (Muon's and the other optimizer's mu) in mu_dtype; AdamW's
+    # second moment follows the params, as in optax.adamw(mu_dtype=...)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    name = lambda path: "/".join(str(getattr(k, "name", getattr(k, "key", k))) for k in path)
+    mus = [x for path, x in leaves if getattr(x, "ndim", 0) >= 1 and "nu" not in name(path)]
+    nus = [x for path, x in leaves if getattr(x, "ndim", 0) >= 1 and "nu" in name(path)]
     assert mus and all(x.dtype == jnp.float32 for x in mus)
+    assert nus and all(x.dtype == jnp.bfloat16 for x in nus)
     # bf16 Newton–Schulz: as close to the exact msign as float32's (the two differ from
     # each other by bf16 rounding amplified by the large first-step coefficients)
     g = np.random.default_rng(8).standard_normal((32, 48))
@@ -485,11 +552,11 @@ def test_nonfinite_leaves_are_counted():
         counts.append((int(state.skipped_steps), int(state.shrunk_leaves)))
     assert counts == [(0, 0), (1, 1), (2, 3), (2, 3), (3, 4)]
     assert state.skipped_steps.dtype == state.shrunk_leaves.dtype == jnp.int32
-    # in muon() the Muon part's state counts a Muon leaf (Tiger's counts its own)
+    # in muon() the Muon part's state counts a Muon leaf (with other="tiger", Tiger counts its own)
     params = small_tree(22)
     bad = random_grads_like(params, 0)
     bad["mlp"]["kernel"] = bad["mlp"]["kernel"].at[0, 0].set(jnp.nan)
-    tx = muon(1e-2)
+    tx = muon(1e-2, other="tiger")
     _, state = tx.update(bad, tx.init(params), params)
     counted = state.inner_states["muon"].inner_state[0]
     assert (int(counted.skipped_steps), int(counted.shrunk_leaves)) == (1, 1)
