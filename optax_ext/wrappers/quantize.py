@@ -1,7 +1,9 @@
 """8-bit optimizer states: block-wise absmax scaling with the dynamic (tree) quantisation map.
 
-Reference: Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
-Quantization", ICLR 2022, https://arxiv.org/abs/2110.02861.
+References: Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise
+Quantization", ICLR 2022, https://arxiv.org/abs/2110.02861; Li, Chen, Zhu, "Memory
+Efficient Optimizers with 4-bit States", NeurIPS 2023, https://arxiv.org/abs/2309.01507
+(section 4.1, the zero-point problem of a second moment's map).
 """
 
 from __future__ import annotations
@@ -127,6 +129,11 @@ def dynamic_map(signed: bool) -> np.ndarray:
     (signed) or 0.7-7% (unsigned) of the value; each lower decade has one fraction bit
     fewer, so its steps are twice as coarse. A signed code is ±(magnitude code) in int8.
 
+    The table is what each code decodes to. Encoding is to the nearest value, except
+    that on the unsigned map (second moments) a positive value never takes the code of
+    0: below half the smallest value it takes that value, 10^-7 of the block's absmax
+    (see :func:`quantize`).
+
     Returns:
       A float64 array of ``2^M`` values, increasing, from 0 to 1.
     """
@@ -161,6 +168,10 @@ def _encode_dynamic(y: jax.Array, m_bits: int) -> jax.Array:
 def _encode(y: jax.Array, signed: bool, code: str) -> jax.Array:
     """8-bit codes of ``y = x / absmax`` (in [-1, 1]): int8 signed or uint8 unsigned.
 
+    The nearest code, except that on the unsigned dynamic map a positive ``y`` below
+    half the smallest non-zero value (5·10^-8) takes that value's code, not 0: see
+    :func:`quantize`. The linear map stays plain nearest rounding (a comparison).
+
     A non-finite ``y`` (the value was NaN or ±inf) gets the signed map's spare code
     -128, decoded as NaN, as a float32 state would keep it non-finite. The unsigned map
     has no spare code: +inf and NaN take the top code (the block's absmax, the largest
@@ -170,6 +181,10 @@ def _encode(y: jax.Array, signed: bool, code: str) -> jax.Array:
     mag = jnp.abs(y) if signed else jnp.maximum(y, 0.0)
     if code == "dynamic":
         m = _encode_dynamic(jnp.minimum(mag, 1.0), m_bits)
+        if not signed:
+            # a second moment is a divisor (m / (sqrt(v) + eps)): rounded to 0, the step
+            # of an element whose momentum's code is not 0 becomes m / eps
+            m = jnp.where(mag > 0.0, jnp.maximum(m, 1), m)
     else:
         m = jnp.round(jnp.minimum(mag, 1.0) * (2**m_bits - 1)).astype(jnp.int32)
     if signed:
@@ -256,6 +271,22 @@ def quantize(x: jax.Array, *, signed: bool, block: int = 2048, code: str = "dyna
     """A :class:`QuantizedArray` of ``x`` (a :class:`LinearQuantizedArray` for
     ``code="linear"``): per block of the flattened leaf, the absmax of its finite values
     (float32) and each value's nearest 8-bit code of ``value / absmax``.
+
+    No zero for a positive second moment: on the unsigned dynamic map (``signed=False``)
+    a value ``0 < x < 5e-8 * absmax``, whose nearest code is 0, takes the smallest
+    positive code instead, ``1e-7 * absmax`` (a positive x decodes as 0 only where
+    ``x / absmax`` or ``1e-7 * absmax`` underflows float32). A second moment divides:
+    Adam's step m / (sqrt(v) + eps) is m / eps where v decodes as 0, while the momentum,
+    on its own block's map, keeps a non-zero code (gradients 10^-4 of the block's
+    largest: momentum 10^-4 of its absmax, second moment 10^-8), so the step is
+    thousands of learning rates. Li et al. 2023 (section 4.1) drop the zero point of
+    the second moment's map for this reason. Here 0 stays for exact zeros (v is 0 only
+    where every gradient was, and then so is m) and every code decodes as before: a
+    state saved by a version that rounded to 0 restores to the same values (the first
+    update after the restore reads its zeros as that version would, then re-encodes
+    them). Rounded up, v is at most 10^-7·absmax too large (the map's own step there),
+    which only shortens the step: the round trip of a positive value is within half the
+    map's local gap, or below 10^-7·absmax, and never 0.
 
     A non-finite value changes nothing else in its block; it is stored as NaN by the
     signed map, as the block's absmax (NaN, +inf) or 0 (-inf) by the unsigned one.
@@ -404,8 +435,9 @@ def quantize_state(
 
     Signed or unsigned map: the state cannot be inspected for signs at ``init`` (it is
     zeros, or abstract), so a leaf is a **second moment** — unsigned map, uint8 codes,
-    twice the resolution, negative values clamp to 0 — when its *state part* matches
-    ``second_moments``: its path in the state tree with the parameter's own path taken
+    twice the resolution, negative values clamp to 0, a positive value never rounds to
+    0 (:func:`quantize`: m / (sqrt(v) + eps) would explode) — when its *state part*
+    matches ``second_moments``: its path in the state tree with the parameter's own path taken
     out (``"0/nu"`` for the leaf at ``"0/nu/params/dense/kernel"``, ``"0/mu"`` for
     ``"0/mu/params/attn/v/kernel"``), so a module named ``v`` or ``nu`` keeps a signed
     map for its momentum. ``second_moments`` is a regex searched in the state part (the default

@@ -78,10 +78,12 @@ def test_dynamic_map_matches_its_description(signed):
 
 
 def _nearest_codes(y, signed):
+    """The codes of ``y`` (float64): the nearest value of the map, except that a positive
+    value on the unsigned map takes the smallest positive code where the nearest is 0."""
     table = dynamic_map(signed)
     mag = np.abs(y) if signed else np.maximum(y, 0)
     m = np.abs(mag[:, None] - table[None]).argmin(axis=1)
-    return np.where(y < 0, -m, m) if signed else m
+    return np.where(y < 0, -m, m) if signed else np.where(y > 0, np.maximum(m, 1), m)
 
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
@@ -218,6 +220,74 @@ def test_dynamic_map_keeps_adam_stable_where_a_linear_map_diverges():
     assert biggest["float32"] <= 2 * lr  # Adam's steps are about lr
     assert biggest["dynamic"] <= 3 * biggest["float32"], biggest
     assert biggest["linear"] > 100 * biggest["float32"], biggest
+
+
+def test_a_positive_second_moment_never_decodes_as_zero_and_its_round_trip_is_bounded():
+    """The unsigned map's round trip against a float64 reference, over 12 decades below
+    a block's absmax: each value takes its nearest code, except that 0 < y < 5e-8 (y the
+    value over absmax; the nearest value is 0) takes the smallest positive one, 1e-7.
+    The error is then within half the map's local gap, or (rounded up) below 1e-7 of
+    absmax; a positive value never decodes as 0, and 0 or a negative value decodes as 0."""
+    table = dynamic_map(False)
+    amax = 3.7  # not a power of ten: y = x / absmax is rounded in float32
+    ratios = np.concatenate([[0.0, -1e-3, -1.0], 10.0 ** np.linspace(-12, 0, 1201)])
+    x = (ratios * amax).astype(np.float32)
+    q = quantize(jnp.asarray(x), signed=False, block=x.size)
+    assert float(q.absmax[0]) == np.float32(amax)
+    y = x.astype(np.float64) / np.float64(np.float32(amax))
+    back = np.asarray(dequantize(q, block=x.size), np.float64) / np.float32(amax)
+    codes = np.asarray(q.codes).astype(int)
+    positive = y > 0
+    assert np.all(back[positive] > 0) and np.all(back[~positive] == 0)
+    # the code is the reference's (a value within float32 rounding of a tie may take
+    # either neighbour: compare the errors)
+    want = _nearest_codes(y, signed=False)
+    err, want_err = np.abs(table[codes] - y), np.abs(table[want] - y)
+    assert np.all(err <= want_err + 1e-6 * np.abs(y)), np.max(err - want_err)
+    tiny = positive & (y < 0.49e-7)
+    assert tiny.sum() > 400 and np.all(codes[tiny] == 1)
+    np.testing.assert_allclose(back[tiny], table[1], rtol=1e-6)
+    # the bound: half the local gap, or the smallest value where rounded up
+    i = np.clip(np.searchsorted(table, y), 1, table.size - 1)
+    bound = np.where(y < table[1] / 2, table[1], (table[i] - table[i - 1]) / 2)
+    assert np.all(np.abs(back - np.maximum(y, 0)) <= bound * (1 + 1e-5))
+
+
+def test_adam_stays_bounded_where_a_small_second_moment_decoded_as_zero():
+    """One block with one large gradient and many small ones, 1e-12 to 1e-1 of it, then
+    a step where only the large one is non-zero (a unit that did not fire on that batch).
+    Rounded to the nearest code, every v below 5e-8 of its block's absmax (gradients
+    below 2.2e-4 of the largest) decoded as 0 while its m (down to 5e-7 of its absmax)
+    did not: the second step m / (0 + eps) was thousands of learning rates. Now every
+    decoded v is positive, and each element's step is float32 Adam's times at most what
+    the maps' rounding allows: m read up to `up` times too large, v up to `down` times
+    too small (both from the tables)."""
+    n, lr = 256, 1e-3
+    g1 = np.concatenate([[1.0], 10.0 ** np.linspace(-12, -1, n - 1)]).astype(np.float32)
+    g2 = np.zeros(n, np.float32)
+    g2[0] = 1.0
+    params = {"w": jnp.zeros(n)}
+    steps = {}
+    for name, tx in [
+        ("float32", optax.adam(lr)),
+        ("8-bit", quantize_state(optax.adam(lr), block=n, min_size=0)),
+    ]:
+        state = tx.init(params)
+        _, state = tx.update({"w": jnp.asarray(g1)}, state, params)
+        if name == "8-bit":
+            nu = np.asarray(dequantize(state.inner_state[0].nu["w"], block=n))
+            assert np.all(nu > 0), np.sum(nu == 0)
+        u, _ = tx.update({"w": jnp.asarray(g2)}, state, params)
+        steps[name] = np.abs(np.asarray(u["w"], np.float64))
+    s, v = dynamic_map(True), dynamic_map(False)
+    up = np.max(s[1:] / ((s[:-1] + s[1:]) / 2))  # 2: the signed code 1 holds [5e-7, ...)
+    down = np.max(((v[1:-1] + v[2:]) / 2) / v[1:-1])  # 3.25: v's code 1 holds (0, 3.25e-7)
+    bound = up * np.sqrt(down) * (1 + 1e-4)
+    assert steps["float32"].max() <= lr
+    assert np.all(steps["8-bit"] <= bound * steps["float32"]), np.max(
+        steps["8-bit"] / steps["float32"]
+    )
+    assert steps["8-bit"].max() <= bound * lr
 
 
 # ------------------------------------------------------------ every optimizer
