@@ -244,10 +244,43 @@ def print_report(path: str, plot_path: str | None = None) -> dict[str, Any]:
         batch = info.get("batch_size") or default_batch_size(tname)
         print(f"\n### {tname}: {info['source']}, {info['steps']} updates of {batch}\n")
         print(report(view, info["rows"]))
+    print("\n### Summary (bold: within one seed-sd of the task's best)\n")
+    print(summary_table(results))
     if plot_path:
         plot(results, plot_path)
         print("wrote", plot_path)
     return results
+
+
+def summary_table(results: dict[str, Any], names: list[str] | None = None) -> str:
+    """One row per optimizer, one column per task (mean ± sd at its best lr), and the
+    state bytes per parameter on the first language-model task: the README's table."""
+    tasks = results["tasks"]
+    rows = {t: {r["optimizer"]: r for r in info["rows"]} for t, info in tasks.items()}
+    names = names or list(dict.fromkeys(n for t in rows for n in rows[t]))
+    lm = next((t for t, info in tasks.items() if not info["higher_is_better"]), None)
+    header = ["optimizer"] + [
+        f"{t} ({'accuracy %' if tasks[t]['higher_is_better'] else 'loss'})" for t in tasks
+    ]
+    header.append(f"state bytes/param ({lm})" if lm else "state bytes/param")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        cells = [f"`{name}`"]
+        for t, info in tasks.items():
+            r = rows[t].get(name)
+            if r is None:
+                cells.append("")
+                continue
+            scale, digits = (100, 1) if info["higher_is_better"] else (1, 3)
+            best = max if info["higher_is_better"] else min
+            top = best(x["mean"] for x in rows[t].values())
+            tie = abs(r["mean"] - top) <= r["sd"]  # within one seed-sd of the task's best
+            text = f"{scale * r['mean']:.{digits}f} ± {scale * r['sd']:.{digits}f}"
+            cells.append(f"**{text}**" if tie else text)
+        r = rows.get(lm, {}).get(name) or next(rows[t][name] for t in rows if name in rows[t])
+        cells.append(f"{r['state_bytes_per_param']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def default_batch_size(task_name: str) -> int:
@@ -289,7 +322,8 @@ def main(argv=None) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"unknown optimizers {unknown}; known: {sorted(entries)}")
         entries = {k: entries[k] for k in entries if k in args.only}
-        if "optax.adamw" not in entries:  # the reference for "updates to AdamW's final"
+        if "optax.adamw" not in entries and not args.merge:
+            # the reference for "updates to AdamW's final" (with --merge: the file's row)
             entries = {"optax.adamw": OPTIMIZERS["optax.adamw"]} | entries
     path = os.path.join(RESULTS_DIR, f"{args.out}.json")
     if args.report:

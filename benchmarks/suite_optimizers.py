@@ -55,6 +55,10 @@ OPTIMIZERS: dict[str, Entry] = {
 #: Muon's routing candidates: what the non-Muon leaves (embeddings, head, biases, norm
 #: scales, conv kernels where so routed) get. See ``benchmarks/RESULTS.md`` for the choice.
 MUON_CANDIDATES: dict[str, Entry] = {
+    "muon[other=tiger]": Entry(
+        lambda s: ox.muon(s, weight_decay=0.0, other="tiger"), 3e-3, "optax-ext",
+        "Tiger at Muon's lr for the other leaves (the default before the suite)",
+    ),
     "muon[other=adamw]": Entry(
         lambda s: ox.muon(s, weight_decay=0.0, other="adamw"), 3e-3, "optax-ext",
         "Moonlight: AdamW at Muon's lr for the other leaves",

@@ -139,6 +139,21 @@ def compile_path_regex(pattern: Any, name: str) -> re.Pattern:
         raise ValueError(f"invalid regular expression {pattern!r} in {name}: {e}") from None
 
 
+def path_predicate(name: str, rule: str | Callable[[str], bool]) -> Callable[[str], bool]:
+    """A test of a path: ``rule`` itself if callable, else whether the regular expression
+    ``rule`` is found in the path; a bad pattern is a ``ValueError`` naming ``name``."""
+    if callable(rule):
+        return rule
+    try:
+        pattern = re.compile(rule)
+    except (TypeError, re.error) as e:
+        raise ValueError(
+            f"{name} must be a regular expression or a function of the state path, "
+            f"got {rule!r}: {e}"
+        ) from None
+    return lambda path: bool(pattern.search(path))
+
+
 def first_match(path: str, rules: PathRules | None, default: Any = None) -> Any:
     """The value of the first rule whose regex is found in ``path``, else ``default``."""
     for pattern, value in _rule_items(rules):

@@ -6,7 +6,6 @@ https://arxiv.org/abs/2010.06192; Su Jianlin, Tiger, https://kexue.fm/archives/9
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,7 +13,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_choice, check_transform, path_to_str, work_dtype
+from optax_ext._common import (
+    check_choice,
+    check_transform,
+    path_predicate,
+    path_to_str,
+    work_dtype,
+)
 from optax_ext.wrappers.rounding import (
     _kahan_leaf,
     _need_params,
@@ -154,17 +159,7 @@ def pure_bf16(
     check_choice("summation", summation, ("stochastic", "kahan"))
     dtype = jnp.dtype(dtype)
     check_choice("dtype", dtype, (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
-    if callable(second_moments):
-        is_square = second_moments
-    else:
-        try:
-            pattern = re.compile(second_moments)
-        except (TypeError, re.error) as e:
-            raise ValueError(
-                f"second_moments must be a regular expression or a function of the state "
-                f"path, got {second_moments!r}: {e}"
-            ) from None
-        is_square = lambda path: bool(pattern.search(path))
+    is_square = path_predicate("second_moments", second_moments)
     kahan = summation == "kahan"
 
     def storage(path, x):

@@ -24,6 +24,7 @@ from optax_ext._common import (
     check_int,
     check_transform,
     explicitly_sharded,
+    path_predicate,
     path_to_str,
 )
 
@@ -507,17 +508,7 @@ def quantize_state(
     check_int("min_size", min_size, minimum=0)
     check_choice("code", code, CODES)
     default_rule = isinstance(second_moments, str) and second_moments == SECOND_MOMENTS
-    if callable(second_moments):
-        is_second = second_moments
-    else:
-        try:
-            pattern = re.compile(second_moments)
-        except (TypeError, re.error) as e:
-            raise ValueError(
-                f"second_moments must be a regular expression or a function of the state "
-                f"path, got {second_moments!r}: {e}"
-            ) from None
-        is_second = lambda path: bool(pattern.search(path))
+    is_second = path_predicate("second_moments", second_moments)
     try:
         keep = re.compile(keep_float) if keep_float is not None else None
     except (TypeError, re.error) as e:
