@@ -1,0 +1,522 @@
+"""Spectral pieces (mclip, spectral norm, spectral decay, Post-Clip, the monitor) against a
+float64 NumPy SVD."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import abstract_init_matches, assert_no_recompile, assert_same_on_all_paths
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from optax_ext.optimizers.muon import muon, muon_labels
+from optax_ext.wrappers.spectral import (
+    ClipSingularValuesState,
+    SpectralDecayState,
+    add_spectral_decay,
+    clip_singular_values,
+    mclip,
+    random_matrix_entropy,
+    spectral_norm,
+    spectral_stats,
+)
+
+# ------------------------------------------------------------- float64 references
+
+
+def with_singular_values(s, rows, cols, seed):
+    """U diag(s) Vᵀ with random orthonormal U (rows × k) and V (cols × k), k = len(s)."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, len(s))))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, len(s))))
+    return (u * s) @ v.T
+
+
+def ref_mclip(m, c):
+    """U min(Σ, c) Vᵀ by a float64 SVD, over the last two axes."""
+    u, s, vt = np.linalg.svd(np.asarray(m, np.float64), full_matrices=False)
+    return np.einsum("...ik,...k,...kj->...ij", u, np.minimum(s, c), vt)
+
+
+def svals(m):
+    """Singular values in float64, descending, over the last two axes."""
+    return np.linalg.svd(np.asarray(m, np.float64), compute_uv=False)
+
+
+def ref_top_term(w):
+    """σ₁ u₁ v₁ᵀ of a float64 matrix."""
+    u, s, vt = np.linalg.svd(np.asarray(w, np.float64), full_matrices=False)
+    return s[0] * np.outer(u[:, 0], vt[0])
+
+
+def ref_entropy(w):
+    """-Σ p log p / log k with p = σ²/Σσ² (float64 SVD)."""
+    s2 = svals(w) ** 2
+    p = s2 / s2.sum()
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum() / np.log(len(s2)))
+
+
+def wide_spectrum(k, c):
+    """k singular values spread geometrically over [1e-3, 10]·c."""
+    return np.geomspace(1e-3, 10.0, k) * c
+
+
+# ------------------------------------------------------------------------- mclip
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 16, 24)], ids=str)
+@pytest.mark.parametrize("c", [0.5, 2.0])
+def test_mclip_against_the_svd_over_a_wide_spectrum(shape, c):
+    k = min(shape[-2:])
+    batch = int(np.prod(shape[:-2]))
+    m = np.stack(
+        [with_singular_values(wide_spectrum(k, c), *shape[-2:], seed=b) for b in range(batch)]
+    ).reshape(shape)
+    got = np.asarray(mclip(jnp.asarray(m, jnp.float32), c), np.float64)
+    assert got.shape == shape
+    want = ref_mclip(m, c)
+    s_in = svals(m).reshape(-1, k)
+    s_out = svals(got).reshape(-1, k)
+    assert s_out.max() <= 1.05 * c
+    small = s_in < c / 2
+    # singular values below c/2 move by <= 5% of themselves (measured: ~1e-3 at 1e-3·c)
+    assert np.all(np.abs(s_out[small] - s_in[small]) <= 0.05 * s_in[small])
+    # the whole matrix: float32 rounding of the two msigns
+    err = np.linalg.norm(got - want, ord=2, axis=(-2, -1)).max()
+    assert err <= 1e-4 * c, err
+
+
+def test_mclip_bf16_compute_stays_within_bf16_rounding():
+    c = 1.0
+    m = with_singular_values(wide_spectrum(32, c), 32, 48, seed=3)
+    got = mclip(jnp.asarray(m, jnp.float32), c, compute_dtype=jnp.bfloat16)
+    assert got.dtype == jnp.float32
+    s_out, s_in = svals(got), svals(m)
+    assert s_out.max() <= 1.05 * c
+    # bf16's rounding (2^-9 relative) moves every value by about 1e-2·c at most: the values
+    # in [0.1c, c/2] stay within 5% of themselves, all below c within 0.02c
+    mid = (s_in >= 0.1 * c) & (s_in < c / 2)
+    assert np.all(np.abs(s_out[mid] - s_in[mid]) <= 0.05 * s_in[mid])
+    below = s_in < c
+    assert np.all(np.abs(s_out[below] - s_in[below]) <= 0.02 * c)
+    # a bf16 matrix comes back in bf16
+    assert mclip(jnp.asarray(m, jnp.bfloat16), c).dtype == jnp.bfloat16
+
+
+def test_mclip_keeps_a_matrix_inside_the_ball_and_zero():
+    m = with_singular_values(np.linspace(0.05, 0.9, 12), 12, 20, seed=4)
+    got = np.asarray(mclip(jnp.asarray(m, jnp.float32), 1.0), np.float64)
+    np.testing.assert_allclose(got, m, atol=1e-5)
+    assert float(jnp.abs(mclip(jnp.zeros((4, 6)), 1.0)).max()) == 0.0
+    assert bool(jnp.all(jnp.isnan(mclip(jnp.ones((4, 6)).at[1, 2].set(jnp.nan), 1.0))))
+    # entries near float32's maximum: the Gram matrix is formed after scaling, no overflow
+    big = mclip(jnp.asarray(m * 1e30, jnp.float32), 1e30)
+    np.testing.assert_allclose(np.asarray(big, np.float64) / 1e30, m, atol=1e-5)
+
+
+def test_mclip_under_jit_and_sharded():
+    m = jnp.asarray(with_singular_values(wide_spectrum(16, 1.0), 16, 32, seed=5), jnp.float32)
+    want = mclip(m, 1.0)
+    np.testing.assert_allclose(jax.jit(mclip)(m, 1.0), want, atol=1e-6)
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
+        x = jax.device_put(m, NamedSharding(mesh, PartitionSpec(None, "x")))
+        got = jax.jit(mclip)(x, 1.0)
+        assert got.sharding.is_equivalent_to(x.sharding, 2)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"m": jnp.ones(3)}, ValueError, r"mclip: m must have rank >= 2"),
+        ({"max_sv": 0.0}, ValueError, r"max_sv must be in \(0, inf\), got 0.0"),
+        ({"max_sv": -1.0}, ValueError, r"max_sv must be in \(0, inf\), got -1.0"),
+        ({"max_sv": float("nan")}, ValueError, r"max_sv must be in \(0, inf\), got nan"),
+        ({"m": jnp.ones((2, 2), jnp.int32)}, TypeError, r"m must be a floating-point array"),
+        ({"compute_dtype": jnp.int8}, TypeError, r"compute_dtype must be a floating dtype"),
+        ({"coeffs": "newton"}, ValueError, r"coeffs must be one of"),
+    ],
+)
+def test_mclip_bad_input(kwargs, error, match):
+    args = {"m": jnp.ones((3, 4)), "max_sv": 1.0} | kwargs
+    m, c = args.pop("m"), args.pop("max_sv")
+    with pytest.raises(error, match=match):
+        mclip(m, c, **args)
+
+
+# ------------------------------------------------------------------ spectral norm
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64)], ids=str)
+def test_spectral_norm_cold_on_gaussian_matrices(shape):
+    # Gaussian matrices have crowded top singular values: power iteration's slow case
+    for seed in range(5):
+        a = np.random.default_rng(seed).standard_normal(shape)
+        sigma, v = spectral_norm(jnp.asarray(a, jnp.float32))
+        s1 = svals(a)[0]
+        assert sigma.shape == () and v.shape == (shape[1],)
+        assert 0.98 * s1 <= float(sigma) <= s1 * (1 + 1e-5)  # a lower bound, within 2%
+        np.testing.assert_allclose(float(jnp.linalg.norm(v)), 1.0, rtol=1e-5)
+
+
+def test_spectral_norm_batched_vector_and_warm_start():
+    # a stack of 3 matrices with a gap σ₂/σ₁ = 0.8: v converges to v₁ too
+    s = np.concatenate([[5.0, 4.0], np.linspace(3.0, 0.1, 14)])
+    ms = np.stack([with_singular_values(s * (1 + b), 24, 16, seed=b) for b in range(3)])
+    sigma, v = spectral_norm(jnp.asarray(ms, jnp.float32))
+    assert sigma.shape == (3,) and v.shape == (3, 16)
+    np.testing.assert_allclose(np.asarray(sigma), svals(ms)[:, 0], rtol=2e-3)
+    v1 = np.linalg.svd(ms)[2][:, 0]
+    assert np.all(np.abs(np.sum(np.asarray(v) * v1, axis=-1)) > 0.99)
+    # warm start: one iteration per call on a drifting matrix keeps σ within 0.1%
+    rng = np.random.default_rng(9)
+    m, errors = ms[0], []
+    step = jax.jit(lambda m, v: spectral_norm(m, iters=1, v0=v))
+    v0 = v[0]
+    for _ in range(10):
+        m = m + 0.02 * rng.standard_normal(m.shape)
+        sigma0, v0 = step(jnp.asarray(m, jnp.float32), v0)
+        errors.append(abs(float(sigma0) / svals(m)[0] - 1))
+    assert max(errors) < 1e-3, errors
+    # cold, one iteration is far off: the carried vector is what keeps it accurate
+    cold = float(spectral_norm(jnp.asarray(m, jnp.float32), iters=1)[0])
+    assert abs(cold / svals(m)[0] - 1) > 1e-2
+
+
+def test_spectral_norm_zero_nan_sharded_and_bad_input():
+    sigma, v = spectral_norm(jnp.zeros((5, 7)))
+    assert float(sigma) == 0.0 and bool(jnp.all(jnp.isfinite(v)))
+    assert bool(jnp.isnan(spectral_norm(jnp.ones((5, 7)).at[0, 0].set(jnp.inf))[0]))
+    # huge entries: MᵀM is formed after scaling by the largest entry
+    a = np.random.default_rng(1).standard_normal((12, 8))
+    sigma, _ = spectral_norm(jnp.asarray(a * 1e30, jnp.float32), iters=20)
+    np.testing.assert_allclose(float(sigma) / 1e30, svals(a)[0], rtol=1e-3)
+    m = jnp.asarray(np.random.default_rng(2).standard_normal((16, 24)), jnp.float32)
+    want = spectral_norm(m)
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
+        got = jax.jit(spectral_norm)(jax.device_put(m, NamedSharding(mesh, PartitionSpec("x"))))
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], atol=1e-4)
+    with pytest.raises(ValueError, match=r"spectral_norm: m must have rank >= 2"):
+        spectral_norm(jnp.ones(4))
+    with pytest.raises(ValueError, match=r"v0 must have shape .* \(7,\)"):
+        spectral_norm(jnp.ones((5, 7)), v0=jnp.ones(5))
+    with pytest.raises(ValueError, match=r"iters must be an int >= 1, got 0"):
+        spectral_norm(jnp.ones((5, 7)), iters=0)
+
+
+# ----------------------------------------------------------------- spectral decay
+
+
+def test_spectral_decay_tracks_the_top_term_on_a_drifting_matrix():
+    lam = 0.1
+    s = np.concatenate([[4.0, 3.2], np.linspace(2.5, 0.1, 22)])
+    w = with_singular_values(s, 32, 24, seed=0)
+    rng = np.random.default_rng(1)
+    tx = add_spectral_decay(lam, init_iters=0)  # from the fixed start: only warm steps
+    params = {"mlp": {"kernel": jnp.asarray(w, jnp.float32)}}
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    errors = []
+    for _ in range(10):
+        w = w + 0.01 * rng.standard_normal(w.shape)  # weights drift slowly
+        params = {"mlp": {"kernel": jnp.asarray(w, jnp.float32)}}
+        zero = jax.tree.map(jnp.zeros_like, params)
+        u, state = step(zero, state, params)
+        want = lam * ref_top_term(w)
+        got = np.asarray(u["mlp"]["kernel"], np.float64)
+        errors.append(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert errors[0] > 0.1  # one iteration from a random vector is far off
+    assert errors[-1] < 0.02, errors
+    assert state.count.dtype == jnp.int32 and int(state.count) == 10
+
+
+def paths(tree):
+    return ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def small_params(seed=0):
+    rng = np.random.default_rng(seed)
+    n = lambda *shape: jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-2]), jnp.float32)
+    return {
+        "embed": {"embedding": n(11, 16)},
+        "attn": {"query": {"kernel": n(16, 2, 8)}},
+        "mlp": {"kernel": n(16, 40), "bias": jnp.zeros(40)},
+        "scan": {"kernel": n(2, 16, 16)},
+        "head": {"kernel": n(16, 11)},
+    }
+
+
+def test_spectral_decay_routes_muon_leaves_only():
+    params = small_params()
+    tx = add_spectral_decay(0.5, init_iters=30)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
+    u, state = tx.update(grads, tx.init(params), params)
+    assert isinstance(state, SpectralDecayState)
+    assert state.v["embed"]["embedding"] == optax.MaskedNode()
+    assert state.v["scan"]["kernel"].shape == (2, 16)  # stacked: one vector per layer
+    assert state.v["attn"]["query"]["kernel"].shape == (16,)  # fused heads: (16, 2·8)
+    views = {
+        "attn/query/kernel": lambda x: x.reshape(1, 16, 16),
+        "mlp/kernel": lambda x: x[None],
+        "scan/kernel": lambda x: x,
+    }
+    for (path, p), (_, g), (_, d) in zip(
+        jax.tree_util.tree_leaves_with_path(params),
+        jax.tree_util.tree_leaves_with_path(grads),
+        jax.tree_util.tree_leaves_with_path(u),
+        strict=True,
+    ):
+        key = "/".join(k.key for k in path)
+        term = np.asarray(d, np.float64) - np.asarray(g, np.float64)
+        if key not in views:
+            assert np.all(term == 0), key
+            continue
+        for t, w in zip(views[key](term), views[key](np.asarray(p, np.float64)), strict=True):
+            # the term is rank one, λ·σ with σ within 2% of the SVD's, along the top direction
+            st = svals(t)
+            assert st[1] <= 1e-5 * st[0], key
+            assert abs(st[0] / (0.5 * svals(w)[0]) - 1) < 0.02, key
+
+
+def test_spectral_decay_schedule_needs_params_mask_and_nan():
+    params = {"mlp": {"kernel": jnp.asarray(np.diag([2.0, 1.0, 0.5]), jnp.float32)}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    tx = add_spectral_decay(optax.linear_schedule(0.0, 1.0, 4))
+    state = tx.init(params)
+    for t in range(3):
+        u, state = tx.update(zero, state, params)
+        want = 0.25 * t * 2.0  # λ_t·σ₁ at the top entry: the schedule reads the count
+        np.testing.assert_allclose(float(u["mlp"]["kernel"][0, 0]), want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"add_spectral_decay needs the params"):
+        tx.update(zero, state)
+    # a mask picking a vector is refused at init; a mask picking the embedding decays it
+    bad = {"w": {"kernel": jnp.ones((3, 3))}, "b": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"rank-1 leaf 'b'"):
+        add_spectral_decay(0.1, mask=lambda p: {"w": {"kernel": True}, "b": True}).init(bad)
+    emb = {"embed": {"embedding": jnp.eye(3) * 2.0}}
+    tx = add_spectral_decay(0.1, mask={"embed": {"embedding": True}})
+    u, _ = tx.update(jax.tree.map(jnp.zeros_like, emb), tx.init(emb), emb)
+    np.testing.assert_allclose(float(jnp.linalg.norm(u["embed"]["embedding"])), 0.2, rtol=1e-4)
+    # a NaN weight gives a non-finite term and keeps its previous vector
+    tx = add_spectral_decay(0.1)
+    state = tx.init(params)
+    nan = {"mlp": {"kernel": params["mlp"]["kernel"].at[0, 0].set(jnp.nan)}}
+    u, new = tx.update(zero, state, nan)
+    assert bool(jnp.any(jnp.isnan(u["mlp"]["kernel"])))
+    np.testing.assert_array_equal(new.v["mlp"]["kernel"], state.v["mlp"]["kernel"])
+
+
+@pytest.mark.parametrize(
+    "factory, arg, value, match",
+    [
+        (add_spectral_decay, "weight_decay", -0.1, r"weight_decay must be in \[0, inf\)"),
+        (add_spectral_decay, "iters", 0, r"iters must be an int >= 1"),
+        (add_spectral_decay, "attention", "heads", r"attention must be one of"),
+        (clip_singular_values, "max_sv", 0.0, r"max_sv must be in \(0, inf\), got 0.0"),
+        (clip_singular_values, "max_sv", float("inf"), r"max_sv must be finite"),
+        (clip_singular_values, "steps", -1, r"steps must be an int >= 0"),
+    ],
+)
+def test_bad_construction_names_the_argument(factory, arg, value, match):
+    first = {"weight_decay": 0.1} if factory is add_spectral_decay else {"max_sv": 1.0}
+    kwargs = first | {arg: value}
+    positional = kwargs.pop(next(iter(first)))
+    with pytest.raises(ValueError, match=match):
+        factory(positional, **kwargs)
+
+
+def test_inject_hyperparams_needs_the_iteration_counts_static():
+    import optax_ext as ox
+
+    params = {"d": {"kernel": jnp.diag(jnp.array([2.0, 1.0]))}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    # the Krylov basis's size is the program's shape: a traced count is refused, with the fix
+    tx = ox.inject_hyperparams(add_spectral_decay)(0.1)
+    with pytest.raises(TypeError, match=r"iters must be a static int .*static_args"):
+        jax.jit(tx.update)(zero, tx.init(params), params)
+    decay = optax.linear_schedule(0.1, 0.2, 10)
+    tx = ox.inject_hyperparams(add_spectral_decay, static_args=("iters", "init_iters"))(decay)
+    u, state = jax.jit(tx.update)(zero, tx.init(params), params)
+    np.testing.assert_allclose(u["d"]["kernel"], [[0.2, 0.0], [0.0, 0.0]], atol=1e-6)
+    # Post-Clip's msign steps may be traced (msign loops over them), and max_sv scheduled
+    tx = ox.inject_hyperparams(clip_singular_values)(optax.linear_schedule(1.5, 1.0, 2))
+    u, state = jax.jit(tx.update)(zero, tx.init(params), params)
+    np.testing.assert_allclose(
+        jnp.diag(params["d"]["kernel"] + u["d"]["kernel"]), [1.5, 1.0], atol=1e-5
+    )
+
+
+# ---------------------------------------------------------------------- Post-Clip
+
+
+def test_post_clip_bounds_the_new_weights_per_matrix():
+    c = 1.5
+    rng = np.random.default_rng(0)
+    w = np.stack(
+        [with_singular_values(np.linspace(0.1, 1.4, 12), 12, 20, seed=b) for b in range(2)]
+    )
+    step = np.stack(
+        [with_singular_values(np.geomspace(0.01, 3.0, 12), 12, 20, seed=5 + b) for b in range(2)]
+    )
+    params = {
+        "scan": {"kernel": jnp.asarray(w, jnp.float32)},  # stacked: each layer its own matrix
+        "scan_bias": {"bias": jnp.asarray(rng.standard_normal(20), jnp.float32)},
+    }
+    updates = {
+        "scan": {"kernel": jnp.asarray(step, jnp.float32)},
+        "scan_bias": {"bias": jnp.ones(20, jnp.float32)},
+    }
+    tx = clip_singular_values(c)
+    state = tx.init(params)
+    assert isinstance(state, ClipSingularValuesState) and state.count.dtype == jnp.int32
+    u, state = jax.jit(tx.update)(updates, state, params)
+    new = np.asarray(params["scan"]["kernel"] + u["scan"]["kernel"], np.float64)
+    assert svals(new).max() <= 1.05 * c
+    assert svals(w + step).max() > 2 * c  # the step did push it out
+    np.testing.assert_allclose(new, ref_mclip(w + step, c), atol=1e-4)
+    np.testing.assert_array_equal(u["scan_bias"]["bias"], updates["scan_bias"]["bias"])
+    # bf16 compute: the same bound
+    tx = clip_singular_values(c, compute_dtype=jnp.bfloat16)
+    u, _ = tx.update(updates, tx.init(params), params)
+    assert svals(params["scan"]["kernel"] + u["scan"]["kernel"]).max() <= 1.05 * c
+    with pytest.raises(ValueError, match=r"clip_singular_values needs the params"):
+        tx.update(updates, state)
+
+
+def test_post_clip_after_muon_keeps_every_hidden_matrix_bounded():
+    c = 0.8
+    params = small_params(1)
+    tx = optax.chain(muon(0.05, other="adamw"), clip_singular_values(c))
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    labels = muon_labels(params)
+    for t in range(4):
+        grads = jax.tree.map(
+            lambda p, t=t: jnp.asarray(np.random.default_rng(t).standard_normal(p.shape), p.dtype),
+            params,
+        )
+        u, state = step(params, state, grads)
+        params = optax.apply_updates(params, u)
+    stats = spectral_stats(params)
+    for path in ("attn/query/kernel", "mlp/kernel", "scan/kernel"):
+        assert float(jnp.max(stats[path].sigma_max)) <= 1.05 * c, path
+    # the head, not routed, grew past c
+    assert svals(params["head"]["kernel"])[0] > c
+    routed = {
+        k for k, lab in zip(paths(params), jax.tree.leaves(labels), strict=True) if lab == "muon"
+    }
+    assert set(stats) == routed
+
+
+# ------------------------------------------------------------------------ monitor
+
+
+def test_spectral_stats_against_the_svd():
+    params = small_params(2)
+    stats = jax.jit(spectral_stats)(params)
+    assert set(stats) == {"attn/query/kernel", "mlp/kernel", "scan/kernel"}
+    mats = {
+        "attn/query/kernel": np.asarray(params["attn"]["query"]["kernel"]).reshape(1, 16, 16),
+        "mlp/kernel": np.asarray(params["mlp"]["kernel"])[None],
+        "scan/kernel": np.asarray(params["scan"]["kernel"]),
+    }
+    for path, ms in mats.items():
+        s = stats[path]
+        np.testing.assert_allclose(np.reshape(s.sigma_max, -1), svals(ms)[:, 0], rtol=1e-4)
+        np.testing.assert_allclose(
+            np.reshape(s.entropy, -1), [ref_entropy(m) for m in ms], atol=1e-4
+        )
+        assert s.random_entropy == random_matrix_entropy(*ms.shape[-2:])
+    assert stats["scan/kernel"].sigma_max.shape == (2,)
+    # all σ equal: 1; rank one: 0; zero: 0
+    one = spectral_stats(
+        {
+            "a": {"kernel": 3.0 * jnp.eye(6)},
+            "b": {"kernel": jnp.ones((6, 4))},
+            "z": {"kernel": jnp.zeros((4, 4))},
+        }
+    )
+    np.testing.assert_allclose(
+        [float(one[k].entropy) for k in ("a/kernel", "b/kernel", "z/kernel")],
+        [1.0, 0.0, 0.0],
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(float(one["a/kernel"].sigma_max), 3.0, rtol=1e-6)
+
+
+def test_random_matrix_entropy_matches_gaussian_draws():
+    rng = np.random.default_rng(0)
+    for shape in [(64, 64), (48, 96)]:
+        draws = [ref_entropy(rng.standard_normal(shape)) for _ in range(8)]
+        # Marchenko–Pastur is the large-matrix limit: within 0.005 at these sizes
+        assert abs(np.mean(draws) - random_matrix_entropy(*shape)) < 0.005, shape
+    assert random_matrix_entropy(1, 7) == 1.0
+    with pytest.raises(ValueError, match=r"d_in must be an int >= 1"):
+        random_matrix_entropy(0, 3)
+
+
+def test_spectral_stats_sharded_matches_single_device():
+    params = {
+        "mlp": {
+            "kernel": jnp.asarray(np.random.default_rng(3).standard_normal((16, 24)), jnp.float32)
+        }
+    }
+    want = spectral_stats(params)["mlp/kernel"]
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
+        p = jax.device_put(params, NamedSharding(mesh, PartitionSpec("x")))
+        got = jax.jit(spectral_stats)(p)["mlp/kernel"]
+        np.testing.assert_allclose(got.sigma_max, want.sigma_max, rtol=1e-5)
+        np.testing.assert_allclose(got.entropy, want.entropy, atol=1e-5)
+
+
+# ----------------------------------------------------------------- the contract
+
+
+def contract_params():
+    # The decay's state holds one replicated (d_out,) vector per matrix; the helper matches
+    # state leaves to params by shape, so no 1-D param here has a kernel's d_out. The
+    # matrices have a gap σ₂/σ₁ = 0.5: with crowded top singular values the vector itself
+    # is ill-conditioned and float32 reduction order moves it (the term would still agree).
+    s = np.concatenate([[2.0], np.linspace(1.0, 0.1, 7)])
+    w = lambda rows, cols, seed: with_singular_values(s, rows, cols, seed).astype(np.float32)
+    return {
+        "mlp": {"kernel": jnp.asarray(w(16, 24, 0))},
+        "norm": {"scale": jnp.linspace(0.5, 1.5, 16)},
+        "scan": {"kernel": jnp.asarray(np.stack([w(8, 16, 1), w(8, 16, 2)]))},
+    }
+
+
+@pytest.mark.parametrize(
+    "make, atol",
+    [
+        (lambda: optax.chain(optax.sgd(0.1), add_spectral_decay(0.1)), 2e-6),
+        # XLA:CPU under this suite's two compile-time flags together (tests/conftest.py)
+        # computes a sharded program holding both of mclip's msigns about 1e-4 less
+        # accurately than the unsharded one (each flag alone, or the defaults: 2e-6; the
+        # unsharded result is within 1e-6 of float64's U min(Σ, c) Vᵀ). A routing or
+        # sharding mistake moves entries of size 0.1 by far more.
+        (lambda: optax.chain(optax.sgd(0.5), clip_singular_values(0.9)), 1e-4),
+    ],
+    ids=["decay", "clip"],
+)
+def test_device_paths_abstract_init_and_one_compile(make, atol):
+    params = contract_params()
+    grads = [jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params) for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the names settle every layout: no warning
+        abstract_init_matches(make(), params)
+    assert_no_recompile(make(), params, grads)
+    assert_same_on_all_paths(make(), params, grads, rtol=2e-5, atol=atol)
+
+
+def test_an_unsettled_layout_warns_at_init():
+    params = {"block": {"kernel": jnp.ones((3, 4, 5))}}
+    with pytest.warns(UserWarning, match=r"no layout rule settles \['block/kernel'\]"):
+        add_spectral_decay(0.1).init(params)
