@@ -189,6 +189,13 @@ from optax_ext.wrappers.rounding import (
     stochastic_round,
     stochastic_round_to,
 )
+from optax_ext.wrappers.spectral import (
+    add_spectral_decay,
+    clip_singular_values,
+    mclip,
+    spectral_norm,
+    spectral_stats,
+)
 
 __version__ = "0.1.0"
 
@@ -221,14 +228,15 @@ __all__ = [
     "ScaleByAmosState",
     "ScaleByMuonState",
     "ScaleBySgdmState",
+    "ScaleByTigerState",
     "StochasticRoundState",
     "TIGER_SCALE_RULES",
-    "ScaleByTigerState",
     "TrainState",
     "accumulate_gradients",
     "adafactor",
     "adax",
     "adaxw",
+    "add_spectral_decay",
     "am_softmax_loss",
     "amos",
     "amos_default_eta",
@@ -236,6 +244,7 @@ __all__ = [
     "amos_lr_schedule",
     "amos_weight_decay_schedule",
     "attention_with_max_logits",
+    "clip_singular_values",
     "constant_decay_lr_schedule",
     "contrastive_value_and_grad",
     "cosent_loss",
@@ -258,6 +267,7 @@ __all__ = [
     "make_train_step",
     "matrix_shape",
     "max_logits_per_head",
+    "mclip",
     "measure_noise_scale",
     "msign",
     "msign_svd",
@@ -295,6 +305,8 @@ __all__ = [
     "shard_params",
     "simcse_loss",
     "singular_value_range",
+    "spectral_norm",
+    "spectral_stats",
     "split_batch",
     "split_value_and_grad",
     "stochastic_round",
