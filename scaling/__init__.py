@@ -21,7 +21,8 @@ Command line: ``python -m scaling {lr,wd,laws,noise} --help``.
 
 Modules: :mod:`scaling.batch_size` (lr rules), :mod:`scaling.weight_decay`,
 :mod:`scaling.muon` (Muon's scale conventions), :mod:`scaling.tradeoff` (steps vs
-examples), :mod:`scaling.laws` (published fits), :mod:`scaling.noise` (noise-scale
+examples), :mod:`scaling.batch_ramp` (Seesaw: a batch ramp in place of an lr
+decay), :mod:`scaling.laws` (published fits), :mod:`scaling.noise` (noise-scale
 estimators, logs, the settled value), :mod:`scaling.recommendation`,
 :mod:`scaling.protocol` (extra-argument names shared with ``optax_ext``),
 :mod:`scaling.cli` (the command lines' number arguments and one-line errors).
@@ -36,6 +37,7 @@ never the reverse. The names that need JAX -- the measuring transform
 reachable here and are imported from there on first access.
 """
 
+from scaling.batch_ramp import Seesaw, SeesawPoint, SeesawUpdates, seesaw, seesaw_updates
 from scaling.batch_size import (
     MEAN_FIELD_C,
     SU_C,
@@ -236,6 +238,12 @@ __all__ = [
     "FAMILIES",
     "Recommendation",
     "recommend",
+    # batch_ramp
+    "Seesaw",
+    "SeesawPoint",
+    "SeesawUpdates",
+    "seesaw",
+    "seesaw_updates",
     # tradeoff
     "StepsAndExamples",
     "TradeoffFit",
