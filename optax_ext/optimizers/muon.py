@@ -3,7 +3,8 @@
 References:
   Su Jianlin, https://kexue.fm/archives/10592 (Muon), https://kexue.fm/archives/10739
   (weight decay and update-RMS alignment), https://kexue.fm/archives/11416 (scale
-  conventions, which parameters); Liu et al., "Muon is Scalable for LLM Training"
+  conventions, which parameters), https://kexue.fm/archives/11772 (the Keller scale's
+  max(1, ·) and its decay to MuP's); Liu et al., "Muon is Scalable for LLM Training"
   (Moonlight), https://arxiv.org/abs/2502.16982; Jordan et al.,
   https://kellerjordan.github.io/posts/muon/.
 """
@@ -122,7 +123,7 @@ MUON_LAYOUT_RULES: tuple[tuple[str, str], ...] = (
 _STACKED_NAMES = re.compile(r"(?i:scan|vmap|stack|expert)|(^|/)(?i:layers|blocks)/(?!\d+(/|$))")
 _CONV_NAMES = re.compile(r"(?i:conv)")
 _LAYOUTS = ("conv", "stacked", "heads_in", "heads_out")
-_SCALES = ("moonlight", "keller", "mup", "none")
+_SCALES = ("moonlight", "keller", "mup", "none", "keller_to_mup")
 _ATTENTION = ("fused", "per_head")
 
 
@@ -235,14 +236,60 @@ def _from_matrices(y: jax.Array, perm, like_shape) -> jax.Array:
     return jnp.transpose(y.reshape(permuted), tuple(sorted(range(len(perm)), key=perm.__getitem__)))
 
 
-def _shape_scale(scale: str, d_in: int, d_out: int, update_rms: Any) -> Any:
+def _shape_scale(scale: str, d_in: int, d_out: int, update_rms: Any, tau: Any, dtype) -> Any:
     if scale == "moonlight":
         return update_rms * math.sqrt(max(d_in, d_out))
     if scale == "keller":
         return math.sqrt(max(1.0, d_out / d_in))
     if scale == "mup":
         return math.sqrt(d_out / d_in)
+    if scale == "keller_to_mup":
+        # τ_t is a (traced) scalar: one compiled update serves every step
+        return jnp.sqrt(jnp.maximum(jnp.asarray(tau, dtype), d_out / d_in))
     return 1.0
+
+
+_TAU_HELP = (
+    "τ_t goes from 1 (early in training: the 'keller' scale) to 0 (late: the 'mup' "
+    "scale), e.g. tau=optax.linear_schedule(1.0, 0.0, total_steps) or "
+    "optax.cosine_decay_schedule(1.0, total_steps)"
+)
+
+
+def _check_tau(scale: str, tau: Any) -> Any:
+    """``tau`` as :func:`scale_by_muon` reads it, or ``ValueError`` naming the fix.
+
+    A number must lie in [0, 1]; a schedule is read at update 0 here (where Su's τ
+    starts), so a schedule starting outside [0, 1] (a learning-rate schedule passed by
+    mistake, a warm-up to 2) is refused when built. Traced numbers
+    (``inject_hyperparams`` under ``jit``) pass; concrete injected ones are checked.
+    """
+    if scale != "keller_to_mup":
+        if tau is not None:
+            raise ValueError(
+                f"tau={tau!r} is read by scale='keller_to_mup' only and would be ignored "
+                f"with scale={scale!r}: drop tau, or set scale='keller_to_mup'"
+            )
+        return None
+    if tau is None:
+        raise ValueError(
+            "scale='keller_to_mup' needs tau, a number in [0, 1] or a schedule of the "
+            f"update count with values in [0, 1]: {_TAU_HELP}"
+        )
+    value, shown = tau, repr(tau)
+    if callable(tau):
+        value = tau(jnp.zeros([], jnp.int32))
+        shown = f"the schedule {tau!r} with tau(0) = {value!r}"
+    try:
+        if isinstance(value, bool | np.bool_):
+            raise ValueError
+        check_range("tau", value, 0, 1, schedule=False)
+    except ValueError:
+        raise ValueError(
+            "tau must be a number in [0, 1] or a schedule of the update count with values "
+            f"in [0, 1], got {shown}: {_TAU_HELP}"
+        ) from None
+    return tau
 
 
 # -------------------------------------------------------------------- transforms
@@ -256,6 +303,7 @@ def scale_by_muon(
     steps: int = 5,
     scale: str = "moonlight",
     update_rms: float = 0.2,
+    tau: optax.ScalarOrSchedule | None = None,
     layout: PathRules = MUON_LAYOUT_RULES,
     attention: str = "fused",
     guard_nan: bool = True,
@@ -277,9 +325,34 @@ def scale_by_muon(
 
     with s(W) = ``update_rms``·√max(d_in, d_out) (``"moonlight"``: update RMS ≈ 0.2 as
     AdamW's, so AdamW's lr and weight decay carry over), √max(1, d_out/d_in)
-    (``"keller"``), √(d_out/d_in) (``"mup"``) or 1 (``"none"``). msign runs by
-    Newton–Schulz (:func:`~optax_ext.optimizers.msign.msign`); its coefficients and
-    steps are a speed knob (Su, 10922).
+    (``"keller"``), √(d_out/d_in) (``"mup"``), 1 (``"none"``) or, from Keller's scale
+    to MuP's over training, √max(τ_t, d_out/d_in) (``"keller_to_mup"``, see below).
+    msign runs by Newton–Schulz (:func:`~optax_ext.optimizers.msign.msign`); its
+    coefficients and steps are a speed knob (Su, 10922).
+
+    **From Keller's scale to MuP's** (``scale="keller_to_mup"``, Su, 11772). Su asks
+    for the same feature change ‖Δy‖_RMS ≈ η‖x‖_RMS for every input x of the layer
+    y = xW, Δy = η s(W) x Φ with Φ = msign(N). For d_in ≤ d_out, ΦΦᵀ = I and
+    ‖xΦ‖_RMS = √(d_in/d_out)‖x‖_RMS exactly, so s = √(d_out/d_in). For d_in > d_out
+    xΦ keeps d_out of d_in rotated components: its RMS is ‖x‖_RMS on average over
+    isotropic inputs (s = 1, hence Keller's max(1, ·)) but √(d_in/d_out)‖x‖_RMS at
+    worst, where trained features concentrate (s = √(d_out/d_in), MuP's). Early in
+    training the inputs are near isotropic, later they are not, so Su moves from one
+    to the other:
+
+    .. math::
+
+        s_t(W) = \sqrt{\max(\tau_t,\ d_{out}/d_{in})}, \qquad \tau_t: 1 \to 0
+
+    with τ_t decreasing from 1 (``"keller"`` exactly) to 0 (``"mup"`` exactly);
+    matrices with d_out ≥ d_in get √(d_out/d_in) throughout. Su fixes no shape for
+    the decay (one more schedule to tune) and puts no constant in front: like
+    ``"keller"`` and ``"mup"`` (and unlike ``"moonlight"``'s 0.2·√max(d_in, d_out),
+    which matches AdamW's update RMS) it needs Muon's own learning rate, and
+    ``update_rms`` is not read. ``tau`` is a number in [0, 1] or an optax schedule of
+    the update count (read at ``count``, the updates made before this one, as optax's
+    schedules are), checked when built (a schedule at update 0); it is a traced scalar
+    in the update, so a schedule or an injected ``tau`` never recompiles.
 
     **These are Moonlight's updates.** Moonlight keeps M_t = β M_{t-1} + G_t and takes
     msign(β M_t + G_t); here E_t = (1-β) M_t and N_t = (1-β)(β M_t + G_t), and msign is
@@ -316,8 +389,13 @@ def scale_by_muon(
       coeffs: Newton–Schulz coefficients: ``"polar_express"``, ``"su"``, ``"keller"``,
         ``"su_single"`` or explicit ``(a, b, c)`` rows.
       steps: Newton–Schulz steps (≥ 0; may be injected).
-      scale: ``"moonlight"``, ``"keller"``, ``"mup"`` or ``"none"``.
+      scale: ``"moonlight"``, ``"keller"``, ``"mup"``, ``"none"`` or
+        ``"keller_to_mup"`` (needs ``tau``).
       update_rms: the target RMS of the ``"moonlight"`` scale (> 0).
+      tau: τ_t of ``"keller_to_mup"``, going from 1 to 0 over training: a number in
+        [0, 1] or a schedule of the update count with values in [0, 1], e.g.
+        ``optax.linear_schedule(1.0, 0.0, total_steps)`` (may be injected). Given with
+        another scale it raises ``ValueError`` (it would be ignored).
       layout: path rules naming how each leaf is seen as matrices:
         ``"conv"``, ``"stacked"``, ``"heads_in"``, ``"heads_out"`` (see
         :data:`MUON_LAYOUT_RULES`, the default).
@@ -350,7 +428,8 @@ def scale_by_muon(
     References:
       Su, `Muon <https://kexue.fm/archives/10592>`_, `Moonlight's choices
       <https://kexue.fm/archives/10739>`_, `a practical guide
-      <https://kexue.fm/archives/11416>`_; Liu et al., `Muon is Scalable for LLM
+      <https://kexue.fm/archives/11416>`_, `why Keller's Muon has the extra max(1, ·)
+      <https://kexue.fm/archives/11772>`_; Liu et al., `Muon is Scalable for LLM
       Training <https://arxiv.org/abs/2502.16982>`_, 2025.
     """
     check_range("beta", beta, 0, 1, high_open=True, schedule=False)
@@ -358,6 +437,7 @@ def scale_by_muon(
     check_int("steps", steps, minimum=0)
     check_choice("scale", scale, _SCALES)
     check_range("update_rms", update_rms, 0, low_open=True, schedule=False)
+    tau = _check_tau(scale, tau)
     check_choice("attention", attention, _ATTENTION)
     check_range("eps", eps, 0, schedule=False)
     for pattern, name in layout.items() if isinstance(layout, dict) else layout:
@@ -379,7 +459,7 @@ def scale_by_muon(
             shrunk_leaves=zero(),
         )
 
-    def direction(g, m, bad, path):
+    def direction(g, m, bad, path, tau_t):
         if g.ndim < 2:
             raise ValueError(
                 f"scale_by_muon got the rank-{g.ndim} leaf {path!r}: Muon needs matrices; "
@@ -398,22 +478,23 @@ def scale_by_muon(
             _to_matrices(n, perm, shape), coeffs=coeffs, steps=steps,
             compute_dtype=compute_dtype, eps=eps,
         )  # fmt: skip
-        u = _shape_scale(scale, shape[-2], shape[-1], update_rms) * o.astype(work)
+        alpha = _shape_scale(scale, shape[-2], shape[-1], update_rms, tau_t, work)
+        u = alpha * o.astype(work)
         u = _from_matrices(u, perm, g.shape)
         if bad is not None:
             u = jnp.where(bad, 0.0, u)
         return u.astype(g.dtype), m_new  # E is written by update_fn (cast or SR)
 
-    def leaf(path, g, m, bad):
+    def leaf(path, g, m, bad, tau_t):
         if not explicitly_sharded(g):
-            return direction(g, m, bad, path)
+            return direction(g, m, bad, path, tau_t)
         # Matmuls of explicitly sharded operands must name their output sharding; let
         # the partitioner choose inside and hand back the gradient's sharding.
         shardings = (jax.typeof(g).sharding, jax.typeof(m).sharding)
         if bad is None:
-            run = lambda g, m: direction(g, m, None, path)
+            run = lambda g, m: direction(g, m, None, path, tau_t)
             return jax.sharding.auto_axes(run, out_sharding=shardings)(g, m)
-        run = lambda g, m, bad: direction(g, m, bad, path)
+        run = lambda g, m, bad: direction(g, m, bad, path, tau_t)
         return jax.sharding.auto_axes(run, out_sharding=shardings)(g, m, bad)
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -423,8 +504,10 @@ def scale_by_muon(
         mus = treedef.flatten_up_to(state.mu)
         pairs = [(g, m) for (_, g), m in zip(with_paths, mus, strict=True)]
         flags = [_bad_leaf(g, m, beta) for g, m in pairs] if guard_nan else []
+        # τ_t of this update, read at the updates made before it (optax's schedules' count)
+        tau_t = tau(state.count) if callable(tau) else tau
         out = [
-            leaf(path_to_str(path), g, m, flags[i] if guard_nan else None)
+            leaf(path_to_str(path), g, m, flags[i] if guard_nan else None, tau_t)
             for i, ((path, _), (g, m)) in enumerate(zip(with_paths, pairs, strict=True))
         ]
         u = treedef.unflatten([o[0] for o in out])
@@ -476,6 +559,7 @@ def muon(
     steps: int = 5,
     scale: str = "moonlight",
     update_rms: float = 0.2,
+    tau: optax.ScalarOrSchedule | None = None,
     layout: PathRules = MUON_LAYOUT_RULES,
     attention: str = "fused",
     rules: PathRules = MUON_RULES,
@@ -532,8 +616,8 @@ def muon(
       learning_rate: η, a float or an optax schedule.
       beta: Muon's momentum β in [0, 1).
       weight_decay: λ ≥ 0 for the Muon leaves.
-      nesterov, coeffs, steps, scale, update_rms, layout, attention, guard_nan, eps,
-        compute_dtype, mu_dtype, state_rounding, rounding_seed: as in
+      nesterov, coeffs, steps, scale, update_rms, tau, layout, attention, guard_nan,
+        eps, compute_dtype, mu_dtype, state_rounding, rounding_seed: as in
         :func:`scale_by_muon` (for Muon's M; the other optimizer takes its own in
         ``other_kwargs``).
       rules: path rules labelling leaves ``"muon"`` or ``"other"`` (first match wins;
@@ -563,8 +647,8 @@ def muon(
 
     References:
       Su, `Muon <https://kexue.fm/archives/10592>`_, `<https://kexue.fm/archives/10739>`_,
-      `<https://kexue.fm/archives/11416>`_; Liu et al., `Muon is Scalable for LLM
-      Training <https://arxiv.org/abs/2502.16982>`_, 2025.
+      `<https://kexue.fm/archives/11416>`_, `<https://kexue.fm/archives/11772>`_; Liu et
+      al., `Muon is Scalable for LLM Training <https://arxiv.org/abs/2502.16982>`_, 2025.
     """
     check_range("learning_rate", learning_rate, 0)
     check_range("weight_decay", weight_decay, 0)
@@ -611,6 +695,7 @@ def muon(
         steps=steps,
         scale=scale,
         update_rms=update_rms,
+        tau=tau,
         layout=layout,
         attention=attention,
         guard_nan=guard_nan,

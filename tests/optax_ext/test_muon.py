@@ -20,6 +20,7 @@ from helpers import (
     leaf_paths,
     random_grads_like,
     random_tree,
+    run_path,
     run_steps,
     x64,
 )
@@ -80,7 +81,10 @@ def ref_matrices(path, shape, attention):
     )
 
 
-def ref_scale(kind, d_in, d_out, rms=0.2):
+def ref_scale(kind, d_in, d_out, rms=0.2, tau=None):
+    """The shape scale; ``tau`` is τ_t of Su's 11772 scale √max(τ_t, d_out/d_in)."""
+    if kind == "keller_to_mup":
+        return math.sqrt(max(tau, d_out / d_in))
     return {
         "moonlight": rms * math.sqrt(max(d_in, d_out)),
         "keller": math.sqrt(max(1.0, d_out / d_in)),
@@ -103,13 +107,16 @@ def ref_muon(
     attention="fused",
     eps=1e-7,
     guard=True,
+    tau=None,
 ):
-    """Runs spec/muon.md in float64 on every leaf given; lr(t) is the step's rate.
+    """Runs spec/muon.md in float64 on every leaf given; lr(t) is the step's rate, and
+    ``tau`` (a number or a function of the step t = 0, 1, ...) Su's τ_t.
 
     Returns the params after each step and the final momentum, by path."""
     theta = {p: np.asarray(x, np.float64) for p, x in leaf_paths(params)}
     m = {p: np.zeros_like(x) for p, x in theta.items()}
     for t, grads in enumerate(grads_seq):
+        tau_t = None if tau is None else float(tau(t) if callable(tau) else tau)
         for p, g in leaf_paths(grads):
             g = np.asarray(g, np.float64)
             if guard and not np.all(np.isfinite(g)):
@@ -120,7 +127,8 @@ def ref_muon(
             split, join = ref_matrices(p, g.shape, attention)
             outs = []
             for mat in split(n):
-                outs.append(ref_scale(scale, *mat.shape) * ref_msign(mat, coeffs, steps, eps))
+                alpha = ref_scale(scale, *mat.shape, tau=tau_t)
+                outs.append(alpha * ref_msign(mat, coeffs, steps, eps))
             theta[p] = theta[p] - lr(t) * (join(outs) + wd * theta[p])
     return theta, m
 
@@ -167,6 +175,12 @@ def grads_seq(params, n, seed):
     return [random_grads_like(params, seed * 100 + t) for t in range(n)]
 
 
+def tau_steps(t):
+    """τ_t from 1 to 0 over four steps, exact in any float dtype; at 0.75 and 0.25 it is
+    above and below the d_out/d_in = 0.5 of the tall matrices."""
+    return jnp.asarray([1.0, 0.75, 0.25, 0.0])[jnp.minimum(t, 3)]
+
+
 # ---------------------------------------------------------------- the spec
 
 
@@ -177,8 +191,18 @@ def grads_seq(params, n, seed):
         dict(nesterov=False, coeffs="keller", scale="keller"),
         dict(coeffs="su", steps=6, scale="mup", attention="per_head"),
         dict(coeffs="su_single", steps=3, scale="none"),
+        # (16, 16), (16, 32) and (32, 16) matrices; per head (16, 8) and (8, 16)
+        dict(scale="keller_to_mup", tau=tau_steps),
+        dict(nesterov=False, scale="keller_to_mup", tau=0.75, attention="per_head"),
     ],
-    ids=["moonlight", "keller", "su-mup-per-head", "su_single-none"],
+    ids=[
+        "moonlight",
+        "keller",
+        "su-mup-per-head",
+        "su_single-none",
+        "keller_to_mup-schedule",
+        "keller_to_mup-constant-per-head",
+    ],
 )
 def test_scale_by_muon_matches_float64_reference(kw):
     with x64():
@@ -756,6 +780,52 @@ def test_inject_hyperparams_traced_steps_and_lr():
     assert all(not bool(jnp.any(x != 0)) for x in jax.tree.leaves(u))
 
 
+def test_keller_to_mup_tau_schedule_injected_jitted_and_sharded():
+    # Su's τ_t read at the update count: plain, under ox.inject_hyperparams (a schedule
+    # or a number) and on sharded meshes, each compiled once
+    from optax_ext.hyperparams import inject_hyperparams
+
+    rng = np.random.default_rng(15)
+    n = lambda *shape: jnp.asarray(0.3 * rng.standard_normal(shape), jnp.float32)
+    params = {"up": {"kernel": n(8, 16)}, "down": {"kernel": n(16, 8)}}
+    grads = grads_seq(params, 4, 15)
+    kw = dict(learning_rate=1e-2, weight_decay=0.0, scale="keller_to_mup")
+
+    def run_once_compiled(tx):
+        def update(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        step, p, s = jax.jit(update), params, tx.init(params)
+        for g in grads:
+            p, s = step(p, s, g)
+        assert step._cache_size() == 1  # τ_t is traced: no recompilation on step 2
+        return p, s
+
+    want, _ = run_once_compiled(muon(tau=tau_steps, **kw))
+    injected = inject_hyperparams(muon)(tau=tau_steps, **kw)
+    got, state = run_once_compiled(injected)
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+    assert float(state.hyperparams["tau"]) == 0.0  # the last update's τ
+    # an injected number can be changed in the state; τ = 1 is "keller", τ = 0 "mup"
+    injected = inject_hyperparams(muon)(tau=0.5, **kw)
+    state = injected.init(params)
+    step = jax.jit(injected.update)
+    for tau, scale in ((1.0, "keller"), (0.0, "mup")):
+        state.hyperparams["tau"] = jnp.asarray(tau)
+        u, _ = step(grads[0], state, params)
+        plain = muon(1e-2, weight_decay=0.0, scale=scale)
+        u_want, _ = jax.jit(plain.update)(grads[0], state.inner_state, params)
+        assert_trees_close(u, u_want, rtol=1e-5, atol=1e-7, err=scale)  # f32, |u| ~ 1e-3
+    assert step._cache_size() == 1
+    # explicitly sharded leaves run inside auto_axes, which closes over τ_t
+    direction = optax.chain(scale_by_muon(scale="keller_to_mup", tau=tau_steps), optax.scale(-0.1))
+    want = run_path(direction, params, grads, "jit")
+    for path in ("sharded", "explicit"):
+        got = run_path(direction, params, grads, path)
+        assert_trees_close(jax.tree.map(np.asarray, got), want, rtol=2e-5, atol=1e-6, err=path)
+
+
 def test_masked_chain_abstract_init_no_recompile():
     params = small_tree(12)
     grads = grads_seq(params, 3, 12)
@@ -836,7 +906,28 @@ def test_sharded_muon_equals_single_device_by_rows_columns_and_fully():
         ({"steps": -1}, r"steps must be an int >= 0, got -1"),
         ({"coeffs": "newton"}, r"coeffs must be one of"),
         ({"coeffs": [(1.0, 2.0)]}, r"coeffs must be an \(a, b, c\) triple"),
-        ({"scale": "torch"}, r"scale must be one of \['moonlight', 'keller', 'mup', 'none'\]"),
+        (
+            {"scale": "torch"},
+            r"scale must be one of \['moonlight', 'keller', 'mup', 'none', 'keller_to_mup'\]",
+        ),
+        # Su's τ_t: a number or a schedule's start in [0, 1], given with its scale only
+        *(
+            (
+                {"scale": "keller_to_mup", "tau": tau},
+                r"tau must be a number in \[0, 1\] or a " + got,
+            )
+            for tau, got in [
+                (1.5, r"schedule .* got 1.5: τ_t goes from 1"),
+                (-0.1, r".* got -0.1: .*optax.linear_schedule\(1.0, 0.0, total_steps\)"),
+                (float("nan"), r".* got nan"),
+                ("linear", r".* got 'linear'"),
+                (True, r".* got True"),
+                ([0.5], r".* got \[0.5\]"),
+                (optax.linear_schedule(2.0, 0.0, 10), r".* got the schedule .* tau\(0\) = .*2\."),
+            ]
+        ),
+        ({"scale": "keller_to_mup"}, r"scale='keller_to_mup' needs tau, a number in \[0, 1\]"),
+        ({"tau": 0.5}, r"tau=0.5 is read by scale='keller_to_mup' only .* with scale='moonlight'"),
         ({"update_rms": 0.0}, r"update_rms must be in \(0, inf\), got 0.0"),
         ({"attention": "split"}, r"attention must be one of \['fused', 'per_head'\]"),
         ({"layout": [("", "dense")]}, r"layout for '' must be one of"),
