@@ -6,7 +6,8 @@ noise-scale EMAs included, and a run resumed from a checkpoint is bit-identical 
 uninterrupted one. What Orbax alone does not catch is a checkpoint restored into a train
 state built with *another* optimizer whose state has the same tree (AdaX into Adam, say),
 or with other 8-bit maps (:func:`~optax_ext.wrappers.quantize.quantize_state`'s ``code``
-or ``second_moments``), whose codes it would silently cast or misread:
+or ``second_moments``) or another number of ``bits`` (4 or 8), whose codes it would
+silently cast or misread:
 :func:`save_train_state` records the optimizer state's :func:`opt_state_signature` and
 :func:`restore_train_state` checks it and the 8-bit codes' dtypes, naming both state
 types (or the ``quantize_state`` argument to change) when they differ::
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import optax
 
-from optax_ext.wrappers.quantize import _CODE_CLASSES
+from optax_ext.wrappers.quantize import _CODE_CLASSES, Quantized4State, QuantizedState
 
 __all__ = [
     "RENAMED_STATES",
@@ -129,6 +130,27 @@ _QUANTIZED_CLASS = re.compile(r"\b(" + "|".join(sorted(_CODE_OF_CLASS, key=len)[
 _CODE_DTYPES = {"int8": "signed", "uint8": "unsigned"}
 
 
+#: the state class of quantize_state for each ``bits``: a state's signature names it
+_BITS_OF_STATE = {QuantizedState.__name__: 8, Quantized4State.__name__: 4}
+_BITS_STATE = re.compile(r"\b(" + "|".join(_BITS_OF_STATE) + r")\b")
+
+
+def _bits_mismatch(saved: str, expected: str, where: str) -> str:
+    """The message for signatures whose ``quantize_state`` stores in another number of
+    bits (8-bit and 4-bit codes have other arrays, maps and packing), or ""."""
+    bits = lambda s: sorted({_BITS_OF_STATE[m] for m in _BITS_STATE.findall(s)})
+    was, now = bits(saved), bits(expected)
+    if was == now or len(was) != 1 or len(now) != 1:
+        return ""
+    return (
+        f"checkpoint at {where} holds optimizer states written with "
+        f"quantize_state(bits={was[0]}), but the train state was built with bits={now[0]}: "
+        f"{was[0]}-bit codes cannot be read as {now[0]}-bit ones (saved state type {saved}, "
+        f"expected {expected}). Build the optimizer with quantize_state(..., bits={was[0]}) "
+        "to restore this checkpoint."
+    )
+
+
 def _code_mismatch(saved: str, expected: str, where: str) -> str:
     """The message for two signatures that differ only in the map of their 8-bit codes
     (``quantize_state``'s ``code``), or ""."""
@@ -190,7 +212,8 @@ def _check_checkpoint(metadata: Any, target: Any, where: str) -> None:
         saved = current_signature(saved)
     if saved is not None and saved != expected:
         raise ValueError(
-            _code_mismatch(saved, expected, where)
+            _bits_mismatch(saved, expected, where)
+            or _code_mismatch(saved, expected, where)
             or f"checkpoint at {where} holds an optimizer state of type {saved}, but the "
             f"train state expects {expected}: was it written by another optimizer?"
         )

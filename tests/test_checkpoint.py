@@ -435,3 +435,29 @@ def test_8bit_state_under_another_map_is_refused(tmp_path, saved_with, restored_
     message = str(err.value)
     assert str(tmp_path / "ckpt") in message and "Build the optimizer with" in message
     assert ("code=" if "code" in saved_with | restored_with else "second_moments") in message
+
+
+@pytest.mark.parametrize(
+    "saved_bits, restored_bits", [(8, 4), (4, 8)], ids=["8bit_as_4bit", "4bit_as_8bit"]
+)
+def test_state_stored_in_other_bits_is_refused(tmp_path, saved_bits, restored_bits):
+    """4-bit codes (two per byte, other maps and scales) and 8-bit ones mean nothing
+    under each other's decoder. restore_train_state refuses a checkpoint written with
+    quantize_state(bits=8) into a train state built with bits=4 and the reverse, naming
+    ``bits`` and the value to build with; the same bits restore every leaf."""
+    checkpointer = ocp.StandardCheckpointer()
+    state = _synthetic_state(worker.abstract_state(_quantize_adam(bits=saved_bits)))
+    checkpoint.save_train_state(checkpointer, tmp_path / "ckpt", state)
+    checkpointer.wait_until_finished()
+    restored = checkpoint.restore_train_state(
+        checkpointer, tmp_path / "ckpt", worker.abstract_state(_quantize_adam(bits=saved_bits))
+    )
+    _assert_same_state(restored, state)
+    match = rf"quantize_state\(bits={saved_bits}\).*built with bits={restored_bits}"
+    with pytest.raises(ValueError, match=match) as err:
+        checkpoint.restore_train_state(
+            checkpointer,
+            tmp_path / "ckpt",
+            worker.abstract_state(_quantize_adam(bits=restored_bits)),
+        )
+    assert f"quantize_state(..., bits={saved_bits})" in str(err.value)

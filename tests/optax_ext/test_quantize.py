@@ -22,16 +22,23 @@ from optax_ext._common import tree_bytes
 from optax_ext.optimizers.adax import adaxw
 from optax_ext.optimizers.amos import amos
 from optax_ext.optimizers.lion import lion
+from optax_ext.optimizers.muon import muon
 from optax_ext.optimizers.sgdm import sgdm
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.quantize import (
     LinearQuantizedArray,
     NothingQuantizedWarning,
+    Quantized4Array,
+    Quantized4State,
     QuantizedArray,
+    RankOne4Array,
+    Unsigned4Array,
     code_of,
     dequantize,
     dynamic_map,
+    linear4_map,
     quantize,
+    quantize4,
     quantize_state,
 )
 
@@ -645,7 +652,12 @@ def test_abstract_init_and_no_recompile(make):
 
 def test_bad_arguments():
     for kwargs, name in [
-        ({"bits": 4}, "bits"),
+        ({"bits": 3}, "bits"),
+        ({"bits": 16}, "bits"),
+        ({"bits": 4, "block": 0}, "block"),
+        ({"bits": 4, "block": -128}, "block"),
+        ({"bits": 4, "code": "linear"}, "code"),
+        ({"bits": 4, "seed": -1}, "seed"),
         ({"block": 0}, "block"),
         ({"min_size": -1}, "min_size"),
         ({"code": "log"}, "code"),
@@ -663,6 +675,305 @@ def test_orbax_checkpoint_resumes_bit_identically(tmp_path):
     params = small_params(3)
     grads = [random_grads_like(params, s) for s in range(6)]
     tx = quantize_state(optax.adamw(1e-2), **SMALL)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(step)
+    p, s = params, tx.init(params)
+    for g in grads[:3]:
+        p, s = step(p, s, g)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", {"params": p, "opt_state": s})
+    checkpointer.wait_until_finished()
+    target = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
+    restored = checkpointer.restore(tmp_path / "ckpt", target)
+    assert jax.tree.structure(restored) == jax.tree.structure(target)
+    p2, s2 = restored["params"], restored["opt_state"]
+    for g in grads[3:]:
+        p, s = step(p, s, g)
+        p2, s2 = step(p2, s2, g)
+    for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((p2, s2)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------- 4 bits
+
+FOUR = (Quantized4Array, Unsigned4Array, RankOne4Array)
+is_four = lambda x: isinstance(x, FOUR)
+
+
+def test_4bit_maps_match_their_description():
+    """Signed momenta: the dynamic map with 3 magnitude bits (decades [0.1, 1] in 4
+    steps, [0.01, 0.1] in 2, then 0.01 and 0). Second moments: (i + 1)/16, no zero."""
+    np.testing.assert_allclose(
+        dynamic_map(True, 4), [0, 0.01, 0.055, 0.1, 0.325, 0.55, 0.775, 1.0], rtol=1e-12
+    )
+    np.testing.assert_allclose(spec_map_bits(3), dynamic_map(True, 4), rtol=1e-12)
+    np.testing.assert_allclose(linear4_map(), np.arange(1, 17) / 16, rtol=0)
+    assert linear4_map().min() > 0
+
+
+def spec_map_bits(bits):
+    """:func:`spec_map`'s reading of the bits, for ``bits`` magnitude bits."""
+    out = []
+    for code in range(2**bits):
+        s = format(code, f"0{bits}b")
+        if "1" not in s:
+            out.append(0.0)
+            continue
+        z, frac = s.index("1"), s[s.index("1") + 1 :]
+        n = 2 ** len(frac)
+        out.append(10.0**-z * (0.1 + 0.9 * (int(frac, 2) + 1) / n) if frac else 10.0**-z)
+    return np.asarray(out)
+
+
+def _scales64(x, kind, block):
+    """Each entry's scale in float64: the block's absmax, or min(row max, col max)."""
+    a = np.abs(x.astype(np.float64))
+    if kind == "rank1":
+        m = a.reshape(-1, x.shape[-1])
+        return np.minimum(m.max(1, keepdims=True), m.max(0, keepdims=True)).reshape(x.shape)
+    flat = a.reshape(-1)
+    out = np.empty_like(flat)
+    for start in range(0, flat.size, block):
+        out[start : start + block] = flat[start : start + block].max()
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["signed", "unsigned_blocks", "rank1"])
+def test_4bit_round_trip_is_nearest_and_bounded_against_float64(kind):
+    """Every entry decodes to the map value nearest x / scale (scales and the error in
+    float64): within half the map's local gap of the entry's scale, 0.1125 at most for
+    the signed map, 1/32 for the unsigned one (or, below 1/16 of the scale, rounded up
+    to 1/16, never to 0). Odd last axes and a shorter last block are packed right."""
+    rng = np.random.default_rng(1)
+    shape, block = (9, 31), 64  # 279 elements: a short last block, an odd last axis
+    x = rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 0, shape)
+    x[0, 0] = 40.0  # an outlier: rank-1 keeps the other rows and columns fine
+    signed = kind == "signed"
+    x = (x if signed else x * x).astype(np.float32)
+    # the block-wise second-moment path is for ndim 1
+    q = jax.jit(quantize4, static_argnames=("signed", "block"))(
+        jnp.asarray(x.reshape(-1) if kind == "unsigned_blocks" else x), signed=signed, block=block
+    )
+    want_cls = {
+        "signed": Quantized4Array,
+        "unsigned_blocks": Unsigned4Array,
+        "rank1": RankOne4Array,
+    }
+    assert type(q) is want_cls[kind] and q.codes.dtype == jnp.uint8
+    assert q.codes.shape[-1] in (16, 140)  # two codes per byte: 31 -> 16, 279 -> 140
+    back = np.asarray(jax.jit(dequantize, static_argnames="block")(q, block=block), np.float64)
+    back = back.reshape(shape)
+    scale = _scales64(x if kind != "unsigned_blocks" else x.reshape(-1), kind, block)
+    scale = scale.reshape(shape)
+    y = x.astype(np.float64) / scale
+    table = dynamic_map(True, 4) if signed else linear4_map()
+    mag = np.abs(y)
+    nearest = table[np.argmin(np.abs(table[None, :] - mag.reshape(-1, 1)), axis=1)]
+    got = np.abs(back) / scale
+    np.testing.assert_allclose(got.reshape(-1), nearest, atol=1e-6)
+    if signed:  # a value rounded to 0 is +0, never NaN (the code "-0")
+        assert np.all((np.sign(back) == np.sign(x)) | (back == 0))
+    else:
+        assert np.all(back > 0)
+    err = np.abs(back - x) / scale
+    assert err.max() <= (0.225 / 2 if signed else 1 / 16) + 1e-6
+    if not signed:
+        above = y >= 1 / 16
+        assert err[above].max() <= 1 / 32 + 1e-6
+    if kind == "rank1":  # entries away from the outlier keep their own scale
+        assert np.abs(back[1:, 1:] - x[1:, 1:]).max() <= x[1:, 1:].max() / 16
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_4bit_requantisation_is_unbiased(signed):
+    """Stochastic rounding: over 1e5 keys the decoded value's mean error is below 1e-4
+    of the scale (and each entry's within 5 standard errors), for values a quarter of
+    a gap above a map value, where nearest rounding is off by a quarter gap."""
+    table = dynamic_map(True, 4) if signed else linear4_map()
+    lo, hi = table[:-1], table[1:]
+    y = np.concatenate([lo + 0.25 * (hi - lo), [1.0]])  # 1.0: the absmax, exact
+    if signed:
+        y = np.concatenate([y, -y[:-1]])
+    x = jnp.asarray(np.tile(y, 4), jnp.float32)
+    y64 = np.asarray(x, np.float64)
+    draws, chunk = 100_000, 50_000
+
+    @jax.jit
+    def mean_error(keys):
+        back = jax.vmap(
+            lambda k: dequantize(quantize4(x, signed=signed, block=x.size, key=k), block=x.size)
+        )(keys)
+        return jnp.sum(back.astype(jnp.float32) - x, axis=0)
+
+    total = np.zeros(x.size)
+    for c in range(draws // chunk):
+        keys = jax.random.split(jax.random.key(c), chunk)
+        total += np.asarray(mean_error(keys), np.float64)
+    mean = total / draws
+    # signed by the value's sign: a bias towards (or away from) 0 must not cancel
+    # between x and -x
+    assert abs(np.mean(mean * np.sign(y64))) <= 1e-4, np.mean(mean * np.sign(y64))
+    i = np.clip(np.searchsorted(table, np.abs(y64), side="right") - 1, 0, table.size - 2)
+    gap = table[i + 1] - table[i]
+    sd = gap * np.sqrt(0.25 * 0.75) / np.sqrt(draws)
+    assert np.all(np.abs(mean) <= 5 * sd + 1e-6), np.max(np.abs(mean) / (sd + 1e-12))
+    nearest = np.asarray(
+        jax.jit(lambda x: dequantize(quantize4(x, signed=signed, block=x.size), block=x.size))(x)
+    )
+    assert abs(np.mean((nearest - y64) * np.sign(y64))) > 1e-2  # what the test catches
+
+
+def _linear_with_zero(v, block):
+    """A plain linear 4-bit map with a zero point (round(15 v / A) / 15 · A per block)."""
+    flat = v.reshape(-1)
+    out = np.empty_like(flat)
+    for s in range(0, flat.size, block):
+        a = flat[s : s + block].max()
+        out[s : s + block] = np.round(flat[s : s + block] / a * 15) / 15 * a
+    return out.reshape(v.shape)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (256,)], ids=["rank1", "blocks"])
+def test_4bit_second_moment_without_zero_keeps_adam_bounded_on_a_spike(shape):
+    """One gradient element 20x the others, then a step where only it is non-zero.
+    With a linear 4-bit map with a zero point, every v below 1/30 of the block's largest
+    (gradients under 0.18 of the spike) decodes as 0 while its momentum does not: the
+    second step is m / eps, ~1e5 learning rates (float64 reference). With the map
+    without zero (and rank-1 scales for the matrix) it stays within a few."""
+    rng = np.random.default_rng(2)
+    n, lr, b1, b2, eps = int(np.prod(shape)), 1e-3, 0.9, 0.999, 1e-8
+    g1 = (0.05 * rng.uniform(0.5, 1, n) * rng.choice([-1, 1], n)).reshape(shape)
+    g1.flat[0] = 1.0
+    g2 = np.zeros(shape)
+    g2.flat[0] = 1.0
+    # float64 Adam whose nu is stored on the zero-point map between the steps
+    m1, v1 = (1 - b1) * g1, _linear_with_zero((1 - b2) * g1**2, 256)
+    m2, v2 = b1 * m1 + (1 - b1) * g2, b2 * v1 + (1 - b2) * g2**2
+    zero_point = lr * (m2 / (1 - b1**2)) / (np.sqrt(v2 / (1 - b2**2)) + eps)
+    assert np.abs(zero_point).max() > 1e4 * lr
+    tx = quantize_state(optax.adam(lr, b1, b2, eps), bits=4, min_size=0)
+    params = {"w": jnp.zeros(shape)}
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    _, state = step({"w": jnp.asarray(g1, jnp.float32)}, state, params)
+    nu = state.inner_state[0].nu["w"]
+    assert isinstance(nu, RankOne4Array if len(shape) == 2 else Unsigned4Array)
+    u, _ = step({"w": jnp.asarray(g2, jnp.float32)}, state, params)
+    assert np.all(np.isfinite(np.asarray(u["w"])))
+    assert np.abs(np.asarray(u["w"])).max() <= 5 * lr, np.abs(np.asarray(u["w"])).max() / lr
+
+
+def _bytes_per_param(tx, params):
+    state = jax.eval_shape(tx.init, params)
+    return tree_bytes(state) / sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_4bit_state_bytes_per_parameter():
+    """Codes 0.5 B, a float32 absmax per 256 momenta (0.0156 B), row and column maxima
+    of a matrix's second moment (4 (r + c) / (r c) B), counted on abstract states."""
+    s = jax.ShapeDtypeStruct
+    params = {
+        "w": s((1024, 512), jnp.float32),
+        "e": s((512, 1024), jnp.float32),
+        "b": s((16384,), jnp.float32),
+    }
+    tiger_bytes = _bytes_per_param(quantize_state(tiger(1e-3), bits=4), params)
+    adam_bytes = _bytes_per_param(quantize_state(optax.adam(1e-3), bits=4), params)
+    assert tiger_bytes <= 0.52, tiger_bytes
+    assert adam_bytes <= 1.04, adam_bytes
+    assert _bytes_per_param(quantize_state(optax.adam(1e-3)), params) > 2.0  # 8 bits
+
+
+INNERS4 = {
+    "tiger": lambda: tiger(1e-2),
+    "lion": lambda: lion(1e-3),
+    "sgdm": lambda: sgdm(1e-2, 0.9),
+    "adam": lambda: optax.adam(1e-2),
+    "adamw": lambda: optax.adamw(1e-2),
+    "muon": lambda: muon(1e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(INNERS4))
+def test_every_optimizer_runs_4bit_under_jit(name):
+    """Each jitted step is the inner optimizer's float32 step on the decoded state (the
+    same update), and the stored state is that step's new state to within one gap of
+    the map (stochastic rounding goes to either neighbour): 0.225 of the leaf's largest
+    |value| for the signed map, 1/16 for the unsigned one."""
+    params = small_params(0)
+    grads = [random_grads_like(params, s) for s in range(2)]
+    ref_tx, q_tx = INNERS4[name](), quantize_state(INNERS4[name](), bits=4, **SMALL)
+    q_s = q_tx.init(params)
+    assert isinstance(q_s, Quantized4State)
+    decode = lambda t: jax.tree.map(
+        lambda x: dequantize(x, block=SMALL["block"]) if is_four(x) else x, t, is_leaf=is_four
+    )
+    ref_step = jax.jit(lambda g, s, p: ref_tx.update(g, decode(s), p))
+    q_step = jax.jit(q_tx.update)
+    quantised = 0
+    for g in grads:
+        ref_u, ref_s = ref_step(g, q_s.inner_state, params)
+        u, q_s = q_step(g, q_s, params)  # the same params: compare the states
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ref_u), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        f_leaves = leaf_paths(ref_s)
+        q_leaves = jax.tree_util.tree_flatten_with_path(q_s.inner_state, is_leaf=is_four)[0]
+        assert len(f_leaves) == len(q_leaves)
+        quantised = 0
+        for (path, f), (_, q) in zip(f_leaves, q_leaves, strict=True):
+            if not is_four(q):
+                np.testing.assert_allclose(np.asarray(q), np.asarray(f), rtol=1e-5, atol=1e-6)
+                continue
+            quantised += 1
+            second = "nu" in jax.tree_util.keystr(path)
+            assert isinstance(q, (RankOne4Array, Unsigned4Array) if second else Quantized4Array)
+            back, f = np.asarray(decode(q)), np.asarray(f)
+            assert back.shape == f.shape
+            gap = 1 / 16 if second else 0.225
+            assert np.abs(back - f).max() <= gap * np.abs(f).max() * (1 + 1e-5) + 1e-30, path
+    assert quantised >= 1 and int(q_s.count) == 2
+
+
+def test_4bit_rounding_is_seeded_by_seed_step_and_leaf():
+    params = small_params(1)
+    grads = [random_grads_like(params, s) for s in range(2)]
+
+    def run(seed):
+        tx = quantize_state(optax.adam(1e-2), bits=4, seed=seed, **SMALL)
+        s = tx.init(params)
+        for g in grads:
+            _, s = tx.update(g, s, params)
+        return jax.tree.leaves(s)
+
+    run = jax.jit(run)  # the seed traced: one compile for every seed
+
+    a, b, c = run(0), run(0), run(1)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, c, strict=True))
+
+
+CONTRACT4 = [
+    pytest.param(lambda: quantize_state(tiger(1e-2), bits=4, **SMALL), id="tiger"),
+    pytest.param(lambda: quantize_state(optax.adamw(1e-2), bits=4, **SMALL), id="adamw"),
+]
+
+
+@pytest.mark.parametrize("make", CONTRACT4)
+def test_4bit_abstract_init_and_no_recompile(make):
+    params = small_params(2)
+    abstract_init_matches(make(), params)
+    assert_no_recompile(make(), params, [random_grads_like(params, s) for s in range(3)])
+
+
+def test_4bit_orbax_checkpoint_resumes_bit_identically(tmp_path):
+    params = small_params(3)
+    grads = [random_grads_like(params, s) for s in range(6)]
+    tx = quantize_state(optax.adamw(1e-2), bits=4, **SMALL)
 
     def step(p, s, g):
         u, s = tx.update(g, s, p)
