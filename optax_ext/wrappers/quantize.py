@@ -411,8 +411,9 @@ class RankOne4Array(NamedTuple):
     Attributes:
       codes: uint8, two codes per byte along the last axis (as in
         :class:`Quantized4Array`); c = ``col_max.size`` gives the unpacked length.
-      row_max: float32 (r,).
-      col_max: float32 (c,).
+      row_max: float32 (r, 1).
+      col_max: float32 (1, c). (Two-dimensional, broadcasting against each other:
+        replicated reductions, never mistaken for a parameter-shaped vector.)
     """
 
     codes: jax.Array
@@ -513,7 +514,7 @@ def quantize4(
         inv = jnp.where(scale >= _TINY, 1.0 / scale, 0.0)
         codes = _encode4(mat * inv, False, _noise(key, mat.shape))
         packed, _ = _pack(codes.reshape(x.shape))
-        return RankOne4Array(codes=packed, row_max=rows.reshape(-1), col_max=cols)
+        return RankOne4Array(codes=packed, row_max=rows, col_max=cols[None, :])
     flat = x.reshape(-1)
     noise = _noise(key, flat.shape)
     codes, absmax, start = [], [], 0
@@ -533,10 +534,10 @@ def quantize4(
 def _dequantize4(q: Any, block: int) -> jax.Array:
     """The float32 values of a 4-bit array of :func:`quantize4` (same ``block``)."""
     if isinstance(q, RankOne4Array):
-        n = q.col_max.shape[0]
+        n = q.col_max.shape[-1]
         codes = _unpack(q.codes, n)
         shape = codes.shape
-        scale = jnp.minimum(q.row_max[:, None], q.col_max[None, :])
+        scale = jnp.minimum(q.row_max, q.col_max)
         return (_decode4(codes.reshape(-1, n), False) * scale).reshape(shape)
     n = 2 * q.codes.shape[-1] - (q.odd.shape[0] - 1)
     codes = _unpack(q.codes, n)

@@ -963,6 +963,16 @@ CONTRACT4 = [
 ]
 
 
+@pytest.mark.parametrize("make", CONTRACT4[1:])  # adamw: both maps, rank-1 and blocks
+def test_4bit_same_on_every_device_path(make):
+    """Eager, jit, pmap, sharded and explicitly sharded meshes: the same params and
+    state (the rounding keys depend on seed, step and leaf, not on the layout); the
+    rank-1 maxima are (r, 1) and (1, c), replicated, never mistaken for a vector."""
+    params = small_params(1)
+    grads = [random_grads_like(params, s) for s in range(3)]
+    assert_same_on_all_paths(make(), params, grads, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("make", CONTRACT4)
 def test_4bit_abstract_init_and_no_recompile(make):
     params = small_params(2)
