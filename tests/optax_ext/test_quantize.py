@@ -867,6 +867,28 @@ def test_4bit_second_moment_without_zero_keeps_adam_bounded_on_a_spike(shape):
     assert np.abs(np.asarray(u["w"])).max() <= 5 * lr, np.abs(np.asarray(u["w"])).max() / lr
 
 
+@pytest.mark.parametrize("kind", ["signed", "rank1"])
+def test_4bit_a_non_finite_value_leaves_the_rest_alone(kind):
+    """A NaN and an inf entry: scales are the largest *finite* values, so every other
+    entry decodes exactly as with 0 there; in a momentum they decode as NaN (the code
+    "-0"), in a second moment as their scale (no spare code: a bounded step)."""
+    x = np.random.default_rng(3).standard_normal((4, 9)).astype(np.float32)
+    signed = kind == "signed"
+    x = x if signed else x * x
+    bad = np.zeros(x.shape, bool)
+    bad[1, 2] = bad[2, 3] = True
+    clean, dirty = np.where(bad, 0.0, x), x.copy()
+    dirty[1, 2], dirty[2, 3] = np.nan, np.inf
+    run = jax.jit(lambda x: dequantize(quantize4(x, signed=signed, block=16), block=16))
+    back_clean, back = np.asarray(run(jnp.asarray(clean))), np.asarray(run(jnp.asarray(dirty)))
+    np.testing.assert_array_equal(back[~bad], back_clean[~bad])
+    if signed:
+        assert np.all(np.isnan(back[bad]))
+    else:
+        scale = np.minimum(clean.max(1, keepdims=True), clean.max(0, keepdims=True))
+        np.testing.assert_allclose(back[bad], scale[bad], rtol=1e-6)
+
+
 def _bytes_per_param(tx, params):
     state = jax.eval_shape(tx.init, params)
     return tree_bytes(state) / sum(x.size for x in jax.tree.leaves(params))
