@@ -42,7 +42,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import RESULTS_DIR, machine, markdown_table, write_json  # noqa: E402
-from suite_optimizers import MUON_CANDIDATES, OPTIMIZERS, Entry  # noqa: E402
+from suite_optimizers import MUON_CANDIDATES, OPTIMIZERS, TIGER_CANDIDATES, Entry  # noqa: E402
 from suite_tasks import TASKS, Task  # noqa: E402
 
 SEEDS = (0, 1, 2)
@@ -210,7 +210,9 @@ def plot(results: dict, path: str) -> None:
     except ImportError as e:
         raise SystemExit("--plot needs matplotlib: pip install 'optax-ext[plot]'") from e
     tasks = results["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    names = list(dict.fromkeys(r["optimizer"] for info in tasks.values() for r in info["rows"]))
+    colour = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}  # same in every panel
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks) + 2.5, 4.2), squeeze=False)
     for ax, (tname, info) in zip(axes[0], tasks.items(), strict=True):
         for r in info["rows"]:
             lrs = sorted(r["sweep"], key=float)
@@ -218,7 +220,7 @@ def plot(results: dict, path: str) -> None:
             s = [np.std(r["sweep"][k], ddof=1) for k in lrs]
             style = "-" if r["source"] == "optax-ext" else "--"
             ax.errorbar([float(k) for k in lrs], m, yerr=s, fmt=style, marker="o", ms=3,
-                        capsize=2, label=r["optimizer"])  # fmt: skip
+                        capsize=2, label=r["optimizer"], color=colour[r["optimizer"]])  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel(info["metric"])
@@ -229,9 +231,15 @@ def plot(results: dict, path: str) -> None:
         else:
             best = min(r["mean"] for r in info["rows"])
             ax.set_ylim(best - 0.05, best + 0.6)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle("quality suite: final held-out metric against the learning rate (3 seeds)")
-    fig.tight_layout()
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+    fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles],
+               fontsize=7, loc="center right")  # fmt: skip
+    fig.subplots_adjust(right=0.84)
+    fig.suptitle(
+        "quality suite: final held-out metric against the peak learning rate "
+        "(mean ± sd of 3 seeds; dashed: optax)"
+    )
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -300,6 +308,7 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--only", nargs="*", help="optimizer names (default: all)")
     ap.add_argument("--muon-candidates", action="store_true", help="Muon's routing candidates")
+    ap.add_argument("--tiger-candidates", action="store_true", help="Tiger's defaults apart")
     ap.add_argument("--steps", type=int, default=None, help="updates per run (task default)")
     ap.add_argument("--batch-size", type=int, default=None, help="examples per update")
     ap.add_argument("--quick", action="store_true", help="digits_mlp, adamw and tiger, 60 steps")
@@ -313,6 +322,7 @@ def main(argv=None) -> dict[str, Any]:
     )
     args = ap.parse_args(argv)
     entries = dict(OPTIMIZERS) | (dict(MUON_CANDIDATES) if args.muon_candidates else {})
+    entries |= dict(TIGER_CANDIDATES) if args.tiger_candidates else {}
     seeds, grid, extend = SEEDS, GRID, MAX_EXTEND
     if args.quick:
         args.tasks, args.only, args.steps = ["digits_mlp"], ["optax.adamw", "tiger"], 60
