@@ -140,6 +140,21 @@ def check_compute_dtype(compute_dtype: Any, name: str = "compute_dtype") -> Any:
     return dt
 
 
+def check_matrix(who: str, m: Any) -> None:
+    """``m`` must be a floating-point array of rank >= 2 (a batch of matrices)."""
+    dtype = getattr(m, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{who}: m must be a floating-point array, got {dtype or type(m).__name__}; "
+            "cast it first, e.g. m.astype(jnp.float32)"
+        )
+    if m.ndim < 2:
+        raise ValueError(
+            f"{who}: m must have rank >= 2 (the last two axes are the matrix, the others a "
+            f"batch), got shape {m.shape}; a vector is m[None, :] as a 1 x n matrix"
+        )
+
+
 def msign(
     m: jax.Array,
     *,
@@ -207,14 +222,7 @@ def msign(
     n_steps = _static_steps(steps)
     compute_dtype = check_compute_dtype(compute_dtype)
     check_range("eps", eps, 0, schedule=False)
-    dtype = getattr(m, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"msign: m must be a floating-point array, got {dtype or type(m).__name__}; "
-            "cast it first, e.g. m.astype(jnp.float32)"
-        )
-    if m.ndim < 2:
-        raise ValueError(f"msign needs an array of rank >= 2, got shape {m.shape}")
+    check_matrix("msign", m)
     run = lambda m, steps: _newton_schulz(m, rows, n_steps, steps, compute_dtype, eps)
     if explicitly_sharded(m):
         # Products of explicitly sharded operands must name their output sharding: let

@@ -41,7 +41,12 @@ from optax_ext._common import (
     schedule_value,
     work_dtype,
 )
-from optax_ext.optimizers.msign import check_compute_dtype, msign, newton_schulz_coefficients
+from optax_ext.optimizers.msign import (
+    check_compute_dtype,
+    check_matrix,
+    msign,
+    newton_schulz_coefficients,
+)
 from optax_ext.optimizers.muon import (
     _ATTENTION,
     _LAYOUTS,
@@ -68,20 +73,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------- matrix functions
-
-
-def _check_matrix(who: str, m: Any) -> None:
-    dtype = getattr(m, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{who}: m must be a floating-point array, got {dtype or type(m).__name__}; "
-            "cast it first, e.g. m.astype(jnp.float32)"
-        )
-    if m.ndim < 2:
-        raise ValueError(
-            f"{who}: m must have rank >= 2 (the last two axes are the matrix, the others a "
-            f"batch), got shape {m.shape}; a vector is m[None, :] as a 1 x n matrix"
-        )
 
 
 def _static_int(name: str, value: Any, minimum: int) -> int:
@@ -165,7 +156,7 @@ def mclip(
       Su, `mclip via msign <https://kexue.fm/archives/11006>`_,
       `<https://kexue.fm/archives/11059>`_, `Post-Clip <https://kexue.fm/archives/11729>`_.
     """
-    _check_matrix("mclip", m)
+    check_matrix("mclip", m)
     check_range("max_sv", max_sv, 0, low_open=True, schedule=False)
     newton_schulz_coefficients(coeffs)
     compute_dtype = check_compute_dtype(compute_dtype)
@@ -283,7 +274,7 @@ def spectral_norm(m: jax.Array, *, iters: int = 20, v0: Any = None) -> tuple[jax
       Su, `spectral-norm estimates <https://kexue.fm/archives/11736>`_,
       `<https://kexue.fm/archives/10648>`_.
     """
-    _check_matrix("spectral_norm", m)
+    check_matrix("spectral_norm", m)
     iters = _static_int("iters", iters, 1)
     vshape = (*m.shape[:-2], m.shape[-1])
     if v0 is not None and tuple(jnp.shape(v0)) != vshape:
