@@ -84,3 +84,15 @@ MUON_CANDIDATES: dict[str, Entry] = {
         3e-3, "optax-ext", "Moonlight's routing, conv kernels to AdamW as well",
     ),
 }  # fmt: skip
+
+#: Tiger's defaults taken apart (Tiger is Lion with b1 = b2 = β plus per-parameter scales).
+TIGER_CANDIDATES: dict[str, Entry] = {
+    "tiger[param_scaling=None]": Entry(
+        lambda s: ox.tiger(s, weight_decay=0.0, param_scaling=None), 6e-4, "optax-ext",
+        "one step size for every entry, as Lion",
+    ),
+    "tiger[beta=0.9]": Entry(
+        lambda s: ox.tiger(s, 0.9, weight_decay=0.0), 6e-3, "optax-ext",
+        "a shorter momentum",
+    ),
+}  # fmt: skip
