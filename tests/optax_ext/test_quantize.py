@@ -636,14 +636,24 @@ CONTRACT = [
 ]
 
 
-@pytest.mark.parametrize("make", CONTRACT)
+#: 4 bits: adamw has both maps (rank-1 second moments and block-wise momenta)
+CONTRACT4 = [
+    pytest.param(lambda: quantize_state(tiger(1e-2), bits=4, **SMALL), id="tiger-4bit"),
+    pytest.param(lambda: quantize_state(optax.adamw(1e-2), bits=4, **SMALL), id="adamw-4bit"),
+]
+
+
+@pytest.mark.parametrize("make", CONTRACT + CONTRACT4[1:])
 def test_same_on_every_device_path(make):
+    """Eager, jit, pmap, sharded and explicitly sharded meshes: the same params and state
+    (4 bits: the rounding keys depend on seed, step and leaf, not on the layout; the
+    rank-1 maxima are (r, 1) and (1, c), replicated, never mistaken for a vector)."""
     params = small_params(1)
     grads = [random_grads_like(params, s) for s in range(3)]
     assert_same_on_all_paths(make(), params, grads, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("make", CONTRACT)
+@pytest.mark.parametrize("make", CONTRACT + CONTRACT4)
 def test_abstract_init_and_no_recompile(make):
     params = small_params(2)
     abstract_init_matches(make(), params)
@@ -979,26 +989,3 @@ def test_4bit_rounding_is_seeded_by_seed_step_and_leaf():
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, c, strict=True))
-
-
-CONTRACT4 = [
-    pytest.param(lambda: quantize_state(tiger(1e-2), bits=4, **SMALL), id="tiger"),
-    pytest.param(lambda: quantize_state(optax.adamw(1e-2), bits=4, **SMALL), id="adamw"),
-]
-
-
-@pytest.mark.parametrize("make", CONTRACT4[1:])  # adamw: both maps, rank-1 and blocks
-def test_4bit_same_on_every_device_path(make):
-    """Eager, jit, pmap, sharded and explicitly sharded meshes: the same params and
-    state (the rounding keys depend on seed, step and leaf, not on the layout); the
-    rank-1 maxima are (r, 1) and (1, c), replicated, never mistaken for a vector."""
-    params = small_params(1)
-    grads = [random_grads_like(params, s) for s in range(3)]
-    assert_same_on_all_paths(make(), params, grads, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("make", CONTRACT4)
-def test_4bit_abstract_init_and_no_recompile(make):
-    params = small_params(2)
-    abstract_init_matches(make(), params)
-    assert_no_recompile(make(), params, [random_grads_like(params, s) for s in range(3)])
