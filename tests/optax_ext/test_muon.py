@@ -135,15 +135,13 @@ def ref_muon(
 
 def kernels_only(tree):
     """The hidden kernels of a tree (rank >= 2, no embedding, bias or head), paths kept."""
-    out = {}
-    for p, x in leaf_paths(tree):
-        if x.ndim >= 2 and p.endswith("kernel") and "/head/" not in p:
-            node = out
-            *parents, last = p.split("/")
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[last] = x
-    return out
+    return nested(
+        {
+            p: x
+            for p, x in leaf_paths(tree)
+            if x.ndim >= 2 and p.endswith("kernel") and "/head/" not in p
+        }
+    )
 
 
 def small_tree(seed):
