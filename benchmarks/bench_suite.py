@@ -16,7 +16,7 @@ same seed every optimizer sees the same data in the same order.
 
     python benchmarks/bench_suite.py                      # every task and optimizer
     python benchmarks/bench_suite.py --tasks demo_lm --only muon
-    python benchmarks/bench_suite.py --muon-candidates    # Muon's routing candidates too
+    python benchmarks/bench_suite.py --candidates muon    # Muon's routing candidates too
     python benchmarks/bench_suite.py --quick              # 1 task, 2 optimizers (tests)
 
 Writes benchmarks/results/quality_suite.json (or --out) and, with --plot, a PNG of the
@@ -42,7 +42,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import RESULTS_DIR, machine, markdown_table, write_json  # noqa: E402
-from suite_optimizers import MUON_CANDIDATES, OPTIMIZERS, TIGER_CANDIDATES, Entry  # noqa: E402
+from suite_optimizers import OPTIMIZERS, Entry, candidate_sets  # noqa: E402
 from suite_tasks import TASKS, Task  # noqa: E402
 
 SEEDS = (0, 1, 2)
@@ -307,8 +307,11 @@ def main(argv=None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--only", nargs="*", help="optimizer names (default: all)")
-    ap.add_argument("--muon-candidates", action="store_true", help="Muon's routing candidates")
-    ap.add_argument("--tiger-candidates", action="store_true", help="Tiger's defaults apart")
+    ap.add_argument(
+        "--candidates", nargs="*", default=[], choices=list(candidate_sets()),
+        help="groups of candidates beside the default rows (Muon's routing, Tiger's "
+        "defaults apart, 4-bit states, spectral pieces)",
+    )  # fmt: skip
     ap.add_argument("--steps", type=int, default=None, help="updates per run (task default)")
     ap.add_argument("--batch-size", type=int, default=None, help="examples per update")
     ap.add_argument("--quick", action="store_true", help="digits_mlp, adamw and tiger, 60 steps")
@@ -321,8 +324,9 @@ def main(argv=None) -> dict[str, Any]:
         "--report", action="store_true", help="print the tables of the results file, run nothing"
     )
     args = ap.parse_args(argv)
-    entries = dict(OPTIMIZERS) | (dict(MUON_CANDIDATES) if args.muon_candidates else {})
-    entries |= dict(TIGER_CANDIDATES) if args.tiger_candidates else {}
+    entries = dict(OPTIMIZERS)
+    for group in args.candidates:
+        entries |= candidate_sets()[group]
     seeds, grid, extend = SEEDS, GRID, MAX_EXTEND
     if args.quick:
         args.tasks, args.only, args.steps = ["digits_mlp"], ["optax.adamw", "tiger"], 60

@@ -31,6 +31,10 @@ def _q8(tx):
     return ox.quantize_state(tx, min_size=256)
 
 
+def _q4(tx):
+    return ox.quantize_state(tx, bits=4, min_size=256)
+
+
 OPTIMIZERS: dict[str, Entry] = {
     # --- optax's
     "optax.adamw": Entry(lambda s: optax.adamw(s, weight_decay=0.0), 3e-3, "optax"),
@@ -96,3 +100,24 @@ TIGER_CANDIDATES: dict[str, Entry] = {
         "a shorter momentum",
     ),
 }  # fmt: skip
+
+#: 4-bit states (Li et al. 2023) against the float and 8-bit rows above.
+QUANT4_CANDIDATES: dict[str, Entry] = {
+    "tiger 4-bit": Entry(lambda s: _q4(ox.tiger(s, weight_decay=0.0)), 6e-3, "optax-ext"),
+    "optax.adamw 4-bit": Entry(
+        lambda s: _q4(optax.adamw(s, weight_decay=0.0)), 3e-3, "optax-ext", "ox.quantize_state"
+    ),
+    "muon 4-bit": Entry(lambda s: _q4(ox.muon(s, weight_decay=0.0)), 3e-3, "optax-ext"),
+}  # fmt: skip
+
+
+def candidate_sets() -> dict[str, dict[str, Entry]]:
+    """Named groups of candidates beside the default rows (``bench_suite.py --candidates``)."""
+    from suite_spectral import SPECTRAL_CANDIDATES  # noqa: PLC0415  (its own module)
+
+    return {
+        "muon": MUON_CANDIDATES,
+        "tiger": TIGER_CANDIDATES,
+        "4bit": QUANT4_CANDIDATES,
+        "spectral": SPECTRAL_CANDIDATES,
+    }
