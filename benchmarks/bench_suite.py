@@ -2,9 +2,10 @@
 
 Protocol (after Wen et al. 2025, "Fantastic Pretraining Optimizers and Where to Find
 Them", arXiv 2509.02046): on each task every optimizer gets its own learning-rate sweep
-on a log grid (factor 2) with 3 seeds at every point; while the best rate (mean over
-seeds) is at an end of the grid the sweep extends past that end, so the best is
-bracketed by worse rates on both sides (or flagged). All use the same warm-up (5%) +
+on a log grid (factor 2), one seed at every rate (``--sweep-seeds``); while the best rate
+is at an end of the grid the sweep extends past that end, so the best is bracketed by
+worse rates on both sides (or flagged); then the other seeds (3 in all) run at the best
+rate. All use the same warm-up (5%) +
 cosine schedule (to 10% of the peak) and weight decay 0. The numbers are those at the end
 of training: the held-out metric at the best rate (mean ± sd over seeds), the best rate,
 the updates needed to reach AdamW's final held-out metric (from evaluations every
@@ -101,31 +102,41 @@ def score(task: Task, final: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(s), s, -np.inf)
 
 
-def sweep(task: Task, entry: Entry, seeds=SEEDS, grid=GRID, max_extend=MAX_EXTEND):
-    """The rate sweep of one optimizer: rows per rate, and which one is best."""
+def sweep(task: Task, entry: Entry, seeds=SEEDS, grid=GRID, max_extend=MAX_EXTEND, sweep_seeds=1):
+    """The rate sweep of one optimizer: rows per rate, and which one is best.
+
+    The grid (and its extensions past an edge) runs the first ``sweep_seeds`` seeds; the
+    remaining seeds then run at the best rate only, so the final numbers have every seed
+    while the sweep costs ``sweep_seeds / len(seeds)`` of a full grid.
+    """
     run = grid_runner(task, entry)
     rows: dict[float, dict[str, np.ndarray]] = {}
+    first, rest = tuple(seeds[:sweep_seeds]), tuple(seeds[sweep_seeds:])
 
-    def add(factors):
+    def add(factors, seeds):
         lrs = [entry.centre * f for f in factors]
         metric, loss, train = run(lrs, seeds)
         for i, f in enumerate(factors):
-            rows[f] = {"metric": metric[i], "loss": loss[i], "train": train[i]}
+            new = {"metric": metric[i], "loss": loss[i], "train": train[i]}
+            old = rows.get(f)
+            rows[f] = new if old is None else {k: np.concatenate([old[k], new[k]]) for k in new}
 
     def best():
         mean = lambda f: np.mean(score(task, rows[f]["metric"][:, -1]))
         return max(rows, key=mean)
 
-    add(list(grid))
+    add(list(grid), first)
     for _ in range(max_extend):
         b = best()
         if b == max(rows):
-            add([b * 2])
+            add([b * 2], first)
         elif b == min(rows):
-            add([b / 2])
+            add([b / 2], first)
         else:
             break
     b = best()
+    if rest:
+        add([b], rest)
     return rows, b, b in (min(rows), max(rows))
 
 
@@ -217,7 +228,7 @@ def plot(results: dict, path: str) -> None:
         for r in info["rows"]:
             lrs = sorted(r["sweep"], key=float)
             m = [np.mean(r["sweep"][k]) for k in lrs]
-            s = [np.std(r["sweep"][k], ddof=1) for k in lrs]
+            s = [np.std(r["sweep"][k], ddof=1) if len(r["sweep"][k]) > 1 else 0 for k in lrs]
             style = "-" if r["source"] == "optax-ext" else "--"
             ax.errorbar([float(k) for k in lrs], m, yerr=s, fmt=style, marker="o", ms=3,
                         capsize=2, label=r["optimizer"], color=colour[r["optimizer"]])  # fmt: skip
@@ -312,6 +323,10 @@ def main(argv=None) -> dict[str, Any]:
         help="groups of candidates beside the default rows (Muon's routing, Tiger's "
         "defaults apart, 4-bit states, spectral pieces)",
     )  # fmt: skip
+    ap.add_argument(
+        "--sweep-seeds", type=int, default=1,
+        help="seeds at every rate of the sweep (the rest run at the best rate only)",
+    )  # fmt: skip
     ap.add_argument("--steps", type=int, default=None, help="updates per run (task default)")
     ap.add_argument("--batch-size", type=int, default=None, help="examples per update")
     ap.add_argument("--quick", action="store_true", help="digits_mlp, adamw and tiger, 60 steps")
@@ -342,7 +357,9 @@ def main(argv=None) -> dict[str, Any]:
     path = os.path.join(RESULTS_DIR, f"{args.out}.json")
     if args.report:
         return print_report(path, args.plot)
-    results: dict[str, Any] = {"machine": machine(), "seeds": list(seeds), "tasks": {}}
+    results: dict[str, Any] = {
+        "machine": machine(), "seeds": list(seeds), "sweep_seeds": args.sweep_seeds, "tasks": {},
+    }  # fmt: skip
     if args.merge and os.path.exists(path):
         with open(path) as f:
             results["tasks"] = json.load(f)["tasks"]
@@ -360,8 +377,9 @@ def main(argv=None) -> dict[str, Any]:
         print(f"\n## {tname}: {task.source}, {task.steps} updates of {task.batch_size}", flush=True)
         for name, entry in entries.items():
             t0 = time.perf_counter()
-            sw, best, edge = sweep(task, entry, seeds, grid, extend)
+            sw, best, edge = sweep(task, entry, seeds, grid, extend, args.sweep_seeds)
             row = summarise(task, name, entry, sw, best, edge, time.perf_counter() - t0)
+            row["sweep_seeds"] = args.sweep_seeds
             info["rows"] = [r for r in info["rows"] if r["optimizer"] != name] + [row]
             add_steps_to_adamw(task, info["rows"])
             write_json(args.out, results)  # after every optimizer: a long run can be resumed

@@ -87,6 +87,15 @@ MUON_CANDIDATES: dict[str, Entry] = {
         ),
         3e-3, "optax-ext", "Moonlight's routing, conv kernels to AdamW as well",
     ),
+    "muon[keller_to_mup]": Entry(
+        lambda s: ox.muon(
+            s, weight_decay=0.0, scale="keller_to_mup", tau=optax.linear_schedule(1.0, 0.0, 200),
+            other_learning_rate=lambda t: 0.25 * s(t),
+        ),
+        1e-2, "optax-ext",
+        "Su's scale from Keller's to MuP's (11772), tau 1 -> 0 over 200 updates; "
+        "AdamW at a quarter of the lr for the other leaves",
+    ),
 }  # fmt: skip
 
 #: Tiger's defaults taken apart (Tiger is Lion with b1 = b2 = β plus per-parameter scales).
