@@ -1,0 +1,234 @@
+"""Whole-matrix transforms on a device mesh: each matrix computed once, by one owner.
+
+msign, mclip and the spectral norm need a whole matrix. Left to the compiler, a matrix
+sharded by rows (FSDP) or columns (tensor parallel) has every Newton–Schulz product
+partitioned: each step all-gathers or all-reduces pieces of the matrix, many times the
+matrix's own bytes per step. :func:`owner_compute` instead gives each whole matrix to
+one device along some mesh axes (its owner), which transforms it locally, batched with
+the other matrices of the same shape it owns, and sends the result back:
+
+1. the matrices are grouped by shape and dtype (with ``transposable``, an (n, m) matrix
+   joins the (m, n) group transposed);
+2. each group of K matrices is laid out in P·C slots, C = ⌈K/P⌉ for the P devices
+   along ``axes``; device p owns a contiguous run of ⌊K/P⌋ or ⌈K/P⌉ of them and the
+   rest of its slots are zero padding. The devices that take the extra matrices are
+   those with the least work so far, counting a matrix (m, n) as m·n·min(m, n)
+   (Newton–Schulz's cost), groups taken from the most costly;
+3. the slot array is resharded to the owner layout (slots over ``axes``): from rows or
+   columns over ``axes`` this is one all-to-all per group; other mesh axes keep the
+   matrices' own sharding;
+4. ``fn`` runs once per group inside :func:`jax.shard_map` (manual over ``axes`` only)
+   on the device's C slots;
+5. the results are laid out as the inputs were (one all-to-all per group back) and
+   keep each input's sharding.
+
+On P devices the compiled program then runs ⌈K/P⌉ matrices of each group per device
+(instead of every product partitioned), and moves about twice the matrices' bytes
+divided by P per device. A leaf already split over ``axes`` along a batch axis
+(stacked layers, experts) whose count divides evenly is owned where it lies and moves
+nothing. Distributed Muon (Liu et al., Moonlight, arXiv 2502.16982, section 2.3)
+gathers whole matrices in the same spirit on a data-parallel group; this is the
+single-program (SPMD) form under ``jax.set_mesh``, with auto or explicit axis types.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.shard_alike import shard_alike
+from jax.sharding import AxisType, PartitionSpec
+
+__all__ = ["check_owner_axes", "owner_compute", "owner_mesh"]
+
+
+def check_owner_axes(axes: Any, name: str = "owner_axes") -> tuple[str, ...] | None:
+    """``axes`` as a tuple of mesh axis names (``None`` kept), or ``ValueError`` naming
+    ``name``: a name or a non-empty sequence of distinct names."""
+    if axes is None:
+        return None
+    given = (axes,) if isinstance(axes, str) else axes
+    try:
+        given = tuple(given)
+    except TypeError:
+        given = None
+    if not given or not all(isinstance(a, str) and a for a in given):
+        raise ValueError(
+            f"{name} must be a mesh axis name or a non-empty tuple of names, e.g. 'data' "
+            f"or ('data', 'model'), got {axes!r}"
+        )
+    if len(set(given)) != len(given):
+        raise ValueError(f"{name}={axes!r} names an axis twice")
+    return given
+
+
+def _describe(mesh) -> str:
+    sizes = ", ".join(f"{n!r}: {s}" for n, s in zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    return f"the mesh {{{sizes}}}"
+
+
+def owner_mesh(axes: Sequence[str], name: str = "owner_axes"):
+    """The mesh set by ``jax.set_mesh`` (abstract, as seen while tracing), checked to
+    hold every axis of ``axes``; ``ValueError`` naming the axis and the mesh otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError(
+            f"{name}={tuple(axes)!r} needs a device mesh, but no mesh is set: run the step "
+            "under `with jax.set_mesh(mesh):` (a mesh from jax.make_mesh with these axes)"
+        )
+    for axis in axes:
+        if axis not in mesh.axis_names:
+            raise ValueError(
+                f"{name}: the axis {axis!r} is not in {_describe(mesh)}; its axes are "
+                f"{tuple(mesh.axis_names)!r}"
+            )
+    return mesh
+
+
+def owner_compute(
+    fn: Callable[[jax.Array], jax.Array],
+    axes: str | Sequence[str],
+    *,
+    transposable: bool = False,
+) -> Callable[[Any], Any]:
+    """``fn`` over every matrix of a tree, each whole matrix computed by one owner along ``axes``.
+
+    Args:
+      fn: a batched function of matrices, (C, m, n) → (C, m, n), where each output
+        matrix depends only on the same input matrix (padding slots hold zeros, and
+        their results are dropped). It runs inside :func:`jax.shard_map`, manual over
+        ``axes``: it sees whole matrices, still sharded along the mesh's other axes
+        (those are left to the compiler), and must not use collectives over ``axes``.
+      axes: a mesh axis name or a tuple of names, of the mesh set by
+        ``jax.set_mesh`` (auto or explicit axis types).
+      transposable: ``fn(xᵀ) = fn(x)ᵀ`` (msign, mclip, singular-value clipping): an
+        (n, m) matrix is transposed into the (m, n) group (m ≤ n), so fewer groups
+        need padding.
+
+    Returns:
+      ``apply(tree)``: every leaf an array of rank ≥ 2 whose last two axes are the
+      matrix and the others a batch of them; returns the tree of ``fn``'s results,
+      each with its input's shape and sharding. Raises ``ValueError`` naming the axis
+      and the mesh when no mesh is set or an axis is not in it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> mesh = jax.make_mesh((1,), ("data",))
+      >>> double = owner_compute(lambda x: 2 * x, "data")
+      >>> with jax.set_mesh(mesh):
+      ...     out = jax.jit(double)({"w": jnp.ones((2, 3)), "v": jnp.ones((4, 2, 3))})
+      >>> out["v"].shape, float(out["w"].sum())
+      ((4, 2, 3), 12.0)
+    """
+    axes = check_owner_axes(axes, "axes")
+
+    def apply(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        mesh = owner_mesh(axes, "axes")
+        for x in leaves:
+            if jnp.ndim(x) < 2:
+                raise ValueError(
+                    f"owner_compute: every leaf must be a (batch of) matrices, got shape "
+                    f"{jnp.shape(x)}"
+                )
+        run = lambda leaves: _owner_apply(fn, axes, transposable, leaves, mesh.shape)
+        if any(t == AxisType.Explicit for t in mesh.axis_types):
+            # Typed (explicit) shardings would need every reshape and slice below to
+            # name its output's sharding: let the partitioner place the inside, and
+            # hand every result back with its input's sharding.
+            out_sharding = [jax.typeof(x).sharding for x in leaves]
+            out = jax.sharding.auto_axes(run, out_sharding=out_sharding)(leaves)
+        else:
+            out = run(leaves)
+        return jax.tree.unflatten(treedef, out)
+
+    return apply
+
+
+def _owner_apply(fn, axes, transposable, leaves, sizes) -> list[jax.Array]:
+    """Groups, moves, computes and moves back (auto axes here: see :func:`owner_compute`)."""
+    n_owners = math.prod(sizes[a] for a in axes)
+    groups: dict[tuple, list[tuple[int, bool]]] = {}
+    for i, x in enumerate(leaves):
+        m, n = x.shape[-2:]
+        flip = transposable and m > n
+        key = (n, m, x.dtype) if flip else (m, n, x.dtype)
+        groups.setdefault(key, []).append((i, flip))
+    cost = lambda key: key[0] * key[1] * min(key[0], key[1])
+    load = [0] * n_owners
+    out: list[Any] = [None] * len(leaves)
+    for key in sorted(groups, key=cost, reverse=True):  # most costly first: their
+        members = groups[key]  # remainders go to the least loaded owners
+        parts = [_as_stack(leaves[i], flip) for i, flip in members]
+        stack = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        counts = _balanced_counts(stack.shape[0], n_owners, cost(key), load)
+        done = _from_slots(_compute(fn, axes, _to_slots(stack, counts)), counts)
+        start = 0
+        for (i, flip), part in zip(members, parts, strict=True):
+            y = done[start : start + part.shape[0]]
+            start += part.shape[0]
+            y = jnp.swapaxes(y, -1, -2) if flip else y
+            y = y.reshape(leaves[i].shape[:-2] + y.shape[-2:])
+            # The result keeps its input's sharding (the compiler would otherwise be
+            # free to leave it in the owners' layout).
+            out[i] = shard_alike(leaves[i], y)[1]
+    return out
+
+
+def _as_stack(x: jax.Array, flip: bool) -> jax.Array:
+    """(k, m, n): the leaf's matrices on one batch axis, transposed with ``flip``."""
+    x = jnp.swapaxes(x, -1, -2) if flip else x
+    return x.reshape((-1,) + x.shape[-2:])
+
+
+def _balanced_counts(k: int, n_owners: int, cost: int, load: list[int]) -> list[int]:
+    """How many of a group's k matrices each owner takes: ⌊k/P⌋ each, and one more for
+    the k mod P owners with the least work so far (``load``, updated; lowest index
+    first on ties)."""
+    base, extra = divmod(k, n_owners)
+    counts = [base] * n_owners
+    for p in sorted(range(n_owners), key=lambda p: (load[p], p))[:extra]:
+        counts[p] += 1
+    for p, c in enumerate(counts):
+        load[p] += c * cost
+    return counts
+
+
+def _to_slots(stack: jax.Array, counts: list[int]) -> jax.Array:
+    """(P, C, m, n): owner p's run of ``counts[p]`` matrices, then zeros up to C."""
+    slots = max(counts)
+    if all(c == slots for c in counts):
+        return stack.reshape((len(counts), slots) + stack.shape[1:])
+    parts, start = [], 0
+    for c in counts:
+        parts.append(stack[start : start + c])
+        if c < slots:
+            parts.append(jnp.zeros((slots - c,) + stack.shape[1:], stack.dtype))
+        start += c
+    return jnp.concatenate(parts).reshape((len(counts), slots) + stack.shape[1:])
+
+
+def _from_slots(slots: jax.Array, counts: list[int]) -> jax.Array:
+    """The inverse of :func:`_to_slots`: the owners' runs back in order, padding dropped."""
+    if all(c == slots.shape[1] for c in counts):
+        return slots.reshape((-1,) + slots.shape[2:])
+    runs = [slots[p, :c] for p, c in enumerate(counts) if c]
+    return runs[0] if len(runs) == 1 else jnp.concatenate(runs)
+
+
+def _compute(fn, axes, slots: jax.Array) -> jax.Array:
+    """``fn`` on each owner's slots: the slot axis over ``axes`` (the move), the matrix
+    axes as they are on the mesh's other axes."""
+    free = PartitionSpec.UNCONSTRAINED
+    owned = PartitionSpec(axes, None, free, free)
+    slots = jax.lax.with_sharding_constraint(slots, owned)
+
+    def local(block):  # (1, C, m, n): this owner's slots
+        return fn(block[0])[None]
+
+    spec = PartitionSpec(axes)
+    run = jax.shard_map(local, in_specs=spec, out_specs=spec, axis_names=set(axes))
+    return run(slots)
