@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -43,6 +44,7 @@ from optax_ext._common import (
 from optax_ext._cycles import reject_cycle_length
 from optax_ext.optimizers.msign import check_compute_dtype, msign, newton_schulz_coefficients
 from optax_ext.optimizers.tiger import tiger
+from optax_ext.owner_compute import check_owner_axes, owner_compute, owner_mesh
 from optax_ext.wrappers import spike
 from optax_ext.wrappers.nan_guard import nan_guard
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
@@ -312,6 +314,7 @@ def scale_by_muon(
     mu_dtype: Any = None,
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
+    owner_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon's direction: msign of a (Nesterov) momentum, times a shape scale.
 
@@ -383,6 +386,19 @@ def scale_by_muon(
     ``update`` raises ``ValueError``; wrap the optimizer instead,
     ``ox.accumulate_gradients(tx, k)``, and pass it there.
 
+    **On a device mesh** (``owner_axes``). msign needs whole matrices: left to the
+    compiler (``owner_axes=None``), a momentum sharded by rows (FSDP) has every
+    Newton–Schulz product partitioned and all-gathered, many times the momentum's
+    bytes per step. With ``owner_axes="data"`` (or a tuple of axes), under
+    ``jax.set_mesh``, the matrices (as ``layout`` and ``attention`` view them: stacked
+    layers, experts and heads each one matrix) are grouped by shape, each whole matrix
+    goes to one device along those axes (one all-to-all per shape group), is
+    orthogonalised there in one batched Newton–Schulz with its same-shaped peers, and
+    comes back to the params' sharding (:func:`~optax_ext.owner_compute.owner_compute`);
+    the momentum stays sharded as the params are. The update is the same; only where
+    it is computed changes. Other mesh axes keep their sharding of the matrices (a 2-D
+    mesh with owners along ``"data"`` and columns over ``"model"``).
+
     Args:
       beta: momentum β in [0, 1).
       nesterov: use N_t = β E_t + (1-β) G_t (Moonlight's β M_t + G_t, its default).
@@ -413,6 +429,11 @@ def scale_by_muon(
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
         ``rounding_seed``, the step count and the leaf index). No effect on float32.
       rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
+      owner_axes: ``None`` (the compiler places msign's products on the params'
+        sharding) or a mesh axis name or tuple of names of the mesh set by
+        ``jax.set_mesh``: each matrix's msign is computed whole by one owner along
+        them (see above). An axis not in the mesh, or no mesh set, raises
+        ``ValueError`` at ``init`` (when a mesh is set) or at the first update.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`ScaleByMuonState`.
@@ -446,9 +467,12 @@ def scale_by_muon(
     mu_dtype = canonical_dtype(mu_dtype)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_seed("rounding_seed", rounding_seed)
+    owner_axes = check_owner_axes(owner_axes)
 
     def init_fn(params):
         check_float_params(params, "muon")
+        if owner_axes is not None and not jax.sharding.get_abstract_mesh().empty:
+            owner_mesh(owner_axes)  # an axis not in the mesh fails here already
         _warn_guessed_layouts(params, layout)
         # a fresh array per counter: a donated state must not hold one buffer twice
         zero = lambda: jnp.zeros([], jnp.int32)
@@ -459,7 +483,8 @@ def scale_by_muon(
             shrunk_leaves=zero(),
         )
 
-    def direction(g, m, bad, path, tau_t):
+    def momentum(g, m, bad, path):
+        """(E_t, N_t seen as matrices, the view back, the work dtype) of one leaf."""
         if g.ndim < 2:
             raise ValueError(
                 f"scale_by_muon got the rank-{g.ndim} leaf {path!r}: Muon needs matrices; "
@@ -474,16 +499,24 @@ def scale_by_muon(
         # E = (1-β)M: the same msign as Moonlight's M, in the gradients' range
         m_new = b * m.astype(work) + (1.0 - beta) * g32
         n = beta * m_new + (1.0 - beta) * g32 if nesterov else m_new
-        o = msign(
-            _to_matrices(n, perm, shape), coeffs=coeffs, steps=steps,
-            compute_dtype=compute_dtype, eps=eps,
-        )  # fmt: skip
+        return m_new, _to_matrices(n, perm, shape), (perm, shape), work
+
+    def finish(o, g, bad, view, work, tau_t):
+        """u = s(W)·msign(N) of one leaf, from its msign ``o`` (matrices)."""
+        perm, shape = view
         alpha = _shape_scale(scale, shape[-2], shape[-1], update_rms, tau_t, work)
-        u = alpha * o.astype(work)
-        u = _from_matrices(u, perm, g.shape)
+        u = _from_matrices(alpha * o.astype(work), perm, g.shape)
         if bad is not None:
             u = jnp.where(bad, 0.0, u)
-        return u.astype(g.dtype), m_new  # E is written by update_fn (cast or SR)
+        return u.astype(g.dtype)  # E is written by update_fn (cast or SR)
+
+    orthogonalise = functools.partial(
+        msign, coeffs=coeffs, steps=steps, compute_dtype=compute_dtype, eps=eps
+    )
+
+    def direction(g, m, bad, path, tau_t):
+        m_new, n, view, work = momentum(g, m, bad, path)
+        return finish(orthogonalise(n), g, bad, view, work, tau_t), m_new
 
     def leaf(path, g, m, bad, tau_t):
         if not explicitly_sharded(g):
@@ -497,6 +530,32 @@ def scale_by_muon(
         run = lambda g, m, bad: direction(g, m, bad, path, tau_t)
         return jax.sharding.auto_axes(run, out_sharding=shardings)(g, m, bad)
 
+    def owned(paths, gs, ms, bads, tau_t):
+        """Every leaf's direction, each matrix's msign computed once by its owner along
+        ``owner_axes`` (:func:`~optax_ext.owner_compute.owner_compute`)."""
+        owner_mesh(owner_axes)  # no mesh, or an axis not in it: ValueError naming both
+        bads = bads or [None] * len(gs)
+
+        def run(gs, ms, bads):
+            pre = [momentum(*args) for args in zip(gs, ms, bads, paths, strict=True)]
+            os = by_owner([n for _, n, _, _ in pre])
+            us = [
+                finish(o, g, bad, view, work, tau_t)
+                for o, g, bad, (_, _, view, work) in zip(os, gs, bads, pre, strict=True)
+            ]
+            return us, [m_new for m_new, _, _, _ in pre]
+
+        if not any(explicitly_sharded(x) for x in (*gs, *ms)):
+            return run(gs, ms, bads)
+        # Reshapes into the matrix view of explicitly sharded leaves would have to name
+        # their shardings: run in auto axes, handing back the leaves' own shardings.
+        shardings = ([jax.typeof(g).sharding for g in gs], [jax.typeof(m).sharding for m in ms])
+        return jax.sharding.auto_axes(run, out_sharding=shardings)(gs, ms, bads)
+
+    by_owner = (
+        None if owner_axes is None else owner_compute(orthogonalise, owner_axes, transposable=True)
+    )
+
     def update_fn(updates, state, params=None, **extra_args):
         reject_cycle_length(extra_args, "ox.muon")
         check_updates_match(updates, params, "muon")
@@ -506,12 +565,18 @@ def scale_by_muon(
         flags = [_bad_leaf(g, m, beta) for g, m in pairs] if guard_nan else []
         # τ_t of this update, read at the updates made before it (optax's schedules' count)
         tau_t = tau(state.count) if callable(tau) else tau
-        out = [
-            leaf(path_to_str(path), g, m, flags[i] if guard_nan else None, tau_t)
-            for i, ((path, _), (g, m)) in enumerate(zip(with_paths, pairs, strict=True))
-        ]
-        u = treedef.unflatten([o[0] for o in out])
-        mu = treedef.unflatten([o[1] for o in out])
+        paths = [path_to_str(path) for path, _ in with_paths]
+        if owner_axes is None:
+            out = [
+                leaf(path, g, m, flags[i] if guard_nan else None, tau_t)
+                for i, (path, (g, m)) in enumerate(zip(paths, pairs, strict=True))
+            ]
+            us, mus_new = [o[0] for o in out], [o[1] for o in out]
+        else:
+            gs, ms = [g for g, _ in pairs], [m for _, m in pairs]
+            us, mus_new = owned(paths, gs, ms, flags, tau_t)
+        u = treedef.unflatten(us)
+        mu = treedef.unflatten(mus_new)
         mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         n_bad = spike.count_flags(flags)
         return u, ScaleByMuonState(
@@ -573,6 +638,7 @@ def muon(
     mu_dtype: Any = None,
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
+    owner_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon for dense hidden kernels, a second optimizer for everything else (Moonlight's recipe).
 
@@ -617,7 +683,7 @@ def muon(
       beta: Muon's momentum β in [0, 1).
       weight_decay: λ ≥ 0 for the Muon leaves.
       nesterov, coeffs, steps, scale, update_rms, tau, layout, attention, guard_nan,
-        eps, compute_dtype, mu_dtype, state_rounding, rounding_seed: as in
+        eps, compute_dtype, mu_dtype, state_rounding, rounding_seed, owner_axes: as in
         :func:`scale_by_muon` (for Muon's M; the other optimizer takes its own in
         ``other_kwargs``).
       rules: path rules labelling leaves ``"muon"`` or ``"other"`` (first match wins;
@@ -704,6 +770,7 @@ def muon(
         mu_dtype=mu_dtype,
         state_rounding=state_rounding,
         rounding_seed=rounding_seed,
+        owner_axes=owner_axes,
     )
     muon_tx = optax.chain(
         direction,
