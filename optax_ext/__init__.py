@@ -29,10 +29,6 @@ Everything public is importable from the top level::
   complex state dtypes, an optimizer factory given where an optimizer goes. Gradients of
   another shape than the params, or integer/complex params, fail at the first step with
   a message that names the leaf.
-- Renamed names keep working for a while with a ``DeprecationWarning``
-  (``TigerState`` → ``ScaleByTigerState``, ``SgdmState`` → ``ScaleBySgdmState``,
-  ``accumulate_gradients(k=...)`` → ``accumulation_steps``), and checkpoints saved under
-  an old state name still restore.
 """
 
 from optax_ext._common import (
@@ -317,11 +313,3 @@ __all__ = [
     "tree_paths",
     "unreplicate",
 ]
-
-
-def __getattr__(name: str):
-    # names the package exported before (the renamed state classes), with a warning
-    from optax_ext._common import renamed_attribute
-    from optax_ext.checkpoint import RENAMED_STATES
-
-    return renamed_attribute(__name__, name, RENAMED_STATES, globals())

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -60,7 +59,6 @@ __all__ = [
     "explicitly_sharded",
     "unzip_leaves",
     "work_dtype",
-    "renamed_attribute",
     "schedule_value",
     "canonical_dtype",
     "tree_bytes",
@@ -539,20 +537,3 @@ def checked(tx: optax.GradientTransformation, who: str) -> optax.GradientTransfo
         return tx.update(updates, state, params, **extra_args)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def renamed_attribute(module: str, name: str, renamed: Mapping[str, str], namespace: dict) -> Any:
-    """A module ``__getattr__`` for renamed names: the new object, with a DeprecationWarning.
-
-    Old names keep working (user code, pickles); checkpoints recorded under an old state
-    name are mapped by :mod:`optax_ext.checkpoint`.
-    """
-    if name in renamed:
-        new = renamed[name]
-        warnings.warn(
-            f"{module}.{name} is deprecated and will be removed: use {new} (the same class)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        return namespace[new]
-    raise AttributeError(f"module {module!r} has no attribute {name!r}")

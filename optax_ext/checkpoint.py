@@ -36,8 +36,6 @@ import optax
 from optax_ext.wrappers.quantize import _CODE_CLASSES, Quantized4State, QuantizedState
 
 __all__ = [
-    "RENAMED_STATES",
-    "current_signature",
     "opt_state_signature",
     "restore_train_state",
     "save_train_state",
@@ -68,21 +66,6 @@ def opt_state_signature(opt_state: Any) -> str:
             return type(opt_state).__name__ + (f"[{inner}]" if inner else "")
         return f"({inner})" if inner else ""
     return ""
-
-
-#: state classes renamed since a checkpoint may have been written: old name -> new name
-RENAMED_STATES = {"TigerState": "ScaleByTigerState", "SgdmState": "ScaleBySgdmState"}
-_OLD_STATE_NAME = re.compile(r"\b(" + "|".join(RENAMED_STATES) + r")\b")
-
-
-def current_signature(signature: str) -> str:
-    """A signature recorded by an older version, with renamed state classes under their
-    current names (``"LookaheadState[TigerState]"`` → ``"LookaheadState[ScaleByTigerState]"``).
-
-    The state's fields and arrays did not change with the rename, so such a checkpoint
-    restores into today's state.
-    """
-    return _OLD_STATE_NAME.sub(lambda m: RENAMED_STATES[m.group(1)], signature)
 
 
 def _types_in_dict(tree: Mapping) -> set[str]:
@@ -208,8 +191,6 @@ def _check_checkpoint(metadata: Any, target: Any, where: str) -> None:
 
     expected = opt_state_signature(target.opt_state)
     saved = (metadata.custom_metadata or {}).get(_METADATA_KEY, {}).get("opt_state")
-    if saved is not None:
-        saved = current_signature(saved)
     if saved is not None and saved != expected:
         raise ValueError(
             _bits_mismatch(saved, expected, where)

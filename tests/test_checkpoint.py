@@ -294,29 +294,6 @@ def test_plain_orbax_checkpoint_restores_and_mismatch_is_explained(checkpoints):
     assert "opt_state/micro_step" in message  # a path the target lacks (Tiger's counters)
 
 
-def test_a_checkpoint_saved_under_the_old_state_name_restores(checkpoints, tmp_path):
-    """Checkpoints written before TigerState became ScaleByTigerState recorded the old
-    name; the fields did not change, so they restore, and another optimizer is still
-    caught (its message names the state by today's name)."""
-    _, states = checkpoints
-    checkpointer = ocp.StandardCheckpointer()
-    path = tmp_path / "old_name"
-    checkpointer.save(
-        path, states["tiger_acc3"], custom_metadata={"optax_ext": {"opt_state": "TigerState"}}
-    )
-    checkpointer.wait_until_finished()
-    restored = checkpoint.restore_train_state(checkpointer, path, _target("tiger_acc3"))
-    _assert_same_state(restored, states["tiger_acc3"])
-    with pytest.raises(ValueError, match=r"type ScaleByTigerState.*expects.*ScaleByAdamState"):
-        checkpoint.restore_train_state(checkpointer, path, worker.abstract_state(optax.adamw(1e-3)))
-    assert checkpoint.current_signature("LookaheadState[TigerState]") == (
-        "LookaheadState[ScaleByTigerState]"
-    )
-    assert checkpoint.current_signature("(ScaleBySgdmState, SgdmState, MyTigerState)") == (
-        "(ScaleBySgdmState, ScaleBySgdmState, MyTigerState)"
-    )
-
-
 def test_shape_mismatch_is_explained(checkpoints):
     """Same optimizer, another model width: the message names the leaf and both shapes."""
     root = checkpoints[0]

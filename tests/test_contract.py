@@ -290,21 +290,6 @@ def test_the_direction_state_is_named_scale_by_name_state(name):
     assert all(n.startswith("ScaleBy") and n.endswith("State") for n in ours), ours
 
 
-@pytest.mark.parametrize(
-    "old, new", [("TigerState", "ScaleByTigerState"), ("SgdmState", "ScaleBySgdmState")]
-)
-def test_renamed_states_still_import_with_a_deprecation_warning(old, new):
-    from optax_ext.optimizers import sgdm, tiger
-
-    module = tiger if "Tiger" in old else sgdm
-    for where in (ox, module):
-        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated.*use {new}"):
-            assert getattr(where, old) is getattr(ox, new)
-    assert old not in ox.__all__ and new in ox.__all__
-    with pytest.raises(AttributeError, match="no attribute 'NoSuchState'"):
-        ox.NoSuchState  # noqa: B018
-
-
 @pytest.mark.parametrize("centre", [float("nan"), {r"scale$": float("inf")}])
 def test_a_non_finite_shrink_centre_is_rejected(centre):
     with pytest.raises(ValueError, match="centre"):

@@ -19,7 +19,6 @@ from optax_ext._common import (
     check_range,
     check_updates_match,
     is_static_int,
-    renamed_attribute,
     schedule_value,
     unzip_leaves,
     work_dtype,
@@ -305,11 +304,3 @@ def _scale_by_update_learning_rate(learning_rate, k) -> optax.GradientTransforma
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-#: names this module used before, kept working with a DeprecationWarning
-_RENAMED = {"SgdmState": "ScaleBySgdmState"}
-
-
-def __getattr__(name: str) -> Any:
-    return renamed_attribute(__name__, name, _RENAMED, globals())

@@ -29,7 +29,6 @@ from optax_ext._common import (
     explicitly_sharded,
     hold_momentum,
     path_labels,
-    renamed_attribute,
     schedule_value,
     unzip_leaves,
     work_dtype,
@@ -562,13 +561,3 @@ def _next_state(
         **spike.update_counters(guard, checks.norm, checks.spike, ~any_bad, state),
         **next_counters(cycle, state),
     )
-
-
-# ------------------------------------------------------------------ renamed names
-
-#: names this module used before, kept working with a DeprecationWarning
-_RENAMED = {"TigerState": "ScaleByTigerState"}
-
-
-def __getattr__(name: str) -> Any:
-    return renamed_attribute(__name__, name, _RENAMED, globals())

@@ -8,7 +8,6 @@ momentum instead, https://kexue.fm/archives/8634 (:mod:`optax_ext.optimizers.sgd
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -64,11 +63,10 @@ class AccumulationState(NamedTuple):
 
 def accumulate_gradients(
     inner: optax.GradientTransformation,
-    accumulation_steps: int | None = None,
+    accumulation_steps: int,
     *,
     skip_nonfinite: bool = False,
     acc_dtype: Any = None,
-    k: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Feeds ``inner`` the mean gradient of every ``k`` micro-batches (``optax.MultiSteps``).
 
@@ -173,7 +171,7 @@ def accumulate_gradients(
       ``optax.MultiSteps``; jax#23693, optax#377, optax#1038.
     """
     check_transform("inner", inner)
-    k = _check_static_k(_accumulation_steps(accumulation_steps, k))
+    k = _check_static_k(accumulation_steps)
     acc_dtype = canonical_dtype(acc_dtype)
     inner = optax.with_extra_args_support(inner)
 
@@ -242,26 +240,6 @@ def accumulate_gradients(
 
 
 # ----------------------------------------------------------------------- helpers
-
-
-def _accumulation_steps(accumulation_steps: Any, k: Any) -> Any:
-    """``accumulation_steps``, or the deprecated ``k`` with a warning."""
-    if k is None:
-        if accumulation_steps is None:
-            raise TypeError(
-                "accumulate_gradients needs accumulation_steps, the micro-batches per update: "
-                "accumulate_gradients(inner, accumulation_steps=4)"
-            )
-        return accumulation_steps
-    if accumulation_steps is not None:
-        raise TypeError("give accumulation_steps only (k is its deprecated old name)")
-    warnings.warn(
-        "accumulate_gradients(k=...) is deprecated: write accumulation_steps=..., the name "
-        "Tiger's and SGDM's accumulation use",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return k
 
 
 def _check_static_k(k: Any) -> int:

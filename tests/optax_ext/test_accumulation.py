@@ -348,20 +348,3 @@ def test_abstract_init():
 def test_bad_k(k, error):
     with pytest.raises(error, match="accumulation_steps must be"):
         accumulate_gradients(optax.sgd(0.1), k)
-
-
-def test_old_k_keyword_still_works_with_a_deprecation_warning():
-    params = jnp.zeros(2)
-    grads = [jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0])]
-    with pytest.warns(DeprecationWarning, match="k=.*deprecated.*accumulation_steps"):
-        old = accumulate_gradients(optax.sgd(0.1), k=2)
-    new = accumulate_gradients(optax.sgd(0.1), accumulation_steps=2)
-    s_old, s_new = old.init(params), new.init(params)
-    for g in grads:
-        u_old, s_old = old.update(g, s_old, params)
-        u_new, s_new = new.update(g, s_new, params)
-        np.testing.assert_array_equal(u_old, u_new)
-    with pytest.raises(TypeError, match="give accumulation_steps only"):
-        accumulate_gradients(optax.sgd(0.1), 2, k=2)
-    with pytest.raises(TypeError, match=r"needs accumulation_steps.*accumulation_steps=4"):
-        accumulate_gradients(optax.sgd(0.1))
