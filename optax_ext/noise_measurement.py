@@ -1,14 +1,16 @@
 r"""The optax transform that measures the gradient noise scale during training.
 
-The estimators, the EMA arithmetic, the log format and the settled-value analysis are
-plain arithmetic in :mod:`scaling.noise` (no JAX); this module is the transform around
-them: it reads the squared gradient norms at two batch sizes inside the training step
-(before and after the cross-device average, or per micro-batch and accumulated) and keeps
-debiased EMAs of :math:`|G|^2` and :math:`\mathrm{tr}\Sigma` in its state. The extra
-arguments it reads are named once, in :mod:`scaling.protocol`.
+The estimators, the EMA arithmetic, the log format and the current value with its
+standard error are plain arithmetic in :mod:`scaling.noise` (no JAX); this module is the
+transform around them: it reads the squared gradient norms at two batch sizes inside the
+training step (before and after the cross-device average, or per micro-batch and
+accumulated), keeps the last two windows of raw estimates of :math:`|G|^2` and
+:math:`\mathrm{tr}\Sigma` in its state, and debiased EMAs of both. The extra arguments it
+reads are named once, in :mod:`scaling.protocol`.
 
-``scaling.measure_noise_scale`` and ``scaling.noise.measure_noise_scale`` are this
-function (imported from here on first use).
+:func:`current_noise_scale` reads the window on the host and hands it to
+``scaling.current_b_simple``: the number ``python -m scaling noise`` prints for the
+same updates' log (:func:`noise_log_record`), to the last digit.
 
 References:
   McCandlish et al. 2018, arXiv 1812.06162, appendix A.2; Su,
@@ -17,10 +19,12 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -28,8 +32,9 @@ from optax_ext._common import check_range
 from scaling import (
     NoiseEMA,
     NoiseScale,
+    SettledNoiseScale,
+    current_b_simple,
     ema_decay,
-    noise_ema_init,
     noise_ema_read,
     noise_ema_update,
     two_batch_estimates,
@@ -44,15 +49,21 @@ __all__ = [
     "noise_scale",
     "current_noise_scale",
     "has_noise_scale_state",
+    "noise_ema_init",
     "noise_log_record",
+    "recent_estimates",
 ]
+
+#: The window, in updates, when neither ``window`` nor a concrete ``ema`` sets it.
+DEFAULT_WINDOW = 100
 
 
 class NoiseMoments(NamedTuple):
-    """EMAs (same decay as :class:`scaling.NoiseEMA`) of the estimates' second moments.
+    """EMAs of the estimates' second moments (trΣ², trΣ·|G|², |G|⁴, squared weights).
 
-    ``tt``, ``tg``, ``gg``: of trΣ², trΣ·|G|², |G|⁴; ``weight_sq``: the sum of the squared
-    EMA weights, so that ``weight**2 / weight_sq`` is the effective number of updates.
+    No longer part of :class:`NoiseScaleState`: the standard error now comes from the
+    window of raw estimates the state keeps (:func:`current_noise_scale`). Kept so that
+    code naming the type still imports.
     """
 
     tt: jax.Array
@@ -67,69 +78,46 @@ class NoiseScaleState(NamedTuple):
     Attributes:
       count: int32 number of updates.
       ema: :class:`scaling.NoiseEMA` (numerator ``trace_sigma``, denominator ``g2``,
-        ``weight``).
-      last_g2: the last step's raw :math:`|G|^2` estimate.
-      last_trace_sigma: the last step's raw :math:`\mathrm{tr}\,\Sigma` estimate.
-      moments: :class:`NoiseMoments`, for the standard error.
-      snapshots: float32 ``(2, 2)``: ``(b_simple, stderr)`` taken at the last two window
-        boundaries (NaN before), older first; the settled test compares with the older.
+        ``weight``): the secondary, history-weighted estimate.
+      last_g2: the last measured update's raw :math:`|G|^2` estimate.
+      last_trace_sigma: the last measured update's raw :math:`\mathrm{tr}\,\Sigma` estimate.
+      recent: float32 ``(2 W, 2)``, a ring of the last ``2 W`` measured updates'
+        ``(|G|^2, trΣ)`` estimates (W the window); row ``measured % (2 W)`` is next.
+      measured: int32, the updates that could be measured (the ring's write count).
     """
 
     count: jax.Array
     ema: NoiseEMA
     last_g2: jax.Array
     last_trace_sigma: jax.Array
-    moments: NoiseMoments
-    snapshots: jax.Array
+    recent: jax.Array
+    measured: jax.Array
 
 
-class CurrentNoiseScale(NamedTuple):
-    """The current B_simple, its standard error, and whether it has settled (JAX scalars).
+#: What :func:`current_noise_scale` returns: ``scaling.SettledNoiseScale`` (one type for
+#: the current value, whether read from a log or from the state).
+CurrentNoiseScale = SettledNoiseScale
 
-    Attributes:
-      b_simple: the debiased EMA ratio (as :func:`noise_scale`).
-      stderr: its standard error: delta method on the EMA-weighted spread of
-        trΣ_t − B_simple·|G|²_t, over the EMA's effective number of updates.
-      settled: True once two windows have passed, the relative standard error is below
-        50% and the value one to two windows ago agrees within two combined standard
-        errors.
-      window: the EMA's window in updates, ``round(1/(1-ema))``.
-      previous: B_simple at the window boundary the test compares with (NaN before).
+
+def noise_ema_init(dtype=None) -> NoiseEMA:
+    """A zero :class:`scaling.NoiseEMA` of JAX scalars (float32 unless ``dtype``).
+
+    For Python arithmetic (a log) use ``NoiseEMA(0.0, 0.0, 0.0)``.
     """
-
-    b_simple: jax.Array
-    stderr: jax.Array
-    settled: jax.Array
-    window: jax.Array
-    previous: jax.Array
+    dtype = jnp.float32 if dtype is None else dtype
+    # Separate buffers: a shared one could not be donated (jit donate_argnums).
+    return NoiseEMA(*(jnp.zeros([], dtype) for _ in range(3)))
 
 
-def _moments_init() -> NoiseMoments:
-    return NoiseMoments(*(jnp.zeros([], jnp.float32) for _ in range(4)))
-
-
-def _moments_update(m: NoiseMoments, g2, trace, decay) -> NoiseMoments:
-    step = lambda old, new: decay * old + (1 - decay) * new
-    return NoiseMoments(
-        step(m.tt, trace * trace),
-        step(m.tg, trace * g2),
-        step(m.gg, g2 * g2),
-        decay * decay * m.weight_sq + (1 - decay) ** 2,
-    )
-
-
-def _b_and_stderr(ema: NoiseEMA, m: NoiseMoments):
-    b = noise_ema_read(ema).b_simple
-    w = ema.weight
-    safe_w = jnp.where(w > 0, w, 1)
-    mean_g = ema.g2 / safe_w
-    # E_w[(t - b g)^2] = E[t^2] - 2b E[tg] + b^2 E[g^2]; its mean is 0 by the choice of b.
-    spread = (m.tt - 2 * b * m.tg + b * b * m.gg) / safe_w
-    n_eff = w * w / jnp.where(m.weight_sq > 0, m.weight_sq, 1)
-    var = jnp.maximum(spread, 0) * n_eff / jnp.maximum(n_eff - 1, 1e-6)  # unbiased weights
-    stderr = jnp.sqrt(var / jnp.maximum(n_eff, 1e-6)) / jnp.where(mean_g > 0, mean_g, jnp.nan)
-    ok = jnp.isfinite(b) & (mean_g > 0) & (n_eff > 1)
-    return b, jnp.where(ok, stderr, jnp.inf)
+def _window_rows(window, ema) -> int:
+    """Rows of the ring: two windows (at least two updates each) of the static window."""
+    if window is not None:
+        w = round(float(window))
+    elif isinstance(ema, int | float | np.floating | np.integer) and not isinstance(ema, bool):
+        w = round(1.0 / (1.0 - float(ema)))
+    else:  # an injected (array) ema sets no structure
+        w = DEFAULT_WINDOW
+    return 2 * max(2, int(w))
 
 
 def _sq_norm(tree) -> jax.Array:
@@ -155,10 +143,11 @@ def measure_noise_scale(
     and then the transform uses that statistic instead of averaging twice: the defaults
     of the two compose. Each update computes the two-batch estimates
     (:func:`two_batch_estimates`) and updates debiased EMAs of numerator and denominator
-    (:func:`noise_ema_update`); read them with :func:`noise_scale`, or with
-    :func:`current_noise_scale` for the standard error and whether the value has settled
-    (the noise scale grows during training: a value still moving is not one to recommend
-    from).
+    (:func:`noise_ema_update`), and keeps the raw estimates of the last two windows.
+    Read the current value with :func:`current_noise_scale` (B_simple over the last
+    window with its standard error, and whether it has settled: the noise scale grows
+    during training, and a value still moving or not yet precise is not one to recommend
+    from); :func:`noise_scale` reads the EMAs (secondary).
 
     Two batch sizes are needed, from one of:
 
@@ -178,9 +167,11 @@ def measure_noise_scale(
       batch_size: examples in one gradient the transform sees locally: the per-device
         batch, or the micro-batch under accumulation (> 0).
       axis_name: the pmap / shard_map axis over which to average the gradients, or None.
-      ema: decay of the EMAs in [0, 1) (0.99: about the last 100 updates).
-      window: instead of ``ema``, the EMAs' window in updates (>= 1):
-        ``ema = 1 - 1/window``.
+      ema: decay of the EMAs in [0, 1) (0.99: about the last 100 updates); a concrete
+        number also sets the window, ``round(1/(1-ema))`` updates (an injected array
+        leaves it at 100).
+      window: the window of the current value in updates (>= 1, static: the state keeps
+        two windows of estimates); the EMAs then use ``ema = 1 - 1/window``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`NoiseScaleState`.
@@ -204,6 +195,8 @@ def measure_noise_scale(
         ema = ema_decay(window)
     check_range("ema", ema, 0.0, 1.0, high_open=True)
 
+    rows = _window_rows(window, ema)
+
     def init_fn(params):
         del params
         return NoiseScaleState(
@@ -211,8 +204,8 @@ def measure_noise_scale(
             noise_ema_init(),
             jnp.zeros([], jnp.float32),
             jnp.zeros([], jnp.float32),
-            _moments_init(),
-            jnp.full((2, 2), jnp.nan, jnp.float32),
+            jnp.zeros((rows, 2), jnp.float32),
+            jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -248,32 +241,21 @@ def measure_noise_scale(
         # A dummy big batch keeps the arithmetic finite on the unmeasurable path.
         est = two_batch_estimates(g2_small, g2_big, b_small, jnp.where(valid, b_big, 2 * b_small))
         new = noise_ema_update(state.ema, est.g2, est.trace_sigma, ema)
-        moments = _moments_update(state.moments, est.g2, est.trace_sigma, ema)
         keep = lambda n, o: jnp.where(valid, n, o).astype(jnp.float32)
-        new_ema = jax.tree.map(keep, new, state.ema)
-        new_moments = jax.tree.map(keep, moments, state.moments)
-        count = optax.safe_increment(state.count)
-        # At each window boundary the older snapshot takes the newer one's place and the
-        # newer one takes the current value: comparing with the older one looks back
-        # between one and two windows, never at a value just copied.
-        snap = jnp.stack(_b_and_stderr(new_ema, new_moments)).astype(jnp.float32)
-        boundary = valid & (count % _window(ema) == 0)
-        snapshots = jnp.where(boundary, jnp.stack([state.snapshots[1], snap]), state.snapshots)
+        row = jnp.stack([est.g2, est.trace_sigma]).astype(jnp.float32)
+        # An unmeasurable update writes nothing: the ring holds measured updates only.
+        written = state.recent.at[state.measured % rows].set(row)
         new_state = NoiseScaleState(
-            count=count,
-            ema=new_ema,
+            count=optax.safe_increment(state.count),
+            ema=jax.tree.map(keep, new, state.ema),
             last_g2=keep(est.g2, state.last_g2),
             last_trace_sigma=keep(est.trace_sigma, state.last_trace_sigma),
-            moments=new_moments,
-            snapshots=snapshots,
+            recent=jnp.where(valid, written, state.recent),
+            measured=jnp.where(valid, state.measured + 1, state.measured).astype(jnp.int32),
         )
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _window(ema):
-    return jnp.maximum(jnp.round(1 / (1 - jnp.asarray(ema, jnp.float32))), 1).astype(jnp.int32)
 
 
 def _find_states(opt_state) -> list[NoiseScaleState]:
@@ -319,25 +301,48 @@ def _one_state(opt_state) -> NoiseScaleState:
     return state
 
 
+def recent_estimates(opt_state) -> tuple[np.ndarray, np.ndarray]:
+    """The raw ``(g2, trace_sigma)`` estimates the state keeps, oldest first (host arrays).
+
+    The last ``2 W`` measured updates at most (W the transform's window), as float64
+    copies of the float32 values the transform computed (and :func:`noise_log_record`
+    logs). Reads the state on the host: call it outside ``jit``.
+    """
+    state = _one_state(opt_state)
+    if any(isinstance(x, jax.core.Tracer) for x in (state.recent, state.measured)):
+        raise ValueError(
+            "current_noise_scale reads the noise state on the host: call it outside jit "
+            "(between steps), not inside the training step"
+        )
+    recent = np.asarray(jax.device_get(state.recent), np.float64)
+    measured = int(state.measured)
+    n = min(measured, recent.shape[0])
+    order = (measured - n + np.arange(n)) % recent.shape[0]
+    return recent[order, 0], recent[order, 1]
+
+
 def current_noise_scale(
-    opt_state, ema: float = 0.99, *, window: float | None = None
-) -> CurrentNoiseScale:
-    r"""The current B_simple with its standard error and whether it has settled.
+    opt_state, ema: float | None = None, *, window: int | None = None
+) -> SettledNoiseScale:
+    r"""The current B_simple, its standard error and whether it has settled.
 
-    Reads the :class:`NoiseScaleState` as :func:`noise_scale` does. ``ema`` / ``window``
-    must be what the transform was built with (they set the window boundaries).
+    ``scaling.current_b_simple`` on the raw estimates the state keeps
+    (:func:`recent_estimates`): the ratio of means over the last ``window`` measured
+    updates with its delta-method standard error, settled when precise and stable
+    against the window before (``scaling.noise`` defines both). The same function on the
+    same float32 numbers as ``python -m scaling noise`` on the log of
+    :func:`noise_log_record`, so both print the same digits.
 
-    .. math:: \mathrm{s.e.} = \frac{1}{\overline{|G|^2}}
-              \sqrt{\frac{\overline{(\mathrm{tr}\Sigma_t - B|G|^2_t)^2}}{n_{eff}}},
-              \qquad n_{eff} = \frac{(\sum w)^2}{\sum w^2}
-
-    (EMA-weighted means; :math:`n_{eff} \approx (1+\beta)/(1-\beta)` once warm.) Settled:
-    at least two windows, s.e. below 50%, and the snapshot one to two windows back within
-    two combined standard errors. The EMAs overlap that snapshot, so the test is mild:
-    it catches a value still climbing by several standard errors per window.
+    Args:
+      opt_state: an optimizer state holding one :class:`NoiseScaleState` (found as
+        :func:`noise_scale` finds it; a pmap-replicated one is read from its first copy).
+      ema: the old way to name the window, ``round(1/(1-ema))`` updates.
+      window: updates per window, an int in [2, W] (W the transform's window, the
+        default).
 
     Returns:
-      :class:`CurrentNoiseScale` of JAX scalars (works inside ``jit``).
+      ``scaling.SettledNoiseScale`` (also named :data:`CurrentNoiseScale`): Python
+      floats and bools, read on the host (outside ``jit``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -346,27 +351,30 @@ def current_noise_scale(
       >>> s = tx.init(g)
       >>> for m in [4.0, 4.2, 3.8, 4.1, 3.9, 4.0, 4.1, 3.9, 4.0]:
       ...     _, s = tx.update(g, s, micro_grad_sq_norm=jnp.float32(m), accumulation_steps=4)
-      >>> c = current_noise_scale(s, window=4)
-      >>> bool(c.settled), int(c.window)
-      (True, 4)
+      >>> c = current_noise_scale(s)
+      >>> c.text(), c.settled, c.window
+      ('4.00 ± 0.18', True, 4)
     """
-    if window is not None:
-        check_range("window", window, 1.0, 1e308)
-        ema = ema_decay(window)
-    state = _one_state(opt_state)
-    b, stderr = _b_and_stderr(state.ema, state.moments)
-    older_b, older_se = state.snapshots[0, 0], state.snapshots[0, 1]
-    agree = jnp.abs(b - older_b) <= 2 * jnp.sqrt(stderr**2 + older_se**2)
-    ok = jnp.isfinite(older_b) & (stderr < 0.5 * b) & agree
-    settled = (state.count >= 2 * _window(ema)) & ok
-    return CurrentNoiseScale(b, stderr, settled, _window(ema), older_b)
+    g2, trace = recent_estimates(opt_state)
+    rows = _one_state(opt_state).recent.shape[-2]
+    if window is None and ema is not None:
+        check_range("ema", ema, 0.0, 1.0, high_open=True)
+        window = max(2, round(1.0 / (1.0 - float(ema))))
+    if window is None:
+        window = rows // 2
+    check_range("window", window, 2, rows // 2)
+    window = int(window)
+    if g2.size == 0:
+        return SettledNoiseScale(math.nan, math.inf, False, window, None, "no update measured yet")
+    return current_b_simple(g2, trace, window)
 
 
 def noise_log_record(step: int, opt_state) -> dict:
     """One line of the noise log (see the module docstring) from an optimizer state.
 
     Holds the last raw estimates ``g2`` and ``trace_sigma`` (what ``python -m scaling
-    noise`` averages) and, for reading by eye, the transform's own ``b_simple_ema``.
+    noise`` and :func:`current_noise_scale` average) and, for reading by eye, the
+    transform's EMA ``b_simple_ema`` (secondary: a history-weighted average).
     Call ``json.dumps`` on it and write one per line.
     """
     s = _one_state(opt_state)

@@ -12,29 +12,26 @@ Quick start::
     print(rec)                       # table: value, recommended value, one-line reason
     scaling.sgd_transfer(0.1, 256, 4096, b_noise=1000).lr
 
-    # measure B_simple while training (first in the chain; averages over the axis itself)
-    tx = optax.chain(scaling.measure_noise_scale(batch_size=32, axis_name="batch"),
-                     optax.adamw(1e-3))
-    scaling.noise_scale(opt_state).b_simple
+    # the current noise scale of a log (one JSON line per update, see scaling.noise)
+    now = scaling.settled_noise_scale(scaling.read_noise_log(open("noise.jsonl")))
+    print(now.summary())             # current B_simple = 83 ± 12 (last 50 updates): ...
 
 Command line: ``python -m scaling {lr,wd,laws,noise} --help``.
 
 Modules: :mod:`scaling.batch_size` (lr rules), :mod:`scaling.weight_decay`,
 :mod:`scaling.muon` (Muon's scale conventions), :mod:`scaling.tradeoff` (steps vs
 examples), :mod:`scaling.batch_ramp` (Seesaw: a batch ramp in place of an lr
-decay), :mod:`scaling.laws` (published fits), :mod:`scaling.noise` (noise-scale
-estimators, logs, the settled value), :mod:`scaling.recommendation`,
+decay), :mod:`scaling.batch_plan` (a batch that follows the measured noise scale),
+:mod:`scaling.laws` (published fits), :mod:`scaling.noise` (noise-scale estimators, logs,
+the current value and whether it settled), :mod:`scaling.recommendation`,
 :mod:`scaling.protocol` (extra-argument names shared with ``optax_ext``),
 :mod:`scaling.cli` (the command lines' number arguments and one-line errors).
 
 Layering: ``scaling`` is pure Python and NumPy; ``import scaling`` and ``python -m
-scaling`` never load JAX, optax or flax. ``optax_ext`` may import scaling's public API,
-never the reverse. The names that need JAX -- the measuring transform
-(``measure_noise_scale``, ``noise_scale``, ``current_noise_scale``, ``noise_log_record``,
-``NoiseScaleState``, in
-``optax_ext.noise_measurement``) and Su's optax schedules (``su_constant_decay_lr_schedule``,
-``su_coupled_decay_schedules``, ``DecaySchedules``, in ``optax_ext.schedules``) -- stay
-reachable here and are imported from there on first access.
+scaling`` never load JAX, optax, flax or ``optax_ext``. ``optax_ext`` imports scaling's
+public API, never the reverse: the measuring transform (``ox.measure_noise_scale``,
+``ox.current_noise_scale``, ``ox.noise_log_record``) and Su's optax schedules
+(``ox.coupled_decay_schedules``) live there.
 """
 
 from scaling.batch_ramp import Seesaw, SeesawPoint, SeesawUpdates, seesaw, seesaw_updates
@@ -90,6 +87,8 @@ from scaling.muon import (
     muon_shape_scale,
 )
 from scaling.noise import (
+    SETTLED_REL_STDERR,
+    SETTLED_SIGMAS,
     MomentumNoiseScale,
     NoiseEMA,
     NoiseEstimate,
@@ -97,10 +96,12 @@ from scaling.noise import (
     NoiseScale,
     SettledNoiseScale,
     WindowEstimate,
+    current_b_simple,
+    default_window,
     ema_decay,
     ema_window,
+    format_b_simple,
     momentum_noise_scale,
-    noise_ema_init,
     noise_ema_read,
     noise_ema_update,
     read_noise_log,
@@ -133,33 +134,6 @@ from scaling.weight_decay import (
     transfer_weight_decay,
     weight_rms_prediction,
 )
-
-# Names that need JAX live in optax_ext (the measuring transform, Su's optax schedules)
-# and are imported from there on first use: ``import scaling`` stays pure Python.
-_LAZY = {
-    "NoiseScaleState": "optax_ext.noise_measurement",
-    "measure_noise_scale": "optax_ext.noise_measurement",
-    "noise_scale": "optax_ext.noise_measurement",
-    "noise_log_record": "optax_ext.noise_measurement",
-    "current_noise_scale": "optax_ext.noise_measurement",
-    "CurrentNoiseScale": "optax_ext.noise_measurement",
-    "DecaySchedules": "scaling.weight_decay",
-    "su_constant_decay_lr_schedule": "scaling.weight_decay",
-    "su_coupled_decay_schedules": "scaling.weight_decay",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
-
 
 __all__ = [
     # batch_size
@@ -210,26 +184,24 @@ __all__ = [
     "muon_dims",
     "muon_from_adamw",
     "muon_shape_scale",
-    # noise (the transform and its state come from optax_ext.noise_measurement on first use)
-    "CurrentNoiseScale",
+    # noise
     "MomentumNoiseScale",
     "NoiseEMA",
     "NoiseEstimate",
     "NoiseLogEntry",
     "NoiseScale",
-    "NoiseScaleState",
+    "SETTLED_REL_STDERR",
+    "SETTLED_SIGMAS",
     "SettledNoiseScale",
     "WindowEstimate",
-    "current_noise_scale",
+    "current_b_simple",
+    "default_window",
     "ema_decay",
     "ema_window",
-    "measure_noise_scale",
+    "format_b_simple",
     "momentum_noise_scale",
-    "noise_ema_init",
     "noise_ema_read",
     "noise_ema_update",
-    "noise_log_record",
-    "noise_scale",
     "read_noise_log",
     "settled_noise_scale",
     "two_batch_estimates",
@@ -254,7 +226,6 @@ __all__ = [
     "steps_needed",
     "warmup_accumulation_steps",
     # weight_decay
-    "DecaySchedules",
     "LrAndDecay",
     "amos_sign_hyperparams",
     "coupled_to_independent",
@@ -265,8 +236,6 @@ __all__ = [
     "lion_from_adamw",
     "power_lines_tau",
     "power_lines_weight_decay",
-    "su_constant_decay_lr_schedule",
-    "su_coupled_decay_schedules",
     "transfer_weight_decay",
     "weight_rms_prediction",
 ]

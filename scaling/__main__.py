@@ -2,11 +2,12 @@
 
 Examples::
 
-    python -m scaling lr --optimizer adamw --lr 3e-4 --batch 256 --to 1024 --b-simple 2000
+    python -m scaling lr --optimizer adamw --lr 3e-4 --batch 256 --to 1024 \
+        --b-simple 2000 --stderr 300
     python -m scaling wd --lr 3e-4 --weight-decay 0.1 --batch 256 --dataset-size 1e6
     python -m scaling laws --compute 1e20 --params 1e9 --tokens 1e11 --loss 3.0
     python -m scaling lr --optimizer muon --lr 0.02 --batch 256 --to 1024 --b-simple 2000
-    python -m scaling noise train_noise.jsonl --ema 0.99 --window 100 --plot noise.png
+    python -m scaling noise train_noise.jsonl --window 50 --plot noise.png
 
 Every subcommand prints a readable table, or JSON with ``--json``. Bad input -- a bad
 number, a result outside float64, a malformed log -- prints one line on stderr and exits
@@ -121,7 +122,7 @@ def _cmd_lr(a):
         _emit(
             a,
             {"rule": a.rule, "lr": value, "note": note},
-            format_table(["rule", "lr", "note"], [[a.rule, fmt(value), note]]),
+            format_table(["rule", "lr", "note"], [[a.rule, fmt(value, 3), note]]),
         )
         return
     rec = recommendation.recommend(
@@ -138,6 +139,7 @@ def _cmd_lr(a):
         c=a.c,
         steps=a.steps,
         strict=a.strict,
+        stderr=a.stderr,
     )
     data = {
         "recommendation": rec.as_dict(),
@@ -145,7 +147,7 @@ def _cmd_lr(a):
     }
     table = format_table(
         ["rule", "lr", "note"],
-        [[k, fmt(val), note] for k, (val, note) in rows.items()],
+        [[k, fmt(val, 3), note] for k, (val, note) in rows.items()],
         title=f"learning-rate rules, batch {fmt(a.batch)} -> {fmt(a.to)}",
     )
     _emit(a, data, f"{rec}\n\n{table}")
@@ -258,32 +260,13 @@ def _cmd_noise(a):
                 entries = noise.read_noise_log(f, a.ema)
     except UnicodeDecodeError as e:
         raise ValueError(f"{a.log}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    every = a.every if a.every is not None else max(1, len(entries) // 10)
-    shown = [e for i, e in enumerate(entries) if i % every == 0]
-    if shown[-1] is not entries[-1]:
-        shown.append(entries[-1])
+    window = a.window if a.window is not None else noise.default_window(len(entries))
+    current = noise.settled_noise_scale(entries, window)
+    windows = noise.window_estimates(entries, window)
     last = entries[-1]
-    data = {
-        "b_simple": last.b_simple_ema,
-        "g2": last.g2_ema,
-        "trace_sigma": last.trace_sigma_ema,
-        "steps": len(entries),
-        "last_step": last.step,
-        "ema": a.ema,
-        "entries": [e._asdict() for e in shown],
-    }
-    rows = [[str(e.step), _b_cell(e.b_simple_raw), _b_cell(e.b_simple_ema)] for e in shown]
-    text = format_table(
-        ["step", "b_simple (raw)", "b_simple (EMA)"],
-        rows,
-        title=f"noise scale from {a.log} ({len(entries)} entries, ema {a.ema:g})",
-    )
-    text += f"\nB_simple (EMA) = {_b_cell(last.b_simple_ema)}"
-    if not _measured(last.b_simple_ema):
-        text += _NOT_MEASURED
+    data = _noise_json(current, entries, a.ema)
 
-    windows = noise.window_estimates(entries, a.window)
-    settled = noise.settled_noise_scale(entries, a.window)
+    text = f"noise scale from {a.log} ({len(entries)} updates)\n{current.summary()}"
     picks = {"start": windows[0], "middle": windows[len(windows) // 2], "last": windows[-1]}
     if len(windows) < 3:
         picks.pop("middle")
@@ -294,22 +277,29 @@ def _cmd_noise(a):
             name,
             f"{w.first_step}-{w.last_step}",
             str(w.count),
-            _b_cell(w.b_simple),
-            _b_cell(w.stderr) if _measured(w.b_simple) else "-",
+            noise.format_b_simple(w.b_simple, w.stderr),
         ]
         for name, w in picks.items()
     ]
     text += "\n\n" + format_table(
-        ["window", "steps", "updates", "B_simple", "± stderr"],
+        ["window", "steps", "updates", "B_simple ± s.e."],
         rows,
-        title=f"trajectory: B_simple over windows of {a.window} updates",
+        title=f"trajectory: B_simple over windows of {window} updates (ratio of means)",
     )
-    state = "settled" if settled.settled else "NOT settled"
-    stderr = _b_cell(settled.stderr) if _measured(settled.b_simple) else "-"
-    text += (
-        f"\ncurrent B_simple = {_b_cell(settled.b_simple)} ± {stderr} "
-        f"(last {settled.window} updates): {state}: {settled.reason}"
+    every = a.every if a.every is not None else max(1, len(entries) // 10)
+    shown = [e for i, e in enumerate(entries) if i % every == 0]
+    if shown[-1] is not entries[-1]:
+        shown.append(entries[-1])
+    rows = [[str(e.step), _b_cell(e.b_simple_raw), _b_cell(e.b_simple_ema)] for e in shown]
+    text += "\n\n" + format_table(
+        ["step", "b_simple (one update)", "b_simple_ema"],
+        rows,
+        title=f"secondary: the EMA over the run (decay {a.ema:g}, weighted by the whole "
+        "history; not the current value)",
     )
+    text += f"\nb_simple_ema = {_b_cell(last.b_simple_ema)} (secondary)"
+    if not (_measured(last.b_simple_ema) and current.measurable):
+        text += _NOT_MEASURED
     steps = [e.step for e in entries]
     gaps = [(x, y) for x, y in itertools.pairwise(steps) if y - x > 1]
     if gaps:
@@ -319,10 +309,10 @@ def _cmd_noise(a):
             " windows and EMAs count logged updates"
         )
     data["windows"] = [w._asdict() for w in windows]
-    data["settled"] = settled._asdict()
+    data["entries"] = [e._asdict() for e in shown]
     data["gaps"] = len(gaps)
     if a.plot is not None:
-        if _plot_noise(entries, windows, settled, a.plot, a.log):
+        if _plot_noise(entries, windows, current, a.plot, a.log):
             text += f"\nplot: {a.plot}"
             data["plot"] = a.plot
         else:
@@ -332,6 +322,39 @@ def _cmd_noise(a):
             )
             data["plot"] = None
     _emit(a, data, text)
+
+
+#: ``--json`` keys of ``python -m scaling noise`` (the schema tests check them).
+NOISE_JSON_KEYS = (
+    "b_simple", "stderr", "text", "window", "settled", "precise", "stable", "reason",
+    "previous", "previous_stderr", "b_simple_ema", "g2_ema", "trace_sigma_ema", "ema",
+    "steps", "last_step", "windows", "entries", "gaps",
+)  # fmt: skip
+
+
+def _noise_json(current, entries, ema) -> dict:
+    """The current value first (``b_simple`` is it; ``None`` when not measurable), then
+    the secondary EMA and the log's size."""
+    last = entries[-1]
+    measurable = current.measurable
+    return {
+        "b_simple": current.b_simple if measurable else None,
+        "stderr": current.stderr if measurable else None,
+        "text": current.text(),
+        "window": current.window,
+        "settled": current.settled,
+        "precise": current.precise,
+        "stable": current.stable,
+        "reason": current.reason,
+        "previous": current.previous if _measured(current.previous) else None,
+        "previous_stderr": current.previous_stderr if _measured(current.previous) else None,
+        "b_simple_ema": last.b_simple_ema if _measured(last.b_simple_ema) else None,
+        "g2_ema": last.g2_ema,
+        "trace_sigma_ema": last.trace_sigma_ema,
+        "ema": ema,
+        "steps": len(entries),
+        "last_step": last.step,
+    }
 
 
 _INSTALL_HINT = 'pip install -e ".[notebooks]"'
@@ -367,7 +390,7 @@ def _plot_noise(entries, windows, settled, path, title) -> bool:
             *zip(*finite, strict=True), s=4, alpha=0.3, color="0.6", label="per-step ratio (raw)"
         )
     if ema:
-        ax.plot(*zip(*ema, strict=True), color="tab:blue", lw=1.2, label="EMA")
+        ax.plot(*zip(*ema, strict=True), color="tab:blue", lw=1, alpha=0.6, label="EMA (secondary)")
     if good:
         ax.errorbar(
             [(w.first_step + w.last_step) / 2 for w in good],
@@ -376,7 +399,7 @@ def _plot_noise(entries, windows, settled, path, title) -> bool:
             fmt="o",
             color="tab:orange",
             capsize=3,
-            label="window ratio of means ± 2 s.e.",
+            label="windows: ratio of means ± 2 s.e.",
         )
     if positive(settled.b_simple):
         state = "settled" if settled.settled else "not settled"
@@ -384,7 +407,7 @@ def _plot_noise(entries, windows, settled, path, title) -> bool:
             settled.b_simple,
             color="tab:green",
             ls="--",
-            label=f"current {settled.b_simple:.4g} ({state})",
+            label=f"current {settled.text()} ({state})",
         )
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -405,14 +428,14 @@ _NOT_MEASURED = (
 
 
 def _measured(x) -> bool:
-    return math.isfinite(x) and x >= 0
+    return x is not None and math.isfinite(x) and x >= 0
 
 
 def _b_cell(x):
     # inf and nan are the documented "noise swamps the signal" / "no data" answers of
     # noise_ema_read, and a negative ratio estimates nothing; a table shows them all as
     # '-' and says why once.
-    return fmt(x) if _measured(x) else "-"
+    return f"{x:.3g}" if _measured(x) else "-"
 
 
 # --------------------------------------------------------------------- parser
@@ -448,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = q.add_mutually_exclusive_group()
     g.add_argument("--b-noise", type=_positive, help="B_noise (SGD's rule)")
     g.add_argument("--b-simple", type=_positive, help="B_simple (Adam / sign rules)")
+    q.add_argument(
+        "--stderr",
+        type=_nonneg,
+        help="standard error of --b-simple / --b-noise (python -m scaling noise prints "
+        "it): the lr range from the noise scale ± 1 s.e.",
+    )
     q.add_argument("--beta1", type=_beta, help="momentum / Adam beta1")
     q.add_argument("--beta2", type=_beta, help="Adam beta2")
     q.add_argument("--weight-decay", type=_nonneg, help="decoupled weight decay")
@@ -509,18 +538,22 @@ def build_parser() -> argparse.ArgumentParser:
         "noise",
         help="average a JSON-lines log of noise statistics",
         description="Reads a JSON-lines log (one object per line with 'step' "
-        "and either 'g2' and 'trace_sigma' or 'b_simple') and prints the "
-        "EMA'd B_simple, its trajectory over windows and the current value with its "
-        "standard error and whether it has settled.",
+        "and either 'g2' and 'trace_sigma' or 'b_simple') and prints the current "
+        "B_simple (ratio of means over the last window) with its standard error and "
+        "whether it has settled (stable and precise), its trajectory over windows, and "
+        "the EMA over the run (secondary).",
     )
     q.add_argument("log", help="path of the log, or - for stdin")
-    q.add_argument("--ema", type=_beta, default=0.99, help="EMA decay (default 0.99)")
+    q.add_argument(
+        "--ema", type=_beta, default=0.99, help="decay of the secondary EMA (default 0.99)"
+    )
     q.add_argument("--every", type=_count, help="print every N-th entry (default: ~10 rows)")
     q.add_argument(
         "--window",
         type=cli.number(2, integer=True),
-        default=100,
-        help="updates per window of the trajectory and the current value (default 100)",
+        default=None,
+        help="updates per window of the current value and the trajectory (default: a "
+        "sixth of the log, 10 to 100, as the demo and ox.current_noise_scale)",
     )
     q.add_argument("--plot", metavar="PNG", help="draw the trajectory to this PNG file")
     common(q)

@@ -1,8 +1,8 @@
-r"""The gradient noise scale: estimators, logs and how settled they are (pure Python).
+r"""The gradient noise scale: estimators, logs, the current value and whether it settled.
 
-McCandlish et al. 2018, app. A.2; the optax transform that measures it during training
-is :func:`optax_ext.noise_measurement.measure_noise_scale` (also reachable here and as
-``scaling.measure_noise_scale``, imported on first use: this module never imports JAX).
+McCandlish et al. 2018, app. A.2. Pure Python and NumPy: the optax transform that
+measures it during training is ``optax_ext.noise_measurement.measure_noise_scale``
+(``ox.measure_noise_scale``); it calls the arithmetic here, never the reverse.
 
 The simple noise scale :math:`B_{simple} = \mathrm{tr}\,\Sigma/|G|^2` (per-sample gradient
 covariance Σ, true gradient G) is estimated from squared gradient norms at two batch
@@ -42,20 +42,42 @@ The extra-argument names are defined once, in :mod:`scaling.protocol`. The trans
 come FIRST in the chain (it needs raw gradients) and passes the gradients through
 unchanged (averaged over ``axis_name`` when one is given)::
 
-    tx = optax.chain(scaling.measure_noise_scale(batch_size=32, axis_name="batch"),
+    tx = optax.chain(ox.measure_noise_scale(batch_size=32, axis_name="batch"),
                      optax.adamw(1e-3))
     ...  # inside the pmapped step: updates, state = tx.update(local_grads, state, params)
-    scaling.noise_scale(state).b_simple
+    ox.current_noise_scale(state)        # B_simple ± s.e. over the last window, settled?
 
-A settled, current value
-------------------------
+The current value (one estimator)
+---------------------------------
 The noise scale changes during training (it starts small and grows), so an average over
-the whole run answers a question nobody asked. :func:`settled_noise_scale` takes the
-per-step estimates of the last ``window`` updates, gives their ratio of means with a
-standard error (delta method: the spread of :math:`\mathrm{tr}\Sigma_t - B|G|^2_t`), and
-calls it settled when the window before agrees within two standard errors.
-:func:`window_estimates` gives the same over consecutive windows: the trajectory.
-An EMA with decay β averages over about ``1/(1-β)`` updates (:func:`ema_window`).
+the whole run answers a question nobody asked. **The current B_simple** is the ratio of
+means over the last ``window`` per-update estimates,
+
+.. math:: \hat B = \frac{\sum_{t\in W} \mathrm{tr}\Sigma_t}{\sum_{t\in W} |G|^2_t},
+   \qquad
+   \mathrm{s.e.}(\hat B) = \frac{1}{\overline{|G|^2}}
+   \sqrt{\frac{\mathrm{var}(\mathrm{tr}\Sigma_t - \hat B\,|G|^2_t)}{|W|}}
+
+(delta method), computed by :func:`current_b_simple` from the raw estimates, by
+:func:`settled_noise_scale` from a log, by ``python -m scaling noise`` and by
+``ox.current_noise_scale(opt_state)`` (which keeps the last two windows of raw estimates
+in its state): one function, the same window, the same number. The window defaults to
+:func:`default_window` of the number of updates. :func:`window_estimates` gives the same
+ratio over consecutive windows (the trajectory). The transform's EMA (``b_simple_ema`` in
+a log, :func:`noise_ema_read`) is secondary: a weighted average over the run's history.
+
+**Settled** means *stable and precise*:
+
+- *precise*: the standard error of the last window, and of the window before, is at most
+  :data:`SETTLED_REL_STDERR` (20%) of its value;
+- *stable*: the last two windows agree within :data:`SETTLED_SIGMAS` (2) combined
+  standard errors, :math:`|\hat B_{last} - \hat B_{prev}| \le
+  2\sqrt{s_{last}^2 + s_{prev}^2}`.
+
+Precision makes the agreement test mean something: two windows with 50% errors agree
+with almost anything. Two 20% windows that agree differ by at most about 57%, and by
+much less typically. An EMA with decay β averages over about ``1/(1-β)`` updates
+(:func:`ema_window`).
 
 The free estimate from the optimizer's momentum
 -----------------------------------------------
@@ -76,7 +98,7 @@ JSON lines, one object per line, one line per measuring step::
 :math:`\mathrm{tr}\Sigma`; preferred: they are averaged separately) or ``b_simple`` (a
 raw per-step ratio; then the ratios are averaged, which is biased). An optional
 ``batch_size`` must stay the same on every line. Other keys are ignored (e.g.
-``b_simple_ema``, written by :func:`noise_log_record`). Blank lines are skipped.
+``b_simple_ema``, written by ``ox.noise_log_record``). Blank lines are skipped.
 
 References:
   McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", arXiv 1812.06162,
@@ -105,8 +127,9 @@ __all__ = [
     "SettledNoiseScale",
     "WindowEstimate",
     "MomentumNoiseScale",
+    "SETTLED_REL_STDERR",
+    "SETTLED_SIGMAS",
     "two_batch_estimates",
-    "noise_ema_init",
     "noise_ema_update",
     "noise_ema_read",
     "ema_window",
@@ -114,27 +137,11 @@ __all__ = [
     "read_noise_log",
     "window_estimates",
     "settled_noise_scale",
+    "current_b_simple",
+    "default_window",
+    "format_b_simple",
     "momentum_noise_scale",
 ]
-
-# The transform and its state live with the transforms (optax_ext imports scaling, never
-# the reverse); these names stay reachable from here, imported from there on first use.
-_FROM_OPTAX_EXT = (
-    "NoiseScaleState",
-    "CurrentNoiseScale",
-    "measure_noise_scale",
-    "noise_scale",
-    "current_noise_scale",
-    "noise_log_record",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_OPTAX_EXT:
-        from optax_ext import noise_measurement as transform
-
-        return getattr(transform, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class NoiseEstimate(NamedTuple):
@@ -209,18 +216,6 @@ def _two_batch(g2_small, g2_big, b_small, b_big):
 
 def _is_jax(x) -> bool:
     return type(x).__module__.startswith(("jax", "jaxlib"))
-
-
-def noise_ema_init(dtype=None) -> NoiseEMA:
-    """A zero :class:`NoiseEMA` of JAX scalars (float32 unless ``dtype``); imports JAX.
-
-    For Python arithmetic (a log) use ``NoiseEMA(0.0, 0.0, 0.0)``.
-    """
-    import jax.numpy as jnp  # only here: the rest of the module is pure Python
-
-    dtype = jnp.float32 if dtype is None else dtype
-    # Separate buffers: a shared one could not be donated (jit donate_argnums).
-    return NoiseEMA(*(jnp.zeros([], dtype) for _ in range(3)))
 
 
 def noise_ema_update(ema: NoiseEMA, g2, trace_sigma, decay) -> NoiseEMA:
@@ -378,7 +373,12 @@ def read_noise_log(lines: Iterable[str], ema: float = 0.99) -> list[NoiseLogEntr
     return out
 
 
-# ------------------------------------------------------------- settled estimate
+# ------------------------------------------------------------- current estimate
+
+#: Precise: a window's standard error is at most this fraction of its B_simple.
+SETTLED_REL_STDERR = 0.2
+#: Stable: the last two windows agree within this many combined standard errors.
+SETTLED_SIGMAS = 2.0
 
 
 def ema_window(decay: float) -> float:
@@ -403,6 +403,23 @@ def ema_decay(window: float) -> float:
     return 1.0 - 1.0 / float(window)
 
 
+def default_window(updates: int) -> int:
+    """The window of the current value for a run of ``updates`` updates: a sixth, 10 to 100.
+
+    Late enough to be the current value of a quantity that grows during training, long
+    enough for a standard error worth reading; two windows fit in the last third of the
+    run. The demo, the command line and ``ox.current_noise_scale`` use it by default.
+
+    Example:
+      >>> default_window(300), default_window(30), default_window(10_000)
+      (50, 10, 100)
+    """
+    n = v.single("updates", updates)
+    if not (math.isfinite(n) and n >= 0):
+        raise ValueError(f"updates must be a number >= 0, got {updates!r}")
+    return min(100, max(10, int(n) // 6))
+
+
 class WindowEstimate(NamedTuple):
     """B_simple over one window of consecutive updates.
 
@@ -424,17 +441,22 @@ class WindowEstimate(NamedTuple):
 
 
 class SettledNoiseScale(NamedTuple):
-    """The current B_simple, its uncertainty, and whether it has settled.
+    """The current B_simple, its standard error, and whether it has settled.
 
     Attributes:
       b_simple: B_simple over the last ``window`` updates (ratio of means); ``inf`` or
         negative when not measurable (``reason`` says so).
-      stderr: its standard error; ``b_simple ± 2·stderr`` is a ~95% interval.
-      settled: ``True`` when the window before gives the same value within two combined
-        standard errors and the relative error is below 50%.
+      stderr: its standard error; ``b_simple ± stderr`` is the range recommendations
+        carry, ``± 2 stderr`` a ~95% interval.
+      settled: ``precise and stable`` (the module docstring defines both).
       window: updates per window.
       previous: the window before's B_simple (``None`` with fewer than two windows).
       reason: one line saying why (not) settled.
+      precise: both windows' relative standard errors are at most
+        :data:`SETTLED_REL_STDERR` (the last one's alone while there is one window).
+      stable: the two windows agree within :data:`SETTLED_SIGMAS` combined standard
+        errors (False with fewer than two windows).
+      previous_stderr: the window before's standard error (``None`` without one).
     """
 
     b_simple: float
@@ -443,6 +465,62 @@ class SettledNoiseScale(NamedTuple):
     window: int
     previous: float | None
     reason: str
+    precise: bool = False
+    stable: bool = False
+    previous_stderr: float | None = None
+
+    @property
+    def measurable(self) -> bool:
+        """Whether ``b_simple`` is an estimate (finite and >= 0)."""
+        return _measurable(self.b_simple)
+
+    def text(self) -> str:
+        """``b_simple ± stderr`` as printed everywhere (:func:`format_b_simple`)."""
+        return format_b_simple(self.b_simple, self.stderr)
+
+    def summary(self, unit: str = "") -> str:
+        """The one line the demo and ``python -m scaling noise`` print.
+
+        Example:
+          >>> lines = [f'{{"step": {i}, "g2": 1.0, "trace_sigma": {10 + i % 2}}}' for i in range(8)]
+          >>> settled_noise_scale(read_noise_log(lines), window=4).summary()[:41]
+          'current B_simple = 10.50 ± 0.29 (last 4 u'
+        """
+        unit = f" {unit}" if unit else ""
+        state = "settled" if self.settled else "NOT settled"
+        return (
+            f"current B_simple = {self.text()}{unit} (last {self.window} updates): "
+            f"{state}: {self.reason}"
+        )
+
+
+def _measurable(x) -> bool:
+    return x is not None and math.isfinite(x) and x >= 0
+
+
+def format_b_simple(b_simple, stderr) -> str:
+    """``"83 ± 12"``: B_simple to the digits its standard error supports.
+
+    The standard error keeps two significant digits and B_simple is rounded to the same
+    decimal place, so every printout of one estimate shows the same digits. A value
+    that is not measurable (``inf``, ``nan``, negative) prints ``-``; an infinite
+    standard error ``± -`` beside three significant digits.
+
+    Example:
+      >>> format_b_simple(82.7351, 12.13), format_b_simple(2034.0, 312.0)
+      ('83 ± 12', '2030 ± 310')
+      >>> format_b_simple(3.4567, 0.1234), format_b_simple(float("inf"), 1.0)
+      ('3.46 ± 0.12', '- ± -')
+    """
+    b, se = float(b_simple), float(stderr)
+    if not _measurable(b):
+        return "- ± -"
+    if not (math.isfinite(se) and se > 0):
+        return f"{b:.3g} ± " + ("0" if se == 0 else "-")
+    decimals = 1 - math.floor(math.log10(se))
+    if decimals <= 0:
+        return f"{round(b, decimals):.0f} ± {round(se, decimals):.0f}"
+    return f"{b:.{decimals}f} ± {se:.{decimals}f}"
 
 
 def _ratio_of_means(trace, g2) -> tuple[float, float]:
@@ -467,7 +545,18 @@ def _series(entries: Sequence[NoiseLogEntry]):
     return steps, [e.trace_sigma_raw for e in entries], [e.g2_raw for e in entries]
 
 
-def window_estimates(entries: Sequence[NoiseLogEntry], window: int = 100) -> list[WindowEstimate]:
+def _window_arg(window, updates: int) -> int:
+    if window is None:
+        return default_window(updates)
+    v.check("window", window, 2, None)
+    if isinstance(window, bool) or float(window) != int(window):
+        raise ValueError(f"window must be an int >= 2, got {window!r}")
+    return int(window)
+
+
+def window_estimates(
+    entries: Sequence[NoiseLogEntry], window: int | None = None
+) -> list[WindowEstimate]:
     """B_simple over consecutive windows of ``window`` log entries: the trajectory.
 
     Windows are counted from the end, so the last one is always full; the first holds
@@ -476,17 +565,17 @@ def window_estimates(entries: Sequence[NoiseLogEntry], window: int = 100) -> lis
 
     Args:
       entries: from :func:`read_noise_log`.
-      window: entries (updates) per window, >= 2.
+      window: entries (updates) per window, an int >= 2; default
+        :func:`default_window` of the number of entries.
 
     Example:
       >>> lines = [f'{{"step": {i}, "g2": 1.0, "trace_sigma": {10 + i % 2}}}' for i in range(6)]
       >>> [(w.first_step, round(w.b_simple, 3)) for w in window_estimates(read_noise_log(lines), 2)]
       [(0, 10.5), (2, 10.5), (4, 10.5)]
     """
-    v.check("window", window, 2, None)
-    window = int(window)
     if not entries:
         raise ValueError("window_estimates needs at least one log entry")
+    window = _window_arg(window, len(entries))
     steps, num, den = _series(entries)
     out = []
     end = len(entries)
@@ -510,18 +599,118 @@ def _negative(window: str, ratios: bool) -> str:
     )
 
 
-def settled_noise_scale(entries: Sequence[NoiseLogEntry], window: int = 100) -> SettledNoiseScale:
-    """The current B_simple from the last ``window`` updates, and whether it has settled.
+def _rel(b: float, se: float) -> float:
+    return se / b if b > 0 else math.inf
 
-    Settled means: at least two full windows, a finite estimate with relative standard
-    error below 50%, and the window before within two combined standard errors
-    (:math:`|B_{last} - B_{prev}| \\le 2\\sqrt{s_{last}^2 + s_{prev}^2}`). A B_simple that
-    still climbs (as early in training) fails the last test, and ``reason`` says by how
-    much it moved.
+
+def _settle(num, den, window: int, ratios: bool) -> SettledNoiseScale:
+    """The current estimate from per-update numerators and denominators (oldest first)."""
+    n = len(num)
+    last = max(0, n - window)
+    b, se = _ratio_of_means(num[last:], den[last:])
+    two = n >= 2 * window
+    pb, pse = (
+        _ratio_of_means(num[n - 2 * window : last], den[n - 2 * window : last])
+        if two
+        else (None, None)
+    )
+    precise = _measurable(b) and _rel(b, se) <= SETTLED_REL_STDERR
+    prev_ok = two and _measurable(pb)
+    if prev_ok:
+        precise = precise and _rel(pb, pse) <= SETTLED_REL_STDERR
+    allowed = SETTLED_SIGMAS * math.hypot(se, pse) if prev_ok else math.nan
+    stable = bool(prev_ok and _measurable(b) and abs(b - pb) <= allowed)
+
+    def result(reason):
+        return SettledNoiseScale(
+            b, se, bool(precise and stable), window, pb, reason, bool(precise), stable, pse
+        )
+
+    if not math.isfinite(b):
+        return result(
+            "not measurable: the mean |G|^2 of the last window is <= 0 "
+            "(the noise swamps the signal)"
+        )
+    if b < 0:  # a negative B_simple is no estimate: say so, never report it
+        return result("not measurable: " + _negative("the last window", ratios))
+    if not _rel(b, se) <= SETTLED_REL_STDERR:
+        rel = _rel(b, se)
+        share = f"{rel:.0%} of the value" if math.isfinite(rel) else "unbounded"
+        return result(
+            f"too uncertain: the standard error is {share} (settled needs <= "
+            f"{SETTLED_REL_STDERR:.0%}): average over more updates"
+        )
+    if not two:
+        return result(f"only {n} updates: settling needs two windows of {window}")
+    if not math.isfinite(pb):
+        return result("the window before was not measurable (mean |G|^2 <= 0)")
+    if pb < 0:
+        return result("the window before was not measurable: " + _negative("it", ratios))
+    if not _rel(pb, pse) <= SETTLED_REL_STDERR:
+        rel = _rel(pb, pse)
+        share = f"{rel:.0%}" if math.isfinite(rel) else "an unbounded"
+        return result(
+            f"the window before is too uncertain ({share} standard error) to tell "
+            "whether the value still moves"
+        )
+    if not stable:
+        return result(
+            f"still moving: {format_b_simple(pb, pse)} -> {format_b_simple(b, se)} "
+            f"between the last two windows (more than {SETTLED_SIGMAS:g} combined "
+            f"standard errors, {allowed:.3g})"
+        )
+    return result(
+        f"stable and precise: the last two windows agree within {SETTLED_SIGMAS:g} "
+        f"standard errors ({allowed:.3g}) and each is known to {SETTLED_REL_STDERR:.0%}"
+    )
+
+
+def current_b_simple(g2, trace_sigma, window: int | None = None) -> SettledNoiseScale:
+    r"""The current B_simple from per-update raw estimates, and whether it has settled.
+
+    The one estimator of this package (module docstring): the ratio of means of the
+    last ``window`` estimates with its delta-method standard error; *settled* when it is
+    precise and stable against the window before.
+
+    Args:
+      g2: per-update :math:`|G|^2` estimates, oldest first (a sequence or 1-d array).
+      trace_sigma: the same updates' :math:`\mathrm{tr}\Sigma` estimates.
+      window: updates per window, an int >= 2; default :func:`default_window` of the
+        number of estimates.
+
+    Returns:
+      A :class:`SettledNoiseScale`.
+
+    Example:
+      >>> s = current_b_simple([1.0] * 8, [10.0, 11.0] * 4, window=4)
+      >>> s.text(), s.settled
+      ('10.50 ± 0.29', True)
+    """
+    g = np.asarray(g2, np.float64).ravel()
+    t = np.asarray(trace_sigma, np.float64).ravel()
+    if g.size != t.size:
+        raise ValueError(f"g2 and trace_sigma must have the same length, got {g.size} and {t.size}")
+    if g.size == 0:
+        raise ValueError("current_b_simple needs at least one estimate")
+    if not (np.all(np.isfinite(g)) and np.all(np.isfinite(t))):
+        raise ValueError("g2 and trace_sigma must be finite (unmeasured updates left out)")
+    return _settle(t, g, _window_arg(window, g.size), ratios=False)
+
+
+def settled_noise_scale(
+    entries: Sequence[NoiseLogEntry], window: int | None = None
+) -> SettledNoiseScale:
+    """The current B_simple of a log (:func:`read_noise_log`), and whether it has settled.
+
+    :func:`current_b_simple` on the log's per-step estimates (a log of ratios averages
+    the ratios instead, which is biased). A B_simple that still climbs (as early in
+    training) fails the stability test and ``reason`` says by how much it moved; one
+    known to worse than 20% fails the precision test whatever the windows say.
 
     Args:
       entries: from :func:`read_noise_log`.
-      window: updates per window (>= 2); 100 matches an EMA of 0.99.
+      window: updates per window (>= 2); default :func:`default_window` of the number
+        of entries.
 
     Returns:
       A :class:`SettledNoiseScale`.
@@ -536,43 +725,10 @@ def settled_noise_scale(entries: Sequence[NoiseLogEntry], window: int = 100) -> 
       McCandlish et al. 2018, arXiv 1812.06162, app. A.2; Merrill et al. 2025 and Zhang
       et al. 2025 (the noise scale grows during training).
     """
-    windows = window_estimates(entries, window)
-    last = windows[-1]
-    prev = windows[-2] if len(windows) > 1 and windows[-2].count == last.count else None
-    previous = None if prev is None else prev.b_simple
-
-    def result(settled, reason):
-        return SettledNoiseScale(last.b_simple, last.stderr, settled, int(window), previous, reason)
-
-    ratios = entries[0].g2_raw is None
-    if not math.isfinite(last.b_simple):
-        return result(
-            False,
-            "not measurable: the mean |G|^2 of the last window is <= 0 "
-            "(the noise swamps the signal)",
-        )
-    if last.b_simple < 0:  # a negative B_simple is no estimate: say so, never report it
-        return result(False, "not measurable: " + _negative("the last window", ratios))
-    if prev is None:
-        return result(
-            False, f"only {len(entries)} updates: settling needs two windows of {int(window)}"
-        )
-    rel = last.stderr / last.b_simple if last.b_simple > 0 else math.inf
-    if not rel < 0.5:
-        return result(False, f"too uncertain: relative standard error {rel:.0%} >= 50%")
-    if not math.isfinite(prev.b_simple):
-        return result(False, "the window before was not measurable (mean |G|^2 <= 0)")
-    if prev.b_simple < 0:
-        return result(False, "the window before was not measurable: " + _negative("it", ratios))
-    gap = abs(last.b_simple - prev.b_simple)
-    allowed = 2 * math.hypot(last.stderr, prev.stderr)
-    if gap > allowed:
-        return result(
-            False,
-            f"still moving: {prev.b_simple:.4g} -> {last.b_simple:.4g} "
-            f"between the last two windows (> 2 standard errors, {allowed:.3g})",
-        )
-    return result(True, f"the last two windows agree within 2 standard errors ({allowed:.3g})")
+    if not entries:
+        raise ValueError("settled_noise_scale needs at least one log entry")
+    _, num, den = _series(entries)
+    return _settle(num, den, _window_arg(window, len(entries)), ratios=entries[0].g2_raw is None)
 
 
 # ------------------------------------------------------------ from the momentum

@@ -8,36 +8,19 @@ steps (Wang & Aitchison 2024; Su, kexue.fm/archives/11459). Keeping it constant 
 :math:`\lambda' = \lambda\,(\eta/\eta')(B'/B)`.
 
 Also: Power Lines' τ (Bergsma et al. 2025), coupled ↔ independent decay, the equilibrium
-weight RMS and its time-varying prediction (a per-leaf monitor), Su's optimal lr / decay
-schedules, AdamW → Lion transfer and Amos-derived (η, λ) for sign optimizers.
+weight RMS and its time-varying prediction (a per-leaf monitor), AdamW → Lion transfer and
+Amos-derived (η, λ) for sign optimizers. Su's optimal lr / decay schedules
+(kexue.fm/archives/11459) are optax schedules and live with the transforms
+(``ox.constant_decay_lr_schedule``, ``ox.coupled_decay_schedules``).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from scaling import _validate as v
-
-# Su's optimal lr / weight-decay schedules (kexue.fm/archives/11459) are optax schedules
-# (jit-traceable, jax.lax inside) and live in optax_ext.schedules, defined once; scaling
-# keeps these names reachable, imported from there on first use, so that importing
-# scaling never loads JAX.
-_SCHEDULES = {
-    "DecaySchedules": "DecaySchedules",
-    "su_constant_decay_lr_schedule": "constant_decay_lr_schedule",
-    "su_coupled_decay_schedules": "coupled_decay_schedules",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SCHEDULES:
-        from optax_ext import schedules
-
-        return getattr(schedules, _SCHEDULES[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "LrAndDecay",

@@ -70,7 +70,7 @@ def test_ema_tracker_matches_float64_reference_and_debiases():
     g2s, traces = rng.uniform(1, 2, 7), rng.uniform(10, 30, 7)
     decay = 0.9
     ema = jax.jit(lambda e, a, b: noise.noise_ema_update(e, a, b, decay))
-    state = noise.noise_ema_init()
+    state = transform.noise_ema_init()
     for a, b in zip(g2s, traces, strict=True):
         state = ema(state, a, b)
     w = (1 - decay) * decay ** np.arange(6, -1, -1)
@@ -89,7 +89,7 @@ def test_ema_tracker_matches_float64_reference_and_debiases():
 
 
 def test_ema_read_before_any_update_and_with_nonpositive_signal():
-    assert np.isnan(noise.noise_ema_read(noise.noise_ema_init()).b_simple)
+    assert np.isnan(noise.noise_ema_read(transform.noise_ema_init()).b_simple)
     assert noise.noise_ema_read(noise.NoiseEMA(1.0, -0.5, 1.0)).b_simple == float("inf")
 
 
@@ -231,9 +231,11 @@ def test_one_micro_batch_leaves_the_estimate_unchanged():
     _, state = tx.update(grads, state, micro_grad_sq_norm=jnp.float32(1.0), accumulation_steps=1)
     assert int(state.count) == 2
     np.testing.assert_array_equal(transform.noise_scale(state), before)
-    # snapshots start as NaN ("none yet", documented); everything else stays finite
-    finite = state._replace(snapshots=jnp.zeros([]))
-    assert all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(finite))
+    # the ring of raw estimates holds the measured update only
+    assert int(state.measured) == 1
+    g2, trace = transform.recent_estimates(state)
+    np.testing.assert_array_equal([g2, trace], [[state.last_g2], [state.last_trace_sigma]])
+    assert all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(state))
 
 
 def test_noise_scale_finds_state_in_nested_optax_states():
@@ -316,22 +318,26 @@ def test_abstract_init():
 
 
 def test_log_records_reproduce_the_transform_estimate():
+    """The log of noise_log_record gives the transform's current value exactly (one
+    estimator, one window) and its EMA to float32 rounding."""
     rng = np.random.default_rng(4)
-    tx = transform.measure_noise_scale(B_SMALL, ema=0.95)
+    tx = transform.measure_noise_scale(B_SMALL, ema=0.95)  # a window of 20 updates
     state = tx.init(_params())
+    update = jax.jit(tx.update)
     lines = []
-    for step in range(40):
+    for step in range(50):  # past two windows: the ring has wrapped
         mean = jnp.asarray(rng.standard_normal(D), jnp.float32)
         micro_sq = jnp.float32(float(mean @ mean) + rng.uniform(0.5, 3.0))
-        _, state = tx.update(
-            _as_tree(mean), state, micro_grad_sq_norm=micro_sq, accumulation_steps=4
-        )
+        _, state = update(_as_tree(mean), state, micro_grad_sq_norm=micro_sq, accumulation_steps=4)
         lines.append(json.dumps(transform.noise_log_record(step, state)))
     entries = noise.read_noise_log(lines, ema=0.95)
-    assert len(entries) == 40 and entries[-1].step == 39
+    assert len(entries) == 50 and entries[-1].step == 49
     np.testing.assert_allclose(
         entries[-1].b_simple_ema, float(transform.noise_scale(state).b_simple), rtol=1e-4
     )
+    from_log = noise.settled_noise_scale(entries, window=20)
+    assert transform.current_noise_scale(state) == from_log
+    assert from_log.window == 20 and from_log.previous is not None
 
 
 def test_log_of_ratios_is_averaged():

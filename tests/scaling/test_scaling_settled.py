@@ -1,8 +1,10 @@
-"""The settled, current noise scale and the free estimate from the momentum (issue: a
-B_simple that keeps climbing is not a number to recommend from).
+"""The current noise scale, settled = stable and precise, and the free estimate from the
+momentum (a B_simple that keeps climbing, or one known to 50%, is not a number to
+recommend from).
 
 References are float64 NumPy written here: the ratio of window means, the delta-method
 standard error var(t - R g) / (n mean(g)^2), Su's SNR = (rho^2 - r)/(1 - rho^2).
+Synthetic logs have a known B_simple: tr(Sigma)_t = B g2_t (1 + noise).
 """
 
 import json
@@ -80,13 +82,92 @@ def test_not_settled_reasons():
     rng = np.random.default_rng(3)
     short = noise.settled_noise_scale(_log(*_stationary(rng, 150)), window=100)
     assert not short.settled and short.reason.startswith("only 150 updates")
-    assert short.previous is None
+    assert short.previous is None and short.precise and not short.stable
     g, t = _stationary(rng, 200)
     swamped = noise.settled_noise_scale(_log(g - 5.0, t), window=100)
     assert not swamped.settled and "not measurable" in swamped.reason
     assert swamped.b_simple == math.inf
     noisy = noise.settled_noise_scale(_log(*_stationary(rng, 20, rel=3.0)), window=10)
-    assert not noisy.settled
+    assert not noisy.settled and not noisy.precise
+
+
+def _old_settled(est):
+    """The definition this package used before: two windows within 2 combined standard
+    errors and a relative error below 50%."""
+    gap = abs(est.b_simple - est.previous)
+    agree = gap <= 2 * math.hypot(est.stderr, est.previous_stderr)
+    return agree and est.stderr / est.b_simple < 0.5
+
+
+def test_two_noisy_windows_that_agree_are_not_settled():
+    """Known B_simple 150, windows of 50 updates with about 30% standard errors: the two
+    windows agree because they are too noisy to tell apart, which is not settled."""
+    rng = np.random.default_rng(6)
+    for _ in range(6):
+        est = noise.settled_noise_scale(_log(*_stationary(rng, 100, 150.0, rel=1.5)), 50)
+        assert 0.2 < est.stderr / est.b_simple < 0.5, est
+        assert _old_settled(est) and est.stable  # what the old rule called settled
+        assert not est.settled and not est.precise, est
+        assert est.reason.startswith("too uncertain: the standard error is"), est.reason
+
+
+def test_settled_needs_both_windows_precise():
+    # the last window precise, the one before not: the agreement test tells nothing
+    rng = np.random.default_rng(7)
+    g1, t1 = _stationary(rng, 50, 150.0, rel=3.0)
+    g2, t2 = _stationary(rng, 50, 150.0, rel=0.2)
+    est = noise.settled_noise_scale(_log(np.r_[g1, g2], np.r_[t1, t2]), window=50)
+    assert est.stderr / est.b_simple < 0.1 and est.previous_stderr / est.previous > 0.2
+    assert not est.settled and not est.precise
+    assert est.reason.startswith("the window before is too uncertain")
+
+
+def test_settled_and_unsettled_on_known_noise_scales():
+    rng = np.random.default_rng(8)
+    for truth in (5.0, 150.0, 4000.0):
+        est = noise.settled_noise_scale(_log(*_stationary(rng, 400, truth, rel=0.5)), window=100)
+        assert est.settled and est.precise and est.stable, est
+        assert abs(est.b_simple - truth) <= 3 * est.stderr
+        assert est.reason.startswith("stable and precise")
+        # a tenfold climb over the same log: precise but moving
+        g, t = _stationary(rng, 400, 1.0, rel=0.5)
+        climb = np.geomspace(truth / 10, truth, 400)
+        moving = noise.settled_noise_scale(_log(g, t * climb), window=100)
+        assert moving.precise and not moving.stable and not moving.settled
+        assert moving.reason.startswith("still moving")
+
+
+def test_current_b_simple_is_the_log_estimator_on_arrays():
+    rng = np.random.default_rng(9)
+    g, t = _stationary(rng, 130, 60.0)
+    from_arrays = noise.current_b_simple(g, t, window=40)
+    assert from_arrays == noise.settled_noise_scale(_log(g, t), window=40)
+    # the default window: a sixth of the updates, 10 to 100
+    assert noise.current_b_simple(g, t).window == noise.default_window(130) == 21
+    with pytest.raises(ValueError, match="same length"):
+        noise.current_b_simple(g, t[:-1])
+    with pytest.raises(ValueError, match="finite"):
+        noise.current_b_simple([1.0, np.nan], [1.0, 1.0])
+    with pytest.raises(ValueError, match="window must be an int >= 2"):
+        noise.current_b_simple(g, t, window=2.5)
+
+
+@pytest.mark.parametrize(
+    "b, se, text",
+    [
+        (82.7351, 12.13, "83 ± 12"),
+        (148.2, 47.0, "148 ± 47"),
+        (2034.0, 312.0, "2030 ± 310"),
+        (3.4567, 0.1234, "3.46 ± 0.12"),
+        (0.01234, 0.00056, "0.01234 ± 0.00056"),
+        (12.0, 0.0, "12 ± 0"),
+        (12.0, math.inf, "12 ± -"),
+        (math.inf, 1.0, "- ± -"),
+        (-3.0, 1.0, "- ± -"),
+    ],
+)
+def test_printed_digits_follow_the_standard_error(b, se, text):
+    assert noise.format_b_simple(b, se) == text
 
 
 def test_ratio_logs_use_the_mean_ratio():
@@ -157,29 +238,74 @@ def test_momentum_estimate_formula_and_limits():
         noise.momentum_noise_scale(1.0, 1.0, 1.0, 32)
 
 
-def test_settled_value_in_the_command_line(tmp_path, capsys):
-    rng = np.random.default_rng(4)
-    g, t = _stationary(rng, 300)
-    path = tmp_path / "log.jsonl"
+def _write(path, g, t):
     path.write_text(
         "\n".join(
             json.dumps({"step": i, "g2": float(a), "trace_sigma": float(b)})
             for i, (a, b) in enumerate(zip(g, t, strict=True))
         )
     )
+
+
+def test_settled_value_in_the_command_line(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    path = tmp_path / "log.jsonl"
+    _write(path, *_stationary(rng, 300))
     assert main(["noise", str(path), "--window", "100"]) == 0
     out = capsys.readouterr().out
     want = noise.settled_noise_scale(noise.read_noise_log(path.read_text().splitlines()), 100)
-    state = "settled" if want.settled else "NOT settled"
-    assert f"current B_simple = {want.b_simple:.6g} ± {want.stderr:.6g} " in out
-    assert f"(last 100 updates): {state}: {want.reason}" in out
+    assert out.splitlines()[1] == want.summary()  # the current value leads
+    assert f"current B_simple = {want.text()} (last 100 updates): " in out
     for label in ("start", "middle", "last"):
         assert label in out
+    assert "secondary: the EMA over the run" in out
     assert main(["noise", str(path), "--window", "100", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["settled"]["b_simple"] == pytest.approx(want.b_simple)
-    assert data["settled"]["settled"] == want.settled
+    assert data["b_simple"] == want.b_simple and data["stderr"] == want.stderr
+    assert data["settled"] is want.settled and data["text"] == want.text()
     assert len(data["windows"]) == 3
+    # without --window: a sixth of the log, as the demo and ox.current_noise_scale
+    assert main(["noise", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["window"] == 50
+    assert (
+        data["b_simple"]
+        == noise.settled_noise_scale(
+            noise.read_noise_log(path.read_text().splitlines()), 50
+        ).b_simple
+    )
+
+
+def test_noise_json_schema(tmp_path, capsys):
+    """--json: the current value leads (b_simple is it), the EMA is b_simple_ema."""
+    from scaling.__main__ import NOISE_JSON_KEYS
+
+    rng = np.random.default_rng(10)
+    g, t = _stationary(rng, 120, 40.0)
+    path = tmp_path / "log.jsonl"
+    _write(path, g, t)
+    assert main(["noise", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert tuple(data) == NOISE_JSON_KEYS
+    kinds = {
+        "b_simple": float, "stderr": float, "text": str, "window": int, "settled": bool,
+        "precise": bool, "stable": bool, "reason": str, "previous": float,
+        "previous_stderr": float, "b_simple_ema": float, "g2_ema": float,
+        "trace_sigma_ema": float, "ema": float, "steps": int, "last_step": int,
+        "windows": list, "entries": list, "gaps": int,
+    }  # fmt: skip
+    assert {k: type(v) for k, v in data.items()} == kinds
+    assert set(data["windows"][0]) == {"first_step", "last_step", "count", "b_simple", "stderr"}
+    assert data["b_simple"] == pytest.approx(t[-20:].mean() / g[-20:].mean(), rel=1e-12)
+    assert (
+        data["b_simple_ema"] == noise.read_noise_log(path.read_text().splitlines())[-1].b_simple_ema
+    )
+    # not measurable: null, never a negative number
+    _write(path, np.ones(30), -np.ones(30))
+    assert main(["noise", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["b_simple"] is None and data["stderr"] is None and not data["settled"]
+    assert data["text"] == "- ± -"
 
 
 def test_plot_draws_the_trajectory(tmp_path, capsys):
@@ -233,7 +359,7 @@ def test_a_log_with_nothing_measurable_says_so(kind, tmp_path, capsys):
     assert "-300" not in out and "-299" not in out and "'-': not measurable" in out
     assert main(["noise", str(path), "--window", "10", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert not data["settled"]["settled"] and data["settled"]["reason"] == est.reason
+    assert not data["settled"] and data["reason"] == est.reason and data["b_simple"] is None
 
 
 def test_plot_with_nothing_plottable_says_so_without_a_warning(tmp_path, capsys):
