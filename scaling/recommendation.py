@@ -13,6 +13,12 @@ lion, tiger    :func:`~scaling.batch_size.sign_transfer` (Su's surge form; β_no
 muon           :func:`~scaling.batch_size.muon_transfer`, η ∝ (1 + B_simple/B)^(-1/2)
 =============  ===========================================================================
 
+Every recommended value is **the centre of a small sweep**, not a replacement for one:
+the rules are one-step, mean-field statements, and the measured noise scale has an
+error. With the noise scale's standard error (``stderr``) the learning rate comes with
+the range the rule gives from :math:`B_{simple} \pm 1` s.e. (``lr_range``), and the
+table says both.
+
 Without a noise scale it **falls back** to a simple rule, labelled as such in the
 reason: linear for sgd/sgdm, square root for adam/adamw/lion/tiger/muon. Pass ``strict=True``
 to raise ``ValueError`` instead. Weight decay keeps the EMA timescale in epochs
@@ -29,13 +35,14 @@ dropped (``None``) and its reason says so.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from scaling import _validate as v
 from scaling import batch_size as bs
 from scaling import weight_decay as wd
 
-__all__ = ["FAMILIES", "Recommendation", "recommend"]
+__all__ = ["FAMILIES", "SWEEP_NOTE", "Recommendation", "recommend"]
 
 FAMILIES = ("sgd", "sgdm", "adam", "adamw", "lion", "tiger", "muon")
 _SIGN = ("lion", "tiger")
@@ -60,6 +67,9 @@ class Recommendation:
     ``steps``) to a one-line explanation. ``steps_ratio`` / ``examples_ratio`` are the
     tradeoff law's new/old steps and examples to the same loss (``None`` without a
     noise scale); ``new_steps`` / ``new_examples`` need the current ``steps``.
+    ``lr_range`` is ``(low, high)``, the rule's lr over the noise scale ± one standard
+    error (``noise_scale_stderr``), or ``None`` without one. The printed table rounds to
+    three significant digits and says that each value is the centre of a small sweep.
     """
 
     optimizer: str
@@ -83,33 +93,41 @@ class Recommendation:
     new_steps: float | None
     new_examples: float | None
     reasons: dict[str, str]
+    noise_scale_stderr: float | None = None
+    lr_range: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """All fields as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        rows = [("batch", self.batch, self.new_batch, f"rule: {self.rule}")]
-        rows.append(("lr", self.lr, self.new_lr, self.reasons["lr"]))
+        rows = [("batch", self.batch, self.new_batch, "-", f"rule: {self.rule}")]
+        digits = {"batch": 6}
+        lr_range = "-"
+        if self.lr_range is not None:
+            lr_range = f"{fmt(self.lr_range[0], 3)} to {fmt(self.lr_range[1], 3)}"
+        rows.append(("lr", self.lr, self.new_lr, lr_range, self.reasons["lr"]))
         if self.weight_decay is not None:
             rows.append(
                 (
                     "weight_decay",
                     self.weight_decay,
                     self.new_weight_decay,
+                    "-",
                     self.reasons["weight_decay"],
                 )
             )
         if self.beta1 is not None:
-            rows.append(("beta1", self.beta1, self.new_beta1, self.reasons["beta1"]))
+            rows.append(("beta1", self.beta1, self.new_beta1, "-", self.reasons["beta1"]))
         if self.beta2 is not None:
-            rows.append(("beta2", self.beta2, self.new_beta2, self.reasons["beta2"]))
+            rows.append(("beta2", self.beta2, self.new_beta2, "-", self.reasons["beta2"]))
         if self.steps_ratio is not None:
             rows.append(
                 (
                     "steps",
                     self.steps if self.steps is not None else 1.0,
                     self.new_steps if self.new_steps is not None else self.steps_ratio,
+                    "-",
                     self.reasons["steps"],
                 )
             )
@@ -118,28 +136,53 @@ class Recommendation:
                     "examples",
                     None if self.steps is None else self.steps * self.batch,
                     self.new_examples if self.new_examples is not None else self.examples_ratio,
+                    "-",
                     "examples = steps x batch"
                     if self.steps is not None
                     else "relative to the current run",
                 )
             )
         else:
-            rows.append(("steps", self.steps, None, self.reasons["steps"]))
-        return format_table(
-            ["quantity", "current", "recommended", "reason"],
-            [[name, fmt(a), fmt(b), why] for name, a, b, why in rows],
-            title=f"{self.optimizer}: batch {fmt(self.batch)} -> {fmt(self.new_batch)}",
+            rows.append(("steps", self.steps, None, "-", self.reasons["steps"]))
+        noise = ""
+        if self.noise_scale is not None:
+            se = self.noise_scale_stderr
+            noise = f", noise scale {fmt(self.noise_scale, 3)}" + (
+                f" ± {fmt(se, 2)}" if se is not None else " (no standard error given)"
+            )
+        table = format_table(
+            ["quantity", "current", "recommended", "range (±1 s.e.)", "reason"],
+            [
+                [name, fmt(a, digits.get(name, 3)), fmt(b, digits.get(name, 3)), r, why]
+                for name, a, b, r, why in rows
+            ],
+            title=f"{self.optimizer}: batch {fmt(self.batch)} -> {fmt(self.new_batch)}{noise}",
         )
+        return f"{table}\n{SWEEP_NOTE}"
 
 
-def fmt(x) -> str:
-    """Compact number formatting for tables ('-' for None)."""
+#: What the table says under every recommendation.
+SWEEP_NOTE = (
+    "Each recommended value is the centre of a small sweep, not a replacement for one: "
+    "try the lr at x0.5, x0.7, x1, x1.4 and x2 (and past the range above, if it is wider)."
+)
+
+
+def fmt(x, digits: int = 6) -> str:
+    """Compact number formatting for tables ('-' for None), ``digits`` significant.
+
+    Between 1e-4 and 1e6 no exponent: ``fmt(2034.0, 3)`` is ``'2030'``, not ``'2.03e+03'``.
+    """
     if x is None:
         return "-"
     if isinstance(x, bool):
         return str(x)
     if isinstance(x, int | float):
-        return f"{x:.6g}"
+        if x == 0 or not math.isfinite(x) or not 1e-4 <= abs(x) < 1e6:
+            return f"{x:.{digits}g}"
+        decimals = digits - 1 - math.floor(math.log10(abs(x)))
+        text = f"{round(x, decimals):.{max(decimals, 0)}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
     return str(x)
 
 
@@ -182,6 +225,7 @@ def recommend(
     c: float = bs.SU_C,
     steps: float | None = None,
     strict: bool = False,
+    stderr: float | None = None,
 ) -> Recommendation:
     r"""Recommends lr, weight decay, betas, steps and examples at a new batch size.
 
@@ -204,6 +248,9 @@ def recommend(
         predicted steps and examples.
       strict: raise ``ValueError`` instead of falling back to a simple rule when no
         noise scale is given.
+      stderr: the standard error of the noise scale given (``b_noise`` or
+        ``b_simple``), >= 0; gives ``lr_range``, the rule's lr at the noise scale ± one
+        standard error (a lower end at or below 0 is read as the limit of no noise).
 
     Every number is a single value (one recommendation per call): an array, a string or
     a bool raises ``ValueError`` naming the argument.
@@ -215,9 +262,13 @@ def recommend(
       >>> r = recommend("adamw", 3e-4, 256, 1024, b_simple=2000, weight_decay=0.1)
       >>> round(r.new_lr / 3e-4, 4), round(r.peak_batch, 2)  # past the peak: lr falls
       (0.7408, 117.65)
+      >>> r = recommend("adamw", 3e-4, 256, 1024, b_simple=2000, stderr=500)
+      >>> [round(x / 3e-4, 3) for x in r.lr_range]
+      [0.728, 0.759]
       >>> print(r)  # doctest: +ELLIPSIS
-      adamw: batch 256 -> 1024
+      adamw: batch 256 -> 1024, noise scale 2000 ± 500
       ...
+      Each recommended value is the centre of a small sweep, ...
 
     References:
       Su, https://kexue.fm/archives/10542, https://kexue.fm/archives/11301,
@@ -229,8 +280,8 @@ def recommend(
     # "only 0-dimensional arrays can be converted to Python scalars" names nothing)
     numbers = dict(lr=lr, batch=batch, new_batch=new_batch, beta_noise=beta_noise, c=c)
     numbers |= dict(b_noise=b_noise, b_simple=b_simple, weight_decay=weight_decay)
-    numbers |= dict(beta1=beta1, beta2=beta2, steps=steps)
-    optional = ("b_noise", "b_simple", "weight_decay", "beta1", "beta2", "steps")
+    numbers |= dict(beta1=beta1, beta2=beta2, steps=steps, stderr=stderr)
+    optional = ("b_noise", "b_simple", "weight_decay", "beta1", "beta2", "steps", "stderr")
     for name, value in numbers.items():
         if not (value is None and name in optional):
             v.single(name, value)
@@ -246,6 +297,14 @@ def recommend(
         v.check("weight_decay", weight_decay, 0.0, 1e308)  # finite
     if steps is not None:
         v.finite_positive("steps", steps)
+    if stderr is not None:
+        v.nonnegative("stderr", stderr)
+        v.check("stderr", stderr, 0.0, 1e308)  # finite
+        if b_noise is None and b_simple is None:
+            raise ValueError(
+                f"stderr={stderr!r} was given without a noise scale: it is the standard "
+                "error of b_simple (or b_noise)"
+            )
     v.finite_positive("beta_noise", beta_noise)
     v.finite_positive("c", c)
     b1 = _DEFAULT_BETA1[optimizer] if beta1 is None else beta1
@@ -266,7 +325,7 @@ def recommend(
         given = other
         used = "B_simple" if needs == "b_noise" else "B_noise"
         stand_in = f" ({used} used as {needs}: exact if H is a multiple of I)"
-    peak, has_peak = None, False
+    peak, has_peak, lr_range = None, False, None
     if given is None:
         if strict:
             raise ValueError(
@@ -279,40 +338,19 @@ def recommend(
         else:
             rule, new_lr = "sqrt (fallback)", bs.sqrt_rule(lr, batch, new_batch)
             reasons["lr"] = "fallback, no noise scale given: square-root rule lr x sqrt(B'/B)"
-    elif optimizer in ("sgd", "sgdm"):
-        res = bs.sgd_transfer(lr, batch, new_batch, given, b1)
-        new_lr = res.lr
-        rule = "sgd B_noise transfer" + (" with momentum" if b1 > 0 else "")
-        reasons["lr"] = (
-            f"lr x (1+r*Bn/B)/(1+r*Bn/B'), Bn={given:.6g}, r=(1-b1)/(1+b1)="
-            f"{bs.momentum_factor(b1):.4g}; no peak{stand_in}"
-        )
-    elif optimizer in _ADAM:
-        res = bs.adam_transfer(lr, batch, new_batch, given, b1)
-        new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
-        rule = "adam mean-field curve"
-        tail = f"lr falls beyond B={peak:.6g}" if has_peak else "no peak (beta1 <= 1/3)"
-        reasons["lr"] = (
-            f"mean-field Adam curve with beta1={b1:g}, B_simple={given:.6g}; {tail}{stand_in}"
-        )
-    elif optimizer == "muon":
-        new_lr = bs.muon_transfer(lr, batch, new_batch, given).lr
-        rule = "muon (Su)"
-        reasons["lr"] = (
-            f"Su's Muon rule lr x sqrt((1+Bs/B)/(1+Bs/B')), B_simple={given:.6g}; no peak{stand_in}"
-        )
     else:
-        res = bs.sign_transfer(lr, batch, new_batch, given, beta_noise, c)
-        new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
-        rule = "sign surge (Su)"
-        tail = (
-            f"peak at B={peak:.6g}, lr falls beyond"
-            if has_peak
-            else f"beta_noise={beta_noise:g}: no peak"
+        rule_lr = lambda noise_scale: _lr_rule(  # noqa: E731
+            optimizer, lr, batch, new_batch, noise_scale, b1, beta_noise, c
         )
-        reasons["lr"] = (
-            f"Su's sign curve, kappa^2=B_simple={given:.6g}, c={c:.4g}; {tail}{stand_in}"
-        )
+        new_lr, peak, has_peak, rule, reasons["lr"] = rule_lr(float(given))
+        reasons["lr"] += stand_in
+        if stderr is not None:
+            # the no-noise limit where the lower end is not positive (every rule is
+            # continuous there and keeps the lr)
+            ends = [max(float(given) - float(stderr), 1e-12 * min(batch, new_batch))]
+            ends.append(float(given) + float(stderr))
+            lrs = [new_lr, *(rule_lr(x)[0] for x in ends)]
+            lr_range = (min(lrs), max(lrs))
 
     # --- weight decay
     new_wd = None
@@ -325,7 +363,11 @@ def recommend(
                 f"(lr/lr')(B'/B) with the recommended lr' = {new_lr:g}) is outside float64"
             ) from None
         reasons["weight_decay"] = (
-            "wd x (lr/lr')(B'/B): keeps the EMA timescale 1/(lr*wd) constant in epochs"
+            f"wd x (lr/lr') x (B'/B) = x{lr / new_lr:.3g} x {kappa:.3g}: the weights stay an "
+            "average over the same examples (their EMA timescale 1/(lr*wd) updates, kept in "
+            "epochs"
+            + (f": {batch / (lr * weight_decay):.3g} examples" if weight_decay > 0 else "")
+            + ")"
             + (" (decoupled decay; approximate for an L2 penalty)" if optimizer == "adam" else "")
         )
 
@@ -343,7 +385,7 @@ def recommend(
         sde = ""
         if 0 < kappa and kappa * (1 - b1) < 1 and kappa * (1 - b2) < 1:
             alt = bs.adam_sde_rule(lr, b1, b2, 1e-8, kappa)
-            sde = f" (Malladi's SDE rule instead: beta1={alt.beta1:.4g}, lr={alt.lr:.4g})"
+            sde = f" (Malladi's SDE rule instead: beta1={alt.beta1:.3g}, lr={alt.lr:.3g})"
         reasons["beta1"] = "kept: the lr curve above assumes this beta1" + sde
     else:
         reasons["beta1"] = "kept: the sign curve has no momentum term"
@@ -395,4 +437,50 @@ def recommend(
         new_steps=new_steps,
         new_examples=new_examples,
         reasons=reasons,
+        noise_scale_stderr=None if stderr is None or given is None else float(stderr),
+        lr_range=lr_range,
     )
+
+
+def _lr_rule(optimizer, lr, batch, new_batch, given, b1, beta_noise, c):
+    """(new lr, peak batch, has peak, rule, reason) of the family's rule at a noise scale."""
+    peak, has_peak = None, False
+    if optimizer in ("sgd", "sgdm"):
+        new_lr = bs.sgd_transfer(lr, batch, new_batch, given, b1).lr
+        rule = "sgd B_noise transfer" + (" with momentum" if b1 > 0 else "")
+        reason = (
+            f"lr x (1+r*Bn/B)/(1+r*Bn/B'), Bn={given:.4g}, r=(1-b1)/(1+b1)="
+            f"{bs.momentum_factor(b1):.3g}; no peak"
+        )
+    elif optimizer in _ADAM:
+        res = bs.adam_transfer(lr, batch, new_batch, given, b1)
+        new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
+        rule = "adam mean-field curve"
+        if has_peak and min(batch, new_batch) >= peak:
+            tail = (
+                f"both batches are past the curve's peak at B={peak:.3g} "
+                f"({(1 - b1) / (3 * b1 - 1):.3g} x B_simple for beta1={b1:g}), where it falls "
+                f"slowly: lr x{new_lr / lr:.3g} (the momentum's sign is already nearly "
+                "noise-free there: a larger batch adds curvature along the update, not "
+                "signal; Su, kexue.fm/archives/11301)"
+            )
+        elif has_peak:
+            tail = f"lr falls beyond B={peak:.3g} (the curve's peak)"
+        else:
+            tail = "no peak (beta1 <= 1/3)"
+        reason = f"mean-field Adam curve with beta1={b1:g}, B_simple={given:.4g}; {tail}"
+    elif optimizer == "muon":
+        new_lr = bs.muon_transfer(lr, batch, new_batch, given).lr
+        rule = "muon (Su)"
+        reason = f"Su's Muon rule lr x sqrt((1+Bs/B)/(1+Bs/B')), B_simple={given:.4g}; no peak"
+    else:
+        res = bs.sign_transfer(lr, batch, new_batch, given, beta_noise, c)
+        new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
+        rule = "sign surge (Su)"
+        tail = (
+            f"peak at B={peak:.3g}, lr falls beyond"
+            if has_peak
+            else f"beta_noise={beta_noise:g}: no peak"
+        )
+        reason = f"Su's sign curve, kappa^2=B_simple={given:.4g}, c={c:.4g}; {tail}"
+    return new_lr, peak, has_peak, rule, reason

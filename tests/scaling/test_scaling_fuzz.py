@@ -261,7 +261,7 @@ def test_far_apart_batches_get_the_finite_answer_and_say_which_rules_cannot():
     f = lambda b: 1 / (r / b + b * (1 - r))
     want = 0.1 * f(0.5**0.5) / f(1e-150 / (1e300**0.5))
     got = recommend("adamw", 0.1, 1e-300, 1e300, b_simple=1e300).new_lr
-    assert got == pytest.approx(want, rel=1e-12) and f"{want:.6g}" in out
+    assert got == pytest.approx(want, rel=1e-12) and f"{want:.3g}" in out  # 3 digits printed
     assert re.search(r"linear +- +invalid: the new lr is inf", out)
     assert "steps" in out and "leaves float64" in out
 
