@@ -14,9 +14,10 @@ import numpy as np
 
 from optax_ext.demo.data import CharData, load_corpus
 from optax_ext.demo.model import CharTransformer, lm_loss
-from optax_ext.demo.recipes import make_optimizer, noise_window
-from optax_ext.noise_measurement import current_noise_scale, noise_log_record, noise_scale
+from optax_ext.demo.recipes import make_optimizer
+from optax_ext.noise_measurement import noise_log_record, noise_scale
 from optax_ext.training import TrainState, split_value_and_grad
+from scaling import current_b_simple, default_window
 
 __all__ = ["History", "train"]
 
@@ -33,8 +34,11 @@ class History:
     examples: int = 0
     uniform_loss: float = math.nan
     b_simple: list[float] = field(default_factory=list)  # EMA estimate after each update
-    noise: Any = None  # the final NoiseScale (b_simple, g2, trace_sigma)
-    current: Any = None  # the final CurrentNoiseScale (b_simple, stderr, settled, window)
+    g2: list[float] = field(default_factory=list)  # each update's raw |G|^2 estimate (logged)
+    trace_sigma: list[float] = field(default_factory=list)  # ... and tr(Sigma) estimate
+    noise: Any = None  # the final NoiseScale of the EMAs (secondary)
+    current: Any = None  # scaling.SettledNoiseScale: the current value, as the log gives it
+    state: Any = None  # the final TrainState
 
 
 def train(
@@ -63,6 +67,12 @@ def train(
     the optimizer state) after init, e.g. ``jnp.bfloat16`` for pure bf16 training;
     ``on_step`` then receives ``{"step", "loss", "g2", "trace_sigma", "b_simple_ema"}``
     after each update (else ``{"step", "loss"}``).
+
+    ``History.current`` is ``scaling.current_b_simple`` of the logged estimates over
+    ``scaling.default_window(steps)`` updates: what ``python -m scaling noise`` prints
+    for the log of ``on_step``'s records, and what ``ox.current_noise_scale`` gives for
+    the final state (one estimate per update; with ``accumulation_steps > 1`` the state
+    holds one per micro-batch).
     """
     if measure_noise and batch_size % 2:
         raise ValueError(f"batch_size must be even to measure the noise scale, got {batch_size}")
@@ -107,6 +117,8 @@ def train(
         if measure_noise:
             record |= noise_log_record(update + 1, state.opt_state)
             history.b_simple.append(record["b_simple_ema"])
+            history.g2.append(record["g2"])
+            history.trace_sigma.append(record["trace_sigma"])
         history.steps.append(update + 1)
         history.losses.append(record["loss"])
         history.examples += batch_size * accumulation_steps
@@ -116,7 +128,7 @@ def train(
             rate = history.examples * seq_len / (time.perf_counter() - start)
             postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{rate:,.0f}"}
             if measure_noise:
-                postfix["B_simple"] = f"{record['b_simple_ema']:.0f}"
+                postfix["B_simple_ema"] = f"{record['b_simple_ema']:.0f}"
             bar.set_postfix(postfix)
             bar.update(1)
     jax.block_until_ready(state.params)
@@ -124,9 +136,12 @@ def train(
     if bar is not None:
         bar.close()
     history.valid_loss_end = float(evaluate(state.params, valid))
+    history.state = state
     if measure_noise:
         history.noise = noise_scale(state.opt_state)
-        history.current = current_noise_scale(state.opt_state, window=noise_window(steps))
+        history.current = current_b_simple(
+            history.g2, history.trace_sigma, window=default_window(steps)
+        )
     return history
 
 

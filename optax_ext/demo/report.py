@@ -1,4 +1,5 @@
-"""What the demo prints and draws: recommendations at other batch sizes, the loss plot."""
+"""What the demo prints and draws: the current noise scale, recommendations at other batch
+sizes (each with the lr range from B_simple ± 1 s.e.), the loss plot."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from optax_ext.demo.loop import History
 from optax_ext.demo.recipes import RECIPES
+from scaling.recommendation import SWEEP_NOTE
 
 __all__ = [
     "PLOT_HINT",
@@ -28,9 +30,11 @@ def recommendations(history: History, args: Any) -> list[dict[str, Any]]:
     recipe = RECIPES[args.optimizer]
     lr = recipe.lr if args.lr is None else args.lr
     batch = args.batch_size * args.accumulation_steps
-    b_simple = float(history.current.b_simple)
+    current = history.current
+    b_simple = float(current.b_simple)
     if not (math.isfinite(b_simple) and b_simple > 0):
         return []
+    stderr = float(current.stderr) if math.isfinite(current.stderr) else None
     rows = []
     for factor in (0.5, 2, 4, 8, 16):
         r = recommend(
@@ -42,11 +46,13 @@ def recommendations(history: History, args: Any) -> list[dict[str, Any]]:
             weight_decay=recipe.weight_decay or None,
             beta1=recipe.beta1 or None,
             steps=args.steps,
+            stderr=stderr,
         )
         rows.append(
             {
                 "batch": r.new_batch,
                 "lr": r.new_lr,
+                "lr_range": r.lr_range,
                 "weight_decay": r.new_weight_decay,
                 "steps": r.new_steps,
                 "examples": r.new_examples,
@@ -57,33 +63,36 @@ def recommendations(history: History, args: Any) -> list[dict[str, Any]]:
 
 
 def describe_noise(noise: Any) -> str:
-    """``B_simple ~ 138 ± 21 windows over the last 50 updates (settled)``."""
-    b, se = float(noise.b_simple), float(noise.stderr)
-    state = "settled" if bool(noise.settled) else "NOT settled: still moving or too noisy"
-    return (
-        f"B_simple ~ {b:,.0f} ± {se:,.0f} windows over the last {int(noise.window)} "
-        f"updates ({state})"
-    )
+    """The line ``python -m scaling noise`` prints for the demo's log, word for word:
+    ``current B_simple = 64 ± 59 windows (last 50 updates): NOT settled: ...``."""
+    return noise.summary(unit="windows")
 
 
 def print_recommendations(rows: list[dict[str, Any]], history: History, args: Any) -> None:
     batch = args.batch_size * args.accumulation_steps
-    print(
-        f"\nmeasured noise scale {describe_noise(history.current)} at batch {batch}; "
-        f"recommended {args.optimizer} settings at other batch sizes:"
-    )
+    print(f"\nnoise scale at batch {batch}: {describe_noise(history.current)}")
+    if history.noise is not None:
+        ema = float(history.noise.b_simple)
+        print(f"  (secondary: the measurement's EMA, weighted by the run's history: {ema:.3g})")
+    print(f"recommended {args.optimizer} settings at other batch sizes:")
     if not rows:
-        print("  (no finite estimate yet: train longer)")
+        print("  (no measurable estimate yet: train longer)")
         return
-    print(f"  {'batch':>7}  {'lr':>9}  {'decay':>9}  {'steps':>7}  {'examples':>9}  reason")
+    print(
+        f"  {'batch':>7}  {'lr':>9}  {'lr range (±1 s.e.)':>19}  {'decay':>9}  {'steps':>7}  "
+        f"{'examples':>9}  reason"
+    )
     for r in rows:
         wd = "-" if r["weight_decay"] is None else f"{r['weight_decay']:.3g}"
         steps = "-" if r["steps"] is None else f"{r['steps']:,.0f}"
         examples = "-" if r["examples"] is None else f"{r['examples']:,.0f}"
+        low_high = r.get("lr_range")
+        span = "-" if low_high is None else f"{low_high[0]:.3g} to {low_high[1]:.3g}"
         print(
-            f"  {r['batch']:>7,.0f}  {r['lr']:>9.3g}  {wd:>9}  {steps:>7}  {examples:>9}  "
-            f"{r['reason']}"
+            f"  {r['batch']:>7,.0f}  {r['lr']:>9.3g}  {span:>19}  {wd:>9}  {steps:>7}  "
+            f"{examples:>9}  {r['reason']}"
         )
+    print(f"  {SWEEP_NOTE}")
 
 
 def require_matplotlib():
@@ -111,11 +120,13 @@ def save_plot(history: History, path: str, title: str) -> None:
     handles = ax.get_lines()
     if history.b_simple:
         twin = ax.twinx()
-        window = int(history.current.window) if history.current is not None else None
-        label = "B_simple" + (f" (EMA over {window} updates)" if window else "")
+        label = "B_simple, EMA (secondary)"
         handles += twin.plot(history.steps, history.b_simple, color="tab:orange", lw=1, label=label)
-        if history.current is not None:  # the value recommendations use, at the last update
-            b, se = float(history.current.b_simple), float(history.current.stderr)
+        current = history.current
+        if current is not None and current.measurable and current.b_simple > 0:
+            # the value recommendations use: the last window's ratio of means
+            b = current.b_simple
+            se = current.stderr if math.isfinite(current.stderr) else b
             low = min(2 * se, 0.95 * b)  # a log axis: the lower bar stops above zero
             bar = twin.errorbar(
                 [history.steps[-1]],
@@ -124,7 +135,7 @@ def save_plot(history: History, path: str, title: str) -> None:
                 fmt="o",
                 color="tab:red",
                 capsize=3,
-                label="current value ± 2 s.e.",
+                label=f"current (last {current.window} updates) ± 2 s.e.",
             )
             handles.append(bar)
         twin.set_ylabel("B_simple (windows)", color="tab:orange")
