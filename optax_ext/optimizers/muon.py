@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 from optax_ext._common import (
     NORM_AND_BIAS,
@@ -540,10 +541,11 @@ def scale_by_muon(
             pre = [momentum(*args) for args in zip(gs, ms, bads, paths, strict=True)]
             os = by_owner([n for _, n, _, _ in pre])
             us = [
-                finish(o, g, bad, view, work, tau_t)
+                # the gradient's sharding (auto axes would leave it to the compiler)
+                shard_alike(g, finish(o, g, bad, view, work, tau_t))[1]
                 for o, g, bad, (_, _, view, work) in zip(os, gs, bads, pre, strict=True)
             ]
-            return us, [m_new for m_new, _, _, _ in pre]
+            return us, [shard_alike(m, m_new)[1] for m, (m_new, _, _, _) in zip(ms, pre)]
 
         if not any(explicitly_sharded(x) for x in (*gs, *ms)):
             return run(gs, ms, bads)
