@@ -120,6 +120,7 @@ from optax_ext.optimizers.tiger import (
     scale_by_tiger,
     tiger,
 )
+from optax_ext.owner_compute import owner_compute
 from optax_ext.schedules import (
     DecaySchedules,
     amos_lr_schedule,
@@ -274,6 +275,7 @@ __all__ = [
     "noise_log_record",
     "noise_scale",
     "opt_state_signature",
+    "owner_compute",
     "param_ema",
     "path_labels",
     "path_mask",
