@@ -130,6 +130,15 @@ def test_two_axes_owners_along_one_or_both(axis_type):
     check_cube(out_b, b)
 
 
+def test_fn_may_close_over_traced_values():
+    # as an injected hyperparameter (ox.inject_hyperparams' Newton–Schulz steps) is
+    tree = {"w": random((8, 16), 4)}
+    scaled = jax.jit(lambda t, s: owner_compute(lambda x: s * cube(x), "data")(t))
+    with jax.set_mesh(mesh_1d(AUTO)):
+        out = scaled(put(tree, {"w": P("data")}, mesh_1d(AUTO)), 3.0)
+    np.testing.assert_allclose(out["w"], 3 * ref_cube(tree["w"]), rtol=1e-5, atol=1e-6)
+
+
 def test_extra_matrices_go_to_the_least_loaded_owners():
     load = [0] * 4
     assert _balanced_counts(5, 4, cost=8, load=load) == [2, 1, 1, 1]
@@ -154,6 +163,31 @@ def test_owner_compute_bad_input():
             owner_compute(cube, axes)
     with pytest.raises(ValueError, match="names an axis twice"):
         owner_compute(cube, ("data", "data"))
+
+
+def test_benchmark_counts_collectives_per_device():
+    """bench_owner_compute reads the partitioned HLO: every collective (plain or
+    tupled) with the bytes of its result, nothing else; an async start it cannot
+    count is refused."""
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    from bench_owner_compute import collectives
+
+    hlo = """
+  %all-gather = f32[8,16]{1,0} all-gather(%param.1), channel_id=4, dimensions={0}
+  %all-reduce = f32[] all-reduce(%wrapped_reduce), channel_id=3, to_apply=%region_0
+  %all-to-all.2 = (f32[1,16]{1,0}, f32[1,16]{1,0}) all-to-all(%a, %b), channel_id=5
+  %gte = f32[1,16]{1,0} get-tuple-element(%all-to-all.2), index=0
+  ROOT %ag = bf16[4,2]{1,0} all-gather(%p), channel_id=6, dimensions={0}
+  %fusion = f32[8,16]{1,0} fusion(%all-gather), kind=kLoop, calls=%fused_all-gather
+"""
+    assert collectives(hlo) == {
+        "all-gather": {"ops": 2, "bytes": 8 * 16 * 4 + 4 * 2 * 2},
+        "all-reduce": {"ops": 1, "bytes": 4},
+        "all-to-all": {"ops": 1, "bytes": 2 * 16 * 4},
+    }
+    start = "%s = (f32[2]{0}, f32[16]{0}) all-gather-start(%p), dimensions={0}"
+    with pytest.raises(ValueError, match="asynchronous"):
+        collectives(start)
 
 
 # ------------------------------------------------------------------ Muon
