@@ -14,21 +14,33 @@ the other matrices of the same shape it owns, and sends the result back:
    rest of its slots are zero padding. The devices that take the extra matrices are
    those with the least work so far, counting a matrix (m, n) as m·n·min(m, n)
    (Newton–Schulz's cost), groups taken from the most costly;
-3. the slot array is resharded to the owner layout (slots over ``axes``): from rows or
-   columns over ``axes`` this is one all-to-all per group; other mesh axes keep the
-   matrices' own sharding;
+3. the slot array is constrained to the owner layout (slots over ``axes``, the
+   matrix axes left to the other mesh axes) and the compiler moves it there: from
+   rows or columns over ``axes``, one all-to-all per group. A constraint rather than a
+   written ``lax.all_to_all``: under auto axes the matrices' shardings are not known
+   while tracing, and the compiler moves them from whatever layout they have;
 4. ``fn`` runs once per group inside :func:`jax.shard_map` (manual over ``axes`` only)
    on the device's C slots;
 5. the results are laid out as the inputs were (one all-to-all per group back) and
    keep each input's sharding.
 
 On P devices the compiled program then runs ⌈K/P⌉ matrices of each group per device
-(instead of every product partitioned), and moves about twice the matrices' bytes
-divided by P per device. A leaf already split over ``axes`` along a batch axis
-(stacked layers, experts) whose count divides evenly is owned where it lies and moves
-nothing. Distributed Muon (Liu et al., Moonlight, arXiv 2502.16982, section 2.3)
-gathers whole matrices in the same spirit on a data-parallel group; this is the
-single-program (SPMD) form under ``jax.set_mesh``, with auto or explicit axis types.
+(instead of every product partitioned), and each group's P·⌈K/P⌉ slots go out and come
+back once: about 2·⌈K/P⌉·m·n values per device and group. Every device runs the same
+shapes (one program), so padding costs as much as a real matrix; grouping transposes
+together (``transposable``) leaves fewer groups to pad. A group that is one stack
+split over ``axes`` along its batch axis (stacked layers, experts), its count a
+multiple of P, is owned where it lies and moves nothing. A matrix whose rows and
+columns are split over two different axes of ``axes`` cannot be moved by one
+all-to-all: the compiler gathers it instead (correct, not efficient); give
+``axes`` the axis that splits one of its dimensions.
+
+The same idea elsewhere: Keller Jordan's reference Muon has each data-parallel rank
+orthogonalise every world-size-th matrix and all-gathers the results
+(https://kellerjordan.github.io/posts/muon/); Moonlight's Distributed Muon gathers each
+ZeRO-1 shard's whole matrix on every rank (Liu et al., arXiv 2502.16982, Algorithm 1);
+sharded Muon is optax issue 1660. This is the single-program (SPMD) form under
+``jax.set_mesh``, with auto or explicit axis types.
 """
 
 from __future__ import annotations
