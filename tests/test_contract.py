@@ -38,7 +38,20 @@ DECAYING = {"tiger", "lion", "adafactor", "adaxw"} | ({"muon"} & set(ALIASES))
 OPTAX_ORDER = [
     ("lion", optax.lion, (1e-3, 0.9, 0.99, None, 0.1)),
     ("sgdm", optax.sgd, (1e-2, 0.9, False, None)),
+    ("adafactor", optax.adafactor, (1e-3, 128, 0.8)),
+    ("adaxw", optax.adamw, (1e-3, 0.9, 1e-4, 1e-6)),
 ]
+
+#: every alias with an optax sibling: its positional parameters are a prefix of the
+#: sibling's (one name per concept: optax's, except where optax itself has two)
+SIBLINGS = {
+    "lion": optax.lion,
+    "sgdm": optax.sgd,
+    "adafactor": optax.adafactor,
+    "adaxw": optax.adamw,
+    "adax": optax.adam,
+}
+SYNONYMS = {"accumulator_dtype": "mu_dtype"}  # optax.sgd's name for what adam calls mu_dtype
 
 NAMES = sorted(ALIASES)
 
@@ -86,6 +99,20 @@ def test_optax_siblings_positional_order_is_accepted(name, sibling, args):
     del s_theirs
 
 
+def _positional(fn):
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+
+
+@pytest.mark.parametrize("name", sorted(SIBLINGS))
+def test_positional_parameters_are_the_optax_siblings_at_the_same_positions(name):
+    ours = _positional(ALIASES[name])
+    theirs = [SYNONYMS.get(n, n) for n in _positional(SIBLINGS[name])]
+    assert ours == theirs[: len(ours)], (ours, theirs)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_everything_after_the_moment_coefficients_is_keyword_only(name):
     import inspect
@@ -99,6 +126,7 @@ def test_everything_after_the_moment_coefficients_is_keyword_only(name):
     assert positional[0] == "learning_rate"
     allowed = {
         "learning_rate",
+        "min_dim_size_to_factor",
         "b1",
         "b2",
         "beta",

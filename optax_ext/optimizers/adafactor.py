@@ -395,12 +395,12 @@ def relative_step_size(multiply_by_parameter_scale: bool = True) -> optax.Schedu
 
 def adafactor(
     learning_rate: optax.ScalarOrSchedule | None = None,
+    min_dim_size_to_factor: int | None = None,
     decay_rate: float | None = None,
+    *,
     momentum: float | None = None,
     weight_decay: optax.ScalarOrSchedule = 0.0,
-    *,
     mask: Any = None,
-    min_dim_size_to_factor: int | None = None,
     factored: bool = True,
     eps1: float = 1e-30,
     clipping_threshold: float | None = 1.0,
@@ -446,12 +446,12 @@ def adafactor(
 
     Args:
       learning_rate: a float, an optax schedule, or ``None`` for the relative step.
+      min_dim_size_to_factor: see :func:`scale_by_adafactor` (``None`` means 128).
       decay_rate: constant β2 in [0, 1], or ``None`` for 1 - τ^(-0.8).
       momentum: β1 in [0, 1], or ``None`` for no momentum buffer.
       weight_decay: λ ≥ 0 (float or schedule), multiplied by the learning rate.
       mask: which leaves get weight decay: ``None`` (not biases and norm scales), ``True``
         (all), or an optax mask.
-      min_dim_size_to_factor: see :func:`scale_by_adafactor` (``None`` means 128).
       factored: ``False`` never factors.
       eps1: ε1 ≥ 0 (1e-30).
       clipping_threshold: d > 0 (1.0), ``None`` for no clipping.
