@@ -34,6 +34,7 @@ public API, never the reverse: the measuring transform (``ox.measure_noise_scale
 (``ox.coupled_decay_schedules``) live there.
 """
 
+from scaling.batch_plan import LR_SCALINGS, NoisePlan, PlanPoint, noise_plan
 from scaling.batch_ramp import Seesaw, SeesawPoint, SeesawUpdates, seesaw, seesaw_updates
 from scaling.batch_size import (
     MEAN_FIELD_C,
@@ -210,6 +211,11 @@ __all__ = [
     "FAMILIES",
     "Recommendation",
     "recommend",
+    # batch_plan
+    "LR_SCALINGS",
+    "NoisePlan",
+    "PlanPoint",
+    "noise_plan",
     # batch_ramp
     "Seesaw",
     "SeesawPoint",

@@ -5,11 +5,21 @@ import doctest
 import pytest
 
 import scaling
-from scaling import batch_ramp, batch_size, laws, noise, recommendation, tradeoff, weight_decay
+from scaling import (
+    batch_plan,
+    batch_ramp,
+    batch_size,
+    laws,
+    noise,
+    recommendation,
+    tradeoff,
+    weight_decay,
+)
 
 
 @pytest.mark.parametrize(
-    "module", [batch_size, batch_ramp, weight_decay, tradeoff, laws, noise, recommendation]
+    "module",
+    [batch_size, batch_ramp, batch_plan, weight_decay, tradeoff, laws, noise, recommendation],
 )
 def test_docstring_examples(module):
     result = doctest.testmod(module, raise_on_error=False, verbose=False)
