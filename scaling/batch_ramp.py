@@ -19,15 +19,21 @@ examples seen, :math:`B_0` the initial batch size, :math:`\eta(n)` the base sche
   k(n) &= \min\big(K,\ \max_{0\le s\le n} \ell(s)\big) \qquad\text{(the batch never shrinks)}\\
   B_k &= \min\big(B_{max},\ \mathrm{round}(B_0 f^k)\big),\quad
      K = \min\{k : B_k = B_{max}\}\\
-  B(n) &= B_{k(n)},\qquad \eta_{seesaw}(n) = \eta(n)\,\sqrt{B(n)/B_0}
+  B(n) &= B_{k(n)},\qquad
+  \eta_{seesaw}(n) = \begin{cases}
+     M(n)\, f^{-k(n)/2} & k(n) < K\\
+     \eta(n)\,\sqrt{B_{max}/B_0} & k(n) = K
+  \end{cases}
 
 So level k starts at the first step where the base lr is at or below :math:`M/f^k`
-(inclusive), and :math:`\eta_{seesaw}/\sqrt{B/B_0} = \eta` holds at every step. For a
-step schedule that halves the lr (f = 2) the seesaw lr falls by :math:`\sqrt 2` at each
-cut while the batch doubles; for a smooth one (cosine) the seesaw lr follows the base
-curve inside a level and steps up by :math:`\sqrt{B_{k}/B_{k-1}}` where the batch grows.
-Once the batch reaches :math:`B_{max}` the base schedule goes on, scaled by the constant
-:math:`\sqrt{B_{max}/B_0}` (continuous there: further decay is a true lr decay again).
+(inclusive): each time the base lr has fallen by another factor f the batch grows by f
+and the lr falls by :math:`\sqrt f` instead, and between those cuts it holds (the warm-up,
+where :math:`M = \eta`, is followed as it is). The step that matters for Adam,
+:math:`\eta_{seesaw}/\sqrt{B/B_0} = M f^{-k}`, is the base schedule cut into steps of f,
+exactly the base schedule for a step schedule that halves (f = 2). Once the batch
+reaches :math:`B_{max}` the base schedule goes on, scaled by :math:`\sqrt{B_{max}/B_0}`
+(further decay is a true lr decay again; at the step where the cap is reached the lr
+falls by at least :math:`\sqrt f` when :math:`B_{max} = B_0 f^K`).
 """
 
 from __future__ import annotations
@@ -83,7 +89,8 @@ class Seesaw:
     Built by :func:`seesaw`. ``t`` is the examples seen divided by ``batch_size`` (a
     non-negative number, floored to the base step that holds it). The base schedule is
     read once per step, in order, up to the step where the batch reaches the cap (the
-    running peak needs every step before ``t``); the steps where the batch grows are kept.
+    running peak needs every step before ``t``); the steps where the batch grows and
+    where the peak rose are kept.
 
     Attributes:
       batch_size, max_batch_size, factor: as given.
@@ -118,6 +125,9 @@ class Seesaw:
         self._peak = 0.0
         self._level = 0
         self._switch: list[int] = []  # _switch[k - 1]: first base step at level k
+        # the running peak M(n): its value from each step where it rose (to the cap)
+        self._rise_steps: list[int] = []
+        self._rise_values: list[float] = []
 
     def __repr__(self):
         return (
@@ -150,7 +160,10 @@ class Seesaw:
         while self._next <= n and self._level < self._top:
             s = self._next
             lr = self.base_lr(s)
-            self._peak = max(self._peak, lr)
+            if lr > self._peak or not self._rise_steps:
+                self._peak = max(self._peak, lr)
+                self._rise_steps.append(s)
+                self._rise_values.append(self._peak)
             # level k once the lr has fallen to the peak / f^k (inclusive); lr = 0 < peak
             # passes every level, up to the cap
             while (
@@ -177,10 +190,19 @@ class Seesaw:
         """Base steps where the batch has grown so far (level k starts at entry k - 1)."""
         return tuple(self._switch)
 
+    def peak(self, t) -> float:
+        """M(n): the largest base lr up to base step ``t`` (read before the cap only)."""
+        n = self._step(t)
+        self._scan(n)
+        return self._rise_values[bisect.bisect_right(self._rise_steps, n) - 1]
+
     def __call__(self, t) -> SeesawPoint:
         n = self._step(t)
-        b = self.batch(n)
-        return SeesawPoint(self.base_lr(n) * math.sqrt(b / self.batch_size), b)
+        k = self.level(n)
+        b = self.batches[k]
+        if k == self._top:  # at the cap: the base schedule, scaled
+            return SeesawPoint(self.base_lr(n) * math.sqrt(b / self.batch_size), b)
+        return SeesawPoint(self.peak(n) * self.factor ** (-k / 2), b)
 
     @staticmethod
     def _step(t) -> int:
@@ -198,18 +220,19 @@ class Seesaw:
 def seesaw(lr_schedule: Callable[[int], Any], batch_size, *, max_batch_size, factor=2.0):
     r"""Turns a decaying lr schedule into a Seesaw plan of (lr, batch) per base step.
 
-    Each time the base lr has fallen by another ``factor`` below its running peak, the
+    Each time the base lr has fallen by another ``factor`` below its running peak M, the
     batch grows by ``factor`` and the lr falls by :math:`\sqrt{f}` instead of ``f``;
-    at ``max_batch_size`` the base schedule continues, scaled to stay continuous:
+    at ``max_batch_size`` the base schedule continues, scaled:
 
     .. math::
       B(n) = \min\big(B_{max},\ B_0 f^{k(n)}\big),\qquad
-      \eta_{seesaw}(n) = \eta(n)\sqrt{B(n)/B_0},\qquad
-      k(n) = \max_{s\le n}\Big\lfloor \log_f \frac{\max_{r\le s}\eta(r)}{\eta(s)}\Big\rfloor
+      \eta_{seesaw}(n) = M(n)\,f^{-k(n)/2}\ \ (\text{below the cap}),\quad
+      \eta(n)\sqrt{B_{max}/B_0}\ \ (\text{at it}),\qquad
+      k(n) = \max_{s\le n}\Big\lfloor \log_f \frac{M(s)}{\eta(s)}\Big\rfloor
 
     (k capped where the batch reaches :math:`B_{max}`; the module docstring has the
     exact rule, with rounding and zero learning rates). The peak is the running maximum,
-    so a warm-up keeps the initial batch; the batch never shrinks.
+    so a warm-up is followed as it is, at the initial batch; the batch never shrinks.
 
     Args:
       lr_schedule: the base schedule, a function of the integer base step n (an optax

@@ -2,7 +2,9 @@
 
 Expected values are worked out by hand from the rule in scaling/batch_ramp.py: the level k
 starts at the first base step where the lr is at or below (running peak) / f^k; the batch
-is min(max, B0 f^k); the lr is the base lr times sqrt(batch / B0).
+is min(max, B0 f^k); below the cap the lr is the running peak over f^(k/2) (each time the
+base lr has fallen by another f, the lr falls by sqrt f instead), at the cap the base lr
+times sqrt(max / B0).
 """
 
 import doctest
@@ -75,14 +77,16 @@ def test_step_schedule_updates():
 
 
 # cosine91: 1/2 is crossed at t = 45.5, 1/4 at t = 60.67, 1/8 at t = 91 * 0.76995 = 70.07.
+# Below the cap (256 = 32 x 2^3) the lr holds at 1 / sqrt(2)^k between the cuts, where the
+# cosine itself keeps falling; at the cap the cosine goes on, times sqrt(8).
 COSINE_TABLE = [
     (0, 1.0, 32),
-    (45, cosine91(45), 32),  # 0.5086 > 1/2
-    (46, cosine91(46) * R2, 64),
-    (60, cosine91(60) * R2, 64),  # 0.2600 > 1/4
-    (61, cosine91(61) * 2, 128),
-    (70, cosine91(70) * 2, 128),  # 0.12575 > 1/8
-    (71, cosine91(71) * math.sqrt(8), 256),
+    (45, 1.0, 32),  # the cosine is at 0.5086 > 1/2: no cut yet, the lr holds at the peak
+    (46, 1 / R2, 64),  # 0.4914 <= 1/2: batch x2, lr / sqrt(2)
+    (60, 1 / R2, 64),  # 0.2600 > 1/4
+    (61, 0.5, 128),  # 0.2450 <= 1/4
+    (70, 0.5, 128),  # 0.12575 > 1/8
+    (71, cosine91(71) * math.sqrt(8), 256),  # the cap: 0.114523 x 2.828 = 0.3239 < 0.5
     (85, cosine91(85) * math.sqrt(8), 256),
     (91, 0.0, 256),
 ]
@@ -94,6 +98,17 @@ def test_cosine_schedule_table(t, lr, batch):
     got = plan(t)
     assert got.batch == batch
     assert got.lr == pytest.approx(lr, rel=1e-14, abs=1e-300)
+
+
+def test_each_cut_lowers_the_lr_by_sqrt_f_and_never_raises_it():
+    # what the old rule (lr = base x sqrt(B / B0) everywhere) broke: with a smooth base the
+    # lr rose by sqrt(f) at each cut; here it falls by sqrt(f) there and holds in between
+    plan = scaling.seesaw(cosine91, 32, max_batch_size=256)
+    lrs = [plan(t).lr for t in range(92)]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False))
+    for cut, k in zip(plan.switch_steps[:2], (1, 2), strict=True):
+        assert lrs[cut] == pytest.approx(lrs[cut - 1] / R2, rel=1e-15)
+        assert plan(cut).batch == 2 * plan(cut - 1).batch == 32 * 2**k
 
 
 def test_cosine_reference_values_and_updates():
@@ -112,8 +127,8 @@ def test_cosine_reference_values_and_updates():
 
 
 def test_warmup_is_not_a_decay():
-    # a running peak: the warm-up's small lrs (0.1 <= 1/8 of the final peak) keep B0;
-    # a peak taken over the whole schedule would start at the cap
+    # a running peak: the warm-up's small lrs (0.1 <= 1/8 of the final peak) keep B0 and
+    # are followed as they are; a peak taken over the whole schedule would start at the cap
     def warm(n):
         return n / 10 if n < 10 else step_halving(n - 10)
 
@@ -125,17 +140,18 @@ def test_warmup_is_not_a_decay():
     assert plan(110) == (pytest.approx(1 / R2, rel=1e-15), 64)
 
 
-def test_batch_never_shrinks_and_lr_follows_the_invariant():
-    # 1, then 0.4 (level 1), then back up to 0.9 (level 0 on its own): the batch stays 64
+def test_batch_never_shrinks_and_the_lr_holds_between_cuts():
+    # 1, then 0.4 (level 1: 0.8 <= 1 < 1.6), then back up to 0.9 (level 0 on its own): the
+    # batch stays 64 and the lr stays at the peak / sqrt(2)
     def bumpy(n):
         return 1.0 if n < 10 else 0.4 if n < 20 else 0.9
 
     plan = scaling.seesaw(bumpy, 32, max_batch_size=256)
-    assert plan(15) == (pytest.approx(0.4 * R2, rel=1e-15), 64)
-    assert plan(25) == (pytest.approx(0.9 * R2, rel=1e-15), 64)
+    assert plan(15) == (pytest.approx(1 / R2, rel=1e-15), 64)
+    assert plan(25) == (pytest.approx(1 / R2, rel=1e-15), 64)
 
 
-def test_invariant_on_several_schedules():
+def test_rule_on_several_schedules():
     schedules = [
         step_halving,
         cosine91,
@@ -145,13 +161,20 @@ def test_invariant_on_several_schedules():
     for base in schedules:
         plan = scaling.seesaw(base, 48, max_batch_size=700, factor=3.0)
         assert plan.batches == (48, 144, 432, 700)
-        previous = 0
-        for n in range(0, 400, 7):
+        previous, peak = 0, 0.0
+        for n in range(0, 400):
+            peak = max(peak, base(n))
+            if n % 7:
+                continue
             lr, b = plan(n)
             assert b in plan.batches and b >= previous
             previous = b
-            # lr / sqrt(B / B0) is the base schedule itself, at every step
-            assert lr / math.sqrt(b / 48) == pytest.approx(base(n), rel=1e-14, abs=0.0)
+            k = plan.batches.index(b)
+            if b < 700:  # below the cap: the peak over sqrt(3)^k
+                assert lr == pytest.approx(peak * 3.0 ** (-k / 2), rel=1e-14, abs=0.0)
+                assert base(n) * 3.0 ** (k + 1) > peak  # the next cut has not come yet
+            else:  # at it: the base schedule, scaled
+                assert lr == pytest.approx(base(n) * math.sqrt(700 / 48), rel=1e-14, abs=0.0)
 
 
 def test_cap_between_powers_and_non_integer_factor():
@@ -161,10 +184,10 @@ def test_cap_between_powers_and_non_integer_factor():
     assert plan(300) == (pytest.approx(0.125 * math.sqrt(100 / 32), rel=1e-15), 100)
     half = scaling.seesaw(step_halving, 32, max_batch_size=300, factor=1.5)
     assert half.batches == (32, 48, 72, 108, 162, 243, 300)
-    # 0.5 * 1.5 = 0.75 <= 1 but 0.5 * 1.5^2 = 1.125 > 1: level 1
-    assert half(100) == (pytest.approx(0.5 * math.sqrt(48 / 32), rel=1e-15), 48)
-    # 0.25 * 1.5^3 = 0.84 <= 1, * 1.5^4 = 1.27 > 1: level 3
-    assert half(200) == (pytest.approx(0.25 * math.sqrt(108 / 32), rel=1e-15), 108)
+    # 0.5 * 1.5 = 0.75 <= 1 but 0.5 * 1.5^2 = 1.125 > 1: level 1, lr 1 / sqrt(1.5)
+    assert half(100) == (pytest.approx(0.816496580927726, rel=1e-15), 48)
+    # 0.25 * 1.5^3 = 0.84 <= 1, * 1.5^4 = 1.27 > 1: level 3, lr 1.5^(-3/2)
+    assert half(200) == (pytest.approx(0.5443310539518174, rel=1e-15), 108)
 
 
 def test_no_ramp_when_cap_is_the_batch_and_zero_lr_goes_to_the_cap():
