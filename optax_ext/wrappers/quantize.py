@@ -267,21 +267,42 @@ def _split(flat: jax.Array, block: int) -> list[jax.Array]:
     return parts
 
 
-def _absmax_rows(part: jax.Array) -> jax.Array:
-    """max |x| over the finite entries of each row, shape (rows, 1), computed on the bit
-    patterns (0 for a row without finite entries).
+def _finite_absmax_plain(x: jax.Array, axis: Any) -> jax.Array:
+    """max |x| over the finite entries along ``axis`` (kept, size 1), 0 where there are
+    none: a NaN or inf entry is left out, so one bad gradient element does not make
+    every other value of its block decode as NaN (x · A with A = NaN, or 0 · inf)."""
+    a = jnp.abs(x)
+    return jnp.max(jnp.where(a < jnp.inf, a, 0.0), axis=axis, keepdims=True)
+
+
+def _finite_absmax_bits(x: jax.Array, axis: Any) -> jax.Array:
+    """:func:`_finite_absmax_plain` computed on the bit patterns, for XLA:CPU.
 
     For non-negative floats the uint32 pattern orders like the value, and exactly the
-    non-finite ones (inf, NaN) have a pattern of at least inf's: those are left out, so
-    one NaN or inf does not make every other value of its block decode as NaN (x · A
-    with A = NaN, or 0 · inf). An integer reduction stays an XLA reduction that fuses
-    the elementwise update producing ``part``; a float32 max on XLA:CPU goes to a
-    library kernel that needs ``part`` written to memory first (4 bytes per element more).
+    non-finite ones (inf, NaN) have a pattern of at least inf's. XLA:CPU fuses an
+    integer max reduction into the elementwise update that produces ``x``, where a
+    float32 max reduction reads ``x`` back from memory (see benchmarks/bench_quantize.py).
     """
-    bits = jax.lax.bitcast_convert_type(jnp.abs(part), jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)
     bits = jnp.where(bits < np.uint32(_INF_BITS), bits, np.uint32(0))
-    top = jnp.max(bits, axis=1, keepdims=True)
+    top = jnp.max(bits, axis=axis, keepdims=True)
     return jax.lax.bitcast_convert_type(top, jnp.float32)
+
+
+def _finite_absmax(x: jax.Array, axis: Any) -> jax.Array:
+    """Largest finite |x| along ``axis`` (kept as size 1), float32; 0 where there is
+    none. The same value on every backend: the bit-pattern form on CPU, the plain
+    float reduction everywhere else (GPU, TPU)."""
+    return jax.lax.platform_dependent(
+        x,
+        cpu=lambda x: _finite_absmax_bits(x, axis),
+        default=lambda x: _finite_absmax_plain(x, axis),
+    )
+
+
+def _absmax_rows(part: jax.Array) -> jax.Array:
+    """Largest finite |x| of each row of a matrix, shape (rows, 1)."""
+    return _finite_absmax(part, 1)
 
 
 def quantize(x: jax.Array, *, signed: bool, block: int = 2048, code: str = "dynamic"):
@@ -404,16 +425,18 @@ class Unsigned4Array(NamedTuple):
 
 class RankOne4Array(NamedTuple):
     """A second moment of ndim ≥ 2 in 4 bits on :func:`linear4_map` with rank-1
-    normalisation (Li et al. 2023, section 4.2): viewed as a matrix (leading axes
-    flattened, shape (r, c)), entry (i, j) is stored relative to
-    ``min(row_max[i], col_max[j])``, the per-row and per-column largest finite values.
+    normalisation (Li et al. 2023, section 4.2): viewed as a matrix whose columns are
+    the last axis (the leading axes its rows), entry (..., j) is stored relative to
+    ``min(row_max[..., 0], col_max[..., j])``, the per-row and per-column largest
+    finite values.
 
     Attributes:
       codes: uint8, two codes per byte along the last axis (as in
-        :class:`Quantized4Array`); c = ``col_max.size`` gives the unpacked length.
-      row_max: float32 (r, 1).
-      col_max: float32 (1, c). (Two-dimensional, broadcasting against each other:
-        replicated reductions, never mistaken for a parameter-shaped vector.)
+        :class:`Quantized4Array`); c = ``col_max.shape[-1]`` gives the unpacked length.
+      row_max: float32, the leaf's shape with the last axis 1.
+      col_max: float32, (1, ..., 1, c). (Both of the leaf's ndim, broadcasting against
+        each other and against the leaf: sharded like its rows and its columns, never
+        mistaken for a parameter-shaped vector.)
     """
 
     codes: jax.Array
@@ -481,9 +504,93 @@ def _decode4(m: jax.Array, signed: bool) -> jax.Array:
     return jnp.where(m == _NONFINITE_NIBBLE, jnp.nan, value)
 
 
-def _col_absmax(x: jax.Array) -> jax.Array:
-    """Largest finite |x| of each column of a matrix, shape (c,) (see :func:`_absmax_rows`)."""
-    return _absmax_rows(x.T).reshape(-1)
+def _block_axis(shape: tuple[int, ...], block: int) -> int | None:
+    """Where a leaf's 4-bit blocks start: the largest k < ndim with ``prod(shape[k:])``
+    a multiple of ``block`` (the blocks then never cross an index of the axes before k,
+    and the absmax has shape ``shape[:k] + (prod(shape[k:]) // block,)``); ``None`` when
+    there is none (the flattened leaf ends in a shorter block)."""
+    for k in range(len(shape) - 1, -1, -1):
+        if math.prod(shape[k:]) % block == 0:
+            return k
+    return None
+
+
+def _explicit_spec(x: jax.Array) -> tuple | None:
+    """``x``'s PartitionSpec padded to its ndim, if its sharding is explicit; else None."""
+    if not explicitly_sharded(x):
+        return None
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _shards(x: jax.Array, entry: Any) -> int:
+    """How many pieces a spec entry (None, a mesh axis name, or a tuple of them) cuts into."""
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    mesh = jax.typeof(x).sharding.mesh
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def _packs_per_shard(x: Any) -> bool:
+    """Whether each shard of ``x`` holds an even piece of its last axis (two codes per
+    byte along it); true for a leaf that is not explicitly sharded."""
+    spec = _explicit_spec(x)
+    return spec is None or (x.shape[-1] // _shards(x, spec[-1])) % 2 == 0
+
+
+def _shards_hold_whole_blocks(x: Any, block: int) -> bool:
+    """Whether every shard of an explicitly sharded leaf holds whole 4-bit blocks of
+    ``block`` elements (true for any leaf that is not explicitly sharded).
+
+    Blocks run along the flattened leaf from axis k on (:func:`_block_axis`); a shard
+    holds whole ones when no axis after k is sharded and the shard's run along axes
+    k... (its piece of axis k times the rest) is a multiple of ``block``.
+    """
+    spec = _explicit_spec(x)
+    if spec is None:
+        return True
+    k = _block_axis(tuple(x.shape), block)
+    if k is None or any(e is not None for e in spec[k + 1 :]):
+        return False
+    return (x.shape[k] // _shards(x, spec[k]) * math.prod(x.shape[k + 1 :])) % block == 0
+
+
+def _gathered(x: Any, signed: bool, block: int) -> bool:
+    """Whether :func:`quantize4` gathers the explicitly sharded ``x`` before quantising
+    it: a rank-1 second moment when its shards cannot pack their codes, a block-wise
+    leaf also when they split a block. Every other leaf is quantised shard by shard."""
+    rank_one = not signed and x.ndim >= 2
+    return not _packs_per_shard(x) or not (rank_one or _shards_hold_whole_blocks(x, block))
+
+
+def _reshape(x: jax.Array, shape: tuple[int, ...], spec: tuple | None) -> jax.Array:
+    """``x.reshape(shape)``; under an explicit sharding, with the output's ``spec`` named
+    (JAX cannot infer it when axes are merged and split in one reshape)."""
+    if spec is None:
+        return x.reshape(shape)
+    mesh = jax.typeof(x).sharding.mesh
+    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.lax.reshape(x, shape, out_sharding=out)
+
+
+def _to_blocks(x: jax.Array, k: int, block: int, spec: tuple | None) -> jax.Array:
+    """``x`` viewed as ``(*shape[:k], n, block)``: its blocks along the last axis (the
+    spec's entry for axis k goes to the block index n)."""
+    lead = x.shape[:k]
+    shape = (*lead, math.prod(x.shape[k:]) // block, block)
+    return _reshape(x, shape, None if spec is None else (*spec[:k], spec[k], None))
+
+
+def _uniform(key: jax.Array | None, x: jax.Array) -> jax.Array | None:
+    """Uniform [0, 1) draws shaped (and, if explicit, sharded) like ``x``: each shard
+    draws its own piece, the same bits as an unsharded draw."""
+    if key is None:
+        return None
+    out = jax.typeof(x).sharding if explicitly_sharded(x) else None
+    return jax.random.uniform(key, x.shape, jnp.float32, out_sharding=out)
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
 
 
 def quantize4(
@@ -494,9 +601,25 @@ def quantize4(
     Signed (momenta): :class:`Quantized4Array`, block-wise absmax A and the signed
     dynamic 4-bit map. Unsigned (second moments): :func:`linear4_map` (no zero
     point); with rank-1 normalisation (:class:`RankOne4Array`) when ``x.ndim >= 2``,
-    each entry's scale :math:`\min(\max_j |x_{ij}|, \max_i |x_{ij}|)` (both bound
-    :math:`|x_{ij}|`, and the smaller one adapts to an outlier in either the row or the
-    column), block-wise (:class:`Unsigned4Array`) otherwise.
+    each entry's scale :math:`\min(\max_j |x_{ij}|, \max_i |x_{ij}|)` over the leaf
+    viewed as a matrix (the last axis its columns; both bound :math:`|x_{ij}|`, and the
+    smaller one adapts to an outlier in either the row or the column), block-wise
+    (:class:`Unsigned4Array`) otherwise.
+
+    Blocks: consecutive elements of the flattened leaf, from the axis k on where
+    ``prod(shape[k:])`` is a multiple of ``block`` (the largest such k), so a block
+    never crosses an index of the leading axes and the absmax has shape
+    ``(*shape[:k], prod(shape[k:]) // block)``; if there is no such k, the flattened
+    leaf in blocks with a shorter last one, absmax ``(ceil(size / block),)``.
+
+    Explicit shardings (``AxisType.Explicit``): each shard is quantised on its own,
+    with no gathering, when it holds whole blocks (:func:`_shards_hold_whole_blocks`:
+    the sharded axes come before k, or the shard's piece of axis k times the axes
+    after it is a multiple of ``block``), and the codes and scales keep the leaf's
+    sharding; the rank-1 maxima are reductions (an all-reduce of r + c values). A
+    leaf whose shards split a block, or hold an odd piece of the last axis (along
+    which codes are packed two per byte), is gathered first. The values are the same
+    whatever the layout.
 
     ``key`` (a PRNG key) rounds each code stochastically between its two neighbouring
     map values, so that E[dequantize(quantize4(x))] = x inside the map's range (an
@@ -505,18 +628,27 @@ def quantize4(
     x = x.astype(jnp.float32)
     if x.ndim == 0:
         raise ValueError(f"quantize4: x must have ndim >= 1, got shape {x.shape}")
-    if explicitly_sharded(x):
-        x = jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+    if _gathered(x, signed, block):
+        x = _replicated(x)
     if not signed and x.ndim >= 2:
-        mat = x.reshape(-1, x.shape[-1])
-        rows, cols = _absmax_rows(mat), _col_absmax(mat)
-        scale = jnp.minimum(rows, cols[None, :])
+        rows = _finite_absmax(x, -1)  # (*lead, 1)
+        cols = _finite_absmax(x, tuple(range(x.ndim - 1)))  # (1, ..., 1, c)
+        scale = jnp.minimum(rows, cols)
         inv = jnp.where(scale >= _TINY, 1.0 / scale, 0.0)
-        codes = _encode4(mat * inv, False, _noise(key, mat.shape))
-        packed, _ = _pack(codes.reshape(x.shape))
-        return RankOne4Array(codes=packed, row_max=rows, col_max=cols[None, :])
-    flat = x.reshape(-1)
-    noise = _noise(key, flat.shape)
+        packed, _ = _pack(_encode4(x * inv, False, _uniform(key, x)))
+        return RankOne4Array(codes=packed, row_max=rows, col_max=cols)
+    cls = Quantized4Array if signed else Unsigned4Array
+    k, spec = _block_axis(x.shape, block), _explicit_spec(x)
+    noise = _uniform(key, x)
+    if k is not None:
+        view = _to_blocks(x, k, block, spec)
+        amax = _finite_absmax(view, -1)
+        inv = jnp.where(amax >= _TINY, 1.0 / amax, 0.0)
+        u = None if noise is None else _to_blocks(noise, k, block, spec)
+        codes = _reshape(_encode4(view * inv, signed, u), x.shape, spec)
+        packed, odd = _pack(codes)
+        return cls(codes=packed, absmax=amax[..., 0], odd=odd)
+    flat, noise = x.reshape(-1), None if noise is None else noise.reshape(-1)
     codes, absmax, start = [], [], 0
     for part in _split(flat, block):
         amax = _absmax_rows(part)
@@ -527,30 +659,39 @@ def quantize4(
         start += part.size
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
     packed, odd = _pack(cat(codes).reshape(x.shape))
-    cls = Quantized4Array if signed else Unsigned4Array
     return cls(codes=packed, absmax=cat(absmax), odd=odd)
 
 
 def _dequantize4(q: Any, block: int) -> jax.Array:
     """The float32 values of a 4-bit array of :func:`quantize4` (same ``block``)."""
     if isinstance(q, RankOne4Array):
-        n = q.col_max.shape[-1]
-        codes = _unpack(q.codes, n)
-        shape = codes.shape
-        scale = jnp.minimum(q.row_max, q.col_max)
-        return (_decode4(codes.reshape(-1, n), False) * scale).reshape(shape)
+        codes = _unpack(q.codes, q.col_max.shape[-1])  # gathered if written gathered
+        return _decode4(codes, False) * jnp.minimum(q.row_max, q.col_max)
     n = 2 * q.codes.shape[-1] - (q.odd.shape[0] - 1)
     codes = _unpack(q.codes, n)
-    blocks = -(-math.prod(codes.shape) // block)
-    if q.absmax.shape[0] != blocks:
-        raise ValueError(
-            f"dequantize: {q.absmax.shape[0]} absmax blocks for {math.prod(codes.shape)} "
-            f"elements, but block={block} makes {blocks}; pass the block it was written with"
-        )
     shape, signed = codes.shape, isinstance(q, Quantized4Array)
+    k = _block_axis(shape, block)
+    want = (
+        (-(-math.prod(shape) // block),)
+        if k is None
+        else (*shape[:k], math.prod(shape[k:]) // block)
+    )
+    if q.absmax.shape != want:
+        raise ValueError(
+            f"dequantize: absmax of shape {q.absmax.shape} for codes of shape {shape}, but "
+            f"block={block} makes {want}; pass the block it was written with"
+        )
+    if _gathered(codes, signed, block):
+        codes, absmax = _replicated(codes), _replicated(q.absmax)
+    else:
+        absmax = q.absmax
+    if k is not None:
+        spec = _explicit_spec(codes)
+        view = _decode4(_to_blocks(codes, k, block, spec), signed) * absmax[..., None]
+        return _reshape(view, shape, spec)
     out, start = [], 0
     for part in _split(codes.reshape(-1), block):
-        amax = q.absmax[start : start + part.shape[0]][:, None]
+        amax = absmax[start : start + part.shape[0]][:, None]
         out.append((_decode4(part, signed) * amax).reshape(-1))
         start += part.shape[0]
     return (out[0] if len(out) == 1 else jnp.concatenate(out)).reshape(shape)
@@ -708,6 +849,11 @@ def quantize_state(
     :class:`Unsigned4Array`, :class:`RankOne4Array`), so
     :func:`optax_ext.restore_train_state` refuses an 8-bit checkpoint into a 4-bit
     optimizer and the reverse, naming ``bits``. 0-d leaves stay in float32.
+    Blocks run along the leaf's trailing axes (:func:`quantize4`), so a leaf sharded
+    explicitly (``AxisType.Explicit``) is quantised shard by shard, with no gathering,
+    when its shards hold whole blocks (e.g. sharded by rows, or by columns in pieces
+    of a multiple of ``block``); ``init`` warns about a leaf whose shards split a
+    block, which every update then gathers.
 
     Bytes per parameter of a quantised leaf: 8 bits: 1 + 4/block (1.002 at 2048);
     4 bits: 0.5 + 4/block for a momentum or a non-matrix second moment (0.516 at
@@ -762,6 +908,7 @@ def quantize_state(
         # wraps exactly these two methods
         inner = inner.gradient_transformation()
     check_transform("inner", inner)
+    check_int("bits", bits)
     check_choice("bits", bits, (8, 4))
     if block is None:
         block = 2048 if bits == 8 else 256
@@ -820,6 +967,16 @@ def quantize_state(
             if bits == 4:
                 if x.ndim == 0:
                     return x  # one element: nothing to pack
+                if _gathered(x, not second, block):
+                    warnings.warn(
+                        f"quantize_state: the shards of {s!r} (shape {shape}, sharded as "
+                        f"{jax.typeof(x).sharding.spec}) split its blocks of {block} "
+                        f"elements or hold an odd piece of its last axis (two codes per "
+                        f"byte), so every update gathers it whole before quantising; "
+                        f"shard an earlier axis, or pick a block that divides each "
+                        f"shard's run of elements",
+                        stacklevel=2,
+                    )
                 return quantize4(x, signed=not second, block=block)
             return quantize(x, signed=not second, block=block, code=code)
 

@@ -25,6 +25,7 @@ from optax_ext.optimizers.lion import lion
 from optax_ext.optimizers.muon import muon
 from optax_ext.optimizers.sgdm import sgdm
 from optax_ext.optimizers.tiger import tiger
+from optax_ext.wrappers.precision import pure_bf16
 from optax_ext.wrappers.quantize import (
     LinearQuantizedArray,
     NothingQuantizedWarning,
@@ -33,6 +34,9 @@ from optax_ext.wrappers.quantize import (
     QuantizedArray,
     RankOne4Array,
     Unsigned4Array,
+    _finite_absmax,
+    _finite_absmax_bits,
+    _finite_absmax_plain,
     code_of,
     dequantize,
     dynamic_map,
@@ -643,6 +647,8 @@ CONTRACT4 = [
 ]
 
 
+# the small leaves' shards (2 rows of 8 or 9) split the 4-bit blocks of 32: gathered
+@pytest.mark.filterwarnings("ignore:quantize_state. the shards of")
 @pytest.mark.parametrize("make", CONTRACT + CONTRACT4[1:])
 def test_same_on_every_device_path(make):
     """Eager, jit, pmap, sharded and explicitly sharded meshes: the same params and state
@@ -675,6 +681,9 @@ def test_bad_arguments():
         ({"keep_float": "["}, "keep_float"),
     ]:
         with pytest.raises(ValueError, match=name):
+            quantize_state(optax.adam(1e-3), **kwargs)
+    for kwargs, name in [({"bits": 4.0}, "bits"), ({"bits": 4, "block": 128.0}, "block")]:
+        with pytest.raises(TypeError, match=name):
             quantize_state(optax.adam(1e-3), **kwargs)
 
 
@@ -754,16 +763,20 @@ def _scales64(x, kind, block):
     return out.reshape(x.shape)
 
 
+@pytest.mark.parametrize("shape", [(9, 31), (6, 4, 32)], ids=["ragged", "blocked"])
 @pytest.mark.parametrize("kind", ["signed", "unsigned_blocks", "rank1"])
-def test_4bit_round_trip_is_nearest_and_bounded_against_float64(kind):
+def test_4bit_round_trip_is_nearest_and_bounded_against_float64(kind, shape):
     """Every entry decodes to the map value nearest x / scale (scales and the error in
     float64): within half the map's local gap of the entry's scale, 0.1125 at most for
     the signed map, 1/32 for the unsigned one (or, below 1/16 of the scale, rounded up
-    to 1/16, never to 0). Odd last axes and a shorter last block are packed right."""
+    to 1/16, never to 0). The scales are the float64 maxima of blocks of the flattened
+    leaf (or of its rows and columns, the last axis the columns): (9, 31) has an odd
+    last axis and a shorter last block; in (6, 4, 32) the blocks of 64 run along the
+    last two axes, one absmax per (row, block)."""
     rng = np.random.default_rng(1)
-    shape, block = (9, 31), 64  # 279 elements: a short last block, an odd last axis
+    block = 64
     x = rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 0, shape)
-    x[0, 0] = 40.0  # an outlier: rank-1 keeps the other rows and columns fine
+    x.flat[0] = 40.0  # an outlier: rank-1 keeps the other rows and columns fine
     signed = kind == "signed"
     x = (x if signed else x * x).astype(np.float32)
     # the block-wise second-moment path is for ndim 1
@@ -776,7 +789,14 @@ def test_4bit_round_trip_is_nearest_and_bounded_against_float64(kind):
         "rank1": RankOne4Array,
     }
     assert type(q) is want_cls[kind] and q.codes.dtype == jnp.uint8
-    assert q.codes.shape[-1] in (16, 140)  # two codes per byte: 31 -> 16, 279 -> 140
+    n = x.size if kind == "unsigned_blocks" else shape[-1]
+    assert q.codes.shape[-1] == (n + 1) // 2  # two codes per byte
+    if kind == "rank1":
+        assert q.row_max.shape == (*shape[:-1], 1) and q.col_max.shape == (1,) * (x.ndim - 1) + (
+            shape[-1],
+        )
+    elif kind == "signed":
+        assert q.absmax.shape == ((5,) if shape == (9, 31) else (6, 2))
     back = np.asarray(jax.jit(dequantize, static_argnames="block")(q, block=block), np.float64)
     back = back.reshape(shape)
     scale = _scales64(x if kind != "unsigned_blocks" else x.reshape(-1), kind, block)
@@ -797,7 +817,8 @@ def test_4bit_round_trip_is_nearest_and_bounded_against_float64(kind):
         above = y >= 1 / 16
         assert err[above].max() <= 1 / 32 + 1e-6
     if kind == "rank1":  # entries away from the outlier keep their own scale
-        assert np.abs(back[1:, 1:] - x[1:, 1:]).max() <= x[1:, 1:].max() / 16
+        m, mx = back.reshape(-1, shape[-1]), x.reshape(-1, shape[-1])
+        assert np.abs(m[1:, 1:] - mx[1:, 1:]).max() <= mx[1:, 1:].max() / 16
 
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
@@ -929,6 +950,9 @@ INNERS4 = {
     "adam": lambda: optax.adam(1e-2),
     "adamw": lambda: optax.adamw(1e-2),
     "muon": lambda: muon(1e-2),
+    "adaxw": lambda: adaxw(1e-2),
+    # Amos's v and b are factored (never param-shaped): its momentum is what is stored
+    "amos": lambda: amos(1e-2, momentum=0.9),
 }
 
 
@@ -989,3 +1013,125 @@ def test_4bit_rounding_is_seeded_by_seed_step_and_leaf():
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, c, strict=True))
+
+
+# ----------------------------------------------------- 4 bits: the absmax, sharding
+
+
+def _finite_absmax64(x, axis):
+    """Largest finite |x| along ``axis`` in float64, 0 where there is none."""
+    a = np.abs(x.astype(np.float64))
+    return np.where(np.isfinite(a), a, 0.0).max(axis=axis, keepdims=True)
+
+
+@pytest.mark.parametrize("form", ["plain", "bits"])
+def test_the_absmax_forms_match_float64(form):
+    """The block scale, the largest *finite* |x|: both forms against float64, with NaN,
+    ±inf, -0, rows without a finite value and rows of subnormals (which a float max may
+    flush to 0: a scale under float32's tiny codes its block as zeros either way)."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((7, 40)) * 10.0 ** rng.uniform(-30, 30, (7, 40))).astype(np.float32)
+    x[0] = 0.0
+    x[0, 1] = -0.0
+    x[1, 3], x[1, 4], x[1, 5] = np.nan, np.inf, -np.inf
+    x[2] = np.nan
+    x[3, :4] = [np.inf, -np.inf, np.nan, np.inf]
+    x[3, 4:] = 0.0
+    x[4] = rng.uniform(-1, 1, 40).astype(np.float32) * np.float32(1e-39)  # subnormals
+    f = {"plain": _finite_absmax_plain, "bits": _finite_absmax_bits}[form]
+    run = jax.jit(f, static_argnums=1)
+    tiny = np.finfo(np.float32).tiny
+    for axis in (1, 0):
+        want, got = _finite_absmax64(x, axis), np.asarray(run(jnp.asarray(x), axis), np.float64)
+        normal = want >= tiny
+        np.testing.assert_array_equal(got[normal], want[normal])
+        assert np.all((got[~normal] == 0) | (got[~normal] == want[~normal]))
+
+
+def test_the_absmax_runs_the_plain_form_off_cpu():
+    """The bit-pattern absmax is XLA:CPU's form only: the program lowered for CUDA, ROCm
+    or TPU has no bitcast, the CPU one has."""
+    x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    absmax = jax.jit(lambda x: _finite_absmax(x, 1))
+    for platform in ("cpu", "cuda", "rocm", "tpu"):
+        text = jax.export.export(absmax, platforms=(platform,))(x).mlir_module()
+        assert ("bitcast_convert" in text) == (platform == "cpu"), platform
+
+
+def _collective_counts(text):
+    return {op: text.count(f" {op}(") + text.count(f" {op}-start(") for op in ("all-gather",)}
+
+
+def test_4bit_explicitly_sharded_states_are_quantised_per_shard():
+    """AdamW in 4 bits (both maps) on a mesh with an explicit axis, the params sharded
+    by rows and by columns: the compiled step has no all-gather (each shard holds whole
+    blocks of 16), the codes, scales and rank-1 maxima keep the params' sharding, and
+    params and state equal the unsharded run's bit for bit. Shards that split a block
+    (24 columns over 8 devices) warn at init and are gathered, with the same values."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(5)
+    grads = [{"w": jnp.asarray(rng.standard_normal((8, 128)), jnp.float32)} for _ in range(2)]
+    params = {"w": jnp.asarray(rng.standard_normal((8, 128)), jnp.float32)}
+    tx = quantize_state(optax.adamw(1e-2), bits=4, block=16, min_size=0)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def run(params, put=lambda t: t):
+        p = put(params)
+        s = jax.jit(tx.init)(p)
+        compiled = jax.jit(step).lower(p, s, p).compile()
+        for g in grads:
+            p, s = compiled(p, s, put(g))
+        return p, s, compiled.as_text()
+
+    ref = run(params)[:2]
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    for spec in (P("data", None), P(None, "data")):
+        with jax.set_mesh(mesh):
+            put = lambda t, spec=spec: jax.device_put(t, NamedSharding(mesh, spec))
+            p, s, text = run(params, put)
+        assert _collective_counts(text)["all-gather"] == 0, spec
+        adam = s.inner_state[0]
+        mu, nu = adam.mu["w"], adam.nu["w"]
+        assert mu.codes.sharding.spec == spec and mu.absmax.sharding.spec == spec
+        assert nu.codes.sharding.spec == spec
+        assert nu.row_max.sharding.spec == P(spec[0], None)
+        assert nu.col_max.sharding.spec == P(None, spec[1])
+        for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # 24 columns over 8 devices: 3 per shard, an odd piece (and a block of 16 split)
+    split = params["w"][:, :24]
+    with jax.set_mesh(mesh):
+        put = lambda t: jax.device_put(t, NamedSharding(mesh, P(None, "data")))
+        with pytest.warns(UserWarning, match=r"gathers it whole"):
+            jax.eval_shape(tx.init, put({"w": split}))
+        round_trip = jax.jit(lambda x: dequantize(quantize4(x, signed=True, block=16), block=16))
+        sharded = round_trip(put(split))
+    want = jax.jit(round_trip)(split)
+    np.testing.assert_array_equal(np.asarray(sharded), np.asarray(want))
+
+
+def test_bf16_params_with_stochastic_rounding_and_4bit_tiger_bytes():
+    """bf16 params (2 bytes) with every update stochastically rounded, and Tiger's
+    momentum in 4 bits: at most 2.6 bytes per parameter for params and state together,
+    counted on abstract trees (a GPT-2-shaped layer, its biases and norms included)."""
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    params = {
+        "embed": s(4096, 768),
+        "attn": {"qkv": s(768, 2304), "qkv_bias": s(2304), "out": s(768, 768)},
+        "mlp": {"up": s(768, 3072), "up_bias": s(3072), "down": s(3072, 768)},
+        "norm": {"scale": s(768), "bias": s(768)},
+    }
+    tx = quantize_state(pure_bf16(tiger(1e-3)), bits=4)
+    state = jax.eval_shape(tx.init, params)
+    count = sum(x.size for x in jax.tree.leaves(params))
+    total = (tree_bytes(params) + tree_bytes(state)) / count
+    assert tree_bytes(params) == 2 * count
+    assert total <= 2.6, total
+    mu = state.inner_state.inner_state.mu
+    assert isinstance(mu["attn"]["qkv"], Quantized4Array)
+    assert mu["norm"]["scale"].dtype == jnp.bfloat16  # below min_size: bf16 with SR
