@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,14 +268,20 @@ def assert_same_on_all_paths(tx, params, grads_seq, *, rtol=1e-5, atol=1e-6, ext
         )
 
 
+def jit_once(fn, **jit_kwargs):
+    """``jax.jit(fn)`` that raises ``AssertionError`` when ``fn`` is traced a second time
+    (``chex.assert_max_traces``): a step that must not recompile on later calls."""
+    chex.clear_trace_counter()  # chex counts by call site: a fresh count for this ``fn``
+    return jax.jit(chex.assert_max_traces(fn, n=1), **jit_kwargs)
+
+
 def assert_no_recompile(tx, params, grads_seq, extra_args=None):
     """The jitted update compiles once: the second and later steps reuse it."""
     extra = dict(extra_args or {})
-    step = jax.jit(lambda p, s, g: _apply(tx, p, s, g, extra))
+    step = jit_once(lambda p, s, g: _apply(tx, p, s, g, extra))
     state = tx.init(params)
     for g in grads_seq:
         params, state = step(params, state, g)
-    assert step._cache_size() == 1, f"update compiled {step._cache_size()} times"
 
 
 def abstract_init_matches(tx, params):
