@@ -2,15 +2,19 @@
 against a float64 NumPy SVD."""
 
 import functools
+import inspect
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from helpers import abstract_init_matches, assert_no_recompile, assert_same_on_all_paths
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from optax_ext.optimizers.msign import msign
+from optax_ext.optimizers.muon import scale_by_muon
 from optax_ext.optimizers.streaming import (
     StreamingBasis,
     init_streaming_basis,
@@ -249,3 +253,120 @@ def test_init_checks_the_shape_and_works_abstractly():
     assert isinstance(b, StreamingBasis)
     assert b.v.shape == (3, 5, 5) and b.sigma.shape == (3, 5)
     np.testing.assert_array_equal(init_streaming_basis((2, 3))[0], np.eye(2))
+
+
+# ------------------------------------------------------ a float64 reference iteration
+
+
+def ref_streaming(m, v, shift=1e-6, floor=1e-3):
+    """One step in float64 NumPy with Householder QR: V ← QR((XᵀX + μI)V) (the double
+    QR of 11673 equals it up to column signs, which U Vᵀ and σ do not see)."""
+    m = np.asarray(m, np.float64)
+    tall = m.shape[-2] >= m.shape[-1]
+    x = m if tall else np.swapaxes(m, -1, -2)
+    norm = np.linalg.norm(x, axis=(-2, -1), keepdims=True)
+    x = x / norm
+    p = np.swapaxes(x, -1, -2) @ x
+    v, _ = np.linalg.qr(p @ v + shift * v)
+    u = x @ v
+    sig = np.linalg.norm(u, axis=-2)
+    den = np.maximum(sig, floor * sig.max(axis=-1, keepdims=True))
+    o = (u / den[..., None, :]) @ np.swapaxes(v, -1, -2)
+    return (o if tall else np.swapaxes(o, -1, -2)), v, sig * norm[..., 0]
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (2, 32, 48)], ids=str)
+def test_each_step_matches_a_float64_householder_reference(shape):
+    basis = init_streaming_basis(shape)
+    v = np.asarray(basis.v, np.float64)
+    for e in drifting_momenta(shape, 6, seed=7):
+        o, basis = _step(jnp.asarray(e, jnp.float32), basis)
+        want, v, sig = ref_streaming(e, v)
+        np.testing.assert_allclose(np.asarray(o, np.float64), want, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(basis.sigma, np.float64), sig, rtol=1e-4)
+
+
+# ---------------------------------------------- Muon's streaming orthogonalizer
+
+_MUON_HAS_STREAMING = "orthogonalizer" in inspect.signature(scale_by_muon).parameters
+needs_muon_option = pytest.mark.skipif(
+    not _MUON_HAS_STREAMING, reason="scale_by_muon has no orthogonalizer option yet"
+)
+
+
+def muon_params():
+    # no leaf shaped like a basis's v or sigma ((16, 16), (16,), (2, 8, 8), (2, 8)): the
+    # device-path helper matches state leaves to params by shape, and the basis is
+    # replicated where params are sharded
+    s = np.concatenate([[2.0], np.linspace(1.0, 0.1, 7)])
+    w = lambda rows, cols, seed: (
+        (np.linalg.qr(np.random.default_rng(seed).standard_normal((rows, 8)))[0] * s)
+        @ np.linalg.qr(np.random.default_rng(seed + 9).standard_normal((cols, 8)))[0].T
+    ).astype(np.float32)
+    return {
+        "mlp": {"kernel": jnp.asarray(w(16, 24, 0))},
+        "scan": {"kernel": jnp.asarray(np.stack([w(8, 16, 1), w(8, 16, 2)]))},
+    }
+
+
+@needs_muon_option
+def test_muon_streaming_against_a_float64_reference():
+    beta, steps = 0.95, 4
+    params = {"mlp": {"kernel": jnp.zeros((24, 16))}, "scan": {"kernel": jnp.zeros((2, 16, 24))}}
+    tx = scale_by_muon(beta, orthogonalizer="streaming", scale="none")
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    ref = {k: (np.zeros(p["kernel"].shape), None) for k, p in params.items()}
+    for _ in range(steps):
+        grads = {k: {"kernel": rng.standard_normal(p["kernel"].shape)} for k, p in params.items()}
+        u, state = step(jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), grads), state)
+        for k, (e, v) in ref.items():
+            g = grads[k]["kernel"]
+            e = beta * e + (1 - beta) * g
+            n = beta * e + (1 - beta) * g  # Nesterov
+            k_dim = min(n.shape[-2:])
+            v = np.broadcast_to(np.eye(k_dim), (*n.shape[:-2], k_dim, k_dim)) if v is None else v
+            o, v, sig = ref_streaming(n, v)
+            ref[k] = (e, v)
+            np.testing.assert_allclose(np.asarray(u[k]["kernel"], np.float64), o, atol=1e-4)
+            np.testing.assert_allclose(state.basis[k]["kernel"].sigma, sig, rtol=1e-4)
+    assert state.count == steps and state.basis["scan"]["kernel"].v.shape == (2, 16, 16)
+
+
+@needs_muon_option
+def test_muon_streaming_guard_and_bad_arguments():
+    params = muon_params()
+    tx = scale_by_muon(orthogonalizer="streaming")
+    grads = jax.tree.map(jnp.ones_like, {"mlp": {"kernel": params["mlp"]["kernel"]}})
+    p = {"mlp": {"kernel": params["mlp"]["kernel"]}}
+    state = tx.init(p)
+    _, state = tx.update(grads, state, p)
+    # a NaN gradient leaf: zero direction, momentum and basis kept
+    bad = {"mlp": {"kernel": grads["mlp"]["kernel"].at[0, 0].set(jnp.nan)}}
+    u, new = tx.update(bad, state, p)
+    assert float(jnp.abs(u["mlp"]["kernel"]).max()) == 0.0 and int(new.skipped_steps) == 1
+    np.testing.assert_array_equal(new.basis["mlp"]["kernel"].v, state.basis["mlp"]["kernel"].v)
+    np.testing.assert_array_equal(new.mu["mlp"]["kernel"], state.mu["mlp"]["kernel"])
+    with pytest.raises(ValueError, match=r"orthogonalizer must be one of .*got 'qr'"):
+        scale_by_muon(orthogonalizer="qr")
+    with pytest.raises(ValueError, match=r"streaming_iters must be an int >= 1, got 0"):
+        scale_by_muon(orthogonalizer="streaming", streaming_iters=0)
+    with pytest.raises(ValueError, match=r"orthogonalizer='streaming' with owner_axes"):
+        scale_by_muon(orthogonalizer="streaming", owner_axes="data")
+    # Newton-Schulz keeps no basis
+    assert scale_by_muon().init(p).basis is None
+
+
+@needs_muon_option
+def test_muon_streaming_device_paths_abstract_init_and_one_compile():
+    params = muon_params()
+    # full-rank Gaussian gradients: the paths' float32 rounding differs, and the singular
+    # directions of a near-singular momentum would amplify it (as msign's own do)
+    rng = np.random.default_rng(5)
+    noise = lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype)
+    grads = [jax.tree.map(noise, params) for _ in range(2)]
+    make = lambda: optax.chain(scale_by_muon(orthogonalizer="streaming"), optax.scale(-0.05))
+    abstract_init_matches(make(), params)
+    assert_no_recompile(make(), params, grads)
+    assert_same_on_all_paths(make(), params, grads, rtol=2e-5, atol=2e-5)
