@@ -51,6 +51,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.shard_alike import shard_alike
 from jax.sharding import AxisType, PartitionSpec
 
@@ -163,37 +164,36 @@ def owner_compute(
 def _owner_apply(fn, axes, transposable, leaves, sizes) -> list[jax.Array]:
     """Groups, moves, computes and moves back (auto axes here: see :func:`owner_compute`)."""
     n_owners = math.prod(sizes[a] for a in axes)
-    groups: dict[tuple, list[tuple[int, bool]]] = {}
+    # group key (m, n, dtype) → orientation (transposed?) → leaf indices
+    groups: dict[tuple, dict[bool, list[int]]] = {}
     for i, x in enumerate(leaves):
         m, n = x.shape[-2:]
         flip = transposable and m > n
         key = (n, m, x.dtype) if flip else (m, n, x.dtype)
-        groups.setdefault(key, []).append((i, flip))
+        groups.setdefault(key, {}).setdefault(flip, []).append(i)
     cost = lambda key: key[0] * key[1] * min(key[0], key[1])
     load = [0] * n_owners
     out: list[Any] = [None] * len(leaves)
     for key in sorted(groups, key=cost, reverse=True):  # most costly first: their
-        members = groups[key]  # remainders go to the least loaded owners
-        parts = [_as_stack(leaves[i], flip) for i, flip in members]
-        stack = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-        counts = _balanced_counts(stack.shape[0], n_owners, cost(key), load)
-        done = _from_slots(_compute(fn, axes, _to_slots(stack, counts)), counts)
-        start = 0
-        for (i, flip), part in zip(members, parts, strict=True):
-            y = done[start : start + part.shape[0]]
-            start += part.shape[0]
-            y = jnp.swapaxes(y, -1, -2) if flip else y
-            y = y.reshape(leaves[i].shape[:-2] + y.shape[-2:])
-            # The result keeps its input's sharding (the compiler would otherwise be
-            # free to leave it in the owners' layout).
-            out[i] = shard_alike(leaves[i], y)[1]
+        # remainders go to the least loaded owners. Each orientation moves on its own,
+        # as it lies (a concatenation of row- and column-split matrices would make
+        # the compiler reshard one of them first), and is transposed by its owner.
+        moves = []
+        for flip, members in sorted(groups[key].items()):
+            parts = [leaves[i].reshape((-1,) + leaves[i].shape[-2:]) for i in members]
+            stack = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+            counts = _balanced_counts(stack.shape[0], n_owners, cost(key), load)
+            moves.append((flip, members, parts, counts, _to_slots(stack, counts)))
+        results = _compute(fn, axes, [(m[0], m[3], m[4]) for m in moves])
+        for (_, members, parts, counts, _), slots in zip(moves, results, strict=True):
+            done, start = _from_slots(slots, counts), 0
+            for i, part in zip(members, parts, strict=True):
+                y = done[start : start + part.shape[0]].reshape(leaves[i].shape)
+                start += part.shape[0]
+                # The result keeps its input's sharding (the compiler would otherwise
+                # be free to leave it in the owners' layout).
+                out[i] = shard_alike(leaves[i], y)[1]
     return out
-
-
-def _as_stack(x: jax.Array, flip: bool) -> jax.Array:
-    """(k, m, n): the leaf's matrices on one batch axis, transposed with ``flip``."""
-    x = jnp.swapaxes(x, -1, -2) if flip else x
-    return x.reshape((-1,) + x.shape[-2:])
 
 
 def _balanced_counts(k: int, n_owners: int, cost: int, load: list[int]) -> list[int]:
@@ -231,16 +231,57 @@ def _from_slots(slots: jax.Array, counts: list[int]) -> jax.Array:
     return runs[0] if len(runs) == 1 else jnp.concatenate(runs)
 
 
-def _compute(fn, axes, slots: jax.Array) -> jax.Array:
-    """``fn`` on each owner's slots: the slot axis over ``axes`` (the move), the matrix
-    axes as they are on the mesh's other axes."""
+def _compaction(counts: list[list[int]], slots: list[int]) -> np.ndarray | None:
+    """(P, C) int32: for each owner, where its real matrices lie among its Σ_f C_f
+    slots (orientation f's at offset Σ_{g<f} C_g), then as many of its padding slots as
+    fill C = max_p Σ_f counts_f[p]; None when every slot is needed (C = Σ_f C_f)."""
+    per_owner = [sum(c) for c in zip(*counts, strict=True)]
+    width = max(per_owner)
+    if width == sum(slots):
+        return None
+    offsets = np.cumsum([0, *slots[:-1]])
+    table = []
+    for p, n_real in enumerate(per_owner):
+        real = [o + j for o, c in zip(offsets, counts, strict=True) for j in range(c[p])]
+        pad = [
+            o + j for o, c, n in zip(offsets, counts, slots, strict=True) for j in range(c[p], n)
+        ]
+        table.append(real + pad[: width - n_real])
+    return np.asarray(table, np.int32)
+
+
+def _compute(fn, axes, moves) -> list[jax.Array]:
+    """``fn`` on each owner's matrices of one group. ``moves``: (transposed?, counts,
+    slots (P, C_f, ·, ·)) per orientation; each slot array is constrained to the owner
+    layout (slot axis over ``axes``, the matrix axes as they are on the mesh's other
+    axes), the move. Each owner transposes its flipped matrices, drops the padding
+    beyond its C = max_p Σ_f counts_f[p] real matrices, runs ``fn`` once on (C, m, n),
+    and puts the results back in its slots."""
     free = PartitionSpec.UNCONSTRAINED
     owned = PartitionSpec(axes, None, free, free)
-    slots = jax.lax.with_sharding_constraint(slots, owned)
+    flips = [flip for flip, _, _ in moves]
+    slots = [jax.lax.with_sharding_constraint(s, owned) for _, _, s in moves]
+    table = _compaction([counts for _, counts, _ in moves], [s.shape[1] for s in slots])
 
-    def local(block):  # (1, C, m, n): this owner's slots
-        return fn(block[0])[None]
+    def local(*blocks):  # (1, C_f, ·, ·) each: this owner's slots
+        mats = [
+            jnp.swapaxes(b[0], -1, -2) if f else b[0] for f, b in zip(flips, blocks, strict=True)
+        ]
+        x = mats[0] if len(mats) == 1 else jnp.concatenate(mats)
+        if table is None:
+            y = fn(x)
+        else:  # this owner's real matrices (and enough padding to fill C slots)
+            rows = jnp.asarray(table)[jax.lax.axis_index(axes)]
+            real = fn(x[rows])
+            y = jnp.zeros(x.shape[:1] + real.shape[1:], real.dtype).at[rows].set(real)
+        outs, start = [], 0
+        for f, b in zip(flips, blocks, strict=True):
+            part = y[start : start + b.shape[1]]
+            start += b.shape[1]
+            outs.append((jnp.swapaxes(part, -1, -2) if f else part)[None])
+        return tuple(outs)
 
     spec = PartitionSpec(axes)
-    run = jax.shard_map(local, in_specs=spec, out_specs=spec, axis_names=set(axes))
-    return run(slots)
+    specs = (spec,) * len(slots)
+    run = jax.shard_map(local, in_specs=specs, out_specs=specs, axis_names=set(axes))
+    return list(run(*slots))

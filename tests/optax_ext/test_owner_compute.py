@@ -25,7 +25,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_ext as ox
-from optax_ext.owner_compute import _balanced_counts, owner_compute
+from optax_ext.owner_compute import _balanced_counts, _compaction, owner_compute
 
 AUTO, EXPLICIT = AxisType.Auto, AxisType.Explicit
 
@@ -69,12 +69,13 @@ def random(shape, seed, dtype=jnp.float32, scale=0.5):
 
 # ---------------------------------------------------------------- owner_compute
 
-#: On 8 devices along "data": a group of 9 (5 wide by rows, 4 tall by rows, transposed
-#: into it), 3 by columns (fewer than the devices), one matrix alone, a stack of 8 split
-#: over "data" along its batch axis, a replicated batch of 3, a bf16 matrix.
+#: On 8 devices along "data": a group of 15 (10 wide and 5 tall by rows, transposed by
+#: their owners: 2 slots each, 3 once both are padded), 3 by columns (fewer than the
+#: devices), one matrix alone, a stack of 8 split over "data" along its batch axis, a
+#: replicated batch of 3, a bf16 matrix.
 LINE = {
-    "wide": ((5, 8, 16), P(None, "data")),
-    "tall": ((4, 16, 8), P(None, "data")),
+    "wide": ((10, 8, 16), P(None, "data")),
+    "tall": ((5, 16, 8), P(None, "data")),
     "columns": ((3, 16, 24), P(None, None, "data")),
     "one": ((16, 32), P("data")),
     "stacked": ((8, 8, 8), P("data")),
@@ -146,6 +147,16 @@ def test_extra_matrices_go_to_the_least_loaded_owners():
     assert _balanced_counts(2, 4, cost=3, load=load) == [0, 1, 1, 0]
     assert load == [16, 11, 11, 8]
     assert _balanced_counts(4, 4, cost=1, load=load) == [1, 1, 1, 1]
+
+
+def test_owners_skip_the_padding_of_two_orientations():
+    # 10 wide and 5 tall matrices on 8 owners: slots 2 + 1, but at most 2 real ones each
+    wide, tall = [2, 2, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 0]
+    table = _compaction([wide, tall], [2, 1])
+    assert table.tolist() == [[0, 1]] * 2 + [[0, 2]] * 5 + [[0, 1]]
+    assert _compaction([wide], [2]) is None  # one orientation: every slot is needed
+    # one matrix per owner, of one orientation or the other: one slot computed, not two
+    assert _compaction([[1, 1, 0, 0], [0, 0, 1, 1]], [1, 1]).tolist() == [[0], [0], [1], [1]]
 
 
 def test_owner_compute_bad_input():
