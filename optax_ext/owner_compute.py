@@ -8,25 +8,26 @@ one device along some mesh axes (its owner), which transforms it locally, batche
 the other matrices of the same shape it owns, and sends the result back:
 
 1. the matrices are grouped by shape and dtype (with ``transposable``, an (n, m) matrix
-   joins the (m, n) group transposed);
-2. each group of K matrices is laid out in P·C slots, C = ⌈K/P⌉ for the P devices
-   along ``axes``; device p owns a contiguous run of ⌊K/P⌋ or ⌈K/P⌉ of them and the
-   rest of its slots are zero padding. The devices that take the extra matrices are
-   those with the least work so far, counting a matrix (m, n) as m·n·min(m, n)
-   (Newton–Schulz's cost), groups taken from the most costly;
+   joins the (m, n) group; it moves as it lies and its owner transposes it);
+2. each group's K matrices of one orientation are laid out in P·C slots, C = ⌈K/P⌉
+   for the P devices along ``axes``; device p owns a contiguous run of ⌊K/P⌋ or
+   ⌈K/P⌉ of them and the rest of its slots are zero padding. The devices that take
+   the extra matrices are those with the least work so far, counting a matrix (m, n)
+   as m·n·min(m, n) (Newton–Schulz's cost), groups taken from the most costly;
 3. the slot array is constrained to the owner layout (slots over ``axes``, the
    matrix axes left to the other mesh axes) and the compiler moves it there: from
    rows or columns over ``axes``, one all-to-all per group. A constraint rather than a
    written ``lax.all_to_all``: under auto axes the matrices' shardings are not known
    while tracing, and the compiler moves them from whatever layout they have;
 4. ``fn`` runs once per group inside :func:`jax.shard_map` (manual over ``axes`` only)
-   on the device's C slots;
+   on the device's matrices of both orientations, the padding beyond the most any
+   device owns left out;
 5. the results are laid out as the inputs were (one all-to-all per group back) and
    keep each input's sharding.
 
-On P devices the compiled program then runs ⌈K/P⌉ matrices of each group per device
-(instead of every product partitioned), and each group's P·⌈K/P⌉ slots go out and come
-back once: about 2·⌈K/P⌉·m·n values per device and group. Every device runs the same
+On P devices the compiled program then runs about ⌈K/P⌉ matrices of each group per
+device (instead of every product partitioned), and each orientation's P·⌈K/P⌉ slots go
+out and come back once: about 2·⌈K/P⌉·m·n values per device. Every device runs the same
 shapes (one program), so padding costs as much as a real matrix; grouping transposes
 together (``transposable``) leaves fewer groups to pad. A group that is one stack
 split over ``axes`` along its batch axis (stacked layers, experts), its count a
