@@ -187,6 +187,16 @@ def test_spectral_norm_batched_vector_and_warm_start():
     assert abs(cold / svals(m)[0] - 1) > 1e-2
 
 
+def test_spectral_norm_of_a_bf16_matrix():
+    a = np.random.default_rng(4).standard_normal((3, 40, 24))
+    x = jnp.asarray(a, jnp.bfloat16)
+    sigma, v = spectral_norm(x)
+    # computed in float32 from the bf16 entries: within 2% of the float64 SVD of those entries
+    assert sigma.dtype == jnp.float32 and v.dtype == jnp.float32
+    s1 = svals(np.asarray(x, np.float64))[:, 0]
+    assert np.all(np.asarray(sigma) <= s1 * (1 + 1e-5)) and np.all(np.asarray(sigma) >= 0.98 * s1)
+
+
 def test_spectral_norm_zero_nan_sharded_and_bad_input():
     sigma, v = spectral_norm(jnp.zeros((5, 7)))
     assert float(sigma) == 0.0 and bool(jnp.all(jnp.isfinite(v)))
@@ -250,6 +260,30 @@ def small_params(seed=0):
         "scan": {"kernel": n(2, 16, 16)},
         "head": {"kernel": n(16, 11)},
     }
+
+
+def test_spectral_decay_and_post_clip_on_bf16_params():
+    s = np.concatenate([[3.0], np.linspace(1.0, 0.1, 15)])
+    w = jnp.asarray(with_singular_values(s, 24, 16, seed=6), jnp.bfloat16)
+    params = {"mlp": {"kernel": w}}
+    zero = {"mlp": {"kernel": jnp.zeros_like(w)}}
+    tx = add_spectral_decay(0.1)
+    u, state = jax.jit(tx.update)(zero, tx.init(params), params)
+    assert u["mlp"]["kernel"].dtype == jnp.bfloat16
+    assert state.v["mlp"]["kernel"].dtype == jnp.float32
+    want = 0.1 * ref_top_term(np.asarray(w, np.float64))
+    got = np.asarray(u["mlp"]["kernel"], np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02  # bf16 rounding of the term
+    # Post-Clip: the new bf16 weights within 1.05·c (the bf16 rounding of W + u included)
+    c = 1.5
+    step = {"mlp": {"kernel": jnp.asarray(with_singular_values(s, 24, 16, seed=7), jnp.bfloat16)}}
+    tx = clip_singular_values(c)
+    u, _ = jax.jit(tx.update)(step, tx.init(params), params)
+    new = optax.apply_updates(params, u)["mlp"]["kernel"]
+    assert new.dtype == jnp.bfloat16
+    pushed = np.asarray(w, np.float64) + np.asarray(step["mlp"]["kernel"], np.float64)
+    assert svals(pushed)[0] > 2 * c
+    assert svals(np.asarray(new, np.float64))[0] <= 1.05 * c
 
 
 def test_spectral_decay_routes_muon_leaves_only():
@@ -448,6 +482,40 @@ def test_spectral_stats_against_the_svd():
         atol=1e-5,
     )
     np.testing.assert_allclose(float(one["a/kernel"].sigma_max), 3.0, rtol=1e-6)
+
+
+def test_spectral_stats_logged_every_n_steps_inside_a_train_step_compiles_once():
+    params = small_params(3)
+    tx = muon(0.02, other="adamw")
+    every = 3
+
+    def log(p):
+        return {k: (s.sigma_max, s.entropy) for k, s in spectral_stats(p).items()}
+
+    blank = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), jax.eval_shape(log, params))
+
+    def train_step(params, state, grads, t):
+        u, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, u)
+        # the monitor runs on logging steps only (lax.cond runs one branch)
+        stats = jax.lax.cond(t % every == 0, log, lambda p: blank, params)
+        return params, state, stats
+
+    step = jax.jit(train_step)
+    state = tx.init(params)
+    for t in range(2 * every + 1):
+        rng = np.random.default_rng(t)
+        noise = lambda p, rng=rng: jnp.asarray(rng.standard_normal(p.shape), p.dtype)
+        grads = jax.tree.map(noise, params)
+        params, state, stats = step(params, state, grads, t)
+        sigma, entropy = stats["mlp/kernel"]
+        if t % every:
+            assert np.isnan(float(sigma))
+            continue
+        w = np.asarray(params["mlp"]["kernel"], np.float64)
+        np.testing.assert_allclose(float(sigma), svals(w)[0], rtol=1e-4)
+        np.testing.assert_allclose(float(entropy), ref_entropy(w), atol=1e-4)
+    assert step._cache_size() == 1
 
 
 def test_random_matrix_entropy_matches_gaussian_draws():
