@@ -538,6 +538,7 @@ class ClipSingularValuesState(NamedTuple):
 def clip_singular_values(
     max_sv: optax.ScalarOrSchedule,
     *,
+    shape_factor: Any = None,
     steps: int = 8,
     coeffs: Any = "polar_express",
     compute_dtype: Any = None,
@@ -567,11 +568,19 @@ def clip_singular_values(
 
     Leaves: as in :func:`add_spectral_decay` (``mask=None``: Muon's hidden kernels by
     ``rules``; ``layout``/``attention``: the matrix view). The others pass through.
-    A bound that scales with the shape (Su's c ∝ √(d_out/d_in)) takes one instance per
-    group of leaves with ``mask``.
+
+    A bound that scales with the shape: ``shape_factor(d_in, d_out)`` multiplies c for
+    each d_in x d_out matrix (as Muon sees it), e.g. Su's spectral condition
+    ``lambda d_in, d_out: (d_out / d_in) ** 0.5``, or ``1 + √(d_out/d_in)``, the
+    largest singular value of a large d_in x d_out matrix of N(0, 1/d_in) entries (a
+    LeCun-normal initialisation, by the Marchenko–Pastur edge): with ``max_sv=1.0``
+    that keeps every matrix within the spectral norm it starts from.
 
     Args:
       max_sv: c > 0, a number or an optax schedule of the update count.
+      shape_factor: None, or a function ``(d_in, d_out) -> float > 0`` of each
+        matrix's shape, called when the transform first sees the params; the bound
+        of that matrix is ``max_sv * shape_factor(d_in, d_out)``.
       steps, coeffs, compute_dtype: msign's settings inside :func:`mclip`.
       rules, mask, layout, attention: which leaves and how they are seen as matrices.
 
@@ -591,15 +600,36 @@ def clip_singular_values(
       <https://kexue.fm/archives/11059>`_.
     """
     check_range("max_sv", max_sv, 0, low_open=True)
+    if shape_factor is not None and not callable(shape_factor):
+        raise ValueError(
+            f"shape_factor must be None or a function (d_in, d_out) -> float > 0, got "
+            f"{shape_factor!r}"
+        )
     newton_schulz_coefficients(coeffs)
     steps = check_int("steps", steps, minimum=0)  # may be traced: msign loops over it
     compute_dtype = check_compute_dtype(compute_dtype)
     _check_routing(rules, layout, attention)
     who = "clip_singular_values"
 
+    def factor(shape):
+        """shape_factor(d_in, d_out) of a route's matrices, checked (1.0 without one)."""
+        if shape_factor is None:
+            return 1.0
+        d_in, d_out = shape[-2:]
+        value = shape_factor(d_in, d_out)
+        try:
+            check_range(f"shape_factor({d_in}, {d_out})", value, 0, low_open=True, schedule=False)
+        except ValueError as e:
+            raise ValueError(f"{e} (shape_factor must return a finite number > 0)") from None
+        return float(value)
+
     def init_fn(params):
         check_float_params(params, who)
-        _warn_guessed(who, params, _routes(params, rules, mask, layout, attention, who), layout)
+        routes = _routes(params, rules, mask, layout, attention, who)
+        _warn_guessed(who, params, routes, layout)
+        for r in routes:
+            if r is not None:
+                factor(r.shape)  # a bad factor fails here, not inside the update
         return ClipSingularValuesState(count=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -619,7 +649,8 @@ def clip_singular_values(
             def leaf(p, u, r=r):
                 work = jnp.promote_types(work_dtype(p), u.dtype)
                 w = p.astype(work) + u.astype(work)
-                new = _mclip(_to_matrices(w, r.perm, r.shape), c, steps, coeffs, compute_dtype)
+                bound = c * factor(r.shape)
+                new = _mclip(_to_matrices(w, r.perm, r.shape), bound, steps, coeffs, compute_dtype)
                 return (_from_matrices(new, r.perm, p.shape) - p.astype(work)).astype(u.dtype)
 
             out.append(_per_leaf(leaf, p, u, out_like=u))

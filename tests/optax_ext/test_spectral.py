@@ -423,6 +423,25 @@ def test_post_clip_bounds_the_new_weights_per_matrix():
         tx.update(updates, state)
 
 
+def test_post_clip_bound_scaled_by_the_matrix_shape():
+    # Su's spectral condition: c·√(d_out/d_in) per matrix, here 1.5·√(3/2) and 1.5·√(2/3)
+    c, factor = 1.5, lambda d_in, d_out: (d_out / d_in) ** 0.5
+    sv = np.geomspace(0.05, 4.0, 16)
+    w = {"a": with_singular_values(sv, 16, 24, seed=1), "b": with_singular_values(sv, 24, 16, 2)}
+    params = {k: {"kernel": jnp.zeros(v.shape)} for k, v in w.items()}
+    updates = {k: {"kernel": jnp.asarray(v, jnp.float32)} for k, v in w.items()}
+    tx = clip_singular_values(c, shape_factor=factor)
+    u, _ = jax.jit(tx.update)(updates, tx.init(params), params)
+    for k, v in w.items():
+        bound = c * factor(*v.shape)
+        np.testing.assert_allclose(u[k]["kernel"], ref_mclip(v, bound), atol=1e-4)
+    assert svals(u["a"]["kernel"])[0] > 1.8 > 1.25 > svals(u["b"]["kernel"])[0]
+    with pytest.raises(ValueError, match=r"shape_factor must be None or a function"):
+        clip_singular_values(1.0, shape_factor=2.0)
+    with pytest.raises(ValueError, match=r"shape_factor\(16, 24\) must be in \(0, inf\), got 0"):
+        clip_singular_values(1.0, shape_factor=lambda d_in, d_out: 0).init(params)
+
+
 def test_post_clip_after_muon_keeps_every_hidden_matrix_bounded():
     c = 0.8
     params = small_params(1)
