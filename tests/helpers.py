@@ -1,6 +1,6 @@
 """Helpers for the test suite: Flax-shaped parameter trees and float64 comparisons.
 
-Every optimizer is checked against a float64 NumPy re-implementation of the spec written
+Every optimizer is checked against a float64 NumPy re-implementation of its formulas written
 in its test file. These helpers only make trees and compare them; they contain no
 optimizer arithmetic.
 """

@@ -322,7 +322,7 @@ def check_zero_lr(tx, dtype, name):
 
 
 def test_amos_extra_l2_decays_even_at_zero_learning_rate():
-    # extra_l2 is not scaled by ξ (spec: Δθ = dfac·(-(γ/2 + extra_l2)·θ - ...))
+    # extra_l2 is not scaled by ξ (Amos: Δθ = dfac·(-(γ/2 + extra_l2)·θ - ...))
     tx = amos(0.0, extra_l2=0.1)
     params = make_params()
     updates, _ = tx.update(make_grads(params, 0), tx.init(params), params)

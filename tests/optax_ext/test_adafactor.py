@@ -1,4 +1,5 @@
-"""AdaFactor (Su's reading, spec §3) against a float64 NumPy reference, optax.adafactor where
+"""AdaFactor (Su's reading, kexue.fm/archives/7302) against a float64 NumPy reference,
+optax.adafactor where
 they coincide, each documented difference, and every device path."""
 
 import math

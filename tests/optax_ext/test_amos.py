@@ -69,7 +69,7 @@ def reference_amos(
 ):
     """jestimator's ``scale_by_amos`` (+ optional clip before and EMA after) in float64.
 
-    ``lr`` is a function of the 0-based step t (the spec's ξ = lr(t)).
+    ``lr`` is a function of the 0-based step t (Amos's ξ = lr(t), arXiv 2210.11693).
     """
     paths = jax.tree.leaves(tree_paths(params))
     theta, treedef = jax.tree.flatten(to_f64(params))

@@ -1,4 +1,5 @@
-"""Layer adaptation = trust ratio between weight decay and the learning rate (spec §6.2)."""
+"""Layer adaptation = trust ratio between weight decay and the learning rate (bert4keras
+``extend_with_layer_adaptation``, kexue.fm/archives/7094)."""
 
 import jax
 import jax.numpy as jnp

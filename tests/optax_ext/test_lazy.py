@@ -1,4 +1,5 @@
-"""Lazy row updates for embedding tables (spec §6.5)."""
+"""Lazy row updates for embedding tables (bert4keras ``extend_with_lazy_optimization``,
+kexue.fm/archives/7094)."""
 
 import flax.linen as nn
 import jax

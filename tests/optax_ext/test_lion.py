@@ -26,7 +26,7 @@ from optax_ext.wrappers.accumulation import accumulate_gradients
 
 
 def ref_scale(path, theta, min_rms):
-    """Tiger's per-parameter scale (spec §1), written from the spec."""
+    """Tiger's per-parameter scale (kexue.fm/archives/9512), written out here."""
     name = path.split("/")[-1]
     if name in ("bias", "scale"):
         return 0.5

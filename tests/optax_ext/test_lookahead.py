@@ -1,4 +1,4 @@
-"""Lookahead with slow weights in the state (spec §6.6)."""
+"""Lookahead with slow weights in the state (Zhang et al. 2019, kexue.fm/archives/6869)."""
 
 import flax.linen as nn
 import jax

@@ -62,7 +62,7 @@ def matrix_with_singular_values(s, rows, cols, seed):
 
 
 def ref_ns(m, rows, steps, eps=1e-7):
-    """Newton–Schulz in float64 written from the spec: U p(Σ/(‖M‖_F + ε·max|M_ij|)) Vᵀ via
+    """Newton–Schulz in float64 written from its definition: U p(Σ/(‖M‖_F + ε·max|M_ij|)) Vᵀ via
     the SVD (X_0 = Y/(‖Y‖_F + ε) for Y = M/max|M_ij|)."""
     u, s, vt = np.linalg.svd(m, full_matrices=False)
     x0 = s / (np.sqrt(np.sum(s**2)) + eps * np.abs(m).max())
@@ -118,7 +118,7 @@ def test_against_the_svd_within_the_spec_ranges(name):
 
 
 def test_spec_ranges_on_the_design_interval():
-    """spec/muon.md: Keller 5 steps about [0.47, 1.20]; Polar Express [0.85, 1.12] in 5 steps
+    """Keller's 5 steps about [0.47, 1.20]; Polar Express [0.85, 1.12] in 5 steps
     and [0.99, 1.00] in 6."""
     r = {(n, k): singular_value_range(n, k) for n in NAMES for k in (5, 6)}
     np.testing.assert_allclose(r["keller", 5], (0.47, 1.20), atol=6e-3)

@@ -1,4 +1,5 @@
-"""Muon against a float64 NumPy implementation of spec/muon.md, optax.contrib.muon, Flax trees."""
+"""Muon against a float64 NumPy implementation of its formulas (kexue.fm/archives/10592, Moonlight
+arXiv 2502.16982), optax.contrib.muon, Flax trees."""
 
 import functools
 import math
@@ -43,7 +44,7 @@ from optax_ext.wrappers.accumulation import accumulate_gradients
 
 
 def ref_msign(m, coeffs, steps, eps):
-    """spec/muon.md's Newton–Schulz in float64: transpose to wide, X0 = Y/(‖Y‖_F + ε) for
+    """Newton–Schulz in float64: transpose to wide, X0 = Y/(‖Y‖_F + ε) for
     Y = M/max|M_ij|, then X <- aX + (bA + cA²)X with A = XXᵀ, row min(i, len-1) at step i."""
     rows = NS_COEFFICIENTS[coeffs]
     tall = m.shape[0] > m.shape[1]
@@ -58,7 +59,7 @@ def ref_msign(m, coeffs, steps, eps):
 
 
 def ref_matrices(path, shape, attention):
-    """The spec's matrix view: Flax (d_in, d_out); conv (..., d_in, d_out) folded into
+    """Muon's matrix view: Flax (d_in, d_out); conv (..., d_in, d_out) folded into
     (prod(...)·d_in, d_out); attention kernels (d_in, H, hd) / (H, hd, d_out) fused or per head.
     Returns (to matrices, back) functions on a float64 array."""
     name = path.split("/")
@@ -109,7 +110,7 @@ def ref_muon(
     guard=True,
     tau=None,
 ):
-    """Runs spec/muon.md in float64 on every leaf given; lr(t) is the step's rate, and
+    """Runs Muon in float64 on every leaf given; lr(t) is the step's rate, and
     ``tau`` (a number or a function of the step t = 0, 1, ...) Su's τ_t.
 
     Returns the params after each step and the final momentum, by path."""
@@ -179,7 +180,7 @@ def tau_steps(t):
     return jnp.asarray([1.0, 0.75, 0.25, 0.0])[jnp.minimum(t, 3)]
 
 
-# ---------------------------------------------------------------- the spec
+# ------------------------------------------------------- the float64 reference
 
 
 @pytest.mark.parametrize(

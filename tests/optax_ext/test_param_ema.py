@@ -1,4 +1,5 @@
-"""Parameter EMA kept in the optimizer state, and its accessor (spec §6.7)."""
+"""Parameter EMA kept in the optimizer state, and its accessor (bert4keras
+``extend_with_exponential_moving_average``, kexue.fm/archives/7094)."""
 
 import flax.linen as nn
 import jax

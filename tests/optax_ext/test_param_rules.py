@@ -1,4 +1,5 @@
-"""Path-masked weight decay and parameter-wise learning rates (spec §6.1, §6.8)."""
+"""Path-masked weight decay and parameter-wise learning rates (bert4keras's derived optimizers,
+kexue.fm/archives/7094)."""
 
 import math
 import re

@@ -51,7 +51,8 @@ def measure(model, params, x):
 
 
 def ref_logit_max(params, x, layer):
-    """Per-head max logit of layer 0 recomputed in float64 from the spec (q·k/√d, causal)."""
+    """Per-head max logit of layer 0 recomputed in float64 as QK-Clip defines it (q·k/√d, causal;
+    kexue.fm/archives/11126)."""
     p = jax.tree.map(lambda v: np.asarray(v, np.float64), params[f"attn_{layer}"])
     x = np.asarray(x, np.float64)
     q = np.einsum("bld,dhk->blhk", x, p["query"]["kernel"]) + p["query"]["bias"]

@@ -1,4 +1,5 @@
-"""Tiger against a float64 NumPy implementation of spec §1, optax.lion, and every device path."""
+"""Tiger against a float64 NumPy implementation of its formulas (kexue.fm/archives/9512),
+optax.lion, and every device path."""
 
 import re
 
@@ -30,7 +31,7 @@ from optax_ext.optimizers.tiger import ScaleByTigerState, row_mean_square, scale
 
 
 def ref_scale(path, theta, min_rms):
-    """Spec §1 per-parameter scale and decay/centre rules, written from the spec."""
+    """Tiger's per-parameter scale and decay/centre rules (bojone/tiger), written out here."""
     name = path.split("/")[-1]
     if name in ("bias", "scale"):
         return 0.5, False, (1.0 if name == "scale" else 0.0)
@@ -53,7 +54,7 @@ def ref_tiger(
     catch_inf=False,
     guard=True,
 ):
-    """Runs spec §1 in float64 NumPy. ``lr`` is a function of the update index."""
+    """Runs Tiger's update in float64 NumPy. ``lr`` is a function of the update index."""
     paths = [p for p, _ in leaf_paths(params)]
     theta = {p: np.asarray(x, np.float64) for p, x in leaf_paths(params)}
     m = {p: np.zeros_like(x) for p, x in theta.items()}
@@ -114,7 +115,7 @@ def row_blocks(request, monkeypatch):
     return request.param
 
 
-# ---------------------------------------------------------------- the spec
+# ------------------------------------------------------- the float64 reference
 
 
 @pytest.mark.parametrize("k", [1, 3])
