@@ -1,6 +1,5 @@
 """AdaFactor (Su's reading, kexue.fm/archives/7302) against a float64 NumPy reference,
-optax.adafactor where
-they coincide, each documented difference, and every device path."""
+optax.adafactor where they coincide, each documented difference, and every device path."""
 
 import math
 import re
