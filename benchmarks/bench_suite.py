@@ -323,6 +323,7 @@ def main(argv=None) -> dict[str, Any]:
         help="groups of candidates beside the default rows (Muon's routing, Tiger's "
         "defaults apart, 4-bit states, spectral pieces)",
     )  # fmt: skip
+    ap.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds at the best rate")
     ap.add_argument(
         "--sweep-seeds", type=int, default=1,
         help="seeds at every rate of the sweep (the rest run at the best rate only)",
@@ -342,7 +343,7 @@ def main(argv=None) -> dict[str, Any]:
     entries = dict(OPTIMIZERS)
     for group in args.candidates:
         entries |= candidate_sets()[group]
-    seeds, grid, extend = SEEDS, GRID, MAX_EXTEND
+    seeds, grid, extend = tuple(range(args.seeds)), GRID, MAX_EXTEND
     if args.quick:
         args.tasks, args.only, args.steps = ["digits_mlp"], ["optax.adamw", "tiger"], 60
         seeds, grid, extend = (0, 1), (0.25, 1.0, 4.0, 16.0), 2
