@@ -581,12 +581,19 @@ def _to_blocks(x: jax.Array, k: int, block: int, spec: tuple | None) -> jax.Arra
 
 
 def _uniform(key: jax.Array | None, x: jax.Array) -> jax.Array | None:
-    """Uniform [0, 1) draws shaped (and, if explicit, sharded) like ``x``: each shard
-    draws its own piece, the same bits as an unsharded draw."""
+    """Uniform draws in (0, 1) shaped (and, if explicit, sharded) like ``x``, 16 random
+    bits each: ``(h + 1/2) / 2^16``, h the low or high half of one uint32 draw per pair
+    of elements along the last axis (the layout of the packed codes). Half the draws
+    of one per element; the probability of rounding up is then a multiple of 2^-16, off
+    by at most 2^-17 (a bias below 2^-17 of the map's gap). Each shard draws its own
+    piece, the same bits as an unsharded draw (partitionable Threefry)."""
     if key is None:
         return None
+    lead, n = x.shape[:-1], x.shape[-1]
     out = jax.typeof(x).sharding if explicitly_sharded(x) else None
-    return jax.random.uniform(key, x.shape, jnp.float32, out_sharding=out)
+    bits = jax.random.bits(key, (*lead, (n + 1) // 2), jnp.uint32, out_sharding=out)
+    halves = jnp.stack([bits & 0xFFFF, bits >> 16], axis=-1).reshape(*lead, -1)[..., :n]
+    return (halves.astype(jnp.float32) + 0.5) * np.float32(2.0**-16)
 
 
 def _replicated(x: jax.Array) -> jax.Array:
