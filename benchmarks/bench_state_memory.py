@@ -6,12 +6,16 @@ deterministic (array leaves only; scalar counters apart)::
 
     python benchmarks/bench_state_memory.py
 
-Prints a table and writes benchmarks/results/state_memory.json.
+Also the bytes per parameter of params and state together with bf16 params (written with
+stochastic rounding by ``ox.pure_bf16``) and 8- or 4-bit moments.
+
+Prints tables and writes benchmarks/results/state_memory.json.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from benchlib import GPT2_SMALL, gpt2_like_params, machine, n_params, table, write_json
 
@@ -44,7 +48,53 @@ def candidates(k: int = 8) -> dict[str, tuple[str, optax.GradientTransformation]
             "optax",
             optax.MultiSteps(optax.sgd(1e-2, 0.9), k),
         ),
+        # the same optimizers with their moments in 8 and 4 bits
+        "tiger, 8-bit": ("optax-ext", ox.quantize_state(ox.tiger(1e-3))),
+        "tiger, 4-bit": ("optax-ext", ox.quantize_state(ox.tiger(1e-3), bits=4)),
+        "lion, 4-bit": ("optax-ext", ox.quantize_state(ox.lion(1e-4), bits=4)),
+        "sgdm, 4-bit": ("optax-ext", ox.quantize_state(ox.sgdm(1e-2, 0.9), bits=4)),
+        "muon, 4-bit": ("optax-ext", ox.quantize_state(ox.muon(1e-2), bits=4)),
+        "adaxw, 4-bit": ("optax-ext", ox.quantize_state(ox.adaxw(1e-3), bits=4)),
+        "amos(momentum=0.9), 4-bit": (
+            "optax-ext",
+            ox.quantize_state(ox.amos(1e-2, momentum=0.9), bits=4),
+        ),
+        "optax.adamw, 8-bit": ("optax-ext", ox.quantize_state(optax.adamw(1e-3))),
+        "optax.adamw, 4-bit": ("optax-ext", ox.quantize_state(optax.adamw(1e-3), bits=4)),
     }
+
+
+def bf16_candidates() -> dict[str, optax.GradientTransformation]:
+    """Whole-model setups with bf16 params (every update added with stochastic rounding)."""
+    return {
+        "pure_bf16(tiger)": ox.pure_bf16(ox.tiger(1e-3)),
+        "quantize_state(pure_bf16(tiger), bits=8)": ox.quantize_state(ox.pure_bf16(ox.tiger(1e-3))),
+        "quantize_state(pure_bf16(tiger), bits=4)": ox.quantize_state(
+            ox.pure_bf16(ox.tiger(1e-3)), bits=4
+        ),
+        "quantize_state(pure_bf16(adamw), bits=4)": ox.quantize_state(
+            ox.pure_bf16(optax.adamw(1e-3)), bits=4
+        ),
+    }
+
+
+def measure_bf16(params) -> list[dict]:
+    """Params (bf16) plus state, bytes per parameter: what training holds besides
+    activations and gradients."""
+    half = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
+    count = n_params(half)
+    rows = []
+    for name, tx in bf16_candidates().items():
+        state = ox.tree_bytes(jax.eval_shape(tx.init, half))
+        total = ox.tree_bytes(half) + state
+        rows.append(
+            {
+                "setup": name,
+                "state_bytes_per_param": state / count,
+                "total_bytes_per_param": total / count,
+            }
+        )
+    return rows
 
 
 def measure(params) -> list[dict]:
@@ -67,10 +117,12 @@ def measure(params) -> list[dict]:
 def main() -> dict:
     params = gpt2_like_params(**GPT2_SMALL, abstract=True)
     rows = measure(params)
+    bf16_rows = measure_bf16(params)
     results = {
         "machine": machine(),
         "tree": dict(GPT2_SMALL, params=n_params(params)),
         "rows": rows,
+        "bf16_params": bf16_rows,
     }
     print(f"float32 GPT-2 small, {n_params(params) / 1e6:.1f}M parameters")
     print(
@@ -81,6 +133,17 @@ def main() -> dict:
                 ("library", "library", str),
                 ("bytes_per_param", "bytes/param", lambda x: f"{x:.3f}"),
                 ("state_bytes", "state MB", lambda x: f"{x / 1e6:,.1f}"),
+            ],
+        )
+    )
+    print("\nbf16 params (stochastic rounding) and state, bytes per parameter")
+    print(
+        table(
+            bf16_rows,
+            [
+                ("setup", "setup", str),
+                ("state_bytes_per_param", "state", lambda x: f"{x:.3f}"),
+                ("total_bytes_per_param", "params + state", lambda x: f"{x:.3f}"),
             ],
         )
     )
