@@ -18,7 +18,8 @@ error per leaf, the largest reported).
 
 Targets: relative error <= 1e-5; FLOPs per device <= 1.25 x single / 8; collective
 bytes per device <= 0.5 x the Muon momentum's bytes; temporary memory per device <=
-the single-device program's::
+the single-device program's. Each run replaces its trees' rows in
+``benchmarks/results/owner_compute.json``::
 
     python benchmarks/bench_owner_compute.py                    # both trees (~20 min, 2 cores)
     python benchmarks/bench_owner_compute.py --tree issue --no-check
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import re
 import sys
@@ -312,6 +314,16 @@ def timing(quick: bool) -> dict:
     return {"matrices": len(mats), "width": width, "layers": layers, "rows": rows}
 
 
+def merged(path: str, rows: list[dict]) -> list[dict]:
+    """``rows`` after the rows of other trees already in the results file at ``path``."""
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        old = json.load(f).get("rows", [])
+    trees = {row["tree"] for row in rows}
+    return [row for row in old if row["tree"] not in trees] + rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", choices=[*TREES, "all"], default="all")
@@ -325,10 +337,9 @@ def main(argv=None) -> dict:
         write_json("owner_compute_timing", results, args.out)
         return results
     assert jax.device_count() == N_DEVICES, "XLA_FLAGS must give 8 CPU devices"
-    rows = []
-    for name in TREES if args.tree == "all" else [args.tree]:
-        rows += run_tree(name, args.check)
-    results = {"machine": machine(), "versions": versions(), "rows": rows}
+    trees = list(TREES) if args.tree == "all" else [args.tree]
+    rows = [row for name in trees for row in run_tree(name, args.check)]
+    results = {"machine": machine(), "versions": versions(), "rows": merged(args.out, rows)}
     write_json("owner_compute", results, args.out)
     print(markdown_table(rows, COLUMNS))
     return results

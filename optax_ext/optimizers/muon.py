@@ -393,7 +393,7 @@ def scale_by_muon(
     bytes per step. With ``owner_axes="data"`` (or a tuple of axes), under
     ``jax.set_mesh``, the matrices (as ``layout`` and ``attention`` view them: stacked
     layers, experts and heads each one matrix) are grouped by shape, each whole matrix
-    goes to one device along those axes (one all-to-all per shape group), is
+    goes to one device along those axes (an all-to-all per shape group), is
     orthogonalised there in one batched Newton–Schulz with its same-shaped peers, and
     comes back to the params' sharding (:func:`~optax_ext.owner_compute.owner_compute`);
     the momentum stays sharded as the params are. The update is the same; only where
@@ -539,19 +539,23 @@ def scale_by_muon(
 
         def run(gs, ms, bads):
             pre = [momentum(*args) for args in zip(gs, ms, bads, paths, strict=True)]
-            os = by_owner([n for _, n, _, _ in pre])
+            signs = by_owner([n for _, n, _, _ in pre])
             us = [
                 # the gradient's sharding (auto axes would leave it to the compiler)
                 shard_alike(g, finish(o, g, bad, view, work, tau_t))[1]
-                for o, g, bad, (_, _, view, work) in zip(os, gs, bads, pre, strict=True)
+                for o, g, bad, (_, _, view, work) in zip(signs, gs, bads, pre, strict=True)
             ]
-            return us, [shard_alike(m, m_new)[1] for m, (m_new, _, _, _) in zip(ms, pre)]
+            mus = [shard_alike(m, m_new)[1] for m, (m_new, *_) in zip(ms, pre, strict=True)]
+            return us, mus
 
         if not any(explicitly_sharded(x) for x in (*gs, *ms)):
             return run(gs, ms, bads)
         # Reshapes into the matrix view of explicitly sharded leaves would have to name
         # their shardings: run in auto axes, handing back the leaves' own shardings.
-        shardings = ([jax.typeof(g).sharding for g in gs], [jax.typeof(m).sharding for m in ms])
+        shardings = (
+            [jax.typeof(g).sharding.spec for g in gs],
+            [jax.typeof(m).sharding.spec for m in ms],
+        )
         return jax.sharding.auto_axes(run, out_sharding=shardings)(gs, ms, bads)
 
     by_owner = (

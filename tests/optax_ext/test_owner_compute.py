@@ -131,6 +131,15 @@ def test_two_axes_owners_along_one_or_both(axis_type):
     check_cube(out_b, b)
 
 
+def test_leaves_not_on_the_mesh_come_back_replicated_on_it():
+    # under explicit axes a leaf's type names its mesh; a plain array names none
+    tree = {"w": random((3, 8, 16), 5)}
+    with jax.set_mesh(mesh_1d(EXPLICIT)):
+        out = jax.jit(owner_compute(cube, "data"))(tree)
+    np.testing.assert_allclose(out["w"], ref_cube(tree["w"]), rtol=1e-5, atol=1e-6)
+    assert out["w"].sharding.is_fully_replicated
+
+
 def test_fn_may_close_over_traced_values():
     # as an injected hyperparameter (ox.inject_hyperparams' Newton–Schulz steps) is
     tree = {"w": random((8, 16), 4)}
