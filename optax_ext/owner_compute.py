@@ -152,8 +152,8 @@ def owner_compute(
         if any(t == AxisType.Explicit for t in mesh.axis_types):
             # Typed (explicit) shardings would need every reshape and slice below to
             # name its output's sharding: let the partitioner place the inside, and
-            # hand every result back with its input's sharding.
-            # (as specs of the mesh set: a leaf not on it comes back replicated on it)
+            # hand every result back with its input's sharding, as a spec of the mesh
+            # set (a leaf not on the mesh comes back replicated on it).
             out_sharding = [jax.typeof(x).sharding.spec for x in leaves]
             out = jax.sharding.auto_axes(run, out_sharding=out_sharding)(leaves)
         else:

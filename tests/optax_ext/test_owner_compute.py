@@ -119,11 +119,12 @@ def test_two_axes_owners_along_one_or_both(axis_type):
     # Owners along "data" (4 of them, 5 matrices): columns stay split over "model".
     by_data = {"grid": random((3, 8, 16), 1), "stacked": random((2, 8, 16), 2)}
     specs_data = {"grid": P(None, "data", "model"), "stacked": P(None, "data", "model")}
-    # Owners along both axes (8 of them, 2 matrices), rows split over both.
-    by_both = {"rows": random((2, 16, 8), 3)}
-    specs_both = {"rows": P(None, ("data", "model"))}
+    # Owners along both axes, "model" major (8 of them, 10 wide and 5 tall matrices:
+    # the owners' padding skipped as they count them), rows split over both or one.
+    by_both = {"wide": random((10, 8, 16), 3), "tall": random((5, 16, 8), 6)}
+    specs_both = {"wide": P(None, ("model", "data")), "tall": P(None, None, "data")}
     on_data = owner_compute(cube, "data", transposable=True)
-    on_both = owner_compute(cube, ("data", "model"), transposable=True)
+    on_both = owner_compute(cube, ("model", "data"), transposable=True)
     with jax.set_mesh(mesh):
         a, b = put(by_data, specs_data, mesh), put(by_both, specs_both, mesh)
         out_a, out_b = jax.jit(lambda a, b: (on_data(a), on_both(b)))(a, b)
