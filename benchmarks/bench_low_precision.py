@@ -12,6 +12,9 @@
    - ``bf16 Kahan``: ``pure_bf16(tx, summation="kahan")``: state with SR, params with
      compensated summation;
    - ``8-bit states``: float32 params, ``quantize_state(tx)``;
+   - ``4-bit states``: float32 params, ``quantize_state(tx, bits=4)``;
+   - ``bf16 SR + 4-bit``: bf16 params, ``quantize_state(pure_bf16(tx), bits=4)`` (params
+     written with SR, moments in 4 bits, the small float leaves in bf16 with SR);
    and the mean fraction of weights that changed per update. The held-out loss is
    computed with the trained weights cast to float32 (exact), so it measures the
    weights: a loss computed in bf16 is itself rounded to bf16's 2^-6 = 0.016-nat
@@ -21,11 +24,15 @@
    ``bench_state_memory.py``), float32 and 8-bit.
 3. Step time of 8-bit states against float32 states on the GPT-2-small tree (donated
    update + apply, timed round-robin, median of ``--repeats``, ``--trials`` fresh
-   trials, as in ``bench_speed.py``)::
+   trials, as in ``bench_speed.py``; 4-bit states: ``bench_quantize.py``).
+4. Seeds (``--part seeds``, not in ``all``): Tiger on the demo task with float32,
+   4-bit and bf16 SR + 4-bit states over ``--seeds`` (initialisation and batches),
+   the mean and sample standard deviation of the held-out loss per variant::
 
-    python benchmarks/bench_low_precision.py                  # all parts (~20 min, 2 cores)
+    python benchmarks/bench_low_precision.py                  # parts 1-3 (~20 min, 2 cores)
     python benchmarks/bench_low_precision.py --part memory    # one part
     python benchmarks/bench_low_precision.py --steps 30 --part quality   # a quick check
+    python benchmarks/bench_low_precision.py --part seeds     # 9 demo runs
 
 Prints tables and writes (merges its parts into) benchmarks/results/low_precision.json.
 """
@@ -67,10 +74,20 @@ from optax_ext.wrappers.quantize import quantize_state
 from optax_ext.wrappers.rounding import stochastic_round
 
 OPTIMIZERS = ("tiger", "lion", "adamw")
-VARIANTS = ("float32", "bf16 nearest", "bf16 SR params", "bf16 SR", "bf16 Kahan", "8-bit states")
+VARIANTS = (
+    "float32",
+    "bf16 nearest",
+    "bf16 SR params",
+    "bf16 SR",
+    "bf16 Kahan",
+    "8-bit states",
+    "4-bit states",
+    "bf16 SR + 4-bit",
+)
 #: "bf16 SR params" separates the params' rounding from the state's; run for Tiger only
-#: (each bf16 run takes minutes on the 2-core machine).
-ONLY_FOR = {"bf16 SR params": ("tiger",)}
+#: (each bf16 run takes minutes on the 2-core machine), as the cheapest setup.
+ONLY_FOR = {"bf16 SR params": ("tiger",), "bf16 SR + 4-bit": ("tiger",)}
+SEED_VARIANTS = ("float32", "4-bit states", "bf16 SR + 4-bit")
 
 
 def wrap(tx, variant):
@@ -83,6 +100,10 @@ def wrap(tx, variant):
         return pure_bf16(tx, seed=0, summation="kahan")
     if variant == "8-bit states":
         return quantize_state(tx)
+    if variant == "4-bit states":
+        return quantize_state(tx, bits=4)
+    if variant == "bf16 SR + 4-bit":
+        return quantize_state(pure_bf16(tx, seed=0), bits=4)
     return tx
 
 
@@ -133,6 +154,8 @@ def train(name, variant, *, steps, batch_size, seq_len=64, seed=0, lr=None):
         "moved_fraction": float(np.mean(moved)),
         "moved_fraction_last_100": float(np.mean(moved[-100:])),
         "state_bytes": ox.tree_bytes(state.opt_state),
+        "params_bytes": ox.tree_bytes(state.params),
+        "n_params": total,
         "seconds": seconds,
         "losses": losses,
         "moved": moved,
@@ -155,6 +178,38 @@ def quality(steps, batch_size):
     ref = {r["optimizer"]: r["valid_loss"] for r in rows if r["variant"] == "float32"}
     for r in rows:
         r["gap"] = r["valid_loss"] - ref[r["optimizer"]]
+    return rows
+
+
+def seeds_part(name, seeds, steps, batch_size):
+    """``name`` on the demo task under :data:`SEED_VARIANTS`, one run per seed."""
+    rows = []
+    for variant in SEED_VARIANTS:
+        runs = []
+        for seed in seeds:
+            r = train(name, variant, steps=steps, batch_size=batch_size, seed=seed)
+            print(f"  {name} {variant} seed {seed}: {r['valid_loss']:.4f}", flush=True)
+            runs.append(r)
+        losses = [r["valid_loss"] for r in runs]
+        rows.append(
+            {
+                "optimizer": name,
+                "variant": variant,
+                "seeds": list(seeds),
+                "valid_losses": losses,
+                "mean": float(np.mean(losses)),
+                "sd": float(np.std(losses, ddof=1)),
+                "state_bytes_per_param": runs[0]["state_bytes"] / runs[0]["n_params"],
+                "total_bytes_per_param": (runs[0]["state_bytes"] + runs[0]["params_bytes"])
+                / runs[0]["n_params"],
+                "moved_fraction": float(np.mean([r["moved_fraction"] for r in runs])),
+                "seconds": float(np.mean([r["seconds"] for r in runs])),
+            }
+        )
+    ref = rows[0]
+    for r in rows:
+        r["gap"] = r["mean"] - ref["mean"]
+        r["gap_in_float_sd"] = r["gap"] / ref["sd"]
     return rows
 
 
@@ -239,7 +294,8 @@ def _previous() -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["all", "quality", "memory", "speed"], default="all")
+    ap.add_argument("--part", choices=["all", "quality", "memory", "speed", "seeds"], default="all")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
@@ -293,6 +349,24 @@ def main(argv=None):
                     ("float32_ms", "float32 ms", lambda x: f"{x:.1f}"),
                     ("8bit_ms", "8-bit ms", lambda x: f"{x:.1f}"),
                     ("ratio", "ratio", lambda x: f"{x:.2f}"),
+                ],
+            )
+        )
+    if args.part == "seeds":
+        rows = seeds_part("tiger", args.seeds, args.steps, args.batch_size)
+        results["seeds"] = {"steps": args.steps, "batch_size": args.batch_size, "rows": rows}
+        print(f"\nTiger, held-out loss after {args.steps} updates of batch {args.batch_size}")
+        print(
+            table(
+                rows,
+                [
+                    ("variant", "variant", str),
+                    ("mean", "held-out", f4),
+                    ("sd", "sd", f4),
+                    ("gap", "- float32", lambda x: f"{x:+.4f}"),
+                    ("gap_in_float_sd", "/ float sd", lambda x: f"{x:+.2f}"),
+                    ("state_bytes_per_param", "state B/param", lambda x: f"{x:.3f}"),
+                    ("total_bytes_per_param", "params + state B/param", lambda x: f"{x:.3f}"),
                 ],
             )
         )
