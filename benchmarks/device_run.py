@@ -411,12 +411,20 @@ def compile_times(cfg, extra, budget) -> dict:
     return {"leaves": cfg["compile_leaves"], "rows": rows}
 
 
+def owner_compute_timing(cfg, extra, budget) -> dict:
+    """msign of GPT-2 small's Muon matrices batched by shape against one at a time."""
+    import bench_owner_compute
+
+    return bench_owner_compute.timing(cfg is SETTINGS["quick"])
+
+
 STEPS = [
     ("smoke", smoke),
     ("copy_floor", copy_floor),
     ("speed_float32", speed_float32),
     ("msign_and_muon", msign_and_muon),
     ("eight_bit_state", eight_bit_state),
+    ("owner_compute_timing", owner_compute_timing),
     ("speed_bfloat16", speed_bfloat16),
     ("cost_curves", cost_curves),
     ("compile_times", compile_times),
