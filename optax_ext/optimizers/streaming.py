@@ -93,15 +93,16 @@ def streaming_msign(
         A_1 = (P + \mu I)V,\quad R_1^\top R_1 = V^\top A_1,\quad A_2 = A_1 R_1^{-1},\quad
         R_2^\top R_2 = A_2^\top A_2,\quad V \leftarrow A_2 R_2^{-1}
 
-    i.e. V ← QR(Xᵀ QR(X V)) computed from the k x k matrix P by two Cholesky QRs (one
-    O(nk²) product, P, per step; the rest is O(k³)). Then
+    i.e. V ← QR(Xᵀ QR(X V)) computed from the k x k matrix P by two Cholesky QRs (P is
+    the step's one O(nk²) product before the output; the iterations are O(k³)). Then
 
     .. math::
 
         \sigma_i = \lVert X v_i\rVert,\qquad
         o = X V \operatorname{diag}(1/\max(\sigma_i,\ \text{floor}\cdot\max_j\sigma_j)) V^\top
 
-    so ColNorm(XV)Vᵀ (11654), with directions below ``floor`` times the largest scaled
+    (two more O(nk²) products; 5-step Newton–Schulz takes ten), so ColNorm(XV)Vᵀ
+    (11654), with directions below ``floor`` times the largest scaled
     down rather than blown up (a zero or rank-deficient M gives zero there, as the exact
     msign does; Polar Express also starts at 1e-3). The shift μI leaves P's eigenvectors
     as they are and keeps the Cholesky factors' condition number at most 1 + 1/μ
@@ -111,10 +112,11 @@ def streaming_msign(
     the previous basis (and gives NaN, as msign does).
 
     Accuracy: the error comes from the basis lagging the matrix. From V₀ = I the first
-    step is far off (about 0.4 relative Frobenius error); on a momentum whose matrix
-    drifts slowly the basis converges at (σ_{i+1}/σ_i)² per step for each pair of
-    directions, and the directions that converge slowest, those with nearly equal σ,
-    matter least to U Vᵀ. ``iters`` > 1 reuses P: each extra iteration costs O(k³).
+    steps are far off; on a momentum whose matrix drifts slowly the basis converges at
+    (σ_{i+1}/σ_i)² per step for each pair of directions, and the directions that
+    converge slowest, those with nearly equal σ, matter least to U Vᵀ. A matrix that
+    changes faster than that keeps the error up. ``iters`` > 1 reuses P: each extra
+    iteration costs O(k³).
 
     Args:
       m: a floating-point array of rank ≥ 2, (*batch, rows, cols): the matrices (Muon's
