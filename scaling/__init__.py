@@ -38,6 +38,7 @@ from scaling.batch_plan import LR_SCALINGS, NoisePlan, PlanPoint, noise_plan
 from scaling.batch_ramp import Seesaw, SeesawPoint, SeesawUpdates, seesaw, seesaw_updates
 from scaling.batch_size import (
     MEAN_FIELD_C,
+    MUON_BETA_NOISE,
     SU_C,
     AdamPeak,
     AdamSDE,
@@ -139,6 +140,7 @@ from scaling.weight_decay import (
 __all__ = [
     # batch_size
     "MEAN_FIELD_C",
+    "MUON_BETA_NOISE",
     "SU_C",
     "AdamPeak",
     "AdamSDE",

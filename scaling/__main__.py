@@ -84,7 +84,8 @@ def _rule_rows(a, b_noise, b_simple):
     if bsim is not None:
 
         def sign():
-            r = bs.sign_transfer(a.lr, a.batch, a.to, bsim, a.beta_noise, a.c)
+            bn = 1.0 if a.beta_noise is None else a.beta_noise
+            r = bs.sign_transfer(a.lr, a.batch, a.to, bsim, bn, a.c)
             return r.lr, f"peak at B={fmt(r.peak_batch)}" if r.has_peak else "no peak"
 
         def adam():
@@ -94,7 +95,13 @@ def _rule_rows(a, b_noise, b_simple):
             )
 
         def muon():
-            return bs.muon_transfer(a.lr, a.batch, a.to, bsim).lr, "lr x sqrt((1+Bs/B)/(1+Bs/B'))"
+            bn = bs.MUON_BETA_NOISE if a.beta_noise is None else a.beta_noise
+            r = bs.muon_transfer(a.lr, a.batch, a.to, bsim, bn)
+            if bn == math.inf:
+                return r.lr, "lr x sqrt((1+Bs/B)/(1+Bs/B'))"
+            return r.lr, f"beta_noise={bn:g}: " + (
+                f"peak at B={r.peak_batch:.3g}" if r.has_peak else "no peak"
+            )
 
         rows["sign"], rows["adam"], rows["muon"] = _row(sign), _row(adam), _row(muon)
     else:
@@ -441,6 +448,16 @@ def _b_cell(x):
 # --------------------------------------------------------------------- parser
 
 
+def _beta_noise(text: str) -> float:
+    """A number > 0, or ``inf`` (no surge)."""
+    if text.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    return cli.positive_float(text)
+
+
+_beta_noise.__name__ = "number"
+
+
 _positive, _nonneg, _beta, _count = (
     cli.positive_float,
     cli.nonnegative_float,
@@ -483,9 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=_positive, help="steps of the current run (for predictions)")
     q.add_argument(
         "--beta-noise",
-        type=_positive,
-        default=1.0,
-        help="beta_noise of the sign surge form (default 1: no peak)",
+        type=_beta_noise,
+        default=None,
+        help="beta_noise of the surge (lion/tiger default 1: no peak; muon default: the "
+        "transfer check's fit, scaling.MUON_BETA_NOISE; inf: Su's rule)",
     )
     q.add_argument(
         "--c",

@@ -598,57 +598,90 @@ def li_optimal_lr(batch, lr_peak, peak_batch) -> OptimalLR:
 # ------------------------------------------------------------------------- Muon
 
 
-def muon_optimal_lr(batch, b_simple, lr_max=1.0) -> OptimalLR:
-    r"""Muon's optimal learning rate at a batch size (Su, archives/11285).
+#: Muon's surge β_noise fitted to the transfer check (``benchmarks/bench_transfer.py``):
+#: the best lr's ratios at 4B and 16B of an anchor at B = 8, on the demo's language model
+#: and the digits MLP of the quality suite, each with its measured B_simple; both gave 0.8
+#: (a peak at 1.78 B_simple), where Su's rule overshot the measured ratios by up to 1.8x.
+MUON_BETA_NOISE = 0.8
+
+
+def muon_optimal_lr(batch, b_simple, lr_max=1.0, beta_noise=None) -> OptimalLR:
+    r"""Muon's optimal learning rate at a batch size (Su, archives/11285), with a surge term.
 
     The mean of msign of the batch momentum along the true direction shrinks like
-    :math:`(1 + B_{simple}/B)^{-1/2}`, the same form as the sign update's β (mean field,
-    c = 1), which gives
+    :math:`\beta = (1 + B_{simple}/B)^{-1/2}`, the same form as the sign update's β (mean
+    field, c = 1). With a diagonal-like curvature along the update that gives Su's rule
 
-    .. math:: \eta^*(B) \approx \frac{\eta_{max}}{\sqrt{1 + B_{simple}/B}}
+    .. math:: \eta^*(B) \approx \frac{\eta_{max}}{\sqrt{1 + B_{simple}/B}} = \eta_{max}\,\beta
 
-    rising monotonically to :math:`\eta_{max}`: no peak in this form. (A surge is possible
-    for a general Hessian; Su's advice when one shows up is to change the optimizer, not
-    the rule.)
+    rising monotonically to :math:`\eta_{max}`. Curvature that couples the directions the
+    update lines up (off-diagonal terms, as for sign updates, archives/11280) adds a term
+    :math:`\beta^2/\beta_{noise}^2` to the curvature along the update:
+
+    .. math:: \eta^*(B) = \eta_{max}\,\frac{(1 + \beta_{noise}^{-2})\,\beta}
+              {1 + \beta^2/\beta_{noise}^2}
+
+    (normalised so that :math:`\eta_{max}` stays the large-batch limit). For
+    :math:`\beta_{noise} < 1` it peaks at :math:`\beta = \beta_{noise}`, i.e. at
+    :math:`B_{peak} = B_{simple}\,\beta_{noise}^2/(1 - \beta_{noise}^2)`, and falls
+    beyond: the surge, which the transfer check measured for Muon
+    (``benchmarks/bench_transfer.py``); ``beta_noise=None`` (or ``inf``) is Su's rule.
 
     Args:
       batch: batch size (or array).
       b_simple: the simple noise scale, in the batch's units.
       lr_max: the large-batch limit (1.0 gives :math:`\eta^*/\eta_{max}`).
+      beta_noise: the surge's :math:`\beta_{noise} > 0`, or None for none.
 
     Example:
       >>> round(muon_optimal_lr(1000, 1000).lr, 6)  # B = B_simple: 1/sqrt(2)
       0.707107
+      >>> r = muon_optimal_lr(1000, 1000, beta_noise=0.5)
+      >>> round(r.peak_batch, 4), r.has_peak
+      (333.3333, True)
 
     References:
-      Su, https://kexue.fm/archives/11285.
+      Su, https://kexue.fm/archives/11285 (Muon), https://kexue.fm/archives/11280 (the
+      off-diagonal term); Li et al. 2024, arXiv 2405.14578 (the surge).
     """
     v.positive("lr_max", lr_max)
     b = sign_beta(batch, b_simple, MEAN_FIELD_C)
     inputs = dict(batch=batch, b_simple=b_simple, lr_max=lr_max)
-    return OptimalLR(v.result("the optimal lr", v.scalar(lr_max * b), inputs), None, False)
+    if beta_noise is None or beta_noise == math.inf:
+        return OptimalLR(v.result("the optimal lr", v.scalar(lr_max * b), inputs), None, False)
+    v.finite_positive("beta_noise", beta_noise)
+    bn2 = float(beta_noise) ** 2
+    inputs["beta_noise"] = beta_noise
+    with v.arithmetic("the optimal lr", inputs):
+        out = lr_max * b * (1 + 1 / bn2) / (1 + b * b / bn2)
+    peak = float(b_simple) * bn2 / (1 - bn2) if bn2 < 1 else None
+    return OptimalLR(v.result("the optimal lr", v.scalar(out), inputs), peak, peak is not None)
 
 
-def muon_transfer(lr, batch, new_batch, b_simple) -> OptimalLR:
-    r"""Moves a tuned Muon lr to a new batch size along Su's curve (archives/11285).
+def muon_transfer(lr, batch, new_batch, b_simple, beta_noise=None) -> OptimalLR:
+    r"""Moves a tuned Muon lr to a new batch size along :func:`muon_optimal_lr`'s curve.
 
-    .. math:: \eta(B_2) = \eta(B_1)\sqrt{\frac{1 + B_{simple}/B_1}{1 + B_{simple}/B_2}}
+    .. math:: \eta(B_2) = \eta(B_1)\,\frac{\eta^*(B_2)}{\eta^*(B_1)}
+       \qquad\Big(= \eta(B_1)\sqrt{\tfrac{1 + B_{simple}/B_1}{1 + B_{simple}/B_2}}
+       \text{ without a surge}\Big)
 
     Example:
       >>> round(muon_transfer(0.02, 128, 2048, b_simple=1000).lr, 7)
       0.0486673
+      >>> round(muon_transfer(0.02, 128, 2048, b_simple=1000, beta_noise=0.5).lr, 7)
+      0.0191876
 
     References:
       Su, https://kexue.fm/archives/11285.
     """
     v.positive("lr", lr)
     v.positive("new_batch", new_batch)
-    old = muon_optimal_lr(batch, b_simple)
-    new = muon_optimal_lr(new_batch, b_simple)
+    old = muon_optimal_lr(batch, b_simple, beta_noise=beta_noise)
+    new = muon_optimal_lr(new_batch, b_simple, beta_noise=beta_noise)
     inputs = dict(lr=lr, batch=batch, new_batch=new_batch, b_simple=b_simple)
     with v.arithmetic("the new lr", inputs):
         out = lr * (new.lr / old.lr)
-    return OptimalLR(v.result("the new lr", v.scalar(out), inputs), None, False)
+    return OptimalLR(v.result("the new lr", v.scalar(out), inputs), new.peak_batch, new.has_peak)
 
 
 # ------------------------------------------------------------------------- Adam

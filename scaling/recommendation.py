@@ -221,7 +221,7 @@ def recommend(
     weight_decay: float | None = None,
     beta1: float | None = None,
     beta2: float | None = None,
-    beta_noise: float = 1.0,
+    beta_noise: float | None = None,
     c: float = bs.SU_C,
     steps: float | None = None,
     strict: bool = False,
@@ -242,7 +242,10 @@ def recommend(
       beta1: momentum / Adam β1 (family default if None: sgd 0, sgdm 0.9, adam 0.9,
         lion 0.9, tiger 0.965, muon 0.95).
       beta2: Adam's β2 (default 0.999 for adam/adamw; lion's β2 is kept).
-      beta_noise: β_noise of the sign surge form (lion/tiger); 1 means no peak.
+      beta_noise: β_noise of the surge (lion/tiger: Su's sign form, default 1, no peak;
+        muon: :func:`~scaling.batch_size.muon_optimal_lr`'s surge term, default
+        :data:`~scaling.batch_size.MUON_BETA_NOISE`, the transfer check's fit; ``inf``
+        gives Su's rule without a surge).
       c: the sign form's constant, π/2 (Su 2024) or 1 (mean field).
       steps: steps the current run needs (to a target loss or total); gives absolute
         predicted steps and examples.
@@ -278,6 +281,8 @@ def recommend(
     v.check_choice("optimizer", optimizer, FAMILIES)
     # one recommendation: every number is a single value, named when it is not (NumPy's
     # "only 0-dimensional arrays can be converted to Python scalars" names nothing)
+    if beta_noise is None:
+        beta_noise = bs.MUON_BETA_NOISE if optimizer == "muon" else 1.0
     numbers = dict(lr=lr, batch=batch, new_batch=new_batch, beta_noise=beta_noise, c=c)
     numbers |= dict(b_noise=b_noise, b_simple=b_simple, weight_decay=weight_decay)
     numbers |= dict(beta1=beta1, beta2=beta2, steps=steps, stderr=stderr)
@@ -305,7 +310,9 @@ def recommend(
                 f"stderr={stderr!r} was given without a noise scale: it is the standard "
                 "error of b_simple (or b_noise)"
             )
-    v.finite_positive("beta_noise", beta_noise)
+    v.positive("beta_noise", beta_noise)
+    if optimizer != "muon":
+        v.finite_positive("beta_noise", beta_noise)
     v.finite_positive("c", c)
     b1 = _DEFAULT_BETA1[optimizer] if beta1 is None else beta1
     v.beta("beta1", b1)
@@ -470,9 +477,22 @@ def _lr_rule(optimizer, lr, batch, new_batch, given, b1, beta_noise, c):
             tail = "no peak (beta1 <= 1/3)"
         reason = f"mean-field Adam curve with beta1={b1:g}, B_simple={given:.4g}; {tail}"
     elif optimizer == "muon":
-        new_lr = bs.muon_transfer(lr, batch, new_batch, given).lr
-        rule = "muon (Su)"
-        reason = f"Su's Muon rule lr x sqrt((1+Bs/B)/(1+Bs/B')), B_simple={given:.4g}; no peak"
+        res = bs.muon_transfer(lr, batch, new_batch, given, beta_noise)
+        new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
+        if beta_noise == math.inf:
+            rule = "muon (Su)"
+            reason = f"Su's Muon rule lr x sqrt((1+Bs/B)/(1+Bs/B')), B_simple={given:.4g}; no peak"
+        else:
+            rule = "muon (Su, with a surge)"
+            tail = (
+                f"peak at B={peak:.3g} ({peak / given:.3g} x B_simple), lr falls beyond"
+                if has_peak
+                else "no peak"
+            )
+            reason = (
+                f"Su's Muon curve with a surge term, beta_noise={beta_noise:g} (the transfer "
+                f"check's fit), B_simple={given:.4g}; {tail}"
+            )
     else:
         res = bs.sign_transfer(lr, batch, new_batch, given, beta_noise, c)
         new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak

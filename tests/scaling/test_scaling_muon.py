@@ -37,25 +37,63 @@ def test_lr_batch_rule_worked_numbers():
     assert bs.muon_optimal_lr(300, 100).lr == pytest.approx(bs.sign_beta(300, 100, c=1.0))
 
 
+def _surge_reference(batch, b_simple, beta_noise):
+    """The mean-field optimum of a sign-like update written out: eta ~ beta S / (D + beta^2 O)
+    with D the curvature on the diagonal and O = D / beta_noise^2 off it, normalised to 1
+    at an infinite batch (beta = 1)."""
+    beta = np.sqrt(batch / (batch + b_simple))
+    d, o = 1.0, 1.0 / beta_noise**2
+    return (beta / (d + beta**2 * o)) / (1.0 / (d + o))
+
+
+@pytest.mark.parametrize("beta_noise", [0.3, 0.6, 1.0, 2.5])
+def test_surge_term_against_float64_reference(beta_noise):
+    grid = np.geomspace(1, 1e5, 41)
+    got = bs.muon_optimal_lr(grid, 300.0, beta_noise=beta_noise)
+    np.testing.assert_allclose(got.lr, _surge_reference(grid, 300.0, beta_noise), rtol=1e-12)
+    if beta_noise < 1:  # the peak where beta = beta_noise
+        peak = 300.0 * beta_noise**2 / (1 - beta_noise**2)
+        assert got.has_peak and got.peak_batch == pytest.approx(peak, rel=1e-12)
+        fine = np.geomspace(peak / 3, peak * 3, 2001)
+        curve = bs.muon_optimal_lr(fine, 300.0, beta_noise=beta_noise).lr
+        assert fine[np.argmax(curve)] == pytest.approx(peak, rel=2e-3)
+        assert bs.muon_transfer(1.0, peak, 10 * peak, 300.0, beta_noise).lr < 1.0  # it falls
+    else:
+        assert not got.has_peak and np.all(np.diff(got.lr) > 0)
+    # no surge (None or inf) is Su's rule; a large beta_noise tends to it
+    assert bs.muon_optimal_lr(700, 300, beta_noise=math.inf) == bs.muon_optimal_lr(700, 300)
+    assert bs.muon_optimal_lr(700, 300, beta_noise=1e4).lr == pytest.approx(
+        bs.muon_optimal_lr(700, 300).lr, rel=1e-7
+    )
+    with pytest.raises(ValueError, match=r"beta_noise must be in \(0, inf\), got 0.0"):
+        bs.muon_optimal_lr(700, 300, beta_noise=0.0)
+
+
 def test_recommend_and_cli_know_muon(capsys):
-    r = recommend("muon", 0.02, 128, 2048, b_simple=1000, weight_decay=0.1)
+    # Su's rule, asked for by beta_noise=inf
+    r = recommend("muon", 0.02, 128, 2048, b_simple=1000, weight_decay=0.1, beta_noise=math.inf)
     want = 0.02 * math.sqrt((1 + 1000 / 128) / (1 + 1000 / 2048))
     assert r.new_lr == pytest.approx(want, rel=1e-12) and r.rule == "muon (Su)"
     assert r.new_weight_decay == pytest.approx(0.1 * (0.02 / want) * 16, rel=1e-12)
     assert r.new_beta1 == 0.95 and not r.has_peak and r.beta2 is None
+    # the default: the surge fitted to the transfer check
+    bn = bs.MUON_BETA_NOISE
+    d = recommend("muon", 0.02, 128, 2048, b_simple=1000)
+    ratio = _surge_reference(2048.0, 1000.0, bn) / _surge_reference(128.0, 1000.0, bn)
+    assert d.new_lr == pytest.approx(0.02 * ratio, rel=1e-12)
+    assert d.rule == "muon (Su, with a surge)" and f"beta_noise={bn:g}" in d.reasons["lr"]
+    assert d.has_peak and d.peak_batch == pytest.approx(1000 * bn**2 / (1 - bn**2), rel=1e-12)
     fallback = recommend("muon", 0.02, 128, 512)
     assert fallback.new_lr == pytest.approx(0.04) and "fallback" in fallback.rule
-    assert main("lr --optimizer muon --lr 0.02 --batch 128 --to 2048 --b-simple 1000".split()) == 0
+    argv = "lr --optimizer muon --lr 0.02 --batch 128 --to 2048 --b-simple 1000".split()
+    assert main([*argv, "--beta-noise", "inf"]) == 0
     out = capsys.readouterr().out
     assert "muon (Su)" in out and f"{want:.3g}" in out
-    assert (
-        main(
-            "lr --optimizer adamw --lr 0.02 --batch 128 --to 2048 --b-simple 1000 "
-            "--rule muon".split()
-        )
-        == 0
-    )
-    assert f"{want:.3g}" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert f"{d.new_lr:.3g}" in capsys.readouterr().out
+    argv = "lr --optimizer adamw --lr 0.02 --batch 128 --to 2048 --b-simple 1000 --rule muon"
+    assert main(argv.split()) == 0
+    assert f"{d.new_lr:.3g}" in capsys.readouterr().out
 
 
 def test_shape_scales_and_worked_conversions():
