@@ -1,8 +1,9 @@
 """Overhead of measuring the gradient noise scale: chain(measure_noise_scale, adamw) vs adamw.
 
-``optax_ext.noise_measurement.measure_noise_scale`` (also ``scaling.measure_noise_scale``) adds
-one squared-norm reduction over the gradients (and a few scalar EMAs) to the step. Two
-pairs are timed on the same ~10M-float tree:
+``optax_ext.noise_measurement.measure_noise_scale`` (``ox.measure_noise_scale``) adds
+one squared-norm reduction over the gradients to the step (and a few scalars: EMAs and one
+row of the small ring of raw estimates the current value is read from). Two pairs are
+timed on the same ~10M-float tree:
 
 - ``accum`` (plain ``jit``, one device): the gradient-accumulation path, where the step
   receives ``micro_grad_sq_norm`` and ``accumulation_steps`` as extra arguments, against
