@@ -515,4 +515,4 @@ def test_rounding_seed_is_validated_and_nearest_is_a_cast_of_the_float32_ema():
     g = {"w": jnp.linspace(-1.0, 1.0, 1000)}
     tx = tiger(1e-3, mu_dtype=jnp.bfloat16)
     mu = jax.jit(tx.update)(g, tx.init(params), params)[1].mu["w"]
-    np.testing.assert_array_equal(mu, ((1 - 0.965) * g["w"]).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(mu, ((1 - 0.9) * g["w"]).astype(jnp.bfloat16))
