@@ -44,6 +44,7 @@ from optax_ext._common import (
 )
 from optax_ext._cycles import reject_cycle_length
 from optax_ext.optimizers.msign import check_compute_dtype, msign, newton_schulz_coefficients
+from optax_ext.optimizers.streaming import init_streaming_basis, streaming_msign
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.owner_compute import check_owner_axes, owner_compute, owner_mesh
 from optax_ext.wrappers import spike
@@ -128,6 +129,7 @@ _CONV_NAMES = re.compile(r"(?i:conv)")
 _LAYOUTS = ("conv", "stacked", "heads_in", "heads_out")
 _SCALES = ("moonlight", "keller", "mup", "none", "keller_to_mup")
 _ATTENTION = ("fused", "per_head")
+_ORTHOGONALIZERS = ("newton_schulz", "streaming")
 
 
 class ScaleByMuonState(NamedTuple):
@@ -142,12 +144,16 @@ class ScaleByMuonState(NamedTuple):
       shrunk_leaves: int32, gradient leaves discarded so far (a step with 3 bad leaves
         adds 3); each got a zero direction and kept its momentum. The two names are
         Tiger's and ``nan_guard``'s, so one monitor reads every guard's counters.
+      basis: with ``orthogonalizer="streaming"``, per leaf the
+        :class:`~optax_ext.optimizers.streaming.StreamingBasis` of its matrices (the
+        tracked singular basis and singular values of N_t); None with Newton–Schulz.
     """
 
     count: jax.Array
     mu: optax.Updates
     skipped_steps: jax.Array
     shrunk_leaves: jax.Array
+    basis: Any = None
 
 
 # ------------------------------------------------------------------ matrix views
@@ -316,6 +322,8 @@ def scale_by_muon(
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
     owner_axes: str | tuple[str, ...] | None = None,
+    orthogonalizer: str = "newton_schulz",
+    streaming_iters: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon's direction: msign of a (Nesterov) momentum, times a shape scale.
 
@@ -435,6 +443,15 @@ def scale_by_muon(
         ``jax.set_mesh``: each matrix's msign is computed whole by one owner along
         them (see above). An axis not in the mesh, or no mesh set, raises
         ``ValueError`` at ``init`` (when a mesh is set) or at the first update.
+      orthogonalizer: ``"newton_schulz"`` (msign by ``coeffs`` and ``steps``) or
+        ``"streaming"``: Su's streaming power iteration
+        (:func:`~optax_ext.optimizers.streaming.streaming_msign`, kexue.fm 11654-11710),
+        one power-iteration + QR step per update from the basis kept in
+        ``state.basis``, which also holds the tracked singular values of N_t.
+        ``coeffs``, ``steps``, ``eps`` and ``compute_dtype`` are Newton–Schulz's (the
+        streaming step runs in float32 or wider); not with ``owner_axes``.
+      streaming_iters: power iterations per update of the streaming orthogonaliser
+        (static int ≥ 1; each beyond the first costs O(k³), k = min(d_in, d_out)).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`ScaleByMuonState`.
@@ -469,6 +486,21 @@ def scale_by_muon(
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_seed("rounding_seed", rounding_seed)
     owner_axes = check_owner_axes(owner_axes)
+    check_choice("orthogonalizer", orthogonalizer, _ORTHOGONALIZERS)
+    check_int("streaming_iters", streaming_iters, minimum=1)
+    streaming = orthogonalizer == "streaming"
+    if streaming and owner_axes is not None:
+        raise ValueError(
+            f"orthogonalizer='streaming' with owner_axes={owner_axes!r}: the streaming "
+            "basis is kept per leaf, owner_axes groups matrices by shape; give one of them"
+        )
+
+    def basis_of(path, p):
+        """The streaming start V₀ = I of one leaf's matrices (Muon's view of it)."""
+        shape = tuple(p.shape)
+        if len(shape) < 2:  # scale_by_muon raises for it at the first update
+            return None
+        return init_streaming_basis(matrix_shape(path, shape, layout, attention), work_dtype(p))
 
     def init_fn(params):
         check_float_params(params, "muon")
@@ -477,11 +509,17 @@ def scale_by_muon(
         _warn_guessed_layouts(params, layout)
         # a fresh array per counter: a donated state must not hold one buffer twice
         zero = lambda: jnp.zeros([], jnp.int32)
+        basis = None
+        if streaming:
+            basis = jax.tree_util.tree_map_with_path(
+                lambda path, p: basis_of(path_to_str(path), p), params
+            )
         return ScaleByMuonState(
             count=zero(),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
             skipped_steps=zero(),
             shrunk_leaves=zero(),
+            basis=basis,
         )
 
     def momentum(g, m, bad, path):
@@ -515,21 +553,30 @@ def scale_by_muon(
         msign, coeffs=coeffs, steps=steps, compute_dtype=compute_dtype, eps=eps
     )
 
-    def direction(g, m, bad, path, tau_t):
+    def direction(g, m, bad, basis, path, tau_t):
         m_new, n, view, work = momentum(g, m, bad, path)
-        return finish(orthogonalise(n), g, bad, view, work, tau_t), m_new
+        if not streaming:
+            return finish(orthogonalise(n), g, bad, view, work, tau_t), m_new, basis
+        o, new = streaming_msign(n, basis, iters=streaming_iters)
+        if bad is not None:  # a discarded gradient leaves the basis as it was
+            new = jax.tree.map(lambda a, b: jnp.where(bad, b, a), new, basis)
+        return finish(o, g, bad, view, work, tau_t), m_new, new
 
-    def leaf(path, g, m, bad, tau_t):
+    def leaf(path, g, m, bad, basis, tau_t):
         if not explicitly_sharded(g):
-            return direction(g, m, bad, path, tau_t)
+            return direction(g, m, bad, basis, path, tau_t)
         # Matmuls of explicitly sharded operands must name their output sharding; let
-        # the partitioner choose inside and hand back the gradient's sharding.
-        shardings = (jax.typeof(g).sharding, jax.typeof(m).sharding)
-        if bad is None:
-            run = lambda g, m: direction(g, m, None, path, tau_t)
-            return jax.sharding.auto_axes(run, out_sharding=shardings)(g, m)
-        run = lambda g, m, bad: direction(g, m, bad, path, tau_t)
-        return jax.sharding.auto_axes(run, out_sharding=shardings)(g, m, bad)
+        # the partitioner choose inside and hand back the gradient's sharding (the
+        # streaming basis keeps its own).
+        keep = 3 if streaming else 2
+        shardings = (
+            jax.typeof(g).sharding,
+            jax.typeof(m).sharding,
+            jax.tree.map(lambda b: jax.typeof(b).sharding, basis),
+        )[:keep]
+        run = lambda g, m, bad, basis: direction(g, m, bad, basis, path, tau_t)[:keep]
+        out = jax.sharding.auto_axes(run, out_sharding=shardings)(g, m, bad, basis)
+        return out if streaming else (*out, None)
 
     def owned(paths, gs, ms, bads, tau_t):
         """Every leaf's direction, each matrix's msign computed once by its owner along
@@ -572,12 +619,16 @@ def scale_by_muon(
         # τ_t of this update, read at the updates made before it (optax's schedules' count)
         tau_t = tau(state.count) if callable(tau) else tau
         paths = [path_to_str(path) for path, _ in with_paths]
+        bases = treedef.flatten_up_to(state.basis) if streaming else [None] * len(pairs)
+        basis = None
         if owner_axes is None:
             out = [
-                leaf(path, g, m, flags[i] if guard_nan else None, tau_t)
+                leaf(path, g, m, flags[i] if guard_nan else None, bases[i], tau_t)
                 for i, (path, (g, m)) in enumerate(zip(paths, pairs, strict=True))
             ]
             us, mus_new = [o[0] for o in out], [o[1] for o in out]
+            if streaming:
+                basis = treedef.unflatten([o[2] for o in out])
         else:
             gs, ms = [g for g, _ in pairs], [m for _, m in pairs]
             us, mus_new = owned(paths, gs, ms, flags, tau_t)
@@ -590,6 +641,7 @@ def scale_by_muon(
             mu=mu,
             skipped_steps=spike.increment_if(n_bad > 0, state.skipped_steps),
             shrunk_leaves=spike.saturating_add(state.shrunk_leaves, n_bad),
+            basis=basis,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -645,6 +697,8 @@ def muon(
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
     owner_axes: str | tuple[str, ...] | None = None,
+    orthogonalizer: str = "newton_schulz",
+    streaming_iters: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Muon for dense hidden kernels, a second optimizer for everything else (Moonlight's recipe).
 
@@ -689,7 +743,8 @@ def muon(
       beta: Muon's momentum β in [0, 1).
       weight_decay: λ ≥ 0 for the Muon leaves.
       nesterov, coeffs, steps, scale, update_rms, tau, layout, attention, guard_nan,
-        eps, compute_dtype, mu_dtype, state_rounding, rounding_seed, owner_axes: as in
+        eps, compute_dtype, mu_dtype, state_rounding, rounding_seed, owner_axes,
+        orthogonalizer, streaming_iters: as in
         :func:`scale_by_muon` (for Muon's M; the other optimizer takes its own in
         ``other_kwargs``).
       rules: path rules labelling leaves ``"muon"`` or ``"other"`` (first match wins;
@@ -777,6 +832,8 @@ def muon(
         state_rounding=state_rounding,
         rounding_seed=rounding_seed,
         owner_axes=owner_axes,
+        orthogonalizer=orthogonalizer,
+        streaming_iters=streaming_iters,
     )
     muon_tx = optax.chain(
         direction,
