@@ -37,7 +37,7 @@ def step_halving(n):
 
 
 def test_noise_plan_table():
-    plan = scaling.noise_plan(step_halving, 32, max_accumulation_steps=8)
+    plan = scaling.noise_plan(step_halving, 32, max_accumulation_steps=8, fraction=1.0)
     for t, noise, k, lr in TABLE:
         point = plan(t, noise)
         assert point.accumulation_steps == k and point.batch == 32 * k, (t, point)
@@ -54,8 +54,14 @@ def test_noise_plan_options():
     assert flat(0, (1e3, 0.0)) == (0.1, 40, 4)
     # a SettledNoiseScale (what ox.current_noise_scale returns) is read the same way
     now = scaling.current_b_simple([1.0] * 20, [50.0, 70.0] * 10, window=10)
-    est = scaling.noise_plan(lambda n: 0.1, 8, max_accumulation_steps=64)(0, now)
+    est = scaling.noise_plan(lambda n: 0.1, 8, max_accumulation_steps=64, fraction=1.0)(0, now)
     assert est.accumulation_steps == math.ceil((now.b_simple - now.stderr) / 8)
+    # the default: a tenth of B_simple
+    assert scaling.noise_plan(lambda n: 0.1, 8, max_accumulation_steps=64)(0, (500.0, 0.0)) == (
+        pytest.approx(0.1 * math.sqrt(7)),
+        56,
+        7,
+    )
 
 
 @pytest.mark.parametrize(
@@ -166,7 +172,7 @@ def test_seesaw_and_the_noise_plan_drive_one_compiled_flax_step():
         state.opt_state[1].inner_state.hyperparams["learning_rate"], used[-1][0], rtol=1e-6
     )
 
-    plan = scaling.noise_plan(base, MICRO, max_accumulation_steps=4)
+    plan = scaling.noise_plan(base, MICRO, max_accumulation_steps=4, fraction=1.0)
 
     def noise_driven(seen, s):
         now = ox.current_noise_scale(s.opt_state) if seen else None
