@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import jit_once
 
 import optax_ext as ox
 import scaling
@@ -129,17 +130,18 @@ def new_state():
     return TrainState.create(apply_fn=MODEL.apply, params=params, tx=TX)
 
 
-TRACES = []
 GRAD_FN = split_value_and_grad(loss_fn, 2)
 
 
-@jax.jit
-def train_step(state, batch, k, lr):
-    TRACES.append(None)  # runs once per trace: the compile counter
+def _train_step(state, batch, k, lr):
     opt_state = optax.tree_utils.tree_set(state.opt_state, learning_rate=lr)
     loss, grads, extra = GRAD_FN(state.params, state.apply_fn, batch)
     state = state.replace(opt_state=opt_state)
     return state.apply_gradients(grads=grads, extra_args=extra | {"set_accumulation_steps": k})
+
+
+#: one compile for every plan and batch size: a second trace raises (chex.assert_max_traces)
+train_step = jit_once(_train_step)
 
 
 def drive(choose, total):
@@ -159,7 +161,6 @@ def drive(choose, total):
 
 
 def test_seesaw_and_the_noise_plan_drive_one_compiled_flax_step():
-    TRACES.clear()
     total = 96  # micro-batches: the same examples for every plan
     base = optax.cosine_decay_schedule(3e-3, total)
 
@@ -184,4 +185,3 @@ def test_seesaw_and_the_noise_plan_drive_one_compiled_flax_step():
     assert ks == sorted(ks) and max(ks) > 1 and max(ks) <= 4, ks  # grows, capped
     assert int(state.opt_state[1].gradient_step) == len(used) < total
     assert [k for _, k in plan.history] == sorted(set(ks) - {1})
-    assert len(TRACES) == 1  # both plans, every batch size: one compiled step

@@ -17,6 +17,7 @@ from helpers import (
     abstract_init_matches,
     assert_no_recompile,
     assert_same_on_all_paths,
+    jit_once,
     random_grads_like,
     random_tree,
 )
@@ -274,12 +275,11 @@ def test_state_can_be_donated_and_does_not_recompile():
         updates, state = tx.update(grads, state, params, micro_grad_sq_norm=m, accumulation_steps=2)
         return optax.apply_updates(params, updates), state
 
-    step = jax.jit(step, donate_argnums=(0, 1))
+    step = jit_once(step, donate_argnums=(0, 1))  # a second trace raises
     params, state = _params(), tx.init(_params())
     grads = jax.tree.map(jnp.ones_like, params)
     for m in (70.0, 80.0, 90.0):  # init's buffers are distinct, so donation works
         params, state = step(params, state, grads, jnp.float32(m))
-    assert step._cache_size() == 1
     assert int(state[0].count) == 3
 
 
