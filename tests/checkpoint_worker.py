@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from optax_ext.checkpoint import restore_train_state, save_train_state
 from optax_ext.hyperparams import inject_hyperparams
+from optax_ext.noise_measurement import measure_noise_scale
 from optax_ext.optimizers.adafactor import adafactor
 from optax_ext.optimizers.adax import adax, adaxw
 from optax_ext.optimizers.amos import amos
@@ -49,7 +50,6 @@ from optax_ext.wrappers.nan_guard import nan_guard
 from optax_ext.wrappers.param_ema import param_ema
 from optax_ext.wrappers.param_rules import scale_by_path
 from optax_ext.wrappers.quantize import quantize_state
-from scaling.noise import measure_noise_scale
 
 FEATURES = 4
 HIDDEN = 8

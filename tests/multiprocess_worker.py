@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_ext.noise_measurement import NoiseScaleState, measure_noise_scale, noise_scale
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.training import TrainState, make_train_step, replicate
-from scaling.noise import NoiseScaleState, measure_noise_scale, noise_scale
 
 AXIS = "batch"
 GLOBAL_BATCH = 16  # examples per micro-step, over all devices

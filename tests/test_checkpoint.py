@@ -28,11 +28,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from optax_ext import checkpoint
+from optax_ext.noise_measurement import measure_noise_scale
 from optax_ext.optimizers.adafactor import adafactor
 from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.accumulation import accumulate_gradients
 from optax_ext.wrappers.quantize import QuantizedArray, quantize_state
-from scaling.noise import measure_noise_scale
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 REPO = WORKER.parent.parent
