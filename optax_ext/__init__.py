@@ -61,7 +61,6 @@ from optax_ext.contrastive import (
 from optax_ext.hyperparams import inject_hyperparams
 from optax_ext.noise_measurement import (
     CurrentNoiseScale,
-    NoiseMoments,
     NoiseScaleState,
     current_noise_scale,
     measure_noise_scale,
@@ -213,7 +212,6 @@ __all__ = [
     "NORM_SCALE",
     "NS_COEFFICIENTS",
     "NanGuardState",
-    "NoiseMoments",
     "NoiseScaleState",
     "ParamEMAState",
     "PureBf16State",

@@ -42,7 +42,6 @@ from scaling import (
 from scaling.protocol import ACCUMULATION_STEPS, GRADS_AVERAGED_OVER, MICRO_GRAD_SQ_NORM
 
 __all__ = [
-    "NoiseMoments",
     "NoiseScaleState",
     "CurrentNoiseScale",
     "measure_noise_scale",
@@ -56,20 +55,6 @@ __all__ = [
 
 #: The window, in updates, when neither ``window`` nor a concrete ``ema`` sets it.
 DEFAULT_WINDOW = 100
-
-
-class NoiseMoments(NamedTuple):
-    """EMAs of the estimates' second moments (trΣ², trΣ·|G|², |G|⁴, squared weights).
-
-    No longer part of :class:`NoiseScaleState`: the standard error now comes from the
-    window of raw estimates the state keeps (:func:`current_noise_scale`). Kept so that
-    code naming the type still imports.
-    """
-
-    tt: jax.Array
-    tg: jax.Array
-    gg: jax.Array
-    weight_sq: jax.Array
 
 
 class NoiseScaleState(NamedTuple):

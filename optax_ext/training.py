@@ -249,14 +249,14 @@ def split_value_and_grad(loss_fn: Callable[..., Any], splits: int = 2) -> Callab
 
     The gradient is the mean of the parts' gradients (the full-batch gradient for a mean
     loss), computed with one ``vmap`` so the cost is that of the whole batch. The mean of
-    the parts' squared norms is what ``scaling.measure_noise_scale`` needs to compare a
+    the parts' squared norms is what ``ox.measure_noise_scale`` needs to compare a
     small batch (one part) with the big one (the batch) on a single device::
 
         grad_fn = split_value_and_grad(loss_fn, splits=2)
         loss, grads, extra = grad_fn(state.params, state.apply_fn, batch)
         state = state.apply_gradients(grads=grads, extra_args=extra)
 
-    with ``tx = optax.chain(scaling.measure_noise_scale(batch_size=B // 2), ...)``.
+    with ``tx = optax.chain(ox.measure_noise_scale(batch_size=B // 2), ...)``.
 
     Args:
       loss_fn: ``loss_fn(params, apply_fn, batch) -> scalar`` mean over the batch.

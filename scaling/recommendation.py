@@ -53,7 +53,7 @@ _DEFAULT_BETA1 = {
     "adam": 0.9,
     "adamw": 0.9,
     "lion": 0.9,
-    "tiger": 0.965,
+    "tiger": 0.9,
     "muon": 0.95,
 }
 _DEFAULT_BETA2 = {"adam": 0.999, "adamw": 0.999, "lion": 0.99}
@@ -240,7 +240,7 @@ def recommend(
         says.
       weight_decay: current decoupled weight decay λ (update θ ← θ − η(u + λθ)), optional.
       beta1: momentum / Adam β1 (family default if None: sgd 0, sgdm 0.9, adam 0.9,
-        lion 0.9, tiger 0.965, muon 0.95).
+        lion 0.9, tiger 0.9 (optax_ext's default), muon 0.95).
       beta2: Adam's β2 (default 0.999 for adam/adamw; lion's β2 is kept).
       beta_noise: β_noise of the surge (lion/tiger: Su's sign form, default 1, no peak;
         muon: :func:`~scaling.batch_size.muon_optimal_lr`'s surge term, default

@@ -14,6 +14,7 @@ from typing import Any
 
 import optax
 
+import scaling
 from optax_ext._common import check_choice
 from optax_ext.noise_measurement import measure_noise_scale
 from optax_ext.optimizers.adafactor import adafactor
@@ -124,4 +125,4 @@ def noise_window(steps: int) -> int:
     answers no question; the last sixth is late enough to be the current value and
     long enough (50 updates of a 300-update run) to have a standard error worth reading.
     """
-    return min(100, max(10, steps // 6))
+    return scaling.default_window(steps)

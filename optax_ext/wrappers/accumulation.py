@@ -122,7 +122,7 @@ def accumulate_gradients(
     or an int32 array) to every ``update``; it sets the length of the cycle starting at
     this micro-step, the running cycle keeps its own, and a jitted step compiles once.
     It is not forwarded to ``inner``. A plain ``optax.GradientTransformation``
-    inner ignores them; :func:`scaling.measure_noise_scale` placed first in ``inner``
+    inner ignores them; :func:`ox.measure_noise_scale` placed first in ``inner``
     uses them to measure the gradient noise scale from micro-batches. A concrete
     ``set_accumulation_steps`` is checked like a Python int (an integer scalar in
     [1, 2**31 - 1], else a ``ValueError`` or ``TypeError`` naming it); a traced one only

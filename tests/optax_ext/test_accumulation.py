@@ -297,7 +297,7 @@ def test_skipping_passes_the_number_of_accumulated_micro_batches():
 
 
 def test_noise_scale_measured_from_micro_batches():
-    from scaling.noise import measure_noise_scale
+    from optax_ext.noise_measurement import measure_noise_scale
 
     k, b = 4, 16
     params = random_tree(7)
