@@ -1,17 +1,16 @@
-"""Step time of float, 8-bit and 4-bit optimizer states (Tiger, AdamW), and the absmax form.
+"""Step time of float, 8-bit and 4-bit optimizer states (Tiger, AdamW).
 
 For each optimizer, the jitted update + apply (params and state donated, the returned
 buffers fed back in) with its state in float32, in 8 bits and in 4 bits
-(``ox.quantize_state``), plus the 4-bit state with the plain float absmax in place of
-XLA:CPU's bit-pattern form (the form that runs on GPU and TPU): all timed round-robin
-after a warm-up (``benchlib.time_interleaved``), ``--trials`` trials with fresh buffers.
-Reported per trial and as the median over trials: milliseconds per step and the ratio
-to the float state's step of the same trial (the machine's speed drifts; a ratio from
-one round-robin is what to read). Also: state bytes per parameter, and from the
-compiled step its fusions and temporary bytes (``memory_analysis``), which do not
-depend on the machine's load::
+(``ox.quantize_state``), all timed round-robin after a warm-up
+(``benchlib.time_interleaved``), ``--trials`` trials with fresh buffers. Reported per
+trial and as the median over trials: milliseconds per step and the ratio to the float
+state's step of the same trial (the machine's speed drifts; a ratio from one
+round-robin is what to read). Also: state bytes per parameter, and from the compiled
+step its fusions and temporary bytes (``memory_analysis``), which do not depend on the
+machine's load::
 
-    python benchmarks/bench_quantize.py                       # a GPT-2-width tree, ~21M
+    python benchmarks/bench_quantize.py            # a GPT-2-shaped tree of width 512, 8.9M
     python benchmarks/bench_quantize.py --layers 1 --trials 1 --repeats 5   # a quick check
 
 Prints a table and writes benchmarks/results/quantize_speed.json (``--out``).
@@ -20,7 +19,6 @@ Prints a table and writes benchmarks/results/quantize_speed.json (``--out``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 from collections.abc import Callable
 
@@ -39,33 +37,6 @@ from benchlib import (
 )
 
 import optax_ext as ox
-from optax_ext.wrappers import quantize as quantize_module
-
-
-@contextlib.contextmanager
-def _plain_absmax():
-    """Traces with the plain float absmax on every backend (the GPU/TPU form)."""
-    saved = quantize_module._finite_absmax
-    quantize_module._finite_absmax = quantize_module._finite_absmax_plain
-    try:
-        yield
-    finally:
-        quantize_module._finite_absmax = saved
-
-
-def plain_absmax(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """``tx`` whose quantised state takes its block scales with the plain float max (the
-    patch is active while ``init`` and ``update`` trace)."""
-
-    def init(params):
-        with _plain_absmax():
-            return tx.init(params)
-
-    def update(updates, state, params=None, **extra):
-        with _plain_absmax():
-            return tx.update(updates, state, params, **extra)
-
-    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def candidates(name: str) -> dict[str, Callable[[], optax.GradientTransformation]]:
@@ -78,7 +49,6 @@ def candidates(name: str) -> dict[str, Callable[[], optax.GradientTransformation
         f"{name} float32": make,
         f"{name} 8-bit": lambda: ox.quantize_state(make()),
         f"{name} 4-bit": lambda: ox.quantize_state(make(), bits=4),
-        f"{name} 4-bit, plain absmax": lambda: plain_absmax(ox.quantize_state(make(), bits=4)),
     }
 
 
@@ -125,11 +95,11 @@ def measure(params, grads, trials: int, repeats: int) -> list[dict]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="quantize_speed")
     args = parser.parse_args(argv)
     params = gpt2_like_params(args.width, args.layers, args.vocab, context=1024)

@@ -63,7 +63,6 @@ CODES = ("dynamic", "linear")
 #: (Xie et al. 2022, https://arxiv.org/abs/2208.06677).
 _FIELD_RULES = {"ScaleByAdanState": {"v": False, "n": True}}
 
-_INF_BITS = 0x7F800000  # the bit pattern of +inf: |x| is finite iff its pattern is below it
 _NONFINITE_CODE = -128  # the one int8 value a signed magnitude code (±0..127) never takes
 _TINY = float(np.finfo(np.float32).tiny)  # 1/absmax overflows for a subnormal absmax
 
@@ -267,37 +266,15 @@ def _split(flat: jax.Array, block: int) -> list[jax.Array]:
     return parts
 
 
-def _finite_absmax_plain(x: jax.Array, axis: Any) -> jax.Array:
-    """max |x| over the finite entries along ``axis`` (kept, size 1), 0 where there are
-    none: a NaN or inf entry is left out, so one bad gradient element does not make
-    every other value of its block decode as NaN (x · A with A = NaN, or 0 · inf)."""
+def _finite_absmax(x: jax.Array, axis: Any) -> jax.Array:
+    """Largest finite |x| along ``axis`` (kept, size 1), float32; 0 where there is none.
+
+    A NaN or inf entry is left out, so one bad gradient element does not make every
+    other value of its block decode as NaN (x · A with A = NaN, or 0 · inf). One plain
+    float reduction, the same program on every backend.
+    """
     a = jnp.abs(x)
     return jnp.max(jnp.where(a < jnp.inf, a, 0.0), axis=axis, keepdims=True)
-
-
-def _finite_absmax_bits(x: jax.Array, axis: Any) -> jax.Array:
-    """:func:`_finite_absmax_plain` computed on the bit patterns, for XLA:CPU.
-
-    For non-negative floats the uint32 pattern orders like the value, and exactly the
-    non-finite ones (inf, NaN) have a pattern of at least inf's. XLA:CPU fuses an
-    integer max reduction into the elementwise update that produces ``x``, where a
-    float32 max reduction reads ``x`` back from memory (see benchmarks/bench_quantize.py).
-    """
-    bits = jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)
-    bits = jnp.where(bits < np.uint32(_INF_BITS), bits, np.uint32(0))
-    top = jnp.max(bits, axis=axis, keepdims=True)
-    return jax.lax.bitcast_convert_type(top, jnp.float32)
-
-
-def _finite_absmax(x: jax.Array, axis: Any) -> jax.Array:
-    """Largest finite |x| along ``axis`` (kept as size 1), float32; 0 where there is
-    none. The same value on every backend: the bit-pattern form on CPU, the plain
-    float reduction everywhere else (GPU, TPU)."""
-    return jax.lax.platform_dependent(
-        x,
-        cpu=lambda x: _finite_absmax_bits(x, axis),
-        default=lambda x: _finite_absmax_plain(x, axis),
-    )
 
 
 def _absmax_rows(part: jax.Array) -> jax.Array:
