@@ -64,15 +64,12 @@ def test_transfer_reports_measured_over_recommended(monkeypatch):
     measured best over each rule's prediction from the anchor."""
     best_at = lambda b: 3e-3 * (b / 8) ** 0.25
 
-    def fake_train(make_tx, model, params0, valid, lrs, windows, curve=False):
-        b = windows.shape[2]
-        return ((np.log(lrs) - math.log(best_at(b))) ** 2)[:, None] + np.zeros((1, 2))
+    def make_run(b, make_tx):
+        # (lr, seed) losses of a sweep at batch b: a parabola in log lr around best_at(b)
+        return lambda lrs: ((np.log(lrs) - math.log(best_at(b))) ** 2)[:, None] + np.zeros((1, 2))
 
-    monkeypatch.setattr(bench_transfer, "train_many", fake_train)
-    monkeypatch.setattr(
-        bench_transfer, "stream", lambda data, b, steps, seeds: np.zeros((2, steps, b, 3))
-    )
-    out = bench_transfer.transfer("adamw", 50.0, 8, 3, None, None, None, None, 7, (1, 2))
+    noise = {"b_simple": 50.0, "stderr": float("nan")}
+    out = bench_transfer.transfer("adamw", noise, 8, 7, make_run, 3e-3)
     rows = {r["batch"]: r for r in out["rows"]}
     assert out["anchor_lr"] == pytest.approx(3e-3, rel=1e-6)
     for b in (32, 128):
