@@ -2,7 +2,6 @@
 against a float64 NumPy SVD."""
 
 import functools
-import inspect
 import re
 
 import jax
@@ -288,11 +287,6 @@ def test_each_step_matches_a_float64_householder_reference(shape):
 
 # ---------------------------------------------- Muon's streaming orthogonalizer
 
-_MUON_HAS_STREAMING = "orthogonalizer" in inspect.signature(scale_by_muon).parameters
-needs_muon_option = pytest.mark.skipif(
-    not _MUON_HAS_STREAMING, reason="scale_by_muon has no orthogonalizer option yet"
-)
-
 
 def muon_params():
     # no leaf shaped like a basis's v or sigma ((16, 16), (16,), (2, 8, 8), (2, 8)): the
@@ -309,7 +303,6 @@ def muon_params():
     }
 
 
-@needs_muon_option
 def test_muon_streaming_against_a_float64_reference():
     beta, steps = 0.95, 4
     params = {"mlp": {"kernel": jnp.zeros((24, 16))}, "scan": {"kernel": jnp.zeros((2, 16, 24))}}
@@ -334,7 +327,6 @@ def test_muon_streaming_against_a_float64_reference():
     assert state.count == steps and state.basis["scan"]["kernel"].v.shape == (2, 16, 16)
 
 
-@needs_muon_option
 def test_muon_streaming_guard_and_bad_arguments():
     params = muon_params()
     tx = scale_by_muon(orthogonalizer="streaming")
@@ -358,7 +350,6 @@ def test_muon_streaming_guard_and_bad_arguments():
     assert scale_by_muon().init(p).basis is None
 
 
-@needs_muon_option
 def test_muon_streaming_device_paths_abstract_init_and_one_compile():
     params = muon_params()
     # full-rank Gaussian gradients: the paths' float32 rounding differs, and the singular
