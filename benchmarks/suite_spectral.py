@@ -16,6 +16,8 @@ measured 2.86-2.98; the truncated normal sits a little below the edge).
   so even if every update were aligned with the top direction σ₁ would settle at s/λ,
   which for λ = 1 is the initial spectral norm within a factor 0.8-2.1 for every hidden
   kernel of the two tasks. The other leaves get ``ox.muon``'s AdamW exactly.
+- ``muon[streaming]``: plain Muon with Su's streaming power iteration (11654-11710) in
+  place of Newton–Schulz, one iteration per update from V₀ = I.
 """
 
 from __future__ import annotations
@@ -55,5 +57,9 @@ SPECTRAL_CANDIDATES: dict[str, Entry] = {
     "muon+spectral-decay": Entry(
         muon_spectral_decay, 3e-3, "optax-ext",
         "Pre-Decay: lambda*sigma_1*u_1*v_1^T (lambda = 1) added before the learning rate",
+    ),
+    "muon[streaming]": Entry(
+        lambda s: ox.muon(s, weight_decay=0.0, orthogonalizer="streaming"), 3e-3, "optax-ext",
+        "msign by streaming power iteration, one double Cholesky-QR step per update",
     ),
 }  # fmt: skip
