@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 from optax_ext._common import (
     PathRules,
@@ -58,6 +59,7 @@ from optax_ext.optimizers.muon import (
     _view,
     muon_labels,
 )
+from optax_ext.owner_compute import check_owner_axes, owner_compute, owner_mesh
 
 __all__ = [
     "ClipSingularValuesState",
@@ -360,14 +362,25 @@ def _check_routing(rules: PathRules, layout: PathRules, attention: str) -> None:
 
 
 def _per_leaf(fn, *arrays, out_like=None):
-    """``fn(*arrays)``; with explicitly sharded inputs the partitioner chooses inside and
-    the outputs take the shardings of ``out_like`` (default ``arrays``): matmuls of
-    explicitly sharded operands must name their output sharding."""
-    if not any(explicitly_sharded(a) for a in arrays):
+    """``fn(*arrays)`` (arrays or lists of them); with explicitly sharded inputs the
+    partitioner chooses inside and the outputs take the shardings of ``out_like``
+    (default ``arrays``): matmuls of explicitly sharded operands must name their
+    output sharding."""
+    if not any(explicitly_sharded(a) for a in jax.tree.leaves(arrays)):
         return fn(*arrays)
     like = arrays if out_like is None else out_like
     out = jax.tree.map(lambda a: jax.typeof(a).sharding, like)
     return jax.sharding.auto_axes(fn, out_sharding=out)(*arrays)
+
+
+def _check_owner_mesh(owner_axes) -> None:
+    """At ``init``: with a mesh set, an ``owner_axes`` axis not in it fails already."""
+    if owner_axes is not None and not jax.sharding.get_abstract_mesh().empty:
+        owner_mesh(owner_axes)
+
+
+def _routed(routes: list) -> list[int]:
+    return [i for i, r in enumerate(routes) if r is not None]
 
 
 # ------------------------------------------------------------------ Pre-Decay
@@ -397,6 +410,7 @@ def add_spectral_decay(
     mask: Any = None,
     layout: PathRules = MUON_LAYOUT_RULES,
     attention: str = "fused",
+    owner_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Spectral weight decay (Pre-Decay): adds λ·σ₁u₁v₁ᵀ of each routed weight matrix.
 
@@ -432,6 +446,14 @@ def add_spectral_decay(
     The state's vectors stay finite: a matrix holding NaN or ±inf gets a non-finite
     term and keeps its previous vector, so the decay resumes once the weights are finite.
 
+    **On a device mesh** (``owner_axes``): the power iteration needs whole matrices.
+    With ``owner_axes="data"`` (or a tuple of axes) under ``jax.set_mesh``, each
+    matrix's term is computed once, whole, by one owner along those axes
+    (:func:`~optax_ext.owner_compute.owner_compute`), instead of every matrix–vector
+    product partitioned over the params' sharding. The matrix travels with its vector
+    as one more row, [W; vᵀ] of (d_in + 1) x d_out, and comes back as [λ-free term; v_newᵀ],
+    so the warm start stays per matrix in the state; the same numbers as without it.
+
     Args:
       weight_decay: λ ≥ 0, a number or an optax schedule of the update count.
       iters: power-iteration steps per update (≥ 1, static: under
@@ -439,6 +461,10 @@ def add_spectral_decay(
       init_iters: cold power-iteration steps at ``init`` (≥ 0, static; 0 starts from a
         fixed random vector).
       rules, mask, layout, attention: which leaves and how they are seen as matrices.
+      owner_axes: ``None`` (the compiler places the products on the params' sharding),
+        or mesh axis names of the mesh set by ``jax.set_mesh`` along which each matrix
+        has one owner (see above). An axis not in the mesh raises ``ValueError`` at
+        ``init`` (or, with no mesh set, at the first update).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -460,13 +486,29 @@ def add_spectral_decay(
     iters = _static_int("iters", iters, 1)
     init_iters = _static_int("init_iters", init_iters, 0)
     _check_routing(rules, layout, attention)
+    owner_axes = check_owner_axes(owner_axes)
     who = "add_spectral_decay"
+
+    def top_term(x, v):
+        """(Wv)vᵀ with v one warm power-iteration update of the unit v, and that v."""
+        _, v_new = _power(x, v, iters)
+        return jnp.einsum("...ij,...j->...i", x, v_new)[..., None] * v_new[..., None, :], v_new
+
+    def top_term_rows(y):
+        """[W; vᵀ] → [(Wv)vᵀ; v_newᵀ]: the term and vector of each matrix, as one array
+        per matrix for :func:`owner_compute` (each output row block depends only on its
+        own matrix)."""
+        term, v_new = top_term(y[..., :-1, :], y[..., -1, :])
+        return jnp.concatenate([term, v_new[..., None, :]], axis=-2)
+
+    by_owner = None if owner_axes is None else owner_compute(top_term_rows, owner_axes)
 
     def routes_of(params):
         return _routes(params, rules, mask, layout, attention, who)
 
     def init_fn(params):
         check_float_params(params, who)
+        _check_owner_mesh(owner_axes)
         routes = routes_of(params)
         _warn_guessed(who, params, routes, layout)
         leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -495,26 +537,52 @@ def add_spectral_decay(
         leaves, treedef = jax.tree_util.tree_flatten(params)
         grads = treedef.flatten_up_to(updates)
         vs = treedef.flatten_up_to(state.v)
-        new_u, new_v = [], []
-        for p, g, v, r in zip(leaves, grads, vs, routes, strict=True):
-            if r is None:
-                new_u.append(g)
-                new_v.append(v)
-                continue
 
-            def leaf(p, g, v, r=r):
-                work = work_dtype(v)
-                x = _to_matrices(p.astype(work), r.perm, r.shape)
-                _, v_new = _power(x, v, iters)
-                term = jnp.einsum("...ij,...j->...i", x, v_new)[..., None] * v_new[..., None, :]
-                u = g.astype(work) + lam * _from_matrices(term, r.perm, p.shape)
-                # a NaN or ±inf weight keeps the last good vector for later steps
-                v_new = jnp.where(jnp.all(jnp.isfinite(v_new), axis=-1, keepdims=True), v_new, v)
-                return u.astype(g.dtype), v_new
+        def finish(p, g, v, r, term, v_new):
+            work = work_dtype(v)
+            u = g.astype(work) + lam * _from_matrices(term, r.perm, p.shape)
+            # a NaN or ±inf weight keeps the last good vector for later steps
+            v_new = jnp.where(jnp.all(jnp.isfinite(v_new), axis=-1, keepdims=True), v_new, v)
+            return u.astype(g.dtype), v_new
 
-            u, v = _per_leaf(leaf, p, g, v, out_like=(g, v))
-            new_u.append(u)
-            new_v.append(v)
+        def leaf(p, g, v, r):
+            x = _to_matrices(p.astype(work_dtype(v)), r.perm, r.shape)
+            return finish(p, g, v, r, *top_term(x, v))
+
+        def owned(ps, gs, vs, rs):
+            owner_mesh(owner_axes)  # no mesh, or an axis not in it: ValueError naming both
+            rows = [
+                jnp.concatenate(
+                    [_to_matrices(p.astype(work_dtype(v)), r.perm, r.shape), v[..., None, :]], -2
+                )
+                for p, v, r in zip(ps, vs, rs, strict=True)
+            ]
+            out = by_owner(rows)
+            done = [
+                finish(p, g, v, r, y[..., :-1, :], y[..., -1, :])
+                for p, g, v, r, y in zip(ps, gs, vs, rs, out, strict=True)
+            ]
+            # each result keeps its input's sharding (not the owners' layout)
+            return (
+                [shard_alike(g, u)[1] for g, (u, _) in zip(gs, done, strict=True)],
+                [shard_alike(v, v_new)[1] for v, (_, v_new) in zip(vs, done, strict=True)],
+            )
+
+        new_u, new_v = list(grads), list(vs)
+        picked = _routed(routes)
+        if owner_axes is None:
+            for i in picked:
+                r = routes[i]
+                run = lambda p, g, v, r=r: leaf(p, g, v, r)
+                new_u[i], new_v[i] = _per_leaf(
+                    run, leaves[i], grads[i], vs[i], out_like=(grads[i], vs[i])
+                )
+        elif picked:
+            args = [[xs[i] for i in picked] for xs in (leaves, grads, vs)]
+            run = lambda ps, gs, vs: owned(ps, gs, vs, [routes[i] for i in picked])
+            us, vs_new = _per_leaf(run, *args, out_like=tuple(args[1:]))
+            for i, u, v in zip(picked, us, vs_new, strict=True):
+                new_u[i], new_v[i] = u, v
         return treedef.unflatten(new_u), SpectralDecayState(
             count=optax.safe_increment(state.count), v=treedef.unflatten(new_v)
         )
@@ -546,6 +614,7 @@ def clip_singular_values(
     mask: Any = None,
     layout: PathRules = MUON_LAYOUT_RULES,
     attention: str = "fused",
+    owner_axes: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Post-Clip: the last transform of a chain, it makes each routed new weight's σ_max ≤ c.
 
@@ -576,6 +645,15 @@ def clip_singular_values(
     LeCun-normal initialisation, by the Marchenko–Pastur edge): with ``max_sv=1.0``
     that keeps every matrix within the spectral norm it starts from.
 
+    **On a device mesh** (``owner_axes``): mclip's msigns need whole matrices. With
+    ``owner_axes="data"`` (or a tuple of axes) under ``jax.set_mesh``, each new
+    weight's clip is computed once, whole, by one owner along those axes
+    (:func:`~optax_ext.owner_compute.owner_compute`), batched with the other matrices
+    of its shape (or its transpose's: mclip(Wᵀ) = mclip(W)ᵀ), instead of every
+    Newton–Schulz product partitioned over the params' sharding. Each matrix goes to
+    its owner divided by its bound c and comes back multiplied by it
+    (mclip(W, c) = c·mclip(W/c, 1)), so matrices with different bounds share a batch.
+
     Args:
       max_sv: c > 0, a number or an optax schedule of the update count.
       shape_factor: None, or a function ``(d_in, d_out) -> float > 0`` of each
@@ -583,6 +661,10 @@ def clip_singular_values(
         of that matrix is ``max_sv * shape_factor(d_in, d_out)``.
       steps, coeffs, compute_dtype: msign's settings inside :func:`mclip`.
       rules, mask, layout, attention: which leaves and how they are seen as matrices.
+      owner_axes: ``None`` (the compiler places the products on the params' sharding),
+        or mesh axis names of the mesh set by ``jax.set_mesh`` along which each matrix
+        has one owner (see above). An axis not in the mesh raises ``ValueError`` at
+        ``init`` (or, with no mesh set, at the first update).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -609,7 +691,12 @@ def clip_singular_values(
     steps = check_int("steps", steps, minimum=0)  # may be traced: msign loops over it
     compute_dtype = check_compute_dtype(compute_dtype)
     _check_routing(rules, layout, attention)
+    owner_axes = check_owner_axes(owner_axes)
     who = "clip_singular_values"
+    unit_clip = lambda x: _mclip(x, 1.0, steps, coeffs, compute_dtype)  # noqa: E731
+    by_owner = (
+        None if owner_axes is None else owner_compute(unit_clip, owner_axes, transposable=True)
+    )
 
     def factor(shape):
         """shape_factor(d_in, d_out) of a route's matrices, checked (1.0 without one)."""
@@ -625,6 +712,7 @@ def clip_singular_values(
 
     def init_fn(params):
         check_float_params(params, who)
+        _check_owner_mesh(owner_axes)
         routes = _routes(params, rules, mask, layout, attention, who)
         _warn_guessed(who, params, routes, layout)
         for r in routes:
@@ -640,20 +728,43 @@ def clip_singular_values(
         c = schedule_value(max_sv, state.count)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         grads = treedef.flatten_up_to(updates)
-        out = []
-        for p, u, r in zip(leaves, grads, routes, strict=True):
-            if r is None:
-                out.append(u)
-                continue
 
-            def leaf(p, u, r=r):
-                work = jnp.promote_types(work_dtype(p), u.dtype)
-                w = p.astype(work) + u.astype(work)
-                bound = c * factor(r.shape)
-                new = _mclip(_to_matrices(w, r.perm, r.shape), bound, steps, coeffs, compute_dtype)
-                return (_from_matrices(new, r.perm, p.shape) - p.astype(work)).astype(u.dtype)
+        def new_weights(p, u, r):
+            """W + u as matrices, in the work dtype, and its bound."""
+            work = jnp.promote_types(work_dtype(p), u.dtype)
+            return _to_matrices(p.astype(work) + u.astype(work), r.perm, r.shape), c * factor(
+                r.shape
+            )
 
-            out.append(_per_leaf(leaf, p, u, out_like=u))
+        def step_to(p, u, r, new):
+            """The update that writes ``new`` (matrices) over ``p``."""
+            return (_from_matrices(new, r.perm, p.shape) - p.astype(new.dtype)).astype(u.dtype)
+
+        def leaf(p, u, r):
+            w, bound = new_weights(p, u, r)
+            return step_to(p, u, r, _mclip(w, bound, steps, coeffs, compute_dtype))
+
+        def owned(ps, us, rs):
+            owner_mesh(owner_axes)  # no mesh, or an axis not in it: ValueError naming both
+            ws = [new_weights(p, u, r) for p, u, r in zip(ps, us, rs, strict=True)]
+            clipped = by_owner([w / jnp.asarray(b, w.dtype) for w, b in ws])
+            return [
+                # each result keeps its input's sharding (not the owners' layout)
+                shard_alike(u, step_to(p, u, r, y * jnp.asarray(b, y.dtype)))[1]
+                for p, u, r, y, (_, b) in zip(ps, us, rs, clipped, ws, strict=True)
+            ]
+
+        out = list(grads)
+        picked = _routed(routes)
+        if owner_axes is None:
+            for i in picked:
+                run = lambda p, u, r=routes[i]: leaf(p, u, r)
+                out[i] = _per_leaf(run, leaves[i], grads[i], out_like=grads[i])
+        elif picked:
+            ps, us = [leaves[i] for i in picked], [grads[i] for i in picked]
+            run = lambda ps, us: owned(ps, us, [routes[i] for i in picked])
+            for i, u in zip(picked, _per_leaf(run, ps, us, out_like=us), strict=True):
+                out[i] = u
         return treedef.unflatten(out), ClipSingularValuesState(
             count=optax.safe_increment(state.count)
         )

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import abstract_init_matches, assert_no_recompile, assert_same_on_all_paths
+from helpers import (
+    _data_sharding,
+    abstract_init_matches,
+    assert_no_recompile,
+    assert_same_on_all_paths,
+    assert_trees_close,
+)
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from optax_ext.optimizers.muon import muon, muon_labels
@@ -355,6 +361,8 @@ def test_spectral_decay_schedule_needs_params_mask_and_nan():
         (clip_singular_values, "max_sv", 0.0, r"max_sv must be in \(0, inf\), got 0.0"),
         (clip_singular_values, "max_sv", float("inf"), r"max_sv must be finite"),
         (clip_singular_values, "steps", -1, r"steps must be an int >= 0"),
+        (add_spectral_decay, "owner_axes", ("data", "data"), r"owner_axes=.* names an axis twice"),
+        (clip_singular_values, "owner_axes", 1, r"owner_axes must be a mesh axis name"),
     ],
 )
 def test_bad_construction_names_the_argument(factory, arg, value, match):
@@ -607,3 +615,66 @@ def test_an_unsettled_layout_warns_at_init():
     params = {"block": {"kernel": jnp.ones((3, 4, 5))}}
     with pytest.warns(UserWarning, match=r"no layout rule settles \['block/kernel'\]"):
         add_spectral_decay(0.1).init(params)
+
+
+# ------------------------------------------------------------------ owner_axes
+
+
+def owner_run(make, params, grads, mesh=None):
+    """(updates, state, step) after one jitted update per gradient at fixed params: on
+    one device, or FSDP on ``mesh`` (each leaf split along its first axis that 8 divides)
+    with owners along "data"."""
+    tx = make(None if mesh is None else "data")
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    if mesh is None:
+        state = tx.init(params)
+        for g in grads:
+            u, state = step(params, state, g)
+        return u, state, step
+    shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, _data_sharding(mesh, x)), t)
+    with jax.set_mesh(mesh):
+        params = shard(params)
+        state = jax.jit(tx.init)(params)
+        for g in grads:
+            g = shard(g)
+            u, state = step(params, state, g)
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(g), strict=True):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)  # the grads' own sharding
+    return u, state, step
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_owner_axes_equals_the_single_device_result(axis_type, float64):
+    # In float64 the owners' batched programs and the per-leaf ones agree to 1e-12, so a
+    # matrix (or vector) handed to the wrong place shows. A wide (16 x 40) and a tall
+    # (40 x 16) kernel share a group in Post-Clip (mclip(Wᵀ) = mclip(W)ᵀ) with different
+    # bounds (shape_factor); a stack and fused heads are batched matrices.
+    rng = np.random.default_rng(4)
+    params = small_params() | {"down": {"kernel": jnp.asarray(rng.standard_normal((40, 16)))}}
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+    grads = [jax.tree.map(lambda p, i=i: jnp.cos(3 * p + i), params) for i in range(2)]
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    bound = lambda d_in, d_out: 0.5 * (1 + (d_out / d_in) ** 0.5)
+    pushed = np.asarray(params["down"]["kernel"] + grads[1]["down"]["kernel"])
+    assert svals(pushed)[0] > 2 * bound(40, 16)  # the clip acts
+    makes = {
+        "decay": lambda axes: add_spectral_decay(0.3, init_iters=3, owner_axes=axes),
+        "clip": lambda axes: clip_singular_values(1.0, shape_factor=bound, owner_axes=axes),
+    }
+    for name, make in makes.items():
+        want_u, want_s, _ = owner_run(make, params, grads)
+        u, s, step = owner_run(make, params, grads, mesh)
+        assert_trees_close(u, want_u, rtol=1e-12, atol=1e-12, err=f"{name} updates")
+        assert_trees_close(s, want_s, rtol=1e-12, atol=1e-12, err=f"{name} state")
+        assert step._cache_size() == 1, name
+
+
+def test_owner_axes_needs_a_mesh_with_the_axis():
+    params = {"mlp": {"kernel": jnp.ones((8, 8))}}
+    for make in (add_spectral_decay, clip_singular_values):
+        with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+            with pytest.raises(ValueError, match=r"owner_axes: the axis 'model' is not in"):
+                make(0.5, owner_axes="model").init(params)
+        tx = make(0.5, owner_axes="data")
+        with pytest.raises(ValueError, match=r"owner_axes=\('data',\) needs a device mesh"):
+            tx.update(params, tx.init(params), params)
