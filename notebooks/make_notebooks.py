@@ -96,7 +96,7 @@ finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.param
 print(f"loss {losses[0]:.3f} -> {np.mean(losses[-k:]):.3f}; params finite: {finite}")
 assert finite""",
     """md:The guard counts what it did, and the EMA weights are read from the same state:""",
-    """guard = state.opt_state[0]  # the chain's first element: ox.NanGuardState
+    """guard = state.opt_state[0]  # the chain's first element: ox.wrappers.NanGuardState
 print(f"micro-steps seen {int(guard.count)}, skipped {int(guard.skipped_steps)}, "
       f"leaves shrunk {int(guard.shrunk_leaves)}")
 assert int(guard.skipped_steps) == 100 * k // 50

@@ -31,7 +31,7 @@ Layering: ``scaling`` is pure Python and NumPy; ``import scaling`` and ``python 
 scaling`` never load JAX, optax, flax or ``optax_ext``. ``optax_ext`` imports scaling's
 public API, never the reverse: the measuring transform (``ox.measure_noise_scale``,
 ``ox.current_noise_scale``, ``ox.noise_log_record``) and Su's optax schedules
-(``ox.coupled_decay_schedules``) live there.
+(``ox.schedules.coupled_decay_schedules``) live there.
 """
 
 from scaling.batch_plan import LR_SCALINGS, NoisePlan, PlanPoint, noise_plan

@@ -11,7 +11,7 @@ Also: Power Lines' τ (Bergsma et al. 2025), coupled ↔ independent decay, the 
 weight RMS and its time-varying prediction (a per-leaf monitor), AdamW → Lion transfer and
 Amos-derived (η, λ) for sign optimizers. Su's optimal lr / decay schedules
 (kexue.fm/archives/11459) are optax schedules and live with the transforms
-(``ox.constant_decay_lr_schedule``, ``ox.coupled_decay_schedules``).
+(``ox.schedules.constant_decay_lr_schedule``, ``ox.schedules.coupled_decay_schedules``).
 """
 
 from __future__ import annotations

@@ -32,14 +32,38 @@ def test_public_api_is_declared():
 
 
 def test_readme_names_exist():
-    """Every `ox.name` and `scaling.name` the README shows is public API."""
+    """Every `ox.name`, `ox.submodule.name` and `scaling.name` the README shows is public."""
+    import importlib
     import pathlib
     import re
 
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    for prefix, package in (("ox", optax_ext), ("scaling", scaling)):
-        for name in set(re.findall(rf"\b{prefix}\.([A-Za-z_]\w*)", text)):
-            assert name in package.__all__, f"README uses {prefix}.{name}, not in __all__"
+    for name, attr in set(re.findall(r"\box\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?", text)):
+        if name in optax_ext.SUBMODULES:
+            module = importlib.import_module(f"optax_ext.{name}")
+            assert not attr or hasattr(module, attr), f"README uses ox.{name}.{attr}"
+        else:
+            assert name in optax_ext.__all__, f"README uses ox.{name}, not in __all__"
+    for name in set(re.findall(r"\bscaling\.([A-Za-z_]\w*)", text)):
+        assert name in scaling.__all__, f"README uses scaling.{name}, not in __all__"
+
+
+def test_top_level_is_small_and_light():
+    """At most 60 top-level names; ``import optax_ext`` loads no flax, orbax or tqdm."""
+    import subprocess
+    import sys
+
+    assert len(optax_ext.__all__) <= 60, len(optax_ext.__all__)
+    assert not set(optax_ext.__all__) & set(optax_ext.SUBMODULES)
+    probe = (
+        "import sys, optax_ext as ox; heavy = ('flax', 'orbax', 'tqdm');"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy));"
+        "ox.training.make_train_step; print('flax' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        optax_ext.nope  # noqa: B018
 
 
 def test_readme_commands_match_ci():

@@ -227,7 +227,7 @@ def _warn_guessed_layouts(params: Any, layout: PathRules) -> None:
         "leading axes folded into d_in. If a leaf stacks independent (d_in, d_out) "
         "matrices (nn.scan / nnx.vmap layers, experts), that couples them: give it the "
         f"'stacked' layout, e.g. layout=[(r'{first}$', 'stacked')] + "
-        "list(ox.MUON_LAYOUT_RULES); to keep the conv view and silence this warning, "
+        "list(ox.optimizers.MUON_LAYOUT_RULES); to keep the conv view and silence this warning, "
         "give it 'conv'.",
         UserWarning,
         stacklevel=2,

@@ -79,12 +79,13 @@ def test_the_transform_names_live_in_optax_ext():
     from optax_ext import noise_measurement
 
     for name in ("measure_noise_scale", "noise_scale", "noise_log_record", "NoiseScaleState"):
-        assert getattr(ox, name) is getattr(noise_measurement, name)
+        assert getattr(ox.noise_measurement, name) is getattr(noise_measurement, name)
         assert not hasattr(scaling, name) and name not in scaling.__all__
     # one type for the current value, whether read from a log or from the state
-    assert ox.CurrentNoiseScale is scaling.SettledNoiseScale
+    assert ox.noise_measurement.CurrentNoiseScale is scaling.SettledNoiseScale
     assert not hasattr(scaling, "su_coupled_decay_schedules")
-    assert callable(ox.coupled_decay_schedules) and callable(ox.constant_decay_lr_schedule)
+    assert callable(ox.schedules.coupled_decay_schedules)
+    assert callable(ox.schedules.constant_decay_lr_schedule)
 
 
 def test_unknown_names_still_raise_attribute_error():
