@@ -1,14 +1,16 @@
 """‖W‖₂ of the hidden matrices while training (plain Muon, Post-Clip, spectral decay), the
 spectral monitor's cost, and the streaming orthogonaliser on the momenta of a real run.
 
-    python benchmarks/bench_spectral.py                        # both tasks, with the plot
-    python benchmarks/bench_spectral.py --tasks digits_mlp --every 20 --no-plot
+    python benchmarks/bench_spectral.py --plot                 # digits_mlp, JSON and PNG
+    python benchmarks/bench_spectral.py --tasks digits_cnn --every 20
+    python benchmarks/bench_spectral.py --report --plot        # redraw from the JSON
 
-1. Norms: each optimizer of ``suite_spectral.py`` and plain ``ox.muon`` trains the task
-   once (seed 0, the suite's warm-up + cosine schedule) at plain Muon's best learning
-   rate in ``results/quality_suite.json`` (so only the spectral piece differs), with
-   ``ox.spectral_stats`` every ``--every`` updates inside the jitted scan: σ_max of
-   every hidden matrix relative to 1 + √(d_out/d_in) (its LeCun-init value, see
+1. Norms: plain ``ox.muon`` and each optimizer of ``suite_spectral.py`` train the task
+   once (seed 0, the suite's warm-up + cosine schedule) at its own best learning rate
+   in the suite's results (``results/quality_suite_spectral.json``; plain Muon's best
+   where a candidate has no row yet), with ``ox.spectral_stats`` every ``--every``
+   updates inside the jitted scan: σ_max of every hidden matrix against
+   1 + √(d_out/d_in) (its LeCun-init value, Post-Clip's bound, see
    ``suite_spectral.py``) and the singular-value entropy against the random-matrix value.
 2. Monitor cost: compiled flops of ``spectral_stats`` against one Muon train step
    (cost_analysis, plus the LAPACK eigenvalue calls it leaves uncounted).
@@ -17,7 +19,8 @@ spectral monitor's cost, and the streaming orthogonaliser on the momenta of a re
    iterations) and 5-step Polar Express; both are compared with U Vᵀ from an SVD
    (singular values below float32's resolution, max(d_in, d_out)·eps·σ₁, count as 0).
 
-Writes ``results/spectral_norms.json`` (or ``--out``) and ``docs/spectral_norms.png``.
+Writes ``results/spectral_norms.json`` (or ``--out``) and, with ``--plot``,
+``docs/spectral_norms.png``.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from suite_tasks import TASKS, Task  # noqa: E402
 
 import optax_ext as ox  # noqa: E402
 from optax_ext.optimizers.msign import msign  # noqa: E402
-from optax_ext.optimizers.muon import ScaleByMuonState  # noqa: E402
+from optax_ext.optimizers.muon import ScaleByMuonState, matrix_shape  # noqa: E402
 from optax_ext.optimizers.streaming import init_streaming_basis, streaming_msign  # noqa: E402
+from optax_ext.training import TrainState, make_train_step  # noqa: E402
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 OPTIMIZERS = {"muon": lambda s: ox.muon(s, weight_decay=0.0)} | {
@@ -55,14 +59,31 @@ OPTIMIZERS = {"muon": lambda s: ox.muon(s, weight_decay=0.0)} | {
 FALLBACK_LR = {"digits_mlp": 0.012, "fortunes_lm": 0.024, "demo_lm": 0.024, "digits_cnn": 0.012}
 
 
-def muon_best_lr(task_name: str) -> float:
-    path = os.path.join(RESULTS_DIR, "quality_suite.json")
+def _suite_rows(name: str, task_name: str) -> dict[str, dict]:
     try:
-        with open(path) as f:
+        with open(os.path.join(RESULTS_DIR, f"{name}.json")) as f:
             rows = json.load(f)["tasks"][task_name]["rows"]
-        return float(next(r["best_lr"] for r in rows if r["optimizer"] == "muon"))
-    except (OSError, KeyError, StopIteration):
-        return FALLBACK_LR[task_name]
+    except (OSError, KeyError):
+        return {}
+    return {r["optimizer"]: r for r in rows}
+
+
+def muon_best_lr(task_name: str) -> float:
+    row = _suite_rows("quality_suite", task_name).get("muon")
+    return float(row["best_lr"]) if row else FALLBACK_LR[task_name]
+
+
+def best_lrs(task_name: str) -> dict[str, tuple[float, str]]:
+    """Each optimizer's best peak lr on the task, and where it comes from."""
+    spectral = _suite_rows("quality_suite_spectral", task_name)
+    out = {}
+    for name in OPTIMIZERS:
+        row = spectral.get(name)
+        if name == "muon" or row is None:
+            out[name] = (muon_best_lr(task_name), "plain Muon's best (quality_suite.json)")
+        else:
+            out[name] = (float(row["best_lr"]), "its own best (quality_suite_spectral.json)")
+    return out
 
 
 def monitor(params) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -73,7 +94,7 @@ def hidden_shapes(params) -> dict[str, tuple[int, ...]]:
     """Each hidden matrix's (*batch, d_in, d_out) as Muon sees it."""
     labels = dict(zip(_paths(params), jax.tree.leaves(ox.muon_labels(params)), strict=True))
     return {
-        path: ox.matrix_shape(path, leaf.shape)
+        path: matrix_shape(path, leaf.shape)
         for path, leaf in zip(_paths(params), jax.tree.leaves(params), strict=True)
         if labels[path] == "muon"
     }
@@ -90,30 +111,27 @@ def _paths(tree) -> list[str]:
 
 
 def track(task: Task, make, lr: float, every: int, seed: int = 0) -> dict[str, Any]:
-    """One training run with the monitor every ``every`` updates."""
+    """One training run (the library's train step) with the monitor every ``every`` updates."""
     shape = base_schedule(task.steps)
     blocks = task.steps // every
+    train_step = make_train_step(lambda params, apply_fn, batch: task.loss(params, batch))
 
     def run(data):
         k_init, k_data = jax.random.split(jax.random.key(seed))
         params = task.init(k_init)
-        tx = make(lambda t: lr * shape(t))
+        state = TrainState.create(apply_fn=None, params=params, tx=make(lambda t: lr * shape(t)))
 
-        def step(carry, t):
-            params, state = carry
-            loss, grads = jax.value_and_grad(task.loss)(
-                params, task.batch(data, jax.random.fold_in(k_data, t))
-            )
-            updates, state = tx.update(grads, state, params)
-            return (optax.apply_updates(params, updates), state), loss
+        def block(state, i):
+            def one(state, t):
+                batch = task.batch(data, jax.random.fold_in(k_data, t))
+                return train_step(state, batch)[0], None
 
-        def block(carry, i):
-            carry, _ = jax.lax.scan(step, carry, i * every + jnp.arange(every))
-            return carry, monitor(carry[0])
+            state, _ = jax.lax.scan(one, state, i * every + jnp.arange(every))
+            return state, monitor(state.params)
 
         first = monitor(params)
-        (params, _), stats = jax.lax.scan(block, (params, tx.init(params)), jnp.arange(blocks))
-        metric, loss = task.evaluate(params, data)
+        state, stats = jax.lax.scan(block, state, jnp.arange(blocks))
+        metric, loss = task.evaluate(state.params, data)
         return first, stats, metric, loss
 
     t0 = time.perf_counter()
@@ -268,43 +286,68 @@ def streaming_on_real_momenta(task: Task, lr: float, iters=(1, 2), seed: int = 0
 # ------------------------------------------------------------------------ report
 
 
-def plot(results: dict[str, Any], path: str) -> None:
-    import matplotlib
+def _panels(info: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What one task's figure shows: σ_max of each hidden matrix (up to 4), or their
+    σ_max / init edge (mean and range) for a model with more; the entropy; streaming."""
+    matrices = list(next(iter(info["norms"].values()))["matrices"])
+    sigma = [("sigma", m) for m in matrices] if len(matrices) <= 4 else [("sigma_rel", None)]
+    return sigma + [("entropy", None), ("streaming", None)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot(results: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib: pip install 'optax-ext[plot]'") from e
 
     tasks = results["tasks"]
-    fig, axes = plt.subplots(3, len(tasks), figsize=(5.6 * len(tasks), 10.5), squeeze=False)
+    layout = [(t, kind, key) for t, info in tasks.items() for kind, key in _panels(info)]
+    rows = -(-len(layout) // 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 3.6 * rows), squeeze=False)
     colours = {n: plt.get_cmap("tab10")(i) for i, n in enumerate(OPTIMIZERS)}
-    for col, (tname, info) in enumerate(tasks.items()):
-        ax_s, ax_h, ax_o = axes[0][col], axes[1][col], axes[2][col]
+    for ax, (tname, kind, key) in zip(axes.flat, layout, strict=False):
+        info = tasks[tname]
         for name, run in info["norms"].items():
-            steps = run["steps"]
-            rel = np.array(
-                [np.array(m["sigma_max"]) / m["init_edge"] for m in run["matrices"].values()]
-            )
-            ent = np.array([np.array(m["entropy"]) for m in run["matrices"].values()])
-            c = colours[name]
-            ax_s.plot(steps, rel.mean(0), color=c, label=name)
-            ax_s.fill_between(steps, rel.min(0), rel.max(0), color=c, alpha=0.15)
-            ax_h.plot(steps, ent.mean(0), color=c, label=name)
-        ref = np.mean([m["random_entropy"] for m in run["matrices"].values()])
-        ax_h.axhline(ref, color="k", ls=":", lw=1, label="random matrix (Marchenko-Pastur)")
-        ax_s.axhline(1.0, color="k", ls=":", lw=1)
-        ax_s.set_title(f"{tname} (lr {run['lr']:.3g})")
-        ax_s.set_ylabel("σ_max / (1 + √(d_out/d_in))\nmean, band: min-max over hidden matrices")
-        ax_h.set_ylabel("singular-value entropy\n(mean over hidden matrices)")
-        for i, (name, e) in enumerate(info["streaming"]["errors_top"].items()):
-            ls = "--" if name.startswith("polar") else "-"
-            ax_o.plot(e["mean"], ls=ls, color=plt.get_cmap("Set1")(i), label=name)
-        ax_o.set_yscale("log")
-        ax_o.set_ylabel("‖o − UVᵀ‖_F / ‖UVᵀ‖_F, σ > 1e-3·σ₁\n(mean over hidden matrices)")
-        ax_o.set_xlabel("update")
-        ax_h.set_xlabel("update")
-        for ax in (ax_s, ax_h, ax_o):
-            ax.legend(fontsize=7)
-    fig.suptitle("Hidden matrices: σ_max, entropy; streaming msign on Muon's momenta")
+            label, c = f"{name} (lr {run['lr']:.3g})", colours[name]
+            mats = run["matrices"]
+            if kind == "sigma":
+                ax.plot(run["steps"], mats[key]["sigma_max"], color=c, label=label)
+            elif kind == "sigma_rel":
+                rel = np.array([np.array(m["sigma_max"]) / m["init_edge"] for m in mats.values()])
+                ax.plot(run["steps"], rel.mean(0), color=c, label=label)
+                ax.fill_between(run["steps"], rel.min(0), rel.max(0), color=c, alpha=0.15)
+            elif kind == "entropy":
+                ent = np.array([m["entropy"] for m in mats.values()])
+                ax.plot(run["steps"], ent.mean(0), color=c, label=label)
+        any_run = next(iter(info["norms"].values()))["matrices"]
+        if kind == "sigma":
+            m = any_run[key]
+            ax.axhline(m["init_edge"], color="k", ls=":", lw=1, label="1 + √(d_out/d_in)")
+            ax.set_title(f"{tname}: {key} {' x '.join(map(str, m['shape']))}")
+            ax.set_ylabel("σ_max")
+        elif kind == "sigma_rel":
+            ax.axhline(1.0, color="k", ls=":", lw=1)
+            ax.set_title(f"{tname}: hidden matrices (mean, band: min-max)")
+            ax.set_ylabel("σ_max / (1 + √(d_out/d_in))")
+        elif kind == "entropy":
+            ref = np.mean([m["random_entropy"] for m in any_run.values()])
+            ax.axhline(ref, color="k", ls=":", lw=1, label="random matrix (Marchenko-Pastur)")
+            ax.set_title(f"{tname}: singular-value entropy (mean over hidden matrices)")
+        else:
+            for i, (name, e) in enumerate(info["streaming"]["errors_top"].items()):
+                ls = "--" if name.startswith("polar") else "-"
+                ax.plot(e["mean"], ls=ls, color=plt.get_cmap("Set1")(i), label=name)
+            ax.set_yscale("log")
+            ax.set_title(f"{tname}: msign of plain Muon's momenta")
+            ax.set_ylabel("‖o − UVᵀ‖_F / ‖UVᵀ‖_F over σ > 1e-3·σ₁")
+        ax.set_xlabel("update")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(layout) :]:
+        ax.set_visible(False)
+    fig.suptitle("Hidden matrices while training: σ_max and entropy at each optimizer's best lr")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -318,12 +361,13 @@ def report(results: dict[str, Any]) -> str:
             peak = [max(m["sigma_max"]) / m["init_edge"] for m in run["matrices"].values()]
             ent = [m["entropy"][-1] for m in run["matrices"].values()]
             rows.append({
-                "optimizer": name, "metric": run["metric"], "final": np.mean(rel),
-                "peak": np.max(peak), "entropy": np.mean(ent),
+                "optimizer": name, "lr": run["lr"], "metric": run["metric"],
+                "final": np.mean(rel), "peak": np.max(peak), "entropy": np.mean(ent),
             })  # fmt: skip
-        lines.append(f"\n### {tname}: one run at lr {run['lr']:.3g}\n")
+        lines.append(f"\n### {tname}: one run (seed 0) per optimizer at its best lr\n")
         lines.append(markdown_table(rows, [
             ("optimizer", "optimizer", str),
+            ("lr", "peak lr", lambda x: f"{x:.3g}"),
             ("metric", info["metric"], lambda x: f"{x:.4f}"),
             ("final", "final σ_max / init edge (mean)", lambda x: f"{x:.2f}"),
             ("peak", "largest σ_max / init edge", lambda x: f"{x:.2f}"),
@@ -359,40 +403,43 @@ def report(results: dict[str, Any]) -> str:
 
 def main(argv=None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--tasks", nargs="*", default=["digits_mlp", "fortunes_lm"], choices=list(TASKS)
-    )
-    ap.add_argument("--every", type=int, default=10, help="updates between monitor calls")
+    ap.add_argument("--tasks", nargs="*", default=["digits_mlp"], choices=list(TASKS))
+    ap.add_argument("--every", type=int, default=5, help="updates between monitor calls")
     ap.add_argument("--steps", type=int, default=None, help="updates per run (task default)")
     ap.add_argument("--out", default="spectral_norms", help="results/<out>.json")
-    ap.add_argument("--plot", default=os.path.join(DOCS, "spectral_norms.png"))
-    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument(
+        "--plot", nargs="?", const=os.path.join(DOCS, "spectral_norms.png"), default=None,
+        help="write the PNG (default path docs/spectral_norms.png)",
+    )  # fmt: skip
     ap.add_argument("--report", action="store_true", help="print the tables, run nothing")
     args = ap.parse_args(argv)
     path = os.path.join(RESULTS_DIR, f"{args.out}.json")
     if args.report:
         with open(path) as f:
             results = json.load(f)
-        print(report(results))
-        return results
-    results: dict[str, Any] = {"machine": machine(), "every": args.every, "tasks": {}}
-    for tname in args.tasks:
-        task = TASKS[tname](**({"steps": args.steps} if args.steps else {}))
-        lr = muon_best_lr(tname)
-        info = {"metric": task.metric, "steps": task.steps, "norms": {}}
-        for name, make in OPTIMIZERS.items():
-            print(f"{tname}: {name} at lr {lr:.3g}", flush=True)
-            info["norms"][name] = track(task, make, lr, args.every)
-        print(f"{tname}: monitor cost", flush=True)
-        info["monitor_cost"] = monitor_cost(task, args.every)
-        print(f"{tname}: streaming on plain Muon's momenta", flush=True)
-        info["streaming"] = streaming_on_real_momenta(task, lr)
-        results["tasks"][tname] = info
-        write_json(args.out, results, path)
+    else:
+        results = run_all(args.tasks, args.every, args.steps, args.out, path)
     print(report(results))
-    if not args.no_plot:
+    if args.plot:
         plot(results, args.plot)
         print("wrote", args.plot)
+    return results
+
+
+def run_all(tasks, every: int, steps: int | None, out: str, path: str) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": machine(), "every": every, "tasks": {}}
+    for tname in tasks:
+        task = TASKS[tname](**({"steps": steps} if steps else {}))
+        info = {"metric": task.metric, "steps": task.steps, "norms": {}}
+        for name, (lr, source) in best_lrs(tname).items():
+            print(f"{tname}: {name} at lr {lr:.3g} ({source})", flush=True)
+            info["norms"][name] = track(task, OPTIMIZERS[name], lr, every) | {"lr_from": source}
+        print(f"{tname}: monitor cost", flush=True)
+        info["monitor_cost"] = monitor_cost(task, every)
+        print(f"{tname}: streaming on plain Muon's momenta", flush=True)
+        info["streaming"] = streaming_on_real_momenta(task, muon_best_lr(tname))
+        results["tasks"][tname] = info
+        write_json(out, results, path)
     print("wrote", path)
     return results
 

@@ -18,14 +18,30 @@ measured 2.86-2.98; the truncated normal sits a little below the edge).
   kernel of the two tasks. The other leaves get ``ox.muon``'s AdamW exactly.
 - ``muon[streaming]``: plain Muon with Su's streaming power iteration (11654-11710) in
   place of Newton–Schulz, one iteration per update from V₀ = I.
+
+    python benchmarks/suite_spectral.py                    # every task, cheapest first
+    python benchmarks/suite_spectral.py --tasks digits_mlp
+
+runs ``bench_suite.py``'s protocol on these candidates into
+``results/quality_suite_spectral.json``, beside plain ``muon`` and ``optax.adamw`` rows
+copied from ``results/quality_suite.json`` (same tasks, steps, batch and protocol), so
+plain Muon is not run again.
 """
 
 from __future__ import annotations
 
-import optax
-from suite_optimizers import Entry
+import argparse
+import json
+import os
+import sys
 
-import optax_ext as ox
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from suite_optimizers import Entry  # noqa: E402
+
+import optax_ext as ox  # noqa: E402
 
 #: The largest singular value of a large d_in x d_out matrix of N(0, 1/d_in) entries.
 LECUN_EDGE = lambda d_in, d_out: 1.0 + (d_out / d_in) ** 0.5  # noqa: E731
@@ -63,3 +79,59 @@ SPECTRAL_CANDIDATES: dict[str, Entry] = {
         "msign by streaming power iteration, one double Cholesky-QR step per update",
     ),
 }  # fmt: skip
+
+
+#: The rows the candidates are read against, from the main suite's results.
+REFERENCE_ROWS = ("muon", "optax.adamw")
+#: Cheapest first: the two digits tasks take minutes, the language models much longer.
+TASK_ORDER = ("digits_mlp", "digits_cnn", "fortunes_lm", "demo_lm")
+
+
+def copy_reference_rows(source: str, out: str, tasks) -> None:
+    """Start ``out`` with the tasks' ``REFERENCE_ROWS`` of ``source`` (results/<name>.json).
+
+    The candidates' rows already in ``out`` stay; a task whose settings (steps, batch)
+    differ from the suite's defaults is refused, since its rows would not compare.
+    """
+    from bench_suite import default_batch_size  # noqa: PLC0415
+    from benchlib import RESULTS_DIR  # noqa: PLC0415
+
+    with open(os.path.join(RESULTS_DIR, f"{source}.json")) as f:
+        ref = json.load(f)
+    path = os.path.join(RESULTS_DIR, f"{out}.json")
+    results = {"tasks": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    for tname in tasks:
+        info = ref["tasks"][tname]
+        if (info["steps"], info.get("batch_size")) not in ((200, default_batch_size(tname)),):
+            raise SystemExit(f"{source}.json's {tname} is not at the suite's defaults")
+        tag = {"from": f"{source}.json"}
+        rows = [r | tag for r in info["rows"] if r["optimizer"] in REFERENCE_ROWS]
+        mine = results["tasks"].get(tname, {}).get("rows", [])
+        rows += [r for r in mine if r["optimizer"] not in REFERENCE_ROWS]
+        results["tasks"][tname] = {k: v for k, v in info.items() if k != "rows"} | {"rows": rows}
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="the quality suite's spectral candidates")
+    ap.add_argument("--tasks", nargs="*", default=list(TASK_ORDER), choices=TASK_ORDER)
+    ap.add_argument("--only", nargs="*", default=list(SPECTRAL_CANDIDATES),
+                    choices=list(SPECTRAL_CANDIDATES))  # fmt: skip
+    ap.add_argument("--reference", default="quality_suite", help="results/<name>.json")
+    ap.add_argument("--out", default="quality_suite_spectral", help="results/<out>.json")
+    args = ap.parse_args(argv)
+    import bench_suite  # noqa: PLC0415
+
+    copy_reference_rows(args.reference, args.out, args.tasks)
+    return bench_suite.main(
+        ["--tasks", *args.tasks, "--candidates", "spectral", "--only", *args.only,
+         "--merge", "--out", args.out]
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

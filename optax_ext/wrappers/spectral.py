@@ -660,11 +660,8 @@ def clip_singular_values(
         matrix's shape, called when the transform first sees the params; the bound
         of that matrix is ``max_sv * shape_factor(d_in, d_out)``.
       steps, coeffs, compute_dtype: msign's settings inside :func:`mclip`.
-      rules, mask, layout, attention: which leaves and how they are seen as matrices.
-      owner_axes: ``None`` (the compiler places the products on the params' sharding),
-        or mesh axis names of the mesh set by ``jax.set_mesh`` along which each matrix
-        has one owner (see above). An axis not in the mesh raises ``ValueError`` at
-        ``init`` (or, with no mesh set, at the first update).
+      rules, mask, layout, attention, owner_axes: which leaves, how they are seen as
+        matrices, and their owners on a mesh, as in :func:`add_spectral_decay`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
