@@ -106,9 +106,8 @@ def _window_rows(window, ema) -> int:
 
 
 def _sq_norm(tree) -> jax.Array:
-    # The barrier keeps XLA from merging this g * g with the g² of a following Adam, which
-    # would materialise g² for both users (an extra write and read of the gradients' size).
-    leaves = lax.optimization_barrier(jax.tree_util.tree_leaves(tree))
+    """|g|², summed in float32."""
+    leaves = jax.tree_util.tree_leaves(tree)
     return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0))
 
 

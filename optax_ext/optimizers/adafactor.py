@@ -120,13 +120,8 @@ def _second_moment(g, nu, beta2, eps1):
         new = beta2 * nu + (1.0 - beta2) * (jnp.square(g) + eps1)
         return (new,), new.astype(nu.dtype)
     largest, second = _two_largest(g.shape)
-    # mean(g²) + ε1 rather than mean(g² + ε1): the same number, but XLA's CPU reduction
-    # would otherwise materialise a full-size broadcast of ε1. sum_of_squares: a sum
-    # over a leading axis of wide rows is slow on XLA:CPU in its direct form.
+    # mean(g²) + ε1 = mean(g² + ε1): ε1 is added to the small mean, not to every entry
     row_mean = sum_of_squares(g, largest) / g.shape[largest] + eps1
-    # Without the barrier XLA fuses the row and column means into one multi-output
-    # reduction that runs ~5x slower than the two apart on CPU.
-    row_mean, g = jax.lax.optimization_barrier((row_mean, g))
     col_mean = sum_of_squares(g, second) / g.shape[second] + eps1
     row = beta2 * nu.row + (1.0 - beta2) * row_mean
     col = beta2 * nu.col + (1.0 - beta2) * col_mean
@@ -135,67 +130,28 @@ def _second_moment(g, nu, beta2, eps1):
 
 
 def _normalised(g, factors, eps1):
-    """u = g / sqrt(v + ε1) with v the product of ``factors``."""
-    if len(factors) == 1:
-        return g * jax.lax.rsqrt(factors[0] + eps1)
-    # rsqrt(r·c + ε1) = rsqrt(r)·rsqrt(c + ε1/r): ε1 joins a small factor, so XLA's CPU
-    # reductions need no full-size broadcast of it (they materialise one otherwise).
-    row, col = factors
-    return g * jax.lax.rsqrt(row) * jax.lax.rsqrt(col + eps1 / row)
+    """u = g / sqrt(v + ε1) with v the product of ``factors`` (broadcast, never stored)."""
+    v = factors[0] if len(factors) == 1 else factors[0] * factors[1]
+    return g * jax.lax.rsqrt(v + eps1)
 
 
-def _eps1_vanishes(row, col, eps1):
-    """True when c + ε1/r rounds to c for every pair (r, c) of the factors: every ε1/r is
-    below eps/4 · c, a lower bound of half an ulp of c. False on NaN or infinity."""
-    return jnp.max(eps1 / row) < jnp.finfo(col.dtype).eps / 4 * jnp.min(col)
+def _direction(g, nu, *, beta2, eps1, clip):
+    """(u, new second-moment leaf): u = g/√(v + ε1), shrunk to RMS ≤ d when clipping.
 
-
-def _mean_square_normalised(g, factors, eps1):
-    """mean(u²) with u = g / sqrt(v + ε1), as :func:`_normalised` computes u.
-
-    For a factored v the per-entry form, g·rsqrt(r)·rsqrt(c + ε1/r), costs a reciprocal
-    square root per entry, and this reduction runs on one core on CPU, where that makes
-    it the slowest pass of the update. When every ε1/r is below half an ulp of every c
-    (eps/4 · c bounds half an ulp from below), c + ε1/r rounds to c, so the same u is
-    g·rsqrt(r)·rsqrt(c): two small vectors, one multiplication per entry. ``lax.cond``
-    takes that branch then (nearly always: it fails only where some row's r is within a
-    factor ~2^25 of ε1/c) and the per-entry form otherwise; both give the same numbers.
+    ``g`` is in the work dtype. The plain form on every backend: u is formed once and
+    its RMS read from it.
     """
-    if len(factors) == 1:
-        # g·rsqrt(v + ε1) rather than g²/(v + ε1): a gradient of 1e30 has g² = v = inf,
-        # and inf/inf is NaN where 1e30·rsqrt(inf) = 0, as the step itself computes it.
-        return jnp.mean(jnp.square(g * jax.lax.rsqrt(factors[0] + eps1)))
-    row, col = factors
-    inv_row, inv_col = jax.lax.rsqrt(row), jax.lax.rsqrt(col)
-    return jax.lax.cond(
-        _eps1_vanishes(row, col, eps1),
-        lambda g, a, b, row, col: jnp.mean(jnp.square(g * a * b)),
-        lambda g, a, b, row, col: jnp.mean(jnp.square(_normalised(g, (row, col), eps1))),
-        g,
-        inv_row,
-        inv_col,
-        row,
-        col,
-    )
+    factors, new_nu = _second_moment(g, nu, beta2, eps1)
+    u = _normalised(g, factors, eps1)
+    if clip is not None:
+        u = u / jnp.maximum(1.0, _rms(u) / clip)
+    return u, new_nu
 
 
 def _adafactor_leaf(g, nu, m, p, *, beta2, eps1, clip, momentum, eps2):
     """One leaf: (direction in g's dtype, new second-moment leaf, new momentum or None)."""
     work = work_dtype(g.dtype)
-    gw = g.astype(work)
-    factors, new_nu = _second_moment(gw, nu, beta2, eps1)
-    if clip is None:
-        u = _normalised(gw, factors, eps1)
-    else:
-        # The barriers keep each full-size computation in its own pass: without the first
-        # XLA shares g² between the moment's reduction and this one and stores it at full
-        # size; without the second it merges the two computations of u into one
-        # full-size temporary. The small factors cross them, never a broadcast of them.
-        gw, factors = jax.lax.optimization_barrier((gw, factors))
-        rms_u = jnp.sqrt(_mean_square_normalised(gw, factors, eps1))
-        shrink = jnp.maximum(1.0, rms_u / clip)
-        gw, factors = jax.lax.optimization_barrier((gw, factors))
-        u = _normalised(gw, factors, eps1) / shrink
+    u, new_nu = _direction(g.astype(work), nu, beta2=beta2, eps1=eps1, clip=clip)
     new_m = None
     if m is not None:
         u = momentum * m.astype(work) + (1.0 - momentum) * u

@@ -19,12 +19,10 @@ from helpers import (
     x64,
 )
 
-import optax_ext._reductions as reductions
+import optax_ext._xla_cpu as xla_cpu
 from optax_ext._common import path_to_str, tree_bytes
 from optax_ext.optimizers.adafactor import (
     FactoredMoment,
-    _eps1_vanishes,
-    _mean_square_normalised,
     adafactor,
     relative_step_size,
     scale_by_adafactor,
@@ -217,20 +215,20 @@ def test_matches_float64_reference(case):
 
 @pytest.mark.parametrize("case", ["defaults", "momentum_constant_beta2_schedule_decay"])
 def test_matches_float64_reference_with_moments_in_slabs(case, monkeypatch):
-    """The factored moments' CPU slab path (optax_ext._reductions, taken at real sizes
-    for rows of >= 4096 entries) forced on the small tree gives the same float64 numbers."""
-    monkeypatch.setattr(reductions, "_MIN_TRAILING", 1)
-    monkeypatch.setattr(reductions, "_SLAB_ELEMENTS", 8)
+    """The factored moments' CPU slab path (optax_ext._xla_cpu, taken at real sizes for
+    rows of >= 4096 entries) forced on the small tree gives the same float64 numbers."""
+    monkeypatch.setattr(xla_cpu, "_MIN_TRAILING", 1)
+    monkeypatch.setattr(xla_cpu, "_SLAB_ELEMENTS", 8)
     params = mixed_params(1)
     tx = adafactor(min_dim_size_to_factor=4)
-    update = jax.jit(lambda g, s, p: tx.update(g, s, p))
-    assert " while(" in update.lower(params, tx.init(params), params).compile().as_text()
+    jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+    assert re.search(r"\b(scan|while)\[", jaxpr), "no slab loop traced: the case tests nothing"
     test_matches_float64_reference(case)
 
 
-def test_factored_rows_near_eps1_take_the_per_entry_form():
-    """Rows whose g² is far below ε1 make ε1/r comparable to c: the mean of u² must then
-    use the per-entry form g/√(v + ε1), not the product of the two small reciprocals."""
+def test_factored_rows_far_below_eps1():
+    """Rows whose g² is far below ε1 make ε1 comparable to the factored v: the mean of u²
+    must still be that of g/√(v + ε1), with ε1 inside the square root for every entry."""
     with x64():
         rng = np.random.default_rng(3)
         params = {"w": jnp.asarray(rng.standard_normal((6, 8)), jnp.float64)}
@@ -242,35 +240,10 @@ def test_factored_rows_near_eps1_take_the_per_entry_form():
 
         grads = [grad(t) for t in range(6)]
         tx = adafactor(min_dim_size_to_factor=4, clipping_threshold=0.5)
-        got, state = run(tx, params, grads)
+        got, _ = run(tx, params, grads)
         want, _, _, clipped = ref_adafactor(params, grads, min_dim=4, clip=0.5)
         assert clipped > 0
         np.testing.assert_allclose(got["w"], want["w"], rtol=1e-11, atol=1e-14)
-        # the exact branch was the one taken: ε1/r does not vanish beside c here
-        nu = state[0].nu["w"]
-        col = nu.col / jnp.mean(nu.row, axis=0, keepdims=True)
-        assert not bool(_eps1_vanishes(nu.row, col, 1e-30))
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_mean_square_of_u_is_the_same_on_both_branches(dtype):
-    """Where ε1/r vanishes beside c, the product of reciprocals gives mean(g²/(v + ε1))."""
-    with x64():
-        rng = np.random.default_rng(4)
-        g = rng.standard_normal((40, 30))
-        row, col = rng.uniform(0.5, 2.0, (40, 1)), rng.uniform(0.5, 2.0, (1, 30))
-        want = np.mean(g**2 / (row * col + 1e-30))
-        as_dtype = lambda x: jnp.asarray(x, dtype)
-        assert bool(_eps1_vanishes(as_dtype(row), as_dtype(col), 1e-30))
-        got = _mean_square_normalised(as_dtype(g), (as_dtype(row), as_dtype(col)), 1e-30)
-        rtol = 1e-6 if dtype == jnp.float32 else 1e-14
-        np.testing.assert_allclose(float(got), want, rtol=rtol)
-        # and the per-entry branch, forced by an ε1 that no longer vanishes
-        big_eps1 = 0.3
-        assert not bool(_eps1_vanishes(as_dtype(row), as_dtype(col), big_eps1))
-        got = _mean_square_normalised(as_dtype(g), (as_dtype(row), as_dtype(col)), big_eps1)
-        want = np.mean(g**2 / (row * col + big_eps1))
-        np.testing.assert_allclose(float(got), want, rtol=rtol)
 
 
 def test_factoring_keeps_the_other_axes():
