@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ext import _xla_cpu
 from optax_ext._common import (
     PathRules,
     canonical_dtype,
@@ -21,7 +22,6 @@ from optax_ext._common import (
     check_range,
     check_updates_match,
     decay_mask,
-    is_concrete_number,
     path_labels,
     unzip_leaves,
     work_dtype,
@@ -40,25 +40,17 @@ __all__ = [
 ScaleByLionState = optax.ScaleByLionState
 
 
-def _lion_leaf(g, m, b1, b2, one_pass: bool):
-    """One leaf of Lion: (direction in g's dtype, new momentum in m's dtype).
+def lion_leaf(g, m, b1, b2):
+    """One leaf of Lion, the textbook form: (direction in g's dtype, new momentum in at
+    least float32, for ``write_state`` to store).
 
-    The direction is computed from the NEW momentum,
-    ``c = (b1/b2)·m' + ((1-b1) - b1(1-b2)/b2)·g``, which equals ``b1·m + (1-b1)·g``:
-    then the old momentum is read once, XLA fuses direction and momentum into one pass
-    and updates the donated buffer in place (the textbook form needs two fusions reading
-    the old momentum, hence a copy of it and a second pass).
+    The direction comes from the unrounded m': a bf16 momentum must not add its
+    rounding to it.
     """
     work = work_dtype(m)
     gw, mw = g.astype(work), m.astype(work)
-    new_m = b2 * mw + (1.0 - b2) * gw
-    if one_pass:
-        c = (b1 / b2) * new_m + ((1.0 - b1) - b1 * (1.0 - b2) / b2) * gw
-    else:  # the textbook form: two reads of the old momentum, no cancellation
-        c = b1 * mw + (1.0 - b1) * gw
-    # c comes from the unrounded m': a bf16 momentum must not add its rounding to c;
-    # the new momentum is returned in float32 and written by ``write_state``
-    return jnp.sign(c).astype(g.dtype), new_m
+    c = b1 * mw + (1.0 - b1) * gw
+    return jnp.sign(c).astype(g.dtype), b2 * mw + (1.0 - b2) * gw
 
 
 def scale_by_lion(
@@ -69,22 +61,18 @@ def scale_by_lion(
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Lion's direction, computed in one pass over the momentum.
+    r"""Lion's direction and momentum, ``optax.scale_by_lion``'s.
 
     .. math::
 
-        m' = \beta_2 m + (1-\beta_2) g,\qquad
-        u = \operatorname{sign}\Big(\tfrac{\beta_1}{\beta_2} m'
-            + \big(1-\beta_1 - \tfrac{\beta_1(1-\beta_2)}{\beta_2}\big) g\Big)
-          = \operatorname{sign}(\beta_1 m + (1-\beta_1) g).
+        u = \operatorname{sign}(\beta_1 m + (1-\beta_1) g),\qquad
+        m \leftarrow \beta_2 m + (1-\beta_2) g.
 
-    The same direction and state as ``optax.scale_by_lion`` (exactly equal in float64;
-    in float32 the sign may differ where ``|β1·m + (1-β1)·g|`` is at rounding level),
-    about 3.5x faster on CPU because the old momentum is read by one fusion only and
-    a donated momentum is updated in place. The one-pass form divides by β2 and
-    cancels when β1/β2 is large, so it is used only for concrete β1 < 1 and β2 ≥ 0.5
-    (every practical setting: the error grows at most 2x); otherwise, and for traced
-    betas (``optax.inject_hyperparams``), the textbook form runs.
+    The same direction and state as ``optax.scale_by_lion``. On CPU, for concrete
+    β1 < 1 and β2 ≥ 0.5, the program computes the direction from the new momentum
+    (:func:`optax_ext._xla_cpu.lion_one_pass`, equal in real arithmetic; in float32
+    the sign may differ where ``|β1·m + (1-β1)·g|`` is at rounding level), which lets
+    XLA:CPU update a donated momentum in place.
 
     Args:
       b1: interpolation between momentum and gradient for the sign, in [0, 1].
@@ -120,9 +108,10 @@ def scale_by_lion(
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_seed("rounding_seed", rounding_seed)
     mu_dtype = canonical_dtype(mu_dtype)
-    one_pass = (
-        is_concrete_number(b1) and is_concrete_number(b2) and float(b1) < 1.0 and float(b2) >= 0.5
-    )
+    plain = lambda g, m: lion_leaf(g, m, b1, b2)
+    one_pass = lambda g, m: _xla_cpu.lion_one_pass(g, m, b1, b2)
+    cpu = one_pass if _xla_cpu.lion_one_pass_applies(b1, b2) else None
+    leaf = lambda g, m: _xla_cpu.on_cpu(g, m, plain=plain, cpu=cpu)
 
     def init_fn(params):
         check_float_params(params, "lion")
@@ -133,7 +122,7 @@ def scale_by_lion(
         # Lion cannot accumulate inside its momentum: a cycle length would be ignored
         reject_cycle_length(extra_args, "ox.lion")
         check_updates_match(updates, params, "lion")
-        out = jax.tree.map(lambda g, m: _lion_leaf(g, m, b1, b2, one_pass), updates, state.mu)
+        out = jax.tree.map(leaf, updates, state.mu)
         direction, mu = unzip_leaves(updates, out)
         mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
         return direction, ScaleByLionState(count=optax.safe_increment(state.count), mu=mu)
@@ -220,7 +209,7 @@ def lion(
     - ``param_scaling="tiger"``: Tiger's per-parameter scale, see
       :func:`scale_by_param_scale`; it multiplies the weight decay too.
     - With ``mask=True`` and ``param_scaling=None`` this is ``optax.lion`` (same
-      defaults, same state), computed in one pass (see :func:`scale_by_lion`).
+      defaults, same state).
 
     Lion needs both m and the current g, so it cannot accumulate inside its momentum as
     Tiger does: wrap it in a gradient-accumulation transform instead

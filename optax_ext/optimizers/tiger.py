@@ -7,7 +7,6 @@ https://kexue.fm/archives/9512, and https://github.com/bojone/tiger.
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from typing import Any, NamedTuple
 
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_ext import _xla_cpu
 from optax_ext._common import (
     EMBEDDING,
     NORM_AND_BIAS,
@@ -26,7 +26,6 @@ from optax_ext._common import (
     check_range,
     check_updates_match,
     decay_mask,
-    explicitly_sharded,
     hold_momentum,
     path_labels,
     schedule_value,
@@ -134,48 +133,18 @@ def param_scale(param: jax.Array, rule: Any, min_rms: Any) -> jax.Array:
     return jnp.maximum(rms, min_rms)
 
 
-#: Rows per block of the CPU row reduction: about 2**20 elements (4 MB of float32), a
-#: block that stays in cache between its square and its sum.
-_ROW_BLOCK_ELEMENTS = 2**20
-
-
 def row_mean_square(param: jax.Array, work: Any) -> jax.Array:
     """Mean of squares along the last axis, keeping it: shape ``(..., 1)``, in ``work``.
 
-    A scalar or vector "row" is the whole leaf. On GPU/TPU this is one reduction. On
-    XLA:CPU a row reduction feeding an elementwise update is merged with it into one
-    library fusion that cannot write in place: it materialises the squares and copies
-    the donated parameter (an embedding table then costs ~3x Tiger's plain update). A
-    loop over blocks of rows keeps the reduction a separate read of the parameter, so
-    the update stays one in-place pass; both give the same numbers. A table sharded
-    explicitly across devices keeps the one reduction; under automatic (GSPMD)
-    sharding on CPU devices the block loop gathers a row-sharded table first.
+    A scalar or vector "row" is the whole leaf. One reduction; on CPU a large table
+    takes :func:`optax_ext._xla_cpu.row_mean_square_in_blocks` (the same numbers),
+    which keeps Tiger's update of the table one in-place pass there.
     """
     axis = -1 if param.ndim else None
-    direct = lambda x: jnp.mean(jnp.square(x.astype(work)), axis=axis, keepdims=True)
-    if param.ndim < 2 or explicitly_sharded(param):
-        return direct(param)
-    block = max(_ROW_BLOCK_ELEMENTS // max(param.shape[-1], 1), 1)
-    if math.prod(param.shape[:-1]) < 2 * block:
-        return direct(param)
-    blocked = lambda x: _blocked_row_mean_square(x, block, work)
-    return jax.lax.platform_dependent(param, cpu=blocked, default=direct)
-
-
-def _blocked_row_mean_square(param: jax.Array, block: int, work: Any) -> jax.Array:
-    """``row_mean_square`` as a loop over blocks of ``block`` rows (the last one clamped)."""
-    flat = param.reshape(-1, param.shape[-1])
-    rows = flat.shape[0]
-
-    def body(i, acc):
-        start = jnp.minimum(i * block, rows - block)  # the last block overlaps: same values
-        rows_block = jax.lax.dynamic_slice_in_dim(flat, start, block)
-        mean_square = jnp.mean(jnp.square(rows_block.astype(work)), axis=-1)
-        return jax.lax.dynamic_update_slice_in_dim(acc, mean_square, start, 0)
-
-    n_blocks = -(-rows // block)
-    acc = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((rows,), work))
-    return acc.reshape(param.shape[:-1] + (1,))
+    plain = lambda x: jnp.mean(jnp.square(x.astype(work)), axis=axis, keepdims=True)
+    block = _xla_cpu.row_block(param.shape)
+    cpu = None if block is None else (lambda x: _xla_cpu.row_mean_square_in_blocks(x, block, work))
+    return _xla_cpu.on_cpu(param, plain=plain, cpu=cpu)
 
 
 def scale_rules(param_scaling: Any) -> PathRules | None:

@@ -1,6 +1,7 @@
-"""optax_ext._reductions.sum_of_squares: the direct sum everywhere, and on CPU slabs of
-rows added elementwise where XLA:CPU's direct form is slow. Both are checked against
-float64 NumPy; small thresholds (monkeypatched) make small arrays take the slab path."""
+"""optax_ext._reductions.sum_of_squares: one sum, and on CPU (optax_ext._xla_cpu) slabs
+of rows added elementwise where XLA:CPU's direct form is slow. Both forms, each called
+directly, are checked against float64 NumPy; small thresholds (monkeypatched) make small
+arrays take the slab path."""
 
 import jax
 import jax.numpy as jnp
@@ -8,20 +9,24 @@ import numpy as np
 import pytest
 from helpers import assert_same_on_all_paths, x64
 
-import optax_ext._reductions as reductions
+import optax_ext._xla_cpu as xla_cpu
 from optax_ext._reductions import axis_sum, sum_of_squares
 
 
-def uses_slabs(fn, x) -> bool:
-    """Whether the compiled program loops (the slab path) rather than reducing once."""
-    return " while(" in jax.jit(fn).lower(x).compile().as_text()
+def normal_axes(shape, axes):
+    return tuple(sorted(a % len(shape) for a in ((axes,) if isinstance(axes, int) else axes)))
+
+
+def uses_slabs(shape, axes) -> bool:
+    """Whether the CPU program takes slabs (rather than one sum) for this shape."""
+    return xla_cpu.slab_rows(shape, normal_axes(shape, axes)) is not None
 
 
 @pytest.fixture
 def small_slabs(monkeypatch):
     """Slabs for small arrays: trailing rows of >= 3 entries, slabs of 24 entries."""
-    monkeypatch.setattr(reductions, "_MIN_TRAILING", 3)
-    monkeypatch.setattr(reductions, "_SLAB_ELEMENTS", 24)
+    monkeypatch.setattr(xla_cpu, "_MIN_TRAILING", 3)
+    monkeypatch.setattr(xla_cpu, "_SLAB_ELEMENTS", 24)
 
 
 CASES = [
@@ -45,8 +50,13 @@ def test_equals_float64_numpy(small_slabs, shape, axes, slabs, squares):
     x = np.random.default_rng(0).standard_normal(shape)
     want = np.sum(x**2 if squares else x, axis=axes, keepdims=True)
     fn = (lambda x: sum_of_squares(x, axes)) if squares else (lambda x: axis_sum(x, axes))
-    assert uses_slabs(fn, jnp.asarray(x, jnp.float32)) == slabs
-    for f in (fn, jax.jit(fn)):
+    assert uses_slabs(shape, axes) == slabs
+    forms = [fn, jax.jit(fn)]
+    if slabs:  # the CPU form called directly
+        ax = normal_axes(shape, axes)
+        term = jnp.square if squares else (lambda x: x)
+        forms.append(lambda x: xla_cpu.sum_in_slabs(x, ax, xla_cpu.slab_rows(shape, ax), term))
+    for f in forms:
         got = f(jnp.asarray(x, jnp.float32))
         assert got.dtype == jnp.float32 and got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-5)
@@ -59,11 +69,10 @@ def test_equals_float64_numpy(small_slabs, shape, axes, slabs, squares):
 def test_default_thresholds_leave_narrow_rows_to_one_reduction():
     """At the shipped thresholds a GPT-2-small kernel (rows of 3072) and a tree of small
     leaves keep the direct form; rows of 8192 over 128 of them take slabs."""
-    narrow, wide = jnp.ones((768, 3072)), jnp.ones((128, 8192))
-    assert not uses_slabs(lambda x: sum_of_squares(x, 0), narrow)
-    assert uses_slabs(lambda x: sum_of_squares(x, 0), wide)
-    assert reductions._slab_rows((64, 8192), (0,)) == 32  # 1 MB of float32 per slab
-    assert reductions._slab_rows((32, 8192), (0,)) is None  # fewer than two slabs
+    assert not uses_slabs((768, 3072), 0)
+    assert uses_slabs((128, 8192), 0)
+    assert xla_cpu.slab_rows((64, 8192), (0,)) == 32  # 1 MB of float32 per slab
+    assert xla_cpu.slab_rows((32, 8192), (0,)) is None  # fewer than two slabs
 
 
 def test_inf_and_nan_propagate_through_slabs(small_slabs):
@@ -79,9 +88,21 @@ def test_explicitly_sharded_input_keeps_one_reduction(small_slabs):
     x = np.random.default_rng(1).standard_normal((64, 6)).astype(np.float32)
     with jax.set_mesh(mesh):
         sharded = jax.device_put(x, rows)
-        assert not uses_slabs(lambda x: sum_of_squares(x, 0), sharded)
         got = jax.jit(lambda x: sum_of_squares(x, 0))(sharded)
     np.testing.assert_allclose(got, np.sum(x.astype(np.float64) ** 2, 0, keepdims=True), 2e-6)
+
+
+def test_explicitly_sharded_argument_never_takes_the_cpu_form():
+    mesh = jax.make_mesh((8,), ("rows",), axis_types=(jax.sharding.AxisType.Explicit,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows", None))
+
+    def cpu(x):
+        raise AssertionError("the CPU form was traced for an explicitly sharded array")
+
+    with jax.set_mesh(mesh):
+        x = jax.device_put(np.ones((16, 2), np.float32), rows)
+        got = jax.jit(lambda x: xla_cpu.on_cpu(x, plain=lambda x: 2 * x, cpu=cpu))(x)
+    np.testing.assert_array_equal(got, 2 * np.ones((16, 2)))
 
 
 def test_same_on_every_device_path(small_slabs):

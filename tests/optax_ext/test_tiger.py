@@ -23,8 +23,8 @@ from helpers import (
 )
 
 import optax_ext as ox
+import optax_ext._xla_cpu as xla_cpu
 from optax_ext._common import tree_bytes
-from optax_ext.optimizers import tiger as tiger_module
 from optax_ext.optimizers.tiger import ScaleByTigerState, row_mean_square, scale_by_tiger, tiger
 
 # ------------------------------------------------------------ float64 reference
@@ -111,7 +111,7 @@ def row_blocks(request, monkeypatch):
     block makes the test trees' embeddings take that path too.
     """
     if request.param == "row blocks":
-        monkeypatch.setattr(tiger_module, "_ROW_BLOCK_ELEMENTS", 40)
+        monkeypatch.setattr(xla_cpu, "_ROW_BLOCK_ELEMENTS", 40)
     return request.param
 
 
@@ -389,13 +389,19 @@ def test_abstract_init_and_no_recompile():
     "shape", [(37, 5), (3, 11, 4), (64, 8), (9,), ()], ids=lambda s: "x".join(map(str, s))
 )
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_row_mean_square_in_blocks_equals_numpy(shape, dtype, monkeypatch):
-    # blocks of 2 or 3 rows: the last block overlaps the one before it
-    monkeypatch.setattr(tiger_module, "_ROW_BLOCK_ELEMENTS", 12)
+def test_row_mean_square_both_forms_equal_numpy(shape, dtype, monkeypatch):
+    """The plain reduction and the CPU form in blocks of 2 or 3 rows (the last block
+    overlapping the one before it), each called directly, against float64 NumPy."""
+    monkeypatch.setattr(xla_cpu, "_ROW_BLOCK_ELEMENTS", 12)
     x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), dtype)
     want = np.asarray(x, np.float64) ** 2
     want = want.mean(axis=-1, keepdims=True) if x.ndim >= 2 else want.mean(keepdims=True)
-    for f in (row_mean_square, jax.jit(row_mean_square, static_argnums=1)):
+    block = xla_cpu.row_block(x.shape)
+    assert (block is not None) == (x.ndim >= 2)
+    forms = [row_mean_square, jax.jit(row_mean_square, static_argnums=1)]
+    if block is not None:
+        forms.append(lambda x, work: xla_cpu.row_mean_square_in_blocks(x, block, work))
+    for f in forms:
         got = f(x, jnp.float32)
         assert got.dtype == jnp.float32 and got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -403,7 +409,7 @@ def test_row_mean_square_in_blocks_equals_numpy(shape, dtype, monkeypatch):
 
 def test_explicitly_sharded_embedding_rows(monkeypatch):
     # an explicitly row-sharded table keeps the one reduction (row blocks would gather it)
-    monkeypatch.setattr(tiger_module, "_ROW_BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(xla_cpu, "_ROW_BLOCK_ELEMENTS", 40)
     params = flax_like_params(17, vocab=64)
     grads = grads_with_nans(params, 4, 17, nan_every=0)
     want, _ = run(tiger(1e-2, 0.9, 0.01), params, grads)
