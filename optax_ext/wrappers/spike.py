@@ -61,14 +61,13 @@ def any_flag(flags: Sequence[jax.Array]) -> jax.Array:
     Every leaf of a guarded step selects on this one decision (``where(skip, old,
     new)``). Written as ``f1 | f2 | ... | fN`` (or a sum of ints), it is a chain of
     cheap scalar ops, and XLA fuses a copy of the whole chain into each leaf's kernel:
-    N leaves times N flags, so compile time grew ~6x per doubling of the leaf count
-    (230 s at 160 leaves). A ``jnp.any`` over the stacked flags is rewritten back into
+    N leaves times N flags, so compile time grew with the square of the leaf count.
+    A ``jnp.any`` over the stacked flags is rewritten back into
     the same chain, and an optimisation barrier is removed before fusion. XLA does not
     duplicate an expensive op (here a square root) into consumers that broadcast it, so
     the flags are counted in float32 and the decision is ``sqrt(count) > 0``. The count
     is one reduction over the stacked flags, not a chain of N additions, which XLA's
-    fusion passes handled in superlinear time (``nan_guard(adam)`` took 12.8x
-    ``apply_if_finite``'s compile time at 640 leaves with the chain). The flags are
+    fusion passes handled in superlinear time. The flags are
     stacked before they are converted: a sum over N scalars converted one by one is
     rewritten by XLA into that chain again, inside one kernel.
 
@@ -159,8 +158,7 @@ def check_leaves(leaves: Sequence[jax.Array], catch_inf: bool = True) -> LeafChe
     per-leaf check share the one read that the norm needs anyway. Without
     ``catch_inf`` the flag is NaN only, exactly.
 
-    Written for XLA's compile time (512 leaves: Tiger's defaults went from 23 s to
-    16 s, ``benchmarks/RESULTS.md``): each leaf's flag comes from its own sum and its
+    Written for XLA's compile time: each leaf's flag comes from its own sum and its
     own output of the ``lax.cond``. A slice of a stacked vector in a leaf's kernel
     (``exact[i]``, or a flag sliced out of an expression over the stacked sums) kept
     XLA:CPU from grouping that leaf's kernels into one compiled module, one LLVM
