@@ -306,7 +306,7 @@ def muon_params():
 def test_muon_streaming_against_a_float64_reference():
     beta, steps = 0.95, 4
     params = {"mlp": {"kernel": jnp.zeros((24, 16))}, "scan": {"kernel": jnp.zeros((2, 16, 24))}}
-    tx = scale_by_muon(beta, orthogonalizer="streaming", scale="none")
+    tx = scale_by_muon(beta=beta, orthogonalizer="streaming", scale="none")
     state = tx.init(params)
     step = jax.jit(tx.update)
     rng = np.random.default_rng(0)
