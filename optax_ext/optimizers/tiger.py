@@ -18,7 +18,6 @@ from optax_ext import _xla_cpu
 from optax_ext._common import (
     EMBEDDING,
     NORM_AND_BIAS,
-    NORM_SCALE,
     PathRules,
     canonical_dtype,
     check_choice,
@@ -40,7 +39,7 @@ from optax_ext._cycles import (
     next_counters,
     refuse_injected_cycles,
 )
-from optax_ext.wrappers import spike
+from optax_ext.wrappers import nan_guard, spike
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
@@ -239,32 +238,15 @@ def scale_by_tiger(
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_seed("rounding_seed", rounding_seed)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
-    init_fn = _init(mu_dtype, k)
+    direction = _Direction(beta, k, guard, guard_nan, catch_inf, state_rounding, rounding_seed)
 
     def update_fn(updates, state, params=None, **extra_args):
         check_updates_match(updates, params, "tiger")
         refuse_injected_cycles(injected, "ox.scale_by_tiger", extra_args)
-        cycle = current_cycle(k, state, extra_args)
-        first, apply = cycle.first, cycle.last
-        checks = _guard_checks(updates, state, guard, guard_nan, catch_inf)
-        # one scalar for every leaf: a micro-step that does not end the cycle, or a spike
-        no_step = _either(None if apply is True else ~apply, checks.skip)
+        step = direction(updates, state, extra_args)
+        return step.direction, step.state
 
-        def leaf(g, m, bad):
-            discard = _either(bad, checks.skip)
-            m = tiger_momentum(checks.scaled(g), m, beta=beta, first=first, k=cycle.k, bad=discard)
-            u = jnp.sign(m)
-            zero = _either(bad, no_step)
-            if zero is not None:
-                u = jnp.where(zero, 0, u)
-            return u.astype(g.dtype), m
-
-        out = jax.tree.map(leaf, updates, state.mu, checks.bad)
-        u, mu = unzip_leaves(updates, out)
-        mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
-        return u, _next_state(state, mu, checks, guard, cycle)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(_init(mu_dtype, k), update_fn)
 
 
 def tiger(
@@ -424,46 +406,83 @@ def tiger(
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_seed("rounding_seed", rounding_seed)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
-    init_fn = _init(mu_dtype, k)
+    direction = _Direction(beta, k, guard, guard_nan, catch_inf, state_rounding, rounding_seed)
 
     def update_fn(updates, state, params=None, **extra_args):
         _check_params(params, "tiger")
         check_updates_match(updates, params, "tiger")
         refuse_injected_cycles(injected, "ox.tiger", extra_args)
-        cycle = current_cycle(k, state, extra_args)
-        first, apply = cycle.first, cycle.last
-        lr = schedule_value(learning_rate, cycle.update)
-        wd = schedule_value(weight_decay, cycle.update)  # both indexed by update
-        scale_rules = path_labels(params, rules, default=1.0)
+        step = direction(updates, state, extra_args)
+        lr = schedule_value(learning_rate, step.cycle.update)
+        wd = schedule_value(weight_decay, step.cycle.update)  # both indexed by update
+        scales = path_labels(params, rules, default=1.0)
         decays = decay_mask(mask)(params)
-        centres = path_labels(params, [(NORM_SCALE, 1.0)], default=0.0)
-        checks = _guard_checks(updates, state, guard, guard_nan, catch_inf)
-        # one scalar for every leaf: a micro-step that does not end the cycle, or a spike
-        no_step = _either(None if apply is True else ~apply, checks.skip)
+        centres = path_labels(params, nan_guard.DEFAULT_CENTRES, default=0.0)
 
-        def leaf(g, m, bad, p, rule, decay, centre):
-            discard = _either(bad, checks.skip)
-            m = tiger_momentum(checks.scaled(g), m, beta=beta, first=first, k=cycle.k, bad=discard)
-            eta = lr * param_scale(p, rule, min_rms)
+        def leaf(u, bad, p, rule, decay, centre):
+            # u = sign(m), already 0 where the step is skipped or the leaf discarded
             work = work_dtype(p)
-            direction = jnp.sign(m).astype(work)
+            direction = u.astype(work)
             if decay:
                 direction = direction + wd * p.astype(work)
-            step = -eta * direction
-            if no_step is not None:
-                step = jnp.where(no_step, 0.0, step)
+            delta = -(lr * param_scale(p, rule, min_rms)) * direction
+            if step.no_step is not None:  # decay moves no parameter on those either
+                delta = jnp.where(step.no_step, 0.0, delta)
             if bad is not False:
-                step = jnp.where(bad, (shrink_ratio - 1.0) * (p.astype(work) - centre), step)
-            return step.astype(g.dtype), m
+                delta = nan_guard.shrink_bad(bad, delta, p, centre, shrink_ratio)
+            return delta.astype(u.dtype)
 
-        out = jax.tree.map(
-            leaf, updates, state.mu, checks.bad, params, scale_rules, decays, centres
-        )
+        updates = jax.tree.map(leaf, step.direction, step.bad, params, scales, decays, centres)
+        return updates, step.state
+
+    return optax.GradientTransformationExtraArgs(_init(mu_dtype, k), update_fn)
+
+
+# -------------------------------------------------------------- the direction
+
+
+class _Step(NamedTuple):
+    """One micro-step of Tiger's direction, with what :func:`tiger` builds on it."""
+
+    direction: Any  # sign(m) on the cycle's last micro-step; 0 where skipped or discarded
+    state: ScaleByTigerState
+    bad: Any  # tree of scalar bools: the discarded (non-finite) leaves
+    no_step: jax.Array | None  # every leaf holds still: not the last micro-step, or a spike
+    cycle: Any
+
+
+class _Direction(NamedTuple):
+    """:func:`scale_by_tiger`'s update, shared with :func:`tiger`."""
+
+    beta: float
+    k: Any
+    guard: Any
+    guard_nan: bool
+    catch_inf: bool
+    state_rounding: str
+    rounding_seed: int
+
+    def __call__(self, updates, state, extra_args) -> _Step:
+        cycle = current_cycle(self.k, state, extra_args)
+        checks = _guard_checks(updates, state, self.guard, self.guard_nan, self.catch_inf)
+        # one scalar for every leaf: a micro-step that does not end the cycle, or a spike
+        no_step = _either(None if cycle.last is True else ~cycle.last, checks.skip)
+
+        def leaf(g, m, bad):
+            discard = _either(bad, checks.skip)
+            gs = checks.scaled(g)
+            m = tiger_momentum(gs, m, beta=self.beta, first=cycle.first, k=cycle.k, bad=discard)
+            u = jnp.sign(m)
+            zero = _either(bad, no_step)
+            if zero is not None:
+                u = jnp.where(zero, 0, u)
+            return u.astype(g.dtype), m
+
+        out = jax.tree.map(leaf, updates, state.mu, checks.bad)
         u, mu = unzip_leaves(updates, out)
-        mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
-        return u, _next_state(state, mu, checks, guard, cycle)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        mu = write_state(mu, state.mu, self.state_rounding, self.rounding_seed, state.count)
+        new_state = _next_state(state, mu, checks, self.guard, cycle)
+        return _Step(u, new_state, checks.bad, no_step, cycle)
 
 
 # ----------------------------------------------------------------------- guards

@@ -209,9 +209,7 @@ def nan_guard(
         centres = path_labels(params, rules, default=0.0)
 
         def leaf(u, b, p, c):
-            work = work_dtype(p)
-            shrink = (shrink_ratio - 1.0) * (p.astype(work) - c)
-            return jnp.where(b, shrink, jnp.where(skip, 0.0, u)).astype(u.dtype)
+            return shrink_bad(b, jnp.where(skip, 0.0, u), p, c, shrink_ratio).astype(u.dtype)
 
         out = jax.tree.map(leaf, inner_updates, bad, params, centres)
         new_state = NanGuardState(
@@ -231,6 +229,17 @@ def nan_guard(
 
 
 # ----------------------------------------------------------------------- helpers
+
+
+def shrink_bad(bad: Any, update: jax.Array, param: jax.Array, centre: Any, ratio: Any) -> jax.Array:
+    r"""``update``, or for a discarded leaf (``bad``) the shrink toward its centre:
+    :math:`\Delta\theta = (r - 1)(\theta - c)`, i.e. :math:`\theta \leftarrow c + r(\theta - c)`.
+
+    In at least float32 (the caller casts). The one shrink of the package: this wrapper's
+    and :func:`~optax_ext.optimizers.tiger.tiger`'s, which decides per leaf.
+    """
+    shrink = (ratio - 1.0) * (param.astype(work_dtype(param)) - centre)
+    return jnp.where(bad, shrink, update)
 
 
 def _nonfinite_flags(tree: Any) -> list[jax.Array]:
