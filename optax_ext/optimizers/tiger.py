@@ -231,14 +231,17 @@ def scale_by_tiger(
     References:
       Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023.
     """
-    check_range("beta", beta, 0, 1, high_open=True, schedule=False)
-    k = check_accumulation_steps(accumulation_steps)
-    injected = check_not_injected("ox.scale_by_tiger", k, beta=beta)
-    mu_dtype = canonical_dtype(mu_dtype)
-    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-    check_seed("rounding_seed", rounding_seed)
-    guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
-    direction = _Direction(beta, k, guard, guard_nan, catch_inf, state_rounding, rounding_seed)
+    direction = _Direction.checked(
+        beta,
+        accumulation_steps,
+        guard_nan,
+        catch_inf,
+        mu_dtype,
+        (spike_factor, spike_warmup, spike_decay, spike_action),
+        state_rounding,
+        rounding_seed,
+    )
+    injected = check_not_injected("ox.scale_by_tiger", direction.k, beta=beta)
 
     def update_fn(updates, state, params=None, **extra_args):
         check_updates_match(updates, params, "tiger")
@@ -246,7 +249,7 @@ def scale_by_tiger(
         step = direction(updates, state, extra_args)
         return step.direction, step.state
 
-    return optax.GradientTransformationExtraArgs(_init(mu_dtype, k), update_fn)
+    return optax.GradientTransformationExtraArgs(direction.init, update_fn)
 
 
 def tiger(
@@ -359,17 +362,10 @@ def tiger(
         original (bojone/tiger, bert4keras) behaviour, with the hazard above.
       mu_dtype: momentum dtype (default: the params').
       mask: which leaves get weight decay, see above.
-      spike_factor: the spike threshold as a multiple of the average gradient norm,
-        > 1; ``None`` switches the spike guard off.
-      spike_warmup: admitted micro-steps before the spike guard can fire, ≥ 1.
-      spike_decay: decay in [0, 1) of the norm's running average.
-      spike_action: ``"skip"`` or ``"clip"`` a spike.
-      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
-        ``"stochastic"`` (unbiased,
-        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
-        ``rounding_seed``, the micro-step count and the leaf index). The step's sign is
-        taken before the rounding. No effect on a float32 momentum.
-      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
+      spike_factor, spike_warmup, spike_decay, spike_action: the spike guard, as in
+        :func:`scale_by_tiger`; ``spike_factor=None`` switches it off.
+      state_rounding, rounding_seed: how a bf16/f16 momentum is written, as in
+        :func:`scale_by_tiger`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -392,21 +388,24 @@ def tiger(
       momentum: `kexue.fm/archives/8634 <https://kexue.fm/archives/8634>`_.
     """
     check_range("learning_rate", learning_rate, 0)
-    check_range("beta", beta, 0, 1, high_open=True, schedule=False)
     check_range("weight_decay", weight_decay, 0)
-    k = check_accumulation_steps(accumulation_steps)
+    direction = _Direction.checked(
+        beta,
+        accumulation_steps,
+        guard_nan,
+        catch_inf,
+        mu_dtype,
+        (spike_factor, spike_warmup, spike_decay, spike_action),
+        state_rounding,
+        rounding_seed,
+    )
     # optax.inject_hyperparams would read schedules per micro-step: refused while accumulating
     injected = check_not_injected(
-        "ox.tiger", k, learning_rate=learning_rate, weight_decay=weight_decay, beta=beta
+        "ox.tiger", direction.k, learning_rate=learning_rate, weight_decay=weight_decay, beta=beta
     )
     check_range("min_rms", min_rms, 0, schedule=False)
     check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True, schedule=False)
     rules = scale_rules(param_scaling)
-    mu_dtype = canonical_dtype(mu_dtype)
-    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-    check_seed("rounding_seed", rounding_seed)
-    guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
-    direction = _Direction(beta, k, guard, guard_nan, catch_inf, state_rounding, rounding_seed)
 
     def update_fn(updates, state, params=None, **extra_args):
         _check_params(params, "tiger")
@@ -435,7 +434,7 @@ def tiger(
         updates = jax.tree.map(leaf, step.direction, step.bad, params, scales, decays, centres)
         return updates, step.state
 
-    return optax.GradientTransformationExtraArgs(_init(mu_dtype, k), update_fn)
+    return optax.GradientTransformationExtraArgs(direction.init, update_fn)
 
 
 # -------------------------------------------------------------- the direction
@@ -459,8 +458,35 @@ class _Direction(NamedTuple):
     guard: Any
     guard_nan: bool
     catch_inf: bool
+    mu_dtype: Any
     state_rounding: str
     rounding_seed: int
+
+    @classmethod
+    def checked(
+        cls, beta, k, guard_nan, catch_inf, mu_dtype, spike_args, state_rounding, rounding_seed
+    ) -> _Direction:
+        """Checks :func:`scale_by_tiger`'s arguments (``spike_args``: the spike guard's)."""
+        check_range("beta", beta, 0, 1, high_open=True, schedule=False)
+        k = check_accumulation_steps(k)
+        mu_dtype = canonical_dtype(mu_dtype)
+        check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+        check_seed("rounding_seed", rounding_seed)
+        guard = spike.spike_guard(*spike_args)
+        return cls(beta, k, guard, guard_nan, catch_inf, mu_dtype, state_rounding, rounding_seed)
+
+    def init(self, params) -> ScaleByTigerState:
+        check_float_params(params, "tiger")
+        # a fresh array per counter: a donated state must not hold one buffer twice
+        zero = lambda: jnp.zeros([], jnp.int32)
+        return ScaleByTigerState(
+            count=zero(),
+            mu=optax.tree.zeros_like(params, dtype=self.mu_dtype),
+            skipped_steps=zero(),
+            shrunk_leaves=zero(),
+            **spike.init_counters(),
+            **counters_init(self.k),
+        )
 
     def __call__(self, updates, state, extra_args) -> _Step:
         cycle = current_cycle(self.k, state, extra_args)
@@ -500,23 +526,6 @@ class _Checks(NamedTuple):
     def scaled(self, g):
         """``g`` clipped by the spike guard (unchanged unless ``spike_action="clip"``)."""
         return spike.scale_leaf(g, self.spike.scale)
-
-
-def _init(mu_dtype, k):
-    def init_fn(params):
-        check_float_params(params, "tiger")
-        # a fresh array per counter: a donated state must not hold one buffer twice
-        zero = lambda: jnp.zeros([], jnp.int32)
-        return ScaleByTigerState(
-            count=zero(),
-            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-            skipped_steps=zero(),
-            shrunk_leaves=zero(),
-            **spike.init_counters(),
-            **counters_init(k),
-        )
-
-    return init_fn
 
 
 def _guard_checks(updates, state, guard, guard_nan, catch_inf) -> _Checks:
