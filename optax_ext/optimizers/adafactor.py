@@ -8,6 +8,7 @@ https://arxiv.org/abs/1804.04235.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -23,12 +24,12 @@ from optax_ext._common import (
     check_range,
     check_updates_match,
     compile_path_regex,
-    decay_mask,
-    tree_paths,
     work_dtype,
 )
 from optax_ext._cycles import reject_cycle_length
 from optax_ext._reductions import sum_of_squares
+from optax_ext.optimizers._alias import alias_chain
+from optax_ext.optimizers.lion import scale_by_param_scale
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "adafactor",
     "relative_step_size",
     "scale_by_adafactor",
+    "scale_by_parameter_rms",
 ]
 
 #: The threshold of ``min_dim_size_to_factor=None``.
@@ -148,7 +150,7 @@ def _direction(g, nu, *, beta2, eps1, clip):
     return u, new_nu
 
 
-def _adafactor_leaf(g, nu, m, p, *, beta2, eps1, clip, momentum, eps2):
+def _adafactor_leaf(g, nu, m, *, beta2, eps1, clip, momentum):
     """One leaf: (direction in g's dtype, new second-moment leaf, new momentum or None)."""
     work = work_dtype(g.dtype)
     u, new_nu = _direction(g.astype(work), nu, beta2=beta2, eps1=eps1, clip=clip)
@@ -156,8 +158,6 @@ def _adafactor_leaf(g, nu, m, p, *, beta2, eps1, clip, momentum, eps2):
     if m is not None:
         u = momentum * m.astype(work) + (1.0 - momentum) * u
         new_m = u  # written in the state's dtype by the caller (cast or SR)
-    if p is not None:
-        u = u * jnp.maximum(_rms(p.astype(work)), eps2)
     return u.astype(g.dtype), new_nu, new_m
 
 
@@ -196,14 +196,11 @@ def scale_by_adafactor(
     eps1: float = 1e-30,
     clipping_threshold: float | None = 1.0,
     momentum: float | None = None,
-    multiply_by_parameter_scale: bool = True,
-    exclude_from_parameter_scale: str | None = None,
-    eps2: float = 1e-3,
     mu_dtype: Any = None,
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""AdaFactor's direction (Su's reading): factored RMS scaling, clipping, momentum, θ-scale.
+    r"""AdaFactor's direction (Su's reading): factored RMS scaling, clipping, momentum.
 
     With τ = t + 1 and β2_τ = 1 - τ^(-0.8) (or the constant ``decay_rate``):
 
@@ -217,13 +214,12 @@ def scale_by_adafactor(
             \quad(\text{unfactored: } v \leftarrow \beta_{2,\tau} v + (1-\beta_{2,\tau}) G) \\
         u &= g/\sqrt{v + \epsilon_1}, \qquad u \leftarrow u / \max(1, \mathrm{RMS}(u)/d) \\
         m &\leftarrow \beta_1 m + (1-\beta_1) u,\quad u = m
-            \qquad(\text{only with momentum}) \\
-        u &\leftarrow u \cdot \max(\mathrm{RMS}(\theta), \epsilon_2)
-            \qquad(\text{with multiply\_by\_parameter\_scale})
+            \qquad(\text{only with momentum})
 
     A tensor is factored over its two largest axes (other axes kept) when its
     second-largest axis has ≥ ``min_dim_size_to_factor`` entries; vectors are never
-    factored. The momentum averages the clipped direction *before* the parameter scale.
+    factored. The momentum averages the clipped direction; :func:`adafactor` chains the
+    parameter scale max(RMS(θ), ε2) after it, as Su's reading orders them.
 
     Args:
       decay_rate: ``None`` for β2_τ = 1 - τ^(-0.8); a float in [0, 1] for a constant β2.
@@ -234,17 +230,10 @@ def scale_by_adafactor(
       eps1: ε1 ≥ 0, added to g² and inside the square root.
       clipping_threshold: d > 0 of the update clipping; ``None`` disables it.
       momentum: β1 in [0, 1]; ``None`` keeps no momentum buffer.
-      multiply_by_parameter_scale: scale by max(RMS(θ), ε2); needs ``params``.
-      exclude_from_parameter_scale: a regular expression searched in each leaf's Flax
-        path (``"embedding|bias"``); the leaves it matches skip the parameter scale, as
-        bert4keras's list of name patterns of the same name does. ``None``: none skip.
-      eps2: ε2 ≥ 0, the floor of the parameter scale.
       mu_dtype: momentum dtype (default: the params'). The second moment is kept in at
         least float32.
-      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
-        ``"stochastic"`` (unbiased,
-        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
-        ``rounding_seed``, the step count and the leaf index). No effect on float32.
+      state_rounding: ``"nearest"`` or ``"stochastic"``: how a bf16/f16 momentum is
+        written (:func:`~optax_ext.wrappers.rounding.write_state`).
       rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
@@ -257,7 +246,7 @@ def scale_by_adafactor(
       >>> state = tx.init(params)
       >>> state.nu["w"].row.shape, state.nu["w"].col.shape, state.nu["b"].shape
       ((1, 128), (256, 1), (128,))
-      >>> u, state = tx.update(params, state, params)
+      >>> u, state = tx.update(params, state)
 
     References:
       Su, `AdaFactor optimizer analysis <https://kexue.fm/archives/7302>`_, 2020;
@@ -272,23 +261,9 @@ def scale_by_adafactor(
         check_range("clipping_threshold", clipping_threshold, 0, low_open=True, schedule=False)
     if momentum is not None:
         check_range("momentum", momentum, 0, 1, schedule=False)
-    check_range("eps2", eps2, 0, schedule=False)
     mu_dtype = canonical_dtype(mu_dtype)
     check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
     check_seed("rounding_seed", rounding_seed)
-    unscaled = None
-    if exclude_from_parameter_scale is not None:
-        unscaled = compile_path_regex(exclude_from_parameter_scale, "exclude_from_parameter_scale")
-
-    def param_scale_inputs(params, treedef, n):
-        """Each leaf's parameter for the θ-scale, or None where there is none."""
-        if not multiply_by_parameter_scale:
-            return [None] * n
-        ps = treedef.flatten_up_to(params)
-        if unscaled is None:
-            return ps
-        paths = treedef.flatten_up_to(tree_paths(params))
-        return [None if unscaled.search(path) else p for p, path in zip(ps, paths, strict=True)]
 
     def init_fn(params):
         check_float_params(params, "adafactor")
@@ -301,30 +276,14 @@ def scale_by_adafactor(
         reject_cycle_length(extra_args, "ox.adafactor")
         del extra_args
         check_updates_match(updates, params, "adafactor")
-        if multiply_by_parameter_scale and params is None:
-            raise ValueError(
-                "adafactor with multiply_by_parameter_scale needs the params: "
-                "tx.update(grads, state, params)"
-            )
         beta2 = _beta2(decay_rate, state.count)
         leaves, treedef = jax.tree.flatten(updates)
         nus = treedef.flatten_up_to(state.nu)
         mus = [None] * len(leaves) if state.mu is None else treedef.flatten_up_to(state.mu)
-        ps = param_scale_inputs(params, treedef, len(leaves))
-        out = [
-            _adafactor_leaf(
-                g,
-                nu,
-                m,
-                p,
-                beta2=beta2,
-                eps1=eps1,
-                clip=clipping_threshold,
-                momentum=momentum,
-                eps2=eps2,
-            )
-            for g, nu, m, p in zip(leaves, nus, mus, ps, strict=True)
-        ]
+        leaf = functools.partial(
+            _adafactor_leaf, beta2=beta2, eps1=eps1, clip=clipping_threshold, momentum=momentum
+        )
+        out = [leaf(g, nu, m) for g, nu, m in zip(leaves, nus, mus, strict=True)]
         direction = treedef.unflatten([o[0] for o in out])
         nu = treedef.unflatten([o[1] for o in out])
         mu = None
@@ -335,6 +294,23 @@ def scale_by_adafactor(
         return direction, ScaleByAdafactorState(count=count, nu=nu, mu=mu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_parameter_rms(
+    eps2: float = 1e-3, exclude: str | None = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaFactor's parameter scale: u ← u · max(RMS(θ), ε2) for every leaf whose Flax path
+    ``exclude`` (a regular expression, ``None``: none) is not found in; a relative step.
+
+    The per-parameter scale of :func:`~optax_ext.optimizers.lion.scale_by_param_scale`
+    with the rules ``{exclude: 1, every other leaf: "rms"}`` and ``min_rms=ε2``. Stateless;
+    ``update`` needs ``params``.
+    """
+    check_range("eps2", eps2, 0, schedule=False)
+    rules = [("", "rms")]
+    if exclude is not None:
+        rules.insert(0, (compile_path_regex(exclude, "exclude_from_parameter_scale"), 1.0))
+    return scale_by_param_scale(rules, min_rms=eps2)
 
 
 def relative_step_size(multiply_by_parameter_scale: bool = True) -> optax.Schedule:
@@ -371,12 +347,16 @@ def adafactor(
 
     .. math::
 
-        \theta \leftarrow \theta - \mathrm{lr}_\tau\,(u + \lambda_{\text{leaf}}\,\theta),
+        \theta \leftarrow \theta - \mathrm{lr}_\tau\,(u \cdot s_\theta
+            + \lambda_{\text{leaf}}\,\theta),
         \qquad \mathrm{lr}_\tau = \texttt{learning\_rate}
             \ \text{or}\ \min(10^{-2}, 1/\sqrt{\tau})\,(\times 0.05
             \text{ without the parameter scale})
 
-    where u is :func:`scale_by_adafactor`'s direction. Differences from ``optax.adafactor``:
+    where u is :func:`scale_by_adafactor`'s direction and s_θ = max(RMS(θ), ε2)
+    (:func:`scale_by_parameter_rms`; 1 without it): the chain of the direction, the
+    parameter scale, ``optax.add_decayed_weights`` and the learning rate. Differences
+    from ``optax.adafactor``:
 
     - ``learning_rate=None`` means the relative step min(1e-2, 1/√τ) (optax: no learning
       rate at all, i.e. 1).
@@ -402,25 +382,16 @@ def adafactor(
 
     Args:
       learning_rate: a float, an optax schedule, or ``None`` for the relative step.
-      min_dim_size_to_factor: see :func:`scale_by_adafactor` (``None`` means 128).
-      decay_rate: constant β2 in [0, 1], or ``None`` for 1 - τ^(-0.8).
-      momentum: β1 in [0, 1], or ``None`` for no momentum buffer.
+      min_dim_size_to_factor, decay_rate, momentum, factored, eps1, clipping_threshold,
+        mu_dtype, state_rounding, rounding_seed: the direction's, see
+        :func:`scale_by_adafactor`.
       weight_decay: λ ≥ 0 (float or schedule), multiplied by the learning rate.
       mask: which leaves get weight decay: ``None`` (not biases and norm scales), ``True``
         (all), or an optax mask.
-      factored: ``False`` never factors.
-      eps1: ε1 ≥ 0 (1e-30).
-      clipping_threshold: d > 0 (1.0), ``None`` for no clipping.
-      multiply_by_parameter_scale: scale the step by max(RMS(θ), ε2).
+      multiply_by_parameter_scale: scale the step by max(RMS(θ), ε2); needs ``params``.
       exclude_from_parameter_scale: regular expression of Flax paths whose leaves skip
         the parameter scale (bert4keras's option of the same name), ``None``: none.
-      eps2: ε2 ≥ 0 (1e-3).
-      mu_dtype: momentum dtype (default: the params').
-      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
-        ``"stochastic"`` (unbiased,
-        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
-        ``rounding_seed``, the step count and the leaf index). No effect on float32.
-      rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
+      eps2: ε2 ≥ 0 (1e-3), the floor of the parameter scale.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -441,23 +412,21 @@ def adafactor(
     """
     if learning_rate is not None:
         check_range("learning_rate", learning_rate, 0)
-    check_range("weight_decay", weight_decay, 0)
-    lr = relative_step_size(multiply_by_parameter_scale) if learning_rate is None else learning_rate
-    return optax.chain(
-        scale_by_adafactor(
-            decay_rate,
-            min_dim_size_to_factor=min_dim_size_to_factor,
-            factored=factored,
-            eps1=eps1,
-            clipping_threshold=clipping_threshold,
-            momentum=momentum,
-            multiply_by_parameter_scale=multiply_by_parameter_scale,
-            exclude_from_parameter_scale=exclude_from_parameter_scale,
-            eps2=eps2,
-            mu_dtype=mu_dtype,
-            state_rounding=state_rounding,
-            rounding_seed=rounding_seed,
-        ),
-        optax.add_decayed_weights(weight_decay, mask=decay_mask(mask)),
-        optax.scale_by_learning_rate(lr),
+    direction = scale_by_adafactor(
+        decay_rate,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        factored=factored,
+        eps1=eps1,
+        clipping_threshold=clipping_threshold,
+        momentum=momentum,
+        mu_dtype=mu_dtype,
+        state_rounding=state_rounding,
+        rounding_seed=rounding_seed,
     )
+    if multiply_by_parameter_scale:
+        direction = (direction, scale_by_parameter_rms(eps2, exclude_from_parameter_scale))
+    else:
+        check_range("eps2", eps2, 0, schedule=False)
+        direction = (direction,)
+    lr = relative_step_size(multiply_by_parameter_scale) if learning_rate is None else learning_rate
+    return alias_chain(*direction, learning_rate=lr, weight_decay=weight_decay, mask=mask)

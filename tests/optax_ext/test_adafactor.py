@@ -312,11 +312,8 @@ def test_difference_learning_rate_none_is_the_relative_step():
     ours, theirs = adafactor(), optax.adafactor(learning_rate=None)
     s_ours, s_theirs = ours.init(params), theirs.init(params)
     # jump to τ = 40000, where min(1e-2, 1/√τ) = 5e-3 (optax: a step of 1)
-    s_ours = (
-        s_ours[0]._replace(count=jnp.asarray(39_999)),
-        s_ours[1],
-        s_ours[2]._replace(count=jnp.asarray(39_999)),
-    )
+    at = lambda s: s._replace(count=jnp.asarray(39_999))
+    s_ours = (at(s_ours[0]), *s_ours[1:-1], at(s_ours[-1]))  # the direction and the lr
     s_theirs = (s_theirs[0]._replace(count=jnp.asarray(39_999)),) + tuple(s_theirs[1:])
     u_ours, _ = jax.jit(ours.update)(g, s_ours, params)
     u_theirs, _ = jax.jit(theirs.update)(g, s_theirs, params)
@@ -329,7 +326,7 @@ def test_difference_momentum_before_the_parameter_scale():
         params2 = jax.tree.map(lambda p: 3.0 * p, params1)  # RMS(θ) changes between steps
         g1, g2 = (f64(random_grads_like(params1, s)) for s in (1, 2))
         lr, b1 = 1e-2, 0.9
-        plain = scale_by_adafactor(multiply_by_parameter_scale=False)
+        plain = scale_by_adafactor()
         (d1, d2), _ = first_updates(plain, params1, [g1, g2])  # clipped normalised û1, û2
         ours = adafactor(lr, momentum=b1)
         theirs = optax.adafactor(lr, momentum=b1, dtype_momentum=jnp.float64)
