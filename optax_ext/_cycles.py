@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_ext._common import check_int, is_static_int
+from optax_ext._common import check_int, is_static_int, schedule_value
 
 __all__ = [
     "SET_ACCUMULATION_STEPS",
@@ -54,6 +54,8 @@ __all__ = [
     "per_update_injection",
     "selected_by_accumulation",
     "inside_selecting_accumulation",
+    "ScaleByUpdateScheduleState",
+    "scale_by_update_learning_rate",
 ]
 
 #: the extra-args key that sets the length of the next accumulation cycle
@@ -319,3 +321,42 @@ def _injected_message(name: str, injected: list[str], accumulating: str) -> str:
         f"static_args=('accumulation_steps',)), which reads them by update (or pass "
         f"Python numbers and schedules to {name} directly)"
     )
+
+
+# ------------------------------------------- a learning rate read by update
+
+
+class ScaleByUpdateScheduleState(NamedTuple):
+    """State of :func:`scale_by_update_learning_rate`: the micro-step count and the cycle."""
+
+    count: jax.Array  # int32, micro-steps
+    micro_step: jax.Array  # int32, micro-steps into the cycle
+    cycle_length: jax.Array  # int32, the cycle's k
+    updates: jax.Array  # int32, the update index the schedule reads
+
+
+def scale_by_update_learning_rate(
+    learning_rate: Any, k: Any = 1
+) -> optax.GradientTransformationExtraArgs:
+    """Multiplies by ``-learning_rate(update)``: ``optax.scale_by_learning_rate`` for an
+    optimizer that accumulates k micro-steps per update, its schedule read by update
+    (the optax convention), counted with the same cycles as the direction before it in
+    the chain (``set_accumulation_steps`` included). The direction emits zeros on the
+    micro-steps that do not end a cycle, so no select is needed here."""
+    if not callable(learning_rate):
+        return optax.with_extra_args_support(optax.scale(-learning_rate))
+
+    def init_fn(params):
+        del params
+        return ScaleByUpdateScheduleState(count=jnp.zeros([], jnp.int32), **counters_init(k))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params
+        cycle = current_cycle(k, state, extra_args)
+        lr = schedule_value(learning_rate, cycle.update)
+        updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+        return updates, ScaleByUpdateScheduleState(
+            count=optax.safe_increment(state.count), **next_counters(cycle, state)
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

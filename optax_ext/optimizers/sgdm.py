@@ -19,7 +19,6 @@ from optax_ext._common import (
     check_range,
     check_updates_match,
     is_static_int,
-    schedule_value,
     unzip_leaves,
     work_dtype,
 )
@@ -30,6 +29,7 @@ from optax_ext._cycles import (
     current_cycle,
     next_counters,
     refuse_injected_cycles,
+    scale_by_update_learning_rate,
 )
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
@@ -58,13 +58,6 @@ class ScaleBySgdmState(NamedTuple):
     micro_step: jax.Array
     cycle_length: jax.Array
     updates: jax.Array
-
-
-class ScaleByUpdateScheduleState(NamedTuple):
-    count: jax.Array  # int32, micro-steps
-    micro_step: jax.Array  # int32, micro-steps into the cycle
-    cycle_length: jax.Array  # int32, the cycle's k
-    updates: jax.Array  # int32, the update index the schedule reads
 
 
 def scale_by_sgdm(
@@ -247,7 +240,7 @@ def sgdm(
             state_rounding=state_rounding,
             rounding_seed=rounding_seed,
         ),
-        _scale_by_update_learning_rate(learning_rate, accumulation_steps),
+        scale_by_update_learning_rate(learning_rate, accumulation_steps),
     )
     if not injected:
         return tx
@@ -282,25 +275,3 @@ def _nesterov_accumulating(g, m, a, beta, k, first, last):
     new_m = jnp.where(last, beta * m_work + mean, m_work)
     u = jnp.where(last, mean + beta * new_m, 0.0)
     return u.astype(g.dtype), new_m, mean
-
-
-def _scale_by_update_learning_rate(learning_rate, k) -> optax.GradientTransformationExtraArgs:
-    """Multiplies by ``-learning_rate(update)``: a schedule indexed by update, counted
-    with the same cycles as :func:`scale_by_sgdm` (``set_accumulation_steps`` included)."""
-    if not callable(learning_rate):
-        return optax.with_extra_args_support(optax.scale(-learning_rate))
-
-    def init_fn(params):
-        del params
-        return ScaleByUpdateScheduleState(count=jnp.zeros([], jnp.int32), **counters_init(k))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
-        cycle = current_cycle(k, state, extra_args)
-        lr = schedule_value(learning_rate, cycle.update)
-        updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
-        return updates, ScaleByUpdateScheduleState(
-            count=optax.safe_increment(state.count), **next_counters(cycle, state)
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -45,6 +45,7 @@ from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 __all__ = [
     "TIGER_SCALE_RULES",
     "ScaleByTigerState",
+    "scale_by_param_scale",
     "scale_by_tiger",
     "tiger",
 ]
@@ -160,6 +161,55 @@ def scale_rules(param_scaling: Any) -> PathRules | None:
         else:
             check_range(f"param_scaling multiplier for {pattern!r}", rule, 0, low_open=True)
     return rules
+
+
+def scale_by_param_scale(
+    param_scaling: str | PathRules = "tiger", min_rms: float = 1e-3
+) -> optax.GradientTransformationExtraArgs:
+    r"""Multiplies each leaf's update by a per-parameter scale s(θ) chosen by path rules.
+
+    .. math:: u \leftarrow s(\theta)\, u
+
+    With ``"tiger"`` (Tiger's rule, Flax names): ``bias`` and norm ``scale`` → 0.5,
+    ``embedding`` → RMS of each row (axis -1), every other tensor → its RMS; RMS values
+    are floored at ``min_rms``. Custom rules ``{regex: "rms" | "row_rms" | number}``
+    (first match wins, unmatched leaves get 1). Stateless; ``update`` needs ``params``.
+
+    Args:
+      param_scaling: ``"tiger"`` or path rules, as in :func:`tiger`.
+      min_rms: floor of the RMS scales, ≥ 0 (0 reproduces the unfloored sources).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with an empty state.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"bias": jnp.ones(2), "kernel": jnp.full((2, 2), 3.0)}
+      >>> tx = scale_by_param_scale("tiger")
+      >>> ones = {"bias": jnp.ones(2), "kernel": jnp.ones((2, 2))}
+      >>> u, _ = tx.update(ones, tx.init(params), params)
+      >>> u["bias"], u["kernel"][0]
+      (Array([0.5, 0.5], dtype=float32), Array([3., 3.], dtype=float32))
+
+    References:
+      Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023.
+    """
+    rules = scale_rules(param_scaling)
+    check_range("min_rms", min_rms, 0, schedule=False)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("scale_by_param_scale needs the params: tx.update(g, state, params)")
+        labels = path_labels(params, rules, default=1.0)
+
+        def leaf(u, p, rule):
+            s = param_scale(p, rule, min_rms)
+            return (u.astype(work_dtype(u)) * s).astype(u.dtype)
+
+        return jax.tree.map(leaf, updates, params, labels), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def _check_params(params: Any, name: str) -> None:
