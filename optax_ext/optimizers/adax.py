@@ -19,11 +19,11 @@ from optax_ext._common import (
     check_float_params,
     check_range,
     check_updates_match,
-    decay_mask,
     unzip_leaves,
     work_dtype,
 )
 from optax_ext._cycles import reject_cycle_length
+from optax_ext.optimizers._alias import alias_chain
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
@@ -102,10 +102,8 @@ def scale_by_adax(
       mu_dtype: dtype of the first moment (default: the params').
       nu_dtype: dtype of the second moment ``v̂`` (default: the params', as in
         ``optax.scale_by_adam``).
-      state_rounding: how a bf16/f16 state is written: ``"nearest"`` (a cast) or
-        ``"stochastic"`` (unbiased,
-        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
-        ``rounding_seed``, the step count and the leaf index). No effect on float32.
+      state_rounding: ``"nearest"`` or ``"stochastic"``: how a bf16/f16 state is
+        written (:func:`~optax_ext.wrappers.rounding.write_state`).
       rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
@@ -176,17 +174,13 @@ def adax(
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""The AdaX optimizer: ``θ ← θ - lr · m / (sqrt(v̂) + ε)`` (see :func:`scale_by_adax`).
+    r"""The AdaX optimizer: ``θ ← θ - lr · m / (sqrt(v̂) + ε)``, the chain of
+    :func:`scale_by_adax` and the learning rate.
 
     Args:
       learning_rate: a float or an optax schedule of the step (default 1e-3).
-      b1: momentum coefficient β1 in [0, 1).
-      b2: growth rate β2 > 0 of the second-moment memory.
-      eps: ε ≥ 0 added to ``sqrt(v̂)``.
-      mu_dtype: dtype of the first moment.
-      nu_dtype: dtype of the second moment.
-      state_rounding: ``"nearest"`` or ``"stochastic"``, see :func:`scale_by_adax`.
-      rounding_seed: seed of the stochastic rounding.
+      b1, b2, eps, mu_dtype, nu_dtype, state_rounding, rounding_seed: the direction's,
+        see :func:`scale_by_adax`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -202,19 +196,10 @@ def adax(
     References:
       Li et al., `AdaX <https://arxiv.org/abs/2004.09740>`_, 2020.
     """
-    check_range("learning_rate", learning_rate, 0)
-    return optax.chain(
-        scale_by_adax(
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
-            state_rounding=state_rounding,
-            rounding_seed=rounding_seed,
-        ),
-        optax.scale_by_learning_rate(learning_rate),
+    direction = scale_by_adax(
+        b1, b2, eps, mu_dtype, nu_dtype, state_rounding=state_rounding, rounding_seed=rounding_seed
     )
+    return alias_chain(direction, learning_rate=learning_rate)
 
 
 def adaxw(
@@ -237,20 +222,18 @@ def adaxw(
         \theta \leftarrow \theta - \mathrm{lr}_t\,\big(m/(\sqrt{\hat v}+\epsilon)
         + \lambda\,\mathrm{mask}\odot\theta\big)
 
+    The chain of :func:`scale_by_adax`, ``optax.add_decayed_weights`` and the learning
+    rate, as ``optax.adamw`` chains Adam's direction.
+
     Args:
       learning_rate: a float or an optax schedule of the step (default 1e-3).
-      b1: momentum coefficient β1 in [0, 1).
-      b2: growth rate β2 > 0 of the second-moment memory.
-      eps: ε ≥ 0 added to ``sqrt(v̂)``.
-      mu_dtype: dtype of the first moment.
+      b1, b2, eps, mu_dtype, nu_dtype, state_rounding, rounding_seed: the direction's,
+        see :func:`scale_by_adax`.
       weight_decay: λ ≥ 0; the step shrinks θ by ``lr·λ·θ``.
       mask: which leaves decay: a tree of booleans or a function of the params
         returning one. ``None`` (default) decays every leaf except biases and norm
         scales (``path_mask(exclude=NORM_AND_BIAS)``); ``True`` decays everything. With
         ``optax.inject_hyperparams`` give a callable mask in ``static_args=("mask",)``.
-      nu_dtype: dtype of the second moment.
-      state_rounding: ``"nearest"`` or ``"stochastic"``, see :func:`scale_by_adax`.
-      rounding_seed: seed of the stochastic rounding.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -271,18 +254,7 @@ def adaxw(
       Li et al., `AdaX <https://arxiv.org/abs/2004.09740>`_, 2020; Loshchilov & Hutter,
       `Decoupled weight decay <https://arxiv.org/abs/1711.05101>`_, 2019.
     """
-    check_range("learning_rate", learning_rate, 0)
-    check_range("weight_decay", weight_decay, 0)
-    return optax.chain(
-        scale_by_adax(
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
-            state_rounding=state_rounding,
-            rounding_seed=rounding_seed,
-        ),
-        optax.add_decayed_weights(weight_decay, decay_mask(mask)),
-        optax.scale_by_learning_rate(learning_rate),
+    direction = scale_by_adax(
+        b1, b2, eps, mu_dtype, nu_dtype, state_rounding=state_rounding, rounding_seed=rounding_seed
     )
+    return alias_chain(direction, learning_rate=learning_rate, weight_decay=weight_decay, mask=mask)
