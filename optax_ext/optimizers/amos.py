@@ -154,7 +154,7 @@ def _check_params(params: Any) -> None:
 # -------------------------------------------------------------------- transform
 
 
-def scale_by_amos(
+def amos(
     learning_rate: optax.ScalarOrSchedule,
     beta: float = 0.999,
     momentum: float | None = None,
@@ -170,7 +170,8 @@ def scale_by_amos(
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""The complete Amos update: its output is added to the params as it is.
+    r"""The Amos optimizer, whose direction holds its learning rate: its output is added
+    to the params as it is.
 
     With t the 0-based step, τ = t + 1, ξ = ``learning_rate(t)`` and η the leaf's
     expected entry scale; ``mean`` averages over the axes the reduced shape drops::
@@ -188,9 +189,12 @@ def scale_by_amos(
     and the decay ``γ/2 ≈ ξ²/2`` pulls them toward the scale η. ``b`` accumulates the
     decay already applied and slows both terms down, so Amos anneals itself: no
     separate weight decay or decay schedule is needed, and none should be chained.
-    Because ξ enters inside the update (as ξ·η, ξ² and sqrt(ξ)), this transform must
-    **not** be followed by ``optax.scale_by_learning_rate``; :func:`amos` is the same
-    transform under the optimizer's name.
+    Because ξ enters inside the update (as ξ·η, ξ² and sqrt(ξ)), no direction free of
+    the learning rate followed by ``optax.scale_by_learning_rate`` gives these steps:
+    unlike the other aliases, Amos is not a chain, and nothing should follow it (a
+    learning rate or ``optax.add_decayed_weights`` would change the algorithm).
+    ``scale_by_amos`` is this same function under the direction's name;
+    ``optax_ext.schedules`` has Su's derived inverse-time learning-rate schedule.
 
     ``v`` and ``b`` are kept in at least float32. The learning-rate schedule is called
     with t, the optax convention (the reference code passes t + 1).
@@ -212,10 +216,8 @@ def scale_by_amos(
       extra_l2: extra L2 coefficient ≥ 0 added to γ/2.
       eps: floor > 0 of ``v``.
       mu_dtype: dtype of the momentum buffer (default: the params').
-      state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
-        ``"stochastic"`` (unbiased,
-        :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
-        ``rounding_seed``, the step count and the leaf index). No effect on float32.
+      state_rounding: ``"nearest"`` or ``"stochastic"``: how a bf16/f16 momentum is
+        written (:func:`~optax_ext.wrappers.rounding.write_state`).
       rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
@@ -225,7 +227,7 @@ def scale_by_amos(
     Example:
       >>> import jax.numpy as jnp, optax
       >>> params = {"dense": {"kernel": jnp.ones((4, 2)) / 2, "bias": jnp.zeros(2)}}
-      >>> tx = scale_by_amos(0.01)
+      >>> tx = amos(0.01)
       >>> state = tx.init(params)
       >>> jax.tree.map(jnp.shape, state.v)  # kernels keep the output axis, vectors a scalar
       {'dense': {'bias': (), 'kernel': (1, 2)}}
@@ -333,56 +335,6 @@ def scale_by_amos(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def amos(
-    learning_rate: optax.ScalarOrSchedule,
-    beta: float = 0.999,
-    momentum: float | None = None,
-    *,
-    eta_fn: LeafFn | None = None,
-    shape_fn: LeafFn | None = None,
-    clip_value: float | None = None,
-    c: float = 0.25,
-    d: float = 0.25,
-    extra_l2: float = 0.0,
-    eps: float = 2.0**-125,
-    mu_dtype: Any = None,
-    state_rounding: str = "nearest",
-    rounding_seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-    r"""The Amos optimizer (the user-facing name of :func:`scale_by_amos`).
-
-    Unlike other aliases, nothing is chained after the direction: Amos's update
-    already contains the learning rate ξ (the step ``ξ·η``) and its own weight decay
-    (``γ/2 ≈ ξ²/2``, damped by the accumulator ``b``). Scaling it by the learning rate
-    again, or adding ``optax.add_decayed_weights``, would change the algorithm. See
-    :func:`scale_by_amos` for the update, the arguments and the per-path defaults of
-    η and of the reduced state shape; ``optax_ext.schedules`` has Su's derived
-    inverse-time learning-rate schedule.
-
-    Example:
-      >>> import jax.numpy as jnp, optax
-      >>> params = {"embed": {"embedding": jnp.zeros((10, 4))},
-      ...           "head": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
-      >>> tx = amos(learning_rate=0.02, momentum=0.9, clip_value=1.0)
-      >>> state = tx.init(params)
-      >>> jax.tree.map(jnp.shape, state.b)
-      {'embed': {'embedding': (10, 1)}, 'head': {'bias': (), 'kernel': (1, 3)}}
-
-    References:
-      Tian & Parikh, `Amos <https://arxiv.org/abs/2210.11693>`_, 2022.
-    """
-    return scale_by_amos(
-        learning_rate,
-        eta_fn=eta_fn,
-        shape_fn=shape_fn,
-        beta=beta,
-        momentum=momentum,
-        clip_value=clip_value,
-        c=c,
-        d=d,
-        extra_l2=extra_l2,
-        eps=eps,
-        mu_dtype=mu_dtype,
-        state_rounding=state_rounding,
-        rounding_seed=rounding_seed,
-    )
+#: The Amos optimizer under its direction's name (the same function): the learning rate is
+#: part of Amos's direction, so the direction is the whole optimizer.
+scale_by_amos = amos
