@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, NamedTuple
@@ -230,6 +231,14 @@ def _power(x: jax.Array, v: jax.Array, iters: int) -> tuple[jax.Array, jax.Array
     v_new = _unit(jnp.where(flip, -v_new, v_new), vs[-1])
     sigma = jnp.sqrt(jnp.maximum(lam[..., -1], 0.0)) * s[..., 0, 0]
     return sigma, v_new
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _cold_start(p: jax.Array, v: jax.Array, perm, shape, iters: int) -> jax.Array:
+    """v after ``iters`` power iterations on ``p``'s matrices (Muon's view ``perm``,
+    ``shape``) from the unit ``v``, in ``v``'s dtype. Jitted: ``init`` usually runs
+    outside jit, where op-by-op dispatch compiles every QR, eigh and scan on its own."""
+    return _power(_to_matrices(p.astype(v.dtype), perm, shape), v, iters)[1]
 
 
 def _mvt(x: jax.Array, v: jax.Array) -> jax.Array:
@@ -520,10 +529,7 @@ def add_spectral_decay(
             work = work_dtype(p)
             v = _start_vector((*r.shape[:-2], r.shape[-1]), work)
             if init_iters:
-
-                def cold(p, v, r=r, work=work):
-                    return _power(_to_matrices(p.astype(work), r.perm, r.shape), v, init_iters)[1]
-
+                cold = lambda p, v, r=r: _cold_start(p, v, r.perm, r.shape, init_iters)
                 v = _per_leaf(cold, p, v, out_like=v)
             vs.append(v)
         return SpectralDecayState(count=jnp.zeros([], jnp.int32), v=treedef.unflatten(vs))

@@ -1,6 +1,7 @@
 """Spectral pieces (mclip, spectral norm, spectral decay, Post-Clip, the monitor) against a
 float64 NumPy SVD."""
 
+import functools
 import warnings
 
 import jax
@@ -14,6 +15,7 @@ from helpers import (
     assert_no_recompile,
     assert_same_on_all_paths,
     assert_trees_close,
+    x64,
 )
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -296,7 +298,7 @@ def test_spectral_decay_routes_muon_leaves_only():
     params = small_params()
     tx = add_spectral_decay(0.5, init_iters=30)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
-    u, state = tx.update(grads, tx.init(params), params)
+    u, state = jax.jit(tx.update)(grads, tx.init(params), params)
     assert isinstance(state, SpectralDecayState)
     assert state.v["embed"]["embedding"] == optax.MaskedNode()
     assert state.v["scan"]["kernel"].shape == (2, 16)  # stacked: one vector per layer
@@ -620,53 +622,79 @@ def test_an_unsettled_layout_warns_at_init():
 # ------------------------------------------------------------------ owner_axes
 
 
-def owner_run(make, params, grads, mesh=None):
-    """(updates, state, step) after one jitted update per gradient at fixed params: on
-    one device, or FSDP on ``mesh`` (each leaf split along its first axis that 8 divides)
-    with owners along "data"."""
-    tx = make(None if mesh is None else "data")
-    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+def owner_tree():
+    """float64 params and two gradients: a wide (16 x 40) and a tall (40 x 16) kernel,
+    which share a group in Post-Clip (mclip(Wᵀ) = mclip(W)ᵀ) with different bounds
+    (``owner_bound``), a stack of two matrices, and a bias that passes through."""
+    rng = np.random.default_rng(4)
+    n = lambda *shape: jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-2]))
+    params = {
+        "mlp": {"kernel": n(16, 40), "bias": jnp.zeros(40, jnp.float64)},
+        "down": {"kernel": n(40, 16)},
+        "scan": {"kernel": n(2, 16, 16)},
+    }
+    grads = [jax.tree.map(lambda p, i=i: jnp.cos(3 * p + i), params) for i in range(2)]
+    return params, grads
+
+
+def owner_bound(d_in, d_out):
+    return 0.5 * (1 + (d_out / d_in) ** 0.5)
+
+
+def owner_run(params, grads, mesh=None):
+    """Spectral decay's and Post-Clip's (updates, states) after one jitted update per
+    gradient at fixed params, both in one program, and the step: on one device, or FSDP
+    on ``mesh`` (each leaf split along its first axis that 8 divides) with owners along
+    "data"."""
+    axes = None if mesh is None else "data"
+    txs = (
+        add_spectral_decay(0.3, init_iters=3, owner_axes=axes),
+        clip_singular_values(1.0, shape_factor=owner_bound, owner_axes=axes),
+    )
+    both = lambda p, s, g: tuple(tx.update(g, s_, p) for tx, s_ in zip(txs, s, strict=True))
+    step = jax.jit(both)
+    init = lambda p: tuple(tx.init(p) for tx in txs)
     if mesh is None:
-        state = tx.init(params)
+        states = init(params)
         for g in grads:
-            u, state = step(params, state, g)
-        return u, state, step
+            out = step(params, states, g)
+            states = tuple(s for _, s in out)
+        return out, step
     shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, _data_sharding(mesh, x)), t)
     with jax.set_mesh(mesh):
         params = shard(params)
-        state = jax.jit(tx.init)(params)
+        states = jax.jit(init)(params)
         for g in grads:
             g = shard(g)
-            u, state = step(params, state, g)
-    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(g), strict=True):
-        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)  # the grads' own sharding
-    return u, state, step
+            out = step(params, states, g)
+            states = tuple(s for _, s in out)
+    for u, _ in out:
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(g), strict=True):
+            assert a.sharding.is_equivalent_to(b.sharding, a.ndim)  # the grads' own sharding
+    return out, step
+
+
+@functools.cache
+def owner_single_device():
+    with x64():
+        out, _ = owner_run(*owner_tree())
+        return jax.tree.map(np.asarray, out)
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 def test_owner_axes_equals_the_single_device_result(axis_type, float64):
     # In float64 the owners' batched programs and the per-leaf ones agree to 1e-12, so a
-    # matrix (or vector) handed to the wrong place shows. A wide (16 x 40) and a tall
-    # (40 x 16) kernel share a group in Post-Clip (mclip(Wᵀ) = mclip(W)ᵀ) with different
-    # bounds (shape_factor); a stack and fused heads are batched matrices.
-    rng = np.random.default_rng(4)
-    params = small_params() | {"down": {"kernel": jnp.asarray(rng.standard_normal((40, 16)))}}
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
-    grads = [jax.tree.map(lambda p, i=i: jnp.cos(3 * p + i), params) for i in range(2)]
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
-    bound = lambda d_in, d_out: 0.5 * (1 + (d_out / d_in) ** 0.5)
+    # matrix (or vector) handed to the wrong place shows.
+    params, grads = owner_tree()
     pushed = np.asarray(params["down"]["kernel"] + grads[1]["down"]["kernel"])
-    assert svals(pushed)[0] > 2 * bound(40, 16)  # the clip acts
-    makes = {
-        "decay": lambda axes: add_spectral_decay(0.3, init_iters=3, owner_axes=axes),
-        "clip": lambda axes: clip_singular_values(1.0, shape_factor=bound, owner_axes=axes),
-    }
-    for name, make in makes.items():
-        want_u, want_s, _ = owner_run(make, params, grads)
-        u, s, step = owner_run(make, params, grads, mesh)
+    assert svals(pushed)[0] > 2 * owner_bound(40, 16)  # the clip acts
+    want = owner_single_device()
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    got, step = owner_run(params, grads, mesh)
+    for name, (u, s), (want_u, want_s) in zip(("decay", "clip"), got, want, strict=True):
         assert_trees_close(u, want_u, rtol=1e-12, atol=1e-12, err=f"{name} updates")
         assert_trees_close(s, want_s, rtol=1e-12, atol=1e-12, err=f"{name} state")
-        assert step._cache_size() == 1, name
+    assert step._cache_size() == 1
 
 
 def test_owner_axes_needs_a_mesh_with_the_axis():
