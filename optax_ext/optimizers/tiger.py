@@ -461,7 +461,7 @@ def tiger(
         _check_params(params, "tiger")
         check_updates_match(updates, params, "tiger")
         refuse_injected_cycles(injected, "ox.tiger", extra_args)
-        step = direction(updates, state, extra_args)
+        step = direction(updates, state, extra_args, zero_held=False)
         lr = schedule_value(learning_rate, step.cycle.update)
         wd = schedule_value(weight_decay, step.cycle.update)  # both indexed by update
         scales = path_labels(params, rules, default=1.0)
@@ -469,7 +469,7 @@ def tiger(
         centres = path_labels(params, nan_guard.DEFAULT_CENTRES, default=0.0)
 
         def leaf(u, bad, p, rule, decay, centre):
-            # u = sign(m), already 0 where the step is skipped or the leaf discarded
+            # u = sign(m); the selects below hold or shrink the leaf where needed
             work = work_dtype(p)
             direction = u.astype(work)
             if decay:
@@ -493,7 +493,7 @@ def tiger(
 class _Step(NamedTuple):
     """One micro-step of Tiger's direction, with what :func:`tiger` builds on it."""
 
-    direction: Any  # sign(m) on the cycle's last micro-step; 0 where skipped or discarded
+    direction: Any  # sign(m); 0 where the step is skipped or the leaf discarded (zero_held)
     state: ScaleByTigerState
     bad: Any  # tree of scalar bools: the discarded (non-finite) leaves
     no_step: jax.Array | None  # every leaf holds still: not the last micro-step, or a spike
@@ -538,7 +538,9 @@ class _Direction(NamedTuple):
             **counters_init(self.k),
         )
 
-    def __call__(self, updates, state, extra_args) -> _Step:
+    def __call__(self, updates, state, extra_args, zero_held: bool = True) -> _Step:
+        """``zero_held=False`` leaves sign(m) where the step is skipped or the leaf
+        discarded, for a caller that replaces those itself (one select, not two)."""
         cycle = current_cycle(self.k, state, extra_args)
         checks = _guard_checks(updates, state, self.guard, self.guard_nan, self.catch_inf)
         # one scalar for every leaf: a micro-step that does not end the cycle, or a spike
@@ -549,7 +551,7 @@ class _Direction(NamedTuple):
             gs = checks.scaled(g)
             m = tiger_momentum(gs, m, beta=self.beta, first=cycle.first, k=cycle.k, bad=discard)
             u = jnp.sign(m)
-            zero = _either(bad, no_step)
+            zero = _either(bad, no_step) if zero_held else None
             if zero is not None:
                 u = jnp.where(zero, 0, u)
             return u.astype(g.dtype), m
