@@ -181,7 +181,7 @@ def part_step(args):
     hidden = hidden_kernels(w, layers)
     g = random_like(hidden)
     cands = {
-        "ours keller": muon(1e-3, coeffs="keller"),
+        "ours keller": muon(1e-3, ns_coeffs="keller"),
         "ours polar_express (default)": muon(1e-3),
         "optax.contrib.muon (keller, consistent_rms=0.2)": optax.contrib.muon(
             1e-3, weight_decay=0.1, consistent_rms=0.2

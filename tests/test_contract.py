@@ -25,14 +25,13 @@ ALIASES = {
     "adaxw": ox.adaxw,
     "amos": ox.amos,
     "sgdm": ox.sgdm,
+    "muon": ox.muon,
 }
-if hasattr(ox, "muon"):
-    ALIASES["muon"] = ox.muon
 
 #: aliases that accumulate micro-batches themselves (``accumulation_steps=k``)
 ACCUMULATING = {"tiger", "sgdm"}
 #: aliases with a weight decay that may follow a schedule
-DECAYING = {"tiger", "lion", "adafactor", "adaxw"} | ({"muon"} & set(ALIASES))
+DECAYING = {"tiger", "lion", "adafactor", "adaxw", "muon"}
 
 #: (alias, optax sibling, positional arguments valid for the sibling)
 OPTAX_ORDER = [
@@ -40,6 +39,7 @@ OPTAX_ORDER = [
     ("sgdm", optax.sgd, (1e-2, 0.9, False, None)),
     ("adafactor", optax.adafactor, (1e-3, 128, 0.8)),
     ("adaxw", optax.adamw, (1e-3, 0.9, 1e-4, 1e-6)),
+    ("muon", optax.contrib.muon, (1e-3, (3.4445, -4.775, 2.0315), 5, 0.9, 1e-8, 0.1)),
 ]
 
 #: every alias with an optax sibling: its positional parameters are a prefix of the
@@ -50,6 +50,7 @@ SIBLINGS = {
     "adafactor": optax.adafactor,
     "adaxw": optax.adamw,
     "adax": optax.adam,
+    "muon": optax.contrib.muon,
 }
 SYNONYMS = {"accumulator_dtype": "mu_dtype"}  # optax.sgd's name for what adam calls mu_dtype
 
@@ -113,6 +114,20 @@ def test_positional_parameters_are_the_optax_siblings_at_the_same_positions(name
     assert ours == theirs[: len(ours)], (ours, theirs)
 
 
+DIRECTION_SIBLINGS = [
+    (ox.scale_by_lion, optax.scale_by_lion),
+    (ox.scale_by_muon, optax.contrib.scale_by_muon),
+]
+
+
+@pytest.mark.parametrize(
+    "ours, theirs", DIRECTION_SIBLINGS, ids=[o.__name__ for o, _ in DIRECTION_SIBLINGS]
+)
+def test_directions_take_their_optax_siblings_positions(ours, theirs):
+    mine = _positional(ours)
+    assert mine == _positional(theirs)[: len(mine)]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_everything_after_the_moment_coefficients_is_keyword_only(name):
     import inspect
@@ -138,6 +153,8 @@ def test_everything_after_the_moment_coefficients_is_keyword_only(name):
         "weight_decay",
         "mask",
         "nesterov",
+        "ns_coeffs",
+        "ns_steps",
     }  # optax siblings' positional names
     assert set(positional) <= allowed, positional
 

@@ -305,20 +305,20 @@ def _check_tau(scale: str, tau: Any) -> Any:
 
 
 def scale_by_muon(
+    ns_coeffs: Any = "polar_express",
+    ns_steps: int = 5,
     beta: float = 0.95,
+    eps: float = 1e-7,
+    mu_dtype: Any = None,
     *,
     nesterov: bool = True,
-    coeffs: Any = "polar_express",
-    steps: int = 5,
     scale: str = "moonlight",
     update_rms: float = 0.2,
     tau: optax.ScalarOrSchedule | None = None,
     layout: PathRules = MUON_LAYOUT_RULES,
     attention: str = "fused",
     guard_nan: bool = True,
-    eps: float = 1e-7,
     compute_dtype: Any = None,
-    mu_dtype: Any = None,
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
     owner_axes: str | tuple[str, ...] | None = None,
@@ -408,12 +408,15 @@ def scale_by_muon(
     it is computed changes. Other mesh axes keep their sharding of the matrices (a 2-D
     mesh with owners along ``"data"`` and columns over ``"model"``).
 
+    Positional order is ``optax.contrib.scale_by_muon``'s (``ns_coeffs, ns_steps, beta,
+    eps, mu_dtype``); the rest is keyword-only.
+
     Args:
       beta: momentum β in [0, 1).
       nesterov: use N_t = β E_t + (1-β) G_t (Moonlight's β M_t + G_t, its default).
-      coeffs: Newton–Schulz coefficients: ``"polar_express"``, ``"su"``, ``"keller"``,
+      ns_coeffs: Newton–Schulz coefficients: ``"polar_express"``, ``"su"``, ``"keller"``,
         ``"su_single"`` or explicit ``(a, b, c)`` rows.
-      steps: Newton–Schulz steps (≥ 0; may be injected).
+      ns_steps: Newton–Schulz steps (≥ 0; may be injected).
       scale: ``"moonlight"``, ``"keller"``, ``"mup"``, ``"none"`` or
         ``"keller_to_mup"`` (needs ``tau``).
       update_rms: the target RMS of the ``"moonlight"`` scale (> 0).
@@ -443,12 +446,12 @@ def scale_by_muon(
         ``jax.set_mesh``: each matrix's msign is computed whole by one owner along
         them (see above). An axis not in the mesh, or no mesh set, raises
         ``ValueError`` at ``init`` (when a mesh is set) or at the first update.
-      orthogonalizer: ``"newton_schulz"`` (msign by ``coeffs`` and ``steps``) or
+      orthogonalizer: ``"newton_schulz"`` (msign by ``ns_coeffs`` and ``ns_steps``) or
         ``"streaming"``: Su's streaming power iteration
         (:func:`~optax_ext.optimizers.streaming.streaming_msign`, kexue.fm 11654-11710),
         one power-iteration + QR step per update from the basis kept in
         ``state.basis``, which also holds the tracked singular values of N_t.
-        ``coeffs``, ``steps``, ``eps`` and ``compute_dtype`` are Newton–Schulz's (the
+        ``ns_coeffs``, ``ns_steps``, ``eps`` and ``compute_dtype`` are Newton–Schulz's (the
         streaming step runs in float32 or wider); not with ``owner_axes``.
       streaming_iters: power iterations per update of the streaming orthogonaliser
         (static int ≥ 1; each beyond the first costs O(k³), k = min(d_in, d_out)).
@@ -458,7 +461,7 @@ def scale_by_muon(
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> tx = optax.chain(scale_by_muon(steps=8), optax.scale(-0.1))
+      >>> tx = optax.chain(scale_by_muon(ns_steps=8), optax.scale(-0.1))
       >>> g = jnp.eye(4) * jnp.array([4.0, 3.0, 2.0, 1.0])
       >>> u, _ = tx.update(g, tx.init(g))
       >>> round(float(jnp.sqrt(jnp.mean(u**2))), 3)  # 0.1 * 0.2: update RMS lr·0.2
@@ -472,8 +475,8 @@ def scale_by_muon(
       Training <https://arxiv.org/abs/2502.16982>`_, 2025.
     """
     check_range("beta", beta, 0, 1, high_open=True, schedule=False)
-    newton_schulz_coefficients(coeffs)
-    check_int("steps", steps, minimum=0)
+    newton_schulz_coefficients(ns_coeffs, "ns_coeffs")
+    check_int("ns_steps", ns_steps, minimum=0)
     check_choice("scale", scale, _SCALES)
     check_range("update_rms", update_rms, 0, low_open=True, schedule=False)
     tau = _check_tau(scale, tau)
@@ -550,7 +553,7 @@ def scale_by_muon(
         return u.astype(g.dtype)  # E is written by update_fn (cast or SR)
 
     orthogonalise = functools.partial(
-        msign, coeffs=coeffs, steps=steps, compute_dtype=compute_dtype, eps=eps
+        msign, coeffs=ns_coeffs, steps=ns_steps, compute_dtype=compute_dtype, eps=eps
     )
 
     def direction(g, m, bad, basis, path, tau_t):
@@ -674,12 +677,13 @@ def muon_labels(params: Any, rules: PathRules = MUON_RULES) -> Any:
 
 def muon(
     learning_rate: optax.ScalarOrSchedule,
+    ns_coeffs: Any = "polar_express",
+    ns_steps: int = 5,
     beta: float = 0.95,
+    eps: float = 1e-7,
     weight_decay: float = 0.1,
     *,
     nesterov: bool = True,
-    coeffs: Any = "polar_express",
-    steps: int = 5,
     scale: str = "moonlight",
     update_rms: float = 0.2,
     tau: optax.ScalarOrSchedule | None = None,
@@ -691,7 +695,6 @@ def muon(
     other_weight_decay: float | None = None,
     other_kwargs: dict | None = None,
     guard_nan: bool = True,
-    eps: float = 1e-7,
     compute_dtype: Any = None,
     mu_dtype: Any = None,
     state_rounding: str = "nearest",
@@ -740,13 +743,16 @@ def muon(
 
     Args:
       learning_rate: η, a float or an optax schedule.
+      ns_coeffs, ns_steps: Newton–Schulz's coefficients and steps, as in
+        :func:`scale_by_muon`; with ``beta``, ``eps`` and ``weight_decay`` they take
+        ``optax.contrib.muon``'s positions.
       beta: Muon's momentum β in [0, 1).
+      eps: as in :func:`scale_by_muon`.
       weight_decay: λ ≥ 0 for the Muon leaves.
-      nesterov, coeffs, steps, scale, update_rms, tau, layout, attention, guard_nan,
-        eps, compute_dtype, mu_dtype, state_rounding, rounding_seed, owner_axes,
-        orthogonalizer, streaming_iters: as in
-        :func:`scale_by_muon` (for Muon's M; the other optimizer takes its own in
-        ``other_kwargs``).
+      nesterov, scale, update_rms, tau, layout, attention, guard_nan, compute_dtype,
+        mu_dtype, state_rounding, rounding_seed, owner_axes, orthogonalizer,
+        streaming_iters: as in :func:`scale_by_muon` (for Muon's M; the other
+        optimizer takes its own in ``other_kwargs``).
       rules: path rules labelling leaves ``"muon"`` or ``"other"`` (first match wins;
         unmatched → ``"other"``).
       other: ``"adamw"`` (the default), ``"tiger"`` or an optax transform for the other leaves.
@@ -816,10 +822,10 @@ def muon(
     for _, label in rules.items() if isinstance(rules, dict) else rules:
         check_choice("rules label", label, _LABELS)
     direction = scale_by_muon(
-        beta,
+        beta=beta,
         nesterov=nesterov,
-        coeffs=coeffs,
-        steps=steps,
+        ns_coeffs=ns_coeffs,
+        ns_steps=ns_steps,
         scale=scale,
         update_rms=update_rms,
         tau=tau,

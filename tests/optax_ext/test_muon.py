@@ -102,8 +102,8 @@ def ref_muon(
     beta,
     wd,
     nesterov=True,
-    coeffs="polar_express",
-    steps=5,
+    ns_coeffs="polar_express",
+    ns_steps=5,
     scale="moonlight",
     attention="fused",
     eps=1e-7,
@@ -129,7 +129,7 @@ def ref_muon(
             outs = []
             for mat in split(n):
                 alpha = ref_scale(scale, *mat.shape, tau=tau_t)
-                outs.append(alpha * ref_msign(mat, coeffs, steps, eps))
+                outs.append(alpha * ref_msign(mat, ns_coeffs, ns_steps, eps))
             theta[p] = theta[p] - lr(t) * (join(outs) + wd * theta[p])
     return theta, m
 
@@ -187,9 +187,9 @@ def tau_steps(t):
     "kw",
     [
         dict(),
-        dict(nesterov=False, coeffs="keller", scale="keller"),
-        dict(coeffs="su", steps=6, scale="mup", attention="per_head"),
-        dict(coeffs="su_single", steps=3, scale="none"),
+        dict(nesterov=False, ns_coeffs="keller", scale="keller"),
+        dict(ns_coeffs="su", ns_steps=6, scale="mup", attention="per_head"),
+        dict(ns_coeffs="su_single", ns_steps=3, scale="none"),
         # (16, 16), (16, 32) and (32, 16) matrices; per head (16, 8) and (8, 16)
         dict(scale="keller_to_mup", tau=tau_steps),
         dict(nesterov=False, scale="keller_to_mup", tau=0.75, attention="per_head"),
@@ -209,7 +209,7 @@ def test_scale_by_muon_matches_float64_reference(kw):
             lambda x: x.astype(jnp.float64), kernels_only(flax_like_params(1, layers=1))
         )
         grads = grads_seq(params, 4, 1)
-        tx = optax.chain(scale_by_muon(0.9, **kw), optax.scale(-0.05))
+        tx = optax.chain(scale_by_muon(beta=0.9, **kw), optax.scale(-0.05))
         got, state = run(tx, params, grads)
     want, m = ref_muon(params, grads, lr=lambda t: 0.05, beta=0.9, wd=0.0, **kw)
     assert_trees_close(got, tree_like(params, want), rtol=1e-10, atol=1e-10)
@@ -234,7 +234,14 @@ def test_random_trees_float32(seed):
 def test_muon_alias_routes_and_matches_reference(other):
     params = flax_like_params(4, layers=1)
     grads = grads_seq(params, 4, 4)
-    tx = muon(schedule, 0.9, 0.1, other=other, other_learning_rate=3e-3, other_weight_decay=0.01)
+    tx = muon(
+        schedule,
+        beta=0.9,
+        weight_decay=0.1,
+        other=other,
+        other_learning_rate=3e-3,
+        other_weight_decay=0.01,
+    )
     got, _ = run(tx, params, grads)
     muon_paths = {p for p, lab in leaf_paths(muon_labels(params)) if lab == "muon"}
     # Muon leaves: the float64 reference with decoupled decay multiplied by the lr
@@ -328,15 +335,19 @@ def test_equals_optax_contrib_muon_where_they_coincide():
         for i, s in enumerate([(16, 24), (32, 8)])
     }
     grads = grads_seq(params, 4, 5)
-    ours = muon(schedule, 0.9, 0.1, coeffs="keller", nesterov=False, eps=1e-8)
+    # optax's positional order: ns_coeffs, ns_steps, beta, eps, weight_decay
+    keller = ((3.4445, -4.7750, 2.0315),)
+    ours = muon(schedule, keller, 5, 0.9, 1e-8, 0.1, nesterov=False)
     theirs = optax.contrib.muon(
-        schedule, beta=0.9, weight_decay=0.1, nesterov=False, consistent_rms=0.2, eps=1e-8
+        schedule, keller[0], 5, 0.9, 1e-8, 0.1, nesterov=False, consistent_rms=0.2
     )
     p1, s1 = run(ours, params, grads, jit=True)
     p2, _ = run(theirs, params, grads, jit=True)
     assert_trees_close(p1, p2, rtol=1e-6, atol=1e-7)
     # with Nesterov on they differ by design (optax bias-corrects the two terms differently)
-    p3, _ = run(muon(schedule, 0.9, 0.1, coeffs="keller", eps=1e-8), params, grads[:2], jit=True)
+    p3, _ = run(
+        muon(schedule, "keller", beta=0.9, eps=1e-8, weight_decay=0.1), params, grads[:2], jit=True
+    )
     p4, _ = run(
         optax.contrib.muon(schedule, beta=0.9, weight_decay=0.1, consistent_rms=0.2, eps=1e-8),
         params,
@@ -349,7 +360,7 @@ def test_equals_optax_contrib_muon_where_they_coincide():
 def test_moonlight_scale_gives_update_rms_02_on_full_rank_matrices():
     for shape in [(64, 64), (48, 96), (128, 32)]:
         g = jnp.asarray(np.random.default_rng(shape[0]).standard_normal(shape), jnp.float32)
-        exact = scale_by_muon(steps=10)  # converged Newton–Schulz: msign itself
+        exact = scale_by_muon(ns_steps=10)  # converged Newton–Schulz: msign itself
         u, _ = exact.update(g, exact.init(g))
         assert float(jnp.sqrt(jnp.mean(u**2))) == pytest.approx(0.2, rel=2e-3)
         u, _ = scale_by_muon().update(g, scale_by_muon().init(g))  # 5 steps: σ in [0.85, 1.12]
@@ -406,7 +417,7 @@ def test_scanned_dense_kernel_is_a_stack_of_layers():
     rng = np.random.default_rng(20)
     g = rng.standard_normal((4, 16, 32)) * np.array([1.0, 10.0, 100.0, 1000.0])[:, None, None]
     path = "ScanBlock_0/Dense_0/kernel"
-    tx = scale_by_muon(nesterov=False, steps=8)
+    tx = scale_by_muon(nesterov=False, ns_steps=8)
     grads = nested({path: jnp.asarray(g, jnp.float32)})
     assert muon_warnings(lambda: tx.init(grads)) == []
     u, _ = tx.update(grads, tx.init(grads))
@@ -556,7 +567,7 @@ def test_nonfinite_leaf_keeps_momentum_and_gets_zero_direction():
         seq[1] = jax.tree.map(lambda x: x, seq[1])
         leaf = get(seq[1], name)
         leaf["kernel"] = leaf["kernel"].at[1, 2].set(jnp.nan)
-        got, _ = run(muon(schedule, 0.9, 0.1), p64, seq)
+        got, _ = run(muon(schedule, beta=0.9, weight_decay=0.1), p64, seq)
     want, _ = ref_muon(p64, seq, lr=schedule, beta=0.9, wd=0.1)
     assert_trees_close(got, tree_like(p64, want), rtol=1e-10, atol=1e-10)
 
@@ -767,9 +778,9 @@ def test_inject_hyperparams_traced_steps_and_lr():
     params = flax_like_params(11, layers=1)
     grads = grads_seq(params, 3, 11)
     injected = optax.inject_hyperparams(muon)(
-        learning_rate=1e-2, beta=0.9, weight_decay=0.05, steps=5
+        learning_rate=1e-2, beta=0.9, weight_decay=0.05, ns_steps=5
     )
-    plain = muon(1e-2, 0.9, 0.05)
+    plain = muon(1e-2, beta=0.9, weight_decay=0.05)
     p1, s1 = run(injected, params, grads)
     p2, _ = run(plain, params, grads)
     assert_trees_close(p1, p2, rtol=1e-5, atol=1e-6)
@@ -855,7 +866,7 @@ def test_device_paths_agree():
     grads = grads_seq(params, 3, 13)
     grads[1]["mlp"]["kernel"] = grads[1]["mlp"]["kernel"].at[0, 0].set(jnp.nan)
     # AdamW as the second optimizer keeps this test short; Tiger's paths are tested in its file
-    tx = muon(schedule, 0.9, 0.1, other="adamw")
+    tx = muon(schedule, beta=0.9, weight_decay=0.1, other="adamw")
     assert_same_on_all_paths(tx, params, grads, rtol=2e-5, atol=1e-6)
 
 
@@ -902,9 +913,9 @@ def test_sharded_muon_equals_single_device_by_rows_columns_and_fully():
         ({"beta": 1.0}, r"beta must be in \[0, 1\), got 1.0"),
         ({"learning_rate": -1.0}, r"learning_rate must be in \[0, inf\), got -1.0"),
         ({"weight_decay": -0.1}, r"weight_decay must be in \[0, inf\)"),
-        ({"steps": -1}, r"steps must be an int >= 0, got -1"),
-        ({"coeffs": "newton"}, r"coeffs must be one of"),
-        ({"coeffs": [(1.0, 2.0)]}, r"coeffs must be an \(a, b, c\) triple"),
+        ({"ns_steps": -1}, r"ns_steps must be an int >= 0, got -1"),
+        ({"ns_coeffs": "newton"}, r"ns_coeffs must be one of"),
+        ({"ns_coeffs": [(1.0, 2.0)]}, r"ns_coeffs must be an \(a, b, c\) triple"),
         (
             {"scale": "torch"},
             r"scale must be one of \['moonlight', 'keller', 'mup', 'none', 'keller_to_mup'\]",
@@ -982,8 +993,8 @@ def test_bad_calls():
     tx = scale_by_muon()
     with pytest.raises(ValueError, match=r"rank-1 leaf 'b'.*route 1-D leaves"):
         tx.update({"b": jnp.ones(3)}, tx.init({"b": jnp.ones(3)}))
-    with pytest.raises(TypeError, match="steps must be an int"):
-        scale_by_muon(steps=2.5)
+    with pytest.raises(TypeError, match="ns_steps must be an int"):
+        scale_by_muon(ns_steps=2.5)
     # Newton-Schulz in an integer dtype returned zeros: rejected when built
     with pytest.raises(TypeError, match="compute_dtype must be a floating dtype"):
         muon(1e-3, compute_dtype=jnp.int32)
