@@ -21,6 +21,15 @@ spectral monitor's cost, and the streaming orthogonaliser on the momenta of a re
 
 Writes ``results/spectral_norms.json`` (or ``--out``) and, with ``--plot``,
 ``docs/spectral_norms.png``.
+
+``--owner`` instead compiles Post-Clip's and spectral decay's update on 8 fake devices,
+every kernel's rows split over "data" (FSDP), with the compiler placing the products
+(``owner_axes=None``) and with each matrix computed by its owner (``owner_axes="data"``),
+and counts per device what ``bench_owner_compute.py`` counts for Muon (FLOPs, temporary
+memory, collectives and their bytes), on that benchmark's "issue" tree (8 layers
+(a (512, 2048) and a (512, 512) kernel each); ``results/spectral_owner_compute.json``::
+
+    python benchmarks/bench_spectral.py --owner
 """
 
 from __future__ import annotations
@@ -283,6 +292,51 @@ def streaming_on_real_momenta(task: Task, lr: float, iters=(1, 2), seed: int = 0
     return out
 
 
+# ---------------------------------------------------------------- 4. owner-compute
+
+
+def owner_counts(layers: int = 8) -> dict[str, Any]:
+    """Compiled per-device counts of Post-Clip and spectral decay, placed by the compiler
+    and by owners, on a row-sharded (FSDP) mesh of 8 fake devices (set in ``main``)."""
+    from bench_owner_compute import abstract, counts, issue_tree, make_step, shardings_like
+
+    params = issue_tree(layers)
+    weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = []
+    for name, make in (
+        ("clip_singular_values", lambda axes: ox.clip_singular_values(1.0, owner_axes=axes)),
+        ("add_spectral_decay", lambda axes: ox.add_spectral_decay(0.1, owner_axes=axes)),
+    ):
+        for program, axes in (("placement", None), ("owner", "data")):
+            tx = make(axes)
+            with jax.set_mesh(mesh):
+                s_abs = jax.eval_shape(tx.init, params)
+                p_in = abstract(params, shardings_like(params, mesh, "fsdp"))
+                s_in = abstract(s_abs, shardings_like(s_abs, mesh, "fsdp"))
+                t0 = time.perf_counter()
+                compiled = make_step(tx).lower(p_in, s_in, p_in).compile()
+            row = counts(compiled) | {"transform": name, "program": program}
+            row["compile_s"] = time.perf_counter() - t0
+            row["collective_bytes_vs_weights"] = row["collective_bytes"] / weights
+            rows.append(row)
+            print(f"{name} {program}: {row['collective_ops']} collectives, "
+                  f"{row['collective_bytes'] / 1e6:.1f} MB", flush=True)  # fmt: skip
+    return {"machine": machine(), "layers": layers, "weights_bytes": weights, "rows": rows}
+
+
+def owner_report(results: dict[str, Any]) -> str:
+    return markdown_table(results["rows"], [
+        ("transform", "transform", str),
+        ("program", "program", str),
+        ("flops", "GFLOP/device", lambda v: f"{v / 1e9:.3f}"),
+        ("collective_ops", "collectives", str),
+        ("collective_bytes", "MB moved/device", lambda v: f"{v / 1e6:.1f}"),
+        ("collective_bytes_vs_weights", "÷ weights", lambda v: f"{v:.2f}"),
+        ("temp_bytes", "temp MB/device", lambda v: f"{v / 1e6:.1f}"),
+    ])  # fmt: skip
+
+
 # ------------------------------------------------------------------------ report
 
 
@@ -412,7 +466,17 @@ def main(argv=None) -> dict[str, Any]:
         help="write the PNG (default path docs/spectral_norms.png)",
     )  # fmt: skip
     ap.add_argument("--report", action="store_true", help="print the tables, run nothing")
+    ap.add_argument("--owner", action="store_true", help="owner-compute counts instead")
     args = ap.parse_args(argv)
+    if args.owner:
+        # before the backend starts: the mesh needs 8 devices
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        ).strip()
+        out = owner_counts()
+        print(owner_report(out))
+        print("wrote", write_json("spectral_owner_compute", out))
+        return out
     path = os.path.join(RESULTS_DIR, f"{args.out}.json")
     if args.report:
         with open(path) as f:
