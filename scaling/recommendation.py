@@ -36,27 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from scaling import _validate as v
 from scaling import batch_size as bs
 from scaling import weight_decay as wd
 
-__all__ = ["FAMILIES", "SWEEP_NOTE", "Recommendation", "recommend"]
-
-FAMILIES = ("sgd", "sgdm", "adam", "adamw", "lion", "tiger", "muon")
-_SIGN = ("lion", "tiger")
-_ADAM = ("adam", "adamw")
-_DEFAULT_BETA1 = {
-    "sgd": 0.0,
-    "sgdm": 0.9,
-    "adam": 0.9,
-    "adamw": 0.9,
-    "lion": 0.9,
-    "tiger": 0.9,
-    "muon": 0.95,
-}
-_DEFAULT_BETA2 = {"adam": 0.999, "adamw": 0.999, "lion": 0.99}
+__all__ = ["FAMILIES", "RULES", "FamilyRule", "SWEEP_NOTE", "Recommendation", "recommend"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +185,127 @@ def format_table(header, rows, title=None) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------ one rule a family
+
+
+def _sgd_lr(lr, batch, new_batch, given, b1, beta_noise, c):
+    new_lr = bs.sgd_transfer(lr, batch, new_batch, given, b1).lr
+    rule = "sgd B_noise transfer" + (" with momentum" if b1 > 0 else "")
+    reason = (
+        f"lr x (1+r*Bn/B)/(1+r*Bn/B'), Bn={given:.4g}, r=(1-b1)/(1+b1)="
+        f"{bs.momentum_factor(b1):.3g}; no peak"
+    )
+    return new_lr, None, False, rule, reason
+
+
+def _adam_lr(lr, batch, new_batch, given, b1, beta_noise, c):
+    res = bs.adam_transfer(lr, batch, new_batch, given, b1)
+    new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
+    if has_peak and min(batch, new_batch) >= peak:
+        tail = (
+            f"both batches are past the curve's peak at B={peak:.3g} "
+            f"({(1 - b1) / (3 * b1 - 1):.3g} x B_simple for beta1={b1:g}), where it falls "
+            f"slowly: lr x{new_lr / lr:.3g} (the momentum's sign is already nearly "
+            "noise-free there: a larger batch adds curvature along the update, not "
+            "signal; Su, kexue.fm/archives/11301)"
+        )
+    elif has_peak:
+        tail = f"lr falls beyond B={peak:.3g} (the curve's peak)"
+    else:
+        tail = "no peak (beta1 <= 1/3)"
+    reason = f"mean-field Adam curve with beta1={b1:g}, B_simple={given:.4g}; {tail}"
+    return new_lr, peak, has_peak, "adam mean-field curve", reason
+
+
+def _muon_lr(lr, batch, new_batch, given, b1, beta_noise, c):
+    res = bs.muon_transfer(lr, batch, new_batch, given, beta_noise)
+    new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
+    if beta_noise == math.inf:
+        reason = f"Su's Muon rule lr x sqrt((1+Bs/B)/(1+Bs/B')), B_simple={given:.4g}; no peak"
+        return new_lr, peak, has_peak, "muon (Su)", reason
+    tail = (
+        f"peak at B={peak:.3g} ({peak / given:.3g} x B_simple), lr falls beyond"
+        if has_peak
+        else "no peak"
+    )
+    reason = (
+        f"Su's Muon curve with a surge term, beta_noise={beta_noise:g} (the transfer "
+        f"check's fit), B_simple={given:.4g}; {tail}"
+    )
+    return new_lr, peak, has_peak, "muon (Su, with a surge)", reason
+
+
+def _sign_lr(lr, batch, new_batch, given, b1, beta_noise, c):
+    res = bs.sign_transfer(lr, batch, new_batch, given, beta_noise, c)
+    new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
+    tail = (
+        f"peak at B={peak:.3g}, lr falls beyond"
+        if has_peak
+        else f"beta_noise={beta_noise:g}: no peak"
+    )
+    reason = f"Su's sign curve, kappa^2=B_simple={given:.4g}, c={c:.4g}; {tail}"
+    return new_lr, peak, has_peak, "sign surge (Su)", reason
+
+
+def _adam_beta1(lr, b1, b2, kappa):
+    sde = ""
+    if 0 < kappa and kappa * (1 - b1) < 1 and kappa * (1 - b2) < 1:
+        alt = bs.adam_sde_rule(lr, b1, b2, 1e-8, kappa)
+        sde = f" (Malladi's SDE rule instead: beta1={alt.beta1:.3g}, lr={alt.lr:.3g})"
+    return "kept: the lr curve above assumes this beta1" + sde
+
+
+def _kept(why: str) -> Callable[..., str]:
+    return lambda lr, b1, b2, kappa: why
+
+
+def _sgdm_beta1(lr, b1, b2, kappa):
+    return f"kept; momentum acts like a batch x{(1 + b1) / (1 - b1):.3g} on the noise term"
+
+
+class FamilyRule(NamedTuple):
+    """How one optimizer family moves to a new batch size (a row of :data:`RULES`).
+
+    ``lr_rule(lr, batch, new_batch, noise_scale, beta1, beta_noise, c)`` returns (new lr,
+    peak batch, has peak, rule name, reason); ``beta1_reason(lr, beta1, beta2, κ)`` says
+    why β1 is kept.
+    """
+
+    noise: str  # the noise scale its lr rule reads: "b_noise" or "b_simple"
+    beta1: float  # the family's default β1
+    beta2: float | None  # its default β2 (None: it has none)
+    beta_noise: float  # the default β_noise of its surge
+    surge_may_vanish: bool  # whether beta_noise = inf (no surge term) is allowed
+    fallback: str  # the rule without a noise scale: "linear" or "sqrt"
+    lr_rule: Callable[..., tuple]
+    beta1_reason: Callable[..., str]
+    beta2_half_life: bool  # β2 keeps its half-life in examples (Adam)
+    l2_note: bool  # its weight decay may be an L2 penalty (plain Adam)
+
+
+_SIGN_KEPT = _kept("kept: the sign curve has no momentum term")
+
+#: one rule a family; :func:`recommend` reads its row and nothing else of the family
+RULES: dict[str, FamilyRule] = {
+    "sgd": FamilyRule("b_noise", 0.0, None, 1.0, False, "linear", _sgd_lr,
+                      _kept("plain SGD: no momentum"), False, False),
+    "sgdm": FamilyRule("b_noise", 0.9, None, 1.0, False, "linear", _sgd_lr, _sgdm_beta1,
+                       False, False),
+    "adam": FamilyRule("b_simple", 0.9, 0.999, 1.0, False, "sqrt", _adam_lr, _adam_beta1,
+                       True, True),
+    "adamw": FamilyRule("b_simple", 0.9, 0.999, 1.0, False, "sqrt", _adam_lr, _adam_beta1,
+                        True, False),
+    "lion": FamilyRule("b_simple", 0.9, 0.99, 1.0, False, "sqrt", _sign_lr, _SIGN_KEPT,
+                       False, False),
+    "tiger": FamilyRule("b_simple", 0.9, None, 1.0, False, "sqrt", _sign_lr, _SIGN_KEPT,
+                        False, False),
+    "muon": FamilyRule("b_simple", 0.95, None, bs.MUON_BETA_NOISE, True, "sqrt", _muon_lr,
+                       _kept("kept: the Muon rule has no momentum term"), False, False),
+}  # fmt: skip
+
+FAMILIES = tuple(RULES)
+
+
 def _ratio(b_crit, batch, new_batch):
     # (1 + Bc/B')/(1 + Bc/B) = (B/B')(B' + Bc)/(B + Bc), and the same for examples: the
     # sums stay finite where Bc/B alone would overflow.
@@ -279,10 +387,11 @@ def recommend(
       Marek et al. 2025, arXiv 2507.07101.
     """
     v.check_choice("optimizer", optimizer, FAMILIES)
+    family = RULES[optimizer]
     # one recommendation: every number is a single value, named when it is not (NumPy's
     # "only 0-dimensional arrays can be converted to Python scalars" names nothing)
     if beta_noise is None:
-        beta_noise = bs.MUON_BETA_NOISE if optimizer == "muon" else 1.0
+        beta_noise = family.beta_noise
     numbers = dict(lr=lr, batch=batch, new_batch=new_batch, beta_noise=beta_noise, c=c)
     numbers |= dict(b_noise=b_noise, b_simple=b_simple, weight_decay=weight_decay)
     numbers |= dict(beta1=beta1, beta2=beta2, steps=steps, stderr=stderr)
@@ -311,20 +420,20 @@ def recommend(
                 "error of b_simple (or b_noise)"
             )
     v.positive("beta_noise", beta_noise)
-    if optimizer != "muon":
+    if not family.surge_may_vanish:
         v.finite_positive("beta_noise", beta_noise)
     v.finite_positive("c", c)
-    b1 = _DEFAULT_BETA1[optimizer] if beta1 is None else beta1
+    b1 = family.beta1 if beta1 is None else beta1
     v.beta("beta1", b1)
     if beta2 is not None:
         v.beta("beta2", beta2)
-    b2 = _DEFAULT_BETA2.get(optimizer) if beta2 is None else beta2
+    b2 = family.beta2 if beta2 is None else beta2
     lr, batch, new_batch = float(lr), float(batch), float(new_batch)
     reasons: dict[str, str] = {}
     kappa = new_batch / batch
 
     # --- learning rate
-    needs = "b_noise" if optimizer in ("sgd", "sgdm") else "b_simple"
+    needs = family.noise
     given = b_noise if needs == "b_noise" else b_simple
     other = b_simple if needs == "b_noise" else b_noise
     stand_in = ""
@@ -339,15 +448,15 @@ def recommend(
                 f"the {optimizer} rule needs a noise scale: give {needs} (or the other of "
                 "b_noise/b_simple), or strict=False for the simple fallback rule"
             )
-        if optimizer in ("sgd", "sgdm"):
+        if family.fallback == "linear":
             rule, new_lr = "linear (fallback)", bs.linear_rule(lr, batch, new_batch)
             reasons["lr"] = "fallback, no noise scale given: linear rule lr x B'/B (Goyal et al.)"
         else:
             rule, new_lr = "sqrt (fallback)", bs.sqrt_rule(lr, batch, new_batch)
             reasons["lr"] = "fallback, no noise scale given: square-root rule lr x sqrt(B'/B)"
     else:
-        rule_lr = lambda noise_scale: _lr_rule(  # noqa: E731
-            optimizer, lr, batch, new_batch, noise_scale, b1, beta_noise, c
+        rule_lr = lambda noise_scale: family.lr_rule(  # noqa: E731
+            lr, batch, new_batch, noise_scale, b1, beta_noise, c
         )
         new_lr, peak, has_peak, rule, reasons["lr"] = rule_lr(float(given))
         reasons["lr"] += stand_in
@@ -375,29 +484,14 @@ def recommend(
             "epochs"
             + (f": {batch / (lr * weight_decay):.3g} examples" if weight_decay > 0 else "")
             + ")"
-            + (" (decoupled decay; approximate for an L2 penalty)" if optimizer == "adam" else "")
+            + (" (decoupled decay; approximate for an L2 penalty)" if family.l2_note else "")
         )
 
     # --- betas
     new_b1 = b1
-    if optimizer == "sgd":
-        reasons["beta1"] = "plain SGD: no momentum"
-    elif optimizer == "sgdm":
-        reasons["beta1"] = (
-            f"kept; momentum acts like a batch x{(1 + b1) / (1 - b1):.3g} on the noise term"
-        )
-    elif optimizer == "muon":
-        reasons["beta1"] = "kept: the Muon rule has no momentum term"
-    elif optimizer in _ADAM:
-        sde = ""
-        if 0 < kappa and kappa * (1 - b1) < 1 and kappa * (1 - b2) < 1:
-            alt = bs.adam_sde_rule(lr, b1, b2, 1e-8, kappa)
-            sde = f" (Malladi's SDE rule instead: beta1={alt.beta1:.3g}, lr={alt.lr:.3g})"
-        reasons["beta1"] = "kept: the lr curve above assumes this beta1" + sde
-    else:
-        reasons["beta1"] = "kept: the sign curve has no momentum term"
+    reasons["beta1"] = family.beta1_reason(lr, b1, b2, kappa)
     new_b2 = b2
-    if optimizer in _ADAM:
+    if family.beta2_half_life:
         new_b2 = bs.beta2_by_half_life(b2, batch, new_batch)
         reasons["beta2"] = "beta2^(B'/B): keeps its half-life in examples" + (
             " (beta2 not given: 0.999 assumed)" if beta2 is None else ""
@@ -447,60 +541,3 @@ def recommend(
         noise_scale_stderr=None if stderr is None or given is None else float(stderr),
         lr_range=lr_range,
     )
-
-
-def _lr_rule(optimizer, lr, batch, new_batch, given, b1, beta_noise, c):
-    """(new lr, peak batch, has peak, rule, reason) of the family's rule at a noise scale."""
-    peak, has_peak = None, False
-    if optimizer in ("sgd", "sgdm"):
-        new_lr = bs.sgd_transfer(lr, batch, new_batch, given, b1).lr
-        rule = "sgd B_noise transfer" + (" with momentum" if b1 > 0 else "")
-        reason = (
-            f"lr x (1+r*Bn/B)/(1+r*Bn/B'), Bn={given:.4g}, r=(1-b1)/(1+b1)="
-            f"{bs.momentum_factor(b1):.3g}; no peak"
-        )
-    elif optimizer in _ADAM:
-        res = bs.adam_transfer(lr, batch, new_batch, given, b1)
-        new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
-        rule = "adam mean-field curve"
-        if has_peak and min(batch, new_batch) >= peak:
-            tail = (
-                f"both batches are past the curve's peak at B={peak:.3g} "
-                f"({(1 - b1) / (3 * b1 - 1):.3g} x B_simple for beta1={b1:g}), where it falls "
-                f"slowly: lr x{new_lr / lr:.3g} (the momentum's sign is already nearly "
-                "noise-free there: a larger batch adds curvature along the update, not "
-                "signal; Su, kexue.fm/archives/11301)"
-            )
-        elif has_peak:
-            tail = f"lr falls beyond B={peak:.3g} (the curve's peak)"
-        else:
-            tail = "no peak (beta1 <= 1/3)"
-        reason = f"mean-field Adam curve with beta1={b1:g}, B_simple={given:.4g}; {tail}"
-    elif optimizer == "muon":
-        res = bs.muon_transfer(lr, batch, new_batch, given, beta_noise)
-        new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
-        if beta_noise == math.inf:
-            rule = "muon (Su)"
-            reason = f"Su's Muon rule lr x sqrt((1+Bs/B)/(1+Bs/B')), B_simple={given:.4g}; no peak"
-        else:
-            rule = "muon (Su, with a surge)"
-            tail = (
-                f"peak at B={peak:.3g} ({peak / given:.3g} x B_simple), lr falls beyond"
-                if has_peak
-                else "no peak"
-            )
-            reason = (
-                f"Su's Muon curve with a surge term, beta_noise={beta_noise:g} (the transfer "
-                f"check's fit), B_simple={given:.4g}; {tail}"
-            )
-    else:
-        res = bs.sign_transfer(lr, batch, new_batch, given, beta_noise, c)
-        new_lr, peak, has_peak = res.lr, res.peak_batch, res.has_peak
-        rule = "sign surge (Su)"
-        tail = (
-            f"peak at B={peak:.3g}, lr falls beyond"
-            if has_peak
-            else f"beta_noise={beta_noise:g}: no peak"
-        )
-        reason = f"Su's sign curve, kappa^2=B_simple={given:.4g}, c={c:.4g}; {tail}"
-    return new_lr, peak, has_peak, rule, reason

@@ -269,3 +269,17 @@ def test_cli_subprocess_bad_input_and_corrupt_log():
     log = '{"step": 0, "b_simple": 12.0}\n{"step": 1, "b_simple": oops}\n'
     p = _run("noise", "-", stdin=log)
     assert p.returncode == 2 and "line 2" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_recommend_reads_one_row_of_the_rules_table(monkeypatch):
+    """A family is its row of ``RULES``: a copy under a new name recommends the same."""
+    from scaling import recommendation
+
+    for name in recommendation.FAMILIES:
+        monkeypatch.setitem(recommendation.RULES, "copy", recommendation.RULES[name])
+        monkeypatch.setattr(recommendation, "FAMILIES", (*recommendation.FAMILIES, "copy"))
+        for noise in (dict(b_simple=900.0, b_noise=700.0, stderr=100.0), {}):
+            want = recommendation.recommend(name, 1e-3, 64, 512, weight_decay=0.1, **noise)
+            got = recommendation.recommend("copy", 1e-3, 64, 512, weight_decay=0.1, **noise)
+            assert got.as_dict() | {"optimizer": name} == want.as_dict()
+        monkeypatch.undo()
