@@ -286,8 +286,9 @@ def check_not_injected(name: str, k: Any, **hyperparams: Any) -> bool:
     constant, so with ``accumulation_steps`` other than 1 any array hyperparameter is
     refused unless ``ox.inject_hyperparams`` (which reads schedules by update) built the
     optimizer. A traced ``accumulation_steps`` (optax's wrapper without ``static_args``,
-    under ``jit``) cannot be compared with 1 and passes; the returned flag lets
-    ``update`` refuse a later ``set_accumulation_steps``.
+    under ``jit``) cannot be compared with 1: it is refused too, since any k > 1 would
+    run the injected schedules k times too fast. The returned flag lets ``update``
+    refuse a later ``set_accumulation_steps``.
     """
     if _PER_UPDATE_INJECTION.get():
         return False
@@ -296,8 +297,11 @@ def check_not_injected(name: str, k: Any, **hyperparams: Any) -> bool:
         injected = ["accumulation_steps", *injected]
     if not injected:
         return False
-    accumulates = not isinstance(k, jax.core.Tracer) and int(np.asarray(k)) != 1
-    if accumulates:
+    if isinstance(k, jax.core.Tracer):
+        # optax's wrapper under jit: k's value is unknown here, and schedules would be
+        # read per micro-step whatever it is
+        raise ValueError(_injected_message(name, injected, "a traced accumulation_steps"))
+    if int(np.asarray(k)) != 1:
         raise ValueError(
             _injected_message(name, injected, f"accumulation_steps={int(np.asarray(k))}")
         )

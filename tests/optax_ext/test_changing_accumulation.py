@@ -283,3 +283,17 @@ def test_a_constructor_length_beyond_int32_names_the_argument():
             ValueError, match=r"accumulation_steps must be an int in \[1, 2147483647\]"
         ):
             make()
+
+
+@pytest.mark.parametrize("name", ["tiger", "sgdm"])
+def test_optax_inject_hyperparams_with_a_traced_k_is_refused(name):
+    """optax's wrapper reads schedules per micro-step; with accumulation_steps injected
+    and traced (a jitted init) its value is unknown, so the optimizer refuses rather
+    than run the schedule k times too fast, naming ox.inject_hyperparams."""
+    factory = {"tiger": ox.tiger, "sgdm": ox.sgdm}[name]
+    tx = optax.inject_hyperparams(factory)(learning_rate=schedule, accumulation_steps=4)
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(
+        ValueError, match=rf"traced accumulation_steps.*ox\.inject_hyperparams\(ox\.{name}"
+    ):
+        jax.jit(tx.init)(params)
