@@ -198,8 +198,8 @@ def sgdm(
     is indexed by the update (t // k), the optax convention, and so is one injected by
     ``ox.inject_hyperparams``. ``optax.inject_hyperparams`` would evaluate it at the
     micro-step instead (k times too fast), so with ``accumulation_steps`` other than 1
-    (or ``set_accumulation_steps``) ``sgdm`` refuses the arrays that wrapper injects,
-    naming ``ox.inject_hyperparams``.
+    (or injected under ``jit``, or ``set_accumulation_steps``) ``sgdm`` refuses the
+    arrays that wrapper injects, naming ``ox.inject_hyperparams``.
 
     Args:
       learning_rate: a float ≥ 0 or an optax schedule of the update index.

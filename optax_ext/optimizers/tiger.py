@@ -347,8 +347,9 @@ def tiger(
       ``{10000: 1}`` (the two differ by under 1e-4 of the lr on the ramp). Injected
       schedules follow the same index under ``ox.inject_hyperparams``;
       ``optax.inject_hyperparams`` reads them per micro-step, so with
-      ``accumulation_steps`` other than 1 (or ``set_accumulation_steps``) Tiger
-      refuses the arrays it injects, naming ``ox.inject_hyperparams``.
+      ``accumulation_steps`` other than 1, injected under ``jit``, or
+      ``set_accumulation_steps``, Tiger refuses the arrays it injects, naming
+      ``ox.inject_hyperparams``.
     - **The cycle length may change during training** (a batch-size warm-up): pass
       ``set_accumulation_steps=k`` (an int or an int32 array) to every ``update``; a new
       value takes effect when the next cycle starts, and a jitted step compiles once.
