@@ -144,3 +144,21 @@ def test_split_value_and_grad_means_the_parts_in_slabs(small_slabs, splits):
     sq = [sum(np.sum(np.asarray(v, np.float64) ** 2) for v in p.values()) for p in parts]
     np.testing.assert_allclose(extra["micro_grad_sq_norm"], np.mean(sq), rtol=1e-6)
     assert extra["accumulation_steps"] == splits
+
+
+@pytest.mark.parametrize("platform, loops", [("cpu", True), ("cuda", False), ("tpu", False)])
+def test_cpu_forms_only_in_programs_lowered_for_cpu(platform, loops):
+    """The one platform_dependent: lowered for GPU or TPU, the slab sums and Tiger's row
+    blocks are the plain reductions (no loop in the program); lowered for CPU they loop."""
+    import optax_ext as ox
+
+    wide = jnp.ones((64, 8192))
+    table = {"embed": {"embedding": jnp.ones((4096, 512))}}
+    tx = ox.tiger(1e-3)
+    programs = [
+        (jax.jit(lambda x: sum_of_squares(x, 0)), (wide,)),
+        (jax.jit(lambda g, s, p: tx.update(g, s, p)), (table, tx.init(table), table)),
+    ]
+    for fn, args in programs:
+        text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+        assert ("stablehlo.while" in text) == loops
