@@ -87,12 +87,17 @@ def grid_runner(task: Task, entry: Entry):
     program = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
     data = jax.tree.map(jnp.asarray, task.data)
 
-    def run(lrs, seeds):
-        lr = jnp.asarray([a for a in lrs for _ in seeds], jnp.float32)
-        seed = jnp.asarray([s for _ in lrs for s in seeds], jnp.uint32)
-        out = jax.device_get(program(lr, seed, data))
-        return [np.asarray(o).reshape(len(lrs), len(seeds), EVALS) for o in out]
+    def run_pairs(pairs):
+        """``(metric, loss, train_loss)``, each ``(len(pairs), EVALS)``, of (lr, seed) pairs."""
+        lr = jnp.asarray([a for a, _ in pairs], jnp.float32)
+        seed = jnp.asarray([s for _, s in pairs], jnp.uint32)
+        return [np.asarray(o) for o in jax.device_get(program(lr, seed, data))]
 
+    def run(lrs, seeds):
+        out = run_pairs([(a, s) for a in lrs for s in seeds])
+        return [o.reshape(len(lrs), len(seeds), EVALS) for o in out]
+
+    run.pairs = run_pairs
     return run
 
 
@@ -102,42 +107,82 @@ def score(task: Task, final: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(s), s, -np.inf)
 
 
-def sweep(task: Task, entry: Entry, seeds=SEEDS, grid=GRID, max_extend=MAX_EXTEND, sweep_seeds=1):
-    """The rate sweep of one optimizer: rows per rate, and which one is best.
+def sweep(
+    task: Task,
+    entry: Entry,
+    seeds=SEEDS,
+    grid=GRID,
+    max_extend=MAX_EXTEND,
+    sweep_seeds=1,
+    warm: float | None = None,
+):
+    """The rate sweep of one optimizer: rows per rate (as factors of ``entry.centre``),
+    the best factor, and whether it is still at an edge.
 
-    The grid (and its extensions past an edge) runs the first ``sweep_seeds`` seeds; the
-    remaining seeds then run at the best rate only, so the final numbers have every seed
-    while the sweep costs ``sweep_seeds / len(seeds)`` of a full grid.
+    Cold (``warm=None``): the grid (and its extensions past an edge) runs the first
+    ``sweep_seeds`` seeds; the remaining seeds then run at the best rate only, so the
+    final numbers have every seed while the sweep costs ``sweep_seeds / len(seeds)`` of a
+    full grid.
+
+    Warm (``warm``: a factor where the best rate was found before, on this task): the
+    first program runs every seed at ``warm`` and the first ``sweep_seeds`` at ``warm/2``
+    and ``2 warm``, so when the best has not moved one program brackets it and gives its
+    seeds; otherwise the sweep extends past the edge as a cold one does, and the
+    remaining seeds run at the new best.
     """
     run = grid_runner(task, entry)
     rows: dict[float, dict[str, np.ndarray]] = {}
-    first, rest = tuple(seeds[:sweep_seeds]), tuple(seeds[sweep_seeds:])
+    ran: dict[float, tuple] = {}  # the seeds each rate has run
+    first = tuple(seeds[:sweep_seeds])
 
-    def add(factors, seeds):
-        lrs = [entry.centre * f for f in factors]
-        metric, loss, train = run(lrs, seeds)
-        for i, f in enumerate(factors):
-            new = {"metric": metric[i], "loss": loss[i], "train": train[i]}
+    def add(plan):
+        """Run ``{factor: seeds}`` in one program and append each rate's seeds to its row."""
+        out = run.pairs([(entry.centre * f, s) for f, fs in plan.items() for s in fs])
+        i = 0
+        for f, fs in plan.items():
+            new = {
+                k: o[i : i + len(fs)] for k, o in zip(("metric", "loss", "train"), out, strict=True)
+            }
+            i += len(fs)
             old = rows.get(f)
             rows[f] = new if old is None else {k: np.concatenate([old[k], new[k]]) for k in new}
+            ran[f] = ran.get(f, ()) + tuple(fs)
 
     def best():
         mean = lambda f: np.mean(score(task, rows[f]["metric"][:, -1]))
         return max(rows, key=mean)
 
-    add(list(grid), first)
+    if warm is None:
+        add({f: first for f in grid})
+    else:
+        add({warm / 2: first, warm: tuple(seeds), warm * 2: first})
     for _ in range(max_extend):
         b = best()
         if b == max(rows):
-            add([b * 2], first)
+            add({b * 2: first})
         elif b == min(rows):
-            add([b / 2], first)
+            add({b / 2: first})
         else:
             break
     b = best()
+    rest = tuple(s for s in seeds if s not in ran[b])
     if rest:
-        add([b], rest)
+        add({b: rest})
     return rows, b, b in (min(rows), max(rows))
+
+
+def warm_factors(path: str | None, entries: dict[str, Entry]) -> dict[tuple[str, str], float]:
+    """``{(task, optimizer): best_lr / centre}`` from an earlier results file (or none)."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        tasks = json.load(f)["tasks"]
+    return {
+        (t, r["optimizer"]): r["best_lr"] / entries[r["optimizer"]].centre
+        for t, info in tasks.items()
+        for r in info["rows"]
+        if r["optimizer"] in entries and not r.get("best_at_edge", False)
+    }
 
 
 def summarise(task: Task, name: str, entry: Entry, rows, best: float, edge: bool, seconds: float):
@@ -328,6 +373,11 @@ def main(argv=None) -> dict[str, Any]:
         "--sweep-seeds", type=int, default=1,
         help="seeds at every rate of the sweep (the rest run at the best rate only)",
     )  # fmt: skip
+    ap.add_argument(
+        "--warm-start", default=os.path.join(RESULTS_DIR, "quality_suite.json"),
+        help="start each sweep at the best rate of this earlier results file (same task and "
+        "optimizer): 3 rates, extended past an edge as usual; '' for the full cold grid",
+    )  # fmt: skip
     ap.add_argument("--steps", type=int, default=None, help="updates per run (task default)")
     ap.add_argument("--batch-size", type=int, default=None, help="examples per update")
     ap.add_argument("--quick", action="store_true", help="digits_mlp, adamw and tiger, 60 steps")
@@ -347,6 +397,10 @@ def main(argv=None) -> dict[str, Any]:
     if args.quick:
         args.tasks, args.only, args.steps = ["digits_mlp"], ["optax.adamw", "tiger"], 60
         seeds, grid, extend = (0, 1), (0.25, 1.0, 4.0, 16.0), 2
+        args.warm_start = ""
+    # a warm start only where the runs are the ones the file measured
+    same = not (args.steps or args.batch_size)
+    warm = warm_factors(args.warm_start, entries) if same else {}
     if args.only:
         unknown = sorted(set(args.only) - set(entries))
         if unknown:
@@ -378,9 +432,12 @@ def main(argv=None) -> dict[str, Any]:
         print(f"\n## {tname}: {task.source}, {task.steps} updates of {task.batch_size}", flush=True)
         for name, entry in entries.items():
             t0 = time.perf_counter()
-            sw, best, edge = sweep(task, entry, seeds, grid, extend, args.sweep_seeds)
+            sw, best, edge = sweep(
+                task, entry, seeds, grid, extend, args.sweep_seeds, warm.get((tname, name))
+            )
             row = summarise(task, name, entry, sw, best, edge, time.perf_counter() - t0)
             row["sweep_seeds"] = args.sweep_seeds
+            row["warm_start"] = (tname, name) in warm
             info["rows"] = [r for r in info["rows"] if r["optimizer"] != name] + [row]
             add_steps_to_adamw(task, info["rows"])
             write_json(args.out, results)  # after every optimizer: a long run can be resumed

@@ -53,11 +53,19 @@ def _fake_runner(best_lr):
 
     def grid_runner(task, entry):
         def run(lrs, seeds):
-            acc = np.array([[0.9 - 0.01 * math.log2(lr / best_lr) ** 2] * len(seeds) for lr in lrs])
-            curve = np.repeat(acc[..., None], bench_suite.EVALS, axis=-1)
+            raise AssertionError("the sweep runs (lr, seed) pairs")
+
+        def pairs(lr_seeds):
+            acc = np.array([0.9 - 0.01 * math.log2(lr / best_lr) ** 2 for lr, _ in lr_seeds])
+            curve = np.repeat(acc[:, None], bench_suite.EVALS, axis=-1)
+            calls.append(lr_seeds)
             return curve, curve, curve
 
+        run.pairs = pairs
         return run
+
+    calls = []
+    grid_runner.calls = calls
 
     return grid_runner
 
@@ -71,6 +79,26 @@ def test_sweep_extends_past_an_edge_until_the_best_is_bracketed(monkeypatch, bes
     assert best == pytest.approx(best_factor)
     assert not edge
     assert len(rows) == n_rates
+
+
+@pytest.mark.parametrize("moved, programs", [(1.0, 1), (4.0, 4), (1 / 4, 4)])
+def test_warm_sweep_brackets_with_three_rates_and_all_seeds_in_one_program(
+    monkeypatch, moved, programs
+):
+    """Warm-started where the best was, one program brackets it when it has not moved;
+    when it has, the sweep extends until bracketed and runs the other seeds there."""
+    entry = bench_suite.OPTIMIZERS["optax.adamw"]
+    runner = _fake_runner(entry.centre * 2.0 * moved)
+    monkeypatch.setattr(bench_suite, "grid_runner", runner)
+    task = suite_tasks.Task("t", {}, None, None, None, None, "acc", True, 10, 8, "")
+    rows, best, edge = bench_suite.sweep(task, entry, seeds=(0, 1, 2), warm=2.0)
+    assert best == pytest.approx(2.0 * moved) and not edge
+    assert min(rows) < best < max(rows)
+    assert len(rows[best]["metric"]) == 3  # every seed at the best rate
+    assert len(rows[2.0]["metric"]) == 3  # the first program ran every seed there
+    assert all(len(r["metric"]) == 1 for f, r in rows.items() if f not in (best, 2.0))
+    assert len(runner.calls) == programs
+    assert sorted(s for _, s in runner.calls[0]) == [0, 0, 0, 1, 2]
 
 
 def test_sweep_flags_a_best_rate_still_at_the_edge(monkeypatch):
