@@ -364,9 +364,6 @@ def _noise_json(current, entries, ema) -> dict:
     }
 
 
-_INSTALL_HINT = 'pip install -e ".[notebooks]"'
-
-
 def _require_matplotlib():
     try:
         import matplotlib
@@ -374,7 +371,7 @@ def _require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot  # noqa: F401
     except ImportError:
-        raise ValueError(f"--plot needs matplotlib: {_INSTALL_HINT}") from None
+        raise ValueError(f"--plot needs matplotlib: {cli.PLOT_HINT}") from None
 
 
 def _plot_noise(entries, windows, settled, path, title) -> bool:

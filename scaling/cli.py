@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
+    "PLOT_HINT",
     "UsageError",
     "ArgumentParser",
     "number",
@@ -33,6 +34,10 @@ __all__ = [
     "fail",
     "run",
 ]
+
+
+#: how to get matplotlib for a ``--plot``, named in every command line's error
+PLOT_HINT = 'pip install "optax-ext[plot]" (in a checkout: pip install -e ".[plot]")'
 
 
 class UsageError(Exception):

@@ -8,6 +8,7 @@ from typing import Any
 
 from optax_ext.demo.loop import History
 from optax_ext.demo.recipes import RECIPES
+from scaling import cli
 from scaling.recommendation import SWEEP_NOTE
 
 __all__ = [
@@ -19,8 +20,7 @@ __all__ = [
     "save_plot",
 ]
 
-#: How to get matplotlib, as the README says.
-PLOT_HINT = 'pip install matplotlib (in a checkout: pip install -e ".[notebooks]")'
+PLOT_HINT = cli.PLOT_HINT  # how to get matplotlib, as the README says
 
 
 def recommendations(history: History, args: Any) -> list[dict[str, Any]]:

@@ -97,7 +97,7 @@ def test_plot_without_matplotlib_fails_before_training(monkeypatch, capsys, tmp_
     assert demo.main(["--plot", str(tmp_path / "x.png"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert (
-        'needs matplotlib: pip install matplotlib (in a checkout: pip install -e ".[notebooks]")'
+        'needs matplotlib: pip install "optax-ext[plot]" (in a checkout: pip install -e ".[plot]")'
         in err
     )
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -107,7 +107,7 @@ def test_the_plot_hint_is_the_readmes_install_command():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert 'pip install -e ".[notebooks]"' in readme
+    assert 'pip install -e ".[plot]"' in readme
 
 
 def test_model_size_arguments_reach_the_model():

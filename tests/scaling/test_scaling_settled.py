@@ -331,7 +331,8 @@ def test_plot_without_matplotlib_fails_first_with_the_readme_hint(monkeypatch, c
     assert main(["noise", "/nonexistent/log.jsonl", "--plot", "x.png"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (
-        'python -m scaling: error: --plot needs matplotlib: pip install -e ".[notebooks]"'
+        'python -m scaling: error: --plot needs matplotlib: pip install "optax-ext[plot]" '
+        '(in a checkout: pip install -e ".[plot]")'
     )
 
 
