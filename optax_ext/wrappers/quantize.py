@@ -247,14 +247,6 @@ def _decode(codes: jax.Array, code: str) -> jax.Array:
 # ------------------------------------------------------------ blocks of a leaf
 
 
-def _flatten(x: jax.Array) -> jax.Array:
-    """``x.reshape(-1)``; a leaf sharded explicitly (``AxisType.Explicit``) is gathered
-    first, since its flattened layout has no sharding JAX can infer."""
-    if explicitly_sharded(x):
-        x = jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-    return x.reshape(-1)
-
-
 def _split(flat: jax.Array, block: int) -> list[jax.Array]:
     """The full blocks as a (n, block) matrix, and the shorter last block as (1, r)."""
     full = flat.size // block
@@ -277,9 +269,147 @@ def _finite_absmax(x: jax.Array, axis: Any) -> jax.Array:
     return jnp.max(jnp.where(a < jnp.inf, a, 0.0), axis=axis, keepdims=True)
 
 
-def _absmax_rows(part: jax.Array) -> jax.Array:
-    """Largest finite |x| of each row of a matrix, shape (rows, 1)."""
-    return _finite_absmax(part, 1)
+def _inverse(amax: jax.Array) -> jax.Array:
+    """1/absmax; 0 for an all-zero block and for a subnormal absmax (whose 1/absmax
+    would overflow to inf), which then code as zeros."""
+    return jnp.where(amax >= _TINY, 1.0 / amax, 0.0)
+
+
+def _cat(xs: list[jax.Array]) -> jax.Array:
+    return xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+
+
+def _block_axis(shape: tuple[int, ...], block: int) -> int | None:
+    """Where a leaf's blocks start: the largest k < ndim with ``prod(shape[k:])`` a
+    multiple of ``block`` (the blocks then never cross an index of the axes before k,
+    and the absmax has shape ``shape[:k] + (prod(shape[k:]) // block,)``); ``None`` when
+    there is none (the flattened leaf ends in a shorter block)."""
+    for k in range(len(shape) - 1, -1, -1):
+        if math.prod(shape[k:]) % block == 0:
+            return k
+    return None
+
+
+def _absmax_shape(shape: tuple[int, ...], block: int) -> tuple[int, ...]:
+    """The absmax's shape for a leaf of ``shape`` (:func:`_block_axis`)."""
+    k = _block_axis(shape, block)
+    if k is None:
+        return (-(-math.prod(shape) // block),)
+    return (*shape[:k], math.prod(shape[k:]) // block)
+
+
+def _explicit_spec(x: jax.Array) -> tuple | None:
+    """``x``'s PartitionSpec padded to its ndim, if its sharding is explicit; else None."""
+    if not explicitly_sharded(x):
+        return None
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _shards(x: jax.Array, entry: Any) -> int:
+    """How many pieces a spec entry (None, a mesh axis name, or a tuple of them) cuts into."""
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    mesh = jax.typeof(x).sharding.mesh
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def _shards_hold_whole_blocks(x: Any, block: int) -> bool:
+    """Whether every shard of an explicitly sharded leaf holds whole blocks of ``block``
+    elements (true for any leaf that is not explicitly sharded).
+
+    Blocks run along the flattened leaf from axis k on (:func:`_block_axis`); a shard
+    holds whole ones when no axis after k is sharded and the shard's run along axes
+    k... (its piece of axis k times the rest) is a multiple of ``block``.
+    """
+    spec = _explicit_spec(x)
+    if spec is None or all(e is None for e in spec):
+        return True  # replicated: every device holds every block
+    k = _block_axis(tuple(x.shape), block)
+    if k is None or any(e is not None for e in spec[k + 1 :]):
+        return False
+    return (x.shape[k] // _shards(x, spec[k]) * math.prod(x.shape[k + 1 :])) % block == 0
+
+
+def _reshape(x: jax.Array, shape: tuple[int, ...], spec: tuple | None) -> jax.Array:
+    """``x.reshape(shape)``; under an explicit sharding, with the output's ``spec`` named
+    (JAX cannot infer it when axes are merged and split in one reshape)."""
+    if spec is None:
+        return x.reshape(shape)
+    mesh = jax.typeof(x).sharding.mesh
+    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.lax.reshape(x, shape, out_sharding=out)
+
+
+def _to_blocks(x: jax.Array, k: int, block: int, spec: tuple | None) -> jax.Array:
+    """``x`` viewed as ``(*shape[:k], n, block)``: its blocks along the last axis (the
+    spec's entry for axis k goes to the block index n)."""
+    lead = x.shape[:k]
+    shape = (*lead, math.prod(x.shape[k:]) // block, block)
+    return _reshape(x, shape, None if spec is None else (*spec[:k], spec[k], None))
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def _encode_blocks(
+    x: jax.Array, block: int, encode: Callable, noise: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Block-wise absmax scaling, the layout of both widths: ``(codes, absmax)``, the
+    codes ``encode(x / A, u)`` in ``x``'s shape (``u``: the matching ``noise``, or None),
+    A the largest finite |x| of each block.
+
+    Blocks are consecutive elements of the flattened leaf, from the axis k of
+    :func:`_block_axis` on, so a block never crosses an index of the leading axes and
+    the absmax has shape ``(*shape[:k], prod(shape[k:]) // block)``; with no such k, the
+    flattened leaf in blocks with a shorter last one, absmax ``(ceil(size / block),)``.
+    The blocks are the same either way (the flattened leaf's runs of ``block``), so the
+    values do not depend on the layout. An explicitly sharded ``x`` whose shards hold
+    whole blocks (:func:`_shards_hold_whole_blocks`) is encoded shard by shard, codes
+    and absmax sharded like it; the caller gathers any other (:func:`_replicated`).
+    """
+    k, spec = _block_axis(x.shape, block), _explicit_spec(x)
+    if k is not None:
+        view = _to_blocks(x, k, block, spec)
+        amax = _finite_absmax(view, -1)
+        u = None if noise is None else _to_blocks(noise, k, block, spec)
+        return _reshape(encode(view * _inverse(amax), u), x.shape, spec), amax[..., 0]
+    flat, noise = x.reshape(-1), None if noise is None else noise.reshape(-1)
+    codes, absmax, start = [], [], 0
+    for part in _split(flat, block):
+        amax = _finite_absmax(part, 1)
+        u = None if noise is None else noise[start : start + part.size].reshape(part.shape)
+        codes.append(encode(part * _inverse(amax), u).reshape(-1))
+        absmax.append(amax.reshape(-1))
+        start += part.size
+    return _cat(codes).reshape(x.shape), _cat(absmax)
+
+
+def _decode_blocks(codes: jax.Array, absmax: jax.Array, block: int, decode: Callable) -> jax.Array:
+    """The float32 values of :func:`_encode_blocks`' ``(codes, absmax)``: ``decode(codes)``
+    times each block's absmax, in the codes' layout (shard by shard where they hold
+    whole blocks; the caller gathers any other)."""
+    shape = codes.shape
+    k = _block_axis(shape, block)
+    if k is not None:
+        spec = _explicit_spec(codes)
+        view = decode(_to_blocks(codes, k, block, spec)) * absmax[..., None]
+        return _reshape(view, shape, spec)
+    out, start = [], 0
+    for part in _split(codes.reshape(-1), block):
+        amax = absmax[start : start + part.shape[0]][:, None]
+        out.append((decode(part) * amax).reshape(-1))
+        start += part.shape[0]
+    return _cat(out).reshape(shape)
+
+
+def _check_absmax(absmax: jax.Array, shape: tuple[int, ...], block: int) -> None:
+    want = _absmax_shape(shape, block)
+    if absmax.shape != want:
+        raise ValueError(
+            f"dequantize: absmax of shape {absmax.shape} for codes of shape {shape}, but "
+            f"block={block} makes {want}; pass the block it was written with"
+        )
 
 
 def quantize(x: jax.Array, *, signed: bool, block: int = 2048, code: str = "dynamic"):
@@ -307,16 +437,11 @@ def quantize(x: jax.Array, *, signed: bool, block: int = 2048, code: str = "dyna
     signed map, as the block's absmax (NaN, +inf) or 0 (-inf) by the unsigned one.
     """
     check_choice("code", code, CODES)
-    codes, absmax = [], []
-    for part in _split(_flatten(x.astype(jnp.float32)), block):
-        amax = _absmax_rows(part)
-        # an all-zero block codes as zeros; so does a subnormal one, whose 1/absmax
-        # would overflow to inf
-        inv = jnp.where(amax >= _TINY, 1.0 / amax, 0.0)
-        codes.append(_encode(part * inv, signed, code).reshape(-1))
-        absmax.append(amax.reshape(-1))
-    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
-    return _CODE_CLASSES[code](codes=cat(codes).reshape(x.shape), absmax=cat(absmax))
+    x = x.astype(jnp.float32)
+    if _gathered(x, signed, block, bits=8):
+        x = _replicated(x)
+    codes, absmax = _encode_blocks(x, block, lambda y, _: _encode(y, signed, code))
+    return _CODE_CLASSES[code](codes=codes, absmax=absmax)
 
 
 def dequantize(q: QuantizedArray, *, block: int = 2048, code: str | None = None) -> jax.Array:
@@ -334,13 +459,15 @@ def dequantize(q: QuantizedArray, *, block: int = 2048, code: str | None = None)
             f"dequantize: code={code!r}, but q is a {type(q).__name__}, written by the "
             f"{code_of(q)!r} map; leave code out (or pass code={code_of(q)!r})"
         )
-    flat = _flatten(q.codes)
-    out, start = [], 0
-    for part in _split(flat, block):
-        amax = q.absmax[start : start + part.shape[0]][:, None]
-        out.append((_decode(part, code) * amax).reshape(-1))
-        start += part.shape[0]
-    return (out[0] if len(out) == 1 else jnp.concatenate(out)).reshape(q.codes.shape)
+    codes, absmax = q.codes, q.absmax
+    want = _absmax_shape(codes.shape, block)
+    if absmax.ndim == 1 and absmax.shape != want and absmax.size == math.prod(want):
+        # written before the absmax kept the leading axes: the same blocks, flattened
+        absmax = absmax.reshape(want)
+    _check_absmax(absmax, codes.shape, block)
+    if _gathered(codes, codes.dtype == jnp.int8, block, bits=8):
+        codes, absmax = _replicated(codes), _replicated(absmax)
+    return _decode_blocks(codes, absmax, block, lambda c: _decode(c, code))
 
 
 def _is_quantized(x: Any) -> bool:
@@ -481,32 +608,6 @@ def _decode4(m: jax.Array, signed: bool) -> jax.Array:
     return jnp.where(m == _NONFINITE_NIBBLE, jnp.nan, value)
 
 
-def _block_axis(shape: tuple[int, ...], block: int) -> int | None:
-    """Where a leaf's 4-bit blocks start: the largest k < ndim with ``prod(shape[k:])``
-    a multiple of ``block`` (the blocks then never cross an index of the axes before k,
-    and the absmax has shape ``shape[:k] + (prod(shape[k:]) // block,)``); ``None`` when
-    there is none (the flattened leaf ends in a shorter block)."""
-    for k in range(len(shape) - 1, -1, -1):
-        if math.prod(shape[k:]) % block == 0:
-            return k
-    return None
-
-
-def _explicit_spec(x: jax.Array) -> tuple | None:
-    """``x``'s PartitionSpec padded to its ndim, if its sharding is explicit; else None."""
-    if not explicitly_sharded(x):
-        return None
-    spec = tuple(jax.typeof(x).sharding.spec)
-    return spec + (None,) * (x.ndim - len(spec))
-
-
-def _shards(x: jax.Array, entry: Any) -> int:
-    """How many pieces a spec entry (None, a mesh axis name, or a tuple of them) cuts into."""
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    mesh = jax.typeof(x).sharding.mesh
-    return math.prod(mesh.shape[n] for n in names)
-
-
 def _packs_per_shard(x: Any) -> bool:
     """Whether each shard of ``x`` holds an even piece of its last axis (two codes per
     byte along it); true for a leaf that is not explicitly sharded."""
@@ -514,47 +615,16 @@ def _packs_per_shard(x: Any) -> bool:
     return spec is None or (x.shape[-1] // _shards(x, spec[-1])) % 2 == 0
 
 
-def _shards_hold_whole_blocks(x: Any, block: int) -> bool:
-    """Whether every shard of an explicitly sharded leaf holds whole 4-bit blocks of
-    ``block`` elements (true for any leaf that is not explicitly sharded).
-
-    Blocks run along the flattened leaf from axis k on (:func:`_block_axis`); a shard
-    holds whole ones when no axis after k is sharded and the shard's run along axes
-    k... (its piece of axis k times the rest) is a multiple of ``block``.
-    """
-    spec = _explicit_spec(x)
-    if spec is None:
-        return True
-    k = _block_axis(tuple(x.shape), block)
-    if k is None or any(e is not None for e in spec[k + 1 :]):
-        return False
-    return (x.shape[k] // _shards(x, spec[k]) * math.prod(x.shape[k + 1 :])) % block == 0
-
-
-def _gathered(x: Any, signed: bool, block: int) -> bool:
-    """Whether :func:`quantize4` gathers the explicitly sharded ``x`` before quantising
-    it: a rank-1 second moment when its shards cannot pack their codes, a block-wise
-    leaf also when they split a block. Every other leaf is quantised shard by shard."""
+def _gathered(x: Any, signed: bool, block: int, bits: int) -> bool:
+    """Whether :func:`quantize` (8 bits) or :func:`quantize4` gathers the explicitly
+    sharded ``x`` before quantising it: a block-wise leaf when its shards split a block;
+    in 4 bits also when they cannot pack their codes (an odd piece of the last axis),
+    the only condition for a rank-1 second moment. Every other leaf is quantised shard
+    by shard."""
+    if bits == 8:
+        return not _shards_hold_whole_blocks(x, block)
     rank_one = not signed and x.ndim >= 2
     return not _packs_per_shard(x) or not (rank_one or _shards_hold_whole_blocks(x, block))
-
-
-def _reshape(x: jax.Array, shape: tuple[int, ...], spec: tuple | None) -> jax.Array:
-    """``x.reshape(shape)``; under an explicit sharding, with the output's ``spec`` named
-    (JAX cannot infer it when axes are merged and split in one reshape)."""
-    if spec is None:
-        return x.reshape(shape)
-    mesh = jax.typeof(x).sharding.mesh
-    out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-    return jax.lax.reshape(x, shape, out_sharding=out)
-
-
-def _to_blocks(x: jax.Array, k: int, block: int, spec: tuple | None) -> jax.Array:
-    """``x`` viewed as ``(*shape[:k], n, block)``: its blocks along the last axis (the
-    spec's entry for axis k goes to the block index n)."""
-    lead = x.shape[:k]
-    shape = (*lead, math.prod(x.shape[k:]) // block, block)
-    return _reshape(x, shape, None if spec is None else (*spec[:k], spec[k], None))
 
 
 def _uniform(key: jax.Array | None, x: jax.Array) -> jax.Array | None:
@@ -573,10 +643,6 @@ def _uniform(key: jax.Array | None, x: jax.Array) -> jax.Array | None:
     return (halves.astype(jnp.float32) + 0.5) * np.float32(2.0**-16)
 
 
-def _replicated(x: jax.Array) -> jax.Array:
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-
-
 def quantize4(
     x: jax.Array, *, signed: bool, block: int = 256, key: jax.Array | None = None
 ) -> Quantized4Array | Unsigned4Array | RankOne4Array:
@@ -590,11 +656,12 @@ def quantize4(
     smaller one adapts to an outlier in either the row or the column), block-wise
     (:class:`Unsigned4Array`) otherwise.
 
-    Blocks: consecutive elements of the flattened leaf, from the axis k on where
-    ``prod(shape[k:])`` is a multiple of ``block`` (the largest such k), so a block
-    never crosses an index of the leading axes and the absmax has shape
-    ``(*shape[:k], prod(shape[k:]) // block)``; if there is no such k, the flattened
-    leaf in blocks with a shorter last one, absmax ``(ceil(size / block),)``.
+    Blocks: as in 8 bits (:func:`_encode_blocks`), consecutive elements of the
+    flattened leaf, from the axis k on where ``prod(shape[k:])`` is a multiple of
+    ``block`` (the largest such k), so a block never crosses an index of the leading
+    axes and the absmax has shape ``(*shape[:k], prod(shape[k:]) // block)``; if there
+    is no such k, the flattened leaf in blocks with a shorter last one, absmax
+    ``(ceil(size / block),)``.
 
     Explicit shardings (``AxisType.Explicit``): each shard is quantised on its own,
     with no gathering, when it holds whole blocks (:func:`_shards_hold_whole_blocks`:
@@ -612,38 +679,19 @@ def quantize4(
     x = x.astype(jnp.float32)
     if x.ndim == 0:
         raise ValueError(f"quantize4: x must have ndim >= 1, got shape {x.shape}")
-    if _gathered(x, signed, block):
+    if _gathered(x, signed, block, bits=4):
         x = _replicated(x)
     if not signed and x.ndim >= 2:
         rows = _finite_absmax(x, -1)  # (*lead, 1)
         cols = _finite_absmax(x, tuple(range(x.ndim - 1)))  # (1, ..., 1, c)
-        scale = jnp.minimum(rows, cols)
-        inv = jnp.where(scale >= _TINY, 1.0 / scale, 0.0)
+        inv = _inverse(jnp.minimum(rows, cols))
         packed, _ = _pack(_encode4(x * inv, False, _uniform(key, x)))
         return RankOne4Array(codes=packed, row_max=rows, col_max=cols)
     cls = Quantized4Array if signed else Unsigned4Array
-    k, spec = _block_axis(x.shape, block), _explicit_spec(x)
-    noise = _uniform(key, x)
-    if k is not None:
-        view = _to_blocks(x, k, block, spec)
-        amax = _finite_absmax(view, -1)
-        inv = jnp.where(amax >= _TINY, 1.0 / amax, 0.0)
-        u = None if noise is None else _to_blocks(noise, k, block, spec)
-        codes = _reshape(_encode4(view * inv, signed, u), x.shape, spec)
-        packed, odd = _pack(codes)
-        return cls(codes=packed, absmax=amax[..., 0], odd=odd)
-    flat, noise = x.reshape(-1), None if noise is None else noise.reshape(-1)
-    codes, absmax, start = [], [], 0
-    for part in _split(flat, block):
-        amax = _absmax_rows(part)
-        inv = jnp.where(amax >= _TINY, 1.0 / amax, 0.0)
-        u = None if noise is None else noise[start : start + part.size].reshape(part.shape)
-        codes.append(_encode4(part * inv, signed, u).reshape(-1))
-        absmax.append(amax.reshape(-1))
-        start += part.size
-    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
-    packed, odd = _pack(cat(codes).reshape(x.shape))
-    return cls(codes=packed, absmax=cat(absmax), odd=odd)
+    encode = lambda y, u: _encode4(y, signed, u)
+    codes, absmax = _encode_blocks(x, block, encode, _uniform(key, x))
+    packed, odd = _pack(codes)
+    return cls(codes=packed, absmax=absmax, odd=odd)
 
 
 def _dequantize4(q: Any, block: int) -> jax.Array:
@@ -653,32 +701,11 @@ def _dequantize4(q: Any, block: int) -> jax.Array:
         return _decode4(codes, False) * jnp.minimum(q.row_max, q.col_max)
     n = 2 * q.codes.shape[-1] - (q.odd.shape[0] - 1)
     codes = _unpack(q.codes, n)
-    shape, signed = codes.shape, isinstance(q, Quantized4Array)
-    k = _block_axis(shape, block)
-    want = (
-        (-(-math.prod(shape) // block),)
-        if k is None
-        else (*shape[:k], math.prod(shape[k:]) // block)
-    )
-    if q.absmax.shape != want:
-        raise ValueError(
-            f"dequantize: absmax of shape {q.absmax.shape} for codes of shape {shape}, but "
-            f"block={block} makes {want}; pass the block it was written with"
-        )
-    if _gathered(codes, signed, block):
-        codes, absmax = _replicated(codes), _replicated(q.absmax)
-    else:
-        absmax = q.absmax
-    if k is not None:
-        spec = _explicit_spec(codes)
-        view = _decode4(_to_blocks(codes, k, block, spec), signed) * absmax[..., None]
-        return _reshape(view, shape, spec)
-    out, start = [], 0
-    for part in _split(codes.reshape(-1), block):
-        amax = absmax[start : start + part.shape[0]][:, None]
-        out.append((_decode4(part, signed) * amax).reshape(-1))
-        start += part.shape[0]
-    return (out[0] if len(out) == 1 else jnp.concatenate(out)).reshape(shape)
+    signed, absmax = isinstance(q, Quantized4Array), q.absmax
+    _check_absmax(absmax, codes.shape, block)
+    if _gathered(codes, signed, block, bits=4):
+        codes, absmax = _replicated(codes), _replicated(absmax)
+    return _decode_blocks(codes, absmax, block, lambda c: _decode4(c, signed))
 
 
 # ------------------------------------------------- which leaves, and which map
@@ -948,19 +975,20 @@ def quantize_state(
             if size < min_size:
                 return x
             second = overrides[s] if s in overrides else bool(is_second(part))
+            if bits == 4 and x.ndim == 0:
+                return x  # one element: nothing to pack
+            if _gathered(x, not second, block, bits):
+                odd = " or hold an odd piece of its last axis (two codes per byte)"
+                warnings.warn(
+                    f"quantize_state: the shards of {s!r} (shape {shape}, sharded as "
+                    f"{jax.typeof(x).sharding.spec}) split its blocks of {block} "
+                    f"elements{odd if bits == 4 else ''}, "
+                    f"so every update gathers it whole before quantising; shard an "
+                    f"earlier axis, or pick a block that divides each shard's run of "
+                    f"elements",
+                    stacklevel=2,
+                )
             if bits == 4:
-                if x.ndim == 0:
-                    return x  # one element: nothing to pack
-                if _gathered(x, not second, block):
-                    warnings.warn(
-                        f"quantize_state: the shards of {s!r} (shape {shape}, sharded as "
-                        f"{jax.typeof(x).sharding.spec}) split its blocks of {block} "
-                        f"elements or hold an odd piece of its last axis (two codes per "
-                        f"byte), so every update gathers it whole before quantising; "
-                        f"shard an earlier axis, or pick a block that divides each "
-                        f"shard's run of elements",
-                        stacklevel=2,
-                    )
                 return quantize4(x, signed=not second, block=block)
             return quantize(x, signed=not second, block=block, code=code)
 
