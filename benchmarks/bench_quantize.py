@@ -14,15 +14,34 @@ machine's load::
     python benchmarks/bench_quantize.py --layers 1 --trials 1 --repeats 5   # a quick check
 
 Prints a table and writes benchmarks/results/quantize_speed.json (``--out``).
+
+``--part errors``: where 4-bit AdamW loses accuracy, without training a 4-bit model.
+Float AdamW trains the suite's task (``benchmarks/suite_tasks.py``, the suite's schedule
+at ``--lr``) while *shadow* moments follow the same gradients through a quantised EMA,
+``m <- Q(b1 D(m) + (1 - b1) g)`` and ``v <- Q(b2 D(v) + (1 - b2) g^2)``, one shadow per
+variant (width, block, rounding). Every ``steps/10`` updates it records, per variant,
+the relative error of Adam's direction ``m_hat / (sqrt(v_hat) + eps)`` with that one
+moment taken from the shadow (the other float), summed over the quantised leaves, and
+the median relative error of the shadow moment itself::
+
+    python benchmarks/bench_quantize.py --part errors --task fortunes_lm --lr 0.012
+
+``--part quality``: the suite's runner (``bench_suite.grid_runner``) at one rate, seeds
+0-2, for 4-bit variants of AdamW (writes ``quantize4_quality_<task>.json``)::
+
+    python benchmarks/bench_quantize.py --part quality --task fortunes_lm --lr 0.012
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from benchlib import (
     gpt2_like_params,
@@ -37,6 +56,9 @@ from benchlib import (
 )
 
 import optax_ext as ox
+from optax_ext.wrappers.quantize import _dequantize4, dequantize, quantize, quantize4
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def candidates(name: str) -> dict[str, Callable[[], optax.GradientTransformation]]:
@@ -93,6 +115,130 @@ def measure(params, grads, trials: int, repeats: int) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------- where 4-bit AdamW loses accuracy
+
+
+def _q4(signed: bool, block: int, stochastic: bool, rank_one: bool = True, sqrt: bool = False):
+    """A shadow moment's ``(encode(x, key), decode(q))`` in 4 bits (``quantize4``);
+    ``rank_one=False`` quantises a matrix second moment block-wise (flattened),
+    ``sqrt=True`` stores sqrt(v) instead of v."""
+
+    def enc(x, key):
+        y = jnp.sqrt(x) if sqrt else x
+        y = y if rank_one else y.reshape(-1)
+        return quantize4(y, signed=signed, block=block, key=key if stochastic else None)
+
+    def dec(q, shape):
+        y = _dequantize4(q, block).reshape(shape)
+        return y * y if sqrt else y
+
+    return enc, dec
+
+
+def _q8(signed: bool):
+    return (
+        lambda x, key: quantize(x, signed=signed),
+        lambda q, shape: dequantize(q).reshape(shape),
+    )
+
+
+#: Shadow variants: name -> (moment, (encode, decode)).
+SHADOWS = {
+    "m 4-bit b256 stochastic (default)": ("m", _q4(True, 256, True)),
+    "m 4-bit b256 nearest": ("m", _q4(True, 256, False)),
+    "m 4-bit b128 stochastic": ("m", _q4(True, 128, True)),
+    "m 8-bit": ("m", _q8(True)),
+    "v 4-bit rank-1 stochastic (default)": ("v", _q4(False, 256, True)),
+    "v 4-bit rank-1 nearest": ("v", _q4(False, 256, False)),
+    "v 4-bit b256 stochastic": ("v", _q4(False, 256, True, rank_one=False)),
+    "v 4-bit rank-1 sqrt stochastic": ("v", _q4(False, 256, True, sqrt=True)),
+    "v 8-bit": ("v", _q8(False)),
+}
+
+
+def moment_errors(task_name: str, lr: float, seed: int = 0, min_size: int = 256) -> dict:
+    """Float AdamW on the task, with every :data:`SHADOWS` moment following its gradients."""
+    from bench_suite import EVALS, base_schedule
+    from suite_tasks import TASKS
+
+    task = TASKS[task_name]()
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    shape = base_schedule(task.steps)
+    tx = optax.adamw(lambda t: lr * shape(t), b1=b1, b2=b2, eps=eps, weight_decay=0.0)
+    k_init, k_data = jax.random.split(jax.random.key(seed))
+    params = task.init(k_init)
+    leaves = [x for x in jax.tree.leaves(params) if x.size >= min_size]
+    pick = lambda tree: [x for x in jax.tree.leaves(tree) if x.size >= min_size]
+    zeros = [jnp.zeros_like(x) for x in leaves]
+    shadows0 = {n: [c[0](z, None) for z in zeros] for n, (_, c) in SHADOWS.items()}
+    data = jax.tree.map(jnp.asarray, task.data)
+    every = task.steps // EVALS
+
+    def direction(m, v, t):
+        return m / (1 - b1**t) / (jnp.sqrt(v / (1 - b2**t)) + eps)
+
+    def stats(opt_state, shadows, t):
+        adam = opt_state[0]
+        mus, nus = pick(adam.mu), pick(adam.nu)
+        out = {}
+        for name, (moment, (_, dec)) in SHADOWS.items():
+            err = ref = 0.0
+            rel = []
+            for q, m, v in zip(shadows[name], mus, nus, strict=True):
+                s = dec(q, m.shape)
+                u = direction(m, v, t)
+                uq = direction(s, v, t) if moment == "m" else direction(m, s, t)
+                err += jnp.sum((uq - u) ** 2)
+                ref += jnp.sum(u**2)
+                f = m if moment == "m" else v
+                rel.append((jnp.abs(s - f) / jnp.maximum(jnp.abs(f), 1e-30)).reshape(-1))
+            out[name] = {
+                "step_rel_err": jnp.sqrt(err / ref),
+                "moment_median_rel_err": jnp.median(jnp.concatenate(rel)),
+            }
+        return out
+
+    def step(carry, t):
+        params, opt_state, shadows = carry
+        grads = jax.grad(task.loss)(params, task.batch(data, jax.random.fold_in(k_data, t)))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        gs = pick(grads)
+        new = {}
+        for name, (moment, (enc, dec)) in SHADOWS.items():
+            key = jax.random.fold_in(jax.random.key(seed + 1), t)
+            new[name] = []
+            for i, (q, g) in enumerate(zip(shadows[name], gs, strict=True)):
+                old = dec(q, g.shape)
+                x = b1 * old + (1 - b1) * g if moment == "m" else b2 * old + (1 - b2) * g * g
+                new[name].append(enc(x, jax.random.fold_in(key, i)))
+        return (optax.apply_updates(params, updates), opt_state, new), None
+
+    def block(carry, i):
+        carry, _ = jax.lax.scan(step, carry, i * every + jnp.arange(every))
+        return carry, stats(carry[1], carry[2], (i + 1) * every)
+
+    run = jax.jit(
+        lambda: jax.lax.scan(block, (params, tx.init(params), shadows0), jnp.arange(EVALS))[1]
+    )
+    records = jax.device_get(run())
+    rows = []
+    for name in SHADOWS:
+        rows.append(
+            {
+                "variant": name,
+                **{k: [float(e) for e in records[name][k]] for k in records[name]},
+            }
+        )
+    return {
+        "task": task_name,
+        "lr": lr,
+        "seed": seed,
+        "min_size": min_size,
+        "every": every,
+        "rows": rows,
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=512)
@@ -100,8 +246,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", default="quantize_speed")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--part", choices=("speed", "errors", "quality"), default="speed")
+    parser.add_argument("--task", default="fortunes_lm")
+    parser.add_argument("--lr", type=float, default=0.012)
     args = parser.parse_args(argv)
+    if args.part == "errors":
+        results = {"machine": machine(), **moment_errors(args.task, args.lr)}
+        for r in results["rows"]:
+            print(
+                f"{r['variant']:40s} step err "
+                + " ".join(f"{e:.3f}" for e in r["step_rel_err"])
+                + f" | moment median rel err {r['moment_median_rel_err'][-1]:.3f}"
+            )
+        print("wrote", write_json(args.out or f"quantize4_quality_errors_{args.task}", results))
+        return results
     params = gpt2_like_params(args.width, args.layers, args.vocab, context=1024)
     grads = random_like(params)
     rows = measure(params, grads, args.trials, args.repeats)
@@ -133,7 +292,7 @@ def main(argv=None) -> dict:
             ],
         )
     )
-    print("wrote", write_json(args.out, results))
+    print("wrote", write_json(args.out or "quantize_speed", results))
     return results
 
 
