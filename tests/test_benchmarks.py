@@ -162,3 +162,15 @@ def test_compile_scaling_measures_each_compile_in_its_own_process(tmp_path):
     assert row["transform"] == "optax.lion(β, β)" and row["leaves"] == 8
     assert row["compile_s"] > 0 and row["peak_GB"] >= row["before_GB"] > 0
     assert row["instructions"] > 8
+
+
+def test_the_benchmarks_index_names_every_script():
+    """benchmarks/README.md maps questions to scripts: none is missing, none is stale."""
+    import re
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    named = set(re.findall(r"`([a-z_0-9]+\.py)", (folder / "README.md").read_text()))
+    scripts = {p.name for p in folder.glob("*.py")}
+    assert scripts - named == set(), "not in benchmarks/README.md"
+    assert named - scripts == set(), "named in benchmarks/README.md, not in benchmarks/"
