@@ -237,9 +237,9 @@ def shard_params(mesh: Mesh, tree: Any, rules: Mapping[str, PartitionSpec] | Non
 
 
 def _mean_over_parts(g: jax.Array) -> jax.Array:
-    """The mean over the leading (parts) axis, accumulated in at least float32: as
-    ``jnp.mean(g, axis=0)``, which XLA:CPU runs ~10x slower than adding the parts when
-    each part is large (``_reductions.axis_sum``)."""
+    """The mean over the leading (parts) axis, accumulated in at least float32, as
+    ``jnp.mean(g, axis=0)``; summed by ``_reductions.axis_sum``, whose XLA:CPU form lives
+    in ``optax_ext._xla_cpu``."""
     total = axis_sum(g.astype(work_dtype(g)), 0)[0]
     return (total / g.shape[0]).astype(g.dtype)
 
