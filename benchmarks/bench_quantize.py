@@ -239,6 +239,86 @@ def moment_errors(task_name: str, lr: float, seed: int = 0, min_size: int = 256)
     }
 
 
+# ------------------------------------------------------------ 4-bit quality variants
+
+
+def _patched_quantize4(
+    v_nearest: bool = False, m_block: int | None = None, v_sqrt=False, m_nearest=False
+):
+    """A diagnostic variant of the 4-bit re-quantisation (the wrapper calls the module's
+    ``quantize4`` and ``_dequantize4`` at trace time): second moments rounded to
+    nearest (``v_nearest``) or stored as sqrt(v) (``v_sqrt``: a map uniform in sqrt(v),
+    v = s((i + 1)/16)^2), momenta rounded to nearest (``m_nearest``) or in blocks of
+    ``m_block``. Not options of the library: what the variants measure decides its
+    defaults."""
+    # the module itself: optax_ext.wrappers exports a function of the same name
+    module = sys.modules["optax_ext.wrappers.quantize"]
+
+    original, decode = module.quantize4, module._dequantize4
+
+    def variant(x, *, signed, block=256, key=None):
+        if (not signed and v_nearest) or (signed and m_nearest):
+            key = None
+        if not signed and v_sqrt:
+            x = jnp.sqrt(jnp.maximum(x, 0.0))
+        if signed and m_block is not None:
+            block = m_block
+        return original(x, signed=signed, block=block, key=key)
+
+    def variant_decode(q, block):
+        if isinstance(q, module.Quantized4Array):
+            return decode(q, m_block or block)
+        y = decode(q, block)
+        return y * y if v_sqrt else y
+
+    return module, (original, decode), (variant, variant_decode)
+
+
+QUALITY_VARIANTS = {
+    "adamw 4-bit": {},
+    "adamw 4-bit, v nearest": {"v_nearest": True},
+    "adamw 4-bit, v sqrt": {"v_sqrt": True},
+    "adamw 4-bit, m block 128": {"m_block": 128},
+    "adamw 4-bit, m nearest": {"m_nearest": True},
+    "adamw 4-bit, m nearest, block 128": {"m_nearest": True, "m_block": 128},
+}
+
+
+def quality(task_name: str, lr: float, names: list[str], seeds=(0, 1, 2)) -> list[dict]:
+    """Final held-out metric of each 4-bit AdamW variant at one rate, seeds 0-2, with the
+    suite's runner (same schedule, data order and initialisation as its float rows)."""
+    from bench_suite import grid_runner
+    from suite_optimizers import Entry
+    from suite_tasks import TASKS
+
+    task = TASKS[task_name]()
+    entry = Entry(
+        lambda s: ox.quantize_state(optax.adamw(s, weight_decay=0.0), bits=4, min_size=256),
+        lr,
+        "optax-ext",
+    )
+    rows = []
+    for name in names:
+        module, original, variant = _patched_quantize4(**QUALITY_VARIANTS[name])
+        module.quantize4, module._dequantize4 = variant
+        try:
+            metric, _, _ = grid_runner(task, entry)([lr], list(seeds))
+        finally:
+            module.quantize4, module._dequantize4 = original
+        finals = [float(x) for x in metric[0, :, -1]]
+        rows.append(
+            {
+                "variant": name,
+                "lr": lr,
+                "seeds": finals,
+                "mean": statistics.mean(finals),
+                "sd": statistics.stdev(finals),
+            }
+        )
+        print(f"{name:32s} {rows[-1]['mean']:.4f} ± {rows[-1]['sd']:.4f}  {finals}", flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=512)
@@ -250,7 +330,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--part", choices=("speed", "errors", "quality"), default="speed")
     parser.add_argument("--task", default="fortunes_lm")
     parser.add_argument("--lr", type=float, default=0.012)
+    parser.add_argument("--variants", nargs="+", default=list(QUALITY_VARIANTS))
     args = parser.parse_args(argv)
+    if args.part == "quality":
+        rows = quality(args.task, args.lr, args.variants)
+        results = {"machine": machine(), "task": args.task, "rows": rows}
+        print("wrote", write_json(args.out or f"quantize4_quality_{args.task}", results))
+        return results
     if args.part == "errors":
         results = {"machine": machine(), **moment_errors(args.task, args.lr)}
         for r in results["rows"]:
