@@ -29,7 +29,7 @@ from optax_ext._common import (
 from optax_ext._cycles import reject_cycle_length
 from optax_ext._reductions import sum_of_squares
 from optax_ext.optimizers._alias import alias_chain
-from optax_ext.optimizers.lion import scale_by_param_scale
+from optax_ext.optimizers.tiger import scale_by_param_scale
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
@@ -302,7 +302,7 @@ def scale_by_parameter_rms(
     r"""AdaFactor's parameter scale: u ← u · max(RMS(θ), ε2) for every leaf whose Flax path
     ``exclude`` (a regular expression, ``None``: none) is not found in; a relative step.
 
-    The per-parameter scale of :func:`~optax_ext.optimizers.lion.scale_by_param_scale`
+    The per-parameter scale of :func:`~optax_ext.optimizers.tiger.scale_by_param_scale`
     with the rules ``{exclude: 1, every other leaf: "rms"}`` and ``min_rms=ε2``. Stateless;
     ``update`` needs ``params``.
     """
