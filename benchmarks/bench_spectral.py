@@ -360,7 +360,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     tasks = results["tasks"]
     layout = [(t, kind, key) for t, info in tasks.items() for kind, key in _panels(info)]
     rows = -(-len(layout) // 2)
-    fig, axes = plt.subplots(rows, 2, figsize=(12, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 3.8 * rows), squeeze=False)
     colours = {n: plt.get_cmap("tab10")(i) for i, n in enumerate(OPTIMIZERS)}
     for ax, (tname, kind, key) in zip(axes.flat, layout, strict=False):
         info = tasks[tname]
@@ -395,8 +395,8 @@ def plot(results: dict[str, Any], path: str) -> None:
                 ls = "--" if name.startswith("polar") else "-"
                 ax.plot(e["mean"], ls=ls, color=plt.get_cmap("Set1")(i), label=name)
             ax.set_yscale("log")
-            ax.set_title(f"{tname}: msign of plain Muon's momenta")
-            ax.set_ylabel("‖o − UVᵀ‖_F / ‖UVᵀ‖_F over σ > 1e-3·σ₁")
+            ax.set_title(f"{tname}: msign of plain Muon's momenta against U Vᵀ")
+            ax.set_ylabel("‖o − UVᵀ‖_F / ‖UVᵀ‖_F (σ > 1e-3·σ₁)")
         ax.set_xlabel("update")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(layout) :]:
