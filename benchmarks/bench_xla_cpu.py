@@ -21,7 +21,8 @@ The script measures both, plus AdaFactor's row and column means of g² with the 
 taken in cache-sized blocks (one read from memory instead of two), and a third cost,
 the one fixed since: a sum over the leading axis of wide rows, Σ_i g_ij², which XLA:CPU's
 direct form runs many times slower than the row sums of the same array, against the
-slabs of ``optax_ext._reductions.sum_of_squares`` that AdaFactor and Amos now use
+slabs of ``optax_ext._reductions.sum_of_squares`` (its XLA:CPU form, in
+``optax_ext._xla_cpu``) that AdaFactor and Amos now use
 (and the same for the mean of stacked gradients in ``split_value_and_grad``), with
 AdaFactor's and Amos's whole steps both ways::
 
@@ -60,7 +61,7 @@ from benchlib import (
 from jax import lax
 
 import optax_ext as ox
-import optax_ext._reductions as reductions
+import optax_ext._xla_cpu as xla_cpu
 from optax_ext._reductions import sum_of_squares
 from optax_ext.training import _mean_over_parts
 
@@ -363,16 +364,16 @@ def parts_rows(entries: int, parts: list[int], repeats: int) -> list[dict]:
 
 
 def with_slab_threshold(tx: optax.GradientTransformation, threshold: int):
-    """``tx`` with ``optax_ext._reductions``' slab threshold set to ``threshold`` while its
+    """``tx`` with ``optax_ext._xla_cpu``'s slab threshold set to ``threshold`` while its
     update traces (a threshold out of reach: the direct reductions everywhere)."""
 
     def update(updates, state, params=None, **extra_args):
-        shipped = reductions._MIN_TRAILING
-        reductions._MIN_TRAILING = threshold
+        shipped = xla_cpu._MIN_TRAILING
+        xla_cpu._MIN_TRAILING = threshold
         try:
             return tx.update(updates, state, params, **extra_args)
         finally:
-            reductions._MIN_TRAILING = shipped
+            xla_cpu._MIN_TRAILING = shipped
 
     return optax.GradientTransformationExtraArgs(tx.init, update)
 

@@ -69,11 +69,11 @@ from optax_ext.noise_measurement import (
 from optax_ext.optimizers.adafactor import adafactor, scale_by_adafactor
 from optax_ext.optimizers.adax import adax, adaxw, scale_by_adax
 from optax_ext.optimizers.amos import amos, scale_by_amos
-from optax_ext.optimizers.lion import lion, scale_by_lion, scale_by_param_scale
+from optax_ext.optimizers.lion import lion, scale_by_lion
 from optax_ext.optimizers.msign import msign
 from optax_ext.optimizers.muon import MUON_RULES, muon, muon_labels, scale_by_muon
 from optax_ext.optimizers.sgdm import scale_by_sgdm, sgdm
-from optax_ext.optimizers.tiger import scale_by_tiger, tiger
+from optax_ext.optimizers.tiger import scale_by_param_scale, scale_by_tiger, tiger
 from optax_ext.owner_compute import owner_compute
 from optax_ext.wrappers.accumulation import accumulate_gradients
 from optax_ext.wrappers.layer_adaptation import layer_adapted
