@@ -297,19 +297,31 @@ def scale_by_adafactor(
 
 
 def scale_by_parameter_rms(
-    eps2: float = 1e-3, exclude: str | None = None
+    eps2: float = 1e-3, exclude_from_parameter_scale: str | None = None
 ) -> optax.GradientTransformationExtraArgs:
-    r"""AdaFactor's parameter scale: u ← u · max(RMS(θ), ε2) for every leaf whose Flax path
-    ``exclude`` (a regular expression, ``None``: none) is not found in; a relative step.
+    r"""AdaFactor's parameter scale, which makes its step relative to each tensor's size:
 
-    The per-parameter scale of :func:`~optax_ext.optimizers.tiger.scale_by_param_scale`
-    with the rules ``{exclude: 1, every other leaf: "rms"}`` and ``min_rms=ε2``. Stateless;
-    ``update`` needs ``params``.
+    .. math:: u \leftarrow u \cdot \max(\mathrm{RMS}(\theta), \epsilon_2)
+
+    on every leaf except those whose Flax path the regular expression
+    ``exclude_from_parameter_scale`` is found in (``None``: none is excluded). It is
+    :func:`~optax_ext.optimizers.tiger.scale_by_param_scale`, the package's per-parameter
+    scale, with the rules ``{exclude_from_parameter_scale: 1, every other leaf: "rms"}``
+    and ``min_rms=ε2``. Stateless; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"kernel": jnp.full((2, 2), 3.0), "bias": jnp.zeros(2)}
+      >>> tx = scale_by_parameter_rms(1e-3, exclude_from_parameter_scale="bias")
+      >>> u, _ = tx.update({"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, (), params)
+      >>> u["kernel"][0], u["bias"]
+      (Array([3., 3.], dtype=float32), Array([1., 1.], dtype=float32))
     """
     check_range("eps2", eps2, 0, schedule=False)
     rules = [("", "rms")]
-    if exclude is not None:
-        rules.insert(0, (compile_path_regex(exclude, "exclude_from_parameter_scale"), 1.0))
+    if exclude_from_parameter_scale is not None:
+        name = "exclude_from_parameter_scale"
+        rules.insert(0, (compile_path_regex(exclude_from_parameter_scale, name), 1.0))
     return scale_by_param_scale(rules, min_rms=eps2)
 
 

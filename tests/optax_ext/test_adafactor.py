@@ -26,6 +26,7 @@ from optax_ext.optimizers.adafactor import (
     adafactor,
     relative_step_size,
     scale_by_adafactor,
+    scale_by_parameter_rms,
 )
 
 # ------------------------------------------------------------ float64 reference
@@ -261,6 +262,25 @@ def test_factoring_keeps_the_other_axes():
     assert (nu["d"].row.shape, nu["d"].col.shape) == ((4, 3, 2, 1), (1, 3, 2, 7))
     full = scale_by_adafactor(min_dim_size_to_factor=4, factored=False).init(params).nu
     assert jax.tree.map(jnp.shape, full) == jax.tree.map(jnp.shape, params)
+
+
+def test_parameter_scale_float64():
+    """u·max(RMS(θ), ε2) per leaf, 1 on the excluded paths, in float64 NumPy."""
+    with x64():
+        params = f64(mixed_params(2))
+        params["params"]["tie"]["kernel"] = jnp.zeros((5, 5))  # RMS 0: the floor ε2
+        u = f64(random_grads_like(params, 3))
+        tx = scale_by_parameter_rms(2e-3, exclude_from_parameter_scale=r"embedding|bias$")
+        got, _ = tx.update(u, tx.init(params), params)
+        theta = dict(leaf_paths(params))
+        for p, g in leaf_paths(got):
+            x = np.asarray(theta[p], np.float64)
+            scale = 1.0 if re.search(r"embedding|bias$", p) else max(rms(x), 2e-3)
+            want = np.asarray(dict(leaf_paths(u))[p], np.float64) * scale
+            np.testing.assert_allclose(g, want, rtol=1e-14, err_msg=p)
+        # the exclusion changes the numbers: the excluded leaves' scale would not be 1
+        excluded = [p for p in theta if re.search(r"embedding|bias$", p)]
+        assert any(max(rms(np.asarray(theta[p])), 2e-3) != 1.0 for p in excluded)
 
 
 def test_relative_step_size():
