@@ -70,12 +70,10 @@ def _with_extra(tx, **extra):
 
 def configs(pkg) -> dict:
     """name -> transform, built from ``pkg`` (``optax_ext`` or ``optax_ext_old``)."""
-    opt = importlib.import_module(pkg + ".optimizers")
     adafactor = importlib.import_module(pkg + ".optimizers.adafactor").adafactor
     adax = importlib.import_module(pkg + ".optimizers.adax")
     amos = importlib.import_module(pkg + ".optimizers.amos").amos
     noise = importlib.import_module(pkg + ".noise_measurement").measure_noise_scale
-    del opt
     return {
         "adafactor": lambda: adafactor(),
         "adafactor_momentum": lambda: adafactor(momentum=0.9, weight_decay=1e-2),
@@ -148,9 +146,13 @@ def main():
         row["bytes_ratio"] = row["new_bytes_accessed"] / row["old_bytes_accessed"]
         row["flops_ratio"] = row["new_flops"] / row["old_flops"]
         rows.append(row)
-        print(name, f"time {row['ratio']:.3f} [{row['ratio_min']:.3f}, {row['ratio_max']:.3f}]",
-              f"bytes {row['bytes_ratio']:.3f} flops {row['flops_ratio']:.3f}",
-              f"temp {row['old_temp_bytes']} -> {row['new_temp_bytes']}", flush=True)
+        print(
+            name,
+            f"time {row['ratio']:.3f} [{row['ratio_min']:.3f}, {row['ratio_max']:.3f}]",
+            f"bytes {row['bytes_ratio']:.3f} flops {row['flops_ratio']:.3f}",
+            f"temp {row['old_temp_bytes']} -> {row['new_temp_bytes']}",
+            flush=True,
+        )
     fmt = lambda x: f"{x:.3f}"
     print(
         table(
