@@ -162,3 +162,44 @@ def lion_one_pass(g: jax.Array, m: jax.Array, b1: Any, b2: Any) -> tuple[jax.Arr
     new_m = b2 * m.astype(work) + (1.0 - b2) * gw
     c = (b1 / b2) * new_m + ((1.0 - b1) - b1 * (1.0 - b2) / b2) * gw
     return jnp.sign(c).astype(g.dtype), new_m
+
+
+# ----------------------------------------------- fences, AdaFactor's mean square
+
+
+def fence(x: Any) -> Any:
+    """``lax.optimization_barrier(x)`` in a program lowered for CPU, ``x`` elsewhere.
+
+    XLA:CPU merges computations that share an input into one fusion where two apart
+    run faster: AdaFactor's row and column means of g² become one multi-output
+    reduction, and a g² read by two users (a norm, then Adam's moment) is stored at
+    full size for both. A fence between them keeps each a separate pass over its input.
+    """
+    return on_cpu(x, plain=lambda x: x, cpu=jax.lax.optimization_barrier)
+
+
+def _eps1_vanishes(row, col, eps1):
+    """True when c + ε1/r rounds to c for every pair (r, c): every ε1/r is below
+    eps/4 · c, a lower bound of half an ulp of c. False on NaN or infinity."""
+    return jnp.max(eps1 / row) < jnp.finfo(col.dtype).eps / 4 * jnp.min(col)
+
+
+def adafactor_mean_square(g, row, col, eps1):
+    """mean(u²) for u = g/√(r·c + ε1): XLA:CPU runs this reduction on one core, where a
+    reciprocal square root per entry makes it the slowest pass of AdaFactor's step.
+    Where every ε1/r is below half an ulp of every c, u = g·rsqrt(r)·rsqrt(c): two small
+    vectors and a product per entry (a ``lax.cond`` picks that branch then; the
+    per-entry form otherwise). The same numbers as the plain mean either way."""
+    inv_row, inv_col = jax.lax.rsqrt(row), jax.lax.rsqrt(col)
+    return jax.lax.cond(
+        _eps1_vanishes(row, col, eps1),
+        lambda g, a, b, row, col: jnp.mean(jnp.square(g * a * b)),
+        lambda g, a, b, row, col: jnp.mean(
+            jnp.square(g * jax.lax.rsqrt(row) * jax.lax.rsqrt(col + eps1 / row))
+        ),
+        g,
+        inv_row,
+        inv_col,
+        row,
+        col,
+    )

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from optax_ext import _xla_cpu
 from optax_ext._common import check_range
 from scaling import (
     NoiseEMA,
@@ -107,7 +108,7 @@ def _window_rows(window, ema) -> int:
 
 def _sq_norm(tree) -> jax.Array:
     """|g|², summed in float32."""
-    leaves = jax.tree_util.tree_leaves(tree)
+    leaves = _xla_cpu.fence(jax.tree_util.tree_leaves(tree))
     return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0))
 
 

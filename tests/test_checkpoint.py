@@ -221,7 +221,7 @@ def test_signature_names_the_state_types():
     assert _signature_of("inject_tiger_acc2") == "InjectStatefulHyperparamsState[ScaleByTigerState]"
     # Per-leaf states inside parameter-shaped dicts appear once, whatever the model.
     assert _signature_of("adafactor_momentum") == (
-        "(ScaleByAdafactorState[{FactoredMoment}], MaskedState[EmptyState], EmptyState)"
+        "(ScaleByAdafactorState[{FactoredMoment}], EmptyState, MaskedState[EmptyState], EmptyState)"
     )
     params = {
         "a": {"kernel": jax.ShapeDtypeStruct((2, 3), np.float32)},

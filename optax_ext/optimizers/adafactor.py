@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_ext import _xla_cpu
 from optax_ext._common import (
     canonical_dtype,
     check_choice,
@@ -124,6 +125,7 @@ def _second_moment(g, nu, beta2, eps1):
     largest, second = _two_largest(g.shape)
     # mean(g²) + ε1 = mean(g² + ε1): ε1 is added to the small mean, not to every entry
     row_mean = sum_of_squares(g, largest) / g.shape[largest] + eps1
+    row_mean, g = _xla_cpu.fence((row_mean, g))
     col_mean = sum_of_squares(g, second) / g.shape[second] + eps1
     row = beta2 * nu.row + (1.0 - beta2) * row_mean
     col = beta2 * nu.col + (1.0 - beta2) * col_mean
@@ -144,10 +146,18 @@ def _direction(g, nu, *, beta2, eps1, clip):
     its RMS read from it.
     """
     factors, new_nu = _second_moment(g, nu, beta2, eps1)
-    u = _normalised(g, factors, eps1)
-    if clip is not None:
-        u = u / jnp.maximum(1.0, _rms(u) / clip)
-    return u, new_nu
+    if clip is None:
+        return _normalised(g, factors, eps1), new_nu
+    g, factors = _xla_cpu.fence((g, factors))
+    plain_ms = lambda g, *f: jnp.mean(jnp.square(_normalised(g, f, eps1)))
+    cpu_ms = (
+        None
+        if len(factors) == 1
+        else (lambda g, row, col: _xla_cpu.adafactor_mean_square(g, row, col, eps1))
+    )
+    rms_u = jnp.sqrt(_xla_cpu.on_cpu(g, *factors, plain=plain_ms, cpu=cpu_ms))
+    g, factors = _xla_cpu.fence((g, factors))
+    return _normalised(g, factors, eps1) / jnp.maximum(1.0, rms_u / clip), new_nu
 
 
 def _adafactor_leaf(g, nu, m, *, beta2, eps1, clip, momentum):

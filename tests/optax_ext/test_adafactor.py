@@ -227,6 +227,37 @@ def test_matches_float64_reference_with_moments_in_slabs(case, monkeypatch):
     test_matches_float64_reference(case)
 
 
+@pytest.mark.parametrize("case", ["defaults", "momentum_constant_beta2_schedule_decay"])
+def test_matches_float64_reference_in_the_plain_form(case, monkeypatch):
+    """The plain form, which GPU and TPU programs hold (no fence, no branch), run here."""
+    forms = []
+
+    def plain_only(*args, plain, cpu):
+        forms.append(cpu is not None)
+        return plain(*args)
+
+    monkeypatch.setattr(xla_cpu, "on_cpu", plain_only)
+    test_matches_float64_reference(case)
+    assert any(forms), "no CPU form was bypassed: the case tests nothing"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_cpu_mean_square_of_u_is_the_same_on_both_branches(dtype):
+    """XLA:CPU's mean(u²): where ε1/r vanishes beside c, a product of reciprocals, else
+    the per-entry form; both are mean(g²/(r·c + ε1)) in float64."""
+    with x64():
+        rng = np.random.default_rng(4)
+        g = rng.standard_normal((40, 30))
+        row, col = rng.uniform(0.5, 2.0, (40, 1)), rng.uniform(0.5, 2.0, (1, 30))
+        rtol = 1e-6 if dtype == jnp.float32 else 1e-14
+        as_dtype = lambda x: jnp.asarray(x, dtype)
+        for eps1, vanishes in ((1e-30, True), (0.3, False)):
+            assert bool(xla_cpu._eps1_vanishes(as_dtype(row), as_dtype(col), eps1)) == vanishes
+            got = xla_cpu.adafactor_mean_square(as_dtype(g), as_dtype(row), as_dtype(col), eps1)
+            want = np.mean(g**2 / (row * col + eps1))
+            np.testing.assert_allclose(float(got), want, rtol=rtol, err_msg=f"eps1={eps1}")
+
+
 def test_factored_rows_far_below_eps1():
     """Rows whose g² is far below ε1 make ε1 comparable to the factored v: the mean of u²
     must still be that of g/√(v + ε1), with ε1 inside the square root for every entry."""
