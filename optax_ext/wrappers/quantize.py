@@ -56,6 +56,7 @@ __all__ = [
 #: tree decides, never a parameter name (a module ``v``) nor an enclosing label.
 SECOND_MOMENTS = r"(^|/)(nu|nu_hat|nu_max|v|v_hat|vhat|exp_avg_sq|second_moment)$"
 CODES = ("dynamic", "linear")
+ROUNDINGS = ("auto", "stochastic", "nearest")
 
 #: NamedTuple state fields whose name misleads :data:`SECOND_MOMENTS`, by state class:
 #: ``{class name: {field: is a second moment}}``, applied with the default only. Adan's
@@ -76,7 +77,8 @@ class QuantizedArray(NamedTuple):
         code -128 stands for a non-finite value (decoded as NaN).
       absmax: float32, one per block of ``block`` consecutive elements of the
         flattened leaf (the last block may be shorter): the block's largest finite
-        |value|.
+        |value|; shaped ``(*shape[:k], n)`` when the blocks start at axis k
+        (:func:`_encode_blocks`), ``(n,)`` otherwise.
     """
 
     codes: jax.Array
@@ -415,7 +417,10 @@ def _check_absmax(absmax: jax.Array, shape: tuple[int, ...], block: int) -> None
 def quantize(x: jax.Array, *, signed: bool, block: int = 2048, code: str = "dynamic"):
     """A :class:`QuantizedArray` of ``x`` (a :class:`LinearQuantizedArray` for
     ``code="linear"``): per block of the flattened leaf, the absmax of its finite values
-    (float32) and each value's nearest 8-bit code of ``value / absmax``.
+    (float32) and each value's nearest 8-bit code of ``value / absmax``. The blocks
+    and the absmax's shape are those of :func:`_encode_blocks` (shared with
+    :func:`quantize4`): an explicitly sharded ``x`` whose shards hold whole blocks is
+    quantised shard by shard, codes and absmax sharded like it; any other is gathered.
 
     No zero for a positive second moment: on the unsigned dynamic map (``signed=False``)
     a value ``0 < x < 5e-8 * absmax``, whose nearest code is 0, takes the smallest
@@ -506,7 +511,8 @@ class Quantized4Array(NamedTuple):
         A code is sign (bit 3) and magnitude (bits 0-2); the code 8 ("-0") stands for a
         non-finite value, decoded as NaN.
       absmax: float32, one per block of ``block`` consecutive elements of the
-        flattened leaf: the block's largest finite |value|.
+        flattened leaf: the block's largest finite |value| (shaped as in
+        :class:`QuantizedArray`).
       odd: uint8 of shape (1,) when the last axis is even, (2,) when it is odd (its
         values are 0): the packed codes cannot tell n from n + 1, a shape can (Orbax
         refuses zero-size arrays).
@@ -763,6 +769,16 @@ def _field_overrides(state: Any) -> dict[str, bool]:
 # ----------------------------------------------------------------- the wrapper
 
 
+def _momenta_nearest(momentum_rounding: str, leaves: list) -> bool:
+    """Whether the 4-bit momenta among this wrapper's ``leaves`` round to nearest:
+    ``"auto"`` says so when a second moment is stored in 4 bits beside them (an
+    Adam-like step, which reads each momentum entry's size; see :func:`quantize_state`).
+    The leaves' types are static, so this is decided at trace time."""
+    if momentum_rounding != "auto":
+        return momentum_rounding == "nearest"
+    return any(isinstance(x, (Unsigned4Array, RankOne4Array)) for x in leaves)
+
+
 def quantize_state(
     inner: optax.GradientTransformation,
     bits: int = 8,
@@ -773,6 +789,7 @@ def quantize_state(
     keep_float: str | None = None,
     code: str = "dynamic",
     seed: int = 0,
+    momentum_rounding: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Stores the inner optimizer's moments in 8 bits (int8 codes, one float32 scale per
     block) or, with ``bits=4``, in 4 bits (two codes per byte).
@@ -852,7 +869,19 @@ def quantize_state(
               \mathbb{E}[\hat x] = x,
 
     so the rounding errors of the EMA do not accumulate a bias (a second moment below
-    s/16 is rounded up to s/16). The uniform draws come from ``seed``, the step count
+    s/16 is rounded up to s/16): with β2 = 0.999 an update moves v by 0.1%, far less
+    than half a gap, and nearest rounding would hold v where it is. Momenta
+    (``momentum_rounding``) round the same way, except when the inner state also
+    stores a second moment in 4 bits (``"auto"``, the default), where they round to
+    the nearest map value: an Adam-like step m/√v reads each
+    momentum entry relative to its own scale √v, and most entries lie far below their
+    block's absmax A, where the map's gaps (0.01, 0.045, 0.045, 0.225 A) are as large
+    as the entries: a stochastic draw there is an error of the entry's own size, and
+    the EMA (β1 = 0.9) carries it on, √(1/(1-β1²)) ≈ 2.3 draws' worth (measured:
+    ``benchmarks/bench_quantize.py --part errors`` and ``--part quality``). A sign
+    step (Tiger, Lion) reads only signs, which stochastic rounding keeps unbiased
+    (there it measured better than nearest), so without a 4-bit second moment the
+    momenta stay stochastic. The uniform draws come from ``seed``, the step count
     and the leaf's index (:func:`optax_ext.wrappers.rounding.leaf_key`), kept in
     :class:`Quantized4State` (``count``, ``key``): runs repeat bit for bit, and a run
     resumed from a checkpoint continues exactly as the uninterrupted one. The 4-bit
@@ -860,11 +889,11 @@ def quantize_state(
     :class:`Unsigned4Array`, :class:`RankOne4Array`), so
     :func:`optax_ext.restore_train_state` refuses an 8-bit checkpoint into a 4-bit
     optimizer and the reverse, naming ``bits``. 0-d leaves stay in float32.
-    Blocks run along the leaf's trailing axes (:func:`quantize4`), so a leaf sharded
-    explicitly (``AxisType.Explicit``) is quantised shard by shard, with no gathering,
-    when its shards hold whole blocks (e.g. sharded by rows, or by columns in pieces
-    of a multiple of ``block``); ``init`` warns about a leaf whose shards split a
-    block, which every update then gathers.
+    In both widths blocks run along the leaf's trailing axes (:func:`_encode_blocks`),
+    so a leaf sharded explicitly (``AxisType.Explicit``) is quantised shard by shard,
+    with no gathering, when its shards hold whole blocks (e.g. sharded by rows, or by
+    columns in pieces of a multiple of ``block``); ``init`` warns about a leaf whose
+    shards split a block, which every update then gathers.
 
     Bytes per parameter of a quantised leaf: 8 bits: 1 + 4/block (1.002 at 2048);
     4 bits: 0.5 + 4/block for a momentum or a non-matrix second moment (0.516 at
@@ -890,6 +919,10 @@ def quantize_state(
       keep_float: regex on the state path of leaves never to quantise (``None``: none).
       code: ``"dynamic"`` (default) or ``"linear"``; 8 bits only (4 bits has its own maps).
       seed: the stochastic rounding's seed with ``bits=4``, an int with 0 ≤ seed < 2**32.
+      momentum_rounding: how 4-bit momenta (the signed leaves) are re-quantised:
+        ``"stochastic"``, ``"nearest"``, or ``"auto"`` (default): nearest when this
+        wrapper stores a second moment in 4 bits too, stochastic otherwise. Second
+        moments always round stochastically; 8 bits always round to nearest.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`QuantizedState`, whose
@@ -927,6 +960,12 @@ def quantize_state(
     check_int("min_size", min_size, minimum=0)
     check_choice("code", code, CODES)
     check_seed("seed", seed)
+    check_choice("momentum_rounding", momentum_rounding, ROUNDINGS)
+    if bits == 8 and momentum_rounding == "stochastic":
+        raise ValueError(
+            "quantize_state: momentum_rounding='stochastic' needs bits=4; 8-bit states "
+            "round to nearest (leave momentum_rounding out, or pass bits=4)"
+        )
     if bits == 4 and code != "dynamic":
         raise ValueError(
             f"quantize_state: code={code!r} is an 8-bit map; bits=4 has its own maps (the "
@@ -1014,15 +1053,15 @@ def quantize_state(
         widened = [_dequantize4(x, block) if _is_quantized(x) else x for x in old]
         updates, new = inner.update(updates, treedef.unflatten(widened), params, **extra_args)
         new = treedef.flatten_up_to(new)
+        nearest = _momenta_nearest(momentum_rounding, old)
+
+        def store(i, o, n):
+            signed = isinstance(o, Quantized4Array)
+            key = None if signed and nearest else leaf_key(state.key, state.count, 0, i)
+            return quantize4(n, signed=signed, block=block, key=key)
+
         out = [
-            quantize4(
-                n,
-                signed=isinstance(o, Quantized4Array),
-                block=block,
-                key=leaf_key(state.key, state.count, 0, i),
-            )
-            if _is_quantized(o)
-            else n
+            store(i, o, n) if _is_quantized(o) else n
             for i, (o, n) in enumerate(zip(old, new, strict=True))
         ]
         count = optax.safe_int32_increment(state.count)
