@@ -144,8 +144,8 @@ def _q8(signed: bool):
 
 #: Shadow variants: name -> (moment, (encode, decode)).
 SHADOWS = {
-    "m 4-bit b256 stochastic (default)": ("m", _q4(True, 256, True)),
-    "m 4-bit b256 nearest": ("m", _q4(True, 256, False)),
+    "m 4-bit b256 stochastic": ("m", _q4(True, 256, True)),
+    "m 4-bit b256 nearest (default beside a 4-bit v)": ("m", _q4(True, 256, False)),
     "m 4-bit b128 stochastic": ("m", _q4(True, 128, True)),
     "m 8-bit": ("m", _q8(True)),
     "v 4-bit rank-1 stochastic (default)": ("v", _q4(False, 256, True)),
@@ -249,8 +249,8 @@ def _patched_quantize4(
     ``quantize4`` and ``_dequantize4`` at trace time): second moments rounded to
     nearest (``v_nearest``) or stored as sqrt(v) (``v_sqrt``: a map uniform in sqrt(v),
     v = s((i + 1)/16)^2), momenta rounded to nearest (``m_nearest``) or in blocks of
-    ``m_block``. Not options of the library: what the variants measure decides its
-    defaults."""
+    ``m_block``. Diagnostics, not options of the library (``m_nearest`` is what
+    ``momentum_rounding="nearest"`` does, the default beside a 4-bit second moment)."""
     # the module itself: optax_ext.wrappers exports a function of the same name
     module = sys.modules["optax_ext.wrappers.quantize"]
 
@@ -274,13 +274,15 @@ def _patched_quantize4(
     return module, (original, decode), (variant, variant_decode)
 
 
+#: name -> (``_patched_quantize4`` arguments, ``quantize_state`` arguments)
 QUALITY_VARIANTS = {
-    "adamw 4-bit": {},
-    "adamw 4-bit, v nearest": {"v_nearest": True},
-    "adamw 4-bit, v sqrt": {"v_sqrt": True},
-    "adamw 4-bit, m block 128": {"m_block": 128},
-    "adamw 4-bit, m nearest": {"m_nearest": True},
-    "adamw 4-bit, m nearest, block 128": {"m_nearest": True, "m_block": 128},
+    "adamw 4-bit": ({}, {}),
+    "adamw 4-bit, m stochastic": ({}, {"momentum_rounding": "stochastic"}),
+    "adamw 4-bit, v nearest": ({"v_nearest": True}, {}),
+    "adamw 4-bit, v sqrt": ({"v_sqrt": True}, {}),
+    "adamw 4-bit, m block 128": ({"m_block": 128}, {"momentum_rounding": "stochastic"}),
+    "adamw 4-bit, m nearest": ({"m_nearest": True}, {}),
+    "adamw 4-bit, m nearest, block 128": ({"m_nearest": True, "m_block": 128}, {}),
 }
 
 
@@ -292,14 +294,17 @@ def quality(task_name: str, lr: float, names: list[str], seeds=(0, 1, 2)) -> lis
     from suite_tasks import TASKS
 
     task = TASKS[task_name]()
-    entry = Entry(
-        lambda s: ox.quantize_state(optax.adamw(s, weight_decay=0.0), bits=4, min_size=256),
-        lr,
-        "optax-ext",
-    )
     rows = []
     for name in names:
-        module, original, variant = _patched_quantize4(**QUALITY_VARIANTS[name])
+        patch, kwargs = QUALITY_VARIANTS[name]
+        entry = Entry(
+            lambda s, kwargs=kwargs: ox.quantize_state(
+                optax.adamw(s, weight_decay=0.0), bits=4, min_size=256, **kwargs
+            ),
+            lr,
+            "optax-ext",
+        )
+        module, original, variant = _patched_quantize4(**patch)
         module.quantize4, module._dequantize4 = variant
         try:
             metric, _, _ = grid_runner(task, entry)([lr], list(seeds))
