@@ -27,9 +27,11 @@ the median relative error of the shadow moment itself::
     python benchmarks/bench_quantize.py --part errors --task fortunes_lm --lr 0.012
 
 ``--part quality``: the suite's runner (``bench_suite.grid_runner``) at one rate, seeds
-0-2, for 4-bit variants of AdamW (writes ``quantize4_quality_<task>.json``)::
+0-2, for 4-bit variants of AdamW (``--inner``: or Muon, Tiger; writes
+``quantize4_quality_<task>.json``)::
 
     python benchmarks/bench_quantize.py --part quality --task fortunes_lm --lr 0.012
+    python benchmarks/bench_quantize.py --part quality --task digits_mlp --lr 0.012 --inner muon
 """
 
 from __future__ import annotations
@@ -276,19 +278,29 @@ def _patched_quantize4(
 
 #: name -> (``_patched_quantize4`` arguments, ``quantize_state`` arguments)
 QUALITY_VARIANTS = {
-    "adamw 4-bit": ({}, {}),
-    "adamw 4-bit, m stochastic": ({}, {"momentum_rounding": "stochastic"}),
-    "adamw 4-bit, v nearest": ({"v_nearest": True}, {}),
-    "adamw 4-bit, v sqrt": ({"v_sqrt": True}, {}),
-    "adamw 4-bit, m block 128": ({"m_block": 128}, {"momentum_rounding": "stochastic"}),
-    "adamw 4-bit, m nearest": ({"m_nearest": True}, {}),
-    "adamw 4-bit, m nearest, block 128": ({"m_nearest": True, "m_block": 128}, {}),
+    "4-bit": ({}, {}),
+    "4-bit, m stochastic": ({}, {"momentum_rounding": "stochastic"}),
+    "4-bit, v nearest": ({"v_nearest": True}, {}),
+    "4-bit, v sqrt": ({"v_sqrt": True}, {}),
+    "4-bit, m block 128": ({"m_block": 128}, {"momentum_rounding": "stochastic"}),
+    "4-bit, m nearest": ({"m_nearest": True}, {}),
+    "4-bit, m nearest, block 128": ({"m_nearest": True, "m_block": 128}, {}),
+}
+
+#: the inner optimizers of ``--part quality`` (the suite's settings: weight decay 0)
+QUALITY_INNERS = {
+    "adamw": lambda s: optax.adamw(s, weight_decay=0.0),
+    "muon": lambda s: ox.muon(s, weight_decay=0.0),
+    "tiger": lambda s: ox.tiger(s, weight_decay=0.0),
 }
 
 
-def quality(task_name: str, lr: float, names: list[str], seeds=(0, 1, 2)) -> list[dict]:
-    """Final held-out metric of each 4-bit AdamW variant at one rate, seeds 0-2, with the
-    suite's runner (same schedule, data order and initialisation as its float rows)."""
+def quality(
+    task_name: str, lr: float, names: list[str], inner: str = "adamw", seeds=(0, 1, 2)
+) -> list[dict]:
+    """Final held-out metric of each 4-bit variant of ``inner`` at one rate, seeds 0-2,
+    with the suite's runner (same schedule, data order and initialisation as its float
+    rows)."""
     from bench_suite import grid_runner
     from suite_optimizers import Entry
     from suite_tasks import TASKS
@@ -299,7 +311,7 @@ def quality(task_name: str, lr: float, names: list[str], seeds=(0, 1, 2)) -> lis
         patch, kwargs = QUALITY_VARIANTS[name]
         entry = Entry(
             lambda s, kwargs=kwargs: ox.quantize_state(
-                optax.adamw(s, weight_decay=0.0), bits=4, min_size=256, **kwargs
+                QUALITY_INNERS[inner](s), bits=4, min_size=256, **kwargs
             ),
             lr,
             "optax-ext",
@@ -313,14 +325,17 @@ def quality(task_name: str, lr: float, names: list[str], seeds=(0, 1, 2)) -> lis
         finals = [float(x) for x in metric[0, :, -1]]
         rows.append(
             {
-                "variant": name,
+                "variant": f"{inner} {name}",
                 "lr": lr,
                 "seeds": finals,
                 "mean": statistics.mean(finals),
                 "sd": statistics.stdev(finals),
             }
         )
-        print(f"{name:32s} {rows[-1]['mean']:.4f} ± {rows[-1]['sd']:.4f}  {finals}", flush=True)
+        print(
+            f"{inner} {name:32s} {rows[-1]['mean']:.4f} ± {rows[-1]['sd']:.4f}  {finals}",
+            flush=True,
+        )
     return rows
 
 
@@ -336,9 +351,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--task", default="fortunes_lm")
     parser.add_argument("--lr", type=float, default=0.012)
     parser.add_argument("--variants", nargs="+", default=list(QUALITY_VARIANTS))
+    parser.add_argument("--inner", choices=list(QUALITY_INNERS), default="adamw")
     args = parser.parse_args(argv)
     if args.part == "quality":
-        rows = quality(args.task, args.lr, args.variants)
+        rows = quality(args.task, args.lr, args.variants, args.inner)
         results = {"machine": machine(), "task": args.task, "rows": rows}
         print("wrote", write_json(args.out or f"quantize4_quality_{args.task}", results))
         return results
