@@ -26,6 +26,9 @@ the median relative error of the shadow moment itself::
 
     python benchmarks/bench_quantize.py --part errors --task fortunes_lm --lr 0.012
 
+``--part muon-sim``: why a 4-bit momentum costs Muon and not Tiger, in float64 NumPy
+(:func:`muon_simulation`; writes ``quantize4_quality_muon_simulation.json``).
+
 ``--part quality``: the suite's runner (``bench_suite.grid_runner``) at one rate, seeds
 0-2, for 4-bit variants of AdamW (``--inner``: or Muon, Tiger; writes
 ``quantize4_quality_<task>.json``)::
@@ -44,6 +47,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from benchlib import (
     gpt2_like_params,
@@ -58,7 +62,7 @@ from benchlib import (
 )
 
 import optax_ext as ox
-from optax_ext.wrappers.quantize import _dequantize4, dequantize, quantize, quantize4
+from optax_ext.wrappers.quantize import _dequantize4, dequantize, dynamic_map, quantize, quantize4
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -339,6 +343,87 @@ def quality(
     return rows
 
 
+# ------------------------------------------- why a 4-bit momentum fails Muon, not Tiger
+
+
+def _q4_numpy(x: np.ndarray, block: int, rng: np.random.Generator | None) -> np.ndarray:
+    """float64 round trip through the signed 4-bit map (``dynamic_map(True, 4)``) per
+    block of the flattened ``x`` (a multiple of ``block``): stochastic with ``rng``,
+    nearest without."""
+    levels = dynamic_map(True, 4)
+    grid = np.concatenate([-levels[:0:-1], levels])
+    flat = x.reshape(-1, block)
+    a = np.abs(flat).max(1, keepdims=True)
+    a[a == 0] = 1.0
+    y = flat / a
+    hi = np.searchsorted(grid, y).clip(1, len(grid) - 1)
+    lo = hi - 1
+    p = (y - grid[lo]) / (grid[hi] - grid[lo])
+    up = rng.random(y.shape) < p if rng is not None else p >= 0.5
+    return (np.where(up, grid[hi], grid[lo]) * a).reshape(x.shape)
+
+
+def _msign(m: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(m, full_matrices=False)
+    return u @ vt
+
+
+def muon_simulation(rows=64, cols=256, rank=4, beta=0.95, steps=200, seed=0) -> list[dict]:
+    """An EMA momentum (β = 0.95) of noisy gradients with a rank-``rank`` mean, in
+    float64 and stored in 4 or 8 bits; over the last 50 steps, the cosine of Muon's
+    direction msign(m) and of a sign step sign(m) with the float EMA's, and the relative
+    error of m. Error feedback: the stored momentum's rounding error is added back
+    before the next quantisation (kept in float64, or itself in 4 bits)."""
+    rng = np.random.default_rng(seed)
+    signal = rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols)) / rank**0.5
+    cos = lambda a, b: float(np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b))
+    variants = {
+        "4-bit b256 stochastic": lambda m, e, r: (_q4_numpy(m, 256, r), e),
+        "4-bit b256 nearest": lambda m, e, r: (_q4_numpy(m, 256, None), e),
+        "4-bit b64 stochastic": lambda m, e, r: (_q4_numpy(m, 64, r), e),
+        "4-bit b256 + float64 error feedback": lambda m, e, r: _feedback(m, e, r, None),
+        "4-bit b256 + 4-bit error feedback": lambda m, e, r: _feedback(m, e, r, 256),
+        "8-bit": lambda m, e, r: (
+            np.asarray(dequantize(quantize(m.astype(np.float32), signed=True)), np.float64),
+            e,
+        ),
+    }
+    out = []
+    for name, store in variants.items():
+        r = np.random.default_rng(seed + 1)
+        m, mf, e = np.zeros((rows, cols)), np.zeros((rows, cols)), np.zeros((rows, cols))
+        cs, ct, cm = [], [], []
+        for t in range(steps):
+            g = signal + r.standard_normal((rows, cols))
+            mf = beta * mf + (1 - beta) * g
+            m, e = store(beta * m + (1 - beta) * g, e, r)
+            if t >= steps - 50:
+                cs.append(cos(_msign(m), _msign(mf)))
+                ct.append(cos(np.sign(m), np.sign(mf)))
+                cm.append(np.linalg.norm(m - mf) / np.linalg.norm(mf))
+        out.append(
+            {
+                "variant": name,
+                "cos_msign": float(np.mean(cs)),
+                "cos_sign": float(np.mean(ct)),
+                "momentum_rel_err": float(np.mean(cm)),
+            }
+        )
+        print(
+            f"{name:36s} cos msign {out[-1]['cos_msign']:.3f}  cos sign "
+            f"{out[-1]['cos_sign']:.3f}  |m - m_float|/|m_float| {out[-1]['momentum_rel_err']:.3f}",
+            flush=True,
+        )
+    return out
+
+
+def _feedback(m, e, rng, block_e):
+    want = m + e
+    stored = _q4_numpy(want, 256, rng)
+    e = want - stored
+    return stored, e if block_e is None else _q4_numpy(e, block_e, rng)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=512)
@@ -347,12 +432,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--part", choices=("speed", "errors", "quality"), default="speed")
+    parser.add_argument(
+        "--part", choices=("speed", "errors", "quality", "muon-sim"), default="speed"
+    )
     parser.add_argument("--task", default="fortunes_lm")
     parser.add_argument("--lr", type=float, default=0.012)
     parser.add_argument("--variants", nargs="+", default=list(QUALITY_VARIANTS))
     parser.add_argument("--inner", choices=list(QUALITY_INNERS), default="adamw")
     args = parser.parse_args(argv)
+    if args.part == "muon-sim":
+        results = {"machine": machine(), "rows": muon_simulation()}
+        print("wrote", write_json(args.out or "quantize4_quality_muon_simulation", results))
+        return results
     if args.part == "quality":
         rows = quality(args.task, args.lr, args.variants, args.inner)
         results = {"machine": machine(), "task": args.task, "rows": rows}

@@ -769,14 +769,28 @@ def _field_overrides(state: Any) -> dict[str, bool]:
 # ----------------------------------------------------------------- the wrapper
 
 
-def _momenta_nearest(momentum_rounding: str, leaves: list) -> bool:
-    """Whether the 4-bit momenta among this wrapper's ``leaves`` round to nearest:
-    ``"auto"`` says so when a second moment is stored in 4 bits beside them (an
-    Adam-like step, which reads each momentum entry's size; see :func:`quantize_state`).
-    The leaves' types are static, so this is decided at trace time."""
+def _momenta_nearest(momentum_rounding: str, inner_state: Any) -> list[bool]:
+    """For each node of ``inner_state`` flattened down to the stored ones: whether it is
+    a 4-bit momentum that rounds to nearest. ``"auto"`` says so for a momentum with a
+    4-bit second moment of the same parameter beside it (an Adam-like step, which reads
+    each momentum entry's size; see :func:`quantize_state`): a second moment whose
+    state path differs from the momentum's in one key only (``0/mu/params/w`` and
+    ``0/nu/params/w``). Paths and types are static: decided at trace time."""
+    nodes = jax.tree_util.tree_flatten_with_path(inner_state, is_leaf=_is_stored)[0]
+    keys = [path_to_str(p).split("/") for p, _ in nodes]
+    is_momentum = [isinstance(x, Quantized4Array) for _, x in nodes]
     if momentum_rounding != "auto":
-        return momentum_rounding == "nearest"
-    return any(isinstance(x, (Unsigned4Array, RankOne4Array)) for x in leaves)
+        return [m and momentum_rounding == "nearest" for m in is_momentum]
+    second = (Unsigned4Array, RankOne4Array)
+    seconds = [k for k, (_, x) in zip(keys, nodes, strict=True) if isinstance(x, second)]
+
+    def beside(k):
+        return any(
+            len(o) == len(k) and sum(a != b for a, b in zip(o, k, strict=True)) == 1
+            for o in seconds
+        )
+
+    return [m and beside(k) for m, k in zip(is_momentum, keys, strict=True)]
 
 
 def quantize_state(
@@ -871,18 +885,20 @@ def quantize_state(
     so the rounding errors of the EMA do not accumulate a bias (a second moment below
     s/16 is rounded up to s/16): with β2 = 0.999 an update moves v by 0.1%, far less
     than half a gap, and nearest rounding would hold v where it is. Momenta
-    (``momentum_rounding``) round the same way, except when the inner state also
-    stores a second moment in 4 bits (``"auto"``, the default), where they round to
-    the nearest map value: an Adam-like step m/√v reads each
+    (``momentum_rounding``) round the same way, except those with a 4-bit second
+    moment of the same parameter beside them (``"auto"``, the default), which round
+    to the nearest map value: an Adam-like step m/√v reads each
     momentum entry relative to its own scale √v, and most entries lie far below their
     block's absmax A, where the map's gaps (0.01, 0.045, 0.045, 0.225 A) are as large
     as the entries: a stochastic draw there is an error of the entry's own size, and
     the EMA (β1 = 0.9) carries it on, √(1/(1-β1²)) ≈ 2.3 draws' worth (measured:
     ``benchmarks/bench_quantize.py --part errors`` and ``--part quality``). A sign
     step (Tiger, Lion) reads only signs, which stochastic rounding keeps unbiased
-    (there it measured better than nearest), so without a 4-bit second moment the
-    momenta stay stochastic. The uniform draws come from ``seed``, the step count
-    and the leaf's index (:func:`optax_ext.wrappers.rounding.leaf_key`), kept in
+    (there it measured better than nearest), and Muon's msign discards the momentum's
+    singular values (``--part muon-sim``: its direction kept less of the float one
+    with nearest rounding): without a second moment of their own the momenta stay
+    stochastic. The uniform draws come from ``seed``, the step count and the leaf's
+    index (:func:`optax_ext.wrappers.rounding.leaf_key`), kept in
     :class:`Quantized4State` (``count``, ``key``): runs repeat bit for bit, and a run
     resumed from a checkpoint continues exactly as the uninterrupted one. The 4-bit
     state has its own classes (:class:`Quantized4State`, :class:`Quantized4Array`,
@@ -920,8 +936,9 @@ def quantize_state(
       code: ``"dynamic"`` (default) or ``"linear"``; 8 bits only (4 bits has its own maps).
       seed: the stochastic rounding's seed with ``bits=4``, an int with 0 ≤ seed < 2**32.
       momentum_rounding: how 4-bit momenta (the signed leaves) are re-quantised:
-        ``"stochastic"``, ``"nearest"``, or ``"auto"`` (default): nearest when this
-        wrapper stores a second moment in 4 bits too, stochastic otherwise. Second
+        ``"stochastic"``, ``"nearest"``, or ``"auto"`` (default): nearest for a
+        momentum whose parameter has a 4-bit second moment too (Adam's ``mu`` beside
+        ``nu``), stochastic otherwise. Second
         moments always round stochastically; 8 bits always round to nearest.
 
     Returns:
@@ -1053,11 +1070,11 @@ def quantize_state(
         widened = [_dequantize4(x, block) if _is_quantized(x) else x for x in old]
         updates, new = inner.update(updates, treedef.unflatten(widened), params, **extra_args)
         new = treedef.flatten_up_to(new)
-        nearest = _momenta_nearest(momentum_rounding, old)
+        nearest = _momenta_nearest(momentum_rounding, state.inner_state)
 
         def store(i, o, n):
             signed = isinstance(o, Quantized4Array)
-            key = None if signed and nearest else leaf_key(state.key, state.count, 0, i)
+            key = None if nearest[i] else leaf_key(state.key, state.count, 0, i)
             return quantize4(n, signed=signed, block=block, key=key)
 
         out = [

@@ -822,26 +822,36 @@ def test_4bit_round_trip_is_nearest_and_bounded_against_float64(kind, shape):
         assert np.abs(m[1:, 1:] - mx[1:, 1:]).max() <= mx[1:, 1:].max() / 16
 
 
+def _adam_and_tiger():
+    labels = {"w": "adam", "u": "tiger"}
+    return optax.multi_transform({"adam": optax.adam(1e-2), "tiger": tiger(1e-2)}, labels)
+
+
 @pytest.mark.parametrize(
     "name, rounding, nearest",
     [
-        ("adam", "auto", True),
-        ("adam", "stochastic", False),
-        ("tiger", "auto", False),
-        ("tiger", "nearest", True),
+        ("adam", "auto", [True]),
+        ("adam", "stochastic", [False]),
+        ("tiger", "auto", [False]),
+        ("tiger", "nearest", [True]),
+        ("adam_and_tiger", "auto", [True, False]),  # by parameter, not by wrapper
     ],
 )
 def test_4bit_momenta_round_to_nearest_beside_a_second_moment(name, rounding, nearest):
     """After one update, each stored momentum entry against float64 (the block's
-    absmax, the map): with a 4-bit second moment beside it (Adam, ``"auto"``) the
-    nearest map value, within half the local gap; where momenta round stochastically
-    (Tiger's ``"auto"``, or asked for) within a whole gap, and off the nearest value
-    for a good share of the entries (before, Adam's momenta rounded stochastically)."""
+    absmax, the map): with a 4-bit second moment of the same parameter (Adam,
+    ``"auto"``) the nearest map value; where momenta round stochastically (Tiger's
+    ``"auto"``, or asked for) within a whole gap, and off the nearest value for a good
+    share of the entries (before, Adam's momenta rounded stochastically)."""
     rng = np.random.default_rng(7)
-    params = {"w": jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)}
-    g = {"w": jnp.asarray(rng.standard_normal((16, 64)) * 10.0 ** rng.uniform(-3, 0, (16, 64)))}
-    g["w"] = g["w"].astype(jnp.float32)
-    inner = {"adam": lambda: optax.adam(1e-2), "tiger": lambda: tiger(1e-2)}[name]
+    n = lambda scale: jnp.asarray(rng.standard_normal((16, 64)) * scale, jnp.float32)
+    params = {"w": n(1.0), "u": n(1.0)}
+    g = {k: n(10.0 ** rng.uniform(-3, 0, (16, 64))) for k in params}
+    inner = {
+        "adam": lambda: optax.adam(1e-2),
+        "tiger": lambda: tiger(1e-2),
+        "adam_and_tiger": _adam_and_tiger,
+    }[name]
     tx = quantize_state(inner(), bits=4, min_size=0, momentum_rounding=rounding)
     _, state = jax.jit(tx.update)(g, tx.init(params), params)
     # from zeros (exact in 4 bits) the inner float state after one update is the reference
@@ -850,20 +860,20 @@ def test_4bit_momenta_round_to_nearest_beside_a_second_moment(name, rounding, ne
         jax.tree.leaves(ref), jax.tree.leaves(state.inner_state, is_leaf=is_four), strict=True
     )
     momenta = [(np.asarray(f, np.float64), q) for f, q in pairs if type(q) is Quantized4Array]
-    assert len(momenta) == 1
-    x, q = momenta[0]
-    scale = _scales64(x, "signed", 256)
-    back = np.asarray(dequantize(q, block=256), np.float64)
+    assert len(momenta) == len(nearest) * (1 if name == "adam_and_tiger" else 2)
     table = dynamic_map(True, 4)
-    y = np.abs(x) / scale
-    near = table[np.argmin(np.abs(table[None, :] - y.reshape(-1, 1)), axis=1)].reshape(x.shape)
-    off = np.abs(np.abs(back) / scale - near) > 1e-6
-    assert np.all((np.sign(back) == np.sign(x)) | (back == 0))
-    if nearest:
-        assert not off.any()
-    else:
-        assert off.mean() > 0.1, off.mean()
-        assert (np.abs(back - x) / scale).max() <= 0.225 + 1e-6
+    for (x, q), want in zip(momenta, nearest * 2, strict=False):
+        scale = _scales64(x, "signed", 256)
+        back = np.asarray(dequantize(q, block=256), np.float64)
+        y = np.abs(x) / scale
+        near = table[np.argmin(np.abs(table[None, :] - y.reshape(-1, 1)), axis=1)]
+        off = np.abs(np.abs(back) / scale - near.reshape(x.shape)) > 1e-6
+        assert np.all((np.sign(back) == np.sign(x)) | (back == 0))
+        if want:
+            assert not off.any()
+        else:
+            assert off.mean() > 0.1, off.mean()
+            assert (np.abs(back - x) / scale).max() <= 0.225 + 1e-6
 
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
