@@ -938,8 +938,8 @@ def quantize_state(
       momentum_rounding: how 4-bit momenta (the signed leaves) are re-quantised:
         ``"stochastic"``, ``"nearest"``, or ``"auto"`` (default): nearest for a
         momentum whose parameter has a 4-bit second moment too (Adam's ``mu`` beside
-        ``nu``), stochastic otherwise. Second
-        moments always round stochastically; 8 bits always round to nearest.
+        ``nu``), stochastic otherwise. Second moments always round stochastically;
+        8 bits always round to nearest.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`QuantizedState`, whose
