@@ -132,6 +132,19 @@ def test_quantize_is_nearest_code_per_block_and_round_trip_error_is_bounded(sign
         assert np.abs(back[part]).max() == amax  # the block's absmax is exact
 
 
+def test_8bit_blocks_keep_the_leading_axes_and_the_flat_absmax_still_decodes():
+    """A leaf whose trailing axes hold whole blocks keeps its leading axes in the absmax
+    ((4, 2) for (4, 4096) in blocks of 2048), the same blocks as the flattened leaf's, so
+    the older flat absmax (8,) decodes to the same values; another block is refused."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 4096)), jnp.float32)
+    q = quantize(x, signed=True)
+    assert q.absmax.shape == (4, 2)
+    flat = q._replace(absmax=q.absmax.reshape(-1))
+    np.testing.assert_array_equal(np.asarray(dequantize(flat)), np.asarray(dequantize(q)))
+    with pytest.raises(ValueError, match="block"):
+        dequantize(q, block=1024)
+
+
 def test_codes_round_trip_and_unsigned_clamps_negatives():
     for signed in (True, False):
         table = dynamic_map(signed).astype(np.float32)
