@@ -585,10 +585,6 @@ def _unpack(codes: jax.Array, n: int) -> jax.Array:
     return both[..., :n]
 
 
-def _noise(key: jax.Array | None, shape) -> jax.Array | None:
-    return None if key is None else jax.random.uniform(key, shape, jnp.float32)
-
-
 def _encode4(y: jax.Array, signed: bool, noise: jax.Array | None) -> jax.Array:
     """4-bit codes (int32 0..15) of ``y = x / scale``: nearest, or stochastically
     rounded with ``noise`` (uniform [0, 1), one per element). Signed: the dynamic map,
