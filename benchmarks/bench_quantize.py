@@ -289,6 +289,7 @@ QUALITY_VARIANTS = {
     "4-bit, m block 128": ({"m_block": 128}, {"momentum_rounding": "stochastic"}),
     "4-bit, m nearest": ({"m_nearest": True}, {}),
     "4-bit, m nearest, block 128": ({"m_nearest": True, "m_block": 128}, {}),
+    "8-bit": ({}, {"bits": 8}),
 }
 
 #: the inner optimizers of ``--part quality`` (the suite's settings: weight decay 0)
@@ -315,7 +316,7 @@ def quality(
         patch, kwargs = QUALITY_VARIANTS[name]
         entry = Entry(
             lambda s, kwargs=kwargs: ox.quantize_state(
-                QUALITY_INNERS[inner](s), bits=4, min_size=256, **kwargs
+                QUALITY_INNERS[inner](s), **{"bits": 4, "min_size": 256, **kwargs}
             ),
             lr,
             "optax-ext",
