@@ -26,6 +26,15 @@ runs ``bench_suite.py``'s protocol on these candidates into
 ``results/quality_suite_spectral.json``, beside plain ``muon`` and ``optax.adamw`` rows
 copied from ``results/quality_suite.json`` (same tasks, steps, batch and protocol), so
 plain Muon is not run again.
+
+On a 2-core CPU the candidates that call LAPACK inside the vmapped runs (spectral decay's
+QR of its Krylov basis, the streaming orthogonaliser's factorisations) can hang: jax's
+batched LAPACK kernels wait, from inside XLA:CPU's intra-op thread pool, for work queued
+on that same pool, and two of them at once fill a 2-thread pool. Single-threaded
+intra-op work avoids it (it may move results in the last bits)::
+
+    XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python benchmarks/suite_spectral.py \
+        --tasks fortunes_lm demo_lm --only muon+spectral-decay
 """
 
 from __future__ import annotations
