@@ -28,13 +28,11 @@ copied from ``results/quality_suite.json`` (same tasks, steps, batch and protoco
 plain Muon is not run again.
 
 On a 2-core CPU the candidates that call LAPACK inside the vmapped runs (spectral decay's
-QR of its Krylov basis, the streaming orthogonaliser's factorisations) can hang: jax's
-batched LAPACK kernels wait, from inside XLA:CPU's intra-op thread pool, for work queued
-on that same pool, and two of them at once fill a 2-thread pool. Single-threaded
-intra-op work avoids it (it may move results in the last bits)::
-
-    XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python benchmarks/suite_spectral.py \
-        --tasks fortunes_lm demo_lm --only muon+spectral-decay
+QR of its Krylov basis, the streaming orthogonaliser's QR and Cholesky) can hang: jax's
+batched LAPACK kernels wait, from inside XLA:CPU's intra-op thread pool, for batch work
+queued on that same pool, and two of them at once fill a 2-thread pool (seen with and
+without ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false``). A hung run uses no CPU; stop
+it and run that candidate again.
 """
 
 from __future__ import annotations
