@@ -156,7 +156,7 @@ from tqdm.auto import tqdm
 import optax_ext as ox
 from optax_ext import demo
 
-STEPS = 120
+STEPS = 90
 runs = {}
 for name in tqdm(list(demo.RECIPES), desc="optimizers"):
     runs[name] = demo.train(steps=STEPS, batch_size=16, seq_len=64, optimizer=name,
@@ -1076,7 +1076,7 @@ from optax_ext.optimizers.tiger import tiger
 from optax_ext.wrappers.precision import pure_bf16
 from optax_ext.wrappers.quantize import quantize_state
 from optax_ext.wrappers.rounding import kahan_summation, stochastic_round
-from optax_ext._common import tree_bytes""",
+from optax_ext import tree_bytes""",
     """md:## How many weights move per step?
 
 Weights drawn from N(0, 0.02²) in bf16 take Tiger-like steps: every weight moves by
@@ -1164,7 +1164,8 @@ import optax_ext  # the checkout's benchmarks/, from any working directory
 sys.path.insert(0, str(pathlib.Path(optax_ext.__file__).resolve().parents[1] / "benchmarks"))
 from bench_low_precision import train
 
-runs = {v: train("tiger", v, steps=60, batch_size=16)
+UPDATES = 40
+runs = {v: train("tiger", v, steps=UPDATES, batch_size=16)
         for v in ("float32", "bf16 nearest", "bf16 SR")}
 smooth = lambda x, n=10: np.convolve(x, np.ones(n) / n, mode="valid")
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
@@ -1179,7 +1180,7 @@ for v, r in runs.items():
     print(f"{v:14s} held-out {r['valid_loss']:.4f}  weights moved per update "
           f"{r['moved_fraction']:.3f}")""",
     """ref = runs["float32"]["valid_loss"]
-print(f"After 60 updates pure bf16 with round-to-nearest is "
+print(f"After {UPDATES} updates pure bf16 with round-to-nearest is "
       f"{runs['bf16 nearest']['valid_loss'] - ref:+.4f} nats from float32 and moves "
       f"{runs['bf16 nearest']['moved_fraction']:.0%} of the weights per update; with "
       f"stochastic rounding it is {runs['bf16 SR']['valid_loss'] - ref:+.4f} nats from "

@@ -355,8 +355,8 @@ def _warn_guessed(who: str, params: Any, routes: list, layout: PathRules) -> Non
         warnings.warn(
             f"{who}: no layout rule settles {guessed[:4]!r}: each is seen as one conv kernel "
             "(leading axes folded into d_in). If a leaf stacks independent matrices, give it "
-            "layout=[(r'<its path>$', 'stacked')] + list(ox.MUON_LAYOUT_RULES); to keep the "
-            "conv view and silence this, give it 'conv'.",
+            "layout=[(r'<its path>$', 'stacked')] + list(ox.optimizers.MUON_LAYOUT_RULES); "
+            "to keep the conv view and silence this, give it 'conv'.",
             UserWarning,
             stacklevel=3,
         )
