@@ -364,8 +364,9 @@ def has_nonfinite(x: jax.Array, catch_inf: bool = True) -> jax.Array:
 
     Computed as ``isnan(sum(x))`` (``isnan(sum(x * 0))`` with ``catch_inf``): a NaN
     propagates through a float sum, and ``x * 0`` is NaN exactly where ``x`` is not
-    finite: one float reduction, with no boolean array in between. Without ``catch_inf`` a leaf holding both +inf and -inf (or
-    finite values whose partial sums overflow both ways, beyond 1e38) also counts.
+    finite: one float reduction, with no boolean array in between. Without ``catch_inf``
+    a leaf holding both +inf and -inf (or finite values whose partial sums overflow both
+    ways, beyond 1e38) also counts.
     """
     if x.size == 0:
         return jnp.zeros([], bool)

@@ -84,9 +84,7 @@ def fixtures(tmp_path: Path) -> dict:
     encoder = Encoder()
 
     def make_state():
-        return ox.training.TrainState.create(
-            apply_fn=model.apply, params=params, tx=ox.tiger(1e-3)
-        )
+        return ox.training.TrainState.create(apply_fn=model.apply, params=params, tx=ox.tiger(1e-3))
 
     return {
         **IMPORTS,
