@@ -70,8 +70,8 @@ print(f"{n_params:,} parameters, vocabulary {len(data.vocab)}")""",
     """md:The learning-rate schedule counts **updates** (every 4th micro-step), as in
 `optax.MultiSteps`. To show the guard at work, every 50th micro-batch gets a NaN
 gradient in the attention of the first block.""",
-    """k = 4
-schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 10, 100, 3e-4)
+    """k, UPDATES = 4, 60
+schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 6, UPDATES, 3e-4)
 tx = optax.chain(
     ox.nan_guard(ox.tiger(schedule, accumulation_steps=k)),
     ox.param_ema(0.99),
@@ -91,7 +91,7 @@ def step(state, batch, bad):
 
 batches = data.batches(16, 64, seed=0)
 losses = []
-for t in tqdm(range(100 * k), desc="micro-steps"):
+for t in tqdm(range(UPDATES * k), desc="micro-steps"):
     state, loss = step(state, jnp.asarray(next(batches)), t % 50 == 49)
     losses.append(float(loss))
 finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params))
@@ -101,7 +101,7 @@ assert finite""",
     """guard = state.opt_state[0]  # the chain's first element: ox.wrappers.NanGuardState
 print(f"micro-steps seen {int(guard.count)}, skipped {int(guard.skipped_steps)}, "
       f"leaves shrunk {int(guard.shrunk_leaves)}")
-assert int(guard.skipped_steps) == 100 * k // 50
+assert int(guard.skipped_steps) == UPDATES * k // 50
 ema = ox.ema_params(state.opt_state, state.params)
 valid = jnp.asarray(data.valid_batch(64, 64))
 print(f"held-out loss: weights {float(lm_loss(state.params, model.apply, valid)):.3f}, "

@@ -427,7 +427,7 @@ def test_explicitly_sharded_embedding_rows(monkeypatch):
 
 def test_device_paths_agree(row_blocks):
     params = flax_like_params(16, width=16, vocab=40)
-    grads = grads_with_nans(params, 6, 16, nan_every=3)
+    grads = grads_with_nans(params, 4, 16, nan_every=3)  # two updates, a NaN in the second
     assert_same_on_all_paths(
         tiger(schedule, 0.9, 0.01, accumulation_steps=2), params, grads, rtol=1e-5, atol=1e-6
     )
