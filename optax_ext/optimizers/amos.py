@@ -24,6 +24,7 @@ from optax_ext._common import (
     check_updates_match,
     first_match,
     path_to_str,
+    require_params,
     schedule_value,
     unzip_leaves,
     work_dtype,
@@ -144,11 +145,6 @@ def _state_dtype(dtype: Any) -> Any:
     # v and b are reduced, so f32 costs little; b sums increments of order ξ² that a
     # bf16 accumulator would round away
     return work_dtype(dtype)
-
-
-def _check_params(params: Any) -> None:
-    if params is None:
-        raise ValueError("amos needs the current params: call tx.update(grads, state, params)")
 
 
 # -------------------------------------------------------------------- transform
@@ -279,7 +275,7 @@ def amos(
     def update_fn(updates, state, params=None, **extra_args):
         reject_cycle_length(extra_args, "ox.amos")
         del extra_args
-        _check_params(params)
+        require_params(params, "amos", "its step and decay are relative to each parameter")
         check_updates_match(updates, params, "amos")
         xi = schedule_value(learning_rate, state.count)
         tau = optax.safe_increment(state.count)

@@ -27,6 +27,7 @@ from optax_ext._common import (
     decay_mask,
     hold_momentum,
     path_labels,
+    require_params,
     schedule_value,
     unzip_leaves,
     work_dtype,
@@ -199,8 +200,7 @@ def scale_by_param_scale(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        if params is None:
-            raise ValueError("scale_by_param_scale needs the params: tx.update(g, state, params)")
+        require_params(params, "scale_by_param_scale", "its scale is each parameter's RMS")
         labels = path_labels(params, rules, default=1.0)
 
         def leaf(u, p, rule):
@@ -210,11 +210,6 @@ def scale_by_param_scale(
         return jax.tree.map(leaf, updates, params, labels), state
 
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
-
-
-def _check_params(params: Any, name: str) -> None:
-    if params is None:
-        raise ValueError(f"{name} needs the current params: call tx.update(grads, state, params)")
 
 
 # -------------------------------------------------------------------- transforms
@@ -459,7 +454,7 @@ def tiger(
     rules = scale_rules(param_scaling)
 
     def update_fn(updates, state, params=None, **extra_args):
-        _check_params(params, "tiger")
+        require_params(params, "tiger", "it scales and decays them, and shrinks a bad leaf")
         check_updates_match(updates, params, "tiger")
         refuse_injected_cycles(injected, "ox.tiger", extra_args)
         step = direction(updates, state, extra_args, zero_held=False)

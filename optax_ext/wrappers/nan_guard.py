@@ -20,6 +20,7 @@ from optax_ext._common import (
     has_nonfinite,
     is_concrete_number,
     path_labels,
+    require_params,
     work_dtype,
 )
 from optax_ext.wrappers import spike
@@ -187,10 +188,7 @@ def nan_guard(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError(
-                "nan_guard needs the current params: call tx.update(grads, state, params)"
-            )
+        require_params(params, "nan_guard", "it shrinks a bad leaf toward its centre")
         # the per-leaf check and the spike guard's norm share one read of each leaf
         leaves, treedef = jax.tree.flatten(updates)
         checked = spike.check_leaves(leaves, catch_inf)

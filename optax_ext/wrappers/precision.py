@@ -18,11 +18,11 @@ from optax_ext._common import (
     check_transform,
     path_predicate,
     path_to_str,
+    require_params,
     work_dtype,
 )
 from optax_ext.wrappers.rounding import (
     _kahan_leaf,
-    _need_params,
     _seed_key_data,
     _sr_update,
     check_seed,
@@ -184,7 +184,7 @@ def pure_bf16(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        _need_params(params, "pure_bf16")
+        require_params(params, "pure_bf16", "it rounds θ + update")
         widen = lambda x: x.astype(jnp.float32) if _stored(x) else x
         grads = jax.tree.map(lambda g: g.astype(work_dtype(g)), updates)
         updates, new_inner = inner.update(

@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_ext._common import check_range, check_transform, path_to_str, work_dtype
+from optax_ext._common import (
+    check_range,
+    check_transform,
+    path_to_str,
+    require_params,
+    work_dtype,
+)
 from optax_ext._cycles import find_counters, inside_selecting_accumulation
 from optax_ext.wrappers.spike import saturating_add
 
@@ -296,8 +302,7 @@ def qk_clip(
         return QKClipState(inner_state, jnp.zeros([], jnp.int32), cycle_max)
 
     def update_fn(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError("qk_clip needs the current params: call tx.update(g, state, params)")
+        require_params(params, "qk_clip", "it rescales the query and key weights")
         if key not in extra_args:
             raise ValueError(
                 f"qk_clip needs the per-head max attention logits: tx.update(g, state, "

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ext._common import check_choice, check_int
+from optax_ext._common import check_choice, check_int, require_params
 
 __all__ = [
     "KahanState",
@@ -212,11 +212,6 @@ class StochasticRoundState(NamedTuple):
     key: jax.Array
 
 
-def _need_params(params: Any, name: str) -> None:
-    if params is None:
-        raise ValueError(f"{name} needs the current params: call tx.update(grads, state, params)")
-
-
 def _sr_update(u: jax.Array, p: jax.Array, key: jax.Array) -> jax.Array:
     """``SR(p + u) - p`` in float32 for a low-precision ``p`` (else ``u`` unchanged)."""
     if not is_low_precision(p.dtype):
@@ -287,7 +282,7 @@ def stochastic_round(seed: int = 0) -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        _need_params(params, "stochastic_round")
+        require_params(params, "stochastic_round", "it rounds θ + update")
         leaves, treedef = jax.tree.flatten(updates)
         p_leaves = treedef.flatten_up_to(params)
         out = [
@@ -381,7 +376,7 @@ def kahan_summation() -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        _need_params(params, "kahan_summation")
+        require_params(params, "kahan_summation", "it rounds θ + update")
         out = jax.tree.map(_kahan_leaf, state.compensation, updates, params, is_leaf=_is_masked)
         pick = lambda i: jax.tree.map(
             lambda _, o: o[i], state.compensation, out, is_leaf=_is_masked

@@ -243,7 +243,7 @@ def test_eta_fn_rejects_bad_values_naming_the_path():
     tx = amos(0.1, shape_fn=lambda p, s: (2,))
     with pytest.raises(ValueError, match=r"shape_fn returned \(2,\) for 'dense/kernel'"):
         tx.init(params)
-    with pytest.raises(ValueError, match="needs the current params"):
+    with pytest.raises(ValueError, match="amos needs the params"):
         amos(0.1).update(params, amos(0.1).init(params))
     with pytest.raises(TypeError, match="eta_fn must be a function"):
         amos(0.1, eta_fn=0.5)

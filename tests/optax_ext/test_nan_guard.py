@@ -267,7 +267,7 @@ def test_abstract_init_and_params_required():
     for _ in range(2):  # a donated state must not hold one buffer twice
         p, s = step(p, s, params)
     assert int(s.count) == 2
-    with pytest.raises(ValueError, match="needs the current params"):
+    with pytest.raises(ValueError, match="nan_guard needs the params"):
         tx.update(params, tx.init(params))
 
 

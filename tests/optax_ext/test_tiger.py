@@ -473,7 +473,7 @@ def test_bad_hyperparameters(kwargs, match):
 def test_bad_calls_have_clear_errors():
     tx = tiger()
     params = {"kernel": jnp.ones((2, 2))}
-    with pytest.raises(ValueError, match="needs the current params"):
+    with pytest.raises(ValueError, match="tiger needs the params"):
         tx.update(params, tx.init(params))
     with pytest.raises(TypeError, match="accumulation_steps must be an int"):
         tiger(accumulation_steps=2.5)
