@@ -432,8 +432,6 @@ def adafactor(
       bojone/bert4keras ``optimizers.py``; Shazeer & Stern, `Adafactor
       <https://arxiv.org/abs/1804.04235>`_, 2018.
     """
-    if learning_rate is not None:
-        check_range("learning_rate", learning_rate, 0)
     direction = scale_by_adafactor(
         decay_rate,
         min_dim_size_to_factor=min_dim_size_to_factor,

@@ -457,16 +457,15 @@ def add_spectral_decay(
 
     **On a device mesh** (``owner_axes``). Left to the compiler (``None``, the
     default), the power iteration's matrix–vector products are partitioned over the
-    params' sharding and only vectors move: on 16 row-sharded (FSDP) kernels of
-    512 x 2048 and 512 x 512 over 8 devices the compiled update moves 0.5 MB per device
-    in 131 collectives (``benchmarks/bench_spectral.py --owner``). With
+    params' sharding and only vectors move (counts in ``benchmarks/RESULTS.md``,
+    ``benchmarks/bench_spectral.py --owner``). With
     ``owner_axes="data"`` (or a tuple of axes) under ``jax.set_mesh``, each matrix's
     term is computed once, whole, by one owner along those axes
     (:func:`~optax_ext.owner_compute.owner_compute`): the matrix travels with its
     vector as one more row, [W; vᵀ], and comes back as [(Wv)vᵀ; v_newᵀ], so the warm
     start stays per matrix in the state and the numbers are the same. That moves the
-    weights (21.6 MB per device, 53 collectives on the same tree): fewer, larger
-    collectives, worth it only where a collective's latency costs more than its bytes.
+    weights: fewer, larger collectives, worth it only where a collective's latency costs
+    more than its bytes.
     Post-Clip's msigns are the other way round (see :func:`clip_singular_values`).
 
     Args:
@@ -665,10 +664,9 @@ def clip_singular_values(
     Newton–Schulz product partitioned over the params' sharding. Each matrix goes to
     its owner divided by its bound c and comes back multiplied by it
     (mclip(W, c) = c·mclip(W/c, 1)), so matrices with different bounds share a batch.
-    On 16 row-sharded (FSDP) kernels of 512 x 2048 and 512 x 512 over 8 devices the
-    compiled update then moves 10.5 MB per device in 4 collectives instead of 1292 MB
-    in 818, at the same FLOPs per device and half the temporary memory
-    (``benchmarks/bench_spectral.py --owner``).
+    On row-sharded (FSDP) kernels the compiled update then moves a fraction of the
+    weights in a few collectives instead of many times the weights, at the same FLOPs
+    (counts in ``benchmarks/RESULTS.md``, ``benchmarks/bench_spectral.py --owner``).
 
     Args:
       max_sv: c > 0, a number or an optax schedule of the update count.
