@@ -13,7 +13,10 @@ the updates needed to reach AdamW's final held-out metric (from evaluations ever
 
 The whole grid of one optimizer (rates x seeds) is one jitted ``vmap`` of a ``lax.scan``
 over the training steps; the seeds fix the initialisation and the batches, so at the
-same seed every optimizer sees the same data in the same order.
+same seed every optimizer sees the same data in the same order. A sweep starts warm (the
+default): at the optimizer's best rate in the last results file, or on the task that
+trains the same model (``SAME_MODEL``), with one seed at half and twice that rate, so
+that one program brackets an unmoved best; otherwise it extends as a cold grid does.
 
     python benchmarks/bench_suite.py                      # every task and optimizer
     python benchmarks/bench_suite.py --tasks demo_lm --only muon
@@ -44,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import RESULTS_DIR, machine, markdown_table, write_json  # noqa: E402
 from suite_optimizers import OPTIMIZERS, Entry, candidate_sets  # noqa: E402
-from suite_tasks import TASKS, Task  # noqa: E402
+from suite_tasks import SAME_MODEL, TASKS, Task  # noqa: E402
 
 SEEDS = (0, 1, 2)
 GRID = tuple(2.0**k for k in range(-2, 3))  # x centre: 1/4 ... 4
@@ -183,6 +186,15 @@ def warm_factors(path: str | None, entries: dict[str, Entry]) -> dict[tuple[str,
         for r in info["rows"]
         if r["optimizer"] in entries and not r.get("best_at_edge", False)
     }
+
+
+def warm_factor(warm: dict[tuple[str, str], float], task: str, optimizer: str):
+    """Where ``optimizer``'s sweep on ``task`` starts: its best on this task, else on a task
+    training the same model (``SAME_MODEL``), else nowhere (the cold grid)."""
+    for t in (task, SAME_MODEL.get(task)):
+        if (t, optimizer) in warm:
+            return warm[t, optimizer], t
+    return None, None
 
 
 def summarise(task: Task, name: str, entry: Entry, rows, best: float, edge: bool, seconds: float):
@@ -418,6 +430,8 @@ def main(argv=None) -> dict[str, Any]:
     if args.merge and os.path.exists(path):
         with open(path) as f:
             results["tasks"] = json.load(f)["tasks"]
+    started = time.perf_counter(), time.process_time()
+    results["run"] = {"tasks": args.tasks, "optimizers": list(entries)}  # what this call ran
     for tname in args.tasks:
         sizes = {"steps": args.steps, "batch_size": args.batch_size}
         task = TASKS[tname](**{k: v for k, v in sizes.items() if v})
@@ -431,15 +445,18 @@ def main(argv=None) -> dict[str, Any]:
         }
         print(f"\n## {tname}: {task.source}, {task.steps} updates of {task.batch_size}", flush=True)
         for name, entry in entries.items():
-            t0 = time.perf_counter()
-            sw, best, edge = sweep(
-                task, entry, seeds, grid, extend, args.sweep_seeds, warm.get((tname, name))
-            )
+            t0, c0 = time.perf_counter(), time.process_time()
+            start, source = warm_factor(warm, tname, name)
+            sw, best, edge = sweep(task, entry, seeds, grid, extend, args.sweep_seeds, start)
             row = summarise(task, name, entry, sw, best, edge, time.perf_counter() - t0)
+            row["cpu_seconds"] = time.process_time() - c0  # every thread of this process
+            row["runs"] = sum(len(r["metric"]) for r in sw.values())
             row["sweep_seeds"] = args.sweep_seeds
-            row["warm_start"] = (tname, name) in warm
+            row["warm_start"] = source  # the task whose best rate the sweep started from
             info["rows"] = [r for r in info["rows"] if r["optimizer"] != name] + [row]
             add_steps_to_adamw(task, info["rows"])
+            results["run"]["seconds"] = time.perf_counter() - started[0]
+            results["run"]["cpu_seconds"] = time.process_time() - started[1]
             write_json(args.out, results)  # after every optimizer: a long run can be resumed
             print(
                 f"  {name:28s} {row['mean']:.4f} ± {row['sd']:.4f} at lr {row['best_lr']:.3g}"

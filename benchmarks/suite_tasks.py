@@ -241,3 +241,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "fortunes_lm": fortunes_lm,
     "demo_lm": demo_lm,
 }
+
+#: Tasks that train the same model on other data: where an optimizer has no earlier best
+#: rate on a task, its sweep starts from its best on the sibling (then brackets as usual).
+SAME_MODEL: dict[str, str] = {"fortunes_lm": "demo_lm", "demo_lm": "fortunes_lm"}
