@@ -32,12 +32,17 @@ def test_public_api_is_declared():
 
 
 def test_readme_names_exist():
-    """Every `ox.name`, `ox.submodule.name` and `scaling.name` the README shows is public."""
+    """Every `ox.name`, `ox.submodule.name` and `scaling.name` that README.md and the
+    pages of docs/ show is public."""
     import importlib
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    root = pathlib.Path(__file__).parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    assert len(pages) > 1, "docs/ has no pages"
+    text = "\n".join(page.read_text() for page in pages)
+    text = re.sub(r"[\w/.-]+\.md\b", "", text)  # file names such as scaling.md
     for name, attr in set(re.findall(r"\box\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?", text)):
         if name in optax_ext.SUBMODULES:
             module = importlib.import_module(f"optax_ext.{name}")

@@ -1,10 +1,12 @@
-"""Every Python block of README.md runs as written, and so do its ``python -m scaling`` lines.
+"""Every Python block of README.md and docs/*.md runs as written, and so do their
+``python -m scaling`` lines.
 
-The blocks are extracted from the README and executed one by one in a fresh namespace
-holding the few names a reader brings along (a small Flax language model ``model``, its
-``params``, ``loss_fn(params, apply_fn, batch)``, a ``batch``, a ``state``, ...). A block
-may use what an earlier block in the same README section defined, as a reader would.
-The only rewrite is the checkpoint directory, which goes to a temporary folder.
+Blocks are grouped by the heading above them. Each group runs in an empty namespace
+(only ``CKPT``, the checkpoint folder: ``"/abs/ckpt..."`` in a block becomes a temporary
+folder), after the blocks of its file's setup section (a heading that starts with
+"Setup"), in file order: so a block may use only what it, an earlier block of its own
+section or its page's visible setup defines. Blocks that need several devices run on the
+8 fake CPU devices that tests/conftest.py sets up.
 """
 
 from __future__ import annotations
@@ -15,46 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 
-import optax_ext as ox
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-VOCAB, WIDTH, SEQ = 32, 16, 8
-
-
-class TinyLM(nn.Module):
-    """Embedding, one hidden layer with dropout and a LayerNorm, and a head: Flax names."""
-
-    @nn.compact
-    def __call__(self, x):
-        h = nn.Embed(VOCAB, WIDTH)(x)
-        h = nn.Dense(WIDTH)(nn.relu(nn.Dense(2 * WIDTH)(h)))
-        h = nn.Dropout(0.1, deterministic=not self.has_rng("dropout"))(h)
-        return nn.Dense(VOCAB, name="head")(nn.LayerNorm()(h))
-
-
-class Encoder(nn.Module):
-    """A sentence encoder for the contrastive block: mean of the tokens, then a Dense."""
-
-    @nn.compact
-    def __call__(self, x):
-        h = TinyLM()(x).mean(axis=1)
-        return nn.Dense(WIDTH)(h)
-
-
-def loss_fn(params, apply_fn, batch):
-    logits = apply_fn({"params": params}, batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+ROOT = Path(__file__).resolve().parents[1]
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def python_blocks(text: str) -> list[tuple[str, str]]:
-    """``(section heading, code)`` for every fenced Python block."""
+    """``(section heading, code)`` for every fenced Python block, in file order."""
     blocks, heading = [], ""
     for part in re.split(r"(^```python\n.*?^```$)", text, flags=re.S | re.M):
         if part.startswith("```python"):
@@ -63,6 +33,10 @@ def python_blocks(text: str) -> list[tuple[str, str]]:
             headings = re.findall(r"^#+ (.+)$", part, flags=re.M)
             heading = headings[-1] if headings else heading
     return blocks
+
+
+def is_setup(heading: str) -> bool:
+    return heading.startswith("Setup")
 
 
 def scaling_command_lines(text: str) -> list[str]:
@@ -76,58 +50,61 @@ def scaling_command_lines(text: str) -> list[str]:
     return lines
 
 
-def fixtures(tmp_path: Path) -> dict:
-    model = TinyLM()
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.integers(0, VOCAB, (16, SEQ)))
-    params = model.init(jax.random.key(0), x)["params"]
-    encoder = Encoder()
-
-    def make_state():
-        return ox.training.TrainState.create(apply_fn=model.apply, params=params, tx=ox.tiger(1e-3))
-
-    return {
-        **IMPORTS,
-        "model": model,
-        "params": params,
-        "loss_fn": loss_fn,
-        "batch": {"x": x, "y": jnp.roll(x, -1, axis=1)},
-        "state": make_state(),
-        "make_state": make_state,
-        "encoder": encoder,
-        "encoder_params": encoder.init(jax.random.key(1), x)["params"],
-        "queries": jnp.asarray(rng.integers(0, VOCAB, (64, SEQ))),
-        "keys": jnp.asarray(rng.integers(0, VOCAB, (64, SEQ))),
-        "key": jax.random.key(2),
-        "CKPT": str(tmp_path / "ckpt"),
-    }
+def _name(path: Path) -> str:
+    return str(path.relative_to(ROOT))
 
 
-#: What the README's tour says every snippet assumes.
-IMPORTS = {"jax": jax, "jnp": jnp, "optax": optax, "ox": ox, "scaling": __import__("scaling")}
-
-TEXT = README.read_text()
-BLOCKS = python_blocks(TEXT)
-
-
-def test_the_readme_has_blocks_to_run():
-    assert len(BLOCKS) >= 6 and len(scaling_command_lines(TEXT)) >= 2
-
-
-SECTIONS = sorted({h for h, _ in BLOCKS})
+BLOCKS = {_name(f): python_blocks(f.read_text()) for f in FILES}
+SECTIONS = [
+    (name, heading)
+    for name, blocks in BLOCKS.items()
+    for heading in dict.fromkeys(h for h, _ in blocks)
+    if not is_setup(heading) or all(is_setup(h) for h, _ in blocks)
+]
+COMMANDS = sorted({c for f in FILES for c in scaling_command_lines(f.read_text())})
 
 
-@pytest.mark.parametrize("section", SECTIONS, ids=[s.split(" (")[0][:40] for s in SECTIONS])
-def test_readme_section_runs_as_written(section, tmp_path):
-    namespace = fixtures(tmp_path)
-    for heading, code in BLOCKS:
-        if heading == section:
-            code = code.replace('"/abs/ckpt', 'CKPT + "')
-            exec(compile(code, f"README.md [{section}]", "exec"), namespace)
+def test_every_page_has_blocks_to_run():
+    assert {"README.md", "docs/optimizers.md", "docs/muon.md", "docs/precision.md"} <= set(BLOCKS)
+    for name, blocks in BLOCKS.items():
+        if name != "docs/README.md":
+            assert blocks, f"{name} has no Python block"
+    assert len(COMMANDS) >= 3
 
 
-@pytest.mark.parametrize("command", scaling_command_lines(TEXT))
-def test_readme_scaling_command_runs(command):
+def test_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file of the repository,
+    and README.md and docs/README.md link to every docs page."""
+    for path in FILES:
+        text = path.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" not in target:
+                assert (path.parent / target).exists(), f"{_name(path)} links to {target}"
+    for index in (ROOT / "README.md", ROOT / "docs/README.md"):
+        text = index.read_text()
+        for page in FILES[1:]:
+            if page.name != "README.md":
+                link = page.name if index.parent == page.parent else f"docs/{page.name}"
+                assert f"({link})" in text, f"{_name(index)} does not link to {link}"
+
+
+def _id(name: str, section: str) -> str:
+    heading = re.sub(r" \(.*", "", section)  # without its link
+    return f"{name}::{heading[:40]}"
+
+
+@pytest.mark.parametrize("name, section", SECTIONS, ids=[_id(*s) for s in SECTIONS])
+def test_section_runs_as_written(name, section, tmp_path):
+    namespace = {"CKPT": str(tmp_path / "ckpt")}
+    blocks = BLOCKS[name]
+    setup = [code for heading, code in blocks if is_setup(heading) and heading != section]
+    for code in [*setup, *(code for heading, code in blocks if heading == section)]:
+        code = code.replace('"/abs/ckpt', 'CKPT + "')
+        exec(compile(code, f"{name} [{section}]", "exec"), namespace)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_scaling_command_runs(command):
     args = shlex.split(command)[1:]
     if any(a.endswith(".jsonl") for a in args):
         pytest.skip("needs the demo's log; the noise command is tested in tests/scaling")
