@@ -98,6 +98,19 @@ PAIRS = {
         None,
         1.05,
     ),
+    # tiger fused against the optax.chain of its pieces, where the two coincide (k = 1,
+    # no guards): the same updates to float32 rounding; does the fusion pay?
+    "tiger (guards off) vs the optax.chain of its pieces": (
+        lambda: ox.tiger(1e-3, BETA, 0.01, guard_nan=False, spike_factor=None),
+        lambda: optax.chain(
+            ox.scale_by_tiger(BETA, guard_nan=False, spike_factor=None),
+            optax.add_decayed_weights(0.01, mask=ox.path_mask(exclude=ox.NORM_AND_BIAS)),
+            ox.scale_by_param_scale("tiger"),
+            optax.scale_by_learning_rate(1e-3),
+        ),
+        6,
+        None,
+    ),
     # like-for-like: optax's own NaN check and global norm around lion (benchlib)
     "tiger (defaults) vs optax-guarded lion(β, β)": (
         lambda: ox.tiger(1e-3, BETA, 0.01),

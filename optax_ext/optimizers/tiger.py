@@ -381,10 +381,15 @@ def tiger(
       200-step Flax run, tested); the norm costs one read of the gradients, which
       ``spike_factor=None`` saves.
 
-    Tiger is one fused transform rather than an ``optax.chain``: the shrink is not
-    scaled by the learning rate, decay and learning rate must both vanish on
-    non-update micro-steps and be indexed by update, and one elementwise pass over the
-    parameters is the fastest. :func:`scale_by_tiger` is its direction alone.
+    Where nothing depends on the cycle or the guards (k = 1, ``guard_nan=False``,
+    ``spike_factor=None``) Tiger is the chain of its pieces,
+    ``optax.chain(scale_by_tiger(β), optax.add_decayed_weights(λ, mask),
+    scale_by_param_scale(), optax.scale_by_learning_rate(lr))``, to float32 rounding
+    and at the same speed (``benchmarks/bench_speed.py``). It stays one transform because
+    in general the pieces after the direction need what only the direction knows: the
+    learning rate and decay are indexed by update and vanish on held micro-steps, and a
+    bad leaf's shrink replaces its whole update, unscaled by the learning rate.
+    :func:`scale_by_tiger` is its direction alone.
 
     With k = 1, s ≡ 1, ``mask=True`` and finite gradients, Tiger equals
     ``optax.lion(learning_rate, b1=beta, b2=beta, weight_decay=weight_decay)``.
