@@ -73,6 +73,22 @@ def flax_like_params(seed: int = 0, *, vocab=37, width=16, heads=2, layers=1, dt
     return jax.tree.map(lambda x: jnp.asarray(x, dtype), {"params": p})
 
 
+def tiny_params(seed: int = 0, dtype=jnp.float32):
+    """Six small leaves with Flax's names, for tests that run many programs on one tree:
+    an embedding, a 3-D attention kernel and its bias, a dense kernel and bias, a norm
+    scale. Every leading axis but the attention bias's shards over 8 devices.
+    """
+    rng = np.random.default_rng(seed)
+    n = lambda *shape, s=1.0: (s * rng.standard_normal(shape)).astype(np.float32)
+    p = {
+        "embed": {"embedding": n(16, 8)},
+        "attention": {"query": {"kernel": n(8, 2, 4, s=8**-0.5), "bias": n(2, 4, s=0.1)}},
+        "mlp": {"Dense_0": {"kernel": n(8, 16, s=8**-0.5), "bias": n(16, s=0.1)}},
+        "LayerNorm_0": {"scale": 1 + n(8, s=0.1)},
+    }
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), {"params": p})
+
+
 def random_tree(seed: int, *, max_leaves: int = 6, dtype=jnp.float32):
     """A random nested tree with Flax-like leaf names and random shapes (1-D to 3-D)."""
     rng = np.random.default_rng(seed)
@@ -155,16 +171,27 @@ def _apply(tx, params, state, grads, extra):
     return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), state
 
 
-def _per_device_grads(grads, seed, n):
-    """n per-device gradients whose mean is exactly ``grads`` (noise with zero mean)."""
+def _per_device_grads(grads, seed, n, split="noise"):
+    """n per-device gradients whose mean is ``grads``: ``"noise"`` adds noise with zero
+    mean; ``"scale"`` multiplies by per-device factors with mean one, so entries that are
+    exactly zero stay zero on every device (as the embedding rows of tokens a batch does
+    not hold are)."""
     rng = np.random.default_rng(seed)
 
-    def split(g):
+    def scale(g):
+        c = 1 + rng.standard_normal((n,) + (1,) * g.ndim).astype(np.float32)
+        c -= c.mean(axis=0) - 1
+        return jnp.asarray(c * np.asarray(g)[None], g.dtype)
+
+    if split == "scale":
+        return jax.tree.map(scale, grads)
+
+    def add_noise(g):
         noise = rng.standard_normal((n, *g.shape)).astype(np.float32)
         noise -= noise.mean(axis=0, keepdims=True)
         return jnp.asarray(np.asarray(g, np.float32)[None] + noise, g.dtype)
 
-    return jax.tree.map(split, grads)
+    return jax.tree.map(add_noise, grads)
 
 
 def _data_sharding(mesh, x):
@@ -180,14 +207,15 @@ def _data_sharding(mesh, x):
     return NamedSharding(mesh, PartitionSpec())
 
 
-def run_path(tx, params, grads_seq, path: str, extra_args=None):
+def run_path(tx, params, grads_seq, path: str, extra_args=None, split="noise"):
     """Runs ``tx`` over a list of gradient trees along one device path.
 
     - ``eager``: op by op, no jit.
     - ``jit``: one jitted step.
     - ``pmap``: params and state replicated on all devices; each device gets a different
       gradient whose mean over devices is the step's gradient, averaged with
-      ``lax.pmean`` before the optimizer (as a data-parallel step does).
+      ``lax.pmean`` before the optimizer (as a data-parallel step does); ``split`` picks
+      how the step's gradient is spread over devices (see ``_per_device_grads``).
     - ``sharded``: ``jit`` with params and state sharded over an 8-device
       ``NamedSharding`` mesh; asserts that the state keeps the params' shardings.
     - ``explicit``: the same with the mesh's axis explicit (``AxisType.Explicit`` under
@@ -220,7 +248,7 @@ def run_path(tx, params, grads_seq, path: str, extra_args=None):
 
         pstep = jax.pmap(step, axis_name="devices")
         for i, g in enumerate(grads_seq):
-            p, s = pstep(p, s, _per_device_grads(g, 1000 + i, n))
+            p, s = pstep(p, s, _per_device_grads(g, 1000 + i, n, split))
         first = lambda t: jax.tree.map(lambda x: x[0], t)
         return first(p), first(s)
     if path in ("sharded", "explicit"):
@@ -253,11 +281,13 @@ def _assert_state_keeps_shardings(params, state):
             )
 
 
-def assert_same_on_all_paths(tx, params, grads_seq, *, rtol=1e-5, atol=1e-6, extra_args=None):
+def assert_same_on_all_paths(
+    tx, params, grads_seq, *, rtol=1e-5, atol=1e-6, extra_args=None, split="noise"
+):
     """Runs every device path and checks params and state agree with plain ``jit``."""
-    ref_p, ref_s = run_path(tx, params, grads_seq, "jit", extra_args)
+    ref_p, ref_s = run_path(tx, params, grads_seq, "jit", extra_args, split)
     for path in ("eager", "pmap", "sharded", "explicit"):
-        p, s = run_path(tx, params, grads_seq, path, extra_args)
+        p, s = run_path(tx, params, grads_seq, path, extra_args, split)
         assert_trees_close(p, ref_p, rtol=rtol, atol=atol, err=f"params on {path}")
         assert_trees_close(
             jax.tree.map(np.asarray, s),

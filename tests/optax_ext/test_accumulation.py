@@ -12,7 +12,6 @@ import pytest
 from helpers import (
     abstract_init_matches,
     assert_no_recompile,
-    assert_same_on_all_paths,
     assert_trees_close,
     jit_once,
     random_grads_like,
@@ -142,14 +141,6 @@ def test_nonfinite_propagates_without_skipping():
 
 
 # ------------------------------------------------------------------- device paths
-
-
-def test_same_on_all_device_paths_and_compiles_once():
-    params = random_tree(3, max_leaves=3)
-    grads = [random_grads_like(params, s) for s in range(4)]
-    tx = accumulate_gradients(optax.adamw(1e-2), 2, skip_nonfinite=True)
-    assert_same_on_all_paths(tx, params, grads)
-    assert_no_recompile(tx, params, grads)
 
 
 def test_shard_map_data_parallel_step_matches_jit():

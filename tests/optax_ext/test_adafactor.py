@@ -10,9 +10,6 @@ import numpy as np
 import optax
 import pytest
 from helpers import (
-    abstract_init_matches,
-    assert_no_recompile,
-    assert_same_on_all_paths,
     assert_trees_close,
     leaf_paths,
     random_grads_like,
@@ -486,13 +483,6 @@ def test_state_is_m_plus_n_per_factored_matrix():
 # --------------------------------------------------------------------- optax glue
 
 
-def test_device_paths_with_factored_matrices():
-    params = big_params(6, full=False)
-    grads = [random_grads_like(params, 30 + t) for t in range(2)]
-    tx = adafactor(momentum=0.9, weight_decay=0.1)
-    assert_same_on_all_paths(tx, params, grads)
-
-
 def test_inject_hyperparams():
     params = big_params(7, full=False)
     grads = [random_grads_like(params, 40 + t) for t in range(4)]
@@ -556,13 +546,6 @@ def test_chain_and_masked():
         u_ref, s_ref = ref_step({k: clipped[k] for k in sub}, s_ref, sub)
         assert_trees_close({k: u[k] for k in sub}, u_ref, rtol=1e-6)
         assert_trees_close(u["embed"], clipped["embed"], rtol=1e-6)
-
-
-def test_abstract_init_and_no_recompile():
-    params = big_params(10, full=False)
-    tx = adafactor(momentum=0.9)
-    abstract_init_matches(tx, params)
-    assert_no_recompile(tx, params, [random_grads_like(params, t) for t in range(3)])
 
 
 def test_bf16_params_and_mu_dtype():

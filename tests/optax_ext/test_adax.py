@@ -7,8 +7,6 @@ import optax
 import pytest
 from helpers import (
     abstract_init_matches,
-    assert_no_recompile,
-    assert_same_on_all_paths,
     assert_trees_close,
     flax_like_params,
     jit_once,
@@ -195,14 +193,6 @@ def test_adax_alias_is_direction_times_lr():
 
 
 # --------------------------------------------------------------------- plumbing
-
-
-def test_device_paths_and_compilation():
-    params = _tiny_params(1)
-    grads = [random_grads_like(params, 10 + s) for s in range(3)]
-    tx = adaxw(1e-2, weight_decay=0.1)
-    assert_same_on_all_paths(tx, params, grads)
-    assert_no_recompile(tx, params, grads)
 
 
 def test_inject_hyperparams_matches_constants():

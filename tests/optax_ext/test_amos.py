@@ -10,14 +10,11 @@ import optax
 import pytest
 from helpers import (
     abstract_init_matches,
-    assert_no_recompile,
-    assert_same_on_all_paths,
     assert_trees_close,
     flax_like_params,
     jit_once,
     random_grads_like,
     random_tree,
-    run_path,
     to_f64,
     x64,
 )
@@ -250,16 +247,6 @@ def test_eta_fn_rejects_bad_values_naming_the_path():
 
 
 # --------------------------------------------------------------------- plumbing
-
-
-def test_device_paths_and_compilation():
-    params = _tiny_params(1)
-    grads = [random_grads_like(params, 10 + s) for s in range(3)]
-    tx = amos(0.1, momentum=0.9, clip_value=2.0, beta=0.99)
-    assert_same_on_all_paths(tx, params, grads)
-    assert_no_recompile(tx, params, grads)
-    # per-entry statistics (v, b shaped like the params) keep the params' shardings
-    run_path(amos(0.1, shape_fn=lambda path, shape: shape), params, grads[:2], "sharded")
 
 
 def test_inject_hyperparams():

@@ -8,11 +8,8 @@ import numpy as np
 import optax
 import pytest
 from helpers import (
-    abstract_init_matches,
-    assert_no_recompile,
     assert_trees_close,
     leaf_paths,
-    run_path,
     to_f64,
     wrapper_inners,
     x64,
@@ -163,46 +160,6 @@ def test_untouched_negative_zero_rows_stay_bit_identical():
     u, _ = tx.update(g, tx.init(params), params)
     new = optax.apply_updates(params, u)
     np.testing.assert_array_equal(bits(new["embedding"][0]), bits(params["embedding"][0]))
-
-
-def pmap_run(tx, params, grads_seq):
-    """Data-parallel run where each device's gradient has the same zero rows (as real
-    per-device embedding gradients of the same tokens would), averaged with pmean."""
-    n = jax.device_count()
-    rng = np.random.default_rng(0)
-
-    def split(g):
-        c = 1 + rng.standard_normal((n,) + (1,) * g.ndim).astype(np.float32)
-        c -= c.mean(axis=0) - 1
-        return jnp.asarray(c * np.asarray(g)[None], g.dtype)
-
-    def step(p, s, g):
-        g = jax.lax.pmean(g, "d")
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    rep = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), t)
-    p, s = rep(params), rep(tx.init(params))
-    pstep = jax.pmap(step, axis_name="d")
-    for g in grads_seq:
-        p, s = pstep(p, s, jax.tree.map(split, g))
-    return jax.tree.map(lambda x: x[0], p), jax.tree.map(lambda x: x[0], s)
-
-
-def test_device_paths_no_recompile_abstract_init():
-    params = sparse_tree(1, jnp.float32)
-    grads = [sparse_grads(params, s) for s in range(3)]
-    tx = lazy(optax.adamw(1e-2, weight_decay=0.1), include=None)
-    ref_p, ref_s = run_path(tx, params, grads, "jit")
-    for path in ("eager", "sharded"):
-        p, s = run_path(tx, params, grads, path)
-        assert_trees_close(p, ref_p, rtol=1e-5, atol=1e-6, err=path)
-        assert_trees_close(s, ref_s, rtol=1e-5, atol=1e-6, err=path)
-    p, s = pmap_run(tx, params, grads)
-    assert_trees_close(p, ref_p, rtol=1e-5, atol=1e-6, err="pmap")
-    assert_trees_close(s, ref_s, rtol=1e-5, atol=1e-6, err="pmap")
-    assert_no_recompile(tx, params, grads)
-    abstract_init_matches(tx, params)
 
 
 def test_forwards_extra_args_and_composes_with_inject_hyperparams():

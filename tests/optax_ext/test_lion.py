@@ -6,9 +6,6 @@ import numpy as np
 import optax
 import pytest
 from helpers import (
-    abstract_init_matches,
-    assert_no_recompile,
-    assert_same_on_all_paths,
     assert_trees_close,
     flax_like_params,
     leaf_paths,
@@ -282,12 +279,6 @@ def test_static_b2_zero_uses_the_textbook_form():
 # --------------------------------------------------------------- optax glue
 
 
-def test_device_paths():
-    params = small_params(8)
-    grads = [random_grads_like(params, 200 + t) for t in range(2)]
-    assert_same_on_all_paths(lion(1e-2, weight_decay=0.3, param_scaling="tiger"), params, grads)
-
-
 def test_inject_hyperparams():
     params = small_params(9)
     grads = [random_grads_like(params, 300 + t) for t in range(6)]
@@ -342,13 +333,6 @@ def test_masked_and_chained():
         assert_trees_close(u["params"]["embed"], clipped["params"]["embed"], rtol=1e-6)
         params = optax.apply_updates(params, u)
         sub = {"params": {"dense": params["params"]["dense"]}}
-
-
-def test_abstract_init_and_no_recompile():
-    params = small_params(11)
-    tx = lion(1e-2, param_scaling="tiger")
-    abstract_init_matches(tx, params)
-    assert_no_recompile(tx, params, [random_grads_like(params, t) for t in range(3)])
 
 
 def test_scale_by_param_scale_needs_params():

@@ -12,8 +12,6 @@ import optax
 import pytest
 from helpers import (
     abstract_init_matches,
-    assert_no_recompile,
-    assert_same_on_all_paths,
     assert_trees_close,
     leaf_paths,
     random_grads_like,
@@ -165,15 +163,6 @@ def test_bad_step_keeps_inner_state_good_steps_are_the_inner_update(name):
 # ------------------------------------------------------------------ device paths
 
 
-def test_same_on_all_device_paths():
-    params = random_tree(5, max_leaves=3)
-    grads = [random_grads_like(params, s) for s in range(3)]
-    grads[1] = _poison(grads[1], {1: np.nan})
-    tx = nan_guard(optax.adamw(1e-2))
-    assert_same_on_all_paths(tx, params, grads)
-    assert_no_recompile(tx, params, grads)
-
-
 # ------------------------------------------------- a Flax model with injected NaN/Inf
 
 
@@ -256,7 +245,7 @@ def test_flax_training_with_injected_nan_and_inf():
 # ------------------------------------------------------------- init, validation
 
 
-def test_abstract_init_and_params_required():
+def test_abstract_init_on_bf16_params_and_params_required():
     params = random_tree(6, dtype=jnp.bfloat16)
     abstract_init_matches(nan_guard(optax.adamw(1e-3)), params)
     tx = nan_guard(optax.sgd(0.1))
@@ -386,12 +375,12 @@ def _poison_mask(tree):
     return jax.tree.map(lambda x: not bool(jnp.all(jnp.isfinite(x))), tree)
 
 
-def test_spike_guard_device_paths_and_no_recompile():
+def test_spike_guard_counts_the_spike_once():
+    """(The same on every device path, compiled once: the row nan_guard-spike of
+    tests/test_device_paths.py.)"""
     params = random_tree(8, max_leaves=3)
     grads = [random_grads_like(params, s, scale=1e5 if s == 3 else 1.0) for s in range(5)]
     tx = nan_guard(optax.adam(1e-2), spike_warmup=2)
-    assert_same_on_all_paths(tx, params, grads)
-    assert_no_recompile(tx, params, grads)
     _, state = jax.jit(lambda s: _run_all(tx, params, grads))(None)
     assert int(state.spike_steps) == 1 and int(state.skipped_steps) == 1
 

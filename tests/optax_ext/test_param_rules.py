@@ -10,8 +10,6 @@ import numpy as np
 import optax
 import pytest
 from helpers import (
-    abstract_init_matches,
-    assert_same_on_all_paths,
     assert_trees_close,
     flax_like_params,
     leaf_paths,
@@ -196,18 +194,6 @@ def test_scale_by_path_wraps_any_optimizer(inner):
                 a, ref_multiplier(path, RULES) * np.asarray(b), rtol=3e-7, atol=0, err_msg=path
             )  # 2 ulp: XLA fuses lr·m·k
         params = optax.apply_updates(params, u_scaled)
-
-
-def test_scale_by_path_device_paths_chain_masked_and_abstract_init():
-    params = random_tree(5)
-    grads = [random_grads_like(params, s) for s in range(2)]
-    tx = optax.chain(
-        optax.adamw(1e-2),
-        optax.masked(scale_by_path({"kernel": 0.1}), lambda t: jax.tree.map(lambda _: True, t)),
-        decay_weights(0.01),
-    )
-    assert_same_on_all_paths(tx, params, grads)
-    abstract_init_matches(tx, params)
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,6 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from helpers import (
-    abstract_init_matches,
-    assert_no_recompile,
-    assert_same_on_all_paths,
     leaf_paths,
     random_grads_like,
 )
@@ -642,40 +639,8 @@ def test_a_quantised_leaf_outside_a_nested_quantize_state_is_refused_at_init():
         quantize_state(inner, block=75, min_size=0).init({"w": jnp.zeros(150)})
 
 
-# -------------------------------------------------------------------- contract
-
-
-CONTRACT = [
-    pytest.param(lambda: quantize_state(tiger(1e-2), **SMALL), id="tiger"),
-    pytest.param(lambda: quantize_state(optax.adamw(1e-2), **SMALL), id="adamw"),
-]
-
-
-#: 4 bits: adamw has both maps (rank-1 second moments and block-wise momenta)
-CONTRACT4 = [
-    pytest.param(lambda: quantize_state(tiger(1e-2), bits=4, **SMALL), id="tiger-4bit"),
-    pytest.param(lambda: quantize_state(optax.adamw(1e-2), bits=4, **SMALL), id="adamw-4bit"),
-]
-
-
-# the small leaves' shards (2 rows of 8 or 9) split the 4-bit blocks of 32: gathered
-@pytest.mark.filterwarnings("ignore:quantize_state. the shards of")
-@pytest.mark.parametrize("make", CONTRACT + CONTRACT4[1:])
-def test_same_on_every_device_path(make):
-    """Eager, jit, pmap, sharded and explicitly sharded meshes: the same params and state
-    (4 bits: the rounding keys depend on seed, step and leaf, not on the layout; the
-    rank-1 maxima are (r, 1) and (1, c), replicated, never mistaken for a vector)."""
-    params = small_params(1)
-    # two steps: the second decodes a re-quantised state on each path
-    grads = [random_grads_like(params, s) for s in range(2)]
-    assert_same_on_all_paths(make(), params, grads, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("make", CONTRACT + CONTRACT4)
-def test_abstract_init_and_no_recompile(make):
-    params = small_params(2)
-    abstract_init_matches(make(), params)
-    assert_no_recompile(make(), params, [random_grads_like(params, s) for s in range(3)])
+# (device paths, abstract init and one compile of quantize_state around Tiger and AdamW,
+# 8 and 4 bits: tests/test_device_paths.py)
 
 
 def test_bad_arguments():

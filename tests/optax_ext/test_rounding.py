@@ -8,9 +8,6 @@ import numpy as np
 import optax
 import pytest
 from helpers import (
-    abstract_init_matches,
-    assert_no_recompile,
-    assert_same_on_all_paths,
     flax_like_params,
     random_grads_like,
 )
@@ -264,48 +261,10 @@ def test_pure_bf16_state_is_unbiased_where_nearest_stalls():
     assert abs(mu["sr"] - want) < 2e-3, (mu, want)
 
 
-# -------------------------------------------------------------------- contract
+# ----------------------------------------------------------------------- input
 
-
-def _bf16(tree):
-    return jax.tree.map(lambda x: x.astype(BF16), tree)
-
-
-def small_params(seed, dtype=BF16):
-    """Four leaves with Flax names (the eager device path draws its random bits op by
-    op, so few leaves keep it fast); the leading 16 shards over 8 devices."""
-    rng = np.random.default_rng(seed)
-    n = lambda *shape: jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32).astype(dtype)
-    return {
-        "params": {
-            "embed": {"embedding": n(16, 8)},
-            "dense": {"kernel": n(16, 8), "bias": n(8)},
-            "norm": {"scale": 1 + n(8)},
-        }
-    }
-
-
-TRANSFORMS = [
-    pytest.param(lambda: optax.chain(tiger(1e-2), stochastic_round(3)), id="tiger+sr"),
-    pytest.param(lambda: optax.chain(lion(1e-3), kahan_summation()), id="lion+kahan"),
-    pytest.param(lambda: pure_bf16(tiger(1e-2), 5), id="pure_bf16(tiger)"),
-    pytest.param(lambda: pure_bf16(lion(1e-3), summation="kahan"), id="pure_bf16(lion,kahan)"),
-]
-
-
-@pytest.mark.parametrize("make", TRANSFORMS)
-def test_same_on_every_device_path(make):
-    params = small_params(1)
-    grads = [random_grads_like(small_params(1, jnp.float32), s) for s in range(2)]
-    assert_same_on_all_paths(make(), params, grads)
-
-
-@pytest.mark.parametrize("make", TRANSFORMS)
-def test_abstract_init_and_no_recompile(make):
-    params = small_params(2)
-    abstract_init_matches(make(), params)
-    grads = [_bf16(random_grads_like(params, s)) for s in range(3)]
-    assert_no_recompile(make(), params, grads)
+# (device paths, abstract init and one compile of tiger+stochastic_round, lion+kahan,
+# pure_bf16(tiger) and pure_bf16(lion, kahan): tests/test_device_paths.py)
 
 
 def test_bad_arguments_and_missing_params():

@@ -2,7 +2,6 @@
 float64 NumPy SVD."""
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +10,6 @@ import optax
 import pytest
 from helpers import (
     _data_sharding,
-    abstract_init_matches,
-    assert_no_recompile,
-    assert_same_on_all_paths,
     assert_trees_close,
     x64,
 )
@@ -573,44 +569,8 @@ def test_spectral_stats_sharded_matches_single_device():
         np.testing.assert_allclose(got.entropy, want.entropy, atol=1e-5)
 
 
-# ----------------------------------------------------------------- the contract
-
-
-def contract_params():
-    # The decay's state holds one replicated (d_out,) vector per matrix; the helper matches
-    # state leaves to params by shape, so no 1-D param here has a kernel's d_out. The
-    # matrices have a gap σ₂/σ₁ = 0.5: with crowded top singular values the vector itself
-    # is ill-conditioned and float32 reduction order moves it (the term would still agree).
-    s = np.concatenate([[2.0], np.linspace(1.0, 0.1, 7)])
-    w = lambda rows, cols, seed: with_singular_values(s, rows, cols, seed).astype(np.float32)
-    return {
-        "mlp": {"kernel": jnp.asarray(w(16, 24, 0))},
-        "norm": {"scale": jnp.linspace(0.5, 1.5, 16)},
-        "scan": {"kernel": jnp.asarray(np.stack([w(8, 16, 1), w(8, 16, 2)]))},
-    }
-
-
-@pytest.mark.parametrize(
-    "make, atol",
-    [
-        (lambda: optax.chain(optax.sgd(0.1), add_spectral_decay(0.1)), 2e-6),
-        # XLA:CPU under this suite's two compile-time flags together (tests/conftest.py)
-        # computes a sharded program holding both of mclip's msigns about 1e-4 less
-        # accurately than the unsharded one (each flag alone, or the defaults: 2e-6; the
-        # unsharded result is within 1e-6 of float64's U min(Σ, c) Vᵀ). A routing or
-        # sharding mistake moves entries of size 0.1 by far more.
-        (lambda: optax.chain(optax.sgd(0.5), clip_singular_values(0.9)), 1e-4),
-    ],
-    ids=["decay", "clip"],
-)
-def test_device_paths_abstract_init_and_one_compile(make, atol):
-    params = contract_params()
-    grads = [jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params) for i in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the names settle every layout: no warning
-        abstract_init_matches(make(), params)
-    assert_no_recompile(make(), params, grads)
-    assert_same_on_all_paths(make(), params, grads, rtol=2e-5, atol=atol)
+# (device paths, abstract init without a warning and one compile of add_spectral_decay and
+# clip_singular_values: tests/test_device_paths.py)
 
 
 def test_an_unsettled_layout_warns_at_init():
