@@ -127,24 +127,16 @@ def test_optax_guarded_counterpart_steps_like_its_inner_and_skips_a_nan_step():
 # ------------------------------------------------------------ bench_xla_cpu's counts
 
 
-def test_xla_cpu_compiles_per_leaf_kernels_once_and_sliced_flags_once_per_leaf(tmp_path):
-    """The mechanism behind the compile-time rows of RESULTS.md, counted, not timed: a
-    per-leaf flag from each leaf's own sum keeps same-shaped leaves' kernels identical
-    (their number of distinct kernels does not grow with the leaf count), while flags
-    sliced out of a batched vector make one distinct kernel per leaf. All variants
-    compute the same numbers (the script checks) and its --quick run completes."""
+def test_xla_cpu_quick_run_measures_every_form(tmp_path):
+    """bench_xla_cpu's --quick run completes and reports every form it compares (the
+    script itself checks that all forms compute the same numbers). How many kernels
+    XLA:CPU compiles is a measurement in results/, not a property the tests hold it to."""
     import bench_xla_cpu
 
     results = bench_xla_cpu.main(["--quick", "--out", str(tmp_path / "xla_cpu.json")])
     assert (tmp_path / "xla_cpu.json").exists()
-    distinct = lambda rows: {r["variant"]: r["distinct"] for r in rows}
-    small, large = distinct(bench_xla_cpu.compile_rows(8)), distinct(results["compile"])
-    assert results["compile"][0]["leaves"] == 16
-    for variant in ("no flag (the floor)", "per leaf: each leaf's own sum"):
-        assert large[variant] == small[variant], variant
-    assert large["grouped sums, flags sliced"] >= small["grouped sums, flags sliced"] + 8
-    forms = {r["form"] for r in results["reductions"]}
-    assert forms == set(bench_xla_cpu.REDUCTION_VARIANTS)
+    assert results["compile"] and all(r["leaves"] == 16 for r in results["compile"])
+    assert {r["form"] for r in results["reductions"]} == set(bench_xla_cpu.REDUCTION_VARIANTS)
     assert {r["form"] for r in results["moments"]} == {"two reductions", "blocks of rows"}
     assert {r["form"] for r in results["parts"]} == {"jnp.mean", "slabs"}
     assert {r["optimizer"] for r in results["steps"]} == {"adafactor", "amos"}

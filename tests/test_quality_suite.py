@@ -101,6 +101,28 @@ def test_warm_sweep_brackets_with_three_rates_and_all_seeds_in_one_program(
     assert sorted(s for _, s in runner.calls[0]) == [0, 0, 0, 1, 2]
 
 
+def test_warm_start_reads_the_task_then_the_same_models_other_task(tmp_path):
+    """A sweep starts at its own earlier best; with none on its task, at the best on the
+    task training the same model; a best still at the grid's edge is no start at all."""
+    adamw, tiger = (bench_suite.OPTIMIZERS[n] for n in ("optax.adamw", "tiger"))
+    row = lambda name, lr, edge=False: {"optimizer": name, "best_lr": lr, "best_at_edge": edge}
+    earlier = {
+        "fortunes_lm": {"rows": [row("optax.adamw", adamw.centre * 2), row("tiger", 1.0, True)]},
+        "demo_lm": {"rows": [row("optax.adamw", adamw.centre / 2)]},
+        "digits_mlp": {"rows": [row("tiger", tiger.centre * 4)]},
+    }
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps({"tasks": earlier}))
+    warm = bench_suite.warm_factors(str(path), bench_suite.OPTIMIZERS)
+    start = lambda task, name: bench_suite.warm_factor(warm, task, name)
+    assert start("fortunes_lm", "optax.adamw") == (pytest.approx(2.0), "fortunes_lm")
+    assert start("demo_lm", "optax.adamw") == (pytest.approx(0.5), "demo_lm")
+    assert start("demo_lm", "tiger") == (None, None)  # fortunes' best was at the edge
+    assert start("digits_mlp", "tiger") == (pytest.approx(4.0), "digits_mlp")
+    assert start("digits_cnn", "tiger") == (None, None)  # another model: no warm start
+    assert bench_suite.warm_factors(str(tmp_path / "missing.json"), bench_suite.OPTIMIZERS) == {}
+
+
 def test_sweep_flags_a_best_rate_still_at_the_edge(monkeypatch):
     entry = bench_suite.OPTIMIZERS["optax.adamw"]
     monkeypatch.setattr(bench_suite, "grid_runner", _fake_runner(entry.centre * 2**20))
