@@ -269,7 +269,9 @@ def report(task: Task, rows: list[dict]) -> str:
     return markdown_table(shown, cols)
 
 
-def plot(results: dict, path: str) -> None:
+def plot(results: dict, path: str, names: list[str] | None = None) -> None:
+    """Each task's sweep curves, one colour per optimizer in every panel; ``names`` picks
+    the rows (default: all)."""
     try:
         import matplotlib
 
@@ -278,11 +280,12 @@ def plot(results: dict, path: str) -> None:
     except ImportError as e:
         raise SystemExit("--plot needs matplotlib: pip install 'optax-ext[plot]'") from e
     tasks = results["tasks"]
-    names = list(dict.fromkeys(r["optimizer"] for info in tasks.values() for r in info["rows"]))
+    present = dict.fromkeys(r["optimizer"] for info in tasks.values() for r in info["rows"])
+    names = [n for n in (names or present) if n in present]
     colour = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}  # same in every panel
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks) + 2.5, 4.2), squeeze=False)
     for ax, (tname, info) in zip(axes[0], tasks.items(), strict=True):
-        for r in info["rows"]:
+        for r in (r for r in info["rows"] if r["optimizer"] in colour):
             lrs = sorted(r["sweep"], key=float)
             m = [np.mean(r["sweep"][k]) for k in lrs]
             s = [np.std(r["sweep"][k], ddof=1) if len(r["sweep"][k]) > 1 else 0 for k in lrs]
@@ -293,12 +296,16 @@ def plot(results: dict, path: str) -> None:
         ax.set_xlabel("peak learning rate")
         ax.set_ylabel(info["metric"])
         ax.set_title(tname)
+        # the whole of every curve near the best, cutting off diverged rates
+        means = [np.mean(v) for r in info["rows"] if r["optimizer"] in colour
+                 for v in r["sweep"].values()]  # fmt: skip
         if info["higher_is_better"]:
-            best = max(r["mean"] for r in info["rows"])
-            ax.set_ylim(best - 0.25, min(1.0, best + 0.03))
+            best = max(means)
+            worst = min(m for m in means if m > best - 0.25)
+            ax.set_ylim(worst - 0.01, min(1.0, best + 0.01))
         else:
-            best = min(r["mean"] for r in info["rows"])
-            ax.set_ylim(best - 0.05, best + 0.6)
+            best = min(means)
+            ax.set_ylim(best - 0.05, max(m for m in means if m < best + 0.6) + 0.05)
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
     fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles],
                fontsize=7, loc="center right")  # fmt: skip
@@ -311,8 +318,11 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def print_report(path: str, plot_path: str | None = None) -> dict[str, Any]:
-    """The markdown tables (and the plot) of a results file, one per task."""
+def print_report(
+    path: str, plot_path: str | None = None, names: list[str] | None = None
+) -> dict[str, Any]:
+    """The markdown tables of a results file, one per task, its summary and plot over
+    ``names`` (default: every row)."""
     with open(path) as f:
         results = json.load(f)
     for tname, info in results["tasks"].items():
@@ -321,9 +331,9 @@ def print_report(path: str, plot_path: str | None = None) -> dict[str, Any]:
         print(f"\n### {tname}: {info['source']}, {info['steps']} updates of {batch}\n")
         print(report(view, info["rows"]))
     print("\n### Summary (bold: within one seed-sd of the task's best)\n")
-    print(summary_table(results))
+    print(summary_table(results, names))
     if plot_path:
-        plot(results, plot_path)
+        plot(results, plot_path, names)
         print("wrote", plot_path)
     return results
 
@@ -423,7 +433,7 @@ def main(argv=None) -> dict[str, Any]:
             entries = {"optax.adamw": OPTIMIZERS["optax.adamw"]} | entries
     path = os.path.join(RESULTS_DIR, f"{args.out}.json")
     if args.report:
-        return print_report(path, args.plot)
+        return print_report(path, args.plot, list(entries))
     results: dict[str, Any] = {
         "machine": machine(), "seeds": list(seeds), "sweep_seeds": args.sweep_seeds, "tasks": {},
     }  # fmt: skip
