@@ -149,7 +149,6 @@ def accumulate_gradients(
       skip_nonfinite: leave non-finite micro-batches out of the mean.
       acc_dtype: dtype of the running mean; ``None`` gives each leaf at least float32
         (bf16 params → f32 accumulator, f64 stays f64).
-      k: the old name of ``accumulation_steps`` (deprecated: it warns).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`AccumulationState`.

@@ -41,14 +41,15 @@ from optax_ext.wrappers.quantize import (
     quantize_state,
 )
 
-# ------------------------------------------------- the map, from the spec's words
+# ------------------------------------------------- the map, from its bit description
 
 
 def spec_map(signed: bool) -> np.ndarray:
-    """The dynamic map read off its bit description (spec/low_precision.md): after the
-    sign bit, a run of zero bits gives the decimal exponent, a 1 flags its end, the
-    remaining bits are a linear fraction in (0.1, 1] (the last, fraction-less decade:
-    the single value 10^-z); all zeros is 0. Returns values by magnitude code."""
+    """The dynamic map read off its bit description (Dettmers et al. 2022, arXiv
+    2110.02861): after the sign bit, a run of zero bits gives the decimal exponent, a 1
+    flags its end, the remaining bits are a linear fraction in (0.1, 1] (the last,
+    fraction-less decade: the single value 10^-z); all zeros is 0. Returns values by
+    magnitude code."""
     bits = 7 if signed else 8
     out = []
     for code in range(2**bits):

@@ -1,4 +1,5 @@
-"""Learning-rate rules: the spec's worked numbers (spec/scaling.md §1-4), properties, errors."""
+"""Learning-rate rules (McCandlish et al. 2018, arXiv 1812.06162; Su, kexue.fm/archives/10542,
+11280, 11301): worked numbers computed by hand, properties, errors."""
 
 import math
 

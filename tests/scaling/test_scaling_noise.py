@@ -1,4 +1,5 @@
-"""Noise-scale estimators and the measuring transform (spec/scaling.md §6).
+"""Noise-scale estimators and the measuring transform (McCandlish et al. 2018, arXiv
+1812.06162, app. A.2).
 
 The synthetic problem has a known answer: per-sample gradients are drawn from
 N(G, Sigma) with Sigma = L L^T, batch means are taken in the test, and the transform must
@@ -93,7 +94,7 @@ def test_ema_read_before_any_update_and_with_nonpositive_signal():
 
 
 def test_accumulation_args_match_float64_reference():
-    """Update by update against the spec's formulas in float64."""
+    """Update by update against the formulas in float64."""
     rng = np.random.default_rng(2)
     k, decay = 4, 0.8
     tx = transform.measure_noise_scale(batch_size=B_SMALL, ema=decay)

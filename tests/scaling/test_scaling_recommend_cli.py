@@ -1,4 +1,4 @@
-"""recommend() against the spec's formulas written out here, and the command line."""
+"""recommend() against its formulas written out here, and the command line."""
 
 import json
 import math

@@ -1,4 +1,5 @@
-"""Steps-vs-examples law and published laws (spec/scaling.md §5, §8)."""
+"""The steps-vs-examples law (McCandlish et al. 2018, arXiv 1812.06162) and the published
+laws of DeepSeek LLM (arXiv 2401.02954), Step Law (arXiv 2503.04715) and Kaplan et al. 2020."""
 
 import math
 

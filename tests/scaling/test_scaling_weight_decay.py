@@ -1,4 +1,5 @@
-"""Weight-decay rules: the spec's worked numbers (spec/scaling.md §7), schedules, properties."""
+"""Weight-decay rules (Wang & Aitchison 2024, arXiv 2405.13698; Su, kexue.fm/archives/11459):
+worked numbers computed by hand, schedules, properties."""
 
 import math
 
