@@ -131,7 +131,8 @@ def sweep(
     first program runs every seed at ``warm`` and the first ``sweep_seeds`` at ``warm/2``
     and ``2 warm``, so when the best has not moved one program brackets it and gives its
     seeds; otherwise the sweep extends past the edge as a cold one does, and the
-    remaining seeds run at the new best.
+    remaining seeds run at the new best. Rates are compared on the sweep seeds alone, so
+    a warm sweep picks the rate a cold one over the same rates would.
     """
     run = grid_runner(task, entry)
     rows: dict[float, dict[str, np.ndarray]] = {}
@@ -152,7 +153,8 @@ def sweep(
             ran[f] = ran.get(f, ()) + tuple(fs)
 
     def best():
-        mean = lambda f: np.mean(score(task, rows[f]["metric"][:, -1]))
+        # every rate judged on the same seeds (the sweep's), wherever the sweep started
+        mean = lambda f: np.mean(score(task, rows[f]["metric"][: len(first), -1]))
         return max(rows, key=mean)
 
     if warm is None:

@@ -48,15 +48,19 @@ def test_quick_run_brackets_each_best_rate_and_reports_consistent_numbers(tmp_pa
     assert rows["tiger"]["state_bytes_per_param"] == pytest.approx(4.0)
 
 
-def _fake_runner(best_lr):
-    """Accuracy peaked at ``best_lr`` (quadratic in log2 lr), two seeds."""
+def _fake_runner(best_lr, seed_offsets=()):
+    """Accuracy peaked at ``best_lr`` (quadratic in log2 lr), shifted by
+    ``seed_offsets[seed]`` where given."""
 
     def grid_runner(task, entry):
         def run(lrs, seeds):
             raise AssertionError("the sweep runs (lr, seed) pairs")
 
         def pairs(lr_seeds):
-            acc = np.array([0.9 - 0.01 * math.log2(lr / best_lr) ** 2 for lr, _ in lr_seeds])
+            shift = lambda s: seed_offsets[s] if s < len(seed_offsets) else 0.0
+            acc = np.array(
+                [0.9 - 0.01 * math.log2(lr / best_lr) ** 2 + shift(s) for lr, s in lr_seeds]
+            )
             curve = np.repeat(acc[:, None], bench_suite.EVALS, axis=-1)
             calls.append(lr_seeds)
             return curve, curve, curve
@@ -121,6 +125,19 @@ def test_warm_start_reads_the_task_then_the_same_models_other_task(tmp_path):
     assert start("digits_mlp", "tiger") == (pytest.approx(4.0), "digits_mlp")
     assert start("digits_cnn", "tiger") == (None, None)  # another model: no warm start
     assert bench_suite.warm_factors(str(tmp_path / "missing.json"), bench_suite.OPTIMIZERS) == {}
+
+
+def test_a_warm_sweep_compares_rates_on_the_sweep_seeds_only(monkeypatch):
+    """Seeds 1 and 2 are worse everywhere: the warm centre, the only rate where they run
+    first, must not lose to its neighbours for that (a cold sweep would pick it)."""
+    entry = bench_suite.OPTIMIZERS["optax.adamw"]
+    runner = _fake_runner(entry.centre * 2.0, seed_offsets=(0.0, -0.05, -0.05))
+    monkeypatch.setattr(bench_suite, "grid_runner", runner)
+    task = suite_tasks.Task("t", {}, None, None, None, None, "acc", True, 10, 8, "")
+    rows, best, edge = bench_suite.sweep(task, entry, seeds=(0, 1, 2), warm=2.0)
+    assert best == 2.0 and not edge and len(runner.calls) == 1
+    cold_rows, cold_best, _ = bench_suite.sweep(task, entry, seeds=(0, 1, 2))
+    assert cold_best == best
 
 
 def test_sweep_flags_a_best_rate_still_at_the_edge(monkeypatch):
