@@ -89,6 +89,57 @@ def tiny_params(seed: int = 0, dtype=jnp.float32):
     return jax.tree.map(lambda x: jnp.asarray(x, dtype), {"params": p})
 
 
+def sparse_tree(seed: int = 1, dtype=jnp.float32):
+    """Two embedding tables (2-D and 3-D), a kernel, a bias and a 0-d scale: the leaves
+    a lazy optimizer treats row by row and those it does not."""
+    rng = np.random.default_rng(seed)
+    tree = {
+        "embed": {"embedding": rng.standard_normal((7, 4))},
+        "pos": {"sub": {"embedding": rng.standard_normal((5, 2, 3))}},
+        "dense": {"kernel": rng.standard_normal((4, 3)), "bias": rng.standard_normal(3)},
+        "gate": {"scale": rng.standard_normal(())},
+    }
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+
+
+def sparse_grads(tree, seed: int):
+    """Random gradients with some rows x[i, ...] (and some single entries) exactly zero."""
+    rng = np.random.default_rng(seed)
+
+    def one(x):
+        g = np.array(rng.standard_normal(x.shape))
+        if x.ndim == 0:
+            return jnp.asarray(g if rng.random() < 0.5 else 0.0, x.dtype)
+        g[rng.random(x.shape[0]) < 0.5] = 0.0
+        g[(rng.random(x.shape) < 0.2)] = 0.0  # partly zero rows are still touched
+        if x.ndim == 3:  # a row x[0] touched only in x[0, 1, :] still moves as a whole
+            g[0] = 0.0
+            g[0, 1, 0] = 1.0
+        return jnp.asarray(g, x.dtype)
+
+    return jax.tree.map(one, tree)
+
+
+#: quantize_state settings for small trees: every leaf of >= 64 elements, blocks of 32
+SMALL_QUANTIZED = dict(block=32, min_size=64)
+
+
+def small_quantized_params(seed: int = 1):
+    """A few leaves with Flax names: two quantised with ``SMALL_QUANTIZED`` (one with a
+    short last block), two left float; the leading axes shard 16 rows over 8 devices.
+    Each quantised leaf adds its own encode and decode to a compiled step, so few leaves
+    keep compiles short."""
+    rng = np.random.default_rng(seed)
+    n = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    return {
+        "params": {
+            "embed": {"embedding": n(16, 9)},
+            "dense": {"kernel": n(16, 8), "bias": n(8)},
+            "norm": {"scale": 1 + n(8)},
+        }
+    }
+
+
 def random_tree(seed: int, *, max_leaves: int = 6, dtype=jnp.float32):
     """A random nested tree with Flax-like leaf names and random shapes (1-D to 3-D)."""
     rng = np.random.default_rng(seed)
@@ -207,11 +258,12 @@ def _data_sharding(mesh, x):
     return NamedSharding(mesh, PartitionSpec())
 
 
-def run_path(tx, params, grads_seq, path: str, extra_args=None, split="noise"):
+def run_path(tx, params, grads_seq, path: str, extra_args=None, split="noise", compile_once=False):
     """Runs ``tx`` over a list of gradient trees along one device path.
 
     - ``eager``: op by op, no jit.
-    - ``jit``: one jitted step.
+    - ``jit``: one jitted step (with ``compile_once``, traced once: later steps must reuse
+      the program, see ``jit_once``).
     - ``pmap``: params and state replicated on all devices; each device gets a different
       gradient whose mean over devices is the step's gradient, averaged with
       ``lax.pmean`` before the optimizer (as a data-parallel step does); ``split`` picks
@@ -232,7 +284,7 @@ def run_path(tx, params, grads_seq, path: str, extra_args=None, split="noise"):
         return params, state
     if path == "jit":
         state = tx.init(params)
-        step = jax.jit(lambda p, s, g: _apply(tx, p, s, g, extra))
+        step = (jit_once if compile_once else jax.jit)(lambda p, s, g: _apply(tx, p, s, g, extra))
         for g in grads_seq:
             params, state = step(params, state, g)
         return params, state
@@ -282,10 +334,12 @@ def _assert_state_keeps_shardings(params, state):
 
 
 def assert_same_on_all_paths(
-    tx, params, grads_seq, *, rtol=1e-5, atol=1e-6, extra_args=None, split="noise"
-):
-    """Runs every device path and checks params and state agree with plain ``jit``."""
-    ref_p, ref_s = run_path(tx, params, grads_seq, "jit", extra_args, split)
+    tx, params, grads_seq, *, rtol=1e-5, atol=1e-6, extra_args=None, split="noise",
+    compile_once=False,
+):  # fmt: skip
+    """Runs every device path and checks params and state agree with plain ``jit``
+    (which, with ``compile_once``, must compile its step once)."""
+    ref_p, ref_s = run_path(tx, params, grads_seq, "jit", extra_args, split, compile_once)
     for path in ("eager", "pmap", "sharded", "explicit"):
         p, s = run_path(tx, params, grads_seq, path, extra_args, split)
         assert_trees_close(p, ref_p, rtol=rtol, atol=atol, err=f"params on {path}")

@@ -10,6 +10,8 @@ import pytest
 from helpers import (
     assert_trees_close,
     leaf_paths,
+    sparse_grads,
+    sparse_tree,
     to_f64,
     wrapper_inners,
     x64,
@@ -93,36 +95,6 @@ def ref_lazy_decayed_sgdm(params, grads_seq, lr, beta, wd, lazy_path):
                         step[row] = 0.0
             theta[path] = theta[path] - step
     return theta
-
-
-def sparse_tree(seed, dtype):
-    """Two lazy leaves (a 2-D table and a 3-D one), a kernel, a bias and a 0-d scale."""
-    rng = np.random.default_rng(seed)
-    tree = {
-        "embed": {"embedding": rng.standard_normal((7, 4))},
-        "pos": {"sub": {"embedding": rng.standard_normal((5, 2, 3))}},
-        "dense": {"kernel": rng.standard_normal((4, 3)), "bias": rng.standard_normal(3)},
-        "gate": {"scale": rng.standard_normal(())},
-    }
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
-
-
-def sparse_grads(tree, seed):
-    """Random gradients with some rows x[i, ...] (and some single entries) exactly zero."""
-    rng = np.random.default_rng(seed)
-
-    def one(x):
-        g = np.array(rng.standard_normal(x.shape))
-        if x.ndim == 0:
-            return jnp.asarray(g if rng.random() < 0.5 else 0.0, x.dtype)
-        g[rng.random(x.shape[0]) < 0.5] = 0.0
-        g[(rng.random(x.shape) < 0.2)] = 0.0  # partly zero rows are still touched
-        if x.ndim == 3:  # a row x[0] touched only in x[0, 1, :] still moves as a whole
-            g[0] = 0.0
-            g[0, 1, 0] = 1.0
-        return jnp.asarray(g, x.dtype)
-
-    return jax.tree.map(one, tree)
 
 
 @pytest.mark.parametrize("include", ["embedding", None], ids=["embedding", "all"])

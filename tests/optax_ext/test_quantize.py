@@ -11,8 +11,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from helpers import (
+    SMALL_QUANTIZED,
     leaf_paths,
     random_grads_like,
+    small_quantized_params,
 )
 
 from optax_ext._common import tree_bytes
@@ -345,22 +347,6 @@ INNERS = {
         lambda p: jax.tree.map(lambda x: "a" if x.ndim > 1 else "b", p),
     ),
 }
-SMALL = dict(block=32, min_size=64)  # small trees: quantise every leaf of >= 64 elements
-
-
-def small_params(seed):
-    """A few leaves with Flax names: each quantised leaf adds its own encode and decode
-    to the compiled step, so few leaves keep compiles short. Two leaves are quantised
-    with SMALL (one with a short last block), two stay float; 16 shards over 8 devices."""
-    rng = np.random.default_rng(seed)
-    n = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    return {
-        "params": {
-            "embed": {"embedding": n(16, 9)},
-            "dense": {"kernel": n(16, 8), "bias": n(8)},
-            "norm": {"scale": 1 + n(8)},
-        }
-    }
 
 
 def _states_close_enough(inner_state, q_state):
@@ -373,7 +359,7 @@ def _states_close_enough(inner_state, q_state):
     for (path, f), (_, q) in zip(f_leaves, q_leaves, strict=True):
         if is_q(q):
             quantised += 1
-            back = np.asarray(dequantize(q, block=SMALL["block"]))
+            back = np.asarray(dequantize(q, block=SMALL_QUANTIZED["block"]))
             scale = np.abs(np.asarray(f)).max() + 1e-30
             assert np.abs(back - np.asarray(f)).max() <= 0.05 * scale, path
         else:
@@ -383,9 +369,9 @@ def _states_close_enough(inner_state, q_state):
 
 @pytest.mark.parametrize("name", list(INNERS))
 def test_every_optimizer_runs_8bit_and_stays_close_to_float32(name):
-    params = small_params(0)
+    params = small_quantized_params(0)
     grads = [random_grads_like(params, s) for s in range(4)]
-    ref_tx, q_tx = INNERS[name](), quantize_state(INNERS[name](), **SMALL)
+    ref_tx, q_tx = INNERS[name](), quantize_state(INNERS[name](), **SMALL_QUANTIZED)
     ref_s, q_s = ref_tx.init(params), q_tx.init(params)
     p_ref = params
     for g in grads:
@@ -397,7 +383,7 @@ def test_every_optimizer_runs_8bit_and_stays_close_to_float32(name):
     # only param-shaped float leaves of >= min_size elements are quantised
     for x in jax.tree.leaves(q_s, is_leaf=lambda x: isinstance(x, QuantizedArray)):
         if isinstance(x, QuantizedArray):
-            assert x.codes.size >= SMALL["min_size"]
+            assert x.codes.size >= SMALL_QUANTIZED["min_size"]
 
 
 def test_which_leaves_are_signed_and_the_bytes():
@@ -442,7 +428,8 @@ def test_modules_named_v_or_nu_keep_a_signed_momentum(name):
     Stored unsigned, every negative momentum entry was clamped to 0."""
     w = jnp.asarray(np.random.default_rng(0).standard_normal((16, 8)), jnp.float32)
     params = {"attn": {m: {"kernel": w} for m in ("q", "v", "nu")}}
-    ref_tx, q_tx = NAMED_LIKE_MOMENTS[name](), quantize_state(NAMED_LIKE_MOMENTS[name](), **SMALL)
+    ref_tx = NAMED_LIKE_MOMENTS[name]()
+    q_tx = quantize_state(NAMED_LIKE_MOMENTS[name](), **SMALL_QUANTIZED)
     ref_s, q_s = ref_tx.init(params), q_tx.init(params)
     for seed in range(3):
         g = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((16, 8)), jnp.float32)
@@ -473,10 +460,10 @@ def test_a_factored_statistic_shaped_like_another_parameter_stays_float():
 def test_multisteps_is_wrapped_through_its_transform():
     """optax.MultiSteps is an object with init and update: its state (the inner state
     and the accumulated gradient) is stored in 8 bits like any other."""
-    params = small_params(4)
+    params = small_quantized_params(4)
     grads = [random_grads_like(params, s) for s in range(4)]
     ref_tx = optax.MultiSteps(optax.adam(1e-2), 2)
-    q_tx = quantize_state(optax.MultiSteps(optax.adam(1e-2), 2), **SMALL)
+    q_tx = quantize_state(optax.MultiSteps(optax.adam(1e-2), 2), **SMALL_QUANTIZED)
     ref_s, q_s = ref_tx.init(params), q_tx.init(params)
     for i, g in enumerate(grads):
         u_ref, ref_s = ref_tx.update(g, ref_s, params)
@@ -537,9 +524,9 @@ def test_the_class_names_the_map():
 
 
 def test_inner_inject_hyperparams_keeps_its_scalars():
-    params = small_params(0)
+    params = small_quantized_params(0)
     inner = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2, weight_decay=0.1)
-    tx = quantize_state(inner, **SMALL)
+    tx = quantize_state(inner, **SMALL_QUANTIZED)
     state = tx.init(params)
     assert state.inner_state.hyperparams["learning_rate"].dtype == jnp.float32
     step = jax.jit(lambda p, s, g: tx.update(g, s, p))
@@ -673,9 +660,9 @@ def test_bad_arguments():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_orbax_checkpoint_resumes_bit_identically(tmp_path, bits):
     # 4 bits: the stochastic re-quantisation's key is in the state, so the resume is exact
-    params = small_params(3)
+    params = small_quantized_params(3)
     grads = [random_grads_like(params, s) for s in range(6)]
-    tx = quantize_state(optax.adamw(1e-2), bits=bits, **SMALL)
+    tx = quantize_state(optax.adamw(1e-2), bits=bits, **SMALL_QUANTIZED)
 
     def step(p, s, g):
         u, s = tx.update(g, s, p)
@@ -996,13 +983,14 @@ def test_every_optimizer_runs_4bit_under_jit(name):
     same update), and the stored state is that step's new state to within one gap of
     the map (stochastic rounding goes to either neighbour): 0.225 of the leaf's largest
     |value| for the signed map, 1/16 for the unsigned one."""
-    params = small_params(0)
+    params = small_quantized_params(0)
     grads = [random_grads_like(params, s) for s in range(2)]
-    ref_tx, q_tx = INNERS4[name](), quantize_state(INNERS4[name](), bits=4, **SMALL)
+    ref_tx, q_tx = INNERS4[name](), quantize_state(INNERS4[name](), bits=4, **SMALL_QUANTIZED)
     q_s = q_tx.init(params)
     assert isinstance(q_s, Quantized4State)
+    block = SMALL_QUANTIZED["block"]
     decode = lambda t: jax.tree.map(
-        lambda x: dequantize(x, block=SMALL["block"]) if is_four(x) else x, t, is_leaf=is_four
+        lambda x: dequantize(x, block=block) if is_four(x) else x, t, is_leaf=is_four
     )
     ref_step = jax.jit(lambda g, s, p: ref_tx.update(g, decode(s), p))
     q_step = jax.jit(q_tx.update)
@@ -1031,11 +1019,11 @@ def test_every_optimizer_runs_4bit_under_jit(name):
 
 
 def test_4bit_rounding_is_seeded_by_seed_step_and_leaf():
-    params = small_params(1)
+    params = small_quantized_params(1)
     grads = [random_grads_like(params, s) for s in range(2)]
 
     def run(seed):
-        tx = quantize_state(optax.adam(1e-2), bits=4, seed=seed, **SMALL)
+        tx = quantize_state(optax.adam(1e-2), bits=4, seed=seed, **SMALL_QUANTIZED)
         s = tx.init(params)
         for g in grads:
             _, s = tx.update(g, s, params)
