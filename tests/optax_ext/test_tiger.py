@@ -21,7 +21,7 @@ from helpers import (
 
 import optax_ext as ox
 import optax_ext._xla_cpu as xla_cpu
-from optax_ext._common import tree_bytes
+from optax_ext._common import NORM_AND_BIAS, tree_bytes
 from optax_ext.optimizers.tiger import ScaleByTigerState, row_mean_square, scale_by_tiger, tiger
 
 # ------------------------------------------------------------ float64 reference
@@ -186,6 +186,26 @@ def test_tiger_is_chain_of_its_direction_decay_and_lr():
                 ),
             ),
             optax.scale(-2e-3),
+        )
+        assert_trees_close(
+            run(ours, params, grads)[0], run(chained, params, grads)[0], rtol=1e-13, atol=1e-13
+        )
+
+
+def test_tiger_with_scales_and_a_schedule_is_the_chain_of_its_pieces():
+    """The docstring's claim: with k = 1 and no guards, Tiger is the optax.chain of its
+    direction, optax's masked decay, its per-parameter scale and the learning rate."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 3, 12)
+    no_guards = dict(guard_nan=False, spike_factor=None)
+    with x64():
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(9))
+        grads = grads_with_nans(params, 12, 9, nan_every=0)
+        ours = tiger(schedule, 0.9, 0.03, **no_guards)
+        chained = optax.chain(
+            scale_by_tiger(0.9, **no_guards),
+            optax.add_decayed_weights(0.03, ox.path_mask(exclude=NORM_AND_BIAS)),
+            ox.scale_by_param_scale("tiger"),
+            optax.scale_by_learning_rate(schedule),
         )
         assert_trees_close(
             run(ours, params, grads)[0], run(chained, params, grads)[0], rtol=1e-13, atol=1e-13
