@@ -573,8 +573,8 @@ def test_guards_compile_to_a_program_linear_in_the_leaf_count(name):
     time ~6x per doubling of the leaves). Counted, not timed: each 8 more leaves must
     add the same number of compiled instructions, within 15%. And no single fused kernel
     may grow with the leaf count: XLA rewrote a sum of N stacked flags into one kernel
-    holding a chain of N additions, which LLVM compiled in superlinear time (Tiger's
-    defaults at 512 leaves: 23 s, now 16 s; benchmarks/RESULTS.md)."""
+    holding a chain of N additions, which LLVM compiled in superlinear time (compile
+    times: benchmarks/RESULTS.md)."""
     make = LINEAR_COMPILE[name]
     (c8, k8), (c16, _), (c32, k32) = (_compiled_instructions(make(), n) for n in (8, 16, 32))
     per_leaf_small, per_leaf_large = (c16 - c8) / 8, (c32 - c16) / 16
