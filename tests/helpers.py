@@ -140,6 +140,31 @@ def small_quantized_params(seed: int = 1):
     }
 
 
+def attention_params(seed: int = 0, heads: int = 2, width: int = 4):
+    """Query and key kernels (width, heads, 3) of one attention block, Flax-named."""
+    rng = np.random.default_rng(seed)
+    n = lambda: jnp.asarray(rng.standard_normal((width, heads, 3)), jnp.float32)
+    return {"attn": {"query": {"kernel": n()}, "key": {"kernel": n()}}}
+
+
+def with_singular_values(s, rows: int, cols: int, seed: int, *, factors: bool = False):
+    """U diag(s) Vᵀ with random orthonormal U (rows × k) and V (cols × k), k = len(s), in
+    float64; with ``factors``, ``(matrix, U, V)``."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, len(s))))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, len(s))))
+    m = (u * s) @ v.T
+    return (m, u, v) if factors else m
+
+
+def poison(tree, which: dict[int, float]):
+    """A copy of ``tree`` whose leaf number i (flatten order) gets its first element set
+    to ``which[i]`` (a NaN, an inf, a huge value)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [x.at[(0,) * x.ndim].set(which[i]) if i in which else x for i, x in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
 def random_tree(seed: int, *, max_leaves: int = 6, dtype=jnp.float32):
     """A random nested tree with Flax-like leaf names and random shapes (1-D to 3-D)."""
     rng = np.random.default_rng(seed)

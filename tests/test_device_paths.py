@@ -30,12 +30,15 @@ from helpers import (
     SMALL_QUANTIZED,
     abstract_init_matches,
     assert_same_on_all_paths,
+    attention_params,
+    poison,
     random_grads_like,
     random_tree,
     small_quantized_params,
     sparse_grads,
     sparse_tree,
     tiny_params,
+    with_singular_values,
 )
 
 import optax_ext as ox
@@ -78,9 +81,7 @@ def with_nan(step, leaf=0):
 
     def grads(p, n=2):
         out = [random_grads_like(p, 10 + s) for s in range(n)]
-        leaves, treedef = jax.tree.flatten(out[step])
-        leaves[leaf] = leaves[leaf].at[(0,) * leaves[leaf].ndim].set(jnp.nan)
-        out[step] = jax.tree.unflatten(treedef, leaves)
+        out[step] = poison(out[step], {leaf: np.nan})
         return out
 
     return grads
@@ -117,13 +118,6 @@ def sparse_grad_steps(tree):
     return [sparse_grads(tree, s) for s in range(3)]
 
 
-def with_singular_values(s, rows, cols, seed):
-    rng = np.random.default_rng(seed)
-    u, _ = np.linalg.qr(rng.standard_normal((rows, len(s))))
-    v, _ = np.linalg.qr(rng.standard_normal((cols, len(s))))
-    return ((u * s) @ v.T).astype(np.float32)
-
-
 def gapped_matrices():
     """A kernel and a stack of two, with σ₂/σ₁ = 0.5 (crowded top singular values make
     the singular vectors ill-conditioned, and float32 reduction order would move them);
@@ -131,10 +125,11 @@ def gapped_matrices():
     and the spectral states hold replicated (d_out,) vectors)."""
     s = np.concatenate([[2.0], np.linspace(1.0, 0.1, 7)])
     return {
-        "mlp": {"kernel": jnp.asarray(with_singular_values(s, 16, 24, 0))},
+        "mlp": {"kernel": jnp.asarray(with_singular_values(s, 16, 24, 0), jnp.float32)},
         "scan": {
             "kernel": jnp.asarray(
-                np.stack([with_singular_values(s, 8, 16, 1), with_singular_values(s, 8, 16, 2)])
+                np.stack([with_singular_values(s, 8, 16, 1), with_singular_values(s, 8, 16, 2)]),
+                jnp.float32,
             )
         },
     }
@@ -154,12 +149,6 @@ def gaussian_grads(p):
     rng = np.random.default_rng(5)
     noise = lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype)
     return [jax.tree.map(noise, p) for _ in range(2)]
-
-
-def attn_params():
-    rng = np.random.default_rng(3)
-    n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    return {"attn": {"query": {"kernel": n(8, 2, 3)}, "key": {"kernel": n(8, 2, 3)}}}
 
 
 QK_RECORD = {"max_logits": {"attn": {"max_logits": jnp.asarray([400.0, 20.0], jnp.float32)}}}
@@ -337,7 +326,7 @@ ROWS = [
     Row(
         "qk_clip",
         lambda: ox.qk_clip(optax.adamw(1e-2), 100.0),
-        params=attn_params,
+        params=lambda: attention_params(3, width=8),
         extra_args=QK_RECORD,
     ),
     Row(

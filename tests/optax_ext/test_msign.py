@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import jit_once, x64
+from helpers import jit_once, with_singular_values, x64
 
 from optax_ext.optimizers.msign import (
     NS_COEFFICIENTS,
@@ -53,14 +53,6 @@ def ref_polynomial(s, rows, steps):
     return x
 
 
-def matrix_with_singular_values(s, rows, cols, seed):
-    """U diag(s) Vᵀ with random orthonormal U (rows × k) and V (cols × k), k = len(s)."""
-    rng = np.random.default_rng(seed)
-    u, _ = np.linalg.qr(rng.standard_normal((rows, len(s))))
-    v, _ = np.linalg.qr(rng.standard_normal((cols, len(s))))
-    return (u * s) @ v.T, u, v
-
-
 def ref_ns(m, rows, steps, eps=1e-7):
     """Newton–Schulz in float64 written from its definition: U p(Σ/(‖M‖_F + ε·max|M_ij|)) Vᵀ via
     the SVD (X_0 = Y/(‖Y‖_F + ε) for Y = M/max|M_ij|)."""
@@ -86,7 +78,7 @@ def test_equals_the_float64_matrix_polynomial(name, shape):
     mats = []
     for b in range(int(np.prod(shape[:-2]))):
         s = np.geomspace(1e-3, 1.0, k) * rng.uniform(0.5, 2.0)
-        mats.append(matrix_with_singular_values(s, *shape[-2:], seed=b)[0])
+        mats.append(with_singular_values(s, *shape[-2:], seed=b))
     m = np.stack(mats).reshape(shape)
     for steps in (5, 9):
         with x64():
@@ -104,7 +96,7 @@ def test_against_the_svd_within_the_spec_ranges(name):
     # X0's singular values span about [1e-3, 1]: one value 1, the others small enough
     # that the Frobenius norm (the normalisation) stays within 3e-3 of 1
     s = np.concatenate([[1.0], np.geomspace(1e-3, 0.04, 31)])
-    m, _, _ = matrix_with_singular_values(s, 32, 48, seed=1)
+    m = with_singular_values(s, 32, 48, seed=1)
     low = 1e-3 / np.linalg.norm(s)  # X0's smallest singular value
     exact = msign_svd(m)
     for steps in (5, 6):
@@ -132,7 +124,7 @@ def test_spec_ranges_on_the_design_interval():
 
 
 def test_svd_reference_is_an_isometry_and_handles_rank_deficiency():
-    m, u, v = matrix_with_singular_values(np.array([3.0, 1e-2, 0.0]), 6, 4, seed=2)
+    m, u, v = with_singular_values(np.array([3.0, 1e-2, 0.0]), 6, 4, seed=2, factors=True)
     o = msign_svd(m)
     np.testing.assert_allclose(o, u[:, :2] @ v[:, :2].T, atol=1e-12)
 
@@ -142,7 +134,7 @@ def test_svd_reference_is_an_isometry_and_handles_rank_deficiency():
 
 def test_bf16_compute_dtype_stays_close():
     s = np.geomspace(1e-2, 1.0, 16)
-    m, _, _ = matrix_with_singular_values(s, 16, 32, seed=3)
+    m = with_singular_values(s, 16, 32, seed=3)
     exact = msign_svd(m)
     bf = msign(jnp.asarray(m, jnp.float32), steps=6, compute_dtype=jnp.bfloat16)
     assert bf.dtype == jnp.float32

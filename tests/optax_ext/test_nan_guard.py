@@ -14,6 +14,7 @@ from helpers import (
     abstract_init_matches,
     assert_trees_close,
     leaf_paths,
+    poison,
     random_grads_like,
     random_tree,
     to_f64,
@@ -26,13 +27,6 @@ from optax_ext.wrappers.nan_guard import nan_guard
 
 def _apply(params, updates):
     return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-
-
-def _poison(tree, which: dict[int, float]):
-    """A copy of ``tree`` whose leaf number i (flatten order) gets one element set to v."""
-    leaves, treedef = jax.tree.flatten(tree)
-    leaves = [x.at[(0,) * x.ndim].set(which[i]) if i in which else x for i, x in enumerate(leaves)]
-    return jax.tree.unflatten(treedef, leaves)
 
 
 # -------------------------------------------------------------- float64 reference
@@ -72,9 +66,9 @@ def test_float64_reference_with_nan_and_inf_leaves():
     params = random_tree(3)  # has kernels, embeddings, a bias and a norm scale
     n_leaves = len(jax.tree.leaves(params))
     grads = [random_grads_like(params, s) for s in range(8)]
-    grads[1] = _poison(grads[1], {0: np.nan})
-    grads[3] = _poison(grads[3], {n_leaves - 1: np.inf, 2: -np.inf})  # the last is a scale
-    grads[4] = _poison(grads[4], {1: np.nan, n_leaves - 1: np.nan})
+    grads[1] = poison(grads[1], {0: np.nan})
+    grads[3] = poison(grads[3], {n_leaves - 1: np.inf, 2: -np.inf})  # the last is a scale
+    grads[4] = poison(grads[4], {1: np.nan, n_leaves - 1: np.nan})
     expected, skipped, shrunk, n = _adam_reference(params, grads, lr=1e-2, r=0.9, catch_inf=True)
     with x64():
         tx = nan_guard(optax.adam(1e-2), 0.9)
@@ -141,7 +135,7 @@ INNERS = {
 def test_bad_step_keeps_inner_state_good_steps_are_the_inner_update(name):
     params = random_tree(4)
     grads = [random_grads_like(params, 30 + s) for s in range(6)]
-    grads[2] = _poison(grads[2], {0: np.nan})
+    grads[2] = poison(grads[2], {0: np.nan})
     inner, guarded = INNERS[name](), nan_guard(INNERS[name](), 0.95, centre=0.0)
     p, s = params, guarded.init(params)
     p_ref, s_ref = params, inner.init(params)
@@ -330,7 +324,7 @@ def _spiky_grads(params, steps, spikes: dict[int, float], nan_at=()):
     out = []
     for t in range(steps):
         g = random_grads_like(params, 500 + t, scale=float(10 ** (t / steps)) * spikes.get(t, 1.0))
-        out.append(_poison(g, {0: np.nan}) if t in nan_at else g)
+        out.append(poison(g, {0: np.nan}) if t in nan_at else g)
     return out
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import abstract_init_matches, jit_once, leaf_paths
+from helpers import abstract_init_matches, attention_params, jit_once, leaf_paths
 
 import optax_ext as ox
 from optax_ext.attention import attention_with_max_logits, max_logits_per_head
@@ -248,12 +248,6 @@ def test_bad_input():
 # ------------------------------------------------------------------- accumulation
 
 
-def attn_params(seed=0, heads=2):
-    rng = np.random.default_rng(seed)
-    n = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
-    return {"attn": {"query": {"kernel": n(4, heads, 3)}, "key": {"kernel": n(4, heads, 3)}}}
-
-
 ACCUMULATING = {
     "tiger": lambda: ox.tiger(0.0, accumulation_steps=2),
     "sgdm": lambda: ox.sgdm(0.0, accumulation_steps=2),
@@ -266,7 +260,7 @@ def test_around_accumulation_clips_once_per_update_by_the_cycles_largest_logit(n
     """With lr = 0 only the clip moves the weights: on a cycle's last micro-step only,
     by √(τ / max over the cycle's micro-batches), also while k changes (2, 3, 1, 4)."""
     tau, cycles = 100.0, (2, 3, 1, 4)
-    params = attn_params(1)
+    params = attention_params(1)
     # per micro-step logits: a cycle's largest is mostly not on its last micro-step
     logits = [[400, 1], [1, 150]] + [[1, 1], [900, 1], [1, 1]] + [[1, 400]]
     logits = np.array(logits + [[150, 1], [1, 1], [1, 900], [1, 1]], np.float32)
@@ -292,7 +286,7 @@ def test_around_accumulation_clips_once_per_update_by_the_cycles_largest_logit(n
 
 
 def test_state_initialises_abstractly_and_keeps_the_inner_state():
-    params = attn_params(11)
+    params = attention_params(11)
     state = abstract_init_matches(ox.qk_clip(ox.tiger(1e-3, accumulation_steps=2)), params)
     assert [x.shape for x in state.cycle_max] == [(2, 1), (2, 1)]  # per head, key and query
     state = abstract_init_matches(ox.qk_clip(optax.adamw(1e-3)), params)
@@ -300,7 +294,7 @@ def test_state_initialises_abstractly_and_keeps_the_inner_state():
 
 
 def test_inside_accumulate_gradients_it_raises_giving_the_order():
-    params = attn_params(3)
+    params = attention_params(3)
     zeros = jax.tree.map(jnp.zeros_like, params)
     record = {"attn": {"max_logits": jnp.array([400.0, 1.0])}}
     for inner in (ox.qk_clip(optax.sgd(0.0)), optax.chain(ox.qk_clip(optax.sgd(0.0)))):
@@ -322,8 +316,8 @@ def test_a_huge_logit_clips_by_at_most_min_factor_and_never_zeroes(jit):
     """S = 1e38 asks for a factor of 1e-18, which p + u cannot carry (it came out 0): the
     clip is bounded at MIN_FACTOR per step, finite, against a float64 reference;
     S = 1e5 is within the bound and clipped exactly."""
-    params = attn_params(4)
-    grads = jax.tree.map(lambda x: x * 0.3, attn_params(5))
+    params = attention_params(4)
+    grads = jax.tree.map(lambda x: x * 0.3, attention_params(5))
     tau = 100.0
     tx = ox.qk_clip(optax.sgd(0.1), tau)
     update = jax.jit(tx.update) if jit else tx.update
@@ -352,7 +346,7 @@ def test_a_non_finite_logit_skips_the_head_and_is_counted(bad):
     """+inf gave a factor of 0 (the head's q and k zeroed for good) and NaN was dropped
     unseen: both are measurement faults, so the head is not clipped and the state
     counts it; the other heads and modules clip as usual."""
-    params = {"b0": attn_params(6)["attn"], "b1": attn_params(7)["attn"]}
+    params = {"b0": attention_params(6)["attn"], "b1": attention_params(7)["attn"]}
     zeros = jax.tree.map(jnp.zeros_like, params)
     tx = ox.qk_clip(optax.sgd(0.0), 100.0)
     record = {
@@ -375,7 +369,7 @@ def test_a_tau_schedule_is_rejected_and_can_be_injected_by_update():
     with pytest.raises(ValueError, match=r"tau must be a number.*ox\.inject_hyperparams\(ox\.qk"):
         qk_clip(optax.sgd(0.1), tau=lambda count: 100.0)
     # τ = 100 for the first update, 10 after: read by update, not by micro-step
-    params = attn_params(8)
+    params = attention_params(8)
     zeros = jax.tree.map(jnp.zeros_like, params)
     tx = ox.inject_hyperparams(ox.qk_clip)(
         ox.tiger(0.0, accumulation_steps=2), tau=lambda n: jnp.where(n == 0, 100.0, 10.0)
@@ -396,7 +390,7 @@ def test_a_tau_schedule_is_rejected_and_can_be_injected_by_update():
 def test_a_suffix_record_must_name_one_module():
     """A record at ``attn`` clipped every module ending in ``attn``; a stray record beside
     a full one won the match. Both are errors naming the paths; full paths clip."""
-    params = {"block_0": attn_params(9), "block_1": attn_params(10)}
+    params = {"block_0": attention_params(9), "block_1": attention_params(10)}
     zeros = jax.tree.map(jnp.zeros_like, params)
     tx = qk_clip(optax.sgd(0.0), 100.0)
     s = lambda: {"max_logits": jnp.array([400.0, 1.0])}

@@ -11,6 +11,7 @@ import pytest
 from helpers import (
     _data_sharding,
     assert_trees_close,
+    with_singular_values,
     x64,
 )
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -28,14 +29,6 @@ from optax_ext.wrappers.spectral import (
 )
 
 # ------------------------------------------------------------- float64 references
-
-
-def with_singular_values(s, rows, cols, seed):
-    """U diag(s) Vᵀ with random orthonormal U (rows × k) and V (cols × k), k = len(s)."""
-    rng = np.random.default_rng(seed)
-    u, _ = np.linalg.qr(rng.standard_normal((rows, len(s))))
-    v, _ = np.linalg.qr(rng.standard_normal((cols, len(s))))
-    return (u * s) @ v.T
 
 
 def ref_mclip(m, c):

@@ -12,6 +12,7 @@ from helpers import (
     assert_trees_close,
     flax_like_params,
     leaf_paths,
+    poison,
     random_grads_like,
     random_tree,
     run_steps,
@@ -85,10 +86,7 @@ def grads_with_nans(params, steps, seed, *, nan_every=5, value=np.nan):
     for t in range(steps):
         g = random_grads_like(params, seed * 1000 + t)
         if nan_every and t % nan_every == nan_every - 1:
-            leaves, treedef = jax.tree.flatten(g)
-            i = (t // nan_every * 7) % n_leaves
-            leaves[i] = leaves[i].at[(0,) * leaves[i].ndim].set(value)
-            g = jax.tree.unflatten(treedef, leaves)
+            g = poison(g, {(t // nan_every * 7) % n_leaves: value})
         out.append(g)
     return out
 
