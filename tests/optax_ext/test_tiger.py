@@ -1,8 +1,6 @@
 """Tiger against a float64 NumPy implementation of its formulas (kexue.fm/archives/9512),
 and optax.lion (its device paths: tests/test_device_paths.py)."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,41 +167,28 @@ def test_equals_optax_lion_with_the_extras_off():
     assert_trees_close(s1.mu, s2[0].mu, rtol=1e-13, atol=1e-13)
 
 
-def test_tiger_is_chain_of_its_direction_decay_and_lr():
-    with x64():
-        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(8))
-        grads = grads_with_nans(params, 10, 8, nan_every=0)
-        ours = tiger(2e-3, 0.9, 0.03, param_scaling=None)
-        chained = optax.chain(
-            scale_by_tiger(0.9),
-            optax.add_decayed_weights(
-                0.03,
-                mask=lambda p: jax.tree_util.tree_map_with_path(
-                    lambda path, _: not re.search(r"(bias|scale)'\]$", jax.tree_util.keystr(path)),
-                    p,
-                ),
-            ),
-            optax.scale(-2e-3),
-        )
-        assert_trees_close(
-            run(ours, params, grads)[0], run(chained, params, grads)[0], rtol=1e-13, atol=1e-13
-        )
-
-
-def test_tiger_with_scales_and_a_schedule_is_the_chain_of_its_pieces():
-    """The docstring's claim: with k = 1 and no guards, Tiger is the optax.chain of its
-    direction, optax's masked decay, its per-parameter scale and the learning rate."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 3, 12)
-    no_guards = dict(guard_nan=False, spike_factor=None)
+@pytest.mark.parametrize(
+    "param_scaling, lr, guards",
+    [
+        (None, 2e-3, {}),  # finite gradients: the default guards never act
+        ("tiger", optax.warmup_cosine_decay_schedule(0.0, 3e-3, 3, 12),
+         {"guard_nan": False, "spike_factor": None}),
+    ],
+    ids=["constant, guards on", "scales and schedule"],
+)  # fmt: skip
+def test_tiger_is_the_chain_of_its_pieces(param_scaling, lr, guards):
+    """The docstring's claim: with k = 1 and finite gradients Tiger is the optax.chain of
+    its direction, optax's masked decay, its per-parameter scale and the learning rate."""
     with x64():
         params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(9))
         grads = grads_with_nans(params, 12, 9, nan_every=0)
-        ours = tiger(schedule, 0.9, 0.03, **no_guards)
+        ours = tiger(lr, 0.9, 0.03, param_scaling=param_scaling, **guards)
+        scale = [] if param_scaling is None else [ox.scale_by_param_scale(param_scaling)]
         chained = optax.chain(
-            scale_by_tiger(0.9, **no_guards),
+            scale_by_tiger(0.9, **guards),
             optax.add_decayed_weights(0.03, ox.path_mask(exclude=NORM_AND_BIAS)),
-            ox.scale_by_param_scale("tiger"),
-            optax.scale_by_learning_rate(schedule),
+            *scale,
+            optax.scale_by_learning_rate(lr),
         )
         assert_trees_close(
             run(ours, params, grads)[0], run(chained, params, grads)[0], rtol=1e-13, atol=1e-13
