@@ -74,7 +74,13 @@ def configs(pkg) -> dict:
     adax = importlib.import_module(pkg + ".optimizers.adax")
     amos = importlib.import_module(pkg + ".optimizers.amos").amos
     noise = importlib.import_module(pkg + ".noise_measurement").measure_noise_scale
+    tiger = importlib.import_module(pkg + ".optimizers.tiger").tiger
+    nan_guard = importlib.import_module(pkg + ".wrappers.nan_guard").nan_guard
     return {
+        "tiger": lambda: tiger(1e-3),
+        "tiger_k4": lambda: tiger(optax.cosine_decay_schedule(1e-3, 1000), accumulation_steps=4),
+        "tiger_no_guards": lambda: tiger(1e-3, guard_nan=False, spike_factor=None),
+        "nan_guard_adamw": lambda: nan_guard(optax.adamw(1e-3)),
         "adafactor": lambda: adafactor(),
         "adafactor_momentum": lambda: adafactor(momentum=0.9, weight_decay=1e-2),
         "adafactor_absolute": lambda: adafactor(

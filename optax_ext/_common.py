@@ -24,7 +24,9 @@ they cannot be checked without a Python ``if`` on a tracer.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -382,6 +384,13 @@ def hold_momentum(bad: jax.Array, g: jax.Array, decay: Any) -> tuple[jax.Array, 
     (a select between m and the new momentum would need m and g sharded alike).
     """
     return jnp.where(bad, -0.0, g), jnp.where(bad, 1.0, decay)
+
+
+def either(*flags: Any) -> Any:
+    """The ``|`` of scalar bool flags, leaving out those never set (None or Python
+    False); Python False when none is left, so that no select is built on it."""
+    flags = [f for f in flags if f is not None and f is not False]
+    return functools.reduce(operator.or_, flags) if flags else False
 
 
 def explicitly_sharded(x: jax.Array) -> bool:

@@ -54,8 +54,10 @@ __all__ = [
     "per_update_injection",
     "selected_by_accumulation",
     "inside_selecting_accumulation",
-    "ScaleByUpdateScheduleState",
+    "ACCUMULATION_CYCLE",
+    "add_update_decayed_weights",
     "scale_by_update_learning_rate",
+    "sharing_the_cycle",
 ]
 
 #: the extra-args key that sets the length of the next accumulation cycle
@@ -327,40 +329,104 @@ def _injected_message(name: str, injected: list[str], accumulating: str) -> str:
     )
 
 
-# ------------------------------------------- a learning rate read by update
+# ------------------------------------------ the tail of an accumulating alias
+
+#: the extra-args key through which :func:`sharing_the_cycle` hands the direction's
+#: cycle (a :class:`Cycle`) to the pieces chained after it
+ACCUMULATION_CYCLE = "accumulation_cycle"
 
 
-class ScaleByUpdateScheduleState(NamedTuple):
-    """State of :func:`scale_by_update_learning_rate`: the micro-step count and the cycle."""
+def _cycle_owner(state: Any) -> Any:
+    """The first state in ``state`` (pre-order) that counts cycles with this module's
+    counters: the direction's, the one owner of the cycle."""
+    fields = ("micro_step", "cycle_length", "updates")
+    owns = lambda node: all(f in getattr(node, "_fields", ()) for f in fields)
+    for node in jax.tree.leaves(state, is_leaf=owns):
+        if owns(node):
+            return node
+    raise ValueError("no accumulation counters in the state (micro_step, cycle_length, updates)")
 
-    count: jax.Array  # int32, micro-steps
-    micro_step: jax.Array  # int32, micro-steps into the cycle
-    cycle_length: jax.Array  # int32, the cycle's k
-    updates: jax.Array  # int32, the update index the schedule reads
+
+def sharing_the_cycle(
+    tx: optax.GradientTransformation, k: Any
+) -> optax.GradientTransformationExtraArgs:
+    """``tx``, a chain whose direction counts the accumulation cycles, with the
+    direction's current :class:`Cycle` handed to every member as the extra argument
+    ``accumulation_cycle``: the pieces after it (:func:`scale_by_update_learning_rate`,
+    :func:`add_update_decayed_weights`) read their schedules by update and hold still
+    between updates without counting on their own. ``k`` is the direction's
+    ``accumulation_steps``."""
+    tx = optax.with_extra_args_support(tx)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        cycle = current_cycle(k, _cycle_owner(state), extra_args)
+        return tx.update(updates, state, params, **extra_args, **{ACCUMULATION_CYCLE: cycle})
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def _read_by_update(name: str, leaf_rule: Any) -> optax.GradientTransformationExtraArgs:
+    """A stateless piece of an accumulating chain: ``leaf_rule(cycle)`` returns the
+    function ``(u, p) -> output`` applied to each leaf on that micro-step, the cycle
+    handed in by :func:`sharing_the_cycle`."""
+
+    def update_fn(updates, state, params=None, **extra_args):
+        cycle = extra_args.get(ACCUMULATION_CYCLE)
+        if cycle is None:
+            raise ValueError(
+                f"{name} reads the accumulation cycle of the direction before it: chain "
+                f"them inside sharing_the_cycle(optax.chain(direction, ..., {name}(...)), k)"
+            )
+        leaf = leaf_rule(cycle)
+        if params is None:
+            return jax.tree.map(lambda u: leaf(u, None), updates), state
+        return jax.tree.map(leaf, updates, params), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def scale_by_update_learning_rate(
-    learning_rate: Any, k: Any = 1
+    learning_rate: Any, *, zero_held: bool = False
 ) -> optax.GradientTransformationExtraArgs:
     """Multiplies by ``-learning_rate(update)``: ``optax.scale_by_learning_rate`` for an
-    optimizer that accumulates k micro-steps per update, its schedule read by update
-    (the optax convention), counted with the same cycles as the direction before it in
-    the chain (``set_accumulation_steps`` included). The direction emits zeros on the
-    micro-steps that do not end a cycle, so no select is needed here."""
-    if not callable(learning_rate):
+    optimizer that accumulates micro-steps, its schedule read by update (the optax
+    convention) at the cycle of the direction before it (:func:`sharing_the_cycle`,
+    ``set_accumulation_steps`` included).
+
+    ``zero_held=False``: the direction emits zeros on the micro-steps that do not end a
+    cycle, and nothing between it and this piece adds to them (SGDM). ``zero_held=True``
+    zeroes those micro-steps' updates here, for a chain that adds a term in between
+    (Tiger's weight decay): the parameters then move only when a cycle ends, whatever
+    the cycle length asked at run time."""
+    if not callable(learning_rate) and not zero_held:
         return optax.with_extra_args_support(optax.scale(-learning_rate))
 
-    def init_fn(params):
-        del params
-        return ScaleByUpdateScheduleState(count=jnp.zeros([], jnp.int32), **counters_init(k))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params
-        cycle = current_cycle(k, state, extra_args)
+    def leaf_rule(cycle):
         lr = schedule_value(learning_rate, cycle.update)
-        updates = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
-        return updates, ScaleByUpdateScheduleState(
-            count=optax.safe_increment(state.count), **next_counters(cycle, state)
-        )
+        hold = zero_held and cycle.last is not True
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        def leaf(u, p):
+            del p
+            out = -lr * u
+            return (jnp.where(cycle.last, out, 0.0) if hold else out).astype(u.dtype)
+
+        return leaf
+
+    return _read_by_update("scale_by_update_learning_rate", leaf_rule)
+
+
+def add_update_decayed_weights(
+    weight_decay: Any, mask: Any
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.add_decayed_weights(weight_decay, mask)`` with a schedule read by update:
+    ``u + λ(update)·θ`` on the masked leaves, at the cycle of the direction before it
+    (:func:`sharing_the_cycle`). A constant ``weight_decay`` is optax's transform itself."""
+    if not callable(weight_decay):
+        return optax.add_decayed_weights(weight_decay, mask)
+
+    def leaf_rule(cycle):
+        wd = schedule_value(weight_decay, cycle.update)
+        return lambda u, p: (u + wd * p).astype(u.dtype)
+
+    decay = _read_by_update("add_update_decayed_weights", leaf_rule)
+    return decay if mask is None else optax.masked(decay, mask)

@@ -227,7 +227,7 @@ def test_tiger_own_guard(faithful, bad):
     for k, u in leaves(u1).items():
         if k != BAD_LEAF:  # other leaves step as usual: Tiger decides per leaf
             np.testing.assert_array_equal(u, leaves(u_clean)[k], err_msg=k)
-    mu_before, mu_after = leaves(state.mu), leaves(s1.mu)
+    mu_before, mu_after = leaves(optax.tree.get(state, "mu")), leaves(optax.tree.get(s1, "mu"))
     assert all_finite(p1)
     if caught:
         np.testing.assert_allclose(after[BAD_LEAF], 0.9 * before[BAD_LEAF], rtol=1e-6)
@@ -245,7 +245,7 @@ def test_tiger_own_guard(faithful, bad):
         p, s = p1, s1
         for i in range(3):
             p, s, u = step(p, s, make_grads(params, 20 + i))
-        assert np.isinf(leaves(s.mu)[BAD_LEAF][0, 0])
+        assert np.isinf(leaves(optax.tree.get(s, "mu"))[BAD_LEAF][0, 0])
         assert all_finite(p)
         assert int(s.skipped_steps) == int(s.shrunk_leaves) == 0
 
@@ -268,7 +268,7 @@ def test_fault_table_reads_the_counters_of_every_guard():
     tiger_counts = {"skipped_steps": 0, "shrunk_leaves": 0, "spike_steps": 0}
     assert fault_table._counters_by_state(state) == {
         "ScaleByMuonState": muon_counts,
-        "ScaleByTigerState": tiger_counts,
+        "NanGuardState": tiger_counts,  # Tiger's guard, around its chain
     }
     clipped = QKClipState(inner_state=state, nonfinite_heads=jnp.int32(3), cycle_max=())
     assert fault_table._counters_by_state(clipped)["QKClipState"] == {"nonfinite_heads": 3}
@@ -276,10 +276,10 @@ def test_fault_table_reads_the_counters_of_every_guard():
 
     guarded = nan_guard(muon(1e-2, other="tiger"))
     _, state, _ = stepper(guarded)(params, guarded.init(params), bad)
+    # two NanGuardStates add up: the outer guard's and Tiger's own (which saw none)
     assert fault_table._counters_by_state(state) == {
         "NanGuardState": {"skipped_steps": 1, "shrunk_leaves": 1, "spike_steps": 0},
         "ScaleByMuonState": {"skipped_steps": 0, "shrunk_leaves": 0},
-        "ScaleByTigerState": tiger_counts,
     }
 
 
@@ -425,8 +425,8 @@ def test_spike_guard_skips_huge_gradients_even_during_warmup(name, dtype):
     params, state = warm(tx, make_params(dtype))
     p, s, u = step(params, state, make_grads(params, 3, scale=HUGE))
     assert_trees_equal(p, params, f"{name}: params on the spike step")
-    kept = s.mu if name == "tiger" else s.inner_state
-    assert_trees_equal(kept, state.mu if name == "tiger" else state.inner_state, "state")
+    kept = (lambda st: optax.tree.get(st, "mu")) if name == "tiger" else (lambda st: st.inner_state)
+    assert_trees_equal(kept(s), kept(state), "state")
     assert (int(s.spike_steps), int(s.skipped_steps), int(s.shrunk_leaves)) == (1, 1, 0)
     p2, s2, _ = step(p, s, make_grads(params, 4))
     assert (

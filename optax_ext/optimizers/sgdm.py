@@ -30,6 +30,7 @@ from optax_ext._cycles import (
     next_counters,
     refuse_injected_cycles,
     scale_by_update_learning_rate,
+    sharing_the_cycle,
 )
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
@@ -240,8 +241,9 @@ def sgdm(
             state_rounding=state_rounding,
             rounding_seed=rounding_seed,
         ),
-        scale_by_update_learning_rate(learning_rate, accumulation_steps),
+        scale_by_update_learning_rate(learning_rate),
     )
+    tx = sharing_the_cycle(tx, k)
     if not injected:
         return tx
 

@@ -6,8 +6,6 @@ https://kexue.fm/archives/9512, and https://github.com/bojone/tiger.
 
 from __future__ import annotations
 
-import functools
-import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -24,23 +22,27 @@ from optax_ext._common import (
     check_float_params,
     check_range,
     check_updates_match,
+    checked,
     decay_mask,
+    either,
     hold_momentum,
     path_labels,
     require_params,
-    schedule_value,
     unzip_leaves,
     work_dtype,
 )
 from optax_ext._cycles import (
+    add_update_decayed_weights,
     check_accumulation_steps,
     check_not_injected,
     counters_init,
     current_cycle,
     next_counters,
     refuse_injected_cycles,
+    scale_by_update_learning_rate,
+    sharing_the_cycle,
 )
-from optax_ext.wrappers import nan_guard, spike
+from optax_ext.wrappers.nan_guard import DISCARDED_LEAVES, leafwise_guard
 from optax_ext.wrappers.rounding import STATE_ROUNDINGS, check_seed, write_state
 
 __all__ = [
@@ -63,23 +65,12 @@ _SCALE_RULE_NAMES = ("rms", "row_rms")
 
 
 class ScaleByTigerState(NamedTuple):
-    """State of Tiger: the micro-step counter, the single momentum buffer, guard counters.
-
-    The counters mirror :class:`~optax_ext.wrappers.nan_guard.NanGuardState`'s.
+    """State of :func:`scale_by_tiger`: the micro-step counter, the single momentum
+    buffer and the accumulation cycle.
 
     Attributes:
       count: int32, micro-steps seen (calls to ``update``).
       mu: the momentum, shaped like the params.
-      skipped_steps: int32, micro-steps on which the guard discarded anything: a
-        non-finite gradient leaf (Tiger decides per leaf: the others still step) or the
-        whole gradient (a skipped spike).
-      shrunk_leaves: int32, non-finite gradient leaves discarded so far (a micro-step
-        with 3 bad leaves adds 3); :func:`tiger` shrinks each of them, ``scale_by_tiger``
-        gives it a zero update.
-      spike_steps: int32, micro-steps whose gradient norm exceeded the spike threshold
-        (skipped, or clipped with ``spike_action="clip"``).
-      norm_ema: float32, the spike guard's EMA of the global gradient norm.
-      norm_steps: int32, micro-steps admitted into ``norm_ema``.
       micro_step: int32, micro-steps taken in the current accumulation cycle.
       cycle_length: int32, the current cycle's k (it may change between cycles: see
         ``set_accumulation_steps`` in :func:`tiger`).
@@ -88,11 +79,6 @@ class ScaleByTigerState(NamedTuple):
 
     count: jax.Array
     mu: optax.Updates
-    skipped_steps: jax.Array
-    shrunk_leaves: jax.Array
-    spike_steps: jax.Array
-    norm_ema: jax.Array
-    norm_steps: jax.Array
     micro_step: jax.Array
     cycle_length: jax.Array
     updates: jax.Array
@@ -219,13 +205,7 @@ def scale_by_tiger(
     beta: float = 0.9,
     *,
     accumulation_steps: int = 1,
-    guard_nan: bool = True,
-    catch_inf: bool = True,
     mu_dtype: Any = None,
-    spike_factor: float | None = 1e3,
-    spike_warmup: int = 20,
-    spike_decay: float = 0.99,
-    spike_action: str = "skip",
     state_rounding: str = "nearest",
     rounding_seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -237,24 +217,17 @@ def scale_by_tiger(
         b_1 = \beta \text{ on the first of } k \text{ micro-steps, else } 1;\qquad
         u = \operatorname{sign}(m) \text{ on the last micro-step, else } 0.
 
-    A gradient leaf containing a NaN or ±inf (only NaN with ``catch_inf=False``) is
-    treated as zero and leaves that leaf's momentum unchanged; its update is 0. The
-    full :func:`tiger` also shrinks such leaves toward their centre, which needs the
-    parameters and is not a direction, so it lives there. The spike guard is
-    :func:`tiger`'s (see there); the counters in :class:`ScaleByTigerState` record both.
+    A leaf named in the extra argument ``discarded_leaves`` (a tree of scalar bools
+    shaped like the gradients; :func:`tiger`'s guard passes it for non-finite gradient
+    leaves and skipped spikes) keeps its momentum bit for bit and gets a zero update;
+    the other leaves step. :func:`tiger` chains this direction with the decay, the
+    per-parameter scale and the learning rate, inside the guard.
 
     Args:
       beta: momentum coefficient β in [0, 1).
-      accumulation_steps: k ≥ 1 micro-batches per parameter update.
-      guard_nan: discard non-finite gradient leaves (False: no per-leaf check).
-      catch_inf: with ``guard_nan``, discard leaves with ±inf too (False: NaN only,
-        Su's original behaviour, see :func:`tiger`).
+      accumulation_steps: k ≥ 1 micro-batches per parameter update; the cycle length
+        may change at run time through ``set_accumulation_steps``, as in :func:`tiger`.
       mu_dtype: dtype of the momentum (default: the gradients').
-      spike_factor: the spike threshold as a multiple of the average gradient norm,
-        > 1; ``None`` switches the spike guard off.
-      spike_warmup: admitted micro-steps before the spike guard can fire, ≥ 1.
-      spike_decay: decay in [0, 1) of the norm's running average.
-      spike_action: ``"skip"`` or ``"clip"`` a spike.
       state_rounding: how a bf16/f16 momentum is written: ``"nearest"`` (a cast) or
         ``"stochastic"`` (unbiased,
         :func:`~optax_ext.wrappers.rounding.stochastic_round_to`, keyed by
@@ -263,7 +236,7 @@ def scale_by_tiger(
       rounding_seed: the seed of the stochastic rounding, an int in [0, 2**32).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``.
+      An ``optax.GradientTransformationExtraArgs`` with :class:`ScaleByTigerState`.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -274,33 +247,56 @@ def scale_by_tiger(
       Array([-0.01,  0.01, -0.01], dtype=float32)
 
     References:
-      Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023.
+      Su, `Tiger <https://kexue.fm/archives/9512>`_, 2023; accumulation inside the
+      momentum: `kexue.fm/archives/8634 <https://kexue.fm/archives/8634>`_.
     """
-    direction = _Direction.checked(
-        beta,
-        accumulation_steps,
-        guard_nan,
-        catch_inf,
-        mu_dtype,
-        (spike_factor, spike_warmup, spike_decay, spike_action),
-        state_rounding,
-        rounding_seed,
-    )
-    injected = check_not_injected("ox.scale_by_tiger", direction.k, beta=beta)
+    check_range("beta", beta, 0, 1, high_open=True, schedule=False)
+    k = check_accumulation_steps(accumulation_steps)
+    mu_dtype = canonical_dtype(mu_dtype)
+    check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
+    check_seed("rounding_seed", rounding_seed)
+    injected = check_not_injected("ox.scale_by_tiger", k, beta=beta)
+
+    def init_fn(params):
+        check_float_params(params, "tiger")
+        return ScaleByTigerState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            **counters_init(k),
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         check_updates_match(updates, params, "tiger")
         refuse_injected_cycles(injected, "ox.scale_by_tiger", extra_args)
-        step = direction(updates, state, extra_args)
-        return step.direction, step.state
+        cycle = current_cycle(k, state, extra_args)
+        discarded = extra_args.get(DISCARDED_LEAVES)
+        if discarded is None:
+            discarded = jax.tree.map(lambda _: False, updates)
+        held = False if cycle.last is True else ~cycle.last
 
-    return optax.GradientTransformationExtraArgs(direction.init, update_fn)
+        def leaf(g, m, bad):
+            m = tiger_momentum(
+                g, m, beta=beta, first=cycle.first, k=cycle.k, bad=None if bad is False else bad
+            )
+            u = jnp.sign(m)
+            zero = either(bad, held)
+            if zero is not False:
+                u = jnp.where(zero, 0, u)
+            return u.astype(g.dtype), m
+
+        u, mu = unzip_leaves(updates, jax.tree.map(leaf, updates, state.mu, discarded))
+        mu = write_state(mu, state.mu, state_rounding, rounding_seed, state.count)
+        return u, ScaleByTigerState(
+            count=optax.safe_increment(state.count), mu=mu, **next_counters(cycle, state)
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def tiger(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     beta: float = 0.9,
-    weight_decay: float = 0.01,
+    weight_decay: optax.ScalarOrSchedule = 0.01,
     *,
     accumulation_steps: int = 1,
     param_scaling: str | PathRules | None = "tiger",
@@ -331,16 +327,31 @@ def tiger(
             \quad\text{if } (t+1) \bmod k = 0,\ \text{else } 0 \\
         \Delta\theta &= (r - 1)(\theta - c) \quad\text{for a leaf whose gradient is not finite}
 
+    Tiger is the ``optax.chain`` of its pieces, as optax's aliases are, inside its guard:
+
+    .. code-block:: python
+
+        leafwise_guard(sharing_the_cycle(optax.chain(
+            scale_by_tiger(beta, accumulation_steps=k),      # sign(m), 0 when held
+            add_update_decayed_weights(weight_decay, mask),  # + λ θ
+            scale_by_param_scale(param_scaling, min_rms),    # × s(θ)
+            scale_by_update_learning_rate(learning_rate, zero_held=True),  # × -lr, 0 when held
+        ), k))
+
+    The direction's state (:class:`ScaleByTigerState`) is the one record of the
+    accumulation cycle: ``sharing_the_cycle`` hands its cycle to the pieces after it,
+    which read their schedules by update and count nothing themselves.
+
     - **Accumulation inside the momentum**: after k micro-batches m equals
       β·m + (1-β)·mean(g), exactly Tiger fed the mean gradient; the state is one buffer
       the size of the params whatever k is. Parameters move only on the last micro-step
-      (zeros are emitted on the others).
-    - **Learning-rate schedules are indexed by update** (t // k), the optax convention.
-      Tiger's own ``lr_schedule`` counts micro-steps and is read on the cycle's last
-      one: with k=4 update n uses its value at micro-step 4n+3, so its ``{40000: 1}``
-      is a warm-up reaching 1 at update (40000-3)/4 = 9999.25 here, not exactly
-      ``{10000: 1}`` (the two differ by under 1e-4 of the lr on the ramp). Injected
-      schedules follow the same index under ``ox.inject_hyperparams``;
+      (zeros are emitted on the others, decay included).
+    - **Learning-rate and weight-decay schedules are indexed by update** (t // k), the
+      optax convention. Tiger's own ``lr_schedule`` counts micro-steps and is read on the
+      cycle's last one: with k=4 update n uses its value at micro-step 4n+3, so its
+      ``{40000: 1}`` is a warm-up reaching 1 at update (40000-3)/4 = 9999.25 here, not
+      exactly ``{10000: 1}`` (the two differ by under 1e-4 of the lr on the ramp).
+      Injected schedules follow the same index under ``ox.inject_hyperparams``;
       ``optax.inject_hyperparams`` reads them per micro-step, so with
       ``accumulation_steps`` other than 1, injected under ``jit``, or
       ``set_accumulation_steps``, Tiger refuses the arrays it injects, naming
@@ -365,8 +376,12 @@ def tiger(
       checks NaN only, as Su's original Tiger and bert4keras do: there one +inf entry
       enters the momentum, never decays, and its weight then steps the same way on
       every update, walking to -1/λ (uncounted). ``guard_nan=False`` removes the
-      per-leaf check. ``shrunk_leaves`` and ``skipped_steps`` in the state count what
-      the guard did, as :func:`~optax_ext.wrappers.nan_guard.nan_guard`'s do.
+      per-leaf check. The guard is
+      :func:`~optax_ext.wrappers.nan_guard.leafwise_guard`, the same code as
+      :func:`~optax_ext.wrappers.nan_guard.nan_guard` deciding per leaf, and its
+      :class:`~optax_ext.wrappers.nan_guard.NanGuardState` counts what it did
+      (``skipped_steps``, ``shrunk_leaves``, ``spike_steps``; read them with
+      ``optax.tree.get(state, "skipped_steps")``).
     - **Spike guard**: a finite spike (every gradient ×1e30 on one step) passes the
       NaN check, but its sign then rules the momentum for ~ln(1e28)/(1-β) ≈ 1800
       steps. A micro-step whose global gradient norm exceeds ``spike_factor`` times the
@@ -374,22 +389,12 @@ def tiger(
       ``spike_warmup`` admitted micro-steps) is skipped like a micro-step whose every
       leaf is discarded, without the shrink: momentum kept, no parameter moves on it
       (on the last micro-step of a cycle, that update is lost); or, with
-      ``spike_action="clip"``, its gradients are scaled to the average norm. It is counted
-      in ``spike_steps`` (and ``skipped_steps`` when skipped); the rule is
+      ``spike_action="clip"``, its gradients are scaled to the average norm. The rule is
       :class:`~optax_ext.wrappers.spike.SpikeGuard`'s, shared with ``nan_guard``. The
       defaults never fire on a clean run (bit-identical to ``spike_factor=None`` on a
       200-step Flax run, tested); the norm costs one read of the gradients, which
-      ``spike_factor=None`` saves.
-
-    Where nothing depends on the cycle or the guards (k = 1, ``guard_nan=False``,
-    ``spike_factor=None``) Tiger is the chain of its pieces,
-    ``optax.chain(scale_by_tiger(β), optax.add_decayed_weights(λ, mask),
-    scale_by_param_scale(), optax.scale_by_learning_rate(lr))``, to float32 rounding
-    and at the same speed (``benchmarks/bench_speed.py``). It stays one transform because
-    in general the pieces after the direction need what only the direction knows: the
-    learning rate and decay are indexed by update and vanish on held micro-steps, and a
-    bad leaf's shrink replaces its whole update, unscaled by the learning rate.
-    :func:`scale_by_tiger` is its direction alone.
+      ``spike_factor=None`` saves. With ``guard_nan=False`` and ``spike_factor=None``
+      Tiger is the bare chain.
 
     With k = 1, s ≡ 1, ``mask=True`` and finite gradients, Tiger equals
     ``optax.lion(learning_rate, b1=beta, b2=beta, weight_decay=weight_decay)``.
@@ -402,7 +407,8 @@ def tiger(
         long NLP runs; 0.945 for vision) by 0.15–0.18 nats and 1.4 points and puts Tiger
         ahead of ``optax.lion`` (``benchmarks/RESULTS.md``). A longer run averages more
         gradients per step: 0.965 remains a good choice there.
-      weight_decay: decoupled decay λ ≥ 0, multiplied by the scaled learning rate.
+      weight_decay: decoupled decay λ ≥ 0 (or a schedule of the update index),
+        multiplied by the scaled learning rate.
       accumulation_steps: micro-batches per update, k ≥ 1.
       param_scaling: ``"tiger"``, ``None`` or path rules, see above.
       min_rms: floor of the RMS scales, ≥ 0.
@@ -413,8 +419,11 @@ def tiger(
         original (bojone/tiger, bert4keras) behaviour, with the hazard above.
       mu_dtype: momentum dtype (default: the params').
       mask: which leaves get weight decay, see above.
-      spike_factor, spike_warmup, spike_decay, spike_action: the spike guard, as in
-        :func:`scale_by_tiger`; ``spike_factor=None`` switches it off.
+      spike_factor: the spike threshold as a multiple of the average gradient norm,
+        > 1; ``None`` switches the spike guard off.
+      spike_warmup: admitted micro-steps before the spike guard can fire, ≥ 1.
+      spike_decay: decay in [0, 1) of the norm's running average.
+      spike_action: ``"skip"`` or ``"clip"`` a spike.
       state_rounding, rounding_seed: how a bf16/f16 momentum is written, as in
         :func:`scale_by_tiger`.
 
@@ -432,6 +441,8 @@ def tiger(
       0.0
       >>> updates, state = tx.update(grads, state, params)  # micro-step 2: update
       >>> params = optax.apply_updates(params, updates)
+      >>> int(optax.tree.get(state, "updates")), int(optax.tree.get(state, "skipped_steps"))
+      (1, 0)
 
     References:
       Su, `Tiger: an extremely tight-fisted optimizer <https://kexue.fm/archives/9512>`_,
@@ -440,179 +451,38 @@ def tiger(
     """
     check_range("learning_rate", learning_rate, 0)
     check_range("weight_decay", weight_decay, 0)
-    direction = _Direction.checked(
-        beta,
-        accumulation_steps,
-        guard_nan,
-        catch_inf,
-        mu_dtype,
-        (spike_factor, spike_warmup, spike_decay, spike_action),
-        state_rounding,
-        rounding_seed,
-    )
+    check_range("beta", beta, 0, 1, high_open=True, schedule=False)
+    k = check_accumulation_steps(accumulation_steps)
     # optax.inject_hyperparams would read schedules per micro-step: refused while accumulating
     injected = check_not_injected(
-        "ox.tiger", direction.k, learning_rate=learning_rate, weight_decay=weight_decay, beta=beta
+        "ox.tiger", k, learning_rate=learning_rate, weight_decay=weight_decay, beta=beta
     )
     check_range("min_rms", min_rms, 0, schedule=False)
     check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True, schedule=False)
-    rules = scale_rules(param_scaling)
+    parts = [
+        scale_by_tiger(
+            beta,
+            accumulation_steps=k,
+            mu_dtype=mu_dtype,
+            state_rounding=state_rounding,
+            rounding_seed=rounding_seed,
+        ),
+        add_update_decayed_weights(weight_decay, decay_mask(mask)),
+    ]
+    if param_scaling is not None:
+        parts.append(scale_by_param_scale(param_scaling, min_rms))
+    parts.append(scale_by_update_learning_rate(learning_rate, zero_held=True))
+    tx = sharing_the_cycle(optax.chain(*parts), k)
+    if guard_nan or spike_factor is not None:
+        spike_args = (spike_factor, spike_warmup, spike_decay, spike_action)
+        tx = leafwise_guard(
+            tx, shrink_ratio, guard_nan=guard_nan, catch_inf=catch_inf, spike_args=spike_args
+        )
+    tx = checked(tx, "tiger")
 
     def update_fn(updates, state, params=None, **extra_args):
         require_params(params, "tiger", "it scales and decays them, and shrinks a bad leaf")
-        check_updates_match(updates, params, "tiger")
         refuse_injected_cycles(injected, "ox.tiger", extra_args)
-        step = direction(updates, state, extra_args, zero_held=False)
-        lr = schedule_value(learning_rate, step.cycle.update)
-        wd = schedule_value(weight_decay, step.cycle.update)  # both indexed by update
-        scales = path_labels(params, rules, default=1.0)
-        decays = decay_mask(mask)(params)
-        centres = path_labels(params, nan_guard.DEFAULT_CENTRES, default=0.0)
+        return tx.update(updates, state, params, **extra_args)
 
-        def leaf(u, bad, p, rule, decay, centre):
-            # u = sign(m); the selects below hold or shrink the leaf where needed
-            work = work_dtype(p)
-            direction = u.astype(work)
-            if decay:
-                direction = direction + wd * p.astype(work)
-            delta = -(lr * param_scale(p, rule, min_rms)) * direction
-            if step.no_step is not None:  # decay moves no parameter on those either
-                delta = jnp.where(step.no_step, 0.0, delta)
-            if bad is not False:
-                delta = nan_guard.shrink_bad(bad, delta, p, centre, shrink_ratio)
-            return delta.astype(u.dtype)
-
-        updates = jax.tree.map(leaf, step.direction, step.bad, params, scales, decays, centres)
-        return updates, step.state
-
-    return optax.GradientTransformationExtraArgs(direction.init, update_fn)
-
-
-# -------------------------------------------------------------- the direction
-
-
-class _Step(NamedTuple):
-    """One micro-step of Tiger's direction, with what :func:`tiger` builds on it."""
-
-    direction: Any  # sign(m); 0 where the step is skipped or the leaf discarded (zero_held)
-    state: ScaleByTigerState
-    bad: Any  # tree of scalar bools: the discarded (non-finite) leaves
-    no_step: jax.Array | None  # every leaf holds still: not the last micro-step, or a spike
-    cycle: Any
-
-
-class _Direction(NamedTuple):
-    """:func:`scale_by_tiger`'s update, shared with :func:`tiger`."""
-
-    beta: float
-    k: Any
-    guard: Any
-    guard_nan: bool
-    catch_inf: bool
-    mu_dtype: Any
-    state_rounding: str
-    rounding_seed: int
-
-    @classmethod
-    def checked(
-        cls, beta, k, guard_nan, catch_inf, mu_dtype, spike_args, state_rounding, rounding_seed
-    ) -> _Direction:
-        """Checks :func:`scale_by_tiger`'s arguments (``spike_args``: the spike guard's)."""
-        check_range("beta", beta, 0, 1, high_open=True, schedule=False)
-        k = check_accumulation_steps(k)
-        mu_dtype = canonical_dtype(mu_dtype)
-        check_choice("state_rounding", state_rounding, STATE_ROUNDINGS)
-        check_seed("rounding_seed", rounding_seed)
-        guard = spike.spike_guard(*spike_args)
-        return cls(beta, k, guard, guard_nan, catch_inf, mu_dtype, state_rounding, rounding_seed)
-
-    def init(self, params) -> ScaleByTigerState:
-        check_float_params(params, "tiger")
-        # a fresh array per counter: a donated state must not hold one buffer twice
-        zero = lambda: jnp.zeros([], jnp.int32)
-        return ScaleByTigerState(
-            count=zero(),
-            mu=optax.tree.zeros_like(params, dtype=self.mu_dtype),
-            skipped_steps=zero(),
-            shrunk_leaves=zero(),
-            **spike.init_counters(),
-            **counters_init(self.k),
-        )
-
-    def __call__(self, updates, state, extra_args, zero_held: bool = True) -> _Step:
-        """``zero_held=False`` leaves sign(m) where the step is skipped or the leaf
-        discarded, for a caller that replaces those itself (one select, not two)."""
-        cycle = current_cycle(self.k, state, extra_args)
-        checks = _guard_checks(updates, state, self.guard, self.guard_nan, self.catch_inf)
-        # one scalar for every leaf: a micro-step that does not end the cycle, or a spike
-        no_step = _either(None if cycle.last is True else ~cycle.last, checks.skip)
-
-        def leaf(g, m, bad):
-            discard = _either(bad, checks.skip)
-            gs = checks.scaled(g)
-            m = tiger_momentum(gs, m, beta=self.beta, first=cycle.first, k=cycle.k, bad=discard)
-            u = jnp.sign(m)
-            zero = _either(bad, no_step) if zero_held else None
-            if zero is not None:
-                u = jnp.where(zero, 0, u)
-            return u.astype(g.dtype), m
-
-        out = jax.tree.map(leaf, updates, state.mu, checks.bad)
-        u, mu = unzip_leaves(updates, out)
-        mu = write_state(mu, state.mu, self.state_rounding, self.rounding_seed, state.count)
-        new_state = _next_state(state, mu, checks, self.guard, cycle)
-        return _Step(u, new_state, checks.bad, no_step, cycle)
-
-
-# ----------------------------------------------------------------------- guards
-
-
-class _Checks(NamedTuple):
-    """One micro-step's guard decisions, shared by every leaf."""
-
-    bad: Any  # tree of scalar bools (non-finite leaves); of Python False without the check
-    n_bad: jax.Array
-    norm: jax.Array | None
-    spike: spike.SpikeCheck
-    skip: jax.Array | None  # skip the whole micro-step (a spike); None when it never can
-
-    def scaled(self, g):
-        """``g`` clipped by the spike guard (unchanged unless ``spike_action="clip"``)."""
-        return spike.scale_leaf(g, self.spike.scale)
-
-
-def _guard_checks(updates, state, guard, guard_nan, catch_inf) -> _Checks:
-    leaves, treedef = jax.tree.flatten(updates)
-    if guard_nan:
-        # the per-leaf check and the spike guard's norm share one read of each leaf
-        checked = spike.check_leaves(leaves, catch_inf)
-        bad, n_bad = treedef.unflatten(checked.bad), checked.count()
-        norm = None if guard is None else checked.norm()
-    else:
-        bad, n_bad = treedef.unflatten([False] * len(leaves)), jnp.zeros([], jnp.int32)
-        norm = None if guard is None else spike.global_norm(leaves)
-    spiked = spike.check(guard, norm, state)
-    skip = None if guard is None else spiked.skip
-    return _Checks(bad, n_bad, norm, spiked, skip)
-
-
-def _either(*flags):
-    """The ``|`` of scalar bool flags, leaving out those that are never set (None or
-    Python False); None when none is left."""
-    flags = [f for f in flags if f is not None and f is not False]
-    return functools.reduce(operator.or_, flags) if flags else None
-
-
-def _next_state(
-    state: ScaleByTigerState, mu: Any, checks: _Checks, guard, cycle
-) -> ScaleByTigerState:
-    any_bad = spike.any_flag([checks.n_bad > 0])
-    acted = any_bad if checks.skip is None else any_bad | checks.skip
-    return ScaleByTigerState(
-        count=optax.safe_increment(state.count),
-        mu=mu,
-        skipped_steps=spike.increment_if(acted, state.skipped_steps),
-        shrunk_leaves=spike.saturating_add(state.shrunk_leaves, checks.n_bad),
-        **spike.update_counters(guard, checks.norm, checks.spike, ~any_bad, state),
-        **next_counters(cycle, state),
-    )
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -17,6 +17,7 @@ from optax_ext._common import (
     NORM_SCALE,
     check_range,
     check_transform,
+    either,
     has_nonfinite,
     is_concrete_number,
     path_labels,
@@ -26,7 +27,9 @@ from optax_ext._common import (
 from optax_ext.wrappers import spike
 
 __all__ = [
+    "DISCARDED_LEAVES",
     "NanGuardState",
+    "leafwise_guard",
     "nan_guard",
 ]
 
@@ -172,8 +175,56 @@ def nan_guard(
     """
     check_transform("inner", inner)
     check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True)
-    rules = _centre_rules(centre)
     guard = spike.spike_guard(spike_factor, spike_warmup, spike_decay, spike_action)
+    return _guarded(
+        inner, shrink_ratio, _centre_rules(centre), guard, catch_inf, check_result=check_result
+    )
+
+
+def leafwise_guard(
+    inner: optax.GradientTransformation,
+    shrink_ratio: float,
+    *,
+    guard_nan: bool,
+    catch_inf: bool,
+    spike_args: tuple[Any, ...],
+) -> optax.GradientTransformationExtraArgs:
+    r""":func:`nan_guard` for an inner optimizer that decides per leaf, as Tiger does.
+
+    The inner optimizer always steps: it is passed the extra argument
+    ``discarded_leaves`` (:data:`DISCARDED_LEAVES`), a tree of scalar bools, set for the
+    leaves whose gradient is not finite and for every leaf of a skipped spike, and must
+    keep those leaves' state itself (:func:`~optax_ext.optimizers.tiger.scale_by_tiger`
+    holds their momentum). The other leaves step; a bad leaf's update is replaced by the
+    shrink toward its centre, and a skipped spike's updates are zero. Without
+    ``guard_nan`` no leaf is checked, and only the spike guard (``spike_args``, as
+    :func:`nan_guard`'s) acts. The counters are :class:`NanGuardState`'s.
+    """
+    check_transform("inner", inner)
+    check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True, schedule=False)
+    guard = spike.spike_guard(*spike_args)
+    return _guarded(inner, shrink_ratio, DEFAULT_CENTRES, guard, catch_inf, guard_nan=guard_nan)
+
+
+#: The extra argument through which :func:`leafwise_guard` names the discarded leaves.
+DISCARDED_LEAVES = "discarded_leaves"
+
+
+def _guarded(
+    inner: optax.GradientTransformation,
+    shrink_ratio: Any,
+    centres: Any,
+    guard: spike.SpikeGuard | None,
+    catch_inf: bool,
+    *,
+    check_result: bool = False,
+    guard_nan: bool | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The one guard: :func:`nan_guard` (``guard_nan=None``: the whole inner step is
+    skipped on any bad leaf) or :func:`leafwise_guard` (``guard_nan`` a bool: the inner
+    optimizer steps and holds the discarded leaves itself)."""
+    leafwise = guard_nan is not None
+    check_leaves = guard_nan is not False
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -189,37 +240,54 @@ def nan_guard(
 
     def update_fn(updates, state, params=None, **extra_args):
         require_params(params, "nan_guard", "it shrinks a bad leaf toward its centre")
-        # the per-leaf check and the spike guard's norm share one read of each leaf
         leaves, treedef = jax.tree.flatten(updates)
-        checked = spike.check_leaves(leaves, catch_inf)
-        bad = treedef.unflatten(checked.bad)
-        n_bad = checked.count()
-        clean = jax.tree.map(lambda g, b: jnp.where(b, jnp.zeros_like(g), g), updates, bad)
-        norm = None if guard is None else checked.norm()
+        if check_leaves:
+            # the per-leaf check and the spike guard's norm share one read of each leaf
+            checked = spike.check_leaves(leaves, catch_inf)
+            bad, n_bad = treedef.unflatten(checked.bad), checked.count()
+            norm = None if guard is None else checked.norm()
+            updates = jax.tree.map(lambda g, b: jnp.where(b, jnp.zeros_like(g), g), updates, bad)
+        else:
+            bad, n_bad = treedef.unflatten([False] * len(leaves)), jnp.zeros([], jnp.int32)
+            norm = None if guard is None else spike.global_norm(leaves)
         spiked = spike.check(guard, norm, state)
-        inner_updates, new_inner = inner.update(
-            spike.scale_tree(clean, spiked.scale), state.inner_state, params, **extra_args
-        )
+        updates = spike.scale_tree(updates, spiked.scale)
+        spike_skip = None if guard is None else spiked.skip
+        if leafwise:
+            discarded = jax.tree.map(lambda b: either(b, spike_skip), bad)
+            extra_args = {**extra_args, DISCARDED_LEAVES: discarded}
+        inner_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         flags = [n_bad > 0] + (_nonfinite_flags((inner_updates, new_inner)) if check_result else [])
         # one decision every leaf selects on, computed once (see spike.any_flag)
         nonfinite = spike.any_flag(flags)
-        skip = spike.any_flag([nonfinite, spiked.skip])
-        centres = path_labels(params, rules, default=0.0)
+        skipped = spike.any_flag([nonfinite, spiked.skip])
+        # what zeroes every update: the whole step skipped, or (leafwise) a spike alone
+        zero_all = spike_skip if leafwise else skipped
+        centre_of = path_labels(params, centres, default=0.0)
 
         def leaf(u, b, p, c):
-            return shrink_bad(b, jnp.where(skip, 0.0, u), p, c, shrink_ratio).astype(u.dtype)
+            dtype = u.dtype
+            if zero_all is not None:
+                u = jnp.where(zero_all, 0.0, u)
+            if b is not False:
+                u = shrink_bad(b, u, p, c, shrink_ratio)
+            return u.astype(dtype)
 
-        out = jax.tree.map(leaf, inner_updates, bad, params, centres)
-        new_state = NanGuardState(
-            count=optax.safe_increment(state.count),
-            skipped_steps=spike.increment_if(skip, state.skipped_steps),
-            shrunk_leaves=spike.saturating_add(state.shrunk_leaves, n_bad),
-            **spike.update_counters(guard, norm, spiked, ~nonfinite, state),
-            inner_state=jax.tree.map(
-                lambda n, o: jnp.where(skip, o, n).astype(jnp.result_type(o)),
+        out = jax.tree.map(leaf, inner_updates, bad, params, centre_of)
+        if leafwise:
+            new_inner_state = new_inner  # the inner optimizer held the discarded leaves
+        else:
+            new_inner_state = jax.tree.map(
+                lambda n, o: jnp.where(skipped, o, n).astype(jnp.result_type(o)),
                 new_inner,
                 state.inner_state,
-            ),
+            )
+        new_state = NanGuardState(
+            count=optax.safe_increment(state.count),
+            skipped_steps=spike.increment_if(skipped, state.skipped_steps),
+            shrunk_leaves=spike.saturating_add(state.shrunk_leaves, n_bad),
+            **spike.update_counters(guard, norm, spiked, ~nonfinite, state),
+            inner_state=new_inner_state,
         )
         return out, new_state
 

@@ -1158,6 +1158,6 @@ def test_bf16_params_with_stochastic_rounding_and_4bit_tiger_bytes():
     total = (tree_bytes(params) + tree_bytes(state)) / count
     assert tree_bytes(params) == 2 * count
     assert total <= 2.6, total
-    mu = state.inner_state.inner_state.mu
+    mu = optax.tree.get(state, "mu")
     assert isinstance(mu["attn"]["qkv"], Quantized4Array)
     assert mu["norm"]["scale"].dtype == jnp.bfloat16  # below min_size: bf16 with SR

@@ -22,6 +22,7 @@ import optax_ext as ox
 import optax_ext._xla_cpu as xla_cpu
 from optax_ext._common import NORM_AND_BIAS, tree_bytes
 from optax_ext.optimizers.tiger import ScaleByTigerState, row_mean_square, scale_by_tiger, tiger
+from optax_ext.wrappers.nan_guard import NanGuardState, leafwise_guard
 
 # ------------------------------------------------------------ float64 reference
 
@@ -92,6 +93,11 @@ def grads_with_nans(params, steps, seed, *, nan_every=5, value=np.nan):
 run = run_steps
 
 
+def mu_of(state):
+    """Tiger's momentum, wherever the chain's state holds it."""
+    return optax.tree.get(state, "mu")
+
+
 def schedule(i):
     return 1e-2 / (1.0 + 0.1 * i)
 
@@ -120,7 +126,7 @@ def test_matches_float64_reference_with_nans(k, seed, row_blocks):
         got, state = run(tiger(schedule, 0.9, 0.05, accumulation_steps=k), params, grads)
     want, m, _ = ref_tiger(params, grads, lr=schedule, beta=0.9, wd=0.05, k=k)
     assert_trees_close(got, _tree_like(params, want), rtol=1e-12, atol=1e-12)
-    assert_trees_close(state.mu, _tree_like(params, m), rtol=1e-12, atol=1e-12)
+    assert_trees_close(mu_of(state), _tree_like(params, m), rtol=1e-12, atol=1e-12)
     assert int(state.count) == 24
 
 
@@ -141,7 +147,7 @@ def test_bf16_params_follow_the_reference_to_bf16_rounding():
     grads = grads_with_nans(params, 12, 5, nan_every=6)
     got, state = run(tiger(1e-2, 0.9, 0.01), params, grads)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
-    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.mu))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(mu_of(state)))
     want, _, _ = ref_tiger(params, grads, lr=lambda i: 1e-2, beta=0.9, wd=0.01, k=1)
     # 12 steps, each rounded to bf16 (8 bits): a few ulps of the largest entries
     assert_trees_close(got, _tree_like(params, want), rtol=3e-2, atol=2e-2)
@@ -152,7 +158,7 @@ def test_mu_dtype_float32_with_bf16_params():
     _, state = run(
         tiger(1e-2, mu_dtype=jnp.float32), params, grads_with_nans(params, 3, 6, nan_every=0)
     )
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.mu))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(mu_of(state)))
 
 
 def test_equals_optax_lion_with_the_extras_off():
@@ -164,7 +170,7 @@ def test_equals_optax_lion_with_the_extras_off():
         p1, s1 = run(ours, params, grads)
         p2, s2 = run(theirs, params, grads)
     assert_trees_close(p1, p2, rtol=1e-13, atol=1e-13)
-    assert_trees_close(s1.mu, s2[0].mu, rtol=1e-13, atol=1e-13)
+    assert_trees_close(mu_of(s1), s2[0].mu, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize(
@@ -177,15 +183,15 @@ def test_equals_optax_lion_with_the_extras_off():
     ids=["constant, guards on", "scales and schedule"],
 )  # fmt: skip
 def test_tiger_is_the_chain_of_its_pieces(param_scaling, lr, guards):
-    """The docstring's claim: with k = 1 and finite gradients Tiger is the optax.chain of
-    its direction, optax's masked decay, its per-parameter scale and the learning rate."""
+    """With k = 1 and finite gradients Tiger is the optax.chain of its direction, optax's
+    own masked decay and learning rate, and its per-parameter scale."""
     with x64():
         params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(9))
         grads = grads_with_nans(params, 12, 9, nan_every=0)
         ours = tiger(lr, 0.9, 0.03, param_scaling=param_scaling, **guards)
         scale = [] if param_scaling is None else [ox.scale_by_param_scale(param_scaling)]
         chained = optax.chain(
-            scale_by_tiger(0.9, **guards),
+            scale_by_tiger(0.9),
             optax.add_decayed_weights(0.03, ox.path_mask(exclude=NORM_AND_BIAS)),
             *scale,
             optax.scale_by_learning_rate(lr),
@@ -204,7 +210,7 @@ def test_accumulation_equals_k1_fed_the_mean_gradient(k):
         p_acc, s_acc = run(tiger(schedule, accumulation_steps=k), params, micro)
         p_one, s_one = run(tiger(schedule), params, means)
     assert_trees_close(p_acc, p_one, rtol=1e-12, atol=1e-13)
-    assert_trees_close(s_acc.mu, s_one.mu, rtol=1e-12, atol=1e-13)
+    assert_trees_close(mu_of(s_acc), mu_of(s_one), rtol=1e-12, atol=1e-13)
 
 
 def test_parameters_do_not_move_between_updates():
@@ -225,9 +231,9 @@ def test_nan_leaf_keeps_momentum_and_shrinks_toward_centre():
     g = random_grads_like(params, 0)
     _, state = tx.update(g, state, params)
     # a -0 entry too: the kept momentum must be the same bits, not merely equal
-    mu = state.mu
+    mu = mu_of(state)
     mu["params"]["final_norm"]["scale"] = mu["params"]["final_norm"]["scale"].at[0].set(-0.0)
-    state = state._replace(mu=mu)
+    state = optax.tree.set(state, mu=mu)
     bad = jax.tree.map(lambda x: x, g)
     bad["params"]["final_norm"]["scale"] = bad["params"]["final_norm"]["scale"].at[3].set(jnp.nan)
     updates, new_state = tx.update(bad, state, params)
@@ -235,7 +241,7 @@ def test_nan_leaf_keeps_momentum_and_shrinks_toward_centre():
     np.testing.assert_allclose(
         updates["params"]["final_norm"]["scale"], -0.01 * (scale - 1.0), rtol=1e-5, atol=1e-7
     )
-    bits = lambda s: np.asarray(s.mu["params"]["final_norm"]["scale"]).view(np.uint32)
+    bits = lambda s: np.asarray(mu_of(s)["params"]["final_norm"]["scale"]).view(np.uint32)
     np.testing.assert_array_equal(bits(new_state), bits(state))
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
     # the other leaves stepped normally
@@ -255,27 +261,46 @@ def test_inf_is_caught_by_default_nan_only_reproduces_the_source():
     u, state = tiger(1e-2).update(g, tiger(1e-2).init(params), params)
     np.testing.assert_allclose(u["kernel"], -0.01 * np.ones((2, 2)), rtol=1e-6)  # shrink to 0
     assert (int(state.skipped_steps), int(state.shrunk_leaves)) == (1, 1)
-    assert bool(jnp.all(state.mu["kernel"] == 0))
+    assert bool(jnp.all(mu_of(state)["kernel"] == 0))
     # Su's NaN-only check (with the spike guard off, which would see an infinite norm)
     faithful = tiger(1e-2, catch_inf=False, spike_factor=None)
     u, state = faithful.update(g, faithful.init(params), params)
     assert float(u["kernel"][0, 0]) == pytest.approx(-1e-2 * (1 + 0.01))  # sign(inf) = 1
-    assert np.isinf(float(state.mu["kernel"][0, 0]))
+    assert np.isinf(float(mu_of(state)["kernel"][0, 0]))
     assert (int(state.skipped_steps), int(state.shrunk_leaves)) == (0, 0)
 
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_guard_counters(k):
-    """shrunk_leaves counts discarded leaves, skipped_steps the micro-steps with any, as
-    nan_guard's counters do; scale_by_tiger keeps the same counters."""
+    """shrunk_leaves counts discarded leaves, skipped_steps the micro-steps with any, in
+    the guard's NanGuardState, as nan_guard's counters do."""
     params = flax_like_params(3)
     grads = grads_with_nans(params, 12, 3, nan_every=3, value=np.inf)
     grads[4] = _poison_two(grads[4])
-    for tx in (tiger(1e-2, accumulation_steps=k), scale_by_tiger(accumulation_steps=k)):
-        _, state = run(tx, params, grads)
-        assert (int(state.skipped_steps), int(state.shrunk_leaves)) == (5, 6)
-        assert int(state.spike_steps) == 0 and int(state.norm_steps) == 12 - 5
-        assert all(bool(jnp.all(jnp.isfinite(m))) for m in jax.tree.leaves(state.mu))
+    _, state = run(tiger(1e-2, accumulation_steps=k), params, grads)
+    assert isinstance(state, NanGuardState)
+    assert (int(state.skipped_steps), int(state.shrunk_leaves)) == (5, 6)
+    assert int(state.spike_steps) == 0 and int(state.norm_steps) == 12 - 5
+    assert all(bool(jnp.all(jnp.isfinite(m))) for m in jax.tree.leaves(mu_of(state)))
+
+
+def test_direction_holds_the_discarded_leaves():
+    """scale_by_tiger's protocol with its guard: a leaf named in discarded_leaves keeps
+    its momentum bit for bit and gets a zero update; the others step."""
+    params = flax_like_params(4)
+    tx = scale_by_tiger(0.9)
+    state = tx.update(random_grads_like(params, 1), tx.init(params))[1]
+    names = [p for p, _ in leaf_paths(params)]
+    discarded = jax.tree.unflatten(
+        jax.tree.structure(params), [jnp.asarray(n.endswith("bias")) for n in names]
+    )
+    updates, new = tx.update(random_grads_like(params, 2), state, discarded_leaves=discarded)
+    for (path, u), (_, m0), (_, m1) in zip(
+        leaf_paths(updates), leaf_paths(state.mu), leaf_paths(new.mu), strict=True
+    ):
+        held = path.endswith("bias")
+        assert bool(jnp.all(u == 0)) == held, path
+        assert bool(jnp.all(m0 == m1)) == held, path
 
 
 def _poison_two(g):
@@ -376,10 +401,14 @@ def test_inside_chain_masked_and_partition():
         assert bool(jnp.any(a != b)) == ("kernel" in path), path
 
 
-def test_state_is_scale_by_tiger_state_with_an_int32_count():
+def test_state_is_the_guard_around_the_chain_with_int32_counts():
     """(Abstract init and one compile, on every device path: tests/test_device_paths.py.)"""
     state = jax.eval_shape(tiger(accumulation_steps=3).init, flax_like_params(15))
-    assert isinstance(state, ScaleByTigerState) and state.count.dtype == jnp.int32
+    assert isinstance(state, NanGuardState) and state.count.dtype == jnp.int32
+    direction = state.inner_state[0]
+    assert isinstance(direction, ScaleByTigerState) and direction.count.dtype == jnp.int32
+    bare = jax.eval_shape(tiger(guard_nan=False, spike_factor=None).init, flax_like_params(15))
+    assert isinstance(bare, tuple) and isinstance(bare[0], ScaleByTigerState)
 
 
 @pytest.mark.parametrize(
@@ -422,13 +451,15 @@ def test_explicitly_sharded_embedding_rows(monkeypatch):
     assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_scale_by_tiger_direction():
+def test_direction_inside_the_leafwise_guard_follows_the_reference():
     with x64():
         params = jax.tree.map(lambda x: x.astype(jnp.float64), random_tree(17))
         grads = grads_with_nans(params, 12, 17, nan_every=4)
-        got, _ = run(
-            optax.chain(scale_by_tiger(0.9, accumulation_steps=2), optax.scale(-0.1)), params, grads
+        direction = optax.chain(scale_by_tiger(0.9, accumulation_steps=2), optax.scale(-0.1))
+        guarded = leafwise_guard(
+            direction, 1.0, guard_nan=True, catch_inf=False, spike_args=(None, 1, 0.0, "skip")
         )
+        got, _ = run(guarded, params, grads)
     want, _, _ = ref_tiger(
         params, grads, lr=lambda i: 0.1, beta=0.9, wd=0.0, k=2, scaling=False, shrink=1.0
     )
@@ -509,5 +540,5 @@ def test_rounding_seed_is_validated_and_nearest_is_a_cast_of_the_float32_ema():
     params = {"w": jnp.zeros(1000)}
     g = {"w": jnp.linspace(-1.0, 1.0, 1000)}
     tx = tiger(1e-3, mu_dtype=jnp.bfloat16)
-    mu = jax.jit(tx.update)(g, tx.init(params), params)[1].mu["w"]
+    mu = mu_of(jax.jit(tx.update)(g, tx.init(params), params)[1])["w"]
     np.testing.assert_array_equal(mu, ((1 - 0.9) * g["w"]).astype(jnp.bfloat16))
