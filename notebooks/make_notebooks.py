@@ -52,8 +52,8 @@ We chain three pieces of optax-ext into a plain `flax.training.train_state.Train
 - `ox.param_ema(0.99)`, last in the chain: an average of the weights, read back with
   `ox.ema_params` ([kexue.fm/archives/7094](https://kexue.fm/archives/7094)).
 
-The model is a small character-level transformer on the docstrings of Python's standard
-library (no download).""",
+The model is a small character-level transformer (one block, width 64) on the docstrings
+of Python's standard library (no download).""",
     """import jax, jax.numpy as jnp, numpy as np, optax
 import matplotlib.pyplot as plt
 from flax.training import train_state
@@ -63,8 +63,8 @@ import optax_ext as ox
 from optax_ext.demo import CharData, CharTransformer, lm_loss, load_corpus
 
 data = CharData.from_text(load_corpus())
-model = CharTransformer(vocab=len(data.vocab), width=64, layers=2, max_len=64)
-params = model.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32))["params"]
+model = CharTransformer(vocab=len(data.vocab), width=64, layers=1, max_len=64)
+params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64), jnp.int32))["params"]
 n_params = sum(x.size for x in jax.tree.leaves(params))
 print(f"{n_params:,} parameters, vocabulary {len(data.vocab)}")""",
     """md:The learning-rate schedule counts **updates** (every 4th micro-step), as in
@@ -104,8 +104,9 @@ print(f"micro-steps seen {int(guard.count)}, skipped {int(guard.skipped_steps)},
 assert int(guard.skipped_steps) == UPDATES * k // 50
 ema = ox.ema_params(state.opt_state, state.params)
 valid = jnp.asarray(data.valid_batch(64, 64))
-print(f"held-out loss: weights {float(lm_loss(state.params, model.apply, valid)):.3f}, "
-      f"EMA weights {float(lm_loss(ema, model.apply, valid)):.3f}")""",
+evaluate = jax.jit(lambda p: lm_loss(p, model.apply, valid))  # one program for both
+print(f"held-out loss: weights {float(evaluate(state.params)):.3f}, "
+      f"EMA weights {float(evaluate(ema)):.3f}")""",
     """plt.figure(figsize=(6, 3.5))
 plt.plot(range(len(losses)), losses, lw=0.8)
 for t in range(49, len(losses), 50):
@@ -136,8 +137,9 @@ TOUR = [
     """md:# Optimizer tour: Tiger, Lion, AdaFactor, AdaX, Amos, Muon and AdamW
 
 Each optimizer trains the demo model (a character-level Flax transformer on the docstrings
-of Python's standard library) for the same number of updates, from the same
-initialisation and batches, at the setting `optax_ext.demo.RECIPES` recommends for it.
+of Python's standard library), here with one block and windows of 32 characters, for the
+same number of updates, from the same initialisation and batches, at the setting
+`optax_ext.demo.RECIPES` recommends for it.
 
 | optimizer | update | post |
 |---|---|---|
@@ -156,11 +158,11 @@ from tqdm.auto import tqdm
 import optax_ext as ox
 from optax_ext import demo
 
-STEPS = 90
+STEPS, SEQ, LAYERS = 90, 32, 1
 runs = {}
 for name in tqdm(list(demo.RECIPES), desc="optimizers"):
-    runs[name] = demo.train(steps=STEPS, batch_size=16, seq_len=64, optimizer=name,
-                            measure_noise=False, progress=False)
+    runs[name] = demo.train(steps=STEPS, batch_size=16, seq_len=SEQ, layers=LAYERS,
+                            optimizer=name, measure_noise=False, progress=False)
 for name, h in runs.items():
     print(f"{name:10s} held-out loss {h.valid_loss_start:.3f} -> {h.valid_loss_end:.3f} "
           f"({h.seconds:.1f} s)")""",
@@ -197,7 +199,7 @@ assert all(ranking.index(s) > ranking.index("adamw") for s in sign), ranking
 assert all(ranking.index(s) > ranking.index("muon") for s in sign), ranking""",
     """md:## State memory
 
-Bytes of optimizer state per parameter on the demo model, counted from the state
+Bytes of optimizer state per parameter on the model trained above, counted from the state
 `init` returns (`ox.tree_bytes` on `jax.eval_shape`). AdamW keeps two moments (8 bytes
 per float32 parameter), Tiger, Lion and Muon one. AdaFactor stores a matrix's second
 moment as a row and a column only when its two largest dimensions reach
@@ -205,8 +207,8 @@ moment as a row and a column only when its two largest dimensions reach
 this model qualify, and adds AdaFactor with the threshold lowered to 32.""",
     """import jax.numpy as jnp
 data = demo.CharData.from_text(demo.load_corpus())
-model = demo.CharTransformer(vocab=len(data.vocab), max_len=64)
-params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32))["params"])
+model = demo.CharTransformer(vocab=len(data.vocab), layers=LAYERS, max_len=SEQ)
+params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"])
 n = sum(x.size for x in jax.tree.leaves(params))
 per_param = {name: ox.tree_bytes(jax.eval_shape(demo.make_optimizer(name).init, params)) / n
              for name in demo.RECIPES}
@@ -581,9 +583,10 @@ Now a learning-rate sweep with Adam ($\\beta_1 = 0.9$, constant lr, no warm-up) 
 sizes around the measured $B_{simple}$, each trained for the same number of updates from the
 same initialisation, scored by the held-out loss. To keep it cheap, all
 3 batch sizes × 5 learning rates × 2 data seeds train at once in one compiled function
-(`jax.vmap`): a batch of $B$ windows is the first $B$ of 32 windows, with the others given
-weight 0. The best lr per batch size is the minimum of a parabola through the best grid point
-and its neighbours (in $\\log\\eta$), fitted to the seed-averaged loss.""",
+(one `jax.vmap` over the 30 runs): a batch of $B$ windows is the first $B$ of 32 windows,
+with the others given weight 0. The best lr per batch size is the minimum of a parabola
+through the best grid point and its neighbours (in $\\log\\eta$), fitted to the
+seed-averaged loss.""",
     """data = demo.CharData.from_text(demo.load_corpus())
 model = demo.CharTransformer(vocab=len(data.vocab), width=32, layers=1, max_len=SEQ)
 params0 = model.init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"]
@@ -600,23 +603,26 @@ def weighted_loss(params, batch, weights):
     return jnp.sum(weights * per_window)
 
 
+def train_one(w, lr, batches):
+    tx = optax.adam(lr, b1=0.9)
+
+    def step(carry, batch):
+        params, state = carry
+        grads = jax.grad(weighted_loss)(params, batch, w)
+        updates, state = tx.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params0, tx.init(params0)), batches)
+    return demo.lm_loss(params, model.apply, valid)
+
+
 @jax.jit
 def sweep(weights, lrs, stream):
-    def train_one(w, lr, batches):
-        tx = optax.adam(lr, b1=0.9)
-
-        def step(carry, batch):
-            params, state = carry
-            grads = jax.grad(weighted_loss)(params, batch, w)
-            updates, state = tx.update(grads, state, params)
-            return (optax.apply_updates(params, updates), state), None
-
-        (params, _), _ = jax.lax.scan(step, (params0, tx.init(params0)), batches)
-        return demo.lm_loss(params, model.apply, valid)
-
-    per_seed = jax.vmap(train_one, in_axes=(None, None, 0))
-    per_lr = jax.vmap(per_seed, in_axes=(None, 0, None))
-    return jax.vmap(per_lr, in_axes=(0, None, None))(weights, lrs, stream)
+    # one vmap over the flat list of (batch size, lr, seed) runs: three nested vmaps give
+    # the same numbers but a program that takes XLA nearly twice as long to compile
+    b, i, j = (x.ravel() for x in np.indices((len(weights), len(lrs), len(stream))))
+    runs = jax.vmap(train_one)(weights[b], lrs[i], stream[j])
+    return runs.reshape(len(weights), len(lrs), len(stream))
 
 
 weights = jnp.asarray((np.arange(B_MAX)[None, :] < SWEEP_BATCHES[:, None]) / SWEEP_BATCHES[:, None])
@@ -846,7 +852,7 @@ def pairs(seed, n):
 
 model = TextEncoder()
 encode = lambda params, tokens, rng: model.apply(params, tokens, rng=rng)  # rng None: no dropout
-params = model.init(jax.random.key(0), jnp.zeros((1, LENGTH), jnp.int32))
+params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, LENGTH), jnp.int32))
 loss_fn = partial(ox.contrastive.info_nce_loss, temperature=0.05)
 
 q, k = pairs(0, 128)
@@ -949,7 +955,7 @@ version keeps one chunk's, plus $H$, $G$ and the gradient accumulator.""",
 
 wide = WideEncoder()
 wide_encode = lambda p, x, rng: wide.apply(p, x, rng=rng)
-wide_params = wide.init(jax.random.key(1), q[:1])
+wide_params = jax.jit(wide.init)(jax.random.key(1), q[:1])
 N = 256
 big_batch = pairs(1, N)
 
@@ -1082,27 +1088,32 @@ from optax_ext import tree_bytes""",
 Weights drawn from N(0, 0.02²) in bf16 take Tiger-like steps: every weight moves by
 $\\alpha\\,\\mathrm{RMS}(\\theta)$ with a random sign. We count the fraction of weights
 whose bf16 value changes, per step, averaged over 20 steps, for each rounding.""",
-    """def moved_per_step(alpha, last, n=20_000, steps=20):
+    """def moved_per_step(alphas, last, n=20_000, steps=20):
+    # one compiled program per rounding: the step size α is an argument, not a constant
     theta = jnp.asarray(0.02 * np.random.default_rng(0).standard_normal(n), jnp.bfloat16)
     rms = float(jnp.sqrt(jnp.mean(jnp.square(theta.astype(jnp.float32)))))
     tx = last or optax.identity()
     state = tx.init(theta)
-
-    def body(carry, key):
-        theta, state = carry
-        u = -alpha * rms * jax.random.rademacher(key, (n,), jnp.float32)
-        u, state = tx.update(u, state, theta)
-        new = optax.apply_updates(theta, u)
-        return (new, state), jnp.mean(new != theta)
-
     keys = jax.random.split(jax.random.key(1), steps)
-    _, moved = jax.jit(lambda c: jax.lax.scan(body, c, keys))((theta, state))
-    return float(moved.mean())
+
+    @jax.jit
+    def run(alpha):
+        def body(carry, key):
+            theta, state = carry
+            u = -alpha * rms * jax.random.rademacher(key, (n,), jnp.float32)
+            u, state = tx.update(u, state, theta)
+            new = optax.apply_updates(theta, u)
+            return (new, state), jnp.mean(new != theta)
+
+        _, moved = jax.lax.scan(body, (theta, state), keys)
+        return moved.mean()
+
+    return [float(run(jnp.float32(a))) for a in alphas]
 
 alphas = [1e-4, 3e-4, 1e-3, 2e-3, 6e-3]
 roundings = {"nearest": lambda: None, "stochastic": lambda: stochastic_round(0),
              "Kahan": kahan_summation}
-moved = {name: [moved_per_step(a, make()) for a in alphas] for name, make in roundings.items()}
+moved = {name: moved_per_step(alphas, make()) for name, make in roundings.items()}
 for name, fractions in moved.items():
     print(f"{name:10s}", "  ".join(f"{a:g}: {f:.1%}" for a, f in zip(alphas, fractions)))
 plt.figure(figsize=(6, 3.5))
@@ -1154,19 +1165,54 @@ for name, rms in walks.items():
     print(f"{name:16s} final RMS / target = {rms[-1] / target:.2f}")""",
     """md:## Training the demo model in pure bf16
 
-The demo's character-level transformer (`optax_ext.demo`), trained with Tiger at its
-recipe's rate for a short run, in float32, in pure bf16 with round-to-nearest, and with
-`pure_bf16` (SR for state and params); the run is `bench_low_precision.train`, whose
-held-out loss is computed with the trained weights cast to float32.
-`benchmarks/bench_low_precision.py` runs the full 300 updates for Tiger, Lion and AdamW.""",
-    """import pathlib, sys
-import optax_ext  # the checkout's benchmarks/, from any working directory
-sys.path.insert(0, str(pathlib.Path(optax_ext.__file__).resolve().parents[1] / "benchmarks"))
-from bench_low_precision import train
+The demo's character-level transformer (`optax_ext.demo`, here with one block), trained
+with Tiger at its recipe's rate and schedule for 40 updates: in float32, in pure bf16 with
+round-to-nearest (params and state cast to bf16), and with `pure_bf16` (SR for state and
+params). As in `bench_low_precision.train`, the three runs share the initialisation and
+the batches, and the held-out loss is computed with the trained weights cast to float32.
+Compiling is most of the cost on a CPU, so the gradient is one jitted function, compiled
+once per parameter dtype (both bf16 runs share it), and each run compiles only its update.
+`benchmarks/bench_low_precision.py` runs the two-block model for 300 updates, for Tiger,
+Lion and AdamW.""",
+    """import itertools
+from optax_ext import demo
 
-UPDATES = 40
-runs = {v: train("tiger", v, steps=UPDATES, batch_size=16)
-        for v in ("float32", "bf16 nearest", "bf16 SR")}
+UPDATES, SEQ = 40, 64
+data = demo.CharData.from_text(demo.load_corpus())
+model = demo.CharTransformer(vocab=len(data.vocab), layers=1, max_len=SEQ)
+params32 = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))["params"]
+n_weights = sum(x.size for x in jax.tree.leaves(params32))
+valid = jnp.asarray(data.valid_batch(64, SEQ))
+as_f32 = lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p)
+held_out = jax.jit(lambda p: demo.lm_loss(as_f32(p), model.apply, valid))
+loss_and_grad = jax.jit(jax.value_and_grad(lambda p, batch: demo.lm_loss(p, model.apply, batch)))
+
+
+def train(dtype, tx):
+    params = jax.tree.map(lambda x: x.astype(dtype), params32)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def update(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        new = optax.apply_updates(params, updates)
+        moved = sum(jnp.sum(a != b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)))
+        return new, opt_state, moved / n_weights
+
+    losses, moved = [], []
+    for batch in itertools.islice(data.batches(16, SEQ, seed=0), UPDATES):
+        loss, grads = loss_and_grad(params, jnp.asarray(batch))
+        params, opt_state, fraction = update(params, opt_state, grads)
+        losses.append(float(loss))
+        moved.append(float(fraction))
+    return {"losses": losses, "moved": moved, "moved_fraction": float(np.mean(moved)),
+            "valid_loss": float(held_out(params))}
+
+
+recipe = lambda: demo.make_optimizer("tiger", steps=UPDATES)  # Tiger, the demo's schedule
+runs = {"float32": train(jnp.float32, recipe()),
+        "bf16 nearest": train(jnp.bfloat16, recipe()),
+        "bf16 SR": train(jnp.bfloat16, pure_bf16(recipe(), seed=0))}
 smooth = lambda x, n=10: np.convolve(x, np.ones(n) / n, mode="valid")
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
 for v, r in runs.items():
@@ -1189,7 +1235,10 @@ print(f"After {UPDATES} updates pure bf16 with round-to-nearest is "
 
 Counted by abstract init on a GPT-2-small-shaped tree (124M parameters), as
 `benchmarks/bench_state_memory.py` does: nothing is allocated.""",
-    """from benchlib import GPT2_SMALL, gpt2_like_params, n_params
+    """import pathlib, sys
+import optax_ext  # the checkout's benchmarks/, from any working directory
+sys.path.insert(0, str(pathlib.Path(optax_ext.__file__).resolve().parents[1] / "benchmarks"))
+from benchlib import GPT2_SMALL, gpt2_like_params, n_params
 
 params = gpt2_like_params(**GPT2_SMALL, abstract=True)
 half = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
