@@ -336,30 +336,21 @@ def _injected_message(name: str, injected: list[str], accumulating: str) -> str:
 ACCUMULATION_CYCLE = "accumulation_cycle"
 
 
-def _cycle_owner(state: Any) -> Any:
-    """The first state in ``state`` (pre-order) that counts cycles with this module's
-    counters: the direction's, the one owner of the cycle."""
-    fields = ("micro_step", "cycle_length", "updates")
-    owns = lambda node: all(f in getattr(node, "_fields", ()) for f in fields)
-    for node in jax.tree.leaves(state, is_leaf=owns):
-        if owns(node):
-            return node
-    raise ValueError("no accumulation counters in the state (micro_step, cycle_length, updates)")
-
-
 def sharing_the_cycle(
-    tx: optax.GradientTransformation, k: Any
+    k: Any, direction: optax.GradientTransformation, *pieces: optax.GradientTransformation
 ) -> optax.GradientTransformationExtraArgs:
-    """``tx``, a chain whose direction counts the accumulation cycles, with the
-    direction's current :class:`Cycle` handed to every member as the extra argument
-    ``accumulation_cycle``: the pieces after it (:func:`scale_by_update_learning_rate`,
+    """``optax.chain(direction, *pieces)`` with the direction's current :class:`Cycle`
+    handed to every member as the extra argument ``accumulation_cycle``.
+
+    The direction's state (the chain's first) holds this module's counters and is the
+    one record of the cycle; the pieces after it (:func:`scale_by_update_learning_rate`,
     :func:`add_update_decayed_weights`) read their schedules by update and hold still
     between updates without counting on their own. ``k`` is the direction's
     ``accumulation_steps``."""
-    tx = optax.with_extra_args_support(tx)
+    tx = optax.with_extra_args_support(optax.chain(direction, *pieces))
 
     def update_fn(updates, state, params=None, **extra_args):
-        cycle = current_cycle(k, _cycle_owner(state), extra_args)
+        cycle = current_cycle(k, state[0], extra_args)
         return tx.update(updates, state, params, **extra_args, **{ACCUMULATION_CYCLE: cycle})
 
     return optax.GradientTransformationExtraArgs(tx.init, update_fn)
@@ -375,7 +366,7 @@ def _read_by_update(name: str, leaf_rule: Any) -> optax.GradientTransformationEx
         if cycle is None:
             raise ValueError(
                 f"{name} reads the accumulation cycle of the direction before it: chain "
-                f"them inside sharing_the_cycle(optax.chain(direction, ..., {name}(...)), k)"
+                f"them in sharing_the_cycle(k, direction, ..., {name}(...))"
             )
         leaf = leaf_rule(cycle)
         if params is None:

@@ -232,7 +232,8 @@ def sgdm(
     check_range("learning_rate", learning_rate, 0)
     k = check_accumulation_steps(accumulation_steps)
     injected = check_not_injected("ox.sgdm", k, learning_rate=learning_rate, momentum=momentum)
-    tx = optax.chain(
+    tx = sharing_the_cycle(
+        k,
         scale_by_sgdm(
             momentum,
             accumulation_steps=accumulation_steps,
@@ -243,7 +244,6 @@ def sgdm(
         ),
         scale_by_update_learning_rate(learning_rate),
     )
-    tx = sharing_the_cycle(tx, k)
     if not injected:
         return tx
 

@@ -331,12 +331,13 @@ def tiger(
 
     .. code-block:: python
 
-        leafwise_guard(sharing_the_cycle(optax.chain(
+        leafwise_guard(sharing_the_cycle(
+            k,
             scale_by_tiger(beta, accumulation_steps=k),      # sign(m), 0 when held
             add_update_decayed_weights(weight_decay, mask),  # + λ θ
             scale_by_param_scale(param_scaling, min_rms),    # × s(θ)
             scale_by_update_learning_rate(learning_rate, zero_held=True),  # × -lr, 0 when held
-        ), k))
+        ))
 
     The direction's state (:class:`ScaleByTigerState`) is the one record of the
     accumulation cycle: ``sharing_the_cycle`` hands its cycle to the pieces after it,
@@ -451,7 +452,6 @@ def tiger(
     """
     check_range("learning_rate", learning_rate, 0)
     check_range("weight_decay", weight_decay, 0)
-    check_range("beta", beta, 0, 1, high_open=True, schedule=False)
     k = check_accumulation_steps(accumulation_steps)
     # optax.inject_hyperparams would read schedules per micro-step: refused while accumulating
     injected = check_not_injected(
@@ -459,20 +459,21 @@ def tiger(
     )
     check_range("min_rms", min_rms, 0, schedule=False)
     check_range("shrink_ratio", shrink_ratio, 0, 1, low_open=True, schedule=False)
-    parts = [
-        scale_by_tiger(
-            beta,
-            accumulation_steps=k,
-            mu_dtype=mu_dtype,
-            state_rounding=state_rounding,
-            rounding_seed=rounding_seed,
-        ),
+    direction = scale_by_tiger(
+        beta,
+        accumulation_steps=k,
+        mu_dtype=mu_dtype,
+        state_rounding=state_rounding,
+        rounding_seed=rounding_seed,
+    )
+    scale = [] if param_scaling is None else [scale_by_param_scale(param_scaling, min_rms)]
+    tx = sharing_the_cycle(
+        k,
+        direction,
         add_update_decayed_weights(weight_decay, decay_mask(mask)),
-    ]
-    if param_scaling is not None:
-        parts.append(scale_by_param_scale(param_scaling, min_rms))
-    parts.append(scale_by_update_learning_rate(learning_rate, zero_held=True))
-    tx = sharing_the_cycle(optax.chain(*parts), k)
+        *scale,
+        scale_by_update_learning_rate(learning_rate, zero_held=True),
+    )
     if guard_nan or spike_factor is not None:
         spike_args = (spike_factor, spike_warmup, spike_decay, spike_action)
         tx = leafwise_guard(
