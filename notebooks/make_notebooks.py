@@ -618,8 +618,7 @@ def train_one(w, lr, batches):
 
 @jax.jit
 def sweep(weights, lrs, stream):
-    # one vmap over the flat list of (batch size, lr, seed) runs: three nested vmaps give
-    # the same numbers but a program that takes XLA nearly twice as long to compile
+    # one vmap over the flat list of (batch size, lr, seed) runs, one program for all 30
     b, i, j = (x.ravel() for x in np.indices((len(weights), len(lrs), len(stream))))
     runs = jax.vmap(train_one)(weights[b], lrs[i], stream[j])
     return runs.reshape(len(weights), len(lrs), len(stream))
@@ -1170,8 +1169,8 @@ with Tiger at its recipe's rate and schedule for 40 updates: in float32, in pure
 round-to-nearest (params and state cast to bf16), and with `pure_bf16` (SR for state and
 params). As in `bench_low_precision.train`, the three runs share the initialisation and
 the batches, and the held-out loss is computed with the trained weights cast to float32.
-Compiling is most of the cost on a CPU, so the gradient is one jitted function, compiled
-once per parameter dtype (both bf16 runs share it), and each run compiles only its update.
+The gradient is one jitted function per parameter dtype (both bf16 runs share it); each
+run jits only its update.
 `benchmarks/bench_low_precision.py` runs the two-block model for 300 updates, for Tiger,
 Lion and AdamW.""",
     """import itertools
