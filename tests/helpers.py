@@ -271,15 +271,17 @@ def _per_device_grads(grads, seed, n, split="noise"):
 
 
 def _data_sharding(mesh, x):
-    """Shards a leaf along its first axis divisible by the mesh size, else replicates it."""
+    """Shards a leaf along its first axis divisible by the mesh size, else replicates it.
+
+    The spec ends at the sharded axis (``P("data")``, not ``P("data", None)``): the form
+    ``jit`` gives its outputs, so the second step's arguments match the first's and the
+    step compiles once, as in a training loop."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     n = mesh.devices.size
     for axis, d in enumerate(x.shape):
         if d % n == 0 and d > 0:
-            spec = [None] * x.ndim
-            spec[axis] = "data"
-            return NamedSharding(mesh, PartitionSpec(*spec))
+            return NamedSharding(mesh, PartitionSpec(*[None] * axis, "data"))
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -287,8 +289,7 @@ def run_path(tx, params, grads_seq, path: str, extra_args=None, split="noise", c
     """Runs ``tx`` over a list of gradient trees along one device path.
 
     - ``eager``: op by op, no jit.
-    - ``jit``: one jitted step (with ``compile_once``, traced once: later steps must reuse
-      the program, see ``jit_once``).
+    - ``jit``: one jitted step.
     - ``pmap``: params and state replicated on all devices; each device gets a different
       gradient whose mean over devices is the step's gradient, averaged with
       ``lax.pmean`` before the optimizer (as a data-parallel step does); ``split`` picks
@@ -298,9 +299,13 @@ def run_path(tx, params, grads_seq, path: str, extra_args=None, split="noise", c
     - ``explicit``: the same with the mesh's axis explicit (``AxisType.Explicit`` under
       ``jax.set_mesh``), where shardings are part of every array's type.
 
+    With ``compile_once``, every path but eager traces its step once: later steps must
+    reuse the first step's program (``traced_once``), as in a training loop.
+
     Returns ``(params, state)`` as host-side trees (first replica under pmap).
     """
     extra = dict(extra_args or {})
+    jit = jit_once if compile_once else jax.jit
     if path == "eager":
         state = tx.init(params)
         with jax.disable_jit():
@@ -309,35 +314,44 @@ def run_path(tx, params, grads_seq, path: str, extra_args=None, split="noise", c
         return params, state
     if path == "jit":
         state = tx.init(params)
-        step = (jit_once if compile_once else jax.jit)(lambda p, s, g: _apply(tx, p, s, g, extra))
+        step = jit(lambda p, s, g: _apply(tx, p, s, g, extra))
         for g in grads_seq:
             params, state = step(params, state, g)
         return params, state
     if path == "pmap":
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        # pmap's arguments laid out as its outputs are (one slice per device, on the mesh
+        # pmap builds), so every step reuses the first step's program
         n = jax.device_count()
-        state = tx.init(params)
-        rep = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), t)
-        p, s = rep(params), rep(state)
+        pmap_mesh = Mesh(np.array(jax.devices()), ("devices",))
+        put = lambda t: jax.device_put(t, NamedSharding(pmap_mesh, PartitionSpec("devices")))
+        rep = lambda t: put(jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), t))
+        p, s = rep(params), rep(tx.init(params))
 
         def step(p, s, g):
             g = jax.lax.pmean(g, "devices")
             return _apply(tx, p, s, g, extra)
 
-        pstep = jax.pmap(step, axis_name="devices")
+        pstep = jax.pmap(traced_once(step) if compile_once else step, axis_name="devices")
         for i, g in enumerate(grads_seq):
-            p, s = pstep(p, s, _per_device_grads(g, 1000 + i, n, split))
-        first = lambda t: jax.tree.map(lambda x: x[0], t)
+            p, s = pstep(p, s, put(_per_device_grads(g, 1000 + i, n, split)))
+        first = lambda t: jax.tree.map(lambda x: np.asarray(x)[0], t)
         return first(p), first(s)
     if path in ("sharded", "explicit"):
         from jax.sharding import AxisType
 
         axis_type = AxisType.Explicit if path == "explicit" else AxisType.Auto
         mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(axis_type,))
-        shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, _data_sharding(mesh, x)), t)
-        with jax.set_mesh(mesh) if path == "explicit" else contextlib.nullcontext():
+        # from host memory: slicing a device array into shards would compile a program
+        on_mesh = lambda x: jax.device_put(np.asarray(x), _data_sharding(mesh, x))
+        shard = lambda t: jax.tree.map(on_mesh, t)
+        # under the mesh (jax.set_mesh) init's constants carry it too, as the step's
+        # outputs do: the second step then reuses the first step's program
+        with jax.set_mesh(mesh):
             params = shard(params)
             state = jax.jit(tx.init)(params)
-            step = jax.jit(lambda p, s, g: _apply(tx, p, s, g, extra))
+            step = jit(lambda p, s, g: _apply(tx, p, s, g, extra))
             for g in grads_seq:
                 params, state = step(params, state, shard(g))
         _assert_state_keeps_shardings(params, state)
@@ -363,10 +377,10 @@ def assert_same_on_all_paths(
     compile_once=False,
 ):  # fmt: skip
     """Runs every device path and checks params and state agree with plain ``jit``
-    (which, with ``compile_once``, must compile its step once)."""
+    (with ``compile_once``, each path's step must compile once)."""
     ref_p, ref_s = run_path(tx, params, grads_seq, "jit", extra_args, split, compile_once)
     for path in ("eager", "pmap", "sharded", "explicit"):
-        p, s = run_path(tx, params, grads_seq, path, extra_args, split)
+        p, s = run_path(tx, params, grads_seq, path, extra_args, split, compile_once)
         assert_trees_close(p, ref_p, rtol=rtol, atol=atol, err=f"params on {path}")
         assert_trees_close(
             jax.tree.map(np.asarray, s),
@@ -377,11 +391,17 @@ def assert_same_on_all_paths(
         )
 
 
-def jit_once(fn, **jit_kwargs):
-    """``jax.jit(fn)`` that raises ``AssertionError`` when ``fn`` is traced a second time
-    (``chex.assert_max_traces``): a step that must not recompile on later calls."""
+def traced_once(fn):
+    """``fn`` that raises ``AssertionError`` when traced a second time
+    (``chex.assert_max_traces``, counted afresh for this ``fn``)."""
     chex.clear_trace_counter()  # chex counts by call site: a fresh count for this ``fn``
-    return jax.jit(chex.assert_max_traces(fn, n=1), **jit_kwargs)
+    return chex.assert_max_traces(fn, n=1)
+
+
+def jit_once(fn, **jit_kwargs):
+    """``jax.jit(fn)`` that raises ``AssertionError`` when ``fn`` is traced a second time:
+    a step that must not recompile on later calls."""
+    return jax.jit(traced_once(fn), **jit_kwargs)
 
 
 def assert_no_recompile(tx, params, grads_seq, extra_args=None):

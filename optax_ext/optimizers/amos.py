@@ -261,11 +261,10 @@ def amos(
         check_float_params(params, "amos")
 
         def zeros(path, x):
+            # reduced from the param as the step reduces g², so v and b start with the
+            # shardings the step gives them (a mesh's step 2 reuses step 1's program)
             cfg = config(path, x)
-            dtype = _state_dtype(x.dtype)
-            if cfg.shape == tuple(x.shape):  # full size: follow the param's sharding
-                return jnp.zeros_like(x, dtype=dtype)
-            return jnp.zeros(cfg.shape, dtype)
+            return jnp.zeros_like(x, _state_dtype(x.dtype)).sum(cfg.axes).reshape(cfg.shape)
 
         v = jax.tree_util.tree_map_with_path(zeros, params)
         b = jax.tree_util.tree_map_with_path(zeros, params)

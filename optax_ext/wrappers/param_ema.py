@@ -95,7 +95,7 @@ def param_ema(
     def init_fn(params):
         def start(p):
             dtype = _ema_dtype(p.dtype, ema_dtype)
-            return jnp.zeros(p.shape, dtype) if debias else jnp.asarray(p, dtype)
+            return jnp.zeros_like(p, dtype) if debias else jnp.asarray(p, dtype)
 
         ema = jax.tree.map(start, params)
         weight_dtype = jnp.result_type(jnp.float32, *[e.dtype for e in jax.tree.leaves(ema)])
