@@ -8,12 +8,18 @@ import sys
 # compile ~30% faster and run about as fast; XLA:CPU's classic kernel emitter instead of
 # its MLIR fusion emitters compiles a small program in ~19 ms instead of ~46 ms (most of
 # that is setting up MLIR contexts), which took the compile-heavy test files from 156 s
-# to 104 s. Both leave the HLO as it is (no fast-math either way); where a multiply and
-# an add are fused into one multiply-add differs between the settings, which can move
-# the last bit of a float32 result, so a test that compares two different programs
-# does it in float64 (test_accumulation's MultiSteps check). The notebooks train for
-# minutes and keep XLA's defaults, as a user runs them (see pytest_runtest_call).
-_UNOPTIMISED = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# to 104 s. LLVM's module kept in one piece, without its expensive passes, and dots on
+# XLA's own kernels instead of XNNPACK's took three compile-heavy files from 239 to 221 s.
+# All leave the HLO as it is (no fast-math); where a multiply and an add are fused into
+# one multiply-add differs between the settings, which can move the last bit of a
+# float32 result, so a test that compares two different programs does it in float64
+# (test_accumulation's MultiSteps check). The notebooks' kernels inherit these flags:
+# their programs are small too, and the five took 270 s with XLA's defaults, 215 s so.
+_UNOPTIMISED = (
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+    " --xla_cpu_parallel_codegen_split_count=1 --xla_llvm_disable_expensive_passes=true"
+    " --xla_cpu_use_xnnpack=false"
+)
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {_UNOPTIMISED}"
 ).strip()
@@ -45,16 +51,3 @@ def float64():
     """float64 inside the test: two routes to the same arithmetic agree to 1e-12."""
     with x64():
         yield
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    """A notebook's kernel (a subprocess, started here) compiles with XLA's defaults."""
-    if item.path.suffix != ".ipynb":
-        return (yield)
-    flags = os.environ["XLA_FLAGS"]
-    os.environ["XLA_FLAGS"] = flags.replace(_UNOPTIMISED, "").strip()
-    try:
-        return (yield)
-    finally:
-        os.environ["XLA_FLAGS"] = flags
