@@ -154,10 +154,21 @@ def _check_loss_signature(loss_fn: Callable[..., Any]) -> None:
 # ------------------------------------------------------------------------ pmap
 
 
-def replicate(tree: Any, n: int | None = None) -> Any:
-    """Adds a leading device axis of size ``n`` (default: local devices), for ``pmap``."""
+def replicate(tree: Any, n: int | None = None, *, axis_name: str = "batch") -> Any:
+    """Adds a leading device axis of size ``n`` (default: local devices), for ``pmap``.
+
+    The copies are placed one per device on the layout ``pmap`` gives its outputs (a mesh
+    of the first ``n`` local devices along ``axis_name``, the step's axis name), so the
+    step's second call reuses the program its first call compiled. Across processes, or
+    inside ``jit``, the copies are left where ``pmap`` puts them.
+    """
     n = n or jax.local_device_count()
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
+    copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+    if jax.process_count() > 1 or traced:
+        return copies
+    mesh = Mesh(np.asarray(jax.local_devices()[:n]), (axis_name,))
+    return jax.device_put(copies, NamedSharding(mesh, PartitionSpec(axis_name)))
 
 
 def unreplicate(tree: Any) -> Any:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close
+from helpers import assert_trees_close, traced_once
 from jax.sharding import PartitionSpec
 
 from optax_ext.optimizers.tiger import tiger
@@ -65,9 +65,9 @@ def reference():
     return run_jit(tiger(1e-2, accumulation_steps=2))
 
 
-def test_pmap_equals_single_device(reference):
+def test_pmap_equals_single_device_and_compiles_once(reference):
     state = replicate(make_state(tiger(1e-2, accumulation_steps=2)))
-    step = make_train_step(loss_fn, mode="pmap")
+    step = make_train_step(traced_once(loss_fn), mode="pmap")  # replicate's layout is pmap's
     losses = []
     for b in batches():
         state, m = step(state, split_batch(b))
