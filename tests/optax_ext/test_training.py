@@ -77,10 +77,10 @@ def test_pmap_equals_single_device_and_compiles_once(reference):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
 
 
-def test_sharded_mesh_equals_single_device(reference):
+def test_sharded_mesh_equals_single_device_and_compiles_once(reference):
     mesh = data_parallel_mesh()
     state = shard_params(mesh, make_state(tiger(1e-2, accumulation_steps=2)))
-    step = make_train_step(loss_fn, mode="sharded")
+    step = make_train_step(traced_once(loss_fn), mode="sharded")
     for b in batches():
         state, _ = step(state, shard_batch(mesh, b))
     assert_trees_close(state.params, reference[0].params, rtol=2e-5, atol=2e-6)
