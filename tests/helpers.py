@@ -319,15 +319,12 @@ def run_path(tx, params, grads_seq, path: str, extra_args=None, split="noise", c
             params, state = step(params, state, g)
         return params, state
     if path == "pmap":
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        from optax_ext.training import replicate
 
-        # pmap's arguments laid out as its outputs are (one slice per device, on the mesh
-        # pmap builds), so every step reuses the first step's program
+        # replicate lays the copies out as pmap lays out its outputs: every step reuses
+        # the first step's program
         n = jax.device_count()
-        pmap_mesh = Mesh(np.array(jax.devices()), ("devices",))
-        put = lambda t: jax.device_put(t, NamedSharding(pmap_mesh, PartitionSpec("devices")))
-        rep = lambda t: put(jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), t))
-        p, s = rep(params), rep(tx.init(params))
+        p, s = (replicate(t, n, axis_name="devices") for t in (params, tx.init(params)))
 
         def step(p, s, g):
             g = jax.lax.pmean(g, "devices")
@@ -335,7 +332,7 @@ def run_path(tx, params, grads_seq, path: str, extra_args=None, split="noise", c
 
         pstep = jax.pmap(traced_once(step) if compile_once else step, axis_name="devices")
         for i, g in enumerate(grads_seq):
-            p, s = pstep(p, s, put(_per_device_grads(g, 1000 + i, n, split)))
+            p, s = pstep(p, s, _per_device_grads(g, 1000 + i, n, split))
         first = lambda t: jax.tree.map(lambda x: np.asarray(x)[0], t)
         return first(p), first(s)
     if path in ("sharded", "explicit"):
