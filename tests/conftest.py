@@ -4,17 +4,14 @@ import os
 import sys
 
 # XLA compiles the tests' programs for compile time, not run time: compilation is most
-# of the suite's time and the programs are small. Without LLVM's optimisations they
-# compile ~30% faster and run about as fast; XLA:CPU's classic kernel emitter instead of
-# its MLIR fusion emitters compiles a small program in ~19 ms instead of ~46 ms (most of
-# that is setting up MLIR contexts), which took the compile-heavy test files from 156 s
-# to 104 s. LLVM's module kept in one piece, without its expensive passes, and dots on
-# XLA's own kernels instead of XNNPACK's took three compile-heavy files from 239 to 221 s.
+# of the suite's time and the programs are small (benchmarks/RESULTS.md has the numbers).
+# Without LLVM's optimisations, with XLA:CPU's classic kernel emitter instead of its MLIR
+# fusion emitters, LLVM's module kept in one piece without its expensive passes, and dots
+# on XLA's own kernels instead of XNNPACK's, they compile faster and run about as fast.
 # All leave the HLO as it is (no fast-math); where a multiply and an add are fused into
 # one multiply-add differs between the settings, which can move the last bit of a
 # float32 result, so a test that compares two different programs does it in float64
-# (test_accumulation's MultiSteps check). The notebooks' kernels inherit these flags:
-# their programs are small too, and the five took 270 s with XLA's defaults, 215 s so.
+# (test_accumulation's MultiSteps check). The notebooks' kernels inherit these flags.
 _UNOPTIMISED = (
     "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
     " --xla_cpu_parallel_codegen_split_count=1 --xla_llvm_disable_expensive_passes=true"
