@@ -9,6 +9,7 @@ Efficient Optimizers with 4-bit States", NeurIPS 2023, https://arxiv.org/abs/230
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -442,6 +443,13 @@ def quantize(x: jax.Array, *, signed: bool, block: int = 2048, code: str = "dyna
     signed map, as the block's absmax (NaN, +inf) or 0 (-inf) by the unsigned one.
     """
     check_choice("code", code, CODES)
+    return _quantize8(x, signed, block, code)
+
+
+# One compiled program per leaf shape and setting, also when called op by op (an eager
+# ``init``): inside a traced update it is inlined like any other function.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize8(x: jax.Array, signed: bool, block: int, code: str) -> QuantizedArray:
     x = x.astype(jnp.float32)
     if _gathered(x, signed, block, bits=8):
         x = _replicated(x)
@@ -470,6 +478,11 @@ def dequantize(q: QuantizedArray, *, block: int = 2048, code: str | None = None)
         # written before the absmax kept the leading axes: the same blocks, flattened
         absmax = absmax.reshape(want)
     _check_absmax(absmax, codes.shape, block)
+    return _dequantize8(codes, absmax, block, code)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _dequantize8(codes: jax.Array, absmax: jax.Array, block: int, code: str) -> jax.Array:
     if _gathered(codes, codes.dtype == jnp.int8, block, bits=8):
         codes, absmax = _replicated(codes), _replicated(absmax)
     return _decode_blocks(codes, absmax, block, lambda c: _decode(c, code))
@@ -678,9 +691,16 @@ def quantize4(
     map values, so that E[dequantize(quantize4(x))] = x inside the map's range (an
     unsigned value below 1/16 of its scale always reads 1/16); without it, nearest.
     """
+    if np.ndim(x) == 0:
+        raise ValueError(f"quantize4: x must have ndim >= 1, got shape {np.shape(x)}")
+    return _quantize4(x, signed, block, key)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize4(
+    x: jax.Array, signed: bool, block: int, key: jax.Array | None
+) -> Quantized4Array | Unsigned4Array | RankOne4Array:
     x = x.astype(jnp.float32)
-    if x.ndim == 0:
-        raise ValueError(f"quantize4: x must have ndim >= 1, got shape {x.shape}")
     if _gathered(x, signed, block, bits=4):
         x = _replicated(x)
     if not signed and x.ndim >= 2:
@@ -696,6 +716,7 @@ def quantize4(
     return cls(codes=packed, absmax=absmax, odd=odd)
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
 def _dequantize4(q: Any, block: int) -> jax.Array:
     """The float32 values of a 4-bit array of :func:`quantize4` (same ``block``)."""
     if isinstance(q, RankOne4Array):
