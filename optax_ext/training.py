@@ -163,12 +163,19 @@ def replicate(tree: Any, n: int | None = None, *, axis_name: str = "batch") -> A
     inside ``jit``, the copies are left where ``pmap`` puts them.
     """
     n = n or jax.local_device_count()
-    copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
     if jax.process_count() > 1 or traced:
-        return copies
-    mesh = Mesh(np.asarray(jax.local_devices()[:n]), (axis_name,))
-    return jax.device_put(copies, NamedSharding(mesh, PartitionSpec(axis_name)))
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
+    devices = jax.local_devices()[:n]
+    sharding = NamedSharding(Mesh(np.asarray(devices), (axis_name,)), PartitionSpec(axis_name))
+
+    def copies(x):
+        # one copy sent to each device: never n copies on one device first
+        one = jnp.expand_dims(jnp.asarray(x), 0)
+        shards = [jax.device_put(one, d) for d in devices]
+        return jax.make_array_from_single_device_arrays((n, *one.shape[1:]), sharding, shards)
+
+    return jax.tree.map(copies, tree)
 
 
 def unreplicate(tree: Any) -> Any:

@@ -77,6 +77,18 @@ def test_pmap_equals_single_device_and_compiles_once(reference):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
 
 
+def test_replicate_puts_one_copy_on_each_of_the_first_n_devices():
+    x = jnp.arange(6.0).reshape(2, 3)
+    copies = replicate({"x": x, "step": 3}, 4)
+    assert copies["x"].shape == (4, 2, 3) and copies["step"].shape == (4,)
+    for leaf, value in ((copies["x"], x), (copies["step"], 3)):
+        shards = sorted(leaf.addressable_shards, key=lambda s: s.device.id)
+        assert [s.device for s in shards] == jax.local_devices()[:4]
+        for shard in shards:
+            assert shard.data.shape == (1, *np.shape(value))
+            np.testing.assert_array_equal(shard.data[0], value)
+
+
 def test_sharded_mesh_equals_single_device_and_compiles_once(reference):
     mesh = data_parallel_mesh()
     state = shard_params(mesh, make_state(tiger(1e-2, accumulation_steps=2)))
