@@ -157,7 +157,6 @@ def test_an_eager_init_compiles_one_program_per_stored_leaf(bits, caplog):
         tx.init(params)
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
     # per leaf the inner state's zeros and the quantiser, and the 4-bit state's seed key
-    # (before: 109 programs in 8 bits, 153 in 4)
     assert len(compiled) <= 2 * len(params) + (bits == 4), compiled
 
 
