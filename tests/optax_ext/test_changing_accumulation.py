@@ -13,7 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close, flax_like_params, leaf_paths, random_grads_like, x64
+from helpers import (
+    assert_trees_close,
+    flax_like_params,
+    leaf_paths,
+    random_grads_like,
+    tiny_params,
+    x64,
+)
 
 import optax_ext as ox
 
@@ -69,9 +76,14 @@ def run_changing(tx, params, cycles_of_grads, *, change_mid_cycle=False):
 
 def run_k1(tx, params, grads_seq):
     state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
     for g in grads_seq:
-        u, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, u)
+        params, state = step(params, state, g)
     return params, state
 
 
@@ -79,7 +91,7 @@ def run_k1(tx, params, grads_seq):
 def test_changing_k_equals_k1_fed_each_cycles_mean(name):
     make = FACTORIES[name]
     with x64():
-        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(3))
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), tiny_params(3))
         grads = micro_grads(params, 100)
         # built with k = 2 (Nesterov needs k > 1 to keep the cycle's mean): the lengths
         # passed override it from the first micro-step
@@ -95,7 +107,7 @@ def test_changing_k_equals_k1_fed_each_cycles_mean(name):
 def test_a_length_passed_mid_cycle_waits_for_the_next_cycle(name):
     make = FACTORIES[name]
     with x64():
-        params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(4))
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), tiny_params(4))
         grads = micro_grads(params, 200)
         steady, *_ = run_changing(make(2), params, grads)
         changed, *_ = run_changing(make(2), params, grads, change_mid_cycle=True)
@@ -128,7 +140,7 @@ def test_sgdm_with_changing_k_matches_a_float64_reference():
 
 
 def test_tiger_counts_updates_and_cycle_in_its_state():
-    params = flax_like_params(6)
+    params = tiny_params(6)
     grads = micro_grads(params, 400, cycles=(2, 3))
     _, state, _, _ = run_changing(ox.tiger(1e-3), params, grads)
     # the direction's state, inside the guard's, is the one record of the cycle
@@ -140,21 +152,26 @@ def test_tiger_counts_updates_and_cycle_in_its_state():
 
 def test_without_the_argument_nothing_changes():
     """A constant k reads the constructor's value: the same program as before."""
-    params = flax_like_params(7)
+    params = tiny_params(7)
     grads = [g for cycle in micro_grads(params, 500, cycles=(3, 3)) for g in cycle]
     a = run_k1(ox.tiger(1e-2, accumulation_steps=3), params, grads)[0]
     state = ox.tiger(1e-2, accumulation_steps=3).init(params)
     tx = ox.tiger(1e-2, accumulation_steps=3)
+
+    @jax.jit
+    def step(p, s, g):
+        u, s = tx.update(g, s, p, set_accumulation_steps=3)
+        return optax.apply_updates(p, u), s
+
     p = params
     for g in grads:
-        u, state = tx.update(g, state, p, set_accumulation_steps=3)
-        p = optax.apply_updates(p, u)
+        p, state = step(p, state, g)
     assert_trees_close(p, a, rtol=1e-6, atol=1e-7)
 
 
 def test_nesterov_sgdm_built_with_k1_says_how_to_change_k():
     tx = ox.sgdm(0.1, 0.9, True)
-    params = flax_like_params(8)
+    params = tiny_params(8)
     state = tx.init(params)
     with pytest.raises(ValueError, match=r"nesterov=True.*build it with accumulation_steps > 1"):
         tx.update(random_grads_like(params, 0), state, params, set_accumulation_steps=2)
@@ -163,7 +180,7 @@ def test_nesterov_sgdm_built_with_k1_says_how_to_change_k():
 @pytest.mark.parametrize("value, error", [(0, ValueError), (2.5, TypeError), ("4", TypeError)])
 def test_a_bad_length_is_a_clear_error(value, error):
     tx = ox.tiger(1e-3)
-    params = flax_like_params(8)
+    params = tiny_params(8)
     state = tx.init(params)
     with pytest.raises(error, match="set_accumulation_steps"):
         tx.update(random_grads_like(params, 0), state, params, set_accumulation_steps=value)
