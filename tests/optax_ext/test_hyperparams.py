@@ -11,10 +11,16 @@ import optax_ext as ox
 
 
 def run(tx, params, n):
+    """``n`` jitted steps of ``tx`` on seeded random gradients."""
     state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
     for seed in range(n):
-        u, state = tx.update(random_grads_like(params, seed), state, params)
-        params = optax.apply_updates(params, u)
+        params, state = step(params, state, random_grads_like(params, seed))
     return params
 
 
