@@ -16,6 +16,7 @@ import pytest
 from helpers import (
     assert_trees_close,
     flax_like_params,
+    jit_once,
     leaf_paths,
     random_grads_like,
     tiny_params,
@@ -60,7 +61,7 @@ def run_changing(tx, params, cycles_of_grads, *, change_mid_cycle=False):
     wrong one after the first micro-step, which must be ignored)."""
     state = tx.init(params)
 
-    @jax.jit
+    @jit_once  # k changes, the program does not: a second trace fails
     def step(p, s, g, k):
         u, s = tx.update(g, s, p, set_accumulation_steps=k)
         return optax.apply_updates(p, u), s, u
@@ -71,7 +72,7 @@ def run_changing(tx, params, cycles_of_grads, *, change_mid_cycle=False):
             k = len(grads) if i == 0 or not change_mid_cycle else 7
             params, state, u = step(params, state, g, jnp.int32(k))
             moved.append(any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(u)))
-    return params, state, moved, step._cache_size()
+    return params, state, moved
 
 
 def run_k1(tx, params, grads_seq):
@@ -95,12 +96,11 @@ def test_changing_k_equals_k1_fed_each_cycles_mean(name):
         grads = micro_grads(params, 100)
         # built with k = 2 (Nesterov needs k > 1 to keep the cycle's mean): the lengths
         # passed override it from the first micro-step
-        got, _, moved, compiles = run_changing(make(2), params, grads)
+        got, _, moved = run_changing(make(2), params, grads)
         want, _ = run_k1(make(1), params, [mean(g) for g in grads])
     assert_trees_close(got, want, rtol=1e-12, atol=1e-13)
     last_steps = np.cumsum(CYCLES) - 1
     assert moved == [t in last_steps for t in range(sum(CYCLES))]
-    assert compiles == 1, f"the step compiled {compiles} times as k changed"
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
@@ -131,7 +131,7 @@ def test_sgdm_with_changing_k_matches_a_float64_reference():
     with x64():
         params = jax.tree.map(lambda x: x.astype(jnp.float64), flax_like_params(5))
         grads = micro_grads(params, 300)
-        got, state, _, _ = run_changing(ox.sgdm(schedule, 0.9, accumulation_steps=3), params, grads)
+        got, state, _ = run_changing(ox.sgdm(schedule, 0.9, accumulation_steps=3), params, grads)
     want = sgdm_reference(params, grads, 0.9, schedule)
     for p, x in leaf_paths(got):
         np.testing.assert_allclose(x, want[p], rtol=1e-12, atol=1e-14, err_msg=p)
@@ -142,7 +142,7 @@ def test_sgdm_with_changing_k_matches_a_float64_reference():
 def test_tiger_counts_updates_and_cycle_in_its_state():
     params = tiny_params(6)
     grads = micro_grads(params, 400, cycles=(2, 3))
-    _, state, _, _ = run_changing(ox.tiger(1e-3), params, grads)
+    _, state, _ = run_changing(ox.tiger(1e-3), params, grads)
     # the direction's state, inside the guard's, is the one record of the cycle
     direction = state.inner_state[0]
     assert (int(direction.count), int(direction.updates), int(direction.micro_step)) == (5, 2, 0)
@@ -214,7 +214,7 @@ def test_a_noise_driven_warmup_grows_k_on_a_flax_model_and_compiles_once():
     )
     state = tx.init(params)
 
-    @jax.jit
+    @jit_once  # k grows, the program does not: a second trace fails
     def step(params, state, x, y, k):
         loss = lambda p: jnp.mean((model.apply(p, x) - y) ** 2)
         u, state = tx.update(jax.grad(loss)(params), state, params, set_accumulation_steps=k)
@@ -233,7 +233,6 @@ def test_a_noise_driven_warmup_grows_k_on_a_flax_model_and_compiles_once():
     assert history == sorted(history), history  # a warm-up never shrinks the batch
     assert history[0] == 2 and history[-1] > 2, history
     assert int(state.gradient_step) == 40
-    assert step._cache_size() == 1
 
 
 BAD_LENGTHS = {

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import jit_once
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from optax_ext.optimizers.msign import msign
@@ -147,10 +148,9 @@ def test_zero_rank_deficient_and_non_finite_matrices():
 def test_bf16_input_and_one_compile():
     shape = (48, 32)
     basis = init_streaming_basis(shape)
-    step = jax.jit(lambda m, b: streaming_msign(m, b))  # its own cache
+    step = jit_once(lambda m, b: streaming_msign(m, b))  # a second trace fails
     for e in drifting_momenta(shape, 20, seed=3):
         o, basis = step(jnp.asarray(e, jnp.bfloat16), basis)
-    assert step._cache_size() == 1
     assert o.dtype == jnp.bfloat16 and basis.v.dtype == jnp.float32
     # bf16 rounding of the input (2^-9) is all that separates it from a float32 input
     exact = rel_err(o, ref_msign(np.asarray(jnp.asarray(e, jnp.bfloat16), np.float64)))
