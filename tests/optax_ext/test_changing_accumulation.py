@@ -19,6 +19,7 @@ from helpers import (
     jit_once,
     leaf_paths,
     random_grads_like,
+    run_steps,
     tiny_params,
     x64,
 )
@@ -75,19 +76,6 @@ def run_changing(tx, params, cycles_of_grads, *, change_mid_cycle=False):
     return params, state, moved
 
 
-def run_k1(tx, params, grads_seq):
-    state = tx.init(params)
-
-    @jax.jit
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    for g in grads_seq:
-        params, state = step(params, state, g)
-    return params, state
-
-
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_changing_k_equals_k1_fed_each_cycles_mean(name):
     make = FACTORIES[name]
@@ -97,7 +85,7 @@ def test_changing_k_equals_k1_fed_each_cycles_mean(name):
         # built with k = 2 (Nesterov needs k > 1 to keep the cycle's mean): the lengths
         # passed override it from the first micro-step
         got, _, moved = run_changing(make(2), params, grads)
-        want, _ = run_k1(make(1), params, [mean(g) for g in grads])
+        want, _ = run_steps(make(1), params, [mean(g) for g in grads])
     assert_trees_close(got, want, rtol=1e-12, atol=1e-13)
     last_steps = np.cumsum(CYCLES) - 1
     assert moved == [t in last_steps for t in range(sum(CYCLES))]
@@ -154,18 +142,9 @@ def test_without_the_argument_nothing_changes():
     """A constant k reads the constructor's value: the same program as before."""
     params = tiny_params(7)
     grads = [g for cycle in micro_grads(params, 500, cycles=(3, 3)) for g in cycle]
-    a = run_k1(ox.tiger(1e-2, accumulation_steps=3), params, grads)[0]
-    state = ox.tiger(1e-2, accumulation_steps=3).init(params)
     tx = ox.tiger(1e-2, accumulation_steps=3)
-
-    @jax.jit
-    def step(p, s, g):
-        u, s = tx.update(g, s, p, set_accumulation_steps=3)
-        return optax.apply_updates(p, u), s
-
-    p = params
-    for g in grads:
-        p, state = step(p, state, g)
+    a, _ = run_steps(tx, params, grads)
+    p, _ = run_steps(tx, params, grads, set_accumulation_steps=3)
     assert_trees_close(p, a, rtol=1e-6, atol=1e-7)
 
 

@@ -5,23 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close, jit_once, random_grads_like, random_tree, x64
+from helpers import assert_trees_close, jit_once, random_grads_like, random_tree, run_steps, x64
 
 import optax_ext as ox
 
 
 def run(tx, params, n):
-    """``n`` jitted steps of ``tx`` on seeded random gradients."""
-    state = tx.init(params)
-
-    @jax.jit
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    for seed in range(n):
-        params, state = step(params, state, random_grads_like(params, seed))
-    return params
+    """The params after ``n`` jitted steps of ``tx`` on seeded random gradients."""
+    return run_steps(tx, params, [random_grads_like(params, seed) for seed in range(n)])[0]
 
 
 def test_optax_wrapper_is_refused_ours_counts_updates():
